@@ -1,0 +1,198 @@
+//! Small fixed messages: round markers on data channels, and the main channel's switchover
+//! exchange (Complete, Loaded, Handover, Resumed).
+//!
+//! ```text
+//! source                                destination
+//!   | data*: RoundEnd{round, last=1}       |
+//!   | main:  GuestState{blob}, Complete     |
+//!   | ------------------------------------> |  drain channels, restore, check
+//!   |        Loaded{timings} | Reject      |
+//!   | <------------------------------------ |
+//!   |        Handover                       |  source will never run the guest again
+//!   | ------------------------------------> |  resume
+//!   |        Resumed{resume_us}             |
+//!   | <------------------------------------ |
+//! ```
+
+use crate::cursor::{Reader, Writer};
+use crate::WireError;
+
+/// Sent on every data channel after the channel's last page of a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundEnd {
+    pub round: u32,
+    /// The switchover round: the channel carries nothing after it.
+    pub last: bool,
+}
+
+impl RoundEnd {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        Writer::new(&mut out).u32(self.round).u8(self.last as u8);
+        out
+    }
+    pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(buf, "RoundEnd");
+        let round = r.u32()?;
+        let last = match r.u8()? {
+            0 => false,
+            1 => true,
+            v => {
+                return Err(WireError::OutOfRange {
+                    field: "RoundEnd.last",
+                    value: v as u64,
+                    reason: "must be 0 or 1",
+                })
+            }
+        };
+        r.finish()?;
+        Ok(RoundEnd { round, last })
+    }
+}
+
+/// Main channel: a precopy round begins (informational, for the destination's log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundStart {
+    pub round: u32,
+    pub pages: u64,
+}
+
+impl RoundStart {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        Writer::new(&mut out).u32(self.round).u64(self.pages);
+        out
+    }
+    pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(buf, "RoundStart");
+        let v = RoundStart {
+            round: r.u32()?,
+            pages: r.u64()?,
+        };
+        r.finish()?;
+        Ok(v)
+    }
+}
+
+/// Main channel: the source has sent every page and the guest state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Complete {
+    /// Rounds sent, the switchover round included.
+    pub rounds: u32,
+}
+
+impl Complete {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        Writer::new(&mut out).u32(self.rounds);
+        out
+    }
+    pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(buf, "Complete");
+        let v = Complete { rounds: r.u32()? };
+        r.finish()?;
+        Ok(v)
+    }
+}
+
+/// Return path: everything is loaded and checked; the destination waits for Handover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Loaded {
+    /// From Complete until every data channel had drained its last round.
+    pub drain_us: u64,
+    /// Restoring the guest's non-memory state.
+    pub restore_us: u64,
+    /// Checking every page (only when the destination was asked to verify).
+    pub verify_us: u64,
+    pub pages_checked: u64,
+    pub pages_mismatched: u64,
+}
+
+impl Loaded {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        Writer::new(&mut out)
+            .u64(self.drain_us)
+            .u64(self.restore_us)
+            .u64(self.verify_us)
+            .u64(self.pages_checked)
+            .u64(self.pages_mismatched);
+        out
+    }
+    pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(buf, "Loaded");
+        let v = Loaded {
+            drain_us: r.u64()?,
+            restore_us: r.u64()?,
+            verify_us: r.u64()?,
+            pages_checked: r.u64()?,
+            pages_mismatched: r.u64()?,
+        };
+        r.finish()?;
+        Ok(v)
+    }
+}
+
+/// Return path: the guest runs on the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resumed {
+    pub resume_us: u64,
+}
+
+impl Resumed {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        Writer::new(&mut out).u64(self.resume_us);
+        out
+    }
+    pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(buf, "Resumed");
+        let v = Resumed {
+            resume_us: r.u64()?,
+        };
+        r.finish()?;
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let e = RoundEnd {
+            round: 9,
+            last: true,
+        };
+        assert_eq!(RoundEnd::decode(&e.encode()).unwrap(), e);
+        let l = Loaded {
+            drain_us: 1,
+            restore_us: 2,
+            verify_us: 3,
+            pages_checked: 4,
+            pages_mismatched: 5,
+        };
+        assert_eq!(Loaded::decode(&l.encode()).unwrap(), l);
+        let c = Complete { rounds: 4 };
+        assert_eq!(Complete::decode(&c.encode()).unwrap(), c);
+        let s = RoundStart {
+            round: 2,
+            pages: 77,
+        };
+        assert_eq!(RoundStart::decode(&s.encode()).unwrap(), s);
+        let r = Resumed { resume_us: 8 };
+        assert_eq!(Resumed::decode(&r.encode()).unwrap(), r);
+    }
+
+    #[test]
+    fn round_end_rejects_bad_flag() {
+        let mut b = RoundEnd {
+            round: 1,
+            last: false,
+        }
+        .encode();
+        b[4] = 2;
+        assert!(RoundEnd::decode(&b).is_err());
+    }
+}

@@ -1,0 +1,299 @@
+//! The frame: the unit of every livemig channel.
+//!
+//! ```text
+//!  0       4       6       8              12             16
+//!  +-------+-------+-------+--------------+--------------+------------------+
+//!  | magic |version| kind  | payload len  | CRC32C(payl.)| payload ...      |
+//!  +-------+-------+-------+--------------+--------------+------------------+
+//!    u32     u16     u16       u32             u32          `len` bytes
+//! ```
+//!
+//! All integers are little-endian. [`FrameHeader::decode`] checks the magic, the version, the
+//! kind and the length against the limit of that kind *before* a receiver reads or allocates the
+//! payload; [`verify_payload`] checks the CRC before the payload is interpreted.
+
+use crate::cursor::{Reader, Writer};
+use crate::WireError;
+
+/// "LMIG" read as a little-endian u32.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"LMIG");
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Size of the fixed frame header.
+pub const HEADER_LEN: usize = 16;
+
+macro_rules! frame_kinds {
+    ($($(#[$doc:meta])* $name:ident = $val:expr, $limit:expr;)*) => {
+        /// What a frame carries. Unknown values are rejected by the decoder.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(u16)]
+        pub enum FrameKind {
+            $($(#[$doc])* $name = $val,)*
+        }
+
+        impl FrameKind {
+            pub fn from_u16(v: u16) -> Result<Self, WireError> {
+                match v {
+                    $($val => Ok(FrameKind::$name),)*
+                    other => Err(WireError::UnknownKind(other)),
+                }
+            }
+
+            /// The kind's name, for error messages.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(FrameKind::$name => stringify!($name),)*
+                }
+            }
+
+            /// The largest payload this kind may carry, given the receiver's limits.
+            pub fn max_payload(self, limits: &Limits) -> u64 {
+                let _ = limits;
+                match self {
+                    $(FrameKind::$name => $limit(limits),)*
+                }
+            }
+        }
+    };
+}
+
+const SMALL: u64 = 64 * 1024;
+
+frame_kinds! {
+    /// Main channel, source to destination: opens a session.
+    SessionHello = 1, |_| SMALL;
+    /// Main channel, destination to source: the session is accepted.
+    SessionAccept = 2, |_| SMALL;
+    /// Data channel, source to destination: binds the connection to a session.
+    ChannelHello = 3, |_| SMALL;
+    /// Data channel, destination to source: the channel is accepted.
+    ChannelAccept = 4, |_| SMALL;
+    /// Either way on any channel: the sender refuses or aborts, with a reason.
+    Reject = 5, |_| SMALL;
+    /// Data channel: a batch of guest pages.
+    RamPages = 16, |l: &Limits| crate::ram::payload_len(l.max_pages_per_packet, 0);
+    /// Data channel: every page of a round has been sent on this channel.
+    RoundEnd = 17, |_| SMALL;
+    /// Main channel: the guest's non-memory state (vCPUs, VM, workload).
+    GuestState = 32, |l: &Limits| l.max_state_bytes;
+    /// Main channel: the source has sent everything.
+    Complete = 33, |_| SMALL;
+    /// Main channel, return path: the destination has loaded everything.
+    Loaded = 34, |_| SMALL;
+    /// Main channel: the source gives up the guest; the destination may resume it.
+    Handover = 35, |_| SMALL;
+    /// Main channel, return path: the destination guest runs.
+    Resumed = 36, |_| SMALL;
+    /// Main channel: progress of precopy, for the destination's log.
+    RoundStart = 37, |_| SMALL;
+}
+
+/// Receiver-side bounds. A frame longer than these is refused before anything is allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most pages one RamPages frame may carry (normal and zero pages together).
+    pub max_pages_per_packet: u32,
+    /// Largest GuestState payload accepted.
+    pub max_state_bytes: u64,
+}
+
+/// Pages per packet by default: 128 x 4 KiB = 512 KiB, as QEMU's multifd.
+pub const DEFAULT_PAGES_PER_PACKET: u32 = 128;
+/// The hard upper bound on pages per packet, whatever is configured.
+pub const MAX_PAGES_PER_PACKET: u32 = 1024;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_pages_per_packet: MAX_PAGES_PER_PACKET,
+            max_state_bytes: 64 << 20,
+        }
+    }
+}
+
+/// The fixed header in front of every payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub kind: FrameKind,
+    pub len: u32,
+    pub crc: u32,
+}
+
+impl FrameHeader {
+    /// A header for `payload`, its CRC computed.
+    pub fn for_payload(kind: FrameKind, payload: &[u8]) -> Self {
+        FrameHeader {
+            kind,
+            len: payload.len() as u32,
+            crc: crc32c::crc32c(payload),
+        }
+    }
+
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut v = Vec::with_capacity(HEADER_LEN);
+        Writer::new(&mut v)
+            .u32(MAGIC)
+            .u16(PROTOCOL_VERSION)
+            .u16(self.kind as u16)
+            .u32(self.len)
+            .u32(self.crc);
+        let mut out = [0u8; HEADER_LEN];
+        out.copy_from_slice(&v);
+        out
+    }
+
+    /// Decodes and validates a header: magic, version, kind, and length within `limits`.
+    pub fn decode(bytes: &[u8; HEADER_LEN], limits: &Limits) -> Result<Self, WireError> {
+        let mut r = Reader::new(bytes, "frame header");
+        let magic = r.u32()?;
+        if magic != MAGIC {
+            return Err(WireError::BadMagic {
+                found: magic,
+                expected: MAGIC,
+            });
+        }
+        let version = r.u16()?;
+        if version != PROTOCOL_VERSION {
+            return Err(WireError::UnsupportedVersion {
+                found: version,
+                supported: PROTOCOL_VERSION,
+            });
+        }
+        let kind = FrameKind::from_u16(r.u16()?)?;
+        let len = r.u32()?;
+        let crc = r.u32()?;
+        let limit = kind.max_payload(limits);
+        if len as u64 > limit {
+            return Err(WireError::TooLong {
+                kind: kind.name(),
+                len: len as u64,
+                limit,
+            });
+        }
+        Ok(FrameHeader { kind, len, crc })
+    }
+
+    /// Fails unless this header is of kind `expected`.
+    pub fn expect(&self, expected: FrameKind) -> Result<(), WireError> {
+        if self.kind == expected {
+            Ok(())
+        } else {
+            Err(WireError::UnexpectedKind {
+                expected: expected.name(),
+                found: self.kind.name(),
+            })
+        }
+    }
+}
+
+/// Checks a received payload against its header: exact length and CRC32C.
+pub fn verify_payload(header: &FrameHeader, payload: &[u8]) -> Result<(), WireError> {
+    if payload.len() as u64 != header.len as u64 {
+        return Err(WireError::BadLength {
+            what: header.kind.name(),
+            expected: header.len as u64,
+            found: payload.len() as u64,
+        });
+    }
+    let found = crc32c::crc32c(payload);
+    if found != header.crc {
+        return Err(WireError::BadCrc {
+            kind: header.kind.name(),
+            expected: header.crc,
+            found,
+        });
+    }
+    Ok(())
+}
+
+/// Encodes a whole frame (header and payload) into one buffer.
+pub fn encode_frame(kind: FrameKind, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&FrameHeader::for_payload(kind, payload).encode());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Decodes a whole frame from one buffer, checking header, length and CRC.
+/// Returns the header and the payload. Convenient for tests and fuzzing.
+pub fn decode_frame<'a>(
+    bytes: &'a [u8],
+    limits: &Limits,
+) -> Result<(FrameHeader, &'a [u8]), WireError> {
+    let mut r = Reader::new(bytes, "frame");
+    let header = FrameHeader::decode(&r.array::<HEADER_LEN>()?, limits)?;
+    let payload = r.bytes(header.len as usize)?;
+    r.finish()?;
+    verify_payload(&header, payload)?;
+    Ok((header, payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip() {
+        let h = FrameHeader::for_payload(FrameKind::RoundEnd, b"hello");
+        let d = FrameHeader::decode(&h.encode(), &Limits::default()).unwrap();
+        assert_eq!(h, d);
+    }
+
+    #[test]
+    fn rejects_bad_magic_version_kind_length() {
+        let l = Limits::default();
+        let good = FrameHeader::for_payload(FrameKind::Complete, b"x").encode();
+
+        let mut bad = good;
+        bad[0] ^= 1;
+        assert!(matches!(
+            FrameHeader::decode(&bad, &l),
+            Err(WireError::BadMagic { .. })
+        ));
+
+        let mut bad = good;
+        bad[4] = 9;
+        let err = FrameHeader::decode(&bad, &l).unwrap_err();
+        assert_eq!(
+            err,
+            WireError::UnsupportedVersion {
+                found: 9,
+                supported: 1
+            }
+        );
+        assert!(err.to_string().contains("version 9"));
+
+        let mut bad = good;
+        bad[6] = 0xee;
+        assert!(matches!(
+            FrameHeader::decode(&bad, &l),
+            Err(WireError::UnknownKind(0xee))
+        ));
+
+        let mut bad = good;
+        bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            FrameHeader::decode(&bad, &l),
+            Err(WireError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn crc_catches_a_flipped_bit() {
+        let mut f = encode_frame(FrameKind::GuestState, &[7u8; 100]);
+        assert!(decode_frame(&f, &Limits::default()).is_ok());
+        f[HEADER_LEN + 50] ^= 0x10;
+        assert!(matches!(
+            decode_frame(&f, &Limits::default()),
+            Err(WireError::BadCrc { .. })
+        ));
+    }
+
+    #[test]
+    fn truncated_frame_is_an_error() {
+        let f = encode_frame(FrameKind::GuestState, &[7u8; 100]);
+        for cut in 0..f.len() {
+            assert!(decode_frame(&f[..cut], &Limits::default()).is_err());
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! # livemig-wire
+//!
+//! The livemig wire format as pure functions: every encoder writes into a buffer, every
+//! decoder reads from a slice, and nothing here does I/O. That keeps each decoder easy to
+//! fuzz and to test on its own.
+//!
+//! Every frame starts with a fixed 16-byte [`FrameHeader`] (magic, version, kind, length,
+//! CRC32C); [`FrameHeader::decode`] bounds the length by the frame kind before any payload is
+//! read, so a peer can never make the receiver allocate more than its [`Limits`] allow.
+//! `docs/protocol.md` in the repository describes the whole protocol.
+
+mod control;
+mod cursor;
+mod error;
+mod frame;
+pub mod ram;
+mod session;
+
+pub use control::{Complete, Loaded, Resumed, RoundEnd, RoundStart};
+pub use cursor::{Reader, Writer};
+pub use error::WireError;
+pub use frame::{
+    decode_frame, encode_frame, verify_payload, FrameHeader, FrameKind, Limits,
+    DEFAULT_PAGES_PER_PACKET, HEADER_LEN, MAGIC, MAX_PAGES_PER_PACKET, PROTOCOL_VERSION,
+};
+pub use ram::RamPacket;
+pub use session::{
+    ChannelHello, GuestDescriptor, MemoryRange, Reject, RejectCode, SessionHello, SessionId,
+    MAX_CHANNELS, MAX_REGIONS, MAX_VCPUS,
+};
+
+/// The guest page size livemig migrates in.
+pub const PAGE_SIZE: usize = 4096;

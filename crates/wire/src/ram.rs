@@ -1,0 +1,191 @@
+//! RamPages: a batch of guest pages on a data channel.
+//!
+//! ```text
+//! +-------+--------+-------+-------+--------------------------+----------------------+
+//! | round | normal | zero  | flags | offsets: normal then zero| normal pages' data   |
+//! |  u32  |  u32   |  u32  |  u32  | u64 guest addresses      | normal x 4096 bytes  |
+//! +-------+--------+-------+-------+--------------------------+----------------------+
+//! ```
+//!
+//! Zero pages travel as offsets only. The payload length must equal exactly what the counts
+//! imply, every address must be page-aligned, and the counts are bounded by the receiver's
+//! limit; the frame's CRC32C covers the whole payload.
+
+use crate::cursor::{Reader, Writer};
+use crate::{Limits, WireError, PAGE_SIZE};
+
+/// Bytes before the offsets.
+pub const PREFIX_FIXED: usize = 16;
+
+/// Payload length of a packet with `normal` data pages and `zero` zero pages.
+pub const fn payload_len(normal: u32, zero: u32) -> u64 {
+    PREFIX_FIXED as u64 + 8 * (normal as u64 + zero as u64) + PAGE_SIZE as u64 * normal as u64
+}
+
+/// Writes the part of a RamPages payload that precedes the page data.
+pub fn encode_prefix(round: u32, normal: &[u64], zero: &[u64], out: &mut Vec<u8>) {
+    out.clear();
+    let mut w = Writer::new(out);
+    w.u32(round)
+        .u32(normal.len() as u32)
+        .u32(zero.len() as u32)
+        .u32(0);
+    for &a in normal.iter().chain(zero) {
+        w.u64(a);
+    }
+}
+
+/// A decoded, validated RamPages payload borrowing the received bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct RamPacket<'a> {
+    pub round: u32,
+    normal_offsets: &'a [u8],
+    zero_offsets: &'a [u8],
+    data: &'a [u8],
+}
+
+impl<'a> RamPacket<'a> {
+    /// Validates counts, exact length and alignment. Allocates nothing.
+    pub fn decode(payload: &'a [u8], limits: &Limits) -> Result<Self, WireError> {
+        let mut r = Reader::new(payload, "RamPages");
+        let round = r.u32()?;
+        let normal = r.u32()?;
+        let zero = r.u32()?;
+        let flags = r.u32()?;
+        if flags != 0 {
+            return Err(WireError::OutOfRange {
+                field: "RamPages flags",
+                value: flags as u64,
+                reason: "no flags are defined",
+            });
+        }
+        let pages = normal as u64 + zero as u64;
+        if pages > limits.max_pages_per_packet as u64 {
+            return Err(WireError::OutOfRange {
+                field: "pages in packet",
+                value: pages,
+                reason: "more than the receiver's per-packet limit",
+            });
+        }
+        let expected = payload_len(normal, zero);
+        if payload.len() as u64 != expected {
+            return Err(WireError::BadLength {
+                what: "RamPages payload",
+                expected,
+                found: payload.len() as u64,
+            });
+        }
+        let normal_offsets = r.bytes(8 * normal as usize)?;
+        let zero_offsets = r.bytes(8 * zero as usize)?;
+        let data = r.rest();
+        let pkt = RamPacket {
+            round,
+            normal_offsets,
+            zero_offsets,
+            data,
+        };
+        if let Some(bad) = pkt
+            .normal_addrs()
+            .chain(pkt.zero_addrs())
+            .find(|a| a % PAGE_SIZE as u64 != 0)
+        {
+            return Err(WireError::OutOfRange {
+                field: "page address",
+                value: bad,
+                reason: "not page-aligned",
+            });
+        }
+        Ok(pkt)
+    }
+
+    pub fn normal_count(&self) -> usize {
+        self.normal_offsets.len() / 8
+    }
+    pub fn zero_count(&self) -> usize {
+        self.zero_offsets.len() / 8
+    }
+
+    fn addrs(raw: &'a [u8]) -> impl Iterator<Item = u64> + 'a {
+        raw.chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("chunks_exact(8)")))
+    }
+
+    pub fn normal_addrs(&self) -> impl Iterator<Item = u64> + 'a {
+        Self::addrs(self.normal_offsets)
+    }
+    pub fn zero_addrs(&self) -> impl Iterator<Item = u64> + 'a {
+        Self::addrs(self.zero_offsets)
+    }
+
+    /// The normal pages: (guest address, 4096 bytes of data).
+    pub fn pages(&self) -> impl Iterator<Item = (u64, &'a [u8])> + 'a {
+        self.normal_addrs().zip(self.data.chunks_exact(PAGE_SIZE))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{decode_frame, FrameHeader, FrameKind, HEADER_LEN};
+
+    fn packet(round: u32, normal: &[u64], zero: &[u64]) -> Vec<u8> {
+        let mut p = Vec::new();
+        encode_prefix(round, normal, zero, &mut p);
+        for (i, _) in normal.iter().enumerate() {
+            p.extend(std::iter::repeat(i as u8 + 1).take(PAGE_SIZE));
+        }
+        p
+    }
+
+    #[test]
+    fn round_trip() {
+        let p = packet(3, &[0, 8192], &[4096]);
+        let pkt = RamPacket::decode(&p, &Limits::default()).unwrap();
+        assert_eq!(pkt.round, 3);
+        assert_eq!(pkt.zero_addrs().collect::<Vec<_>>(), vec![4096]);
+        let pages: Vec<_> = pkt.pages().collect();
+        assert_eq!(pages.len(), 2);
+        assert_eq!(pages[1].0, 8192);
+        assert!(pages[1].1.iter().all(|&b| b == 2));
+    }
+
+    #[test]
+    fn through_a_frame() {
+        let p = packet(1, &[4096], &[]);
+        let mut f = FrameHeader::for_payload(FrameKind::RamPages, &p)
+            .encode()
+            .to_vec();
+        f.extend_from_slice(&p);
+        let (h, payload) = decode_frame(&f, &Limits::default()).unwrap();
+        assert_eq!(h.kind, FrameKind::RamPages);
+        assert_eq!(payload.len(), f.len() - HEADER_LEN);
+    }
+
+    #[test]
+    fn rejects_misaligned_address() {
+        let p = packet(0, &[4097], &[]);
+        let e = RamPacket::decode(&p, &Limits::default()).unwrap_err();
+        assert!(e.to_string().contains("page-aligned"), "{e}");
+    }
+
+    #[test]
+    fn rejects_count_length_mismatch() {
+        let mut p = packet(0, &[0, 4096], &[]);
+        p.truncate(p.len() - 1);
+        assert!(matches!(
+            RamPacket::decode(&p, &Limits::default()),
+            Err(WireError::BadLength { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_counts_above_limit_without_allocating() {
+        let mut p = Vec::new();
+        encode_prefix(0, &[], &[], &mut p);
+        p[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            RamPacket::decode(&p, &Limits::default()),
+            Err(WireError::OutOfRange { .. })
+        ));
+    }
+}

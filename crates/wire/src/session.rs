@@ -1,0 +1,370 @@
+//! Session set-up: the main channel's hello and each data channel's handshake.
+//!
+//! ```text
+//! source                                   destination
+//!   | main:  SessionHello{id, channels, guest} |
+//!   | -------------------------------------->  |  checks version, limits
+//!   |        SessionAccept | Reject{reason}    |
+//!   | <--------------------------------------  |
+//!   | data i: ChannelHello{id, index}          |  (i = 0..channels, any order)
+//!   | -------------------------------------->  |  unknown id, duplicate or out-of-range
+//!   |        ChannelAccept | Reject{reason}    |  index: Reject
+//!   | <--------------------------------------  |
+//! ```
+
+use crate::cursor::{Reader, Writer};
+use crate::WireError;
+use std::fmt;
+
+/// The most data channels a session may have.
+pub const MAX_CHANNELS: u16 = 64;
+/// The most memory regions a guest description may list.
+pub const MAX_REGIONS: usize = 64;
+/// The most vCPUs a guest description may list.
+pub const MAX_VCPUS: u16 = 256;
+const MAX_NAME: usize = 64;
+const MAX_REASON: usize = 4096;
+
+/// A migration session's random identifier.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionId(pub [u8; 16]);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                f.write_str("-")?;
+            }
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// One contiguous range of guest-physical memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryRange {
+    pub guest_addr: u64,
+    pub size: u64,
+}
+
+/// What the destination must build to receive the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestDescriptor {
+    /// The guest's kind, e.g. "synthetic" or "kvm".
+    pub kind: String,
+    pub vcpus: u16,
+    pub page_size: u32,
+    pub ranges: Vec<MemoryRange>,
+}
+
+impl GuestDescriptor {
+    pub fn memory_bytes(&self) -> u64 {
+        self.ranges.iter().map(|r| r.size).sum()
+    }
+}
+
+/// Opens a session on the main channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionHello {
+    pub session: SessionId,
+    pub channels: u16,
+    /// Pages per RamPages packet the source will send (at most).
+    pub pages_per_packet: u32,
+    pub guest: GuestDescriptor,
+}
+
+impl SessionHello {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut w = Writer::new(&mut out);
+        w.bytes(&self.session.0)
+            .u16(self.channels)
+            .u32(self.pages_per_packet)
+            .string(&self.guest.kind)
+            .u16(self.guest.vcpus)
+            .u32(self.guest.page_size)
+            .u16(self.guest.ranges.len() as u16);
+        for r in &self.guest.ranges {
+            w.u64(r.guest_addr).u64(r.size);
+        }
+        out
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(buf, "SessionHello");
+        let session = SessionId(r.array()?);
+        let channels = r.u16()?;
+        if channels == 0 || channels > MAX_CHANNELS {
+            return Err(WireError::OutOfRange {
+                field: "channels",
+                value: channels as u64,
+                reason: "must be 1..=64",
+            });
+        }
+        let pages_per_packet = r.u32()?;
+        if pages_per_packet == 0 || pages_per_packet > crate::MAX_PAGES_PER_PACKET {
+            return Err(WireError::OutOfRange {
+                field: "pages_per_packet",
+                value: pages_per_packet as u64,
+                reason: "must be 1..=1024",
+            });
+        }
+        let kind = r.string("guest kind", MAX_NAME)?;
+        let vcpus = r.u16()?;
+        if vcpus > MAX_VCPUS {
+            return Err(WireError::OutOfRange {
+                field: "vcpus",
+                value: vcpus as u64,
+                reason: "at most 256",
+            });
+        }
+        let page_size = r.u32()?;
+        if page_size != crate::PAGE_SIZE as u32 {
+            return Err(WireError::OutOfRange {
+                field: "page_size",
+                value: page_size as u64,
+                reason: "only 4096-byte pages are supported",
+            });
+        }
+        let n = r.u16()? as usize;
+        if n == 0 || n > MAX_REGIONS {
+            return Err(WireError::OutOfRange {
+                field: "memory ranges",
+                value: n as u64,
+                reason: "must be 1..=64",
+            });
+        }
+        let mut ranges = Vec::with_capacity(n);
+        let mut end_prev = 0u64;
+        for _ in 0..n {
+            let guest_addr = r.u64()?;
+            let size = r.u64()?;
+            let aligned = guest_addr % crate::PAGE_SIZE as u64 == 0
+                && size % crate::PAGE_SIZE as u64 == 0
+                && size > 0;
+            if !aligned {
+                return Err(WireError::OutOfRange {
+                    field: "memory range",
+                    value: guest_addr,
+                    reason: "ranges must be page-aligned and non-empty",
+                });
+            }
+            let end = guest_addr
+                .checked_add(size)
+                .ok_or(WireError::OutOfRange {
+                    field: "memory range size",
+                    value: size,
+                    reason: "range overflows the address space",
+                })?;
+            if guest_addr < end_prev {
+                return Err(WireError::OutOfRange {
+                    field: "memory range",
+                    value: guest_addr,
+                    reason: "ranges must be sorted and must not overlap",
+                });
+            }
+            end_prev = end;
+            ranges.push(MemoryRange { guest_addr, size });
+        }
+        r.finish()?;
+        Ok(SessionHello {
+            session,
+            channels,
+            pages_per_packet,
+            guest: GuestDescriptor {
+                kind,
+                vcpus,
+                page_size,
+                ranges,
+            },
+        })
+    }
+}
+
+/// Binds a data channel to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelHello {
+    pub session: SessionId,
+    pub index: u16,
+}
+
+impl ChannelHello {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        Writer::new(&mut out).bytes(&self.session.0).u16(self.index);
+        out
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(buf, "ChannelHello");
+        let session = SessionId(r.array()?);
+        let index = r.u16()?;
+        r.finish()?;
+        Ok(ChannelHello { session, index })
+    }
+}
+
+/// Why a peer refused or aborted. Codes are stable; the text is for people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum RejectCode {
+    /// Anything not covered below.
+    Other = 1,
+    UnknownSession = 2,
+    DuplicateChannel = 3,
+    BadChannelIndex = 4,
+    Unsupported = 5,
+    TooLarge = 6,
+    Protocol = 7,
+    LoadFailed = 8,
+    Cancelled = 9,
+}
+
+impl RejectCode {
+    fn from_u16(v: u16) -> Self {
+        match v {
+            2 => RejectCode::UnknownSession,
+            3 => RejectCode::DuplicateChannel,
+            4 => RejectCode::BadChannelIndex,
+            5 => RejectCode::Unsupported,
+            6 => RejectCode::TooLarge,
+            7 => RejectCode::Protocol,
+            8 => RejectCode::LoadFailed,
+            9 => RejectCode::Cancelled,
+            _ => RejectCode::Other,
+        }
+    }
+}
+
+/// A refusal or an abort, with a reason a person can read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    pub code: RejectCode,
+    pub reason: String,
+}
+
+impl Reject {
+    pub fn new(code: RejectCode, reason: impl Into<String>) -> Self {
+        Reject {
+            code,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut end = self.reason.len().min(MAX_REASON);
+        while !self.reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        Writer::new(&mut out)
+            .u16(self.code as u16)
+            .string(&self.reason[..end]);
+        out
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(buf, "Reject");
+        let code = RejectCode::from_u16(r.u16()?);
+        let reason = r.string("reject reason", MAX_REASON)?;
+        r.finish()?;
+        Ok(Reject { code, reason })
+    }
+}
+
+impl fmt::Display for Reject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({:?})", self.reason, self.code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> SessionHello {
+        SessionHello {
+            session: SessionId([7; 16]),
+            channels: 4,
+            pages_per_packet: 128,
+            guest: GuestDescriptor {
+                kind: "synthetic".into(),
+                vcpus: 1,
+                page_size: 4096,
+                ranges: vec![
+                    MemoryRange {
+                        guest_addr: 0,
+                        size: 1 << 20,
+                    },
+                    MemoryRange {
+                        guest_addr: 1 << 32,
+                        size: 1 << 21,
+                    },
+                ],
+            },
+        }
+    }
+
+    #[test]
+    fn session_hello_round_trip() {
+        let h = hello();
+        assert_eq!(SessionHello::decode(&h.encode()).unwrap(), h);
+    }
+
+    #[test]
+    fn session_hello_rejects_bad_fields() {
+        let mut h = hello();
+        h.channels = 65;
+        assert!(SessionHello::decode(&h.encode())
+            .unwrap_err()
+            .to_string()
+            .contains("channels = 65"));
+        let mut h = hello();
+        h.guest.ranges[1].guest_addr = 4096; // overlaps range 0
+        assert!(SessionHello::decode(&h.encode()).is_err());
+        let mut h = hello();
+        h.guest.ranges[0].size = 100;
+        assert!(SessionHello::decode(&h.encode()).is_err());
+        let mut h = hello();
+        h.guest.page_size = 8192;
+        assert!(SessionHello::decode(&h.encode()).is_err());
+    }
+
+    #[test]
+    fn channel_hello_round_trip_and_truncation() {
+        let c = ChannelHello {
+            session: SessionId([1; 16]),
+            index: 3,
+        };
+        let enc = c.encode();
+        assert_eq!(ChannelHello::decode(&enc).unwrap(), c);
+        assert!(ChannelHello::decode(&enc[..10]).is_err());
+        let mut long = enc.clone();
+        long.push(0);
+        assert!(matches!(
+            ChannelHello::decode(&long),
+            Err(WireError::TrailingBytes { .. })
+        ));
+    }
+
+    #[test]
+    fn reject_round_trip() {
+        let r = Reject::new(RejectCode::DuplicateChannel, "channel 2 joined twice");
+        assert_eq!(Reject::decode(&r.encode()).unwrap(), r);
+    }
+
+    #[test]
+    fn session_id_displays_as_uuid() {
+        assert_eq!(
+            SessionId([0xab; 16]).to_string(),
+            "abababab-abab-abab-abab-abababababab"
+        );
+    }
+}

@@ -1,0 +1,37 @@
+//! Arbitrary bytes fed to every decoder: an error is fine, a panic is not.
+
+use livemig_wire::*;
+use proptest::prelude::*;
+
+proptest! {
+    #[test]
+    fn any_bytes_decode_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let l = Limits::default();
+        let _ = decode_frame(&bytes, &l);
+        let _ = SessionHello::decode(&bytes);
+        let _ = ChannelHello::decode(&bytes);
+        let _ = Reject::decode(&bytes);
+        let _ = RoundEnd::decode(&bytes);
+        let _ = RoundStart::decode(&bytes);
+        let _ = Complete::decode(&bytes);
+        let _ = Loaded::decode(&bytes);
+        let _ = Resumed::decode(&bytes);
+        let _ = RamPacket::decode(&bytes, &l);
+        if bytes.len() >= HEADER_LEN {
+            let _ = FrameHeader::decode(bytes[..HEADER_LEN].try_into().unwrap(), &l);
+        }
+    }
+
+    #[test]
+    fn ram_packet_round_trip(round in any::<u32>(), normal in proptest::collection::vec(0u64..1<<30, 0..8), zero in proptest::collection::vec(0u64..1<<30, 0..8)) {
+        let normal: Vec<u64> = normal.iter().map(|a| a * 4096).collect();
+        let zero: Vec<u64> = zero.iter().map(|a| a * 4096).collect();
+        let mut p = Vec::new();
+        ram::encode_prefix(round, &normal, &zero, &mut p);
+        p.resize(p.len() + normal.len() * PAGE_SIZE, 0xa5);
+        let pkt = RamPacket::decode(&p, &Limits::default()).unwrap();
+        prop_assert_eq!(pkt.round, round);
+        prop_assert_eq!(pkt.normal_addrs().collect::<Vec<_>>(), normal);
+        prop_assert_eq!(pkt.zero_addrs().collect::<Vec<_>>(), zero);
+    }
+}
