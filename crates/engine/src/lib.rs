@@ -1,1 +1,28 @@
+//! # livemig-engine
+//!
+//! Moves a running guest from a source process to a destination process over one main
+//! channel and N data channels. The source side is [`source::migrate`], the destination side
+//! [`incoming::receive`]; both run on the caller's thread and own every thread they start, so
+//! nothing outlives a migration, whatever its outcome.
+//!
+//! The engine knows guests only through the [`guest::Guest`] trait. `docs/threading.md` and
+//! `docs/state-machines.md` in the repository describe the threads and states.
 
+pub mod config;
+pub mod dirty;
+pub mod error;
+mod framed;
+pub mod guest;
+pub mod incoming;
+pub mod report;
+pub mod source;
+pub mod transport;
+
+pub use config::{IncomingConfig, MigrationConfig, TestHooks};
+pub use dirty::DirtyBitmap;
+pub use error::{ChannelError, ChannelName, IncomingError, MigrationError};
+pub use guest::{Guest, GuestError, GuestFactory, GuestMemory, VerifyReport};
+pub use incoming::{receive, Incoming};
+pub use report::{DowntimeBreakdown, IncomingReport, MigrationReport, Progress, RoundReport};
+pub use source::migrate;
+pub use transport::{Endpoint, Listener, Stream};

@@ -1,0 +1,109 @@
+//! Knobs of a migration, with the defaults a user gets when saying nothing.
+
+use crate::error::MigrationError;
+use livemig_wire::{Limits, DEFAULT_PAGES_PER_PACKET, MAX_CHANNELS, MAX_PAGES_PER_PACKET};
+use std::time::Duration;
+
+/// Source side.
+#[derive(Debug, Clone)]
+pub struct MigrationConfig {
+    /// Data channels, 1..=64.
+    pub channels: u16,
+    /// Switch over once the remaining dirty memory would move within this time.
+    pub downtime_limit: Duration,
+    /// Cap on the bytes per second the data channels send, if any.
+    pub max_bandwidth: Option<u64>,
+    /// Switch over after this many precopy rounds even if not converged.
+    pub max_rounds: u32,
+    /// Switch over after this much precopy time even if not converged.
+    pub max_precopy_time: Duration,
+    /// Pages per RamPages packet.
+    pub pages_per_packet: u32,
+    /// How long to keep retrying a refused connection while the destination starts.
+    pub connect_timeout: Duration,
+    /// How long to wait for each answer of the destination during switchover.
+    pub completion_timeout: Duration,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        MigrationConfig {
+            channels: 4,
+            downtime_limit: Duration::from_millis(300),
+            max_bandwidth: None,
+            max_rounds: 30,
+            max_precopy_time: Duration::from_secs(120),
+            pages_per_packet: DEFAULT_PAGES_PER_PACKET,
+            connect_timeout: Duration::from_secs(10),
+            completion_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+impl MigrationConfig {
+    pub fn validate(&self) -> Result<(), MigrationError> {
+        if self.channels == 0 || self.channels > MAX_CHANNELS {
+            return Err(MigrationError::Config(format!(
+                "channels = {}: must be 1..={MAX_CHANNELS}",
+                self.channels
+            )));
+        }
+        if self.pages_per_packet == 0 || self.pages_per_packet > MAX_PAGES_PER_PACKET {
+            return Err(MigrationError::Config(format!(
+                "pages per packet = {}: must be 1..={MAX_PAGES_PER_PACKET}",
+                self.pages_per_packet
+            )));
+        }
+        if self.max_bandwidth == Some(0) {
+            return Err(MigrationError::Config(
+                "max bandwidth 0 would never finish; leave it unset for no cap".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Test-only switches that break the engine on purpose, to prove the tests can catch it.
+#[derive(Debug, Clone, Default)]
+pub struct TestHooks {
+    /// Destination: skip the end-of-round sync between data channels and apply data channel
+    /// 0's pages late, newest first, so older copies of a page land after newer ones.
+    pub break_round_order: bool,
+}
+
+/// Destination side.
+#[derive(Debug, Clone)]
+pub struct IncomingConfig {
+    /// Bounds on what a peer may make this side allocate.
+    pub limits: Limits,
+    /// The largest guest memory a source may ask this side to allocate.
+    pub max_guest_memory: u64,
+    /// Time for all data channels to join once the session is opened.
+    pub setup_timeout: Duration,
+    /// Time for a new connection to say who it is.
+    pub handshake_timeout: Duration,
+    /// Check every page of the loaded guest before resuming it (a test instrument).
+    pub verify: bool,
+    pub test_hooks: TestHooks,
+}
+
+impl Default for IncomingConfig {
+    fn default() -> Self {
+        IncomingConfig {
+            limits: Limits::default(),
+            max_guest_memory: host_memory_bytes().unwrap_or(16 << 30),
+            setup_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
+            verify: false,
+            test_hooks: TestHooks::default(),
+        }
+    }
+}
+
+/// Total RAM of this host, from /proc/meminfo.
+pub fn host_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

@@ -1,0 +1,112 @@
+//! Errors of the engine, each naming the channel or phase where it happened.
+
+use crate::guest::GuestError;
+use livemig_wire::{Reject, WireError};
+use std::fmt;
+use std::io;
+
+/// Which connection of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelName {
+    Main,
+    Data(u16),
+    /// A connection not yet bound to a channel (during the handshake).
+    Incoming,
+}
+
+impl fmt::Display for ChannelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChannelName::Main => write!(f, "main channel"),
+            ChannelName::Data(i) => write!(f, "data channel {i}"),
+            ChannelName::Incoming => write!(f, "incoming connection"),
+        }
+    }
+}
+
+/// A failure on one connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("{channel}: {op} failed: {source}")]
+    Io {
+        channel: ChannelName,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{channel}: malformed data from peer: {source}")]
+    Wire {
+        channel: ChannelName,
+        #[source]
+        source: WireError,
+    },
+    #[error("{channel}: peer refused: {reject}")]
+    Rejected {
+        channel: ChannelName,
+        reject: Reject,
+    },
+    #[error("{channel}: peer closed the connection")]
+    Closed { channel: ChannelName },
+    #[error("{channel}: protocol error: {detail}")]
+    Protocol {
+        channel: ChannelName,
+        detail: String,
+    },
+}
+
+/// Why an outgoing migration failed. Unless it says otherwise, the source guest runs on.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("connecting to {to} failed: {source}")]
+    Connect {
+        to: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    #[error("a migration thread panicked: {0}")]
+    ThreadPanicked(String),
+    #[error("destination did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("handover outcome unknown: the destination did not confirm it resumed ({0}); the source guest stays paused")]
+    HandoverUnknown(String),
+}
+
+/// Why an incoming migration failed. The destination never resumes a guest after one.
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    #[error("accepting a connection failed: {0}")]
+    Accept(#[source] io::Error),
+    #[error("session set-up failed: {0}")]
+    Setup(String),
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    #[error("guest memory check failed: {mismatched} of {checked} pages are wrong, e.g. {example}")]
+    Verify {
+        checked: u64,
+        mismatched: u64,
+        example: String,
+    },
+    #[error("a migration thread panicked: {0}")]
+    ThreadPanicked(String),
+    #[error("source did not hand over the guest: {0}")]
+    NoHandover(String),
+}
+
+/// Text of a panic payload.
+pub(crate) fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".into()
+    }
+}

@@ -1,0 +1,124 @@
+//! Frames on a socket: header and payload out with one vectored write, and in with the
+//! header checked before the payload is read into a buffer whose size the header bounded.
+
+use crate::error::{ChannelError, ChannelName};
+use crate::transport::Stream;
+use livemig_wire::{verify_payload, FrameHeader, FrameKind, Limits, Reject, HEADER_LEN};
+use std::io::{self, IoSlice, Read};
+
+/// Sends one frame whose payload is the concatenation of `parts`.
+pub fn send_parts(
+    stream: &mut Stream,
+    channel: ChannelName,
+    kind: FrameKind,
+    parts: &[&[u8]],
+) -> Result<(), ChannelError> {
+    let mut crc = 0u32;
+    let mut len = 0usize;
+    for p in parts {
+        crc = crc32c::crc32c_append(crc, p);
+        len += p.len();
+    }
+    let header = FrameHeader {
+        kind,
+        len: len as u32,
+        crc,
+    }
+    .encode();
+    let mut slices = Vec::with_capacity(parts.len() + 1);
+    slices.push(IoSlice::new(&header));
+    slices.extend(parts.iter().map(|p| IoSlice::new(p)));
+    stream
+        .write_all_vectored(&mut slices)
+        .map_err(|source| ChannelError::Io {
+            channel,
+            op: "send",
+            source,
+        })
+}
+
+/// Sends one frame.
+pub fn send(
+    stream: &mut Stream,
+    channel: ChannelName,
+    kind: FrameKind,
+    payload: &[u8],
+) -> Result<(), ChannelError> {
+    send_parts(stream, channel, kind, &[payload])
+}
+
+/// Receives one frame into `buf` (resized to the payload) and returns its header. A Reject
+/// from the peer becomes [`ChannelError::Rejected`].
+pub fn recv(
+    stream: &mut Stream,
+    channel: ChannelName,
+    limits: &Limits,
+    buf: &mut Vec<u8>,
+) -> Result<FrameHeader, ChannelError> {
+    let mut raw = [0u8; HEADER_LEN];
+    read_exact(stream, channel, &mut raw, true)?;
+    let header =
+        FrameHeader::decode(&raw, limits).map_err(|source| ChannelError::Wire { channel, source })?;
+    // The length is bounded by `limits` for this kind: safe to size the buffer.
+    buf.resize(header.len as usize, 0);
+    read_exact(stream, channel, buf, false)?;
+    verify_payload(&header, buf).map_err(|source| ChannelError::Wire { channel, source })?;
+    if header.kind == FrameKind::Reject {
+        let reject =
+            Reject::decode(buf).map_err(|source| ChannelError::Wire { channel, source })?;
+        return Err(ChannelError::Rejected { channel, reject });
+    }
+    Ok(header)
+}
+
+/// Receives one frame that must be of kind `expected`.
+pub fn recv_expect(
+    stream: &mut Stream,
+    channel: ChannelName,
+    limits: &Limits,
+    buf: &mut Vec<u8>,
+    expected: FrameKind,
+) -> Result<(), ChannelError> {
+    let h = recv(stream, channel, limits, buf)?;
+    h.expect(expected)
+        .map_err(|source| ChannelError::Wire { channel, source })
+}
+
+fn read_exact(
+    stream: &mut Stream,
+    channel: ChannelName,
+    buf: &mut [u8],
+    at_frame_start: bool,
+) -> Result<(), ChannelError> {
+    let mut done = 0;
+    while done < buf.len() {
+        match stream.read(&mut buf[done..]) {
+            Ok(0) if done == 0 && at_frame_start => return Err(ChannelError::Closed { channel }),
+            Ok(0) => {
+                return Err(ChannelError::Io {
+                    channel,
+                    op: "receive",
+                    source: io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("connection closed inside a frame ({done} of {} bytes)", buf.len()),
+                    ),
+                })
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(ChannelError::Io {
+                    channel,
+                    op: "receive",
+                    source,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Best effort: tells the peer why we stop. Errors are ignored, the peer may be gone.
+pub fn send_reject(stream: &mut Stream, channel: ChannelName, reject: &Reject) {
+    let _ = send(stream, channel, FrameKind::Reject, &reject.encode());
+}

@@ -1,0 +1,106 @@
+//! The end-of-round meeting point of the destination's data channels.
+//!
+//! Every data channel thread waits here after its RoundEnd marker; none applies a page of
+//! round k+1 until all have applied every page of round k. That is what keeps an older copy
+//! of a page from overwriting a newer one. Unlike `std::sync::Barrier` it can be aborted, so a
+//! failed channel never leaves the others waiting forever.
+
+use std::sync::{Condvar, Mutex};
+
+pub(crate) struct RoundBarrier {
+    parties: usize,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+struct State {
+    arrived: usize,
+    generation: u64,
+    aborted: bool,
+}
+
+/// The barrier was aborted because another part of the migration failed.
+#[derive(Debug)]
+pub(crate) struct Aborted;
+
+impl RoundBarrier {
+    pub fn new(parties: usize) -> Self {
+        RoundBarrier {
+            parties,
+            state: Mutex::new(State {
+                arrived: 0,
+                generation: 0,
+                aborted: false,
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    /// Waits until all parties have arrived, or the barrier is aborted.
+    pub fn wait(&self) -> Result<(), Aborted> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.aborted {
+            return Err(Aborted);
+        }
+        s.arrived += 1;
+        if s.arrived == self.parties {
+            s.arrived = 0;
+            s.generation += 1;
+            self.cv.notify_all();
+            return Ok(());
+        }
+        let gen = s.generation;
+        while s.generation == gen && !s.aborted {
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        if s.generation != gen {
+            Ok(())
+        } else {
+            Err(Aborted)
+        }
+    }
+
+    /// Wakes every waiter with an error, now and for every later wait.
+    pub fn abort(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.aborted = true;
+        self.cv.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn nobody_passes_before_everyone_arrives() {
+        let b = RoundBarrier::new(3);
+        let passed = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| {
+                    for round in 0..50 {
+                        assert!(passed.load(Ordering::SeqCst) >= round * 3);
+                        b.wait().unwrap();
+                        passed.fetch_add(1, Ordering::SeqCst);
+                        b.wait().unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(passed.load(Ordering::SeqCst), 150);
+    }
+
+    #[test]
+    fn abort_releases_waiters() {
+        let b = RoundBarrier::new(2);
+        std::thread::scope(|s| {
+            let h = s.spawn(|| b.wait());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            b.abort();
+            assert!(h.join().unwrap().is_err());
+        });
+        assert!(b.wait().is_err());
+    }
+}

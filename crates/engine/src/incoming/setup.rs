@@ -1,0 +1,143 @@
+//! Accepting a session: the main channel's hello, then each data channel's handshake.
+//!
+//! A connection that is not what we wait for (a foreign session, a duplicate or out-of-range
+//! channel index, garbage) is refused with a Reject naming why, and waiting goes on: a stray
+//! connection must not fail a migration that is under way.
+
+use crate::config::IncomingConfig;
+use crate::error::{ChannelError, ChannelName, IncomingError};
+use crate::framed;
+use crate::transport::{Listener, Stream};
+use livemig_wire::{ChannelHello, FrameKind, Reject, RejectCode, SessionHello};
+use std::time::Instant;
+
+/// Waits for a connection that opens a session, refusing anything else.
+pub(crate) fn accept_session(
+    listener: &Listener,
+    config: &IncomingConfig,
+    log: &dyn Fn(String),
+) -> Result<(SessionHello, Stream), IncomingError> {
+    let ch = ChannelName::Incoming;
+    loop {
+        let mut s = listener.accept_until(None).map_err(IncomingError::Accept)?;
+        let _ = s.set_read_timeout(Some(config.handshake_timeout));
+        let mut buf = Vec::new();
+        let refused = match framed::recv(&mut s, ch, &config.limits, &mut buf) {
+            Ok(h) if h.kind == FrameKind::SessionHello => match SessionHello::decode(&buf) {
+                Ok(hello) => match check_hello(&hello, config) {
+                    Ok(()) => {
+                        let _ = s.set_read_timeout(None);
+                        return Ok((hello, s));
+                    }
+                    Err(reject) => reject,
+                },
+                Err(e) => Reject::new(RejectCode::Protocol, format!("bad SessionHello: {e}")),
+            },
+            Ok(h) => Reject::new(
+                RejectCode::UnknownSession,
+                format!("no session is open; a {} frame cannot start one", h.kind.name()),
+            ),
+            Err(e) => Reject::new(RejectCode::Protocol, e.to_string()),
+        };
+        log(format!("refused a connection: {}", refused.reason));
+        framed::send_reject(&mut s, ch, &refused);
+    }
+}
+
+fn check_hello(hello: &SessionHello, config: &IncomingConfig) -> Result<(), Reject> {
+    let bytes = hello.guest.memory_bytes();
+    if bytes > config.max_guest_memory {
+        return Err(Reject::new(
+            RejectCode::TooLarge,
+            format!(
+                "guest memory of {bytes} bytes exceeds this destination's limit of {} bytes",
+                config.max_guest_memory
+            ),
+        ));
+    }
+    if hello.pages_per_packet > config.limits.max_pages_per_packet {
+        return Err(Reject::new(
+            RejectCode::TooLarge,
+            format!(
+                "{} pages per packet exceeds this destination's limit of {}",
+                hello.pages_per_packet, config.limits.max_pages_per_packet
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Accepts data channels until every index of the session has joined, or the deadline.
+pub(crate) fn accept_channels(
+    listener: &Listener,
+    hello: &SessionHello,
+    config: &IncomingConfig,
+    log: &dyn Fn(String),
+) -> Result<Vec<Stream>, IncomingError> {
+    let deadline = Instant::now() + config.setup_timeout;
+    let mut slots: Vec<Option<Stream>> = (0..hello.channels).map(|_| None).collect();
+    while slots.iter().any(Option::is_none) {
+        let mut s = listener.accept_until(Some(deadline)).map_err(|e| {
+            let missing: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_none()).collect();
+            IncomingError::Setup(format!(
+                "data channels {missing:?} did not join within {:?}: {e}",
+                config.setup_timeout
+            ))
+        })?;
+        let _ = s.set_read_timeout(Some(config.handshake_timeout));
+        let mut buf = Vec::new();
+        let verdict = match framed::recv(&mut s, ChannelName::Incoming, &config.limits, &mut buf) {
+            Ok(h) if h.kind == FrameKind::ChannelHello => match ChannelHello::decode(&buf) {
+                Ok(c) => check_channel(&c, hello, &slots),
+                Err(e) => Err(Reject::new(RejectCode::Protocol, format!("bad ChannelHello: {e}"))),
+            },
+            Ok(h) => Err(Reject::new(
+                RejectCode::Protocol,
+                format!("expected ChannelHello, got a {} frame", h.kind.name()),
+            )),
+            Err(e) => Err(Reject::new(RejectCode::Protocol, e.to_string())),
+        };
+        match verdict {
+            Ok(index) => {
+                framed::send(&mut s, ChannelName::Data(index), FrameKind::ChannelAccept, &[])?;
+                let _ = s.set_read_timeout(None);
+                slots[index as usize] = Some(s);
+            }
+            Err(reject) => {
+                log(format!("refused a data channel: {}", reject.reason));
+                framed::send_reject(&mut s, ChannelName::Incoming, &reject);
+            }
+        }
+    }
+    Ok(slots.into_iter().flatten().collect())
+}
+
+fn check_channel(
+    c: &ChannelHello,
+    hello: &SessionHello,
+    slots: &[Option<Stream>],
+) -> Result<u16, Reject> {
+    if c.session != hello.session {
+        return Err(Reject::new(
+            RejectCode::UnknownSession,
+            format!("unknown session {} (this destination serves {})", c.session, hello.session),
+        ));
+    }
+    match slots.get(c.index as usize) {
+        None => Err(Reject::new(
+            RejectCode::BadChannelIndex,
+            format!("channel index {} out of range (session has {} channels)", c.index, hello.channels),
+        )),
+        Some(Some(_)) => Err(Reject::new(
+            RejectCode::DuplicateChannel,
+            format!("channel index {} has already joined", c.index),
+        )),
+        Some(None) => Ok(c.index),
+    }
+}
+
+impl From<ChannelError> for Reject {
+    fn from(e: ChannelError) -> Self {
+        Reject::new(RejectCode::Protocol, e.to_string())
+    }
+}

@@ -1,0 +1,112 @@
+//! What a migration reports: per round, the downtime split into its parts, and totals.
+//! Everything here serializes to the JSON that `livemig --json` prints.
+
+use crate::guest::VerifyReport;
+use serde::Serialize;
+
+/// One precopy round (or the switchover round) as the source saw it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RoundReport {
+    pub round: u32,
+    pub pages: u64,
+    pub normal_pages: u64,
+    pub zero_pages: u64,
+    pub bytes: u64,
+    pub ms: f64,
+    pub bytes_per_s: f64,
+    /// Pages dirtied while this round was sent.
+    pub dirty_after: u64,
+    /// Time to send `dirty_after` pages at this round's rate.
+    pub expected_downtime_ms: f64,
+}
+
+/// Where the guest's pause went, source and destination together.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DowntimeBreakdown {
+    /// Stopping the guest's vCPUs (or dirtying threads).
+    pub pause_ms: f64,
+    /// Reading and clearing the dirty log one last time.
+    pub last_dirty_pass_ms: f64,
+    /// Saving the guest's non-memory state.
+    pub state_save_ms: f64,
+    /// Sending the last pages and the state until the destination had them all.
+    pub transfer_ms: f64,
+    /// Restoring the state on the destination.
+    pub dest_restore_ms: f64,
+    /// Checking every page on the destination (only with verification on; a test
+    /// instrument, not part of `downtime_ms`).
+    pub dest_verify_ms: f64,
+    /// Handover and the destination's resume, until the source heard of it.
+    pub resume_ms: f64,
+}
+
+/// The source's account of a completed migration.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MigrationReport {
+    pub session: String,
+    pub channels: u16,
+    pub total_ms: f64,
+    pub setup_ms: f64,
+    pub precopy_ms: f64,
+    /// Guest paused on the source until it ran on the destination, without verification.
+    pub downtime_ms: f64,
+    pub downtime: DowntimeBreakdown,
+    pub transferred_bytes: u64,
+    pub normal_pages: u64,
+    pub zero_pages: u64,
+    pub bytes_per_s: f64,
+    /// Every round, the switchover round last.
+    pub rounds: Vec<RoundReport>,
+    /// Switchover came from a round or time bound, not from convergence.
+    pub forced_switchover: bool,
+    /// Expected downtime at the moment of switchover.
+    pub expected_downtime_ms: f64,
+    pub pages_checked: u64,
+    pub pages_mismatched: u64,
+}
+
+/// The destination's account of a completed incoming migration.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IncomingReport {
+    pub session: String,
+    pub channels: u16,
+    pub guest_kind: String,
+    pub memory_bytes: u64,
+    pub total_ms: f64,
+    pub received_bytes: u64,
+    pub normal_pages: u64,
+    pub zero_pages: u64,
+    pub rounds: u32,
+    pub drain_ms: f64,
+    pub restore_ms: f64,
+    pub verify_ms: f64,
+    pub resume_ms: f64,
+    pub verify: Option<VerifyReport>,
+}
+
+/// Events a running migration reports as it goes.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Progress {
+    /// All channels are connected.
+    Connected {
+        session: String,
+        channels: u16,
+        setup_ms: f64,
+        total_pages: u64,
+    },
+    /// A round is starting.
+    RoundStarted { round: u32, pages: u64 },
+    /// A precopy round has been sent.
+    RoundDone(RoundReport),
+    /// The guest is paused for switchover.
+    Switchover {
+        remaining_pages: u64,
+        expected_downtime_ms: f64,
+        forced: bool,
+    },
+}
+
+pub(crate) fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
