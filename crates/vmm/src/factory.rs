@@ -1,0 +1,21 @@
+//! Builds, on the destination, whichever guest a source describes.
+
+use crate::synthetic;
+use livemig_engine::{Guest, GuestError, GuestFactory};
+use livemig_wire::GuestDescriptor;
+
+/// The guests this build can receive.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Factory;
+
+impl GuestFactory for Factory {
+    fn create(&self, desc: &GuestDescriptor) -> Result<Box<dyn Guest>, GuestError> {
+        match desc.kind.as_str() {
+            synthetic::KIND => Ok(Box::new(synthetic::create_paused(desc)?)),
+            other => Err(GuestError::new(
+                "create",
+                format!("guest kind '{other}' is not supported by this destination"),
+            )),
+        }
+    }
+}
