@@ -1,0 +1,161 @@
+//! Options shared by several commands, and size/rate parsing ("1G", "64M", "500k").
+
+use clap::Args;
+use livemig_engine::MigrationConfig;
+use livemig_vmm::synthetic::{SyntheticConfig, Workload};
+use std::time::Duration;
+
+/// Parses a size with an optional binary suffix: 4096, 64K, 256M, 1G.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M') => (&s[..s.len() - 1], 1 << 20),
+        Some('G') => (&s[..s.len() - 1], 1 << 30),
+        Some('T') => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (try 4096, 64K, 256M or 1G)"))?;
+    if !(v >= 0.0 && v.is_finite()) {
+        return Err(format!("'{s}' is not a size"));
+    }
+    Ok((v * mult as f64) as u64)
+}
+
+/// Parses a count with an optional decimal suffix: 500, 50k, 2M.
+pub fn parse_count(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last().map(|c| c.to_ascii_lowercase()) {
+        Some('k') => (&s[..s.len() - 1], 1e3),
+        Some('m') => (&s[..s.len() - 1], 1e6),
+        Some('g') => (&s[..s.len() - 1], 1e9),
+        _ => (s, 1.0),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number (try 500, 50k or 2M)"))?;
+    if !(v >= 0.0 && v.is_finite()) {
+        return Err(format!("'{s}' is not a number"));
+    }
+    Ok((v * mult) as u64)
+}
+
+/// How the source migrates.
+#[derive(Debug, Clone, Args)]
+pub struct MigrationArgs {
+    /// Data channels (1 to 64).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub channels: u16,
+    /// Switch over once the rest would move within this many milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_limit_ms: u64,
+    /// Cap on the data channels' rate, bytes per second (e.g. 500M); none by default.
+    #[arg(long, value_parser = parse_size)]
+    pub max_bandwidth: Option<u64>,
+    /// Switch over after this many precopy rounds even if not converged.
+    #[arg(long, default_value_t = 30)]
+    pub max_rounds: u32,
+    /// Switch over after this many seconds of precopy even if not converged.
+    #[arg(long, default_value_t = 120)]
+    pub max_precopy_secs: u64,
+    /// Pages per data packet (1 to 1024; 128 = 512 KiB).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub pages_per_packet: u32,
+}
+
+impl MigrationArgs {
+    pub fn config(&self) -> MigrationConfig {
+        MigrationConfig {
+            channels: self.channels,
+            downtime_limit: Duration::from_millis(self.downtime_limit_ms),
+            max_bandwidth: self.max_bandwidth,
+            max_rounds: self.max_rounds,
+            max_precopy_time: Duration::from_secs(self.max_precopy_secs),
+            pages_per_packet: self.pages_per_packet,
+            ..MigrationConfig::default()
+        }
+    }
+
+    /// The same options as command-line arguments, to hand to a child process.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut v = vec![
+            format!("--channels={}", self.channels),
+            format!("--downtime-limit-ms={}", self.downtime_limit_ms),
+            format!("--max-rounds={}", self.max_rounds),
+            format!("--max-precopy-secs={}", self.max_precopy_secs),
+            format!("--pages-per-packet={}", self.pages_per_packet),
+        ];
+        if let Some(b) = self.max_bandwidth {
+            v.push(format!("--max-bandwidth={b}"));
+        }
+        v
+    }
+}
+
+/// The guest the source runs.
+#[derive(Debug, Clone, Args)]
+pub struct GuestArgs {
+    /// Guest memory size.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub memory: u64,
+    /// Share of pages filled with data before migrating (0.0 to 1.0); the rest stay zero.
+    #[arg(long, default_value_t = 1.0)]
+    pub fill: f64,
+    /// Memory the guest keeps dirtying, from its start (0 for an idle guest).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub working_set: u64,
+    /// Page writes per second (e.g. 50k); 0 for as fast as the guest can.
+    #[arg(long, default_value = "50k", value_parser = parse_count)]
+    pub dirty_rate: u64,
+    /// Guest threads (vCPUs) dirtying memory.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub vcpus: u32,
+    /// Let the guest run this long before migrating.
+    #[arg(long, default_value_t = 300)]
+    pub warmup_ms: u64,
+}
+
+impl GuestArgs {
+    pub fn synthetic(&self) -> SyntheticConfig {
+        SyntheticConfig {
+            memory_bytes: self.memory,
+            fill: self.fill,
+            workload: Workload {
+                working_set_pages: self.working_set / livemig_wire::PAGE_SIZE as u64,
+                rate: self.dirty_rate,
+                threads: self.vcpus,
+            },
+        }
+    }
+
+    pub fn to_args(&self) -> Vec<String> {
+        vec![
+            format!("--memory={}", self.memory),
+            format!("--fill={}", self.fill),
+            format!("--working-set={}", self.working_set),
+            format!("--dirty-rate={}", self.dirty_rate),
+            format!("--vcpus={}", self.vcpus),
+            format!("--warmup-ms={}", self.warmup_ms),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_counts() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("1.5M"), Ok(3 << 19));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("-1M").is_err());
+        assert_eq!(parse_count("50k"), Ok(50_000));
+        assert_eq!(parse_count("0"), Ok(0));
+        assert!(parse_count("x").is_err());
+    }
+}

@@ -1,0 +1,121 @@
+//! `livemig bench`: RAM migration throughput and downtime for several channel counts, on an
+//! idle and on a dirtying guest, beside the raw loopback TCP throughput measured in the same
+//! run. Prints a Markdown table, or with `--json` one JSON object.
+
+use crate::args::{parse_size, MigrationArgs};
+use crate::pair::run_pair;
+use crate::raw_tcp;
+use clap::Args;
+use serde_json::{json, Value};
+use std::process::ExitCode;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Guest memory size.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub memory: u64,
+    /// Channel counts to measure.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1u16, 2, 4, 8])]
+    pub channels: Vec<u16>,
+    /// Working set the dirtying guest writes.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub working_set: u64,
+    /// Page writes per second of the dirtying guest (0: as fast as it can).
+    #[arg(long, default_value = "50k", value_parser = crate::args::parse_count)]
+    pub dirty_rate: u64,
+    /// Repeat each row this many times and keep the median.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
+    let raw = raw_tcp::measure(a.memory)?;
+    let mut rows = Vec::new();
+    for dirty in [false, true] {
+        for &ch in &a.channels {
+            let mut samples = Vec::new();
+            for _ in 0..a.repeat.max(1) {
+                samples.push(one(&a, ch, dirty)?);
+            }
+            samples.sort_by(|x, y| x["total_ms"].as_f64().partial_cmp(&y["total_ms"].as_f64()).unwrap_or(std::cmp::Ordering::Equal));
+            let mut row = samples.swap_remove(samples.len() / 2);
+            let bps = row["bytes_per_s"].as_f64().unwrap_or(0.0);
+            row["raw_tcp_bytes_per_s"] = json!(raw);
+            row["ratio_to_raw"] = json!(bps / raw);
+            if !a.json {
+                eprintln!("bench: {} channels, {}: {:.0} ms", ch, if dirty { "dirtying" } else { "idle" }, row["total_ms"].as_f64().unwrap_or(0.0));
+            }
+            rows.push(row);
+        }
+    }
+    let how = format!(
+        "livemig bench --memory {} --working-set {} --dirty-rate {}: {} MiB synthetic guest, filled; two processes on loopback TCP; raw = one TCP stream between two threads copying {} MiB",
+        a.memory, a.working_set, a.dirty_rate, a.memory >> 20, a.memory >> 20
+    );
+    if a.json {
+        crate::emit(&json!({"guest": "synthetic", "how": how, "raw_tcp_bytes_per_s": raw, "rows": rows}));
+    } else {
+        println!("{}", table(&rows, raw, &how));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn one(a: &BenchArgs, channels: u16, dirty: bool) -> anyhow::Result<Value> {
+    let m = MigrationArgs {
+        channels,
+        downtime_limit_ms: 300,
+        max_bandwidth: None,
+        max_rounds: 30,
+        max_precopy_secs: 120,
+        pages_per_packet: livemig_wire::DEFAULT_PAGES_PER_PACKET,
+    };
+    let mut src = vec![
+        format!("--memory={}", a.memory),
+        "--fill=1".into(),
+        format!("--working-set={}", if dirty { a.working_set } else { 0 }),
+        format!("--dirty-rate={}", a.dirty_rate),
+        "--warmup-ms=200".into(),
+    ];
+    src.extend(m.to_args());
+    let r = run_pair(&[], &src, |_| {})?;
+    let rep = &r.source["report"];
+    let f = |k: &str| rep.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+    let rounds = rep["rounds"].as_array().cloned().unwrap_or_default();
+    Ok(json!({
+        "channels": channels,
+        "dirty": dirty,
+        "total_ms": f("total_ms"),
+        "setup_ms": f("setup_ms"),
+        "downtime_ms": f("downtime_ms"),
+        "transferred_bytes": rep["transferred_bytes"],
+        "bytes_per_s": f("bytes_per_s"),
+        "first_round_bytes_per_s": rounds.first().and_then(|r| r["bytes_per_s"].as_f64()).unwrap_or(0.0),
+        "rounds": rounds.len(),
+        "dest_drain_ms": r.dest["report"]["drain_ms"],
+    }))
+}
+
+fn table(rows: &[Value], raw: f64, how: &str) -> String {
+    let mut s = String::new();
+    s.push_str(&format!("Raw loopback TCP (same run): {:.0} MB/s\n\n", raw / 1e6));
+    s.push_str("| channels | guest | total ms | downtime ms | rounds | MB/s | ratio to raw TCP |\n");
+    s.push_str("|---:|---|---:|---:|---:|---:|---:|\n");
+    for r in rows {
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        s.push_str(&format!(
+            "| {} | {} | {:.0} | {:.1} | {} | {:.0} | {:.2} |\n",
+            r["channels"],
+            if r["dirty"].as_bool().unwrap_or(false) { "dirtying" } else { "idle" },
+            f("total_ms"),
+            f("downtime_ms"),
+            r["rounds"],
+            f("bytes_per_s") / 1e6,
+            f("ratio_to_raw"),
+        ));
+    }
+    s.push_str(&format!("\nHow: {how}\n"));
+    s
+}

@@ -1,0 +1,95 @@
+//! `livemig incoming`: the destination side.
+
+use crate::args::parse_size;
+use crate::emit;
+use clap::Args;
+use livemig_engine::{receive, Endpoint, IncomingConfig, Listener, TestHooks};
+use livemig_vmm::Factory;
+use serde_json::json;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Debug, Args)]
+pub struct IncomingArgs {
+    /// Where to listen: tcp:HOST:PORT (port 0 picks a free one) or unix:PATH.
+    #[arg(long)]
+    pub listen: Endpoint,
+    /// Check every page of the received guest before resuming it.
+    #[arg(long)]
+    pub verify: bool,
+    /// After resuming, let the guest run this long, then check it again and exit.
+    #[arg(long, default_value_t = 0)]
+    pub run_after_ms: u64,
+    /// The largest guest memory a source may ask for (default: this host's RAM).
+    #[arg(long, value_parser = parse_size)]
+    pub max_guest_memory: Option<u64>,
+    /// Print one JSON object per line instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// TEST ONLY: break the ordering of rounds across channels, to prove the checks catch it.
+    #[arg(long, hide = true)]
+    pub test_break_round_order: bool,
+}
+
+pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
+    let listener = Listener::bind(&a.listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", a.listen))?;
+    let addr = listener.local_endpoint()?;
+    let json = a.json;
+    if json {
+        emit(&json!({"event": "listening", "addr": addr.to_string()}));
+    } else {
+        eprintln!("livemig: waiting for a migration on {addr}");
+    }
+    let mut config = IncomingConfig {
+        verify: a.verify,
+        test_hooks: TestHooks {
+            break_round_order: a.test_break_round_order,
+        },
+        ..IncomingConfig::default()
+    };
+    if let Some(m) = a.max_guest_memory {
+        config.max_guest_memory = m;
+    }
+    let log = move |msg: String| {
+        if json {
+            emit(&json!({"event": "log", "msg": msg}));
+        } else {
+            eprintln!("livemig: {msg}");
+        }
+    };
+    match receive(&listener, &Factory, &config, &log) {
+        Ok(inc) => {
+            if json {
+                emit(&json!({"event": "received", "report": inc.report}));
+            } else {
+                eprintln!(
+                    "livemig: guest received in {:.0} ms and resumed ({} rounds, {} MiB)",
+                    inc.report.total_ms,
+                    inc.report.rounds,
+                    inc.report.received_bytes >> 20
+                );
+            }
+            if a.run_after_ms > 0 {
+                std::thread::sleep(Duration::from_millis(a.run_after_ms));
+                inc.guest.pause()?;
+                let v = inc.guest.verify()?;
+                if json {
+                    emit(&json!({"event": "after_run", "verify": v}));
+                } else {
+                    eprintln!(
+                        "livemig: after {} ms running here: {} pages checked, {} wrong",
+                        a.run_after_ms, v.pages_checked, v.pages_mismatched
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            if json {
+                emit(&json!({"event": "failed", "error": e.to_string()}));
+            }
+            Err(e.into())
+        }
+    }
+}

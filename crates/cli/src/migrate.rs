@@ -1,0 +1,86 @@
+//! `livemig migrate`: the source side. Starts a guest, lets it run, migrates it.
+
+use crate::args::{GuestArgs, MigrationArgs};
+use crate::emit;
+use clap::Args;
+use livemig_engine::{migrate, Endpoint, Guest, Progress};
+use livemig_vmm::synthetic::SyntheticGuest;
+use serde_json::json;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Destination: tcp:HOST:PORT or unix:PATH. Repeat to fall back to the next destination
+    /// when a migration fails (the guest keeps running here in between).
+    #[arg(long = "to", required = true)]
+    pub to: Vec<Endpoint>,
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    #[command(flatten)]
+    pub migration: MigrationArgs,
+    /// Print one JSON object per line instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
+    let json = a.json;
+    let guest = SyntheticGuest::start(&a.guest.synthetic())?;
+    if json {
+        emit(&json!({"event": "guest_started", "guest": "synthetic", "memory": a.guest.memory}));
+    }
+    std::thread::sleep(Duration::from_millis(a.guest.warmup_ms));
+    let config = a.migration.config();
+    let progress = move |p: &Progress| {
+        if json {
+            emit(&serde_json::to_value(p).unwrap_or_default());
+        } else if let Progress::RoundDone(r) = p {
+            eprintln!(
+                "livemig: round {}: {} pages in {:.0} ms ({:.0} MB/s), {} dirtied meanwhile",
+                r.round,
+                r.pages,
+                r.ms,
+                r.bytes_per_s / 1e6,
+                r.dirty_after
+            );
+        }
+    };
+    for (attempt, to) in a.to.iter().enumerate() {
+        match migrate(&guest, to, &config, &progress) {
+            Ok(report) => {
+                if json {
+                    emit(&json!({"event": "completed", "to": to.to_string(), "guest": "synthetic", "report": report}));
+                } else {
+                    eprintln!(
+                        "livemig: migrated to {to} in {:.0} ms, downtime {:.1} ms",
+                        report.total_ms, report.downtime_ms
+                    );
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(e) => {
+                // The engine resumed the guest here; check that nothing was lost.
+                guest.pause()?;
+                let v = guest.verify()?;
+                let counter = guest.counter();
+                guest.resume()?;
+                if json {
+                    emit(&json!({
+                        "event": "attempt_failed", "attempt": attempt, "to": to.to_string(),
+                        "error": e.to_string(), "source_verify": v, "counter": counter,
+                    }));
+                } else {
+                    eprintln!(
+                        "livemig: migration to {to} failed: {e}\nlivemig: the guest runs on here; {} pages checked, {} wrong",
+                        v.pages_checked, v.pages_mismatched
+                    );
+                }
+            }
+        }
+    }
+    if json {
+        emit(&json!({"event": "failed", "error": "every destination failed"}));
+    }
+    Ok(ExitCode::FAILURE)
+}
