@@ -74,6 +74,27 @@ impl RoundStart {
     }
 }
 
+/// Return path: every data channel has applied all pages of `round`. The source measures a
+/// round's rate up to this point, so pages still in socket buffers never count as sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundAck {
+    pub round: u32,
+}
+
+impl RoundAck {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        Writer::new(&mut out).u32(self.round);
+        out
+    }
+    pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(buf, "RoundAck");
+        let v = RoundAck { round: r.u32()? };
+        r.finish()?;
+        Ok(v)
+    }
+}
+
 /// Main channel: the source has sent every page and the guest state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Complete {
@@ -181,6 +202,8 @@ mod tests {
             pages: 77,
         };
         assert_eq!(RoundStart::decode(&s.encode()).unwrap(), s);
+        let a = RoundAck { round: 3 };
+        assert_eq!(RoundAck::decode(&a.encode()).unwrap(), a);
         let r = Resumed { resume_us: 8 };
         assert_eq!(Resumed::decode(&r.encode()).unwrap(), r);
     }

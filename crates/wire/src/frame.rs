@@ -84,8 +84,10 @@ frame_kinds! {
     Handover = 35, |_| SMALL;
     /// Main channel, return path: the destination guest runs.
     Resumed = 36, |_| SMALL;
-    /// Main channel: progress of precopy, for the destination's log.
+    /// Main channel: a precopy round begins, for the destination's log.
     RoundStart = 37, |_| SMALL;
+    /// Main channel, return path: every page of a round has been written into guest memory.
+    RoundAck = 38, |_| SMALL;
 }
 
 /// Receiver-side bounds. A frame longer than these is refused before anything is allocated.

@@ -16,7 +16,7 @@ mod frame;
 pub mod ram;
 mod session;
 
-pub use control::{Complete, Loaded, Resumed, RoundEnd, RoundStart};
+pub use control::{Complete, Loaded, Resumed, RoundAck, RoundEnd, RoundStart};
 pub use cursor::{Reader, Writer};
 pub use error::WireError;
 pub use frame::{

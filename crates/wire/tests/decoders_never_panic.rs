@@ -14,6 +14,7 @@ proptest! {
         let _ = RoundEnd::decode(&bytes);
         let _ = RoundStart::decode(&bytes);
         let _ = Complete::decode(&bytes);
+        let _ = RoundAck::decode(&bytes);
         let _ = Loaded::decode(&bytes);
         let _ = Resumed::decode(&bytes);
         let _ = RamPacket::decode(&bytes, &l);

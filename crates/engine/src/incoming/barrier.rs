@@ -36,8 +36,9 @@ impl RoundBarrier {
         }
     }
 
-    /// Waits until all parties have arrived, or the barrier is aborted.
-    pub fn wait(&self) -> Result<(), Aborted> {
+    /// Waits until all parties have arrived, or the barrier is aborted. Returns true for
+    /// exactly one party per round: the last to arrive.
+    pub fn wait(&self) -> Result<bool, Aborted> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if s.aborted {
             return Err(Aborted);
@@ -47,14 +48,14 @@ impl RoundBarrier {
             s.arrived = 0;
             s.generation += 1;
             self.cv.notify_all();
-            return Ok(());
+            return Ok(true);
         }
         let gen = s.generation;
         while s.generation == gen && !s.aborted {
             s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
         }
         if s.generation != gen {
-            Ok(())
+            Ok(false)
         } else {
             Err(Aborted)
         }
@@ -77,12 +78,15 @@ mod tests {
     fn nobody_passes_before_everyone_arrives() {
         let b = RoundBarrier::new(3);
         let passed = AtomicUsize::new(0);
+        let leaders = AtomicUsize::new(0);
         std::thread::scope(|s| {
             for _ in 0..3 {
                 s.spawn(|| {
                     for round in 0..50 {
                         assert!(passed.load(Ordering::SeqCst) >= round * 3);
-                        b.wait().unwrap();
+                        if b.wait().unwrap() {
+                            leaders.fetch_add(1, Ordering::SeqCst);
+                        }
                         passed.fetch_add(1, Ordering::SeqCst);
                         b.wait().unwrap();
                     }
@@ -90,6 +94,7 @@ mod tests {
             }
         });
         assert_eq!(passed.load(Ordering::SeqCst), 150);
+        assert_eq!(leaders.load(Ordering::SeqCst), 50, "one leader per round");
     }
 
     #[test]

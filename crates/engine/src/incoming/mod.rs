@@ -30,7 +30,8 @@ use crate::transport::{Listener, Stream};
 use barrier::RoundBarrier;
 use crossbeam_channel::{Receiver, Sender};
 use livemig_wire::{
-    Complete, FrameKind, Limits, Loaded, Reject, RejectCode, Resumed, RoundStart, SessionHello,
+    Complete, FrameKind, Limits, Loaded, Reject, RejectCode, Resumed, RoundAck, RoundStart,
+    SessionHello,
 };
 use receiver::{ChannelReceiver, Counters};
 use std::sync::atomic::Ordering::Relaxed;
@@ -41,6 +42,8 @@ pub(crate) enum Event {
     /// A data channel received its last round; the count of rounds it saw.
     ChannelDone(u32),
     ChannelFailed(ChannelError),
+    /// Every data channel has applied every page of a round.
+    RoundApplied(u32),
     State(Vec<u8>),
     RoundStart(RoundStart),
     Complete(Complete),
@@ -201,6 +204,9 @@ fn coordinate(
                 rounds = r;
             }
             Event::State(s) => state = Some(s),
+            Event::RoundApplied(round) => {
+                framed::send(main, ChannelName::Main, FrameKind::RoundAck, &RoundAck { round }.encode())?
+            }
             Event::RoundStart(r) => log(format!("round {}: {} pages", r.round, r.pages)),
             Event::Complete(c) => {
                 complete = Some(c);

@@ -84,11 +84,16 @@ impl ChannelReceiver<'_> {
                             self.apply(&RamPacket::decode(payload, &self.limits).map_err(wire)?)?;
                         }
                     }
-                    if !self.hooks.break_round_order {
+                    let leader = if self.hooks.break_round_order {
+                        self.index == 0
+                    } else {
                         self.barrier.wait().map_err(|_| ChannelError::Protocol {
                             channel,
                             detail: "aborted: another part of the migration failed".into(),
-                        })?;
+                        })?
+                    };
+                    if leader && !end.last {
+                        let _ = self.events.send(Event::RoundApplied(round));
                     }
                     round += 1;
                     if end.last {

@@ -57,6 +57,8 @@ pub(crate) enum Event {
     RoundSent(u32),
     /// A data channel failed.
     Failed(ChannelError),
+    /// The destination has applied every page of a round.
+    RoundAck(u32),
     /// The destination has loaded everything.
     Loaded(Loaded),
     /// The destination guest runs.
@@ -387,11 +389,15 @@ impl Coordinator<'_> {
             let _ = tx.send(Job::RoundEnd(RoundEnd { round, last }));
         }
         if !last {
+            // Wait until the destination has applied the whole round: then the rate is the
+            // real end-to-end rate and nothing of this round is left in flight at switchover.
             let mut sent = 0;
-            while sent < self.jobs.len() {
+            let mut acked = false;
+            while sent < self.jobs.len() || !acked {
                 match self.next_event(None)? {
                     Event::Ready(i) => self.free.push_back(i),
                     Event::RoundSent(r) if r == round => sent += 1,
+                    Event::RoundAck(r) if r == round => acked = true,
                     other => return Err(unexpected(other)),
                 }
             }
@@ -456,7 +462,7 @@ impl Coordinator<'_> {
                 return Err(MigrationError::Timeout(self.config.completion_timeout));
             }
             match self.next_event(Some(left))? {
-                Event::Ready(_) | Event::RoundSent(..) => {}
+                Event::Ready(_) | Event::RoundSent(..) | Event::RoundAck(_) => {}
                 ev => {
                     if let Some(v) = pick(ev) {
                         return Ok(v);
@@ -472,6 +478,7 @@ fn unexpected(ev: Event) -> MigrationError {
         Event::Loaded(_) => "Loaded",
         Event::Resumed(_) => "Resumed",
         Event::RoundSent(..) => "RoundSent",
+        Event::RoundAck(_) => "RoundAck",
         _ => "event",
     };
     MigrationError::Channel(ChannelError::Protocol {

@@ -6,7 +6,7 @@ use crate::error::{ChannelError, ChannelName};
 use crate::framed;
 use crate::transport::Stream;
 use crossbeam_channel::Sender;
-use livemig_wire::{FrameKind, Limits, Loaded, Resumed};
+use livemig_wire::{FrameKind, Limits, Loaded, Resumed, RoundAck};
 
 pub(crate) fn run(mut stream: Stream, events: Sender<Event>) {
     let ch = ChannelName::Main;
@@ -17,6 +17,9 @@ pub(crate) fn run(mut stream: Stream, events: Sender<Event>) {
             Ok(h) => match h.kind {
                 FrameKind::Loaded => Loaded::decode(&buf)
                     .map(Event::Loaded)
+                    .unwrap_or_else(|source| Event::PeerFailed(ChannelError::Wire { channel: ch, source })),
+                FrameKind::RoundAck => RoundAck::decode(&buf)
+                    .map(|a| Event::RoundAck(a.round))
                     .unwrap_or_else(|source| Event::PeerFailed(ChannelError::Wire { channel: ch, source })),
                 FrameKind::Resumed => Resumed::decode(&buf)
                     .map(Event::Resumed)
