@@ -40,13 +40,23 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             for _ in 0..a.repeat.max(1) {
                 samples.push(one(&a, ch, dirty)?);
             }
-            samples.sort_by(|x, y| x["total_ms"].as_f64().partial_cmp(&y["total_ms"].as_f64()).unwrap_or(std::cmp::Ordering::Equal));
+            samples.sort_by(|x, y| {
+                x["total_ms"]
+                    .as_f64()
+                    .partial_cmp(&y["total_ms"].as_f64())
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            });
             let mut row = samples.swap_remove(samples.len() / 2);
             let bps = row["bytes_per_s"].as_f64().unwrap_or(0.0);
             row["raw_tcp_bytes_per_s"] = json!(raw);
             row["ratio_to_raw"] = json!(bps / raw);
             if !a.json {
-                eprintln!("bench: {} channels, {}: {:.0} ms", ch, if dirty { "dirtying" } else { "idle" }, row["total_ms"].as_f64().unwrap_or(0.0));
+                eprintln!(
+                    "bench: {} channels, {}: {:.0} ms",
+                    ch,
+                    if dirty { "dirtying" } else { "idle" },
+                    row["total_ms"].as_f64().unwrap_or(0.0)
+                );
             }
             rows.push(row);
         }
@@ -56,7 +66,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         a.memory, a.working_set, a.dirty_rate, a.memory >> 20, a.memory >> 20
     );
     if a.json {
-        crate::emit(&json!({"guest": "synthetic", "how": how, "raw_tcp_bytes_per_s": raw, "rows": rows}));
+        crate::emit(
+            &json!({"guest": "synthetic", "how": how, "raw_tcp_bytes_per_s": raw, "rows": rows}),
+        );
     } else {
         println!("{}", table(&rows, raw, &how));
     }
@@ -100,15 +112,24 @@ fn one(a: &BenchArgs, channels: u16, dirty: bool) -> anyhow::Result<Value> {
 
 fn table(rows: &[Value], raw: f64, how: &str) -> String {
     let mut s = String::new();
-    s.push_str(&format!("Raw loopback TCP (same run): {:.0} MB/s\n\n", raw / 1e6));
-    s.push_str("| channels | guest | total ms | downtime ms | rounds | MB/s | ratio to raw TCP |\n");
+    s.push_str(&format!(
+        "Raw loopback TCP (same run): {:.0} MB/s\n\n",
+        raw / 1e6
+    ));
+    s.push_str(
+        "| channels | guest | total ms | downtime ms | rounds | MB/s | ratio to raw TCP |\n",
+    );
     s.push_str("|---:|---|---:|---:|---:|---:|---:|\n");
     for r in rows {
         let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
         s.push_str(&format!(
             "| {} | {} | {:.0} | {:.1} | {} | {:.0} | {:.2} |\n",
             r["channels"],
-            if r["dirty"].as_bool().unwrap_or(false) { "dirtying" } else { "idle" },
+            if r["dirty"].as_bool().unwrap_or(false) {
+                "dirtying"
+            } else {
+                "idle"
+            },
             f("total_ms"),
             f("downtime_ms"),
             r["rounds"],

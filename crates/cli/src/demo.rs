@@ -68,7 +68,11 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     } else {
         let d = &rep["downtime"];
         println!("livemig demo: done");
-        println!("  total time     {:>9.1} ms (setup {:.1} ms)", f(rep, "total_ms"), f(rep, "setup_ms"));
+        println!(
+            "  total time     {:>9.1} ms (setup {:.1} ms)",
+            f(rep, "total_ms"),
+            f(rep, "setup_ms")
+        );
         println!(
             "  downtime       {:>9.1} ms (pause {:.2}, last dirty pass {:.2}, state save {:.2}, transfer {:.2}, restore {:.2}, handover+resume {:.2} ms)",
             f(rep, "downtime_ms"),

@@ -19,7 +19,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "livemig", version, about = "Live migration of virtual machines over parallel channels")]
+#[command(
+    name = "livemig",
+    version,
+    about = "Live migration of virtual machines over parallel channels"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -50,7 +50,9 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         match migrate(&guest, to, &config, &progress) {
             Ok(report) => {
                 if json {
-                    emit(&json!({"event": "completed", "to": to.to_string(), "guest": "synthetic", "report": report}));
+                    emit(
+                        &json!({"event": "completed", "to": to.to_string(), "guest": "synthetic", "report": report}),
+                    );
                 } else {
                     eprintln!(
                         "livemig: migrated to {to} in {:.0} ms, downtime {:.1} ms",

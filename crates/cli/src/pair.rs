@@ -24,7 +24,10 @@ impl JsonChild {
             .stderr(Stdio::inherit())
             .spawn()
             .with_context(|| format!("cannot start livemig {}", args.join(" ")))?;
-        let out = child.stdout.take().ok_or_else(|| anyhow!("child has no stdout"))?;
+        let out = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("child has no stdout"))?;
         let (tx, rx) = mpsc::channel();
         let reader = std::thread::Builder::new()
             .name("lm-child-reader".into())
@@ -100,13 +103,21 @@ pub fn run_pair(
     source_args: &[String],
     mut on_line: impl FnMut(&Value),
 ) -> anyhow::Result<PairResult> {
-    let mut dargs = vec!["incoming".to_string(), "--listen=tcp:127.0.0.1:0".into(), "--json".into()];
+    let mut dargs = vec![
+        "incoming".to_string(),
+        "--listen=tcp:127.0.0.1:0".into(),
+        "--json".into(),
+    ];
     dargs.extend_from_slice(dest_args);
     let dest = JsonChild::spawn(&dargs)?;
     let listening = dest.wait_event(&["listening"], Duration::from_secs(30))?;
     let addr = listening["addr"].as_str().unwrap_or_default().to_string();
 
-    let mut sargs = vec!["migrate".to_string(), format!("--to={addr}"), "--json".into()];
+    let mut sargs = vec![
+        "migrate".to_string(),
+        format!("--to={addr}"),
+        "--json".into(),
+    ];
     sargs.extend_from_slice(source_args);
     let source = JsonChild::spawn(&sargs)?;
     let mut outcome = None;
@@ -115,7 +126,10 @@ pub fn run_pair(
         match event_of(&v) {
             "completed" => outcome = Some(Ok(v)),
             "failed" | "attempt_failed" => {
-                outcome = Some(Err(anyhow!("{}", v["error"].as_str().unwrap_or("migration failed"))));
+                outcome = Some(Err(anyhow!(
+                    "{}",
+                    v["error"].as_str().unwrap_or("migration failed")
+                )));
                 break;
             }
             _ => {}
@@ -129,9 +143,14 @@ pub fn run_pair(
     source.finish()?;
     let received = dest.wait_event(&["received", "failed"], Duration::from_secs(60))?;
     if event_of(&received) == "failed" {
-        bail!("destination: {}", received["error"].as_str().unwrap_or("failed"));
+        bail!(
+            "destination: {}",
+            received["error"].as_str().unwrap_or("failed")
+        );
     }
-    let after_run = dest.wait_event(&["after_run"], Duration::from_secs(60)).ok();
+    let after_run = dest
+        .wait_event(&["after_run"], Duration::from_secs(60))
+        .ok();
     dest.finish()?;
     Ok(PairResult {
         source: source_report,

@@ -23,7 +23,10 @@ impl MigrationBar {
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.enable_steady_tick(std::time::Duration::from_millis(100));
-        MigrationBar { bar, total_pages: 0 }
+        MigrationBar {
+            bar,
+            total_pages: 0,
+        }
     }
 
     /// Updates from one source progress line.
@@ -35,12 +38,14 @@ impl MigrationBar {
             "connected" => {
                 self.total_pages = n("total_pages");
                 self.bar.set_length(self.total_pages);
-                self.bar.set_message(format!("{} channels connected", n("channels")));
+                self.bar
+                    .set_message(format!("{} channels connected", n("channels")));
             }
             "round_started" => {
                 self.bar.set_length(n("pages").max(1));
                 self.bar.set_position(0);
-                self.bar.set_message(format!("round {}: {} pages", n("round"), n("pages")));
+                self.bar
+                    .set_message(format!("round {}: {} pages", n("round"), n("pages")));
             }
             "round_done" => {
                 self.bar.set_position(n("pages"));

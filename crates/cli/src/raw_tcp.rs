@@ -31,8 +31,13 @@ pub fn measure(bytes: u64) -> anyhow::Result<f64> {
         sent += buf.len() as u64;
     }
     drop(s);
-    let got = receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    let got = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
     let secs = start.elapsed().as_secs_f64();
-    anyhow::ensure!(got == sent, "raw TCP copy lost bytes: sent {sent}, got {got}");
+    anyhow::ensure!(
+        got == sent,
+        "raw TCP copy lost bytes: sent {sent}, got {got}"
+    );
     Ok(sent as f64 / secs)
 }

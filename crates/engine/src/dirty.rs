@@ -30,7 +30,7 @@ impl DirtyBitmap {
         for (r, w) in self.ranges.iter().zip(self.words.iter_mut()) {
             let pages = pages_of(r);
             w.iter_mut().for_each(|x| *x = u64::MAX);
-            if pages % 64 != 0 {
+            if !pages.is_multiple_of(64) {
                 if let Some(last) = w.last_mut() {
                     *last = (1u64 << (pages % 64)) - 1;
                 }
@@ -52,7 +52,7 @@ impl DirtyBitmap {
         for (d, s) in dst.iter_mut().zip(words) {
             *d |= s;
         }
-        if pages % 64 != 0 {
+        if !pages.is_multiple_of(64) {
             if let Some(last) = dst.last_mut() {
                 *last &= (1u64 << (pages % 64)) - 1;
             }

@@ -88,7 +88,9 @@ pub enum IncomingError {
     Channel(#[from] ChannelError),
     #[error(transparent)]
     Guest(#[from] GuestError),
-    #[error("guest memory check failed: {mismatched} of {checked} pages are wrong, e.g. {example}")]
+    #[error(
+        "guest memory check failed: {mismatched} of {checked} pages are wrong, e.g. {example}"
+    )]
     Verify {
         checked: u64,
         mismatched: u64,

@@ -57,8 +57,8 @@ pub fn recv(
 ) -> Result<FrameHeader, ChannelError> {
     let mut raw = [0u8; HEADER_LEN];
     read_exact(stream, channel, &mut raw, true)?;
-    let header =
-        FrameHeader::decode(&raw, limits).map_err(|source| ChannelError::Wire { channel, source })?;
+    let header = FrameHeader::decode(&raw, limits)
+        .map_err(|source| ChannelError::Wire { channel, source })?;
     // The length is bounded by `limits` for this kind: safe to size the buffer.
     buf.resize(header.len as usize, 0);
     read_exact(stream, channel, buf, false)?;
@@ -100,7 +100,10 @@ fn read_exact(
                     op: "receive",
                     source: io::Error::new(
                         io::ErrorKind::UnexpectedEof,
-                        format!("connection closed inside a frame ({done} of {} bytes)", buf.len()),
+                        format!(
+                            "connection closed inside a frame ({done} of {} bytes)",
+                            buf.len()
+                        ),
                     ),
                 })
             }

@@ -23,7 +23,10 @@ impl FromStr for Endpoint {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         if let Some(rest) = s.strip_prefix("tcp:") {
-            if rest.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+            if rest
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
                 return Err(format!("'{s}': expected tcp:HOST:PORT"));
             }
             Ok(Endpoint::Tcp(rest.to_string()))
@@ -140,7 +143,10 @@ impl Stream {
 }
 
 fn connect_tcp(addr: &str, timeout: Duration) -> io::Result<TcpStream> {
-    let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{addr} resolves to nothing"));
+    let mut last = io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{addr} resolves to nothing"),
+    );
     for a in addr.to_socket_addrs()? {
         match TcpStream::connect_timeout(&a, timeout) {
             Ok(s) => return Ok(s),

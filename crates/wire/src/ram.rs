@@ -132,7 +132,7 @@ mod tests {
         let mut p = Vec::new();
         encode_prefix(round, normal, zero, &mut p);
         for (i, _) in normal.iter().enumerate() {
-            p.extend(std::iter::repeat(i as u8 + 1).take(PAGE_SIZE));
+            p.extend(std::iter::repeat_n(i as u8 + 1, PAGE_SIZE));
         }
         p
     }

@@ -156,13 +156,11 @@ impl SessionHello {
                     reason: "ranges must be page-aligned and non-empty",
                 });
             }
-            let end = guest_addr
-                .checked_add(size)
-                .ok_or(WireError::OutOfRange {
-                    field: "memory range size",
-                    value: size,
-                    reason: "range overflows the address space",
-                })?;
+            let end = guest_addr.checked_add(size).ok_or(WireError::OutOfRange {
+                field: "memory range size",
+                value: size,
+                reason: "range overflows the address space",
+            })?;
             if guest_addr < end_prev {
                 return Err(WireError::OutOfRange {
                     field: "memory range",

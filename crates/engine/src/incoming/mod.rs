@@ -76,7 +76,11 @@ pub fn receive(
     let guest = match factory.create(&hello.guest) {
         Ok(g) => g,
         Err(e) => {
-            framed::send_reject(&mut main, ChannelName::Main, &Reject::new(RejectCode::Unsupported, e.to_string()));
+            framed::send_reject(
+                &mut main,
+                ChannelName::Main,
+                &Reject::new(RejectCode::Unsupported, e.to_string()),
+            );
             return Err(e.into());
         }
     };
@@ -84,7 +88,11 @@ pub fn receive(
     let data = match setup::accept_channels(listener, &hello, config, log) {
         Ok(d) => d,
         Err(e) => {
-            framed::send_reject(&mut main, ChannelName::Main, &Reject::new(RejectCode::Other, e.to_string()));
+            framed::send_reject(
+                &mut main,
+                ChannelName::Main,
+                &Reject::new(RejectCode::Other, e.to_string()),
+            );
             return Err(e);
         }
     };
@@ -154,7 +162,11 @@ fn run_session(
         let outcome = coordinate(guest, hello, &mut main, &rx, config, start, &counters, log);
         if let Err(e) = &outcome {
             barrier.abort();
-            framed::send_reject(&mut main, ChannelName::Main, &Reject::new(RejectCode::LoadFailed, e.to_string()));
+            framed::send_reject(
+                &mut main,
+                ChannelName::Main,
+                &Reject::new(RejectCode::LoadFailed, e.to_string()),
+            );
         }
         for s in &shutters {
             s.shutdown();
@@ -189,7 +201,9 @@ fn coordinate(
         match events.recv() {
             Ok(Event::ChannelFailed(e)) | Ok(Event::MainFailed(e)) => Err(e.into()),
             Ok(ev) => Ok(ev),
-            Err(_) => Err(IncomingError::ThreadPanicked("every migration thread exited".into())),
+            Err(_) => Err(IncomingError::ThreadPanicked(
+                "every migration thread exited".into(),
+            )),
         }
     };
     let mut state = None;
@@ -204,9 +218,12 @@ fn coordinate(
                 rounds = r;
             }
             Event::State(s) => state = Some(s),
-            Event::RoundApplied(round) => {
-                framed::send(main, ChannelName::Main, FrameKind::RoundAck, &RoundAck { round }.encode())?
-            }
+            Event::RoundApplied(round) => framed::send(
+                main,
+                ChannelName::Main,
+                FrameKind::RoundAck,
+                &RoundAck { round }.encode(),
+            )?,
             Event::RoundStart(r) => log(format!("round {}: {} pages", r.round, r.pages)),
             Event::Complete(c) => {
                 complete = Some(c);
@@ -301,11 +318,20 @@ fn read_main(mut stream: Stream, limits: Limits, events: Sender<Event>) {
     loop {
         let ev = match framed::recv(&mut stream, ch, &limits, &mut buf) {
             Ok(h) => {
-                let wire = |source| Event::MainFailed(ChannelError::Wire { channel: ch, source });
+                let wire = |source| {
+                    Event::MainFailed(ChannelError::Wire {
+                        channel: ch,
+                        source,
+                    })
+                };
                 match h.kind {
                     FrameKind::GuestState => Event::State(std::mem::take(&mut buf)),
-                    FrameKind::RoundStart => RoundStart::decode(&buf).map_or_else(wire, Event::RoundStart),
-                    FrameKind::Complete => Complete::decode(&buf).map_or_else(wire, Event::Complete),
+                    FrameKind::RoundStart => {
+                        RoundStart::decode(&buf).map_or_else(wire, Event::RoundStart)
+                    }
+                    FrameKind::Complete => {
+                        Complete::decode(&buf).map_or_else(wire, Event::Complete)
+                    }
                     FrameKind::Handover => Event::Handover,
                     other => Event::MainFailed(ChannelError::Protocol {
                         channel: ch,

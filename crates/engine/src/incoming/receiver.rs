@@ -55,14 +55,19 @@ impl ChannelReceiver<'_> {
         let wire = |source| ChannelError::Wire { channel, source };
         loop {
             let h = framed::recv(&mut self.stream, channel, &self.limits, &mut buf)?;
-            self.counters.bytes.fetch_add(livemig_wire::HEADER_LEN as u64 + h.len as u64, Relaxed);
+            self.counters
+                .bytes
+                .fetch_add(livemig_wire::HEADER_LEN as u64 + h.len as u64, Relaxed);
             match h.kind {
                 FrameKind::RamPages => {
                     let pkt = RamPacket::decode(&buf, &self.limits).map_err(wire)?;
                     if pkt.round != round {
                         return Err(ChannelError::Protocol {
                             channel,
-                            detail: format!("page of round {} arrived during round {round}", pkt.round),
+                            detail: format!(
+                                "page of round {} arrived during round {round}",
+                                pkt.round
+                            ),
                         });
                     }
                     if delay_mine {
@@ -76,7 +81,10 @@ impl ChannelReceiver<'_> {
                     if end.round != round {
                         return Err(ChannelError::Protocol {
                             channel,
-                            detail: format!("RoundEnd for round {} during round {round}", end.round),
+                            detail: format!(
+                                "RoundEnd for round {} during round {round}",
+                                end.round
+                            ),
                         });
                     }
                     if end.last && delay_mine {
@@ -134,8 +142,12 @@ impl ChannelReceiver<'_> {
                     .map_err(|_| outside(addr))?;
             }
         }
-        self.counters.normal_pages.fetch_add(pkt.normal_count() as u64, Relaxed);
-        self.counters.zero_pages.fetch_add(pkt.zero_count() as u64, Relaxed);
+        self.counters
+            .normal_pages
+            .fetch_add(pkt.normal_count() as u64, Relaxed);
+        self.counters
+            .zero_pages
+            .fetch_add(pkt.zero_count() as u64, Relaxed);
         Ok(())
     }
 }

@@ -35,7 +35,10 @@ pub(crate) fn accept_session(
             },
             Ok(h) => Reject::new(
                 RejectCode::UnknownSession,
-                format!("no session is open; a {} frame cannot start one", h.kind.name()),
+                format!(
+                    "no session is open; a {} frame cannot start one",
+                    h.kind.name()
+                ),
             ),
             Err(e) => Reject::new(RejectCode::Protocol, e.to_string()),
         };
@@ -89,7 +92,10 @@ pub(crate) fn accept_channels(
         let verdict = match framed::recv(&mut s, ChannelName::Incoming, &config.limits, &mut buf) {
             Ok(h) if h.kind == FrameKind::ChannelHello => match ChannelHello::decode(&buf) {
                 Ok(c) => check_channel(&c, hello, &slots),
-                Err(e) => Err(Reject::new(RejectCode::Protocol, format!("bad ChannelHello: {e}"))),
+                Err(e) => Err(Reject::new(
+                    RejectCode::Protocol,
+                    format!("bad ChannelHello: {e}"),
+                )),
             },
             Ok(h) => Err(Reject::new(
                 RejectCode::Protocol,
@@ -99,7 +105,12 @@ pub(crate) fn accept_channels(
         };
         match verdict {
             Ok(index) => {
-                framed::send(&mut s, ChannelName::Data(index), FrameKind::ChannelAccept, &[])?;
+                framed::send(
+                    &mut s,
+                    ChannelName::Data(index),
+                    FrameKind::ChannelAccept,
+                    &[],
+                )?;
                 let _ = s.set_read_timeout(None);
                 slots[index as usize] = Some(s);
             }
@@ -120,13 +131,19 @@ fn check_channel(
     if c.session != hello.session {
         return Err(Reject::new(
             RejectCode::UnknownSession,
-            format!("unknown session {} (this destination serves {})", c.session, hello.session),
+            format!(
+                "unknown session {} (this destination serves {})",
+                c.session, hello.session
+            ),
         ));
     }
     match slots.get(c.index as usize) {
         None => Err(Reject::new(
             RejectCode::BadChannelIndex,
-            format!("channel index {} out of range (session has {} channels)", c.index, hello.channels),
+            format!(
+                "channel index {} out of range (session has {} channels)",
+                c.index, hello.channels
+            ),
         )),
         Some(Some(_)) => Err(Reject::new(
             RejectCode::DuplicateChannel,

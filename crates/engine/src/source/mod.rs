@@ -40,8 +40,8 @@ use crate::report::{ms, DowntimeBreakdown, MigrationReport, Progress, RoundRepor
 use crate::transport::{Endpoint, Stream};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use livemig_wire::{
-    ChannelHello, Complete, FrameKind, Limits, Loaded, Reject, RejectCode, Resumed, RoundEnd, RoundStart,
-    SessionHello, SessionId, PAGE_SIZE,
+    ChannelHello, Complete, FrameKind, Limits, Loaded, Reject, RejectCode, Resumed, RoundEnd,
+    RoundStart, SessionHello, SessionId, PAGE_SIZE,
 };
 use pacer::Pacer;
 use sender::{ChannelSender, Counters, Job};
@@ -89,7 +89,9 @@ pub fn migrate(
     let (main, data) = connect_session(guest, to, config, session)?;
     let setup = start.elapsed();
     let mut state = GuestState::Running;
-    let result = run_session(guest, config, session, main, data, start, setup, progress, &mut state);
+    let result = run_session(
+        guest, config, session, main, data, start, setup, progress, &mut state,
+    );
     if result.is_err() {
         let _ = guest.stop_dirty_log();
         if state == GuestState::Paused {
@@ -121,13 +123,29 @@ fn connect_session(
         pages_per_packet: config.pages_per_packet,
         guest: guest.descriptor(),
     };
-    framed::send(&mut main, ChannelName::Main, FrameKind::SessionHello, &hello.encode())?;
-    framed::recv_expect(&mut main, ChannelName::Main, &limits, &mut buf, FrameKind::SessionAccept)?;
+    framed::send(
+        &mut main,
+        ChannelName::Main,
+        FrameKind::SessionHello,
+        &hello.encode(),
+    )?;
+    framed::recv_expect(
+        &mut main,
+        ChannelName::Main,
+        &limits,
+        &mut buf,
+        FrameKind::SessionAccept,
+    )?;
     let mut data = Vec::with_capacity(config.channels as usize);
     for index in 0..config.channels {
         let ch = ChannelName::Data(index);
         let mut s = connect()?;
-        framed::send(&mut s, ch, FrameKind::ChannelHello, &ChannelHello { session, index }.encode())?;
+        framed::send(
+            &mut s,
+            ch,
+            FrameKind::ChannelHello,
+            &ChannelHello { session, index }.encode(),
+        )?;
         framed::recv_expect(&mut s, ch, &limits, &mut buf, FrameKind::ChannelAccept)?;
         data.push(s);
     }
@@ -147,11 +165,18 @@ fn run_session(
     state: &mut GuestState,
 ) -> Result<MigrationReport, MigrationError> {
     // Clones kept to shut the sockets down, which wakes any thread blocked on them.
-    let mut shutters = vec![main.try_clone().map_err(|source| io_err(ChannelName::Main, source))?];
+    let mut shutters = vec![main
+        .try_clone()
+        .map_err(|source| io_err(ChannelName::Main, source))?];
     for (i, s) in data.iter().enumerate() {
-        shutters.push(s.try_clone().map_err(|source| io_err(ChannelName::Data(i as u16), source))?);
+        shutters.push(
+            s.try_clone()
+                .map_err(|source| io_err(ChannelName::Data(i as u16), source))?,
+        );
     }
-    let return_stream = main.try_clone().map_err(|source| io_err(ChannelName::Main, source))?;
+    let return_stream = main
+        .try_clone()
+        .map_err(|source| io_err(ChannelName::Main, source))?;
     let counters = Counters::default();
     let (events_tx, events_rx) = crossbeam_channel::unbounded();
 
@@ -202,7 +227,10 @@ fn run_session(
         let Coordinator { jobs, mut main, .. } = co;
         drop(jobs);
         if let Err(e) = &outcome {
-            let why = Reject::new(RejectCode::Other, format!("source aborted the migration: {e}"));
+            let why = Reject::new(
+                RejectCode::Other,
+                format!("source aborted the migration: {e}"),
+            );
             framed::send_reject(&mut main, ChannelName::Main, &why);
         }
         for s in &shutters {
@@ -280,7 +308,9 @@ impl Coordinator<'_> {
             if converged {
                 break false;
             }
-            if round >= self.config.max_rounds || precopy_start.elapsed() >= self.config.max_precopy_time {
+            if round >= self.config.max_rounds
+                || precopy_start.elapsed() >= self.config.max_precopy_time
+            {
                 break true;
             }
         };
@@ -309,7 +339,12 @@ impl Coordinator<'_> {
         let t_transfer = Instant::now();
         let last = self.send_round(round, &dirty, true)?;
         rounds.push(last);
-        framed::send(&mut self.main, ChannelName::Main, FrameKind::GuestState, &blob)?;
+        framed::send(
+            &mut self.main,
+            ChannelName::Main,
+            FrameKind::GuestState,
+            &blob,
+        )?;
         framed::send(
             &mut self.main,
             ChannelName::Main,
@@ -361,10 +396,19 @@ impl Coordinator<'_> {
     /// Sends every page of `dirty` as round `round`, then a RoundEnd on every channel. For a
     /// precopy round, waits until every channel has sent its marker, so the round's rate is
     /// measured; the switchover round does not wait (the destination's Loaded says when).
-    fn send_round(&mut self, round: u32, dirty: &DirtyBitmap, last: bool) -> Result<RoundReport, MigrationError> {
+    fn send_round(
+        &mut self,
+        round: u32,
+        dirty: &DirtyBitmap,
+        last: bool,
+    ) -> Result<RoundReport, MigrationError> {
         let t0 = Instant::now();
         let c = self.counters;
-        let (b0, n0, z0) = (c.bytes.load(Relaxed), c.normal_pages.load(Relaxed), c.zero_pages.load(Relaxed));
+        let (b0, n0, z0) = (
+            c.bytes.load(Relaxed),
+            c.normal_pages.load(Relaxed),
+            c.zero_pages.load(Relaxed),
+        );
         let pages = dirty.count();
         framed::send(
             &mut self.main,
@@ -378,7 +422,10 @@ impl Coordinator<'_> {
         for addr in dirty.addrs() {
             batch.push(addr);
             if batch.len() == per {
-                self.dispatch(round, std::mem::replace(&mut batch, Vec::with_capacity(per)))?;
+                self.dispatch(
+                    round,
+                    std::mem::replace(&mut batch, Vec::with_capacity(per)),
+                )?;
             }
         }
         if !batch.is_empty() {
@@ -435,15 +482,16 @@ impl Coordinator<'_> {
     /// The next event; failures of any thread become errors.
     fn next_event(&mut self, timeout: Option<Duration>) -> Result<Event, MigrationError> {
         let ev = match timeout {
-            None => self
-                .events
-                .recv()
-                .map_err(|_| MigrationError::ThreadPanicked("every migration thread exited".into()))?,
+            None => self.events.recv().map_err(|_| {
+                MigrationError::ThreadPanicked("every migration thread exited".into())
+            })?,
             Some(t) => match self.events.recv_timeout(t) {
                 Ok(ev) => ev,
                 Err(RecvTimeoutError::Timeout) => return Err(MigrationError::Timeout(t)),
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err(MigrationError::ThreadPanicked("every migration thread exited".into()))
+                    return Err(MigrationError::ThreadPanicked(
+                        "every migration thread exited".into(),
+                    ))
                 }
             },
         };
@@ -454,7 +502,10 @@ impl Coordinator<'_> {
     }
 
     /// Waits for the event `pick` selects, ignoring channel bookkeeping meanwhile.
-    fn wait_for<T>(&mut self, mut pick: impl FnMut(Event) -> Option<T>) -> Result<T, MigrationError> {
+    fn wait_for<T>(
+        &mut self,
+        mut pick: impl FnMut(Event) -> Option<T>,
+    ) -> Result<T, MigrationError> {
         let deadline = Instant::now() + self.config.completion_timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -13,24 +13,42 @@ pub(crate) fn run(mut stream: Stream, events: Sender<Event>) {
     let limits = Limits::default();
     let mut buf = Vec::new();
     loop {
-        let ev = match framed::recv(&mut stream, ch, &limits, &mut buf) {
-            Ok(h) => match h.kind {
-                FrameKind::Loaded => Loaded::decode(&buf)
-                    .map(Event::Loaded)
-                    .unwrap_or_else(|source| Event::PeerFailed(ChannelError::Wire { channel: ch, source })),
-                FrameKind::RoundAck => RoundAck::decode(&buf)
-                    .map(|a| Event::RoundAck(a.round))
-                    .unwrap_or_else(|source| Event::PeerFailed(ChannelError::Wire { channel: ch, source })),
-                FrameKind::Resumed => Resumed::decode(&buf)
-                    .map(Event::Resumed)
-                    .unwrap_or_else(|source| Event::PeerFailed(ChannelError::Wire { channel: ch, source })),
-                other => Event::PeerFailed(ChannelError::Protocol {
-                    channel: ch,
-                    detail: format!("unexpected {} frame on the return path", other.name()),
-                }),
-            },
-            Err(e) => Event::PeerFailed(e),
-        };
+        let ev =
+            match framed::recv(&mut stream, ch, &limits, &mut buf) {
+                Ok(h) => {
+                    match h.kind {
+                        FrameKind::Loaded => Loaded::decode(&buf)
+                            .map(Event::Loaded)
+                            .unwrap_or_else(|source| {
+                                Event::PeerFailed(ChannelError::Wire {
+                                    channel: ch,
+                                    source,
+                                })
+                            }),
+                        FrameKind::RoundAck => RoundAck::decode(&buf)
+                            .map(|a| Event::RoundAck(a.round))
+                            .unwrap_or_else(|source| {
+                                Event::PeerFailed(ChannelError::Wire {
+                                    channel: ch,
+                                    source,
+                                })
+                            }),
+                        FrameKind::Resumed => Resumed::decode(&buf)
+                            .map(Event::Resumed)
+                            .unwrap_or_else(|source| {
+                                Event::PeerFailed(ChannelError::Wire {
+                                    channel: ch,
+                                    source,
+                                })
+                            }),
+                        other => Event::PeerFailed(ChannelError::Protocol {
+                            channel: ch,
+                            detail: format!("unexpected {} frame on the return path", other.name()),
+                        }),
+                    }
+                }
+                Err(e) => Event::PeerFailed(e),
+            };
         let last = matches!(ev, Event::PeerFailed(_) | Event::Resumed(_));
         if events.send(ev).is_err() || last {
             return;

@@ -82,9 +82,17 @@ impl ChannelSender<'_> {
                     }
                     ram::encode_prefix(round, &normal, &zero, &mut prefix);
                     let body = &data[..normal.len() * PAGE_SIZE];
-                    framed::send_parts(&mut self.stream, channel, FrameKind::RamPages, &[&prefix, body])?;
+                    framed::send_parts(
+                        &mut self.stream,
+                        channel,
+                        FrameKind::RamPages,
+                        &[&prefix, body],
+                    )?;
                     let c = self.counters;
-                    c.bytes.fetch_add((livemig_wire::HEADER_LEN + prefix.len() + body.len()) as u64, Relaxed);
+                    c.bytes.fetch_add(
+                        (livemig_wire::HEADER_LEN + prefix.len() + body.len()) as u64,
+                        Relaxed,
+                    );
                     c.normal_pages.fetch_add(normal.len() as u64, Relaxed);
                     c.zero_pages.fetch_add(zero.len() as u64, Relaxed);
                     if self.events.send(Event::Ready(self.index)).is_err() {
@@ -92,7 +100,12 @@ impl ChannelSender<'_> {
                     }
                 }
                 Job::RoundEnd(end) => {
-                    framed::send(&mut self.stream, channel, FrameKind::RoundEnd, &end.encode())?;
+                    framed::send(
+                        &mut self.stream,
+                        channel,
+                        FrameKind::RoundEnd,
+                        &end.encode(),
+                    )?;
                     if self.events.send(Event::RoundSent(end.round)).is_err() {
                         return Ok(());
                     }

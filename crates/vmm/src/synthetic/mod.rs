@@ -55,7 +55,10 @@ impl SyntheticGuest {
     pub fn start(config: &SyntheticConfig) -> Result<Self, GuestError> {
         let bytes = config.memory_bytes / PAGE_SIZE as u64 * PAGE_SIZE as u64;
         if bytes == 0 {
-            return Err(GuestError::new("create", "memory size must be at least one page"));
+            return Err(GuestError::new(
+                "create",
+                "memory size must be at least one page",
+            ));
         }
         let g = Self::build(&[MemoryRange {
             guest_addr: 0,
@@ -150,7 +153,11 @@ impl Shared {
         let gen = self.gens[p as usize].load(Ordering::Relaxed) + 1;
         pattern::fill(buf, p, gen);
         // Memory first, then the generation: a pause always sees both.
-        if self.memory.write_slice(buf, GuestAddress(p * PAGE_SIZE as u64)).is_ok() {
+        if self
+            .memory
+            .write_slice(buf, GuestAddress(p * PAGE_SIZE as u64))
+            .is_ok()
+        {
             self.gens[p as usize].store(gen, Ordering::Release);
             self.counter.fetch_add(1, Ordering::AcqRel);
         }
@@ -258,7 +265,12 @@ impl Guest for SyntheticGuest {
     }
 
     fn resume(&self) -> Result<(), GuestError> {
-        if self.workers.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+        if self
+            .workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
             return self.spawn_workers();
         }
         let s = &self.shared;
@@ -315,7 +327,10 @@ impl Guest for SyntheticGuest {
                             if let Err(m) = verdict {
                                 r.pages_mismatched += 1;
                                 if r.examples.len() < 5 {
-                                    r.examples.push(format!("page {p} (0x{:x}): {m:?}", p * PAGE_SIZE as u64));
+                                    r.examples.push(format!(
+                                        "page {p} (0x{:x}): {m:?}",
+                                        p * PAGE_SIZE as u64
+                                    ));
                                 }
                             }
                         }
@@ -323,14 +338,21 @@ impl Guest for SyntheticGuest {
                     })
                 })
                 .collect();
-            parts.into_iter().map(|h| h.join().unwrap_or_default()).collect()
+            parts
+                .into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .collect()
         });
         for r in results {
             report.pages_checked += r.pages_checked;
             report.pages_mismatched += r.pages_mismatched;
             report.examples.extend(r.examples);
         }
-        let total: u64 = s.gens.iter().map(|g| g.load(Ordering::Acquire) as u64).sum();
+        let total: u64 = s
+            .gens
+            .iter()
+            .map(|g| g.load(Ordering::Acquire) as u64)
+            .sum();
         let counter = s.counter.load(Ordering::Acquire);
         if total != counter {
             report.pages_mismatched += 1;
@@ -351,7 +373,12 @@ impl Drop for SyntheticGuest {
             s.stop.store(true, Ordering::Release);
             s.cv.notify_all();
         }
-        for h in self.workers.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        for h in self
+            .workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
             let _ = h.join();
         }
     }
@@ -415,10 +442,16 @@ mod tests {
         let gen = g.shared.gens[3].load(Ordering::Acquire);
         assert!(gen >= 2);
         pattern::fill(&mut buf, 3, gen - 1);
-        g.memory().write_slice(&buf, GuestAddress(3 * PAGE_SIZE as u64)).unwrap();
+        g.memory()
+            .write_slice(&buf, GuestAddress(3 * PAGE_SIZE as u64))
+            .unwrap();
         let v = g.verify().unwrap();
         assert_eq!(v.pages_mismatched, 1);
-        assert!(v.examples[0].contains("WrongGeneration"), "{:?}", v.examples);
+        assert!(
+            v.examples[0].contains("WrongGeneration"),
+            "{:?}",
+            v.examples
+        );
     }
 
     #[test]

@@ -1,0 +1,100 @@
+//! Helpers for end-to-end tests: run `livemig` processes and read their JSON lines.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+pub const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A running `livemig` process whose stdout JSON lines arrive on a channel. Killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub lines: Receiver<Value>,
+    pub seen: Vec<Value>,
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str]) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_livemig"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start livemig");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let v = serde_json::from_str::<Value>(&line)
+                    .unwrap_or_else(|_| panic!("livemig printed a line that is not JSON: {line}"));
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        });
+        Proc {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// A destination listening on a free loopback port; returns it and its address.
+    pub fn incoming(extra: &[&str]) -> (Proc, String) {
+        let mut args = vec!["incoming", "--listen=tcp:127.0.0.1:0", "--json"];
+        args.extend_from_slice(extra);
+        let mut p = Proc::spawn(&args);
+        let l = p.expect_event("listening");
+        let addr = l["addr"].as_str().unwrap().to_string();
+        (p, addr)
+    }
+
+    /// The next line with this event, failing on timeout or if the process ends first.
+    pub fn expect_event(&mut self, event: &str) -> Value {
+        self.wait_for(&[event]).unwrap_or_else(|e| {
+            panic!("waiting for '{event}': {e}; lines so far: {:#?}", self.seen)
+        })
+    }
+
+    pub fn wait_for(&mut self, events: &[&str]) -> Result<Value, String> {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if events.contains(&v["event"].as_str().unwrap_or("")) {
+                        return Ok(v);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => return Err("timed out".into()),
+                Err(RecvTimeoutError::Disconnected) => return Err("process ended".into()),
+            }
+        }
+    }
+
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("wait for livemig")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn u64_at(v: &Value, path: &[&str]) -> u64 {
+    let mut cur = v;
+    for k in path {
+        cur = &cur[*k];
+    }
+    cur.as_u64()
+        .unwrap_or_else(|| panic!("{path:?} missing in {v:#}"))
+}

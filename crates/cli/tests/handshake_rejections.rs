@@ -1,0 +1,178 @@
+//! The destination's handshake, spoken to by hand over real sockets: a wrong version, an
+//! unknown session, a duplicate or out-of-range channel index each get a Reject that says
+//! why, and none of them stops the destination from serving the real source.
+
+use livemig_engine::{receive, IncomingConfig, IncomingError, Listener};
+use livemig_vmm::Factory;
+use livemig_wire::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+fn send(s: &mut TcpStream, kind: FrameKind, payload: &[u8]) {
+    s.write_all(&encode_frame(kind, payload)).unwrap();
+}
+
+fn recv(s: &mut TcpStream) -> (FrameHeader, Vec<u8>) {
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).unwrap();
+    let h = FrameHeader::decode(&h, &Limits::default()).unwrap();
+    let mut p = vec![0u8; h.len as usize];
+    s.read_exact(&mut p).unwrap();
+    verify_payload(&h, &p).unwrap();
+    (h, p)
+}
+
+fn expect_reject(s: &mut TcpStream, code: RejectCode, words: &str) {
+    let (h, p) = recv(s);
+    assert_eq!(h.kind, FrameKind::Reject);
+    let r = Reject::decode(&p).unwrap();
+    assert_eq!(r.code, code, "{r}");
+    assert!(
+        r.reason.contains(words),
+        "reason '{}' should mention '{words}'",
+        r.reason
+    );
+}
+
+fn hello(session: SessionId) -> Vec<u8> {
+    SessionHello {
+        session,
+        channels: 2,
+        pages_per_packet: 128,
+        guest: GuestDescriptor {
+            kind: "synthetic".into(),
+            vcpus: 1,
+            page_size: 4096,
+            ranges: vec![MemoryRange {
+                guest_addr: 0,
+                size: 1 << 20,
+            }],
+        },
+    }
+    .encode()
+}
+
+fn connect(addr: &str) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+#[test]
+fn bad_peers_are_refused_with_a_reason() {
+    let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_endpoint().unwrap().to_string();
+    let addr = addr.strip_prefix("tcp:").unwrap().to_string();
+    let config = IncomingConfig {
+        setup_timeout: Duration::from_secs(3),
+        ..IncomingConfig::default()
+    };
+    std::thread::scope(|s| {
+        let dest = s.spawn(|| receive(&listener, &Factory, &config, &|_| {}));
+
+        // A peer speaking another protocol version is refused before anything else.
+        let mut c = connect(&addr);
+        let mut frame = encode_frame(FrameKind::SessionHello, &hello(SessionId([1; 16])));
+        frame[4] = 2;
+        c.write_all(&frame).unwrap();
+        expect_reject(&mut c, RejectCode::Protocol, "version 2");
+
+        // Garbage: bad magic.
+        let mut c = connect(&addr);
+        c.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        expect_reject(&mut c, RejectCode::Protocol, "magic");
+
+        // A guest larger than the destination allows.
+        let mut c = connect(&addr);
+        let mut big = SessionHello::decode(&hello(SessionId([1; 16]))).unwrap();
+        big.guest.ranges[0].size = 1 << 50;
+        send(&mut c, FrameKind::SessionHello, &big.encode());
+        expect_reject(&mut c, RejectCode::TooLarge, "exceeds");
+
+        // The real session opens.
+        let session = SessionId([9; 16]);
+        let mut main = connect(&addr);
+        send(&mut main, FrameKind::SessionHello, &hello(session));
+        assert_eq!(recv(&mut main).0.kind, FrameKind::SessionAccept);
+
+        let chan = |session, index| ChannelHello { session, index }.encode();
+        let mut foreign = connect(&addr);
+        send(
+            &mut foreign,
+            FrameKind::ChannelHello,
+            &chan(SessionId([8; 16]), 0),
+        );
+        expect_reject(&mut foreign, RejectCode::UnknownSession, "unknown session");
+
+        let mut c0 = connect(&addr);
+        send(&mut c0, FrameKind::ChannelHello, &chan(session, 0));
+        assert_eq!(recv(&mut c0).0.kind, FrameKind::ChannelAccept);
+
+        let mut dup = connect(&addr);
+        send(&mut dup, FrameKind::ChannelHello, &chan(session, 0));
+        expect_reject(&mut dup, RejectCode::DuplicateChannel, "already joined");
+
+        let mut out = connect(&addr);
+        send(&mut out, FrameKind::ChannelHello, &chan(session, 7));
+        expect_reject(&mut out, RejectCode::BadChannelIndex, "out of range");
+
+        let mut c1 = connect(&addr);
+        send(&mut c1, FrameKind::ChannelHello, &chan(session, 1));
+        assert_eq!(recv(&mut c1).0.kind, FrameKind::ChannelAccept);
+
+        // A packet addressed outside guest memory is a protocol error, not a crash.
+        let mut p = Vec::new();
+        ram::encode_prefix(0, &[1 << 30], &[], &mut p);
+        p.resize(p.len() + PAGE_SIZE, 1);
+        send(&mut c0, FrameKind::RamPages, &p);
+        let (h, payload) = recv(&mut main);
+        assert_eq!(h.kind, FrameKind::Reject);
+        let r = Reject::decode(&payload).unwrap();
+        assert!(r.reason.contains("outside guest memory"), "{r}");
+        let err = dest.join().unwrap().err().expect("the migration must fail");
+        assert!(matches!(err, IncomingError::Channel(_)), "{err}");
+    });
+}
+
+#[test]
+fn corrupted_packet_fails_the_crc_check() {
+    let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_endpoint().unwrap().to_string();
+    let addr = addr.strip_prefix("tcp:").unwrap().to_string();
+    let config = IncomingConfig::default();
+    std::thread::scope(|s| {
+        let dest = s.spawn(|| receive(&listener, &Factory, &config, &|_| {}));
+        let session = SessionId([3; 16]);
+        let mut main = connect(&addr);
+        send(&mut main, FrameKind::SessionHello, &hello(session));
+        recv(&mut main);
+        let mut chans: Vec<TcpStream> = (0..2)
+            .map(|i| {
+                let mut c = connect(&addr);
+                send(
+                    &mut c,
+                    FrameKind::ChannelHello,
+                    &ChannelHello { session, index: i }.encode(),
+                );
+                recv(&mut c);
+                c
+            })
+            .collect();
+        let mut p = Vec::new();
+        ram::encode_prefix(0, &[4096], &[], &mut p);
+        p.resize(p.len() + PAGE_SIZE, 7);
+        let mut frame = encode_frame(FrameKind::RamPages, &p);
+        let n = frame.len();
+        frame[n - 1] ^= 0xff;
+        chans[1].write_all(&frame).unwrap();
+        let (h, payload) = recv(&mut main);
+        assert_eq!(h.kind, FrameKind::Reject);
+        let r = Reject::decode(&payload).unwrap();
+        assert!(
+            r.reason.contains("CRC32C mismatch") && r.reason.contains("data channel 1"),
+            "{r}"
+        );
+        assert!(dest.join().unwrap().is_err());
+    });
+}
