@@ -1,6 +1,6 @@
 //! Builds, on the destination, whichever guest a source describes.
 
-use crate::synthetic;
+use crate::{kvm, synthetic};
 use livemig_engine::{Guest, GuestError, GuestFactory};
 use livemig_wire::GuestDescriptor;
 
@@ -12,6 +12,7 @@ impl GuestFactory for Factory {
     fn create(&self, desc: &GuestDescriptor) -> Result<Box<dyn Guest>, GuestError> {
         match desc.kind.as_str() {
             synthetic::KIND => Ok(Box::new(synthetic::create_paused(desc)?)),
+            kvm::KIND => Ok(Box::new(kvm::create_paused(desc)?)),
             other => Err(GuestError::new(
                 "create",
                 format!("guest kind '{other}' is not supported by this destination"),

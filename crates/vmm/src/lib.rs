@@ -7,6 +7,7 @@
 //! [`Factory`] builds the destination's guest from the source's description.
 
 mod factory;
+pub mod kvm;
 pub mod memory;
 pub mod pattern;
 pub mod synthetic;
