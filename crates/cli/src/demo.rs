@@ -23,7 +23,11 @@ pub struct DemoArgs {
 pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut source_args = a.guest.to_args();
     source_args.extend(a.migration.to_args());
-    let dest_args = vec!["--verify".to_string(), "--run-after-ms=300".to_string()];
+    let dest_args = vec![
+        "--verify".to_string(),
+        "--run-after-ms=300".to_string(),
+        format!("--memory={}", a.guest.memory),
+    ];
     if !a.json {
         eprintln!(
             "livemig demo: migrating a {} MiB synthetic guest ({} vCPU dirtying {} MiB at {} pages/s) over {} channels on loopback",

@@ -4,9 +4,12 @@ use crate::args::parse_size;
 use crate::emit;
 use clap::Args;
 use livemig_engine::{receive, Endpoint, IncomingConfig, Listener, TestHooks};
-use livemig_vmm::Factory;
+use livemig_vmm::{memory, Factory};
+use livemig_wire::{MemoryRange, PAGE_SIZE};
 use serde_json::json;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Args)]
@@ -23,6 +26,11 @@ pub struct IncomingArgs {
     /// The largest guest memory a source may ask for (default: this host's RAM).
     #[arg(long, value_parser = parse_size)]
     pub max_guest_memory: Option<u64>,
+    /// Allocate and pre-fault guest memory of this size now, before a source connects, as a
+    /// VMM does when started to receive a guest of known size (QEMU's -mem-prealloc). Used
+    /// when the incoming guest has one memory range of exactly this size.
+    #[arg(long, value_parser = parse_size)]
+    pub memory: Option<u64>,
     /// Print one JSON object per line instead of text.
     #[arg(long)]
     pub json: bool,
@@ -58,7 +66,23 @@ pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
             eprintln!("livemig: {msg}");
         }
     };
-    match receive(&listener, &Factory, &config, &log) {
+    let stop_prefault = Arc::new(AtomicBool::new(false));
+    let prefault = match a.memory {
+        Some(size) => {
+            let range = MemoryRange {
+                guest_addr: 0,
+                size: size / PAGE_SIZE as u64 * PAGE_SIZE as u64,
+            };
+            Some(memory::prepare(&[range], Arc::clone(&stop_prefault))?)
+        }
+        None => None,
+    };
+    let result = receive(&listener, &Factory, &config, &log);
+    stop_prefault.store(true, Ordering::Relaxed);
+    if let Some(h) = prefault {
+        let _ = h.join();
+    }
+    match result {
         Ok(inc) => {
             if json {
                 emit(&json!({"event": "received", "report": inc.report}));

@@ -14,6 +14,7 @@ pub mod error;
 mod framed;
 pub mod guest;
 pub mod incoming;
+pub mod prefault;
 pub mod report;
 pub mod source;
 pub mod transport;

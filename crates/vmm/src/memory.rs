@@ -4,10 +4,20 @@
 
 use livemig_engine::{GuestError, GuestMemory};
 use livemig_wire::MemoryRange;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-/// Allocates guest memory for `ranges`.
+/// Guest memory for `ranges`: the memory [`prepare`]d for this layout if there is some,
+/// fresh memory otherwise.
 pub fn allocate(ranges: &[MemoryRange]) -> Result<GuestMemory, GuestError> {
+    match take_prepared(ranges) {
+        Some(m) => Ok(m),
+        None => allocate_fresh(ranges),
+    }
+}
+
+fn allocate_fresh(ranges: &[MemoryRange]) -> Result<GuestMemory, GuestError> {
     let spec: Vec<(GuestAddress, usize)> = ranges
         .iter()
         .map(|r| (GuestAddress(r.guest_addr), r.size as usize))
@@ -32,4 +42,35 @@ pub fn ranges_of(mem: &GuestMemory) -> Vec<MemoryRange> {
             size: r.len(),
         })
         .collect()
+}
+
+/// Guest memory allocated and pre-faulted before a migration arrives (`livemig incoming
+/// --memory`), taken by the first [`allocate`] asking for exactly its layout.
+static PREPARED: Mutex<Option<GuestMemory>> = Mutex::new(None);
+
+/// Allocates memory for `ranges` now and pre-faults it on a thread that runs until done or
+/// until `stop` is set, so a later migration of a guest with this layout finds its memory
+/// ready. Join the returned thread before exiting.
+pub fn prepare(
+    ranges: &[MemoryRange],
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, GuestError> {
+    let mem = allocate_fresh(ranges)?;
+    let for_thread = mem.clone();
+    *PREPARED.lock().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+    std::thread::Builder::new()
+        .name("lm-prefault".into())
+        .spawn(move || {
+            livemig_engine::prefault::populate(&for_thread, &stop);
+        })
+        .map_err(|e| GuestError::new("start pre-faulting", e))
+}
+
+fn take_prepared(ranges: &[MemoryRange]) -> Option<GuestMemory> {
+    let mut slot = PREPARED.lock().unwrap_or_else(|p| p.into_inner());
+    if slot.as_ref().is_some_and(|m| ranges_of(m) == ranges) {
+        slot.take()
+    } else {
+        None
+    }
 }

@@ -25,6 +25,7 @@ use crate::config::IncomingConfig;
 use crate::error::{panic_message, ChannelError, ChannelName, IncomingError};
 use crate::framed;
 use crate::guest::{Guest, GuestFactory};
+use crate::prefault;
 use crate::report::{ms, IncomingReport};
 use crate::transport::{Listener, Stream};
 use barrier::RoundBarrier;
@@ -34,6 +35,7 @@ use livemig_wire::{
     SessionHello,
 };
 use receiver::{ChannelReceiver, Counters};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
@@ -126,10 +128,20 @@ fn run_session(
     let barrier = RoundBarrier::new(data.len());
     let counters = Counters::default();
     let (tx, rx) = crossbeam_channel::unbounded();
+    let stop_prefault = AtomicBool::new(false);
 
     std::thread::scope(|scope| {
         let mut handles = Vec::new();
         let spawn_err = |e: std::io::Error| IncomingError::ThreadPanicked(format!("spawn: {e}"));
+        let stop = &stop_prefault;
+        handles.push(
+            std::thread::Builder::new()
+                .name("lm-dst-prefault".into())
+                .spawn_scoped(scope, move || {
+                    prefault::populate(guest.memory(), stop);
+                })
+                .map_err(spawn_err)?,
+        );
         let main_tx = tx.clone();
         let limits = config.limits;
         handles.push(
@@ -160,6 +172,7 @@ fn run_session(
 
         let mut main = main;
         let outcome = coordinate(guest, hello, &mut main, &rx, config, start, &counters, log);
+        stop_prefault.store(true, Relaxed);
         if let Err(e) = &outcome {
             barrier.abort();
             framed::send_reject(
