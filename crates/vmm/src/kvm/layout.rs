@@ -100,7 +100,7 @@ pub struct Layout {
 
 impl Layout {
     pub fn new(memory_bytes: u64) -> Result<Self, LayoutError> {
-        if memory_bytes % HUGE_PAGE != 0 {
+        if memory_bytes & (HUGE_PAGE - 1) != 0 {
             return Err(LayoutError::Unaligned {
                 bytes: memory_bytes,
             });
@@ -174,6 +174,13 @@ impl Layout {
         out
     }
 }
+
+// The areas do not overlap: page tables below the code, the code below the generation table,
+// the vCPU slots within the parameter page.
+const _: () = assert!(PD_ADDR + MAX_PDS * 4096 <= CODE_ADDR);
+const _: () = assert!(CODE_ADDR + CODE_MAX <= GEN_TABLE_ADDR);
+const _: () = assert!(SLOTS_ADDR + SLOT_SIZE * MAX_VCPUS as u64 <= PARAMS_ADDR + 4096);
+const _: () = assert!(PARAMS_ADDR + param::END <= SLOTS_ADDR);
 
 /// Present, writable, user.
 const PTE_TABLE: u64 = 0x7;
@@ -337,10 +344,6 @@ mod tests {
         ));
         let big = Layout::new(MAX_MEMORY).unwrap();
         assert_eq!(big.pds(), MAX_PDS);
-        // The code must not reach into the generation table, nor the slots past the page.
-        assert!(CODE_ADDR + CODE_MAX <= GEN_TABLE_ADDR);
-        assert!(SLOTS_ADDR + SLOT_SIZE * MAX_VCPUS as u64 <= PARAMS_ADDR + 4096);
-        assert!(PD_ADDR + MAX_PDS * 4096 <= CODE_ADDR);
     }
 
     #[test]
