@@ -67,7 +67,7 @@ fn ring0_guest_runs_too() {
     wait_for("the first writes", || g.counter() > 0);
     let rate = rate_over(&g, Duration::from_millis(500));
     eprintln!("ring 0, unthrottled, 1 vCPU: {rate:.0} pages/s");
-    assert!(rate > 100.0, "{rate:.0} pages/s");
+    assert!(rate > 20.0, "{rate:.0} pages/s");
     g.pause().unwrap();
     let v = g.verify().unwrap();
     assert_eq!(v.pages_mismatched, 0, "{:?}", v.examples);
@@ -85,12 +85,12 @@ fn rate_limit_is_kept_without_spinning() {
     wait_for("the first writes", || g.counter() > 0);
     let rate = rate_over(&g, Duration::from_secs(1));
     eprintln!("ring 3, limited to 20000 pages/s: {rate:.0} pages/s");
-    assert!((14_000.0..26_000.0).contains(&rate), "{rate:.0} pages/s");
+    assert!((10_000.0..24_000.0).contains(&rate), "{rate:.0} pages/s");
     g.set_workload(1024, 5_000).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let rate = rate_over(&g, Duration::from_secs(1));
     eprintln!("ring 3, limited to 5000 pages/s: {rate:.0} pages/s");
-    assert!((3_500.0..6_500.0).contains(&rate), "{rate:.0} pages/s");
+    assert!((2_500.0..6_000.0).contains(&rate), "{rate:.0} pages/s");
 }
 
 #[test]
