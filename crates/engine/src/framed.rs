@@ -55,20 +55,40 @@ pub fn recv(
     limits: &Limits,
     buf: &mut Vec<u8>,
 ) -> Result<FrameHeader, ChannelError> {
+    let header = recv_header(stream, channel, limits)?;
+    recv_payload(stream, channel, &header, buf)?;
+    Ok(header)
+}
+
+/// Receives and validates a frame header; the payload is left on the socket.
+pub fn recv_header(
+    stream: &mut Stream,
+    channel: ChannelName,
+    limits: &Limits,
+) -> Result<FrameHeader, ChannelError> {
     let mut raw = [0u8; HEADER_LEN];
     read_exact(stream, channel, &mut raw, true)?;
-    let header = FrameHeader::decode(&raw, limits)
-        .map_err(|source| ChannelError::Wire { channel, source })?;
-    // The length is bounded by `limits` for this kind: safe to size the buffer.
+    FrameHeader::decode(&raw, limits).map_err(|source| ChannelError::Wire { channel, source })
+}
+
+/// Receives the payload of `header` into `buf`, checks its CRC, and turns a Reject into an
+/// error.
+pub fn recv_payload(
+    stream: &mut Stream,
+    channel: ChannelName,
+    header: &FrameHeader,
+    buf: &mut Vec<u8>,
+) -> Result<(), ChannelError> {
+    // The length is bounded by the limits the header was decoded with: safe to size for it.
     buf.resize(header.len as usize, 0);
     read_exact(stream, channel, buf, false)?;
-    verify_payload(&header, buf).map_err(|source| ChannelError::Wire { channel, source })?;
+    verify_payload(header, buf).map_err(|source| ChannelError::Wire { channel, source })?;
     if header.kind == FrameKind::Reject {
         let reject =
             Reject::decode(buf).map_err(|source| ChannelError::Wire { channel, source })?;
         return Err(ChannelError::Rejected { channel, reject });
     }
-    Ok(header)
+    Ok(())
 }
 
 /// Receives one frame that must be of kind `expected`.
@@ -84,7 +104,9 @@ pub fn recv_expect(
         .map_err(|source| ChannelError::Wire { channel, source })
 }
 
-fn read_exact(
+/// Reads exactly `buf.len()` bytes. `at_frame_start`: a clean end of stream before the first
+/// byte is reported as `Closed`, not as a truncated frame.
+pub fn read_exact(
     stream: &mut Stream,
     channel: ChannelName,
     buf: &mut [u8],

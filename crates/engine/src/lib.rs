@@ -12,6 +12,7 @@ pub mod config;
 pub mod dirty;
 pub mod error;
 mod framed;
+mod hostmem;
 pub mod guest;
 pub mod incoming;
 pub mod prefault;

@@ -35,19 +35,20 @@ pub fn encode_prefix(round: u32, normal: &[u64], zero: &[u64], out: &mut Vec<u8>
     }
 }
 
-/// A decoded, validated RamPages payload borrowing the received bytes.
-#[derive(Debug, Clone, Copy)]
-pub struct RamPacket<'a> {
+/// The fixed first 16 bytes of a RamPages payload, validated against the frame's length.
+/// A receiver that places page data straight into guest memory reads this first, then the
+/// offsets, then the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamPrefix {
     pub round: u32,
-    normal_offsets: &'a [u8],
-    zero_offsets: &'a [u8],
-    data: &'a [u8],
+    pub normal: u32,
+    pub zero: u32,
 }
 
-impl<'a> RamPacket<'a> {
-    /// Validates counts, exact length and alignment. Allocates nothing.
-    pub fn decode(payload: &'a [u8], limits: &Limits) -> Result<Self, WireError> {
-        let mut r = Reader::new(payload, "RamPages");
+impl RamPrefix {
+    /// Decodes the fixed prefix of a payload that is `payload_len` bytes long in all.
+    pub fn decode(fixed: &[u8; PREFIX_FIXED], len: u32, limits: &Limits) -> Result<Self, WireError> {
+        let mut r = Reader::new(fixed, "RamPages");
         let round = r.u32()?;
         let normal = r.u32()?;
         let zero = r.u32()?;
@@ -68,13 +69,57 @@ impl<'a> RamPacket<'a> {
             });
         }
         let expected = payload_len(normal, zero);
-        if payload.len() as u64 != expected {
+        if len as u64 != expected {
             return Err(WireError::BadLength {
                 what: "RamPages payload",
                 expected,
-                found: payload.len() as u64,
+                found: len as u64,
             });
         }
+        Ok(RamPrefix { round, normal, zero })
+    }
+
+    /// Bytes of the offsets that follow the fixed prefix.
+    pub fn offsets_len(&self) -> usize {
+        8 * (self.normal as usize + self.zero as usize)
+    }
+}
+
+/// Decodes page addresses, checking that each is page-aligned.
+pub fn decode_offsets(raw: &[u8]) -> impl Iterator<Item = Result<u64, WireError>> + '_ {
+    raw.chunks_exact(8).map(|c| {
+        let a = u64::from_le_bytes(c.try_into().expect("chunks_exact(8)"));
+        if a % PAGE_SIZE as u64 == 0 {
+            Ok(a)
+        } else {
+            Err(WireError::OutOfRange {
+                field: "page address",
+                value: a,
+                reason: "not page-aligned",
+            })
+        }
+    })
+}
+
+/// A decoded, validated RamPages payload borrowing the received bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct RamPacket<'a> {
+    pub round: u32,
+    normal_offsets: &'a [u8],
+    zero_offsets: &'a [u8],
+    data: &'a [u8],
+}
+
+impl<'a> RamPacket<'a> {
+    /// Validates counts, exact length and alignment. Allocates nothing.
+    pub fn decode(payload: &'a [u8], limits: &Limits) -> Result<Self, WireError> {
+        let mut r = Reader::new(payload, "RamPages");
+        let len = u32::try_from(payload.len()).map_err(|_| WireError::TooLong {
+            kind: "RamPages",
+            len: payload.len() as u64,
+            limit: u32::MAX as u64,
+        })?;
+        let RamPrefix { round, normal, zero } = RamPrefix::decode(&r.array()?, len, limits)?;
         let normal_offsets = r.bytes(8 * normal as usize)?;
         let zero_offsets = r.bytes(8 * zero as usize)?;
         let data = r.rest();
@@ -84,16 +129,8 @@ impl<'a> RamPacket<'a> {
             zero_offsets,
             data,
         };
-        if let Some(bad) = pkt
-            .normal_addrs()
-            .chain(pkt.zero_addrs())
-            .find(|a| a % PAGE_SIZE as u64 != 0)
-        {
-            return Err(WireError::OutOfRange {
-                field: "page address",
-                value: bad,
-                reason: "not page-aligned",
-            });
+        for a in decode_offsets(normal_offsets).chain(decode_offsets(zero_offsets)) {
+            a?;
         }
         Ok(pkt)
     }

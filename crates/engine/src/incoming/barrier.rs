@@ -37,14 +37,16 @@ impl RoundBarrier {
     }
 
     /// Waits until all parties have arrived, or the barrier is aborted. Returns true for
-    /// exactly one party per round: the last to arrive.
-    pub fn wait(&self) -> Result<bool, Aborted> {
+    /// exactly one party per round: the last to arrive, which runs `last` before anyone
+    /// leaves, so work done there happens while every party is inside the barrier.
+    pub fn wait(&self, last: impl FnOnce()) -> Result<bool, Aborted> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if s.aborted {
             return Err(Aborted);
         }
         s.arrived += 1;
         if s.arrived == self.parties {
+            last();
             s.arrived = 0;
             s.generation += 1;
             self.cv.notify_all();
@@ -84,11 +86,11 @@ mod tests {
                 s.spawn(|| {
                     for round in 0..50 {
                         assert!(passed.load(Ordering::SeqCst) >= round * 3);
-                        if b.wait().unwrap() {
+                        if b.wait(|| {}).unwrap() {
                             leaders.fetch_add(1, Ordering::SeqCst);
                         }
                         passed.fetch_add(1, Ordering::SeqCst);
-                        b.wait().unwrap();
+                        b.wait(|| {}).unwrap();
                     }
                 });
             }
@@ -101,11 +103,11 @@ mod tests {
     fn abort_releases_waiters() {
         let b = RoundBarrier::new(2);
         std::thread::scope(|s| {
-            let h = s.spawn(|| b.wait());
+            let h = s.spawn(|| b.wait(|| {}));
             std::thread::sleep(std::time::Duration::from_millis(20));
             b.abort();
             assert!(h.join().unwrap().is_err());
         });
-        assert!(b.wait().is_err());
+        assert!(b.wait(|| {}).is_err());
     }
 }

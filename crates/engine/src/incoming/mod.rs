@@ -25,6 +25,7 @@ use crate::config::IncomingConfig;
 use crate::error::{panic_message, ChannelError, ChannelName, IncomingError};
 use crate::framed;
 use crate::guest::{Guest, GuestFactory};
+use crate::hostmem::PageClaims;
 use crate::prefault;
 use crate::report::{ms, IncomingReport};
 use crate::transport::{Listener, Stream};
@@ -126,6 +127,7 @@ fn run_session(
     }
     let main_reader = clone(&main, ChannelName::Main)?;
     let barrier = RoundBarrier::new(data.len());
+    let claims = PageClaims::new(guest.memory());
     let counters = Counters::default();
     let (tx, rx) = crossbeam_channel::unbounded();
     let stop_prefault = AtomicBool::new(false);
@@ -159,7 +161,10 @@ fn run_session(
                 limits: config.limits,
                 events: tx.clone(),
                 counters: &counters,
+                claims: &claims,
                 hooks: config.test_hooks.clone(),
+                pages: Vec::new(),
+                iov: Vec::new(),
             };
             handles.push(
                 std::thread::Builder::new()

@@ -9,7 +9,9 @@ use crate::framed;
 use crate::guest::GuestMemory;
 use crate::transport::Stream;
 use crossbeam_channel::Sender;
-use livemig_wire::{FrameKind, Limits, RamPacket, RoundEnd, PAGE_SIZE};
+use crate::hostmem::{self, PageClaims};
+use livemig_wire::{ram, FrameHeader, FrameKind, Limits, RamPacket, RamPrefix, RoundEnd, PAGE_SIZE};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -29,8 +31,17 @@ pub(crate) struct ChannelReceiver<'a> {
     pub limits: Limits,
     pub events: Sender<Event>,
     pub counters: &'a Counters,
+    pub claims: &'a PageClaims,
     pub hooks: TestHooks,
+    /// Scratch: the current packet's page addresses in host memory, and their I/O vectors.
+    pub pages: Vec<*mut u8>,
+    pub iov: Vec<libc::iovec>,
 }
+
+// SAFETY: the raw pointers in the scratch vectors point into guest memory, which the session
+// shares with every channel thread anyway; they are rebuilt for each packet and only used by
+// the thread that owns this receiver.
+unsafe impl Send for ChannelReceiver<'_> {}
 
 impl ChannelReceiver<'_> {
     pub fn run(mut self) {
@@ -51,26 +62,23 @@ impl ChannelReceiver<'_> {
         let mut round = 0u32;
         // The test hook's late pages (see `TestHooks::break_round_order`).
         let mut late: Vec<Vec<u8>> = Vec::new();
-        let delay_mine = self.hooks.break_round_order && self.index == 0;
+        let broken = self.hooks.break_round_order;
         let wire = |source| ChannelError::Wire { channel, source };
         loop {
-            let h = framed::recv(&mut self.stream, channel, &self.limits, &mut buf)?;
+            let h = framed::recv_header(&mut self.stream, channel, &self.limits)?;
             self.counters
                 .bytes
                 .fetch_add(livemig_wire::HEADER_LEN as u64 + h.len as u64, Relaxed);
+            if h.kind == FrameKind::RamPages && !broken {
+                self.receive_pages(&h, round, &mut buf)?;
+                continue;
+            }
+            framed::recv_payload(&mut self.stream, channel, &h, &mut buf)?;
             match h.kind {
                 FrameKind::RamPages => {
                     let pkt = RamPacket::decode(&buf, &self.limits).map_err(wire)?;
-                    if pkt.round != round {
-                        return Err(ChannelError::Protocol {
-                            channel,
-                            detail: format!(
-                                "page of round {} arrived during round {round}",
-                                pkt.round
-                            ),
-                        });
-                    }
-                    if delay_mine {
+                    check_round(channel, pkt.round, round)?;
+                    if self.index == 0 {
                         late.push(buf.clone());
                     } else {
                         self.apply(&pkt)?;
@@ -81,24 +89,23 @@ impl ChannelReceiver<'_> {
                     if end.round != round {
                         return Err(ChannelError::Protocol {
                             channel,
-                            detail: format!(
-                                "RoundEnd for round {} during round {round}",
-                                end.round
-                            ),
+                            detail: format!("RoundEnd for round {} during round {round}", end.round),
                         });
                     }
-                    if end.last && delay_mine {
+                    if end.last && broken {
                         for payload in late.iter().rev() {
                             self.apply(&RamPacket::decode(payload, &self.limits).map_err(wire)?)?;
                         }
                     }
-                    let leader = if self.hooks.break_round_order {
+                    let leader = if broken {
                         self.index == 0
                     } else {
-                        self.barrier.wait().map_err(|_| ChannelError::Protocol {
-                            channel,
-                            detail: "aborted: another part of the migration failed".into(),
-                        })?
+                        self.barrier
+                            .wait(|| self.claims.clear())
+                            .map_err(|_| ChannelError::Protocol {
+                                channel,
+                                detail: "aborted: another part of the migration failed".into(),
+                            })?
                     };
                     if leader && !end.last {
                         let _ = self.events.send(Event::RoundApplied(round));
@@ -118,12 +125,77 @@ impl ChannelReceiver<'_> {
         }
     }
 
+    /// Receives a RamPages payload with its page data read straight into guest memory, then
+    /// checks the CRC over what landed there. Nothing is written before the page addresses
+    /// are validated and claimed; a CRC mismatch fails the migration (the destination guest
+    /// never runs with the bad data).
+    fn receive_pages(&mut self, h: &FrameHeader, round: u32, scratch: &mut Vec<u8>) -> Result<(), ChannelError> {
+        let channel = ChannelName::Data(self.index);
+        let wire = |source| ChannelError::Wire { channel, source };
+        let mut fixed = [0u8; ram::PREFIX_FIXED];
+        framed::read_exact(&mut self.stream, channel, &mut fixed, false)?;
+        let prefix = RamPrefix::decode(&fixed, h.len, &self.limits).map_err(wire)?;
+        check_round(channel, prefix.round, round)?;
+        scratch.resize(prefix.offsets_len(), 0);
+        framed::read_exact(&mut self.stream, channel, scratch, false)?;
+        let mut crc = crc32c::crc32c_append(crc32c::crc32c(&fixed), scratch);
+
+        self.pages.clear();
+        let mut zeros = Vec::new();
+        for (i, addr) in ram::decode_offsets(scratch).enumerate() {
+            let addr = addr.map_err(wire)?;
+            let ptr = hostmem::page_ptr(self.memory, addr).ok_or_else(|| outside(channel, addr))?;
+            if !self.claims.claim(addr) {
+                return Err(ChannelError::Protocol {
+                    channel,
+                    detail: format!("page 0x{addr:x} sent twice in round {round}"),
+                });
+            }
+            if i < prefix.normal as usize {
+                self.pages.push(ptr);
+            } else {
+                zeros.push(ptr);
+            }
+        }
+        // SAFETY: every pointer is a whole page inside guest memory (page_ptr checked it),
+        // which stays mapped for the session, and this thread claimed each page for this
+        // round, so no other thread touches it until the round barrier.
+        unsafe { hostmem::read_pages(self.stream.as_raw_fd(), &self.pages, &mut self.iov) }.map_err(
+            |source| ChannelError::Io {
+                channel,
+                op: "receive pages",
+                source,
+            },
+        )?;
+        for &p in &self.pages {
+            // SAFETY: as above; the page was just filled by this thread.
+            let page = unsafe { std::slice::from_raw_parts(p, PAGE_SIZE) };
+            crc = crc32c::crc32c_append(crc, page);
+        }
+        if crc != h.crc {
+            return Err(wire(livemig_wire::WireError::BadCrc {
+                kind: "RamPages",
+                expected: h.crc,
+                found: crc,
+            }));
+        }
+        for &p in &zeros {
+            // SAFETY: as above, a claimed page of guest memory.
+            let page = unsafe { std::slice::from_raw_parts_mut(p, PAGE_SIZE) };
+            // Untouched destination memory is already zero: write only over an older copy.
+            if !crate::source::is_zero(page) {
+                page.fill(0);
+            }
+        }
+        let c = self.counters;
+        c.normal_pages.fetch_add(prefix.normal as u64, Relaxed);
+        c.zero_pages.fetch_add(prefix.zero as u64, Relaxed);
+        Ok(())
+    }
+
     fn apply(&self, pkt: &RamPacket<'_>) -> Result<(), ChannelError> {
         let channel = ChannelName::Data(self.index);
-        let outside = |addr: u64| ChannelError::Protocol {
-            channel,
-            detail: format!("page 0x{addr:x} lies outside guest memory"),
-        };
+        let outside = |addr| outside(channel, addr);
         for (addr, data) in pkt.pages() {
             self.memory
                 .write_slice(data, GuestAddress(addr))
@@ -149,5 +221,23 @@ impl ChannelReceiver<'_> {
             .zero_pages
             .fetch_add(pkt.zero_count() as u64, Relaxed);
         Ok(())
+    }
+}
+
+fn check_round(channel: ChannelName, found: u32, round: u32) -> Result<(), ChannelError> {
+    if found == round {
+        Ok(())
+    } else {
+        Err(ChannelError::Protocol {
+            channel,
+            detail: format!("page of round {found} arrived during round {round}"),
+        })
+    }
+}
+
+fn outside(channel: ChannelName, addr: u64) -> ChannelError {
+    ChannelError::Protocol {
+        channel,
+        detail: format!("page 0x{addr:x} lies outside guest memory"),
     }
 }
