@@ -293,8 +293,8 @@ impl Params {
             self.host_writes,
             // Behind schedule by more than 20 ms (a pause, a migration): start afresh.
             20_000 * tpu,
-            // Sleep only when at least 200 us ahead.
-            200 * tpu,
+            // Sleep only when at least 1 ms ahead (at most ~1000 sleep exits/s per vCPU).
+            1000 * tpu,
             tpu,
             // An idle vCPU looks at its parameters again every 10 ms.
             10_000,
