@@ -17,7 +17,10 @@
 //! Why ring 3: on the nested hosts livemig is tested on (PVM, no VMX), guest ring-0 code is
 //! emulated and slow while ring-3 code runs natively. The host enters the payload at CPL 3
 //! directly (no privilege transition, which the emulator handles poorly) with IOPL 3 so its
-//! `out` works. [`KvmConfig::user_mode`] = false runs it in ring 0 instead.
+//! `out` works. (Observed on PVM: the saved RFLAGS shows IOPL 0, yet `out` from ring 3 still
+//! exits to the host; on VMX, IOPL 3 allows it, and failing that the TSS I/O bitmap KVM's
+//! reset TR points at is in page 0, which stays zero, allowing every port.)
+//! [`KvmConfig::user_mode`] = false runs it in ring 0 instead.
 //!
 //! Measured on such a host (guest counter over 0.5-1 s, `tests/kvm_guest.rs`): ring 3
 //! unthrottled ~0.85-1.0 M pages/s (4 GB/s) with 1 vCPU, about the same with 2 (memory

@@ -34,6 +34,15 @@ fn boots_and_the_counter_grows() {
     assert_eq!(v.pages_mismatched, 0, "{:?}", v.examples);
     assert_eq!(v.pages_checked, g.layout().pages());
     assert!(g.reported()[0].1 > 0, "no progress report came");
+    let blob = g.save_state().unwrap();
+    let st = KvmState::decode(&blob).unwrap();
+    eprintln!(
+        "state blob: {} bytes, {} MSRs per vCPU",
+        blob.len(),
+        st.vcpus[0].msrs.len()
+    );
+    assert!(st.vcpus[0].msrs.len() > 10);
+    assert_eq!(st.vcpus[0].sregs.cs.dpl, 3, "the payload runs in ring 3");
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(g.counter(), c, "a paused guest must not write");
     g.resume().unwrap();
