@@ -135,44 +135,103 @@ fn bad_peers_are_refused_with_a_reason() {
     });
 }
 
-#[test]
-fn corrupted_packet_fails_the_crc_check() {
+/// Opens a real session by hand: the main channel and two data channels.
+fn open_session(addr: &str, session: SessionId) -> (TcpStream, Vec<TcpStream>) {
+    let mut main = connect(addr);
+    send(&mut main, FrameKind::SessionHello, &hello(session));
+    assert_eq!(recv(&mut main).0.kind, FrameKind::SessionAccept);
+    let chans = (0..2)
+        .map(|index| {
+            let mut c = connect(addr);
+            send(
+                &mut c,
+                FrameKind::ChannelHello,
+                &ChannelHello { session, index }.encode(),
+            );
+            assert_eq!(recv(&mut c).0.kind, FrameKind::ChannelAccept);
+            c
+        })
+        .collect();
+    (main, chans)
+}
+
+/// Runs a destination, opens a session, lets `attack` send on the data channels, and
+/// returns the reason the destination gives on the main channel.
+fn destination_refuses(attack: impl FnOnce(&mut [TcpStream])) -> Reject {
     let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_endpoint().unwrap().to_string();
     let addr = addr.strip_prefix("tcp:").unwrap().to_string();
     let config = IncomingConfig::default();
     std::thread::scope(|s| {
         let dest = s.spawn(|| receive(&listener, &Factory, &config, &|_| {}));
-        let session = SessionId([3; 16]);
-        let mut main = connect(&addr);
-        send(&mut main, FrameKind::SessionHello, &hello(session));
-        recv(&mut main);
-        let mut chans: Vec<TcpStream> = (0..2)
-            .map(|i| {
-                let mut c = connect(&addr);
-                send(
-                    &mut c,
-                    FrameKind::ChannelHello,
-                    &ChannelHello { session, index: i }.encode(),
-                );
-                recv(&mut c);
-                c
-            })
-            .collect();
-        let mut p = Vec::new();
-        ram::encode_prefix(0, &[4096], &[], &mut p);
-        p.resize(p.len() + PAGE_SIZE, 7);
-        let mut frame = encode_frame(FrameKind::RamPages, &p);
+        let (mut main, mut chans) = open_session(&addr, SessionId([3; 16]));
+        attack(&mut chans);
+        let (h, payload) = recv(&mut main);
+        assert_eq!(h.kind, FrameKind::Reject);
+        assert!(
+            dest.join().unwrap().is_err(),
+            "the incoming migration must fail"
+        );
+        Reject::decode(&payload).unwrap()
+    })
+}
+
+fn pages_packet(round: u32, normal: &[u64]) -> Vec<u8> {
+    let mut p = Vec::new();
+    ram::encode_prefix(round, normal, &[], &mut p);
+    p.resize(p.len() + normal.len() * PAGE_SIZE, 7);
+    p
+}
+
+#[test]
+fn corrupted_packet_fails_the_crc_check() {
+    let r = destination_refuses(|chans| {
+        let mut frame = encode_frame(FrameKind::RamPages, &pages_packet(0, &[4096]));
         let n = frame.len();
         frame[n - 1] ^= 0xff;
         chans[1].write_all(&frame).unwrap();
-        let (h, payload) = recv(&mut main);
-        assert_eq!(h.kind, FrameKind::Reject);
-        let r = Reject::decode(&payload).unwrap();
-        assert!(
-            r.reason.contains("CRC32C mismatch") && r.reason.contains("data channel 1"),
-            "{r}"
-        );
-        assert!(dest.join().unwrap().is_err());
     });
+    assert!(
+        r.reason.contains("CRC32C mismatch") && r.reason.contains("data channel 1"),
+        "{r}"
+    );
+}
+
+#[test]
+fn a_page_sent_twice_in_one_round_is_refused() {
+    let r = destination_refuses(|chans| {
+        send(
+            &mut chans[0],
+            FrameKind::RamPages,
+            &pages_packet(0, &[8192]),
+        );
+        send(
+            &mut chans[1],
+            FrameKind::RamPages,
+            &pages_packet(0, &[8192]),
+        );
+    });
+    assert!(r.reason.contains("sent twice in round 0"), "{r}");
+}
+
+#[test]
+fn a_page_of_a_future_round_is_refused() {
+    let r = destination_refuses(|chans| {
+        send(
+            &mut chans[0],
+            FrameKind::RamPages,
+            &pages_packet(5, &[8192]),
+        );
+    });
+    assert!(r.reason.contains("round 5 arrived during round 0"), "{r}");
+}
+
+#[test]
+fn an_oversized_length_is_refused_before_allocating() {
+    let r = destination_refuses(|chans| {
+        let mut header = FrameHeader::for_payload(FrameKind::RamPages, &[]).encode();
+        header[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        chans[0].write_all(&header).unwrap();
+    });
+    assert!(r.reason.contains("exceeds the limit"), "{r}");
 }
