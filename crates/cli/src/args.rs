@@ -1,5 +1,6 @@
 //! Options shared by several commands, and size/rate parsing ("1G", "64M", "500k").
 
+use crate::guest::GuestChoice;
 use clap::Args;
 use livemig_engine::MigrationConfig;
 use livemig_vmm::synthetic::{SyntheticConfig, Workload};
@@ -97,6 +98,9 @@ impl MigrationArgs {
 /// The guest the source runs.
 #[derive(Debug, Clone, Args)]
 pub struct GuestArgs {
+    /// Which guest: the KVM micro-VM when /dev/kvm is usable (auto), or the synthetic one.
+    #[arg(long, value_enum, default_value_t = GuestChoice::Auto)]
+    pub guest: GuestChoice,
     /// Guest memory size.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     pub memory: u64,
@@ -132,6 +136,7 @@ impl GuestArgs {
 
     pub fn to_args(&self) -> Vec<String> {
         vec![
+            format!("--guest={}", self.guest.name()),
             format!("--memory={}", self.memory),
             format!("--fill={}", self.fill),
             format!("--working-set={}", self.working_set),

@@ -3,6 +3,7 @@
 //! run. Prints a Markdown table, or with `--json` one JSON object.
 
 use crate::args::{parse_size, MigrationArgs};
+use crate::guest::GuestChoice;
 use crate::pair::run_pair;
 use crate::raw_tcp;
 use clap::Args;
@@ -23,6 +24,9 @@ pub struct BenchArgs {
     /// Page writes per second of the dirtying guest (0: as fast as it can).
     #[arg(long, default_value = "50k", value_parser = crate::args::parse_count)]
     pub dirty_rate: u64,
+    /// Which guest: the KVM micro-VM when /dev/kvm is usable (auto), or the synthetic one.
+    #[arg(long, value_enum, default_value_t = GuestChoice::Auto)]
+    pub guest: GuestChoice,
     /// Repeat each row this many times and keep the median.
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
@@ -62,16 +66,16 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let how = format!(
-        "livemig bench --memory {} --working-set {} --dirty-rate {}: a {} MiB synthetic guest, filled, \
+        "livemig bench --memory {} --working-set {} --dirty-rate {}: a {} MiB {} guest, filled, \
          migrated between two processes over loopback TCP; the destination started with --memory \
          (guest memory pre-faulted before the source connects). Raw = best plain socket copy of {} MiB \
          from a cache-hot buffer over 1, 2 or 4 streams, 64 KiB or 1 MiB writes, default or 4 MiB \
          socket buffers (best here: {raw_how}).",
-        a.memory, a.working_set, a.dirty_rate, a.memory >> 20, a.memory >> 20
+        a.memory, a.working_set, a.dirty_rate, a.memory >> 20, a.guest.name(), a.memory >> 20
     );
     if a.json {
         crate::emit(
-            &json!({"guest": "synthetic", "how": how, "raw_tcp_bytes_per_s": raw, "rows": rows}),
+            &json!({"guest": a.guest.name(), "how": how, "raw_tcp_bytes_per_s": raw, "rows": rows}),
         );
     } else {
         println!("{}", table(&rows, raw, &how));
@@ -90,6 +94,7 @@ fn one(a: &BenchArgs, channels: u16, dirty: bool) -> anyhow::Result<Value> {
     };
     let mut src = vec![
         format!("--memory={}", a.memory),
+        format!("--guest={}", a.guest.name()),
         "--fill=1".into(),
         format!("--working-set={}", if dirty { a.working_set } else { 0 }),
         format!("--dirty-rate={}", a.dirty_rate),

@@ -30,8 +30,9 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     ];
     if !a.json {
         eprintln!(
-            "livemig demo: migrating a {} MiB synthetic guest ({} vCPU dirtying {} MiB at {} pages/s) over {} channels on loopback",
+            "livemig demo: migrating a {} MiB {} guest ({} vCPU dirtying {} MiB at {} pages/s) over {} channels on loopback",
             a.guest.memory >> 20,
+            a.guest.guest.name(),
             a.guest.vcpus,
             a.guest.working_set >> 20,
             if a.guest.dirty_rate == 0 { "max".to_string() } else { a.guest.dirty_rate.to_string() },
@@ -51,8 +52,16 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let after = r.after_run.as_ref().map(|v| &v["verify"]);
     let after_bad = after.map_or(0, |v| n(v, "pages_mismatched"));
     let rounds = rep["rounds"].as_array().map_or(0, Vec::len);
+    let counter_at_pause = n(&r.source, "counter_at_pause");
+    let counter_at_arrival = n(verify, "counter");
+    let counter_after_run = after.map_or(0, |v| n(v, "counter"));
+    let counter_ok =
+        counter_at_arrival == counter_at_pause && counter_after_run > counter_at_arrival;
     let summary = json!({
-        "guest": "synthetic",
+        "guest": r.source["guest"],
+        "counter_at_pause": counter_at_pause,
+        "counter_at_arrival": counter_at_arrival,
+        "counter_after_run": counter_after_run,
         "memory_bytes": a.guest.memory,
         "channels": a.migration.channels,
         "total_ms": f(rep, "total_ms"),
@@ -71,7 +80,10 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         crate::emit(&summary);
     } else {
         let d = &rep["downtime"];
-        println!("livemig demo: done");
+        println!(
+            "livemig demo: done ({} guest)",
+            r.source["guest"].as_str().unwrap_or("?")
+        );
         println!(
             "  total time     {:>9.1} ms (setup {:.1} ms)",
             f(rep, "total_ms"),
@@ -98,6 +110,10 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             if mismatched == 0 { "all exact".to_string() } else { format!("{mismatched} WRONG") },
             f(d, "dest_verify_ms")
         );
+        println!(
+            "  guest counter  {counter_at_pause:>9} at the pause, {counter_at_arrival} on arrival, {counter_after_run} after running on: {}",
+            if counter_ok { "continued" } else { "DID NOT CONTINUE" }
+        );
         if let Some(v) = after {
             println!(
                 "  after resuming {:>9} pages checked after 300 ms of running on the destination: {}",
@@ -106,7 +122,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    Ok(if mismatched == 0 && after_bad == 0 {
+    Ok(if mismatched == 0 && after_bad == 0 && counter_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

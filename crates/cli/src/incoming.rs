@@ -1,15 +1,16 @@
 //! `livemig incoming`: the destination side.
 
 use crate::args::parse_size;
+use crate::args::MigrationArgs;
 use crate::emit;
 use clap::Args;
-use livemig_engine::{receive, Endpoint, IncomingConfig, Listener, TestHooks};
+use livemig_engine::{
+    migrate, receive, Endpoint, Guest, IncomingConfig, Listener, Progress, TestHooks,
+};
 use livemig_vmm::{memory, Factory};
-use livemig_wire::{MemoryRange, PAGE_SIZE};
+use livemig_wire::MemoryRange;
 use serde_json::json;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Args)]
@@ -34,6 +35,13 @@ pub struct IncomingArgs {
     /// Print one JSON object per line instead of text.
     #[arg(long)]
     pub json: bool,
+    /// After receiving (and running, with --run-after-ms), migrate the guest on to this
+    /// destination: a ping-pong hop.
+    #[arg(long)]
+    pub then_migrate_to: Option<Endpoint>,
+    /// How the onward migration runs (with --then-migrate-to).
+    #[command(flatten)]
+    pub onward: MigrationArgs,
     /// TEST ONLY: break the ordering of rounds across channels, to prove the checks catch it.
     #[arg(long, hide = true)]
     pub test_break_round_order: bool,
@@ -43,6 +51,13 @@ pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
     let listener = Listener::bind(&a.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", a.listen))?;
     let addr = listener.local_endpoint()?;
+    if let Some(size) = a.memory {
+        let range = MemoryRange {
+            guest_addr: 0,
+            size: size / (2 << 20) * (2 << 20),
+        };
+        memory::prepare(&[range])?;
+    }
     let json = a.json;
     if json {
         emit(&json!({"event": "listening", "addr": addr.to_string()}));
@@ -66,23 +81,7 @@ pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
             eprintln!("livemig: {msg}");
         }
     };
-    let stop_prefault = Arc::new(AtomicBool::new(false));
-    let prefault = match a.memory {
-        Some(size) => {
-            let range = MemoryRange {
-                guest_addr: 0,
-                size: size / PAGE_SIZE as u64 * PAGE_SIZE as u64,
-            };
-            Some(memory::prepare(&[range], Arc::clone(&stop_prefault))?)
-        }
-        None => None,
-    };
-    let result = receive(&listener, &Factory, &config, &log);
-    stop_prefault.store(true, Ordering::Relaxed);
-    if let Some(h) = prefault {
-        let _ = h.join();
-    }
-    match result {
+    match receive(&listener, &Factory, &config, &log) {
         Ok(inc) => {
             if json {
                 emit(&json!({"event": "received", "report": inc.report}));
@@ -106,6 +105,46 @@ pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
                         a.run_after_ms, v.pages_checked, v.pages_mismatched
                     );
                 }
+                inc.guest.resume()?;
+            }
+            if let Some(to) = &a.then_migrate_to {
+                return forward(&*inc.guest, to, &a.onward, json);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            if json {
+                emit(&json!({"event": "failed", "error": e.to_string()}));
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// Migrates the received guest on to `to`.
+fn forward(
+    guest: &dyn Guest,
+    to: &Endpoint,
+    m: &MigrationArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let progress = |p: &Progress| {
+        if json {
+            emit(&serde_json::to_value(p).unwrap_or_default());
+        }
+    };
+    match migrate(guest, to, &m.config(), &progress) {
+        Ok(report) => {
+            let v = guest.verify()?;
+            if json {
+                emit(
+                    &json!({"event": "completed", "to": to.to_string(), "counter_at_pause": v.counter, "report": report}),
+                );
+            } else {
+                eprintln!(
+                    "livemig: migrated on to {to}, downtime {:.1} ms",
+                    report.downtime_ms
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -9,11 +9,13 @@
 mod args;
 mod bench;
 mod demo;
+mod guest;
 mod incoming;
 mod migrate;
 mod pair;
 mod progress;
 mod raw_tcp;
+mod run;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -39,6 +41,8 @@ enum Command {
     Migrate(migrate::MigrateArgs),
     /// Wait for one incoming migration, resume the guest it brings (the destination side).
     Incoming(incoming::IncomingArgs),
+    /// Start a guest and watch it run.
+    Run(run::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Migrate(a) => migrate::run(a),
         Command::Incoming(a) => incoming::run(a),
+        Command::Run(a) => run::run(a),
     };
     match result {
         Ok(code) => code,

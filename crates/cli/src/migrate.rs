@@ -2,9 +2,9 @@
 
 use crate::args::{GuestArgs, MigrationArgs};
 use crate::emit;
+use crate::guest::SourceGuest;
 use clap::Args;
-use livemig_engine::{migrate, Endpoint, Guest, Progress};
-use livemig_vmm::synthetic::SyntheticGuest;
+use livemig_engine::{migrate, Endpoint, Progress};
 use serde_json::json;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -26,9 +26,11 @@ pub struct MigrateArgs {
 
 pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let json = a.json;
-    let guest = SyntheticGuest::start(&a.guest.synthetic())?;
+    let source = SourceGuest::start(&a.guest)?;
+    let guest = source.guest();
+    let kind = source.kind();
     if json {
-        emit(&json!({"event": "guest_started", "guest": "synthetic", "memory": a.guest.memory}));
+        emit(&json!({"event": "guest_started", "guest": kind, "memory": a.guest.memory}));
     }
     std::thread::sleep(Duration::from_millis(a.guest.warmup_ms));
     let config = a.migration.config();
@@ -47,12 +49,15 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         }
     };
     for (attempt, to) in a.to.iter().enumerate() {
-        match migrate(&guest, to, &config, &progress) {
+        match migrate(guest, to, &config, &progress) {
             Ok(report) => {
+                // The guest stays paused here for good: this is where it stopped.
+                let counter = source.counter();
                 if json {
-                    emit(
-                        &json!({"event": "completed", "to": to.to_string(), "guest": "synthetic", "report": report}),
-                    );
+                    emit(&json!({
+                        "event": "completed", "to": to.to_string(), "guest": kind,
+                        "counter_at_pause": counter, "report": report,
+                    }));
                 } else {
                     eprintln!(
                         "livemig: migrated to {to} in {:.0} ms, downtime {:.1} ms",
@@ -65,7 +70,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
                 // The engine resumed the guest here; check that nothing was lost.
                 guest.pause()?;
                 let v = guest.verify()?;
-                let counter = guest.counter();
+                let counter = source.counter();
                 guest.resume()?;
                 if json {
                     emit(&json!({

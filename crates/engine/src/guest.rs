@@ -39,6 +39,9 @@ impl GuestError {
 pub struct VerifyReport {
     pub pages_checked: u64,
     pub pages_mismatched: u64,
+    /// The guest workload's write counter at the check (0 for a guest without one). It only
+    /// grows, so after a migration it must be exactly where the source paused.
+    pub counter: u64,
     /// A few of the mismatches, described for a person.
     pub examples: Vec<String>,
 }

@@ -73,7 +73,11 @@ impl PageClaims {
 /// # Safety
 /// Each pointer must point to a page of writable guest memory that stays mapped during the
 /// call and that no other thread reads or writes meanwhile (the caller claimed it).
-pub(crate) unsafe fn read_pages(fd: RawFd, pages: &[*mut u8], iov: &mut Vec<libc::iovec>) -> io::Result<()> {
+pub(crate) unsafe fn read_pages(
+    fd: RawFd,
+    pages: &[*mut u8],
+    iov: &mut Vec<libc::iovec>,
+) -> io::Result<()> {
     iov.clear();
     for &p in pages {
         match iov.last_mut() {

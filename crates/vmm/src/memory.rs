@@ -5,7 +5,7 @@
 use livemig_engine::{GuestError, GuestMemory};
 use livemig_wire::MemoryRange;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Guest memory for `ranges`: the memory [`prepare`]d for this layout if there is some,
@@ -48,22 +48,13 @@ pub fn ranges_of(mem: &GuestMemory) -> Vec<MemoryRange> {
 /// --memory`), taken by the first [`allocate`] asking for exactly its layout.
 static PREPARED: Mutex<Option<GuestMemory>> = Mutex::new(None);
 
-/// Allocates memory for `ranges` now and pre-faults it on a thread that runs until done or
-/// until `stop` is set, so a later migration of a guest with this layout finds its memory
-/// ready. Join the returned thread before exiting.
-pub fn prepare(
-    ranges: &[MemoryRange],
-    stop: Arc<AtomicBool>,
-) -> Result<std::thread::JoinHandle<()>, GuestError> {
+/// Allocates memory for `ranges` now and pre-faults it, so that a later migration of a
+/// guest with exactly this layout finds its memory ready.
+pub fn prepare(ranges: &[MemoryRange]) -> Result<(), GuestError> {
     let mem = allocate_fresh(ranges)?;
-    let for_thread = mem.clone();
+    livemig_engine::prefault::populate(&mem, &AtomicBool::new(false));
     *PREPARED.lock().unwrap_or_else(|p| p.into_inner()) = Some(mem);
-    std::thread::Builder::new()
-        .name("lm-prefault".into())
-        .spawn(move || {
-            livemig_engine::prefault::populate(&for_thread, &stop);
-        })
-        .map_err(|e| GuestError::new("start pre-faulting", e))
+    Ok(())
 }
 
 fn take_prepared(ranges: &[MemoryRange]) -> Option<GuestMemory> {

@@ -47,7 +47,11 @@ pub struct RamPrefix {
 
 impl RamPrefix {
     /// Decodes the fixed prefix of a payload that is `payload_len` bytes long in all.
-    pub fn decode(fixed: &[u8; PREFIX_FIXED], len: u32, limits: &Limits) -> Result<Self, WireError> {
+    pub fn decode(
+        fixed: &[u8; PREFIX_FIXED],
+        len: u32,
+        limits: &Limits,
+    ) -> Result<Self, WireError> {
         let mut r = Reader::new(fixed, "RamPages");
         let round = r.u32()?;
         let normal = r.u32()?;
@@ -76,7 +80,11 @@ impl RamPrefix {
                 found: len as u64,
             });
         }
-        Ok(RamPrefix { round, normal, zero })
+        Ok(RamPrefix {
+            round,
+            normal,
+            zero,
+        })
     }
 
     /// Bytes of the offsets that follow the fixed prefix.
@@ -119,7 +127,11 @@ impl<'a> RamPacket<'a> {
             len: payload.len() as u64,
             limit: u32::MAX as u64,
         })?;
-        let RamPrefix { round, normal, zero } = RamPrefix::decode(&r.array()?, len, limits)?;
+        let RamPrefix {
+            round,
+            normal,
+            zero,
+        } = RamPrefix::decode(&r.array()?, len, limits)?;
         let normal_offsets = r.bytes(8 * normal as usize)?;
         let zero_offsets = r.bytes(8 * zero as usize)?;
         let data = r.rest();

@@ -7,10 +7,12 @@ use crate::config::TestHooks;
 use crate::error::{ChannelError, ChannelName};
 use crate::framed;
 use crate::guest::GuestMemory;
+use crate::hostmem::{self, PageClaims};
 use crate::transport::Stream;
 use crossbeam_channel::Sender;
-use crate::hostmem::{self, PageClaims};
-use livemig_wire::{ram, FrameHeader, FrameKind, Limits, RamPacket, RamPrefix, RoundEnd, PAGE_SIZE};
+use livemig_wire::{
+    ram, FrameHeader, FrameKind, Limits, RamPacket, RamPrefix, RoundEnd, PAGE_SIZE,
+};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use vm_memory::{Bytes, GuestAddress};
@@ -89,7 +91,10 @@ impl ChannelReceiver<'_> {
                     if end.round != round {
                         return Err(ChannelError::Protocol {
                             channel,
-                            detail: format!("RoundEnd for round {} during round {round}", end.round),
+                            detail: format!(
+                                "RoundEnd for round {} during round {round}",
+                                end.round
+                            ),
                         });
                     }
                     if end.last && broken {
@@ -100,12 +105,12 @@ impl ChannelReceiver<'_> {
                     let leader = if broken {
                         self.index == 0
                     } else {
-                        self.barrier
-                            .wait(|| self.claims.clear())
-                            .map_err(|_| ChannelError::Protocol {
+                        self.barrier.wait(|| self.claims.clear()).map_err(|_| {
+                            ChannelError::Protocol {
                                 channel,
                                 detail: "aborted: another part of the migration failed".into(),
-                            })?
+                            }
+                        })?
                     };
                     if leader && !end.last {
                         let _ = self.events.send(Event::RoundApplied(round));
@@ -129,7 +134,12 @@ impl ChannelReceiver<'_> {
     /// checks the CRC over what landed there. Nothing is written before the page addresses
     /// are validated and claimed; a CRC mismatch fails the migration (the destination guest
     /// never runs with the bad data).
-    fn receive_pages(&mut self, h: &FrameHeader, round: u32, scratch: &mut Vec<u8>) -> Result<(), ChannelError> {
+    fn receive_pages(
+        &mut self,
+        h: &FrameHeader,
+        round: u32,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), ChannelError> {
         let channel = ChannelName::Data(self.index);
         let wire = |source| ChannelError::Wire { channel, source };
         let mut fixed = [0u8; ram::PREFIX_FIXED];
@@ -160,13 +170,12 @@ impl ChannelReceiver<'_> {
         // SAFETY: every pointer is a whole page inside guest memory (page_ptr checked it),
         // which stays mapped for the session, and this thread claimed each page for this
         // round, so no other thread touches it until the round barrier.
-        unsafe { hostmem::read_pages(self.stream.as_raw_fd(), &self.pages, &mut self.iov) }.map_err(
-            |source| ChannelError::Io {
+        unsafe { hostmem::read_pages(self.stream.as_raw_fd(), &self.pages, &mut self.iov) }
+            .map_err(|source| ChannelError::Io {
                 channel,
                 op: "receive pages",
                 source,
-            },
-        )?;
+            })?;
         for &p in &self.pages {
             // SAFETY: as above; the page was just filled by this thread.
             let page = unsafe { std::slice::from_raw_parts(p, PAGE_SIZE) };

@@ -367,7 +367,10 @@ impl Guest for KvmGuest {
     }
 
     fn verify(&self) -> Result<VerifyReport, GuestError> {
-        verify::verify(&self.memory, &self.layout, self.vcpus.len() as u32).map_err(gerr("verify"))
+        let mut report = verify::verify(&self.memory, &self.layout, self.vcpus.len() as u32)
+            .map_err(gerr("verify"))?;
+        report.counter = self.counter();
+        Ok(report)
     }
 }
 

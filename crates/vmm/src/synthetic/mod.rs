@@ -361,6 +361,7 @@ impl Guest for SyntheticGuest {
             ));
         }
         report.examples.truncate(5);
+        report.counter = counter;
         Ok(report)
     }
 }

@@ -1,0 +1,86 @@
+//! The guest a source runs: the KVM micro-VM when /dev/kvm is usable, the synthetic guest
+//! otherwise (or as chosen with `--guest`).
+
+use crate::args::GuestArgs;
+use clap::ValueEnum;
+use livemig_engine::Guest;
+use livemig_vmm::kvm::{self, KvmConfig, KvmGuest};
+use livemig_vmm::synthetic::SyntheticGuest;
+
+/// Which guest to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GuestChoice {
+    /// KVM if /dev/kvm is usable, else synthetic.
+    Auto,
+    /// The KVM micro-VM running livemig's own payload.
+    Kvm,
+    /// Host threads dirtying `vm-memory` (no /dev/kvm needed).
+    Synthetic,
+}
+
+impl GuestChoice {
+    /// The concrete kind for this machine.
+    pub fn resolve(self) -> GuestChoice {
+        match self {
+            GuestChoice::Auto if kvm::kvm_usable() => GuestChoice::Kvm,
+            GuestChoice::Auto => GuestChoice::Synthetic,
+            other => other,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self.resolve() {
+            GuestChoice::Kvm => "kvm",
+            _ => "synthetic",
+        }
+    }
+}
+
+/// A running source guest of either kind.
+pub enum SourceGuest {
+    Kvm(KvmGuest),
+    Synthetic(SyntheticGuest),
+}
+
+impl SourceGuest {
+    pub fn start(a: &GuestArgs) -> anyhow::Result<SourceGuest> {
+        Ok(match a.guest.resolve() {
+            GuestChoice::Kvm => {
+                if !kvm::kvm_usable() {
+                    anyhow::bail!("--guest kvm: /dev/kvm is missing or lacks what livemig needs");
+                }
+                SourceGuest::Kvm(KvmGuest::start(&KvmConfig {
+                    memory_bytes: a.memory,
+                    vcpus: a.vcpus,
+                    fill: a.fill,
+                    working_set_pages: a.working_set / livemig_wire::PAGE_SIZE as u64,
+                    rate: a.dirty_rate,
+                    ..KvmConfig::default()
+                })?)
+            }
+            _ => SourceGuest::Synthetic(SyntheticGuest::start(&a.synthetic())?),
+        })
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceGuest::Kvm(_) => "kvm",
+            SourceGuest::Synthetic(_) => "synthetic",
+        }
+    }
+
+    pub fn guest(&self) -> &dyn Guest {
+        match self {
+            SourceGuest::Kvm(g) => g,
+            SourceGuest::Synthetic(g) => g,
+        }
+    }
+
+    /// The workload's write counter: it only grows.
+    pub fn counter(&self) -> u64 {
+        match self {
+            SourceGuest::Kvm(g) => g.counter(),
+            SourceGuest::Synthetic(g) => g.counter(),
+        }
+    }
+}

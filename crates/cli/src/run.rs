@@ -1,0 +1,72 @@
+//! `livemig run`: start a guest on its own and watch it: its write counter and dirty rate,
+//! once a second.
+
+use crate::args::GuestArgs;
+use crate::emit;
+use crate::guest::SourceGuest;
+use clap::Args;
+use serde_json::json;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// Stop after this many seconds (0: run until killed).
+    #[arg(long, default_value_t = 0)]
+    pub duration_secs: u64,
+    /// Check every page when stopping.
+    #[arg(long)]
+    pub verify: bool,
+    /// Print one JSON object per line instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
+    let g = SourceGuest::start(&a.guest)?;
+    if a.json {
+        emit(&json!({"event": "guest_started", "guest": g.kind(), "memory": a.guest.memory}));
+    } else {
+        eprintln!(
+            "livemig: {} guest running: {} MiB, {} vCPU(s) writing {} MiB",
+            g.kind(),
+            a.guest.memory >> 20,
+            a.guest.vcpus,
+            a.guest.working_set >> 20
+        );
+    }
+    let start = Instant::now();
+    let mut last = (Instant::now(), g.counter());
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let (now, c) = (Instant::now(), g.counter());
+        let rate = (c - last.1) as f64 / (now - last.0).as_secs_f64();
+        last = (now, c);
+        if a.json {
+            emit(&json!({"event": "tick", "counter": c, "pages_per_s": rate}));
+        } else {
+            eprintln!("livemig: counter {c}, {rate:.0} page writes/s");
+        }
+        if a.duration_secs > 0 && start.elapsed() >= Duration::from_secs(a.duration_secs) {
+            break;
+        }
+    }
+    if a.verify {
+        g.guest().pause()?;
+        let v = g.guest().verify()?;
+        if a.json {
+            emit(&json!({"event": "verify", "verify": v}));
+        } else {
+            eprintln!(
+                "livemig: {} pages checked, {} wrong",
+                v.pages_checked, v.pages_mismatched
+            );
+        }
+        if v.pages_mismatched > 0 {
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
