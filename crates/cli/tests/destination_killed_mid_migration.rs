@@ -15,6 +15,7 @@ fn source_survives_and_second_migration_succeeds() {
         "--json",
         &to1,
         &to2,
+        "--guest=synthetic",
         "--memory=128M",
         "--working-set=8M",
         "--dirty-rate=20k",

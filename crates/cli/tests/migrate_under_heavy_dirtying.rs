@@ -6,6 +6,7 @@ mod common;
 use common::*;
 
 const SOURCE: &[&str] = &[
+    "--guest=synthetic",
     "--memory=128M",
     "--fill=0.9",
     "--working-set=16M",

@@ -1,0 +1,99 @@
+//! The KVM micro-VM migrated between real processes: exact memory, and the guest's write
+//! counter continues from where it paused, neither reset nor repeated. Skipped, saying so,
+//! where /dev/kvm is not usable.
+
+mod common;
+use common::*;
+
+fn kvm_or_skip(test: &str) -> bool {
+    if livemig_vmm::kvm::kvm_usable() {
+        true
+    } else {
+        eprintln!("{test}: SKIPPED (no usable /dev/kvm)");
+        false
+    }
+}
+
+const GUEST: &[&str] = &[
+    "--guest=kvm",
+    "--memory=256M",
+    "--fill=1",
+    "--working-set=16M",
+    "--dirty-rate=0",
+    "--warmup-ms=200",
+];
+
+#[test]
+fn kvm_guest_migrates_exact_under_dirtying() {
+    if !kvm_or_skip("kvm_guest_migrates_exact_under_dirtying") {
+        return;
+    }
+    let (mut dest, addr) = Proc::incoming(&["--verify", "--run-after-ms=300"]);
+    let to = format!("--to={addr}");
+    let mut args = vec!["migrate", "--json", to.as_str(), "--downtime-limit-ms=1", "--max-rounds=4"];
+    args.extend_from_slice(GUEST);
+    let mut src = Proc::spawn(&args);
+    let done = src.expect_event("completed");
+    assert_eq!(done["guest"], "kvm");
+    let r = &done["report"];
+    assert_eq!(r["rounds"].as_array().unwrap().len(), 5, "4 forced precopy rounds + switchover");
+    assert!(u64_at(&r["rounds"][2], &["pages"]) > 100, "the guest kept dirtying: {r:#}");
+    assert_eq!(u64_at(r, &["pages_mismatched"]), 0);
+    let paused_at = u64_at(&done, &["counter_at_pause"]);
+    assert!(paused_at > 0);
+    assert!(src.wait_exit().success());
+
+    let recv = dest.expect_event("received");
+    let v = &recv["report"]["verify"];
+    assert_eq!(u64_at(v, &["pages_checked"]), 65536);
+    assert_eq!(u64_at(v, &["pages_mismatched"]), 0, "{v:#}");
+    assert_eq!(u64_at(v, &["counter"]), paused_at, "the counter arrives exactly where it paused");
+    let after = dest.expect_event("after_run");
+    assert_eq!(u64_at(&after["verify"], &["pages_mismatched"]), 0, "{after:#}");
+    assert!(u64_at(&after["verify"], &["counter"]) > paused_at, "the guest runs on at the destination");
+    assert!(dest.wait_exit().success());
+}
+
+/// A -> B -> A -> B: three hops between four processes, each hop exact and the counter
+/// continuing across every one.
+#[test]
+fn kvm_guest_ping_pong_three_hops() {
+    if !kvm_or_skip("kvm_guest_ping_pong_three_hops") {
+        return;
+    }
+    let (mut last, last_addr) = Proc::incoming(&["--verify"]);
+    let mut hops = vec![];
+    let mut next = last_addr.clone();
+    for _ in 0..2 {
+        let onward = format!("--then-migrate-to={next}");
+        let (p, addr) = Proc::incoming(&["--verify", "--run-after-ms=200", &onward, "--channels=2"]);
+        hops.push(p);
+        next = addr;
+    }
+    let to = format!("--to={next}");
+    let mut args = vec!["migrate", "--json", to.as_str()];
+    args.extend(GUEST.iter().filter(|a| !a.starts_with("--dirty-rate")));
+    args.push("--dirty-rate=20k");
+    let mut src = Proc::spawn(&args);
+    let done = src.expect_event("completed");
+    let mut counter = u64_at(&done, &["counter_at_pause"]);
+    assert!(src.wait_exit().success());
+    // Hops run in reverse order of creation: the last one created received first.
+    for p in hops.iter_mut().rev() {
+        let recv = p.expect_event("received");
+        let v = &recv["report"]["verify"];
+        assert_eq!(u64_at(v, &["pages_mismatched"]), 0, "{v:#}");
+        assert_eq!(u64_at(v, &["counter"]), counter, "counter continues across the hop");
+        let onward = p.expect_event("completed");
+        assert_eq!(u64_at(&onward["report"], &["pages_mismatched"]), 0);
+        let paused = u64_at(&onward, &["counter_at_pause"]);
+        assert!(paused > counter, "the guest ran between hops");
+        counter = paused;
+        assert!(p.wait_exit().success());
+    }
+    let recv = last.expect_event("received");
+    let v = &recv["report"]["verify"];
+    assert_eq!(u64_at(v, &["pages_mismatched"]), 0, "{v:#}");
+    assert_eq!(u64_at(v, &["counter"]), counter);
+    assert!(last.wait_exit().success());
+}
