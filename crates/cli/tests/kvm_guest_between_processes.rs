@@ -5,14 +5,7 @@
 mod common;
 use common::*;
 
-fn kvm_or_skip(test: &str) -> bool {
-    if livemig_vmm::kvm::kvm_usable() {
-        true
-    } else {
-        eprintln!("{test}: SKIPPED (no usable /dev/kvm)");
-        false
-    }
-}
+use livemig_vmm::kvm::usable_or_skip;
 
 const GUEST: &[&str] = &[
     "--guest=kvm",
@@ -25,19 +18,32 @@ const GUEST: &[&str] = &[
 
 #[test]
 fn kvm_guest_migrates_exact_under_dirtying() {
-    if !kvm_or_skip("kvm_guest_migrates_exact_under_dirtying") {
+    if !usable_or_skip() {
         return;
     }
     let (mut dest, addr) = Proc::incoming(&["--verify", "--run-after-ms=300"]);
     let to = format!("--to={addr}");
-    let mut args = vec!["migrate", "--json", to.as_str(), "--downtime-limit-ms=1", "--max-rounds=4"];
+    let mut args = vec![
+        "migrate",
+        "--json",
+        to.as_str(),
+        "--downtime-limit-ms=1",
+        "--max-rounds=4",
+    ];
     args.extend_from_slice(GUEST);
     let mut src = Proc::spawn(&args);
     let done = src.expect_event("completed");
     assert_eq!(done["guest"], "kvm");
     let r = &done["report"];
-    assert_eq!(r["rounds"].as_array().unwrap().len(), 5, "4 forced precopy rounds + switchover");
-    assert!(u64_at(&r["rounds"][2], &["pages"]) > 100, "the guest kept dirtying: {r:#}");
+    assert_eq!(
+        r["rounds"].as_array().unwrap().len(),
+        5,
+        "4 forced precopy rounds + switchover"
+    );
+    assert!(
+        u64_at(&r["rounds"][2], &["pages"]) > 100,
+        "the guest kept dirtying: {r:#}"
+    );
     assert_eq!(u64_at(r, &["pages_mismatched"]), 0);
     let paused_at = u64_at(&done, &["counter_at_pause"]);
     assert!(paused_at > 0);
@@ -47,10 +53,21 @@ fn kvm_guest_migrates_exact_under_dirtying() {
     let v = &recv["report"]["verify"];
     assert_eq!(u64_at(v, &["pages_checked"]), 65536);
     assert_eq!(u64_at(v, &["pages_mismatched"]), 0, "{v:#}");
-    assert_eq!(u64_at(v, &["counter"]), paused_at, "the counter arrives exactly where it paused");
+    assert_eq!(
+        u64_at(v, &["counter"]),
+        paused_at,
+        "the counter arrives exactly where it paused"
+    );
     let after = dest.expect_event("after_run");
-    assert_eq!(u64_at(&after["verify"], &["pages_mismatched"]), 0, "{after:#}");
-    assert!(u64_at(&after["verify"], &["counter"]) > paused_at, "the guest runs on at the destination");
+    assert_eq!(
+        u64_at(&after["verify"], &["pages_mismatched"]),
+        0,
+        "{after:#}"
+    );
+    assert!(
+        u64_at(&after["verify"], &["counter"]) > paused_at,
+        "the guest runs on at the destination"
+    );
     assert!(dest.wait_exit().success());
 }
 
@@ -58,7 +75,7 @@ fn kvm_guest_migrates_exact_under_dirtying() {
 /// continuing across every one.
 #[test]
 fn kvm_guest_ping_pong_three_hops() {
-    if !kvm_or_skip("kvm_guest_ping_pong_three_hops") {
+    if !usable_or_skip() {
         return;
     }
     let (mut last, last_addr) = Proc::incoming(&["--verify"]);
@@ -66,7 +83,8 @@ fn kvm_guest_ping_pong_three_hops() {
     let mut next = last_addr.clone();
     for _ in 0..2 {
         let onward = format!("--then-migrate-to={next}");
-        let (p, addr) = Proc::incoming(&["--verify", "--run-after-ms=200", &onward, "--channels=2"]);
+        let (p, addr) =
+            Proc::incoming(&["--verify", "--run-after-ms=200", &onward, "--channels=2"]);
         hops.push(p);
         next = addr;
     }
@@ -83,7 +101,11 @@ fn kvm_guest_ping_pong_three_hops() {
         let recv = p.expect_event("received");
         let v = &recv["report"]["verify"];
         assert_eq!(u64_at(v, &["pages_mismatched"]), 0, "{v:#}");
-        assert_eq!(u64_at(v, &["counter"]), counter, "counter continues across the hop");
+        assert_eq!(
+            u64_at(v, &["counter"]),
+            counter,
+            "counter continues across the hop"
+        );
         let onward = p.expect_event("completed");
         assert_eq!(u64_at(&onward["report"], &["pages_mismatched"]), 0);
         let paused = u64_at(&onward, &["counter_at_pause"]);

@@ -5,7 +5,7 @@
 use livemig_engine::{
     migrate, receive, Endpoint, Guest, IncomingConfig, Listener, MigrationConfig,
 };
-use livemig_vmm::kvm::{kvm_usable, KvmConfig, KvmGuest};
+use livemig_vmm::kvm::{KvmConfig, KvmGuest};
 use livemig_vmm::Factory;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
@@ -22,8 +22,7 @@ fn counter(g: &dyn Guest) -> u64 {
 }
 
 fn migrate_once(config: KvmConfig, name: &str) {
-    if !kvm_usable() {
-        eprintln!("SKIPPED (no usable /dev/kvm)");
+    if !livemig_vmm::kvm::usable_or_skip() {
         return;
     }
     let src = KvmGuest::start(&config).unwrap();

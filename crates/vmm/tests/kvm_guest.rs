@@ -2,13 +2,12 @@
 //! Skipped (with a line saying so) where /dev/kvm is not usable.
 
 use livemig_engine::{DirtyBitmap, Guest};
-use livemig_vmm::kvm::{kvm_usable, KvmConfig, KvmGuest};
+use livemig_vmm::kvm::{usable_or_skip, KvmConfig, KvmGuest};
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
 fn start(config: KvmConfig) -> Option<KvmGuest> {
-    if !kvm_usable() {
-        eprintln!("SKIPPED (no usable /dev/kvm)");
+    if !usable_or_skip() {
         return None;
     }
     Some(KvmGuest::start(&config).expect("start KVM guest"))

@@ -4,7 +4,7 @@
 //! Skipped (with a line saying so) where /dev/kvm is not usable.
 
 use livemig_engine::{DirtyBitmap, Guest, GuestFactory};
-use livemig_vmm::kvm::{create_paused, kvm_usable, KvmConfig, KvmGuest};
+use livemig_vmm::kvm::{create_paused, KvmConfig, KvmGuest};
 use livemig_vmm::Factory;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
@@ -12,11 +12,7 @@ use vm_memory::{Bytes, GuestAddress};
 const PAGE: u64 = 4096;
 
 fn usable() -> bool {
-    if !kvm_usable() {
-        eprintln!("SKIPPED (no usable /dev/kvm)");
-        return false;
-    }
-    true
+    livemig_vmm::kvm::usable_or_skip()
 }
 
 fn counter(g: &dyn Guest) -> u64 {

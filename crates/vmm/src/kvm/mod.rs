@@ -119,8 +119,37 @@ fn gerr(op: &'static str) -> impl FnOnce(KvmError) -> GuestError {
     move |e| GuestError::new(op, e)
 }
 
+/// For tests that need /dev/kvm: true where it is usable. Elsewhere it says the calling
+/// test is skipped, on stderr and as one line appended to the file named by the
+/// `LIVEMIG_SKIP_LOG` environment variable (which `.ci/run` counts), and returns false.
+pub fn usable_or_skip() -> bool {
+    if kvm_usable() {
+        return true;
+    }
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a test");
+    eprintln!("{test}: SKIPPED (no usable /dev/kvm)");
+    if let Some(path) = std::env::var_os("LIVEMIG_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            // One write of the whole line, so concurrent tests' lines never interleave.
+            let _ = f.write_all(format!("{test}: SKIPPED (no usable /dev/kvm)\n").as_bytes());
+        }
+    }
+    false
+}
+
 /// Whether /dev/kvm can be opened here and offers every capability this guest needs.
+/// Setting `LIVEMIG_DISABLE_KVM=1` makes it answer no, to try the synthetic fallback (and
+/// the skipping of KVM tests) on a machine that has KVM.
 pub fn kvm_usable() -> bool {
+    if std::env::var_os("LIVEMIG_DISABLE_KVM").is_some_and(|v| v == "1") {
+        return false;
+    }
     kvm_ioctls::Kvm::new()
         .map(|k| vm::check_caps(&k).is_ok() && k.create_vm().is_ok())
         .unwrap_or(false)

@@ -5,8 +5,7 @@ use std::time::{Duration, Instant};
 
 /// A small guest, or None (with the skip line) where /dev/kvm is not usable.
 fn guest(config: KvmConfig) -> Option<KvmGuest> {
-    if !kvm_usable() {
-        eprintln!("SKIPPED (no usable /dev/kvm)");
+    if !usable_or_skip() {
         return None;
     }
     Some(KvmGuest::start(&config).expect("start KVM guest"))
