@@ -9,6 +9,7 @@
 //! `docs/state-machines.md` in the repository describe the threads and states.
 
 pub mod config;
+pub mod device;
 pub mod dirty;
 pub mod error;
 mod framed;
@@ -21,6 +22,7 @@ pub mod source;
 pub mod transport;
 
 pub use config::{IncomingConfig, MigrationConfig, TestHooks};
+pub use device::{Device, DeviceDescriptor, DeviceError, DeviceFactory, VmState};
 pub use dirty::DirtyBitmap;
 pub use error::{ChannelError, ChannelName, IncomingError, MigrationError};
 pub use guest::{Guest, GuestError, GuestFactory, GuestMemory, VerifyReport};
