@@ -16,6 +16,7 @@ mod framed;
 pub mod guest;
 mod hostmem;
 pub mod incoming;
+pub mod pool;
 pub mod prefault;
 pub mod report;
 pub mod source;
