@@ -6,6 +6,7 @@
 //!
 //! [`Factory`] builds the destination's guest from the source's description.
 
+pub mod devices;
 mod factory;
 pub mod kvm;
 pub mod memory;
