@@ -49,6 +49,7 @@ fn hello(session: SessionId) -> Vec<u8> {
                 size: 1 << 20,
             }],
         },
+        devices: DeviceSetup::default(),
     }
     .encode()
 }

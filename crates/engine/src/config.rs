@@ -1,7 +1,11 @@
 //! Knobs of a migration, with the defaults a user gets when saying nothing.
 
+use crate::cancel::CancelToken;
 use crate::error::MigrationError;
-use livemig_wire::{Limits, DEFAULT_PAGES_PER_PACKET, MAX_CHANNELS, MAX_PAGES_PER_PACKET};
+use livemig_wire::{
+    DeviceTransfer, Limits, DEFAULT_PAGES_PER_PACKET, MAX_CHANNELS, MAX_CHUNK_SIZE,
+    MAX_PAGES_PER_PACKET,
+};
 use std::time::Duration;
 
 /// Source side.
@@ -23,6 +27,17 @@ pub struct MigrationConfig {
     pub connect_timeout: Duration,
     /// How long to wait for each answer of the destination during switchover.
     pub completion_timeout: Duration,
+    /// Device state on the data channels with credit (the default), or each device in turn
+    /// on the main channel at switchover (the baseline livemig is compared with).
+    pub device_transfer: DeviceTransfer,
+    /// Bytes per device chunk.
+    pub chunk_size: u32,
+    /// Chunks of credit per device to ask the destination for (0: its default, 2 x channels).
+    pub credit_window: u32,
+    /// Bytes of device chunks to ask the destination to buffer at most (0: its default).
+    pub buffer_cap: u64,
+    /// Cancels the migration from outside; the guest then runs on here.
+    pub cancel: CancelToken,
 }
 
 impl Default for MigrationConfig {
@@ -36,6 +51,11 @@ impl Default for MigrationConfig {
             pages_per_packet: DEFAULT_PAGES_PER_PACKET,
             connect_timeout: Duration::from_secs(10),
             completion_timeout: Duration::from_secs(120),
+            device_transfer: DeviceTransfer::Multifd,
+            chunk_size: 1 << 20,
+            credit_window: 0,
+            buffer_cap: 0,
+            cancel: CancelToken::new(),
         }
     }
 }
@@ -52,6 +72,13 @@ impl MigrationConfig {
             return Err(MigrationError::Config(format!(
                 "pages per packet = {}: must be 1..={MAX_PAGES_PER_PACKET}",
                 self.pages_per_packet
+            )));
+        }
+        if self.chunk_size == 0 || self.chunk_size > MAX_CHUNK_SIZE {
+            return Err(MigrationError::Config(format!(
+                "chunk size = {}: must be 1 byte to {} MiB",
+                self.chunk_size,
+                MAX_CHUNK_SIZE >> 20
             )));
         }
         if self.max_bandwidth == Some(0) {
@@ -84,6 +111,12 @@ pub struct IncomingConfig {
     pub handshake_timeout: Duration,
     /// Check every page of the loaded guest before resuming it (a test instrument).
     pub verify: bool,
+    /// Chunks of credit each device gets at most (0: 2 x the session's channels). A source
+    /// may ask for less.
+    pub credit_window: u32,
+    /// Bytes of device chunks buffered at most across devices (0: every device's full
+    /// window). A source may ask for less.
+    pub buffer_cap: u64,
     pub test_hooks: TestHooks,
 }
 
@@ -95,6 +128,8 @@ impl Default for IncomingConfig {
             setup_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(5),
             verify: false,
+            credit_window: 0,
+            buffer_cap: 0,
             test_hooks: TestHooks::default(),
         }
     }

@@ -73,6 +73,10 @@ pub enum MigrationError {
     ThreadPanicked(String),
     #[error("destination did not answer within {0:?}")]
     Timeout(std::time::Duration),
+    #[error("migration cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
     #[error("handover outcome unknown: the destination did not confirm it resumed ({0}); the source guest stays paused")]
     HandoverUnknown(String),
 }
@@ -100,6 +104,8 @@ pub enum IncomingError {
     ThreadPanicked(String),
     #[error("source did not hand over the guest: {0}")]
     NoHandover(String),
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
 }
 
 /// Text of a panic payload.

@@ -8,6 +8,7 @@
 //! The engine knows guests only through the [`guest::Guest`] trait. `docs/threading.md` and
 //! `docs/state-machines.md` in the repository describe the threads and states.
 
+pub mod cancel;
 pub mod config;
 pub mod device;
 pub mod dirty;
@@ -22,12 +23,15 @@ pub mod report;
 pub mod source;
 pub mod transport;
 
+pub use cancel::CancelToken;
 pub use config::{IncomingConfig, MigrationConfig, TestHooks};
 pub use device::{Device, DeviceDescriptor, DeviceError, DeviceFactory, VmState};
 pub use dirty::DirtyBitmap;
 pub use error::{ChannelError, ChannelName, IncomingError, MigrationError};
 pub use guest::{Guest, GuestError, GuestFactory, GuestMemory, VerifyReport};
-pub use incoming::{receive, Incoming};
-pub use report::{DowntimeBreakdown, IncomingReport, MigrationReport, Progress, RoundReport};
-pub use source::migrate;
+pub use incoming::{receive, receive_vm, Factories, Incoming};
+pub use report::{
+    DeviceReport, DowntimeBreakdown, IncomingReport, MigrationReport, Progress, RoundReport,
+};
+pub use source::{migrate, migrate_vm, Vm};
 pub use transport::{Endpoint, Listener, Stream};

@@ -27,8 +27,14 @@ pub struct DowntimeBreakdown {
     pub pause_ms: f64,
     /// Reading and clearing the dirty log one last time.
     pub last_dirty_pass_ms: f64,
-    /// Saving the guest's non-memory state.
+    /// Saving the guest's non-memory state and the small devices' blobs (on its own worker,
+    /// at the same time as the RAM's last pass and the device saves).
     pub state_save_ms: f64,
+    /// Handing the RAM's last dirty pages to the data channels.
+    pub ram_final_ms: f64,
+    /// Until the slowest device's final state was read and handed to a channel (serial
+    /// mode: every device's whole state sent in turn on the main channel).
+    pub device_save_ms: f64,
     /// Sending the last pages and the state until the destination had them all.
     pub transfer_ms: f64,
     /// Restoring the state on the destination.
@@ -63,6 +69,30 @@ pub struct MigrationReport {
     pub expected_downtime_ms: f64,
     pub pages_checked: u64,
     pub pages_mismatched: u64,
+    /// Device state bytes sent.
+    pub device_bytes: u64,
+    /// "multifd" (data channels, with credit) or "main" (serial, on the main channel).
+    pub device_transfer: String,
+    /// Chunks of credit per device the destination granted.
+    pub credit_window: u32,
+    /// Bytes of device chunks the destination buffers at most.
+    pub buffer_cap_bytes: u64,
+    pub devices: Vec<DeviceReport>,
+}
+
+/// One streamed device in a migration.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeviceReport {
+    pub name: String,
+    /// Bytes of state loaded on the destination.
+    pub bytes: u64,
+    pub chunks: u32,
+    /// Of which precopy data, sent while the guest ran.
+    pub precopy_bytes: u64,
+    /// From the pause until the device's last chunk was handed to a channel.
+    pub final_save_ms: f64,
+    /// The most bytes of its chunks the destination held in the reorder buffer at once.
+    pub peak_buffered_bytes: u64,
 }
 
 /// The destination's account of a completed incoming migration.
@@ -82,6 +112,10 @@ pub struct IncomingReport {
     pub verify_ms: f64,
     pub resume_ms: f64,
     pub verify: Option<VerifyReport>,
+    pub credit_window: u32,
+    pub buffer_cap_bytes: u64,
+    /// Per streamed device, the most bytes its reorder buffer held at once.
+    pub device_peak_buffered_bytes: Vec<u64>,
 }
 
 /// Events a running migration reports as it goes.
@@ -94,6 +128,7 @@ pub enum Progress {
         channels: u16,
         setup_ms: f64,
         total_pages: u64,
+        devices: usize,
     },
     /// A round is starting.
     RoundStarted { round: u32, pages: u64 },

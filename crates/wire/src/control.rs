@@ -15,6 +15,7 @@
 //! ```
 
 use crate::cursor::{Reader, Writer};
+use crate::device::{DeviceLoadStats, MAX_DEVICES};
 use crate::WireError;
 
 /// Sent on every data channel after the channel's last page of a round.
@@ -117,7 +118,7 @@ impl Complete {
 }
 
 /// Return path: everything is loaded and checked; the destination waits for Handover.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Loaded {
     /// From Complete until every data channel had drained its last round.
     pub drain_us: u64,
@@ -127,17 +128,23 @@ pub struct Loaded {
     pub verify_us: u64,
     pub pages_checked: u64,
     pub pages_mismatched: u64,
+    /// Per streamed device, in session order.
+    pub devices: Vec<DeviceLoadStats>,
 }
 
 impl Loaded {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        Writer::new(&mut out)
-            .u64(self.drain_us)
+        let mut w = Writer::new(&mut out);
+        w.u64(self.drain_us)
             .u64(self.restore_us)
             .u64(self.verify_us)
             .u64(self.pages_checked)
-            .u64(self.pages_mismatched);
+            .u64(self.pages_mismatched)
+            .u16(self.devices.len() as u16);
+        for d in &self.devices {
+            d.write(&mut w);
+        }
         out
     }
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
@@ -148,7 +155,20 @@ impl Loaded {
             verify_us: r.u64()?,
             pages_checked: r.u64()?,
             pages_mismatched: r.u64()?,
+            devices: Vec::new(),
         };
+        let n = r.u16()? as usize;
+        if n > MAX_DEVICES {
+            return Err(WireError::OutOfRange {
+                field: "Loaded devices",
+                value: n as u64,
+                reason: "at most 64",
+            });
+        }
+        let mut v = v;
+        for _ in 0..n {
+            v.devices.push(DeviceLoadStats::read(&mut r)?);
+        }
         r.finish()?;
         Ok(v)
     }
@@ -193,6 +213,12 @@ mod tests {
             verify_us: 3,
             pages_checked: 4,
             pages_mismatched: 5,
+            devices: vec![DeviceLoadStats {
+                bytes: 1,
+                chunks: 2,
+                peak_buffered: 3,
+                done_us: 4,
+            }],
         };
         assert_eq!(Loaded::decode(&l.encode()).unwrap(), l);
         let c = Complete { rounds: 4 };

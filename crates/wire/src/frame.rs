@@ -74,6 +74,8 @@ frame_kinds! {
     RamPages = 16, |l: &Limits| crate::ram::payload_len(l.max_pages_per_packet, 0);
     /// Data channel: every page of a round has been sent on this channel.
     RoundEnd = 17, |_| SMALL;
+    /// Data channel (main channel in serial mode): a chunk of a device's state stream.
+    DeviceChunk = 18, |_| crate::device::CHUNK_PREFIX as u64 + crate::device::MAX_CHUNK_SIZE as u64;
     /// Main channel: the guest's non-memory state (vCPUs, VM, workload).
     GuestState = 32, |l: &Limits| l.max_state_bytes;
     /// Main channel: the source has sent everything.
@@ -88,6 +90,10 @@ frame_kinds! {
     RoundStart = 37, |_| SMALL;
     /// Main channel, return path: every page of a round has been written into guest memory.
     RoundAck = 38, |_| SMALL;
+    /// Main channel, return path: credit for a device's chunks.
+    Credit = 39, |_| SMALL;
+    /// Main channel: the blobs of the non-iterable devices.
+    VmStates = 40, |l: &Limits| l.max_state_bytes;
 }
 
 /// Receiver-side bounds. A frame longer than these is refused before anything is allocated.

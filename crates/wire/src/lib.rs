@@ -11,6 +11,7 @@
 
 mod control;
 mod cursor;
+pub mod device;
 mod error;
 mod frame;
 pub mod ram;
@@ -18,6 +19,10 @@ mod session;
 
 pub use control::{Complete, Loaded, Resumed, RoundAck, RoundEnd, RoundStart};
 pub use cursor::{Reader, Writer};
+pub use device::{
+    ChunkHeader, Credit, DeviceLoadStats, DeviceSetup, DeviceTransfer, VmStates, WireDevice,
+    CHUNK_PREFIX, MAX_CHUNK_SIZE, MAX_DEVICES,
+};
 pub use error::WireError;
 pub use frame::{
     decode_frame, encode_frame, verify_payload, FrameHeader, FrameKind, Limits,
@@ -25,8 +30,8 @@ pub use frame::{
 };
 pub use ram::{RamPacket, RamPrefix};
 pub use session::{
-    ChannelHello, GuestDescriptor, MemoryRange, Reject, RejectCode, SessionHello, SessionId,
-    MAX_CHANNELS, MAX_REGIONS, MAX_VCPUS,
+    ChannelHello, GuestDescriptor, MemoryRange, Reject, RejectCode, SessionAccept, SessionHello,
+    SessionId, MAX_CHANNELS, MAX_REGIONS, MAX_VCPUS,
 };
 
 /// The guest page size livemig migrates in.

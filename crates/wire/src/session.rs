@@ -13,6 +13,7 @@
 //! ```
 
 use crate::cursor::{Reader, Writer};
+use crate::device::DeviceSetup;
 use crate::WireError;
 use std::fmt;
 
@@ -78,6 +79,7 @@ pub struct SessionHello {
     /// Pages per RamPages packet the source will send (at most).
     pub pages_per_packet: u32,
     pub guest: GuestDescriptor,
+    pub devices: DeviceSetup,
 }
 
 impl SessionHello {
@@ -94,6 +96,7 @@ impl SessionHello {
         for r in &self.guest.ranges {
             w.u64(r.guest_addr).u64(r.size);
         }
+        self.devices.write(&mut w);
         out
     }
 
@@ -171,6 +174,7 @@ impl SessionHello {
             end_prev = end;
             ranges.push(MemoryRange { guest_addr, size });
         }
+        let devices = DeviceSetup::read(&mut r)?;
         r.finish()?;
         Ok(SessionHello {
             session,
@@ -182,7 +186,35 @@ impl SessionHello {
                 page_size,
                 ranges,
             },
+            devices,
         })
+    }
+}
+
+/// The destination accepts a session, with the flow-control bounds it chose for device
+/// state (which the source reports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SessionAccept {
+    /// Chunks of credit each device gets at most.
+    pub window: u32,
+    /// Bytes of device chunks the destination buffers at most, across devices.
+    pub buffer_cap: u64,
+}
+
+impl SessionAccept {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        Writer::new(&mut out).u32(self.window).u64(self.buffer_cap);
+        out
+    }
+    pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(buf, "SessionAccept");
+        let v = SessionAccept {
+            window: r.u32()?,
+            buffer_cap: r.u64()?,
+        };
+        r.finish()?;
+        Ok(v)
     }
 }
 
@@ -307,6 +339,7 @@ mod tests {
                     },
                 ],
             },
+            devices: DeviceSetup::default(),
         }
     }
 

@@ -15,6 +15,12 @@ proptest! {
         let _ = RoundStart::decode(&bytes);
         let _ = Complete::decode(&bytes);
         let _ = RoundAck::decode(&bytes);
+        let _ = SessionAccept::decode(&bytes);
+        let _ = Credit::decode(&bytes);
+        let _ = VmStates::decode(&bytes, 2);
+        if bytes.len() >= CHUNK_PREFIX {
+            let _ = ChunkHeader::decode(bytes[..CHUNK_PREFIX].try_into().unwrap());
+        }
         let _ = Loaded::decode(&bytes);
         let _ = Resumed::decode(&bytes);
         let _ = RamPacket::decode(&bytes, &l);

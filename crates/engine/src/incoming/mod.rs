@@ -1,8 +1,11 @@
 //! The destination side of a migration.
 //!
-//! [`receive`] accepts one session on a listener, builds the guest the source describes,
-//! receives its memory on one thread per data channel, then loads its state and resumes it
-//! only once the source has handed it over. All threads are scoped and joined before
+//! [`receive_vm`] accepts one session on a listener, builds the guest and the devices the
+//! source describes, receives memory and device chunks on one thread per data channel, loads
+//! each device's stream in order on a loader thread of its own (started at setup, so precopy
+//! device data loads while the guest still runs on the source), then applies the small
+//! devices' blobs in list order, the guest's state last, and resumes the guest only once the
+//! source has handed it over. All threads are scoped and joined before
 //! `receive` returns; after any failure the guest is dropped, never resumed.
 //!
 //! ```text
@@ -20,8 +23,10 @@
 mod barrier;
 mod receiver;
 mod setup;
+mod streams;
 
 use crate::config::IncomingConfig;
+use crate::device::{Device, DeviceError, DeviceFactory, VmState};
 use crate::error::{panic_message, ChannelError, ChannelName, IncomingError};
 use crate::framed;
 use crate::guest::{Guest, GuestFactory};
@@ -32,13 +37,14 @@ use crate::transport::{Listener, Stream};
 use barrier::RoundBarrier;
 use crossbeam_channel::{Receiver, Sender};
 use livemig_wire::{
-    Complete, FrameKind, Limits, Loaded, Reject, RejectCode, Resumed, RoundAck, RoundStart,
-    SessionHello,
+    Complete, Credit, DeviceTransfer, FrameKind, Limits, Loaded, Reject, RejectCode, Resumed,
+    RoundAck, RoundStart, SessionAccept, SessionHello, VmStates,
 };
 use receiver::{ChannelReceiver, Counters};
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
+use streams::{LoadError, Streams};
 
 /// What the coordinator hears from its threads.
 pub(crate) enum Event {
@@ -48,278 +54,438 @@ pub(crate) enum Event {
     /// Every data channel has applied every page of a round.
     RoundApplied(u32),
     State(Vec<u8>),
+    VmStates(Vec<u8>),
     RoundStart(RoundStart),
     Complete(Complete),
     Handover,
     MainFailed(ChannelError),
+    /// A device's loader consumed a chunk: the source may send up to `up_to`.
+    Credit(u16, u32),
+    LoaderDone(u16, livemig_wire::DeviceLoadStats),
+    LoaderFailed(DeviceError),
 }
 
-/// A guest received, loaded and running on this side.
+/// Builds what a source describes.
+#[derive(Clone, Copy)]
+pub struct Factories<'a> {
+    pub guest: &'a dyn GuestFactory,
+    pub devices: &'a dyn DeviceFactory,
+}
+
+/// A VM received, loaded and running on this side.
 pub struct Incoming {
     pub guest: Box<dyn Guest>,
+    pub devices: Vec<Box<dyn Device>>,
+    pub vmstates: Vec<Box<dyn VmState>>,
     pub report: IncomingReport,
 }
 
-/// Waits for one incoming migration on `listener` and runs it to the end.
+/// Refuses every device: for destinations that receive bare guests.
+struct NoDevices;
+
+impl DeviceFactory for NoDevices {
+    fn create_device(
+        &self,
+        d: &crate::device::DeviceDescriptor,
+    ) -> Result<Box<dyn Device>, DeviceError> {
+        Err(DeviceError::new(
+            &d.name,
+            "create",
+            "this destination takes no devices",
+        ))
+    }
+    fn create_vmstate(
+        &self,
+        d: &crate::device::DeviceDescriptor,
+    ) -> Result<Box<dyn VmState>, DeviceError> {
+        Err(DeviceError::new(
+            &d.name,
+            "create",
+            "this destination takes no devices",
+        ))
+    }
+}
+
+/// Waits for one incoming migration of a guest without devices and runs it to the end.
 pub fn receive(
     listener: &Listener,
     factory: &dyn GuestFactory,
     config: &IncomingConfig,
     log: &(dyn Fn(String) + Sync),
 ) -> Result<Incoming, IncomingError> {
+    let f = Factories {
+        guest: factory,
+        devices: &NoDevices,
+    };
+    receive_vm(listener, f, config, log)
+}
+
+/// Waits for one incoming migration on `listener` and runs it to the end.
+pub fn receive_vm(
+    listener: &Listener,
+    factories: Factories<'_>,
+    config: &IncomingConfig,
+    log: &(dyn Fn(String) + Sync),
+) -> Result<Incoming, IncomingError> {
     let (hello, mut main) = setup::accept_session(listener, config, log)?;
     let start = Instant::now();
     log(format!(
-        "session {}: {} guest, {} MiB, {} data channels",
+        "session {}: {} guest, {} MiB, {} data channels, {} devices",
         hello.session,
         hello.guest.kind,
         hello.guest.memory_bytes() >> 20,
-        hello.channels
+        hello.channels,
+        hello.devices.devices.len() + hello.devices.vmstates.len()
     ));
-    let guest = match factory.create(&hello.guest) {
-        Ok(g) => g,
-        Err(e) => {
-            framed::send_reject(
-                &mut main,
-                ChannelName::Main,
-                &Reject::new(RejectCode::Unsupported, e.to_string()),
-            );
-            return Err(e.into());
+    let refuse = |main: &mut Stream, code, e: &dyn std::fmt::Display| {
+        framed::send_reject(main, ChannelName::Main, &Reject::new(code, e.to_string()));
+    };
+    let accept = match setup::flow_bounds(&hello, config) {
+        Ok(a) => a,
+        Err(reject) => {
+            framed::send_reject(&mut main, ChannelName::Main, &reject);
+            return Err(IncomingError::Setup(reject.reason));
         }
     };
-    framed::send(&mut main, ChannelName::Main, FrameKind::SessionAccept, &[])?;
-    let data = match setup::accept_channels(listener, &hello, config, log) {
-        Ok(d) => d,
-        Err(e) => {
-            framed::send_reject(
-                &mut main,
-                ChannelName::Main,
-                &Reject::new(RejectCode::Other, e.to_string()),
-            );
-            return Err(e);
-        }
+    let guest = factories
+        .guest
+        .create(&hello.guest)
+        .inspect_err(|e| refuse(&mut main, RejectCode::Unsupported, e))?;
+    let descriptor = |w: &livemig_wire::WireDevice| crate::device::DeviceDescriptor {
+        kind: w.kind.clone(),
+        name: w.name.clone(),
+        config: w.config.clone(),
     };
-    let report = run_session(&*guest, &hello, main, data, config, start, log)?;
-    Ok(Incoming { guest, report })
+    let devices = hello
+        .devices
+        .devices
+        .iter()
+        .map(|w| factories.devices.create_device(&descriptor(w)))
+        .collect::<Result<Vec<_>, _>>()
+        .inspect_err(|e| refuse(&mut main, RejectCode::Unsupported, e))?;
+    let vmstates = hello
+        .devices
+        .vmstates
+        .iter()
+        .map(|w| factories.devices.create_vmstate(&descriptor(w)))
+        .collect::<Result<Vec<_>, _>>()
+        .inspect_err(|e| refuse(&mut main, RejectCode::Unsupported, e))?;
+    framed::send(
+        &mut main,
+        ChannelName::Main,
+        FrameKind::SessionAccept,
+        &accept.encode(),
+    )?;
+    let data = setup::accept_channels(listener, &hello, config, log)
+        .inspect_err(|e| refuse(&mut main, RejectCode::Other, e))?;
+    let session = Session {
+        guest: &*guest,
+        devices: &devices,
+        vmstates: &vmstates,
+        hello: &hello,
+        accept,
+        config,
+        start,
+        log,
+    };
+    let report = session.run(main, data)?;
+    Ok(Incoming {
+        guest,
+        devices,
+        vmstates,
+        report,
+    })
 }
 
-fn run_session(
-    guest: &dyn Guest,
-    hello: &SessionHello,
-    main: Stream,
-    data: Vec<Stream>,
-    config: &IncomingConfig,
+/// One accepted session, with everything built for it.
+struct Session<'a> {
+    guest: &'a dyn Guest,
+    devices: &'a [Box<dyn Device>],
+    vmstates: &'a [Box<dyn VmState>],
+    hello: &'a SessionHello,
+    accept: SessionAccept,
+    config: &'a IncomingConfig,
     start: Instant,
-    log: &(dyn Fn(String) + Sync),
-) -> Result<IncomingReport, IncomingError> {
-    let clone = |s: &Stream, ch| {
-        s.try_clone().map_err(|source| {
-            IncomingError::Channel(ChannelError::Io {
-                channel: ch,
-                op: "clone socket",
-                source,
-            })
-        })
-    };
-    let mut shutters = vec![clone(&main, ChannelName::Main)?];
-    for (i, s) in data.iter().enumerate() {
-        shutters.push(clone(s, ChannelName::Data(i as u16))?);
-    }
-    let main_reader = clone(&main, ChannelName::Main)?;
-    let barrier = RoundBarrier::new(data.len());
-    let claims = PageClaims::new(guest.memory());
-    let counters = Counters::default();
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let stop_prefault = AtomicBool::new(false);
+    log: &'a (dyn Fn(String) + Sync),
+}
 
-    std::thread::scope(|scope| {
-        let mut handles = Vec::new();
-        let spawn_err = |e: std::io::Error| IncomingError::ThreadPanicked(format!("spawn: {e}"));
-        let stop = &stop_prefault;
-        handles.push(
-            std::thread::Builder::new()
-                .name("lm-dst-prefault".into())
-                .spawn_scoped(scope, move || {
-                    prefault::populate(guest.memory(), stop);
+impl Session<'_> {
+    fn run(&self, main: Stream, data: Vec<Stream>) -> Result<IncomingReport, IncomingError> {
+        let clone = |s: &Stream, ch| {
+            s.try_clone().map_err(|source| {
+                IncomingError::Channel(ChannelError::Io {
+                    channel: ch,
+                    op: "clone socket",
+                    source,
                 })
-                .map_err(spawn_err)?,
+            })
+        };
+        let mut shutters = vec![clone(&main, ChannelName::Main)?];
+        for (i, s) in data.iter().enumerate() {
+            shutters.push(clone(s, ChannelName::Data(i as u16))?);
+        }
+        let main_reader = clone(&main, ChannelName::Main)?;
+        let guest = self.guest;
+        let barrier = RoundBarrier::new(data.len());
+        let claims = PageClaims::new(guest.memory());
+        let streams = Streams::new(
+            self.devices.len(),
+            self.hello.devices.chunk_size as usize,
+            self.accept.window,
         );
-        let main_tx = tx.clone();
-        let limits = config.limits;
-        handles.push(
-            std::thread::Builder::new()
-                .name("lm-dst-main".into())
-                .spawn_scoped(scope, move || read_main(main_reader, limits, main_tx))
-                .map_err(spawn_err)?,
-        );
-        for (i, stream) in data.into_iter().enumerate() {
-            let r = ChannelReceiver {
-                index: i as u16,
-                stream,
-                memory: guest.memory(),
-                barrier: &barrier,
-                limits: config.limits,
-                events: tx.clone(),
-                counters: &counters,
-                claims: &claims,
-                hooks: config.test_hooks.clone(),
-                pages: Vec::new(),
-                iov: Vec::new(),
-            };
+        let counters = Counters::default();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let stop_prefault = AtomicBool::new(false);
+        let serial = self.hello.devices.transfer == DeviceTransfer::Main;
+
+        std::thread::scope(|scope| {
+            let mut handles = Vec::new();
+            let spawn_err =
+                |e: std::io::Error| IncomingError::ThreadPanicked(format!("spawn: {e}"));
+            let stop = &stop_prefault;
             handles.push(
                 std::thread::Builder::new()
-                    .name(format!("lm-dst-ch{i}"))
-                    .spawn_scoped(scope, move || r.run())
+                    .name("lm-dst-prefault".into())
+                    .spawn_scoped(scope, move || {
+                        prefault::populate(guest.memory(), stop);
+                    })
                     .map_err(spawn_err)?,
             );
-        }
-        drop(tx);
-
-        let mut main = main;
-        let outcome = coordinate(guest, hello, &mut main, &rx, config, start, &counters, log);
-        stop_prefault.store(true, Relaxed);
-        if let Err(e) = &outcome {
-            barrier.abort();
-            framed::send_reject(
-                &mut main,
-                ChannelName::Main,
-                &Reject::new(RejectCode::LoadFailed, e.to_string()),
+            let main_tx = tx.clone();
+            let limits = self.config.limits;
+            let main_streams = &streams;
+            handles.push(
+                std::thread::Builder::new()
+                    .name("lm-dst-main".into())
+                    .spawn_scoped(scope, move || {
+                        read_main(main_reader, limits, main_tx, main_streams, serial)
+                    })
+                    .map_err(spawn_err)?,
             );
-        }
-        for s in &shutters {
-            s.shutdown();
-        }
-        let mut panicked = None;
-        for h in handles {
-            if let Err(p) = h.join() {
-                panicked = Some(panic_message(p));
+            for (i, device) in self.devices.iter().enumerate() {
+                let tx = tx.clone();
+                let streams = &streams;
+                let start = self.start;
+                handles.push(
+                    std::thread::Builder::new()
+                        .name(format!("lm-dst-load{i}"))
+                        .spawn_scoped(scope, move || {
+                            let credit = |up_to| {
+                                let _ = tx.send(Event::Credit(i as u16, up_to));
+                            };
+                            let ev = match streams.run_loader(i, &**device, start, credit) {
+                                Ok(stats) => Event::LoaderDone(i as u16, stats),
+                                Err(LoadError::Device(e)) => Event::LoaderFailed(e),
+                                Err(LoadError::Aborted) => return,
+                            };
+                            let _ = tx.send(ev);
+                        })
+                        .map_err(spawn_err)?,
+                );
             }
-        }
-        match (outcome, panicked) {
-            (Err(e), _) => Err(e),
-            (Ok(_), Some(p)) => Err(IncomingError::ThreadPanicked(p)),
-            (Ok(r), None) => Ok(r),
-        }
-    })
-}
+            for (i, stream) in data.into_iter().enumerate() {
+                let r = ChannelReceiver {
+                    index: i as u16,
+                    stream,
+                    memory: guest.memory(),
+                    barrier: &barrier,
+                    limits: self.config.limits,
+                    events: tx.clone(),
+                    counters: &counters,
+                    claims: &claims,
+                    streams: &streams,
+                    hooks: self.config.test_hooks.clone(),
+                    pages: Vec::new(),
+                    iov: Vec::new(),
+                };
+                handles.push(
+                    std::thread::Builder::new()
+                        .name(format!("lm-dst-ch{i}"))
+                        .spawn_scoped(scope, move || r.run())
+                        .map_err(spawn_err)?,
+                );
+            }
+            drop(tx);
 
-/// Receiving, loading and handover, on the caller's thread.
-#[allow(clippy::too_many_arguments)]
-fn coordinate(
-    guest: &dyn Guest,
-    hello: &SessionHello,
-    main: &mut Stream,
-    events: &Receiver<Event>,
-    config: &IncomingConfig,
-    start: Instant,
-    counters: &Counters,
-    log: &(dyn Fn(String) + Sync),
-) -> Result<IncomingReport, IncomingError> {
-    let next = || -> Result<Event, IncomingError> {
-        match events.recv() {
-            Ok(Event::ChannelFailed(e)) | Ok(Event::MainFailed(e)) => Err(e.into()),
-            Ok(ev) => Ok(ev),
-            Err(_) => Err(IncomingError::ThreadPanicked(
-                "every migration thread exited".into(),
-            )),
-        }
-    };
-    let mut state = None;
-    let mut complete = None;
-    let mut done = 0usize;
-    let mut rounds = 0;
-    let mut t_complete = Instant::now();
-    while complete.is_none() || done < hello.channels as usize {
-        match next()? {
-            Event::ChannelDone(r) => {
-                done += 1;
-                rounds = r;
+            let mut main = main;
+            let outcome = self.coordinate(&mut main, &rx, &counters);
+            stop_prefault.store(true, Relaxed);
+            if let Err(e) = &outcome {
+                barrier.abort();
+                streams.abort();
+                framed::send_reject(
+                    &mut main,
+                    ChannelName::Main,
+                    &Reject::new(RejectCode::LoadFailed, e.to_string()),
+                );
             }
-            Event::State(s) => state = Some(s),
-            Event::RoundApplied(round) => framed::send(
-                main,
-                ChannelName::Main,
-                FrameKind::RoundAck,
-                &RoundAck { round }.encode(),
-            )?,
-            Event::RoundStart(r) => log(format!("round {}: {} pages", r.round, r.pages)),
-            Event::Complete(c) => {
-                complete = Some(c);
-                t_complete = Instant::now();
+            for s in &shutters {
+                s.shutdown();
             }
-            Event::Handover => return Err(protocol("Handover before Loaded")),
-            Event::ChannelFailed(_) | Event::MainFailed(_) => unreachable!("mapped by next()"),
-        }
+            let mut panicked = None;
+            for h in handles {
+                if let Err(p) = h.join() {
+                    panicked = Some(panic_message(p));
+                }
+            }
+            match (outcome, panicked) {
+                (Err(e), _) => Err(e),
+                (Ok(_), Some(p)) => Err(IncomingError::ThreadPanicked(p)),
+                (Ok(r), None) => Ok(r),
+            }
+        })
     }
-    let drain = t_complete.elapsed();
-    let complete = complete.expect("loop ends only with Complete");
-    if complete.rounds != rounds {
-        return Err(protocol(&format!(
-            "source sent {} rounds, data channels carried {rounds}",
-            complete.rounds
-        )));
-    }
-    let state = state.ok_or_else(|| protocol("Complete without GuestState"))?;
 
-    let t = Instant::now();
-    guest.restore_state(&state)?;
-    let restore = t.elapsed();
-    let t = Instant::now();
-    let verify = if config.verify {
-        let v = guest.verify()?;
-        if v.pages_mismatched > 0 {
-            return Err(IncomingError::Verify {
-                checked: v.pages_checked,
-                mismatched: v.pages_mismatched,
-                example: v.examples.first().cloned().unwrap_or_default(),
-            });
+    /// Receiving, loading and handover, on the caller's thread.
+    fn coordinate(
+        &self,
+        main: &mut Stream,
+        events: &Receiver<Event>,
+        counters: &Counters,
+    ) -> Result<IncomingReport, IncomingError> {
+        let hello = self.hello;
+        let next = || -> Result<Event, IncomingError> {
+            match events.recv() {
+                Ok(Event::ChannelFailed(e)) | Ok(Event::MainFailed(e)) => Err(e.into()),
+                Ok(Event::LoaderFailed(e)) => Err(e.into()),
+                Ok(ev) => Ok(ev),
+                Err(_) => Err(IncomingError::ThreadPanicked(
+                    "every migration thread exited".into(),
+                )),
+            }
+        };
+        let mut state = None;
+        let mut vmstates = None;
+        let mut complete = None;
+        let mut channels_done = 0usize;
+        let mut device_stats = vec![None; self.devices.len()];
+        let mut rounds = 0;
+        let mut t_complete = Instant::now();
+        while complete.is_none()
+            || channels_done < hello.channels as usize
+            || device_stats.iter().any(Option::is_none)
+        {
+            match next()? {
+                Event::ChannelDone(r) => {
+                    channels_done += 1;
+                    rounds = r;
+                }
+                Event::RoundApplied(round) => framed::send(
+                    main,
+                    ChannelName::Main,
+                    FrameKind::RoundAck,
+                    &RoundAck { round }.encode(),
+                )?,
+                Event::Credit(device, up_to) => framed::send(
+                    main,
+                    ChannelName::Main,
+                    FrameKind::Credit,
+                    &Credit { device, up_to }.encode(),
+                )?,
+                Event::LoaderDone(d, stats) => device_stats[d as usize] = Some(stats),
+                Event::State(s) => state = Some(s),
+                Event::VmStates(v) => vmstates = Some(v),
+                Event::RoundStart(r) => (self.log)(format!("round {}: {} pages", r.round, r.pages)),
+                Event::Complete(c) => {
+                    complete = Some(c);
+                    t_complete = Instant::now();
+                }
+                Event::Handover => return Err(protocol("Handover before Loaded")),
+                Event::ChannelFailed(_) | Event::MainFailed(_) | Event::LoaderFailed(_) => {
+                    unreachable!("mapped by next()")
+                }
+            }
         }
-        Some(v)
-    } else {
-        None
-    };
-    let verify_time = t.elapsed();
-    let loaded = Loaded {
-        drain_us: drain.as_micros() as u64,
-        restore_us: restore.as_micros() as u64,
-        verify_us: verify_time.as_micros() as u64,
-        pages_checked: verify.as_ref().map_or(0, |v| v.pages_checked),
-        pages_mismatched: verify.as_ref().map_or(0, |v| v.pages_mismatched),
-    };
-    framed::send(main, ChannelName::Main, FrameKind::Loaded, &loaded.encode())?;
-    match next() {
-        Ok(Event::Handover) => {}
-        Ok(_) => return Err(protocol("expected Handover")),
-        Err(e) => return Err(IncomingError::NoHandover(e.to_string())),
+        let drain = t_complete.elapsed();
+        let complete = complete.expect("loop ends only with Complete");
+        if complete.rounds != rounds {
+            return Err(protocol(&format!(
+                "source sent {} rounds, data channels carried {rounds}",
+                complete.rounds
+            )));
+        }
+        let state = state.ok_or_else(|| protocol("Complete without GuestState"))?;
+        let vmstates = vmstates.ok_or_else(|| protocol("Complete without VmStates"))?;
+
+        // Apply in a defined order: every streamed device has loaded (above), then the small
+        // devices in list order, then the guest's own state.
+        let t = Instant::now();
+        let blobs = VmStates::decode(&vmstates, self.vmstates.len()).map_err(|source| {
+            IncomingError::Channel(ChannelError::Wire {
+                channel: ChannelName::Main,
+                source,
+            })
+        })?;
+        for (dev, blob) in self.vmstates.iter().zip(&blobs.blobs) {
+            dev.load(blob)?;
+        }
+        self.guest.restore_state(&state)?;
+        let restore = t.elapsed();
+        let t = Instant::now();
+        let verify = if self.config.verify {
+            let v = self.guest.verify()?;
+            if v.pages_mismatched > 0 {
+                return Err(IncomingError::Verify {
+                    checked: v.pages_checked,
+                    mismatched: v.pages_mismatched,
+                    example: v.examples.first().cloned().unwrap_or_default(),
+                });
+            }
+            Some(v)
+        } else {
+            None
+        };
+        let verify_time = t.elapsed();
+        let device_stats: Vec<_> = device_stats.into_iter().flatten().collect();
+        let loaded = Loaded {
+            drain_us: drain.as_micros() as u64,
+            restore_us: restore.as_micros() as u64,
+            verify_us: verify_time.as_micros() as u64,
+            pages_checked: verify.as_ref().map_or(0, |v| v.pages_checked),
+            pages_mismatched: verify.as_ref().map_or(0, |v| v.pages_mismatched),
+            devices: device_stats.clone(),
+        };
+        framed::send(main, ChannelName::Main, FrameKind::Loaded, &loaded.encode())?;
+        loop {
+            match next() {
+                Ok(Event::Handover) => break,
+                Ok(Event::Credit(..)) | Ok(Event::RoundApplied(_)) => {}
+                Ok(_) => return Err(protocol("expected Handover")),
+                Err(e) => return Err(IncomingError::NoHandover(e.to_string())),
+            }
+        }
+        let t = Instant::now();
+        self.guest.resume()?;
+        let resume = t.elapsed();
+        framed::send(
+            main,
+            ChannelName::Main,
+            FrameKind::Resumed,
+            &Resumed {
+                resume_us: resume.as_micros() as u64,
+            }
+            .encode(),
+        )?;
+        Ok(IncomingReport {
+            session: hello.session.to_string(),
+            channels: hello.channels,
+            guest_kind: hello.guest.kind.clone(),
+            memory_bytes: hello.guest.memory_bytes(),
+            total_ms: ms(self.start.elapsed()),
+            received_bytes: counters.bytes.load(Relaxed),
+            normal_pages: counters.normal_pages.load(Relaxed),
+            zero_pages: counters.zero_pages.load(Relaxed),
+            rounds,
+            drain_ms: ms(drain),
+            restore_ms: ms(restore),
+            verify_ms: ms(verify_time),
+            resume_ms: ms(resume),
+            verify,
+            credit_window: self.accept.window,
+            buffer_cap_bytes: self.accept.buffer_cap,
+            device_peak_buffered_bytes: device_stats.iter().map(|d| d.peak_buffered).collect(),
+        })
     }
-    let t = Instant::now();
-    guest.resume()?;
-    let resume = t.elapsed();
-    framed::send(
-        main,
-        ChannelName::Main,
-        FrameKind::Resumed,
-        &Resumed {
-            resume_us: resume.as_micros() as u64,
-        }
-        .encode(),
-    )?;
-    Ok(IncomingReport {
-        session: hello.session.to_string(),
-        channels: hello.channels,
-        guest_kind: hello.guest.kind.clone(),
-        memory_bytes: hello.guest.memory_bytes(),
-        total_ms: ms(start.elapsed()),
-        received_bytes: counters.bytes.load(Relaxed),
-        normal_pages: counters.normal_pages.load(Relaxed),
-        zero_pages: counters.zero_pages.load(Relaxed),
-        rounds,
-        drain_ms: ms(drain),
-        restore_ms: ms(restore),
-        verify_ms: ms(verify_time),
-        resume_ms: ms(resume),
-        verify,
-    })
 }
 
 fn protocol(detail: &str) -> IncomingError {
@@ -329,34 +495,55 @@ fn protocol(detail: &str) -> IncomingError {
     })
 }
 
-/// The destination's main-channel reader thread.
-fn read_main(mut stream: Stream, limits: Limits, events: Sender<Event>) {
+/// The destination's main-channel reader thread. In serial mode it also receives the device
+/// chunks, waiting for each device's loader to make room (the main channel's own TCP
+/// backpressure then holds the source back).
+fn read_main(
+    mut stream: Stream,
+    limits: Limits,
+    events: Sender<Event>,
+    streams: &Streams,
+    serial: bool,
+) {
     let ch = ChannelName::Main;
     let mut buf = Vec::new();
     loop {
-        let ev = match framed::recv(&mut stream, ch, &limits, &mut buf) {
-            Ok(h) => {
-                let wire = |source| {
-                    Event::MainFailed(ChannelError::Wire {
-                        channel: ch,
-                        source,
-                    })
-                };
-                match h.kind {
-                    FrameKind::GuestState => Event::State(std::mem::take(&mut buf)),
-                    FrameKind::RoundStart => {
-                        RoundStart::decode(&buf).map_or_else(wire, Event::RoundStart)
-                    }
-                    FrameKind::Complete => {
-                        Complete::decode(&buf).map_or_else(wire, Event::Complete)
-                    }
-                    FrameKind::Handover => Event::Handover,
-                    other => Event::MainFailed(ChannelError::Protocol {
-                        channel: ch,
-                        detail: format!("unexpected {} frame on the main channel", other.name()),
-                    }),
+        let ev = match framed::recv_header(&mut stream, ch, &limits) {
+            Ok(h) if h.kind == FrameKind::DeviceChunk && serial => {
+                match receiver::receive_chunk(&mut stream, ch, &h, streams, true) {
+                    Ok(()) => continue,
+                    Err(e) => Event::MainFailed(e),
                 }
             }
+            Ok(h) => match framed::recv_payload(&mut stream, ch, &h, &mut buf) {
+                Err(e) => Event::MainFailed(e),
+                Ok(()) => {
+                    let wire = |source| {
+                        Event::MainFailed(ChannelError::Wire {
+                            channel: ch,
+                            source,
+                        })
+                    };
+                    match h.kind {
+                        FrameKind::GuestState => Event::State(std::mem::take(&mut buf)),
+                        FrameKind::VmStates => Event::VmStates(std::mem::take(&mut buf)),
+                        FrameKind::RoundStart => {
+                            RoundStart::decode(&buf).map_or_else(wire, Event::RoundStart)
+                        }
+                        FrameKind::Complete => {
+                            Complete::decode(&buf).map_or_else(wire, Event::Complete)
+                        }
+                        FrameKind::Handover => Event::Handover,
+                        other => Event::MainFailed(ChannelError::Protocol {
+                            channel: ch,
+                            detail: format!(
+                                "unexpected {} frame on the main channel",
+                                other.name()
+                            ),
+                        }),
+                    }
+                }
+            },
             Err(e) => Event::MainFailed(e),
         };
         let stop = matches!(ev, Event::MainFailed(_) | Event::Handover);

@@ -2,6 +2,7 @@
 //! guest memory, meeting the other channels at every RoundEnd.
 
 use super::barrier::RoundBarrier;
+use super::streams::Streams;
 use super::Event;
 use crate::config::TestHooks;
 use crate::error::{ChannelError, ChannelName};
@@ -11,7 +12,8 @@ use crate::hostmem::{self, PageClaims};
 use crate::transport::Stream;
 use crossbeam_channel::Sender;
 use livemig_wire::{
-    ram, FrameHeader, FrameKind, Limits, RamPacket, RamPrefix, RoundEnd, PAGE_SIZE,
+    ram, ChunkHeader, FrameHeader, FrameKind, Limits, RamPacket, RamPrefix, RoundEnd, CHUNK_PREFIX,
+    PAGE_SIZE,
 };
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -34,6 +36,7 @@ pub(crate) struct ChannelReceiver<'a> {
     pub events: Sender<Event>,
     pub counters: &'a Counters,
     pub claims: &'a PageClaims,
+    pub streams: &'a Streams,
     pub hooks: TestHooks,
     /// Scratch: the current packet's page addresses in host memory, and their I/O vectors.
     pub pages: Vec<*mut u8>,
@@ -73,6 +76,10 @@ impl ChannelReceiver<'_> {
                 .fetch_add(livemig_wire::HEADER_LEN as u64 + h.len as u64, Relaxed);
             if h.kind == FrameKind::RamPages && !broken {
                 self.receive_pages(&h, round, &mut buf)?;
+                continue;
+            }
+            if h.kind == FrameKind::DeviceChunk {
+                receive_chunk(&mut self.stream, channel, &h, self.streams, false)?;
                 continue;
             }
             framed::recv_payload(&mut self.stream, channel, &h, &mut buf)?;
@@ -249,4 +256,44 @@ fn outside(channel: ChannelName, addr: u64) -> ChannelError {
         channel,
         detail: format!("page 0x{addr:x} lies outside guest memory"),
     }
+}
+
+/// Receives a DeviceChunk whose frame header has been read: its chunk header is checked
+/// against the device's window before a byte of data is read or allocated, then the data is
+/// read, its CRC checked, and the chunk handed to the device's reorder buffer. `wait`: wait
+/// for credit instead of refusing (serial mode on the main channel).
+pub(crate) fn receive_chunk(
+    stream: &mut Stream,
+    channel: ChannelName,
+    h: &FrameHeader,
+    streams: &Streams,
+    wait: bool,
+) -> Result<(), ChannelError> {
+    let wire = |source| ChannelError::Wire { channel, source };
+    let mut raw = [0u8; CHUNK_PREFIX];
+    if (h.len as usize) < CHUNK_PREFIX {
+        return Err(ChannelError::Protocol {
+            channel,
+            detail: format!("DeviceChunk of {} bytes is shorter than its header", h.len),
+        });
+    }
+    framed::read_exact(stream, channel, &mut raw, false)?;
+    let hdr = ChunkHeader::decode(&raw).map_err(wire)?;
+    let len = h.len as usize - CHUNK_PREFIX;
+    streams
+        .admit(&hdr, len, wait)
+        .map_err(|detail| ChannelError::Protocol { channel, detail })?;
+    // Admitted: the length is within the session's chunk size.
+    let mut data = vec![0u8; len];
+    framed::read_exact(stream, channel, &mut data, false)?;
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&raw), &data);
+    if crc != h.crc {
+        return Err(wire(livemig_wire::WireError::BadCrc {
+            kind: "DeviceChunk",
+            expected: h.crc,
+            found: crc,
+        }));
+    }
+    streams.insert(&hdr, data);
+    Ok(())
 }

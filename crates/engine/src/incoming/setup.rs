@@ -8,7 +8,7 @@ use crate::config::IncomingConfig;
 use crate::error::{ChannelError, ChannelName, IncomingError};
 use crate::framed;
 use crate::transport::{Listener, Stream};
-use livemig_wire::{ChannelHello, FrameKind, Reject, RejectCode, SessionHello};
+use livemig_wire::{ChannelHello, FrameKind, Reject, RejectCode, SessionAccept, SessionHello};
 use std::time::Instant;
 
 /// Waits for a connection that opens a session, refusing anything else.
@@ -68,6 +68,45 @@ fn check_hello(hello: &SessionHello, config: &IncomingConfig) -> Result<(), Reje
         ));
     }
     Ok(())
+}
+
+/// The credit window and buffer cap for the session's devices: the destination's own bounds,
+/// lowered where the source asks for less. Refused when the cap cannot hold one chunk per
+/// device (the loaders could then deadlock).
+pub(crate) fn flow_bounds(
+    hello: &SessionHello,
+    config: &IncomingConfig,
+) -> Result<SessionAccept, Reject> {
+    let d = &hello.devices;
+    let n = d.devices.len() as u64;
+    let chunk = d.chunk_size as u64;
+    let mut window = match config.credit_window {
+        0 => 2 * hello.channels as u32,
+        w => w,
+    };
+    if d.window > 0 {
+        window = window.min(d.window);
+    }
+    let mut cap = match config.buffer_cap {
+        0 => n * window as u64 * chunk,
+        c => c,
+    };
+    if d.buffer_cap > 0 {
+        cap = cap.min(d.buffer_cap);
+    }
+    if n > 0 {
+        if cap < n * chunk {
+            return Err(Reject::new(
+                RejectCode::TooLarge,
+                format!("a buffer cap of {cap} bytes cannot hold one {chunk}-byte chunk for each of {n} devices"),
+            ));
+        }
+        window = window.min((cap / (n * chunk)) as u32).max(1);
+    }
+    Ok(SessionAccept {
+        window,
+        buffer_cap: cap,
+    })
 }
 
 /// Accepts data channels until every index of the session has joined, or the deadline.

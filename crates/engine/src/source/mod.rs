@@ -20,39 +20,65 @@
 //!    +--> any error before Handover: Failed, the source guest resumes here
 //! ```
 //!
-//! Batches of page addresses go to whichever data channel is free: each channel thread
-//! announces itself ready on the event queue and the coordinator hands the next batch to the
-//! first ready channel. After a round's last batch, every channel gets a RoundEnd marker; the
+//! Batches of page addresses and device chunks go to whichever data channel is free (see
+//! [`dispatch`]). Every device has a save job of its own from the start of precopy: it sends
+//! the device's precopy data while the guest runs and its final state from the moment the
+//! guest pauses, never outside the destination's credit. At switchover the device jobs, the
+//! RAM's last dirty pass (on the coordinator) and the guest/VM state save (on a worker of its
+//! own) all run at the same time. After a round's last batch, every channel gets a RoundEnd marker; the
 //! destination makes all channels meet at each marker before applying the next round, so an
 //! older copy of a page can never land after a newer one.
 
+mod credit;
+mod devices;
+mod dispatch;
 mod pacer;
 mod return_path;
 mod sender;
+
 pub(crate) use sender::is_zero;
 
+use crate::cancel::CancelToken;
 use crate::config::MigrationConfig;
+use crate::device::{Device, DeviceError, VmState};
 use crate::dirty::DirtyBitmap;
 use crate::error::{panic_message, ChannelError, ChannelName, MigrationError};
 use crate::framed;
 use crate::guest::Guest;
-use crate::report::{ms, DowntimeBreakdown, MigrationReport, Progress, RoundReport};
+use crate::report::{ms, DeviceReport, DowntimeBreakdown, MigrationReport, Progress, RoundReport};
 use crate::transport::{Endpoint, Stream};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use credit::CreditTable;
+use crossbeam_channel::{select, Receiver};
+use devices::{SaveError, SaveJob, SaveStats, Switchover};
+use dispatch::Dispatcher;
 use livemig_wire::{
-    ChannelHello, Complete, FrameKind, Limits, Loaded, Reject, RejectCode, Resumed, RoundEnd,
-    RoundStart, SessionHello, SessionId, PAGE_SIZE,
+    ChannelHello, ChunkHeader, Complete, DeviceSetup, DeviceTransfer, FrameKind, Limits, Loaded,
+    Reject, RejectCode, Resumed, RoundEnd, RoundStart, SessionAccept, SessionHello, SessionId,
+    VmStates, WireDevice, PAGE_SIZE,
 };
 use pacer::Pacer;
 use sender::{ChannelSender, Counters, Job};
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+/// A VM as the engine migrates it: guest memory and state, streamed devices, and small
+/// devices whose state is one blob.
+#[derive(Clone, Copy)]
+pub struct Vm<'a> {
+    pub guest: &'a dyn Guest,
+    pub devices: &'a [&'a dyn Device],
+    pub vmstates: &'a [&'a dyn VmState],
+}
+
+/// The guest's non-memory state and the non-iterable devices' blobs, saved at switchover.
+pub(crate) struct SavedState {
+    guest: Vec<u8>,
+    vmstates: Vec<Vec<u8>>,
+    ms: f64,
+}
+
 /// What the coordinator hears from its threads.
 pub(crate) enum Event {
-    /// A data channel can take another batch.
-    Ready(u16),
     /// A data channel has sent its RoundEnd marker for a round.
     RoundSent(u32),
     /// A data channel failed.
@@ -65,6 +91,10 @@ pub(crate) enum Event {
     Resumed(Resumed),
     /// The return path failed or the destination refused.
     PeerFailed(ChannelError),
+    /// A device's save job ended.
+    DeviceDone(u16, Result<SaveStats, SaveError>),
+    /// The state-save worker ended.
+    StateSaved(Result<SavedState, MigrationError>),
 }
 
 /// Where the guest is, for cleaning up after a failure.
@@ -75,39 +105,82 @@ enum GuestState {
     HandedOver,
 }
 
-/// Migrates `guest` to the destination listening at `to`. On success the guest runs on the
-/// destination and stays paused here; on failure before handover it runs here again.
+/// Migrates `guest` (without devices) to the destination listening at `to`.
 pub fn migrate(
     guest: &dyn Guest,
     to: &Endpoint,
     config: &MigrationConfig,
     progress: &(dyn Fn(&Progress) + Sync),
 ) -> Result<MigrationReport, MigrationError> {
+    migrate_vm(
+        Vm {
+            guest,
+            devices: &[],
+            vmstates: &[],
+        },
+        to,
+        config,
+        progress,
+    )
+}
+
+/// Migrates `vm` to the destination listening at `to`. On success the guest runs on the
+/// destination and stays paused here; on failure or cancel before handover it runs here
+/// again, memory and devices intact.
+pub fn migrate_vm(
+    vm: Vm<'_>,
+    to: &Endpoint,
+    config: &MigrationConfig,
+    progress: &(dyn Fn(&Progress) + Sync),
+) -> Result<MigrationReport, MigrationError> {
     config.validate()?;
+    if vm.devices.len() > livemig_wire::MAX_DEVICES || vm.vmstates.len() > livemig_wire::MAX_DEVICES
+    {
+        return Err(MigrationError::Config(format!(
+            "at most {} devices of each kind",
+            livemig_wire::MAX_DEVICES
+        )));
+    }
     let start = Instant::now();
     let session = SessionId(*uuid::Uuid::new_v4().as_bytes());
-    let (main, data) = connect_session(guest, to, config, session)?;
+    let (main, data, accept) = connect_session(vm, to, config, session)?;
     let setup = start.elapsed();
     let mut state = GuestState::Running;
     let result = run_session(
-        guest, config, session, main, data, start, setup, progress, &mut state,
+        vm, config, session, main, data, accept, start, setup, progress, &mut state,
     );
     if result.is_err() {
-        let _ = guest.stop_dirty_log();
+        let _ = vm.guest.stop_dirty_log();
         if state == GuestState::Paused {
-            guest.resume()?;
+            vm.guest.resume()?;
         }
     }
     result
 }
 
+fn wire_devices(vm: Vm<'_>, config: &MigrationConfig) -> DeviceSetup {
+    let conv = |d: crate::device::DeviceDescriptor| WireDevice {
+        kind: d.kind,
+        name: d.name,
+        config: d.config,
+    };
+    DeviceSetup {
+        transfer: config.device_transfer,
+        chunk_size: config.chunk_size,
+        window: config.credit_window,
+        buffer_cap: config.buffer_cap,
+        devices: vm.devices.iter().map(|d| conv(d.descriptor())).collect(),
+        vmstates: vm.vmstates.iter().map(|d| conv(d.descriptor())).collect(),
+    }
+}
+
 /// Opens the main channel and every data channel, each with its handshake.
 fn connect_session(
-    guest: &dyn Guest,
+    vm: Vm<'_>,
     to: &Endpoint,
     config: &MigrationConfig,
     session: SessionId,
-) -> Result<(Stream, Vec<Stream>), MigrationError> {
+) -> Result<(Stream, Vec<Stream>, SessionAccept), MigrationError> {
     let connect = || {
         Stream::connect(to, config.connect_timeout).map_err(|source| MigrationError::Connect {
             to: to.to_string(),
@@ -121,7 +194,8 @@ fn connect_session(
         session,
         channels: config.channels,
         pages_per_packet: config.pages_per_packet,
-        guest: guest.descriptor(),
+        guest: vm.guest.descriptor(),
+        devices: wire_devices(vm, config),
     };
     framed::send(
         &mut main,
@@ -136,6 +210,10 @@ fn connect_session(
         &mut buf,
         FrameKind::SessionAccept,
     )?;
+    let accept = SessionAccept::decode(&buf).map_err(|source| ChannelError::Wire {
+        channel: ChannelName::Main,
+        source,
+    })?;
     let mut data = Vec::with_capacity(config.channels as usize);
     for index in 0..config.channels {
         let ch = ChannelName::Data(index);
@@ -149,16 +227,21 @@ fn connect_session(
         framed::recv_expect(&mut s, ch, &limits, &mut buf, FrameKind::ChannelAccept)?;
         data.push(s);
     }
-    Ok((main, data))
+    Ok((main, data, accept))
+}
+
+fn spawn_err(e: std::io::Error) -> MigrationError {
+    MigrationError::ThreadPanicked(format!("cannot start a migration thread: {e}"))
 }
 
 #[allow(clippy::too_many_arguments)]
 fn run_session(
-    guest: &dyn Guest,
+    vm: Vm<'_>,
     config: &MigrationConfig,
     session: SessionId,
     main: Stream,
     data: Vec<Stream>,
+    accept: SessionAccept,
     start: Instant,
     setup: Duration,
     progress: &(dyn Fn(&Progress) + Sync),
@@ -178,16 +261,39 @@ fn run_session(
         .try_clone()
         .map_err(|source| io_err(ChannelName::Main, source))?;
     let counters = Counters::default();
+    // This attempt's own token: failures cancel it without touching the caller's, which
+    // only ever cancels into it (through the watcher below), so a retry starts afresh.
+    let cancel = CancelToken::new();
+    let credits = CreditTable::new(vm.devices.len(), accept.window.max(1));
+    let switchover = Switchover::default();
+    let multifd_devices = config.device_transfer == DeviceTransfer::Multifd;
     let (events_tx, events_rx) = crossbeam_channel::unbounded();
+    let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
 
     std::thread::scope(|scope| {
-        let mut handles = Vec::new();
+        let mut channel_threads = Vec::new();
+        let mut job_threads = Vec::new();
+        let (outer, inner) = (config.cancel.clone(), cancel.clone());
+        job_threads.push(
+            std::thread::Builder::new()
+                .name("lm-src-cancel".into())
+                .spawn_scoped(scope, move || {
+                    select! {
+                        recv(outer.waiter()) -> _ => inner.cancel(),
+                        recv(inner.waiter()) -> _ => {}
+                    }
+                })
+                .map_err(spawn_err)?,
+        );
         let rp_events = events_tx.clone();
-        handles.push(
+        let rp_credits = &credits;
+        channel_threads.push(
             std::thread::Builder::new()
                 .name("lm-src-return".into())
-                .spawn_scoped(scope, move || return_path::run(return_stream, rp_events))
-                .map_err(|e| MigrationError::ThreadPanicked(format!("spawn: {e}")))?,
+                .spawn_scoped(scope, move || {
+                    return_path::run(return_stream, rp_events, rp_credits)
+                })
+                .map_err(spawn_err)?,
         );
         let mut jobs = Vec::new();
         for (i, stream) in data.into_iter().enumerate() {
@@ -196,48 +302,106 @@ fn run_session(
             let sender = ChannelSender {
                 index: i as u16,
                 stream,
-                memory: guest.memory(),
+                memory: vm.guest.memory(),
                 jobs: rx,
+                ready: ready_tx.clone(),
                 events: events_tx.clone(),
+                cancel: cancel.clone(),
                 counters: &counters,
                 pages_per_packet: config.pages_per_packet as usize,
             };
-            handles.push(
+            channel_threads.push(
                 std::thread::Builder::new()
                     .name(format!("lm-src-ch{i}"))
                     .spawn_scoped(scope, move || sender.run())
-                    .map_err(|e| MigrationError::ThreadPanicked(format!("spawn: {e}")))?,
+                    .map_err(spawn_err)?,
             );
+        }
+        drop(ready_tx);
+        let dispatch = Dispatcher::new(ready_rx, jobs, cancel.clone());
+
+        // The state-save worker waits for the pause, then saves the guest and the small devices.
+        let state_events = events_tx.clone();
+        let sw = &switchover;
+        job_threads.push(
+            std::thread::Builder::new()
+                .name("lm-src-state".into())
+                .spawn_scoped(scope, move || {
+                    if sw.wait_started().is_some() {
+                        let _ = state_events.send(Event::StateSaved(save_state(vm)));
+                    }
+                })
+                .map_err(spawn_err)?,
+        );
+        if multifd_devices {
+            for (i, device) in vm.devices.iter().enumerate() {
+                let job = SaveJob {
+                    index: i as u16,
+                    device: *device,
+                    chunk_size: config.chunk_size as usize,
+                    dispatch: dispatch.clone(),
+                    credits: &credits,
+                    switchover: &switchover,
+                };
+                let tx = events_tx.clone();
+                let cancel = cancel.clone();
+                job_threads.push(
+                    std::thread::Builder::new()
+                        .name(format!("lm-src-dev{i}"))
+                        .spawn_scoped(scope, move || {
+                            let r = job.run();
+                            if matches!(r, Err(SaveError::Device(_))) {
+                                cancel.cancel();
+                            }
+                            let _ = tx.send(Event::DeviceDone(i as u16, r));
+                        })
+                        .map_err(spawn_err)?,
+                );
+            }
         }
         drop(events_tx);
 
         let mut co = Coordinator {
-            guest,
+            vm,
             config,
             main,
             events: events_rx,
-            jobs,
-            free: VecDeque::new(),
+            dispatch,
             counters: &counters,
             pacer: Pacer::new(config.max_bandwidth),
             progress,
             state,
+            cancel: cancel.clone(),
+            switchover: &switchover,
+            accept,
         };
         let outcome = co.run(session, start, setup);
-        let Coordinator { jobs, mut main, .. } = co;
-        drop(jobs);
+        let Coordinator {
+            dispatch, mut main, ..
+        } = co;
+        // Ends the cancel watcher; on success nothing else is waiting by now.
+        cancel.cancel();
         if let Err(e) = &outcome {
+            credits.abort();
+            switchover.abort();
             let why = Reject::new(
                 RejectCode::Other,
                 format!("source aborted the migration: {e}"),
             );
             framed::send_reject(&mut main, ChannelName::Main, &why);
         }
+        // Jobs first: they hold queues of the channel threads, which end when all are dropped.
+        let mut panicked = None;
+        for h in job_threads {
+            if let Err(p) = h.join() {
+                panicked = Some(panic_message(p));
+            }
+        }
+        drop(dispatch);
         for s in &shutters {
             s.shutdown();
         }
-        let mut panicked = None;
-        for h in handles {
+        for h in channel_threads {
             if let Err(p) = h.join() {
                 panicked = Some(panic_message(p));
             }
@@ -250,6 +414,22 @@ fn run_session(
     })
 }
 
+/// The state-save worker's work: the guest's state, then every small device's blob.
+fn save_state(vm: Vm<'_>) -> Result<SavedState, MigrationError> {
+    let t = Instant::now();
+    let guest = vm.guest.save_state()?;
+    let vmstates = vm
+        .vmstates
+        .iter()
+        .map(|d| d.save())
+        .collect::<Result<Vec<_>, DeviceError>>()?;
+    Ok(SavedState {
+        guest,
+        vmstates,
+        ms: ms(t.elapsed()),
+    })
+}
+
 fn io_err(channel: ChannelName, source: std::io::Error) -> MigrationError {
     MigrationError::Channel(ChannelError::Io {
         channel,
@@ -258,19 +438,20 @@ fn io_err(channel: ChannelName, source: std::io::Error) -> MigrationError {
     })
 }
 
-/// The coordinator: decides rounds, hands out batches, drives switchover.
+/// The coordinator: decides rounds, hands out RAM batches, drives switchover.
 struct Coordinator<'a> {
-    guest: &'a dyn Guest,
+    vm: Vm<'a>,
     config: &'a MigrationConfig,
     main: Stream,
     events: Receiver<Event>,
-    jobs: Vec<Sender<Job>>,
-    /// Data channels that asked for a batch and have not been given one.
-    free: VecDeque<u16>,
+    dispatch: Dispatcher,
     counters: &'a Counters,
     pacer: Pacer,
     progress: &'a (dyn Fn(&Progress) + Sync),
     state: &'a mut GuestState,
+    cancel: CancelToken,
+    switchover: &'a Switchover,
+    accept: SessionAccept,
 }
 
 impl Coordinator<'_> {
@@ -280,24 +461,26 @@ impl Coordinator<'_> {
         start: Instant,
         setup: Duration,
     ) -> Result<MigrationReport, MigrationError> {
-        let desc = self.guest.descriptor();
+        let guest = self.vm.guest;
+        let desc = guest.descriptor();
         let mut dirty = DirtyBitmap::new(&desc.ranges);
-        self.guest.start_dirty_log()?;
+        guest.start_dirty_log()?;
         dirty.set_all();
         (self.progress)(&Progress::Connected {
             session: session.to_string(),
             channels: self.config.channels,
             setup_ms: ms(setup),
             total_pages: dirty.count(),
+            devices: self.vm.devices.len(),
         });
 
         let precopy_start = Instant::now();
         let mut rounds = Vec::new();
         let mut round = 0u32;
         let forced = loop {
-            let mut report = self.send_round(round, &dirty, false)?;
+            let mut report = self.precopy_round(round, &dirty)?;
             dirty.clear();
-            self.guest.sync_dirty_log(&mut dirty)?;
+            guest.sync_dirty_log(&mut dirty)?;
             report.dirty_after = dirty.count();
             report.expected_downtime_ms =
                 1e3 * (report.dirty_after * PAGE_SIZE as u64) as f64 / report.bytes_per_s.max(1.0);
@@ -322,32 +505,45 @@ impl Coordinator<'_> {
             forced,
         });
 
-        // Switchover: from here the guest is paused until the destination runs it.
+        // Switchover: from here the guest is paused until the destination runs it. Device
+        // saves, the RAM's last pass and the state save run at the same time.
         let mut down = DowntimeBreakdown::default();
         let t_pause = Instant::now();
-        self.guest.pause()?;
+        guest.pause()?;
         *self.state = GuestState::Paused;
+        self.switchover.start();
         down.pause_ms = ms(t_pause.elapsed());
         let t = Instant::now();
-        self.guest.sync_dirty_log(&mut dirty)?;
-        self.guest.stop_dirty_log()?;
+        guest.sync_dirty_log(&mut dirty)?;
+        guest.stop_dirty_log()?;
         down.last_dirty_pass_ms = ms(t.elapsed());
-        let t = Instant::now();
-        let blob = self.guest.save_state()?;
-        down.state_save_ms = ms(t.elapsed());
 
         let t_transfer = Instant::now();
-        let last = self.send_round(round, &dirty, true)?;
-        rounds.push(last);
+        let last = self.send_pages(round, &dirty)?;
+        down.ram_final_ms = ms(t_transfer.elapsed());
+        let (saved, device_stats) = self.wait_device_saves()?;
+        down.state_save_ms = saved.ms;
+        down.device_save_ms = device_stats.iter().map(|s| s.final_ms).fold(0.0, f64::max);
+        rounds.push(self.finish_round(round, last, t_transfer)?);
+        let main = ChannelName::Main;
+        if self.config.device_transfer == DeviceTransfer::Main {
+            let t = Instant::now();
+            self.send_devices_on_main()?;
+            down.device_save_ms = ms(t.elapsed());
+        }
+        framed::send(&mut self.main, main, FrameKind::GuestState, &saved.guest)?;
         framed::send(
             &mut self.main,
-            ChannelName::Main,
-            FrameKind::GuestState,
-            &blob,
+            main,
+            FrameKind::VmStates,
+            &VmStates {
+                blobs: saved.vmstates,
+            }
+            .encode(),
         )?;
         framed::send(
             &mut self.main,
-            ChannelName::Main,
+            main,
             FrameKind::Complete,
             &Complete { rounds: round + 1 }.encode(),
         )?;
@@ -360,7 +556,7 @@ impl Coordinator<'_> {
         down.dest_verify_ms = loaded.verify_us as f64 / 1e3;
         down.transfer_ms = ms(t_loaded - t_transfer) - down.dest_restore_ms - down.dest_verify_ms;
 
-        framed::send(&mut self.main, ChannelName::Main, FrameKind::Handover, &[])?;
+        framed::send(&mut self.main, main, FrameKind::Handover, &[])?;
         *self.state = GuestState::HandedOver;
         self.wait_for(|e| match e {
             Event::Resumed(r) => Some(r),
@@ -373,6 +569,24 @@ impl Coordinator<'_> {
         let c = self.counters;
         let total = start.elapsed();
         let bytes = c.bytes.load(Relaxed);
+        let devices = self
+            .vm
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let s = device_stats.get(i).cloned().unwrap_or_default();
+                let l = loaded.devices.get(i).copied().unwrap_or_default();
+                DeviceReport {
+                    name: d.descriptor().name,
+                    bytes: l.bytes,
+                    chunks: l.chunks,
+                    precopy_bytes: s.precopy_bytes,
+                    final_save_ms: s.final_ms,
+                    peak_buffered_bytes: l.peak_buffered,
+                }
+            })
+            .collect();
         Ok(MigrationReport {
             session: session.to_string(),
             channels: self.config.channels,
@@ -384,39 +598,65 @@ impl Coordinator<'_> {
             transferred_bytes: bytes,
             normal_pages: c.normal_pages.load(Relaxed),
             zero_pages: c.zero_pages.load(Relaxed),
+            device_bytes: c.device_bytes.load(Relaxed),
             bytes_per_s: bytes as f64 / (total - setup).as_secs_f64().max(1e-9),
             rounds,
             forced_switchover: forced,
             expected_downtime_ms,
             pages_checked: loaded.pages_checked,
             pages_mismatched: loaded.pages_mismatched,
+            device_transfer: match self.config.device_transfer {
+                DeviceTransfer::Multifd => "multifd",
+                DeviceTransfer::Main => "main",
+            }
+            .into(),
+            credit_window: self.accept.window,
+            buffer_cap_bytes: self.accept.buffer_cap,
+            devices,
         })
     }
 
-    /// Sends every page of `dirty` as round `round`, then a RoundEnd on every channel. For a
-    /// precopy round, waits until every channel has sent its marker, so the round's rate is
-    /// measured; the switchover round does not wait (the destination's Loaded says when).
-    fn send_round(
+    /// One precopy round: every page of `dirty`, RoundEnd on every channel, then waiting
+    /// until the destination has applied the whole round, so the rate is the real end-to-end
+    /// rate and nothing of this round is left in flight at switchover.
+    fn precopy_round(
         &mut self,
         round: u32,
         dirty: &DirtyBitmap,
-        last: bool,
     ) -> Result<RoundReport, MigrationError> {
         let t0 = Instant::now();
+        let start = self.send_pages(round, dirty)?;
+        self.finish_round(round, start, t0)
+    }
+
+    /// Sends every page of `dirty` as round `round`; returns the counters before, for the
+    /// round's report.
+    fn send_pages(
+        &mut self,
+        round: u32,
+        dirty: &DirtyBitmap,
+    ) -> Result<RoundStartCounters, MigrationError> {
         let c = self.counters;
-        let (b0, n0, z0) = (
-            c.bytes.load(Relaxed),
-            c.normal_pages.load(Relaxed),
-            c.zero_pages.load(Relaxed),
-        );
-        let pages = dirty.count();
+        let before = RoundStartCounters {
+            bytes: c.bytes.load(Relaxed) - c.device_bytes.load(Relaxed),
+            normal: c.normal_pages.load(Relaxed),
+            zero: c.zero_pages.load(Relaxed),
+            pages: dirty.count(),
+        };
         framed::send(
             &mut self.main,
             ChannelName::Main,
             FrameKind::RoundStart,
-            &RoundStart { round, pages }.encode(),
+            &RoundStart {
+                round,
+                pages: before.pages,
+            }
+            .encode(),
         )?;
-        (self.progress)(&Progress::RoundStarted { round, pages });
+        (self.progress)(&Progress::RoundStarted {
+            round,
+            pages: before.pages,
+        });
         let per = self.config.pages_per_packet as usize;
         let mut batch = Vec::with_capacity(per);
         for addr in dirty.addrs() {
@@ -431,31 +671,45 @@ impl Coordinator<'_> {
         if !batch.is_empty() {
             self.dispatch(round, batch)?;
         }
-        for tx in &self.jobs {
-            // A closed queue means the channel died; its Failed event is on the way.
-            let _ = tx.send(Job::RoundEnd(RoundEnd { round, last }));
+        Ok(before)
+    }
+
+    /// Ends a round with a RoundEnd on every channel. A precopy round then waits for every
+    /// marker to be sent and for the destination's RoundAck; the last round does not (the
+    /// destination's Loaded says when it is in).
+    fn finish_round(
+        &mut self,
+        round: u32,
+        before: RoundStartCounters,
+        t0: Instant,
+    ) -> Result<RoundReport, MigrationError> {
+        let last = self.switchover.started();
+        if self
+            .dispatch
+            .broadcast(|| Job::RoundEnd(RoundEnd { round, last }))
+            .is_err()
+        {
+            return Err(self.failure_cause());
         }
         if !last {
-            // Wait until the destination has applied the whole round: then the rate is the
-            // real end-to-end rate and nothing of this round is left in flight at switchover.
             let mut sent = 0;
             let mut acked = false;
-            while sent < self.jobs.len() || !acked {
-                match self.next_event(None)? {
-                    Event::Ready(i) => self.free.push_back(i),
+            while sent < self.dispatch.channels() || !acked {
+                match self.next_event()? {
                     Event::RoundSent(r) if r == round => sent += 1,
                     Event::RoundAck(r) if r == round => acked = true,
                     other => return Err(unexpected(other)),
                 }
             }
         }
+        let c = self.counters;
         let elapsed = t0.elapsed();
-        let bytes = c.bytes.load(Relaxed) - b0;
+        let bytes = c.bytes.load(Relaxed) - c.device_bytes.load(Relaxed) - before.bytes;
         Ok(RoundReport {
             round,
-            pages,
-            normal_pages: c.normal_pages.load(Relaxed) - n0,
-            zero_pages: c.zero_pages.load(Relaxed) - z0,
+            pages: before.pages,
+            normal_pages: c.normal_pages.load(Relaxed) - before.normal,
+            zero_pages: c.zero_pages.load(Relaxed) - before.zero,
             bytes,
             ms: ms(elapsed),
             bytes_per_s: bytes as f64 / elapsed.as_secs_f64().max(1e-9),
@@ -463,40 +717,113 @@ impl Coordinator<'_> {
         })
     }
 
-    /// Hands a batch to the first free data channel.
-    fn dispatch(&mut self, round: u32, addrs: Vec<u64>) -> Result<(), MigrationError> {
-        self.pacer.admit((addrs.len() * PAGE_SIZE) as u64);
-        let index = loop {
-            if let Some(i) = self.free.pop_front() {
-                break i;
-            }
-            match self.next_event(None)? {
-                Event::Ready(i) => self.free.push_back(i),
+    /// Waits for every device save job and the state-save worker.
+    fn wait_device_saves(&mut self) -> Result<(SavedState, Vec<SaveStats>), MigrationError> {
+        let n = if self.config.device_transfer == DeviceTransfer::Multifd {
+            self.vm.devices.len()
+        } else {
+            0
+        };
+        let mut stats: Vec<Option<SaveStats>> = vec![None; n];
+        let mut saved = None;
+        while saved.is_none() || stats.iter().any(Option::is_none) {
+            match self.next_event()? {
+                Event::DeviceDone(i, Ok(s)) => stats[i as usize] = Some(s),
+                Event::DeviceDone(_, Err(SaveError::Device(e))) => return Err(e.into()),
+                Event::DeviceDone(_, Err(SaveError::Stopped)) => return Err(self.failure_cause()),
+                Event::StateSaved(r) => saved = Some(r?),
+                Event::RoundSent(_) | Event::RoundAck(_) => {}
                 other => return Err(unexpected(other)),
             }
-        };
-        let _ = self.jobs[index as usize].send(Job::Pages { round, addrs });
+        }
+        let saved = saved.expect("loop ends with the state saved");
+        Ok((saved, stats.into_iter().flatten().collect()))
+    }
+
+    /// The serial baseline: each device's whole stream in turn on the main channel.
+    fn send_devices_on_main(&mut self) -> Result<(), MigrationError> {
+        let chunk = self.config.chunk_size as usize;
+        for (i, d) in self.vm.devices.iter().enumerate() {
+            d.begin_save()?;
+            let mut idx = 0u32;
+            let mut precopy_done = false;
+            loop {
+                if self.cancel.is_cancelled() {
+                    return Err(self.failure_cause());
+                }
+                let mut buf = Vec::with_capacity(chunk);
+                let n = if precopy_done {
+                    d.save_final(&mut buf, chunk)?
+                } else {
+                    match d.save_precopy(&mut buf, chunk)? {
+                        0 => {
+                            precopy_done = true;
+                            continue;
+                        }
+                        n => n,
+                    }
+                };
+                let last = precopy_done && n == 0;
+                let header = ChunkHeader {
+                    device: i as u16,
+                    idx,
+                    last,
+                }
+                .encode();
+                framed::send_parts(
+                    &mut self.main,
+                    ChannelName::Main,
+                    FrameKind::DeviceChunk,
+                    &[&header, &buf],
+                )?;
+                self.counters.device_bytes.fetch_add(n as u64, Relaxed);
+                self.counters.bytes.fetch_add(n as u64, Relaxed);
+                idx += 1;
+                if last {
+                    break;
+                }
+            }
+        }
         Ok(())
     }
 
-    /// The next event; failures of any thread become errors.
-    fn next_event(&mut self, timeout: Option<Duration>) -> Result<Event, MigrationError> {
-        let ev = match timeout {
-            None => self.events.recv().map_err(|_| {
+    /// Hands a batch to the first free data channel.
+    fn dispatch(&mut self, round: u32, addrs: Vec<u64>) -> Result<(), MigrationError> {
+        self.pacer.admit((addrs.len() * PAGE_SIZE) as u64);
+        self.dispatch
+            .send(Job::Pages { round, addrs })
+            .map_err(|_| self.failure_cause())
+    }
+
+    /// Why the migration is being torn down: the first failure among the queued events, or
+    /// a cancel.
+    fn failure_cause(&self) -> MigrationError {
+        while let Ok(ev) = self.events.try_recv() {
+            match ev {
+                Event::Failed(e) | Event::PeerFailed(e) => return e.into(),
+                Event::DeviceDone(_, Err(SaveError::Device(e))) => return e.into(),
+                Event::StateSaved(Err(e)) => return e,
+                _ => {}
+            }
+        }
+        MigrationError::Cancelled
+    }
+
+    /// The next event; failures of any thread, and a cancel, become errors.
+    fn next_event(&mut self) -> Result<Event, MigrationError> {
+        let ev = select! {
+            recv(self.events) -> ev => ev.map_err(|_| {
                 MigrationError::ThreadPanicked("every migration thread exited".into())
             })?,
-            Some(t) => match self.events.recv_timeout(t) {
-                Ok(ev) => ev,
-                Err(RecvTimeoutError::Timeout) => return Err(MigrationError::Timeout(t)),
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(MigrationError::ThreadPanicked(
-                        "every migration thread exited".into(),
-                    ))
-                }
-            },
+            recv(self.cancel.waiter()) -> _ => return Err(self.failure_cause()),
         };
+        self.check(ev)
+    }
+
+    fn check(&self, ev: Event) -> Result<Event, MigrationError> {
         match ev {
             Event::Failed(e) | Event::PeerFailed(e) => Err(e.into()),
+            Event::DeviceDone(_, Err(SaveError::Device(e))) => Err(e.into()),
             ev => Ok(ev),
         }
     }
@@ -506,14 +833,19 @@ impl Coordinator<'_> {
         &mut self,
         mut pick: impl FnMut(Event) -> Option<T>,
     ) -> Result<T, MigrationError> {
-        let deadline = Instant::now() + self.config.completion_timeout;
+        let timeout = self.config.completion_timeout;
+        let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(MigrationError::Timeout(self.config.completion_timeout));
-            }
-            match self.next_event(Some(left))? {
-                Event::Ready(_) | Event::RoundSent(..) | Event::RoundAck(_) => {}
+            let ev = select! {
+                recv(self.events) -> ev => ev.map_err(|_| {
+                    MigrationError::ThreadPanicked("every migration thread exited".into())
+                })?,
+                recv(self.cancel.waiter()) -> _ => return Err(self.failure_cause()),
+                default(left) => return Err(MigrationError::Timeout(timeout)),
+            };
+            match self.check(ev)? {
+                Event::RoundSent(..) | Event::RoundAck(_) => {}
                 ev => {
                     if let Some(v) = pick(ev) {
                         return Ok(v);
@@ -524,16 +856,26 @@ impl Coordinator<'_> {
     }
 }
 
+/// Counters at the start of a round.
+struct RoundStartCounters {
+    bytes: u64,
+    normal: u64,
+    zero: u64,
+    pages: u64,
+}
+
 fn unexpected(ev: Event) -> MigrationError {
     let what = match ev {
         Event::Loaded(_) => "Loaded",
         Event::Resumed(_) => "Resumed",
         Event::RoundSent(..) => "RoundSent",
         Event::RoundAck(_) => "RoundAck",
-        _ => "event",
+        Event::DeviceDone(..) => "a device save ending",
+        Event::StateSaved(_) => "the state saved",
+        Event::Failed(_) | Event::PeerFailed(_) => "a failure",
     };
     MigrationError::Channel(ChannelError::Protocol {
         channel: ChannelName::Main,
-        detail: format!("unexpected {what} during precopy"),
+        detail: format!("unexpected {what} at this point of the migration"),
     })
 }

@@ -1,14 +1,15 @@
 //! The source's return-path thread: reads what the destination says on the main channel and
 //! turns it into coordinator events.
 
+use super::credit::CreditTable;
 use super::Event;
 use crate::error::{ChannelError, ChannelName};
 use crate::framed;
 use crate::transport::Stream;
 use crossbeam_channel::Sender;
-use livemig_wire::{FrameKind, Limits, Loaded, Resumed, RoundAck};
+use livemig_wire::{Credit, FrameKind, Limits, Loaded, Resumed, RoundAck};
 
-pub(crate) fn run(mut stream: Stream, events: Sender<Event>) {
+pub(crate) fn run(mut stream: Stream, events: Sender<Event>, credits: &CreditTable) {
     let ch = ChannelName::Main;
     let limits = Limits::default();
     let mut buf = Vec::new();
@@ -33,6 +34,17 @@ pub(crate) fn run(mut stream: Stream, events: Sender<Event>) {
                                     source,
                                 })
                             }),
+                        FrameKind::Credit => match Credit::decode(&buf) {
+                            Ok(c) if credits.grant(c.device as usize, c.up_to) => continue,
+                            Ok(c) => Event::PeerFailed(ChannelError::Protocol {
+                                channel: ch,
+                                detail: format!("credit for unknown device {}", c.device),
+                            }),
+                            Err(source) => Event::PeerFailed(ChannelError::Wire {
+                                channel: ch,
+                                source,
+                            }),
+                        },
                         FrameKind::Resumed => Resumed::decode(&buf)
                             .map(Event::Resumed)
                             .unwrap_or_else(|source| {

@@ -6,19 +6,30 @@
 //! that write dirtied it again and a later round sends it anew.
 
 use super::Event;
+use crate::cancel::CancelToken;
 use crate::error::{ChannelError, ChannelName};
 use crate::framed;
 use crate::guest::GuestMemory;
 use crate::transport::Stream;
 use crossbeam_channel::{Receiver, Sender};
-use livemig_wire::{ram, FrameKind, RoundEnd, PAGE_SIZE};
+use livemig_wire::{ram, ChunkHeader, FrameKind, RoundEnd, PAGE_SIZE};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use vm_memory::{Bytes, GuestAddress};
 
 /// Work for one data channel, in the order it must go on the wire.
 pub(crate) enum Job {
-    Pages { round: u32, addrs: Vec<u64> },
+    Pages {
+        round: u32,
+        addrs: Vec<u64>,
+    },
     RoundEnd(RoundEnd),
+    /// A chunk of a device's state stream.
+    Chunk {
+        device: u16,
+        idx: u32,
+        last: bool,
+        data: Vec<u8>,
+    },
 }
 
 /// Totals over all data channels, updated as frames are sent.
@@ -27,6 +38,7 @@ pub(crate) struct Counters {
     pub bytes: AtomicU64,
     pub normal_pages: AtomicU64,
     pub zero_pages: AtomicU64,
+    pub device_bytes: AtomicU64,
 }
 
 /// How many batches a channel asks for ahead, so one is ready while the other is sent.
@@ -37,7 +49,10 @@ pub(crate) struct ChannelSender<'a> {
     pub stream: Stream,
     pub memory: &'a GuestMemory,
     pub jobs: Receiver<Job>,
+    /// Where this channel says it can take another job.
+    pub ready: Sender<u16>,
     pub events: Sender<Event>,
+    pub cancel: CancelToken,
     pub counters: &'a Counters,
     pub pages_per_packet: usize,
 }
@@ -47,6 +62,7 @@ impl ChannelSender<'_> {
     pub fn run(mut self) {
         if let Err(e) = self.serve() {
             let _ = self.events.send(Event::Failed(e));
+            self.cancel.cancel();
         }
     }
 
@@ -57,7 +73,7 @@ impl ChannelSender<'_> {
         let mut zero = Vec::with_capacity(self.pages_per_packet);
         let mut prefix = Vec::new();
         for _ in 0..PIPELINE {
-            if self.events.send(Event::Ready(self.index)).is_err() {
+            if self.ready.send(self.index).is_err() {
                 return Ok(());
             }
         }
@@ -95,7 +111,30 @@ impl ChannelSender<'_> {
                     );
                     c.normal_pages.fetch_add(normal.len() as u64, Relaxed);
                     c.zero_pages.fetch_add(zero.len() as u64, Relaxed);
-                    if self.events.send(Event::Ready(self.index)).is_err() {
+                    if self.ready.send(self.index).is_err() {
+                        return Ok(());
+                    }
+                }
+                Job::Chunk {
+                    device,
+                    idx,
+                    last,
+                    data,
+                } => {
+                    let header = ChunkHeader { device, idx, last }.encode();
+                    framed::send_parts(
+                        &mut self.stream,
+                        channel,
+                        FrameKind::DeviceChunk,
+                        &[&header, &data],
+                    )?;
+                    let c = self.counters;
+                    c.bytes.fetch_add(
+                        (livemig_wire::HEADER_LEN + header.len() + data.len()) as u64,
+                        Relaxed,
+                    );
+                    c.device_bytes.fetch_add(data.len() as u64, Relaxed);
+                    if self.ready.send(self.index).is_err() {
                         return Ok(());
                     }
                 }

@@ -1,0 +1,309 @@
+//! The destination's device streams: per device a reorder buffer, a credit window, and the
+//! loader that hands chunks to the device strictly in order.
+//!
+//! ```text
+//!            granted: idx < up_to = next + window
+//!   loaded   |<------------------------------->|
+//! ...[ next-1 ][ next ][ next+1 ] ... [ up_to-1 ]| not granted: a chunk here is a protocol
+//!              ^ the loader waits for this one,  | error, nothing is read or allocated for it
+//!                always inside the window
+//! ```
+//!
+//! A chunk header is checked against its device's window *before* its data is read, and its
+//! bytes are counted as buffered from then until the loader has loaded it. Every device's
+//! window is at most `buffer_cap / (devices x chunk size)` chunks, so the bytes buffered over
+//! all devices can never exceed the cap; and since the chunk the loader needs next is always
+//! granted, the flow never deadlocks.
+
+use crate::device::{Device, DeviceError};
+use livemig_wire::{ChunkHeader, DeviceLoadStats};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Condvar, Mutex};
+use std::time::Instant;
+
+/// All device streams of a session.
+pub(crate) struct Streams {
+    streams: Vec<StreamBuf>,
+    chunk_size: usize,
+    window: u32,
+}
+
+struct StreamBuf {
+    state: Mutex<BufState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct BufState {
+    /// The chunk the loader needs next.
+    next: u32,
+    /// Chunks with idx < up_to may be sent.
+    up_to: u32,
+    /// Received, waiting for the loader: (data, last).
+    slots: BTreeMap<u32, (Vec<u8>, bool)>,
+    /// Admitted, data being read from a socket.
+    reserved: BTreeSet<u32>,
+    /// The idx of the stream's last chunk, once seen.
+    last: Option<u32>,
+    buffered: u64,
+    stats: DeviceLoadStats,
+    aborted: bool,
+}
+
+/// The loader stopped because the migration is being torn down.
+#[derive(Debug)]
+pub(crate) enum LoadError {
+    Device(DeviceError),
+    Aborted,
+}
+
+impl Streams {
+    pub fn new(devices: usize, chunk_size: usize, window: u32) -> Self {
+        let streams = (0..devices)
+            .map(|_| StreamBuf {
+                state: Mutex::new(BufState {
+                    up_to: window,
+                    ..BufState::default()
+                }),
+                cv: Condvar::new(),
+            })
+            .collect();
+        Streams {
+            streams,
+            chunk_size,
+            window,
+        }
+    }
+
+    /// Checks a chunk header before its `len` bytes of data are read, and reserves its slot.
+    /// With `wait`, a chunk beyond the window waits for credit instead of being refused
+    /// (the serial mode, where the main channel's own backpressure stands in for credit).
+    pub fn admit(&self, h: &ChunkHeader, len: usize, wait: bool) -> Result<(), String> {
+        let n = self.streams.len();
+        let Some(stream) = self.streams.get(h.device as usize) else {
+            return Err(format!(
+                "chunk for unknown device {} (the session has {n})",
+                h.device
+            ));
+        };
+        if len > self.chunk_size {
+            return Err(format!(
+                "chunk {} of device {} has {len} bytes, more than the session's chunk size of {}",
+                h.idx, h.device, self.chunk_size
+            ));
+        }
+        let mut s = stream.state.lock().unwrap_or_else(|p| p.into_inner());
+        if wait {
+            while h.idx >= s.up_to && !s.aborted {
+                s = stream.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+            if s.aborted {
+                return Err("aborted".into());
+            }
+        }
+        if h.idx < s.next || s.slots.contains_key(&h.idx) || s.reserved.contains(&h.idx) {
+            return Err(format!("duplicate chunk {} of device {}", h.idx, h.device));
+        }
+        if h.idx >= s.up_to {
+            return Err(format!(
+                "chunk {} of device {} is outside its credit window [{}, {})",
+                h.idx, h.device, s.next, s.up_to
+            ));
+        }
+        if let Some(last) = s.last {
+            if h.idx > last {
+                return Err(format!(
+                    "chunk {} of device {} comes after the stream's last chunk {last}",
+                    h.idx, h.device
+                ));
+            }
+        }
+        if h.last {
+            if let Some(beyond) = s
+                .slots
+                .keys()
+                .chain(s.reserved.iter())
+                .find(|&&i| i > h.idx)
+            {
+                return Err(format!(
+                    "device {} ends at chunk {} but chunk {beyond} was sent",
+                    h.device, h.idx
+                ));
+            }
+            s.last = Some(h.idx);
+        }
+        s.reserved.insert(h.idx);
+        s.buffered += len as u64;
+        s.stats.peak_buffered = s.stats.peak_buffered.max(s.buffered);
+        Ok(())
+    }
+
+    /// Puts an admitted chunk's data in its slot and wakes the loader.
+    pub fn insert(&self, h: &ChunkHeader, data: Vec<u8>) {
+        let stream = &self.streams[h.device as usize];
+        let mut s = stream.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.reserved.remove(&h.idx);
+        s.slots.insert(h.idx, (data, h.last));
+        stream.cv.notify_all();
+    }
+
+    /// Wakes every loader and every waiting admit with an error.
+    pub fn abort(&self) {
+        for stream in &self.streams {
+            stream
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .aborted = true;
+            stream.cv.notify_all();
+        }
+    }
+
+    /// Device `index`'s loader: feeds its chunks to `device` in idx order as soon as the next
+    /// one is there, and calls `credit(up_to)` after each so the source may send more. Ends
+    /// after the last chunk, with the device's load completed.
+    pub fn run_loader(
+        &self,
+        index: usize,
+        device: &dyn Device,
+        session_start: Instant,
+        credit: impl Fn(u32),
+    ) -> Result<DeviceLoadStats, LoadError> {
+        let stream = &self.streams[index];
+        loop {
+            let (data, last) = {
+                let mut s = stream.state.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
+                    if s.aborted {
+                        return Err(LoadError::Aborted);
+                    }
+                    let next = s.next;
+                    if let Some(chunk) = s.slots.remove(&next) {
+                        break chunk;
+                    }
+                    s = stream.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            device.load(&data).map_err(LoadError::Device)?;
+            let up_to = {
+                let mut s = stream.state.lock().unwrap_or_else(|p| p.into_inner());
+                s.buffered -= data.len() as u64;
+                s.stats.bytes += data.len() as u64;
+                s.stats.chunks += 1;
+                s.next += 1;
+                s.up_to = s.next + self.window;
+                stream.cv.notify_all();
+                s.up_to
+            };
+            if last {
+                device.load_complete().map_err(LoadError::Device)?;
+                let mut s = stream.state.lock().unwrap_or_else(|p| p.into_inner());
+                s.stats.done_us = session_start.elapsed().as_micros() as u64;
+                return Ok(s.stats);
+            }
+            credit(up_to);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// Accepts bytes only in order: each chunk holds its own idx repeated.
+    struct InOrder {
+        next: AtomicU64,
+        complete: AtomicU64,
+    }
+
+    impl Device for InOrder {
+        fn descriptor(&self) -> crate::device::DeviceDescriptor {
+            unreachable!()
+        }
+        fn begin_save(&self) -> Result<(), DeviceError> {
+            unreachable!()
+        }
+        fn save_precopy(&self, _: &mut Vec<u8>, _: usize) -> Result<usize, DeviceError> {
+            unreachable!()
+        }
+        fn save_final(&self, _: &mut Vec<u8>, _: usize) -> Result<usize, DeviceError> {
+            unreachable!()
+        }
+        fn load(&self, data: &[u8]) -> Result<(), DeviceError> {
+            let want = self.next.fetch_add(1, Ordering::SeqCst) as u8;
+            if data.iter().all(|&b| b == want) {
+                Ok(())
+            } else {
+                Err(DeviceError::new("t", "load", "out of order"))
+            }
+        }
+        fn load_complete(&self) -> Result<(), DeviceError> {
+            self.complete.store(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn h(idx: u32, last: bool) -> ChunkHeader {
+        ChunkHeader {
+            device: 0,
+            idx,
+            last,
+        }
+    }
+
+    #[test]
+    fn refuses_outside_window_duplicates_and_unknown_devices() {
+        let s = Streams::new(1, 16, 2);
+        assert!(s
+            .admit(&h(2, false), 16, false)
+            .unwrap_err()
+            .contains("outside its credit window"));
+        s.admit(&h(1, false), 16, false).unwrap();
+        assert!(s
+            .admit(&h(1, false), 16, false)
+            .unwrap_err()
+            .contains("duplicate"));
+        assert!(s
+            .admit(&h(0, false), 17, false)
+            .unwrap_err()
+            .contains("chunk size"));
+        let mut other = h(0, false);
+        other.device = 5;
+        assert!(s
+            .admit(&other, 1, false)
+            .unwrap_err()
+            .contains("unknown device 5"));
+    }
+
+    #[test]
+    fn loads_in_order_whatever_the_arrival_order() {
+        let s = Streams::new(1, 4, 3);
+        let dev = InOrder {
+            next: AtomicU64::new(0),
+            complete: AtomicU64::new(0),
+        };
+        let credits = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|sc| {
+            let loader = sc.spawn(|| {
+                s.run_loader(0, &dev, Instant::now(), |u| credits.lock().unwrap().push(u))
+            });
+            // Reverse order inside each window: 2,1,0 then 5,4,3 (the last).
+            for base in [0u32, 3] {
+                for idx in (base..base + 3).rev() {
+                    let hd = h(idx, idx == 5);
+                    s.admit(&hd, 4, true).unwrap();
+                    s.insert(&hd, vec![idx as u8; 4]);
+                }
+            }
+            let stats = loader.join().unwrap().unwrap();
+            assert_eq!(stats.chunks, 6);
+            assert!(
+                stats.peak_buffered <= 3 * 4,
+                "never more than the window buffered"
+            );
+        });
+        assert_eq!(dev.complete.load(Ordering::SeqCst), 1);
+        assert_eq!(*credits.lock().unwrap(), vec![4, 5, 6, 7, 8]);
+    }
+}

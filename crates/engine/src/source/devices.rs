@@ -1,0 +1,159 @@
+//! A device's save job on the source: the device's whole stream, precopy data while the
+//! guest runs, then the final state once switchover starts, cut into chunks that go to
+//! whichever data channel is free, never outside the destination's credit.
+
+use super::credit::CreditTable;
+use super::dispatch::Dispatcher;
+use super::sender::Job;
+use crate::device::{Device, DeviceError};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How often a device with nothing to send during precopy is asked again. Devices have no
+/// way to signal new precopy data (VFIO's is an ioctl that is polled too).
+const PRECOPY_POLL: Duration = Duration::from_millis(20);
+
+/// Set once, when the guest pauses for switchover; device jobs then read the final state.
+#[derive(Default)]
+pub(crate) struct Switchover {
+    state: Mutex<(Option<Instant>, bool)>,
+    cv: Condvar,
+}
+
+impl Switchover {
+    pub fn start(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.0.is_none() {
+            s.0 = Some(Instant::now());
+        }
+        self.cv.notify_all();
+    }
+
+    /// The migration ends without a switchover: waiters stop waiting.
+    pub fn abort(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.cv.notify_all();
+    }
+
+    pub fn started(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .is_some()
+    }
+
+    /// Waits up to `d`; returns when switchover started, if it has.
+    fn wait(&self, d: Duration) -> Option<Instant> {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (s, _) = self
+            .cv
+            .wait_timeout_while(s, d, |s| s.0.is_none() && !s.1)
+            .unwrap_or_else(|p| p.into_inner());
+        s.0
+    }
+
+    /// Waits until switchover starts (Some) or the migration is aborted (None).
+    pub fn wait_started(&self) -> Option<Instant> {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self
+            .cv
+            .wait_while(s, |s| s.0.is_none() && !s.1)
+            .unwrap_or_else(|p| p.into_inner());
+        s.0
+    }
+}
+
+/// What one device's save job did.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SaveStats {
+    pub precopy_bytes: u64,
+    pub bytes: u64,
+    pub chunks: u32,
+    /// From the guest's pause until this device's last chunk was handed to a channel.
+    pub final_ms: f64,
+}
+
+/// Why a save job ended early.
+#[derive(Debug)]
+pub(crate) enum SaveError {
+    Device(DeviceError),
+    /// The migration is being torn down.
+    Stopped,
+}
+
+impl From<DeviceError> for SaveError {
+    fn from(e: DeviceError) -> Self {
+        SaveError::Device(e)
+    }
+}
+
+/// The job's context: where chunks go and when they may.
+pub(crate) struct SaveJob<'a> {
+    pub index: u16,
+    pub device: &'a dyn Device,
+    pub chunk_size: usize,
+    pub dispatch: Dispatcher,
+    pub credits: &'a CreditTable,
+    pub switchover: &'a Switchover,
+}
+
+impl SaveJob<'_> {
+    pub fn run(self) -> Result<SaveStats, SaveError> {
+        let mut stats = SaveStats::default();
+        let mut idx = 0u32;
+        self.device.begin_save()?;
+        let paused_at = loop {
+            if let Some(t) = self.switchover.wait(Duration::ZERO) {
+                break t;
+            }
+            if self.dispatch.is_stopped() {
+                return Err(SaveError::Stopped);
+            }
+            let mut buf = Vec::with_capacity(self.chunk_size);
+            let n = self.device.save_precopy(&mut buf, self.chunk_size)?;
+            if n == 0 {
+                if let Some(t) = self.switchover.wait(PRECOPY_POLL) {
+                    break t;
+                }
+                continue;
+            }
+            stats.precopy_bytes += n as u64;
+            self.send(&mut idx, buf, false, &mut stats)?;
+        };
+        loop {
+            let mut buf = Vec::with_capacity(self.chunk_size);
+            let n = self.device.save_final(&mut buf, self.chunk_size)?;
+            let last = n == 0;
+            self.send(&mut idx, buf, last, &mut stats)?;
+            if last {
+                stats.final_ms = paused_at.elapsed().as_secs_f64() * 1e3;
+                return Ok(stats);
+            }
+        }
+    }
+
+    fn send(
+        &self,
+        idx: &mut u32,
+        data: Vec<u8>,
+        last: bool,
+        stats: &mut SaveStats,
+    ) -> Result<(), SaveError> {
+        self.credits
+            .wait(self.index as usize, *idx)
+            .map_err(|_| SaveError::Stopped)?;
+        stats.bytes += data.len() as u64;
+        stats.chunks += 1;
+        self.dispatch
+            .send(Job::Chunk {
+                device: self.index,
+                idx: *idx,
+                last,
+                data,
+            })
+            .map_err(|_| SaveError::Stopped)?;
+        *idx += 1;
+        Ok(())
+    }
+}
