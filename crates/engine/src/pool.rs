@@ -24,7 +24,7 @@
 //!
 //! ```text
 //! submit ─► running ─► Ok ────────────────────────────► JobDone(Ok)
-//!                   ├─► Err / panic ─► record first, cancel all ─► JobDone(Err)
+//!                   ├─► Err / panic ─► record first ─► JobDone(Err) ─► cancel all
 //!                   └─► returns JobCancelled ─────────► JobDone(Err(Cancelled))
 //! join_all: first of Failed / Panicked / Spawn, else Cancelled if the flag is set, else Ok
 //! ```
@@ -104,14 +104,17 @@ impl Shared {
         self.wake.notify_all();
     }
 
+    /// Records `err` if it is the first error (without cancelling).
+    fn record(&self, err: &PoolError) {
+        let mut first = lock(&self.first_error);
+        if first.is_none() {
+            *first = Some(err.clone());
+        }
+    }
+
     /// Records `err` if it is the first error, and cancels every job.
     fn fail(&self, err: PoolError) {
-        {
-            let mut first = lock(&self.first_error);
-            if first.is_none() {
-                *first = Some(err);
-            }
-        }
+        self.record(&err);
         self.cancel();
     }
 }
@@ -235,12 +238,15 @@ impl<'scope, 'env: 'scope> WorkerPool<'scope, 'env> {
                     job: name.to_string(),
                     source: Arc::new(e),
                 };
-                self.shared.fail(err.clone());
+                // Recorded, reported, then the others cancelled: a coordinator sees the
+                // failure before any completion it caused.
+                self.shared.record(&err);
                 // The receiver lives in `self`, so this send cannot fail; ignore it if it does.
                 let _ = self.done_tx.send(JobDone {
                     name: name.to_string(),
                     result: Err(err.clone()),
                 });
+                self.shared.cancel();
                 Err(err)
             }
         }
@@ -330,29 +336,32 @@ where
     let result = match outcome {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) if e.is::<JobCancelled>() => Err(PoolError::Cancelled),
-        Ok(Err(e)) => {
-            let err = PoolError::Failed {
-                job: ctx.name.clone(),
-                source: Arc::from(e),
-            };
-            ctx.shared.fail(err.clone());
-            Err(err)
-        }
-        Err(payload) => {
-            let err = PoolError::Panicked {
-                job: ctx.name.clone(),
-                message: panic_message(payload.as_ref()),
-            };
-            ctx.shared.fail(err.clone());
-            Err(err)
-        }
+        Ok(Err(e)) => Err(PoolError::Failed {
+            job: ctx.name.clone(),
+            source: Arc::from(e),
+        }),
+        Err(payload) => Err(PoolError::Panicked {
+            job: ctx.name.clone(),
+            message: panic_message(payload.as_ref()),
+        }),
     };
+    let failed = matches!(
+        result,
+        Err(PoolError::Failed { .. } | PoolError::Panicked { .. })
+    );
+    if let (true, Err(err)) = (failed, &result) {
+        ctx.shared.record(err);
+    }
     ctx.shared.live.fetch_sub(1, Ordering::SeqCst);
+    // Reported before the others are cancelled, so a coordinator sees the failure first.
     // The pool keeps a receiver until it is joined; nothing to do if nobody listens.
     let _ = done_tx.send(JobDone {
         name: ctx.name.clone(),
         result,
     });
+    if failed {
+        ctx.shared.cancel();
+    }
 }
 
 fn panic_message(payload: &(dyn Any + Send)) -> String {
