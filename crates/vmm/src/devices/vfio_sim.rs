@@ -108,6 +108,8 @@ enum LoadPhase {
     },
     Payload {
         hdr: SectionHeader,
+        /// Built once per section (a 4 KiB table).
+        pattern: Box<Pattern>,
         done: u64,
         crc: u32,
     },
@@ -451,16 +453,26 @@ impl VfioSim {
                     self.check_header(l, &hdr, start)?;
                     let crc = crc32c::crc32c(&hdr.encode());
                     l.last_gen = Some(hdr.generation);
-                    l.phase = LoadPhase::Payload { hdr, done: 0, crc };
+                    let pattern = Box::new(Pattern::new(self.cfg.seed, hdr.kind, hdr.generation));
+                    l.phase = LoadPhase::Payload {
+                        hdr,
+                        pattern,
+                        done: 0,
+                        crc,
+                    };
                 }
-                LoadPhase::Payload { hdr, done, crc } => {
+                LoadPhase::Payload {
+                    hdr,
+                    pattern,
+                    done,
+                    crc,
+                } => {
                     let t = usize::try_from(hdr.len - *done)
                         .unwrap_or(usize::MAX)
                         .min(data.len());
                     let piece = &data[..t];
                     let at = HEADER_LEN as u64 + *done;
                     self.check_fail_load(hdr, at, t)?;
-                    let pattern = Pattern::new(self.cfg.seed, hdr.kind, hdr.generation);
                     if let Some((i, want)) = pattern.first_mismatch(*done, piece) {
                         return Err(format!(
                             "byte {} of the {} (stream byte {}) is wrong: {corrupt} \

@@ -267,3 +267,29 @@ fn descriptor_errors_are_clear() {
     desc.kind = "nvme".to_string();
     assert!(VfioSim::from_descriptor(&desc).is_err());
 }
+
+/// How fast the model itself produces and checks state, unpaced (`--ignored --nocapture`):
+/// it must be far above the rates benchmarks ask for, or it would be the bottleneck.
+#[test]
+#[ignore = "measurement, prints throughput"]
+fn unpaced_throughput_256m() {
+    let src = VfioSim::new("vfio0", cfg("size=256M,seed=1"));
+    let dest = twin(&src);
+    src.begin_save().expect("begin");
+    let (mut save, mut load) = (Duration::ZERO, Duration::ZERO);
+    let mut buf = Vec::with_capacity(MIB);
+    loop {
+        buf.clear();
+        let t = Instant::now();
+        if src.save_final(&mut buf, MIB).expect("save") == 0 {
+            break;
+        }
+        save += t.elapsed();
+        let t = Instant::now();
+        dest.load(&buf).expect("load");
+        load += t.elapsed();
+    }
+    dest.load_complete().expect("complete");
+    let mbs = |d: Duration| 256.0 * 1.048_576 / d.as_secs_f64();
+    println!("save {:.0} MB/s, load {:.0} MB/s", mbs(save), mbs(load));
+}

@@ -89,49 +89,86 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The content of one section's payload: byte `i` is byte `i % 8` (little-endian) of
-/// `mix(key ^ (i / 8) * φ)`, `key` derived from (seed, kind, generation). Either side can
-/// produce or check any byte without storing the stream.
-#[derive(Debug, Clone, Copy)]
+/// Words in the pattern's repeating table (4 KiB).
+const TABLE_WORDS: usize = 512;
+
+/// The content of one section's payload. Payload word `w` (bytes `8w..8w + 8`, little-endian)
+/// is `table[w % 512] ^ tag(w / 512)`: a 4 KiB table and a per-4-KiB-block tag, both hashed
+/// from (seed, kind, generation). Two blocks differ in every word position (their tags differ), so a
+/// chunk at the wrong offset fails at its first word; and producing or checking the pattern
+/// is a vectorizable XOR, far faster than the device rates it stands in for. Either side
+/// produces or checks any byte without storing the stream.
+#[derive(Debug, Clone)]
 pub struct Pattern {
     key: u64,
+    table: Box<[u64; TABLE_WORDS]>,
 }
 
 impl Pattern {
     pub fn new(seed: u64, kind: SectionKind, generation: u64) -> Self {
-        Pattern {
-            key: mix(seed ^ mix(generation ^ ((kind as u64) << 56))),
+        let key = mix(seed ^ mix(generation ^ ((kind as u64) << 56)));
+        let mut table = Box::new([0u64; TABLE_WORDS]);
+        for (i, t) in table.iter_mut().enumerate() {
+            *t = mix(key.rotate_left(17) ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         }
+        Pattern { key, table }
+    }
+
+    fn tag(&self, block: u64) -> u64 {
+        mix(self.key ^ block.wrapping_mul(0xd6e8_feb8_6659_fd93))
     }
 
     fn word(&self, w: u64) -> [u8; 8] {
-        mix(self.key ^ w.wrapping_mul(0x9e37_79b9_7f4a_7c15)).to_le_bytes()
+        let t = self.table[(w % TABLE_WORDS as u64) as usize];
+        (t ^ self.tag(w / TABLE_WORDS as u64)).to_le_bytes()
     }
 
     /// Writes the payload bytes at `offset..offset + buf.len()` into `buf`.
     pub fn fill(&self, offset: u64, buf: &mut [u8]) {
-        let mut i = 0;
-        while i < buf.len() {
+        // Unaligned head, byte by byte.
+        let head = ((8 - offset % 8) % 8).min(buf.len() as u64) as usize;
+        for (i, b) in buf[..head].iter_mut().enumerate() {
             let off = offset + i as u64;
-            let b = (off % 8) as usize;
-            let take = (8 - b).min(buf.len() - i);
-            buf[i..i + take].copy_from_slice(&self.word(off / 8)[b..b + take]);
-            i += take;
+            *b = self.word(off / 8)[(off % 8) as usize];
+        }
+        // Whole words, one table run per 4 KiB block.
+        let words = (buf.len() - head) / 8;
+        let mut w = (offset + head as u64) / 8;
+        let mut rest = &mut buf[head..head + words * 8];
+        while !rest.is_empty() {
+            let start = (w % TABLE_WORDS as u64) as usize;
+            let take = (TABLE_WORDS - start).min(rest.len() / 8);
+            let tag = self.tag(w / TABLE_WORDS as u64);
+            let (cur, next) = rest.split_at_mut(take * 8);
+            for (c, t) in cur
+                .chunks_exact_mut(8)
+                .zip(&self.table[start..start + take])
+            {
+                c.copy_from_slice(&(t ^ tag).to_le_bytes());
+            }
+            rest = next;
+            w += take as u64;
+        }
+        // Tail.
+        let done = head + words * 8;
+        for (i, b) in buf[done..].iter_mut().enumerate() {
+            let off = offset + (done + i) as u64;
+            *b = self.word(off / 8)[(off % 8) as usize];
         }
     }
 
     /// The first byte of `data` (at payload `offset`) that differs from the pattern, as
     /// (index into `data`, expected byte).
     pub fn first_mismatch(&self, offset: u64, data: &[u8]) -> Option<(usize, u8)> {
+        let mut expected = [0u8; 8 * TABLE_WORDS];
         let mut i = 0;
         while i < data.len() {
-            let off = offset + i as u64;
-            let b = (off % 8) as usize;
-            let take = (8 - b).min(data.len() - i);
-            let word = self.word(off / 8);
-            let want = &word[b..b + take];
-            if data[i..i + take] != *want {
-                let j = (0..take).find(|&j| data[i + j] != want[j]).unwrap_or(0);
+            let take = expected.len().min(data.len() - i);
+            let want = &mut expected[..take];
+            self.fill(offset + i as u64, want);
+            let got = &data[i..i + take];
+            if got != &want[..] {
+                let j = (0..take).find(|&j| got[j] != want[j]).unwrap_or(0);
                 return Some((i + j, want[j]));
             }
             i += take;
@@ -253,11 +290,18 @@ mod tests {
     #[test]
     fn pattern_fill_matches_any_split() {
         let p = Pattern::new(7, SectionKind::Final, 3);
-        let mut whole = vec![0u8; 1000];
+        let mut whole = vec![0u8; 20_000];
         p.fill(0, &mut whole);
+        for (at, len) in [(13, 333), (4090, 9000), (8192, 4096), (5, 2), (0, 20_000)] {
+            let mut piece = vec![0u8; len];
+            p.fill(at as u64, &mut piece);
+            assert_eq!(piece[..], whole[at..at + len], "{at}+{len}");
+            assert_eq!(p.first_mismatch(at as u64, &piece), None);
+        }
+        // 4 KiB blocks differ from each other everywhere.
+        assert_ne!(whole[..8], whole[4096..4104]);
         let mut piece = vec![0u8; 333];
         p.fill(13, &mut piece);
-        assert_eq!(piece[..], whole[13..346]);
         assert_eq!(p.first_mismatch(13, &piece), None);
         piece[100] ^= 0xff;
         assert_eq!(p.first_mismatch(13, &piece), Some((100, whole[113])));
