@@ -75,6 +75,8 @@ pub enum MigrationError {
     Timeout(std::time::Duration),
     #[error("migration cancelled")]
     Cancelled,
+    #[error("a migration job failed: {0}")]
+    Job(#[source] crate::pool::PoolError),
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
     #[error("handover outcome unknown: the destination did not confirm it resumed ({0}); the source guest stays paused")]
@@ -106,6 +108,8 @@ pub enum IncomingError {
     NoHandover(String),
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
+    #[error("a migration job failed: {0}")]
+    Job(#[source] crate::pool::PoolError),
 }
 
 /// Text of a panic payload.

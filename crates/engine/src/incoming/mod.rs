@@ -31,6 +31,7 @@ use crate::error::{panic_message, ChannelError, ChannelName, IncomingError};
 use crate::framed;
 use crate::guest::{Guest, GuestFactory};
 use crate::hostmem::PageClaims;
+use crate::pool::{JobCancelled, JobDone, PoolError, WorkerPool};
 use crate::prefault;
 use crate::report::{ms, IncomingReport};
 use crate::transport::{Listener, Stream};
@@ -262,26 +263,30 @@ impl Session<'_> {
                     })
                     .map_err(spawn_err)?,
             );
+            // Every device's loader is a job of the migration's pool, started now, so precopy
+            // device data loads while the guest still runs on the source.
+            let pool = WorkerPool::new(scope, "lm-dst");
             for (i, device) in self.devices.iter().enumerate() {
                 let tx = tx.clone();
                 let streams = &streams;
                 let start = self.start;
-                handles.push(
-                    std::thread::Builder::new()
-                        .name(format!("lm-dst-load{i}"))
-                        .spawn_scoped(scope, move || {
-                            let credit = |up_to| {
-                                let _ = tx.send(Event::Credit(i as u16, up_to));
-                            };
-                            let ev = match streams.run_loader(i, &**device, start, credit) {
-                                Ok(stats) => Event::LoaderDone(i as u16, stats),
-                                Err(LoadError::Device(e)) => Event::LoaderFailed(e),
-                                Err(LoadError::Aborted) => return,
-                            };
-                            let _ = tx.send(ev);
-                        })
-                        .map_err(spawn_err)?,
-                );
+                pool.submit(&format!("load{i}"), move |_| {
+                    let credit = |up_to| {
+                        let _ = tx.send(Event::Credit(i as u16, up_to));
+                    };
+                    match streams.run_loader(i, &**device, start, credit) {
+                        Ok(stats) => {
+                            let _ = tx.send(Event::LoaderDone(i as u16, stats));
+                            Ok(())
+                        }
+                        Err(LoadError::Device(e)) => {
+                            let _ = tx.send(Event::LoaderFailed(e.clone()));
+                            Err(Box::new(e))
+                        }
+                        Err(LoadError::Aborted) => Err(Box::new(JobCancelled)),
+                    }
+                })
+                .map_err(|e| IncomingError::ThreadPanicked(e.to_string()))?;
             }
             for (i, stream) in data.into_iter().enumerate() {
                 let r = ChannelReceiver {
@@ -308,7 +313,7 @@ impl Session<'_> {
             drop(tx);
 
             let mut main = main;
-            let outcome = self.coordinate(&mut main, &rx, &counters);
+            let outcome = self.coordinate(&mut main, &rx, &pool.completions(), &counters);
             stop_prefault.store(true, Relaxed);
             if let Err(e) = &outcome {
                 barrier.abort();
@@ -323,6 +328,13 @@ impl Session<'_> {
                 s.shutdown();
             }
             let mut panicked = None;
+            if outcome.is_err() {
+                pool.cancel();
+            }
+            match pool.join_all() {
+                Ok(()) | Err(PoolError::Cancelled) => {}
+                Err(e) => panicked = Some(e.to_string()),
+            }
             for h in handles {
                 if let Err(p) = h.join() {
                     panicked = Some(panic_message(p));
@@ -341,17 +353,30 @@ impl Session<'_> {
         &self,
         main: &mut Stream,
         events: &Receiver<Event>,
+        jobs: &Receiver<JobDone>,
         counters: &Counters,
     ) -> Result<IncomingReport, IncomingError> {
         let hello = self.hello;
         let next = || -> Result<Event, IncomingError> {
-            match events.recv() {
-                Ok(Event::ChannelFailed(e)) | Ok(Event::MainFailed(e)) => Err(e.into()),
-                Ok(Event::LoaderFailed(e)) => Err(e.into()),
-                Ok(ev) => Ok(ev),
-                Err(_) => Err(IncomingError::ThreadPanicked(
-                    "every migration thread exited".into(),
-                )),
+            loop {
+                let ev = crossbeam_channel::select! {
+                    recv(events) -> ev => ev,
+                    recv(jobs) -> done => match done {
+                        Ok(JobDone {
+                            result: Err(e @ (PoolError::Panicked { .. } | PoolError::Spawn { .. })),
+                            ..
+                        }) => return Err(IncomingError::Job(e)),
+                        _ => continue,
+                    },
+                };
+                return match ev {
+                    Ok(Event::ChannelFailed(e)) | Ok(Event::MainFailed(e)) => Err(e.into()),
+                    Ok(Event::LoaderFailed(e)) => Err(e.into()),
+                    Ok(ev) => Ok(ev),
+                    Err(_) => Err(IncomingError::ThreadPanicked(
+                        "every migration thread exited".into(),
+                    )),
+                };
             }
         };
         let mut state = None;

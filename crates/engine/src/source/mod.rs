@@ -45,6 +45,7 @@ use crate::dirty::DirtyBitmap;
 use crate::error::{panic_message, ChannelError, ChannelName, MigrationError};
 use crate::framed;
 use crate::guest::Guest;
+use crate::pool::{JobCancelled, JobDone, PoolError, PoolJobError, WorkerPool};
 use crate::report::{ms, DeviceReport, DowntimeBreakdown, MigrationReport, Progress, RoundReport};
 use crate::transport::{Endpoint, Stream};
 use credit::CreditTable;
@@ -320,19 +321,18 @@ fn run_session(
         drop(ready_tx);
         let dispatch = Dispatcher::new(ready_rx, jobs, cancel.clone());
 
-        // The state-save worker waits for the pause, then saves the guest and the small devices.
+        // The migration's worker pool: the state save and every device's save are jobs of it.
+        let pool = WorkerPool::new(scope, "lm-src");
         let state_events = events_tx.clone();
         let sw = &switchover;
-        job_threads.push(
-            std::thread::Builder::new()
-                .name("lm-src-state".into())
-                .spawn_scoped(scope, move || {
-                    if sw.wait_started().is_some() {
-                        let _ = state_events.send(Event::StateSaved(save_state(vm)));
-                    }
-                })
-                .map_err(spawn_err)?,
-        );
+        pool.submit("state", move |_| {
+            // Waits for the pause, then saves the guest and the small devices.
+            if sw.wait_started().is_some() {
+                let _ = state_events.send(Event::StateSaved(save_state(vm)));
+            }
+            Ok(())
+        })
+        .map_err(|e| MigrationError::ThreadPanicked(e.to_string()))?;
         if multifd_devices {
             for (i, device) in vm.devices.iter().enumerate() {
                 let job = SaveJob {
@@ -344,19 +344,17 @@ fn run_session(
                     switchover: &switchover,
                 };
                 let tx = events_tx.clone();
-                let cancel = cancel.clone();
-                job_threads.push(
-                    std::thread::Builder::new()
-                        .name(format!("lm-src-dev{i}"))
-                        .spawn_scoped(scope, move || {
-                            let r = job.run();
-                            if matches!(r, Err(SaveError::Device(_))) {
-                                cancel.cancel();
-                            }
-                            let _ = tx.send(Event::DeviceDone(i as u16, r));
-                        })
-                        .map_err(spawn_err)?,
-                );
+                pool.submit(&format!("dev{i}"), move |_| {
+                    let r = job.run();
+                    let outcome: Result<(), PoolJobError> = match &r {
+                        Ok(_) => Ok(()),
+                        Err(SaveError::Device(e)) => Err(Box::new(e.clone())),
+                        Err(SaveError::Stopped) => Err(Box::new(JobCancelled)),
+                    };
+                    let _ = tx.send(Event::DeviceDone(i as u16, r));
+                    outcome
+                })
+                .map_err(|e| MigrationError::ThreadPanicked(e.to_string()))?;
             }
         }
         drop(events_tx);
@@ -366,6 +364,7 @@ fn run_session(
             config,
             main,
             events: events_rx,
+            jobs: pool.completions(),
             dispatch,
             counters: &counters,
             pacer: Pacer::new(config.max_bandwidth),
@@ -392,6 +391,13 @@ fn run_session(
         }
         // Jobs first: they hold queues of the channel threads, which end when all are dropped.
         let mut panicked = None;
+        if outcome.is_err() {
+            pool.cancel();
+        }
+        match pool.join_all() {
+            Ok(()) | Err(PoolError::Cancelled) => {}
+            Err(e) => panicked = Some(e.to_string()),
+        }
         for h in job_threads {
             if let Err(p) = h.join() {
                 panicked = Some(panic_message(p));
@@ -444,6 +450,8 @@ struct Coordinator<'a> {
     config: &'a MigrationConfig,
     main: Stream,
     events: Receiver<Event>,
+    /// Completions of the pool's jobs: a panicking job shows up here.
+    jobs: Receiver<JobDone>,
     dispatch: Dispatcher,
     counters: &'a Counters,
     pacer: Pacer,
@@ -809,15 +817,21 @@ impl Coordinator<'_> {
         MigrationError::Cancelled
     }
 
-    /// The next event; failures of any thread, and a cancel, become errors.
+    /// The next event; failures of any thread or job, and a cancel, become errors.
     fn next_event(&mut self) -> Result<Event, MigrationError> {
-        let ev = select! {
-            recv(self.events) -> ev => ev.map_err(|_| {
-                MigrationError::ThreadPanicked("every migration thread exited".into())
-            })?,
-            recv(self.cancel.waiter()) -> _ => return Err(self.failure_cause()),
-        };
-        self.check(ev)
+        loop {
+            let ev = select! {
+                recv(self.events) -> ev => ev.map_err(|_| {
+                    MigrationError::ThreadPanicked("every migration thread exited".into())
+                })?,
+                recv(self.jobs) -> done => {
+                    job_failure(done)?;
+                    continue;
+                }
+                recv(self.cancel.waiter()) -> _ => return Err(self.failure_cause()),
+            };
+            return self.check(ev);
+        }
     }
 
     fn check(&self, ev: Event) -> Result<Event, MigrationError> {
@@ -841,6 +855,10 @@ impl Coordinator<'_> {
                 recv(self.events) -> ev => ev.map_err(|_| {
                     MigrationError::ThreadPanicked("every migration thread exited".into())
                 })?,
+                recv(self.jobs) -> done => {
+                    job_failure(done)?;
+                    continue;
+                }
                 recv(self.cancel.waiter()) -> _ => return Err(self.failure_cause()),
                 default(left) => return Err(MigrationError::Timeout(timeout)),
             };
@@ -853,6 +871,18 @@ impl Coordinator<'_> {
                 }
             }
         }
+    }
+}
+
+/// A job that panicked (or could not start) fails the migration; other endings are seen
+/// through the job's own event.
+fn job_failure(done: Result<JobDone, crossbeam_channel::RecvError>) -> Result<(), MigrationError> {
+    match done {
+        Ok(JobDone {
+            result: Err(e @ (PoolError::Panicked { .. } | PoolError::Spawn { .. })),
+            ..
+        }) => Err(MigrationError::Job(e)),
+        _ => Ok(()),
     }
 }
 
