@@ -9,6 +9,7 @@
 pub mod factory;
 mod spec;
 pub mod vfio_config;
+mod vfio_load;
 pub mod vfio_sim;
 mod vfio_stream;
 pub mod vmstate;

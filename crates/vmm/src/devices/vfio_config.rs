@@ -34,7 +34,8 @@ pub struct VfioSimConfig {
     pub fail_save_at: Option<u64>,
     /// Test hook: `save_final` panics when it reaches this byte of the final section (once).
     pub panic_save_at: Option<u64>,
-    /// Test hook: the destination's `load` fails at this byte of the final section.
+    /// Test hook: the destination's `load` fails at this byte of the final section (every
+    /// time: a twin is built per attempt; [`super::VfioSim::disarm`] stops carrying it).
     pub fail_load_at: Option<u64>,
 }
 

@@ -47,9 +47,8 @@ use std::time::{Duration, Instant};
 use livemig_engine::{Device, DeviceDescriptor, DeviceError};
 
 pub use super::vfio_config::VfioSimConfig;
-use super::vfio_stream::{
-    section_total, Pattern, SectionHeader, SectionKind, SectionWriter, HEADER_LEN, TRAILER_LEN,
-};
+use super::vfio_load::StreamLoader;
+use super::vfio_stream::{SectionHeader, SectionKind, SectionWriter};
 
 pub const KIND: &str = "vfio-sim";
 
@@ -100,42 +99,12 @@ struct SaveState {
     hooks: VfioSimConfig,
 }
 
-/// Destination-side state: where in the stream the next byte goes.
-enum LoadPhase {
-    Header {
-        buf: [u8; HEADER_LEN],
-        have: usize,
-    },
-    Payload {
-        hdr: SectionHeader,
-        /// Built once per section (a 4 KiB table).
-        pattern: Box<Pattern>,
-        done: u64,
-        crc: u32,
-    },
-    Trailer {
-        hdr: SectionHeader,
-        buf: [u8; 4],
-        have: usize,
-        crc: u32,
-    },
-    Done,
-    Failed(DeviceError),
-}
-
-struct LoadState {
-    phase: LoadPhase,
-    /// Stream offset of the current section's first byte.
-    section_start: u64,
-    last_gen: Option<u64>,
-}
-
 /// A VFIO-like device model (source or destination side; see the module docs).
 pub struct VfioSim {
     name: String,
     cfg: VfioSimConfig,
     save: Mutex<SaveState>,
-    load: Mutex<LoadState>,
+    load: Mutex<StreamLoader>,
     bytes_saved: AtomicU64,
     bytes_loaded: AtomicU64,
 }
@@ -154,14 +123,7 @@ impl VfioSim {
                 final_clock: (now, 0),
                 hooks: cfg.clone(),
             }),
-            load: Mutex::new(LoadState {
-                phase: LoadPhase::Header {
-                    buf: [0; HEADER_LEN],
-                    have: 0,
-                },
-                section_start: 0,
-                last_gen: None,
-            }),
+            load: Mutex::new(StreamLoader::new(&cfg)),
             cfg,
             bytes_saved: AtomicU64::new(0),
             bytes_loaded: AtomicU64::new(0),
@@ -204,6 +166,15 @@ impl VfioSim {
         }
     }
 
+    /// The guest runs again (after a failed attempt): the generation, frozen at the first
+    /// `save_final`, advances again from where it stopped. `begin_save` does this too.
+    pub fn resume(&self) {
+        let mut s = lock(&self.save);
+        if let Some(g) = s.gen.frozen.take() {
+            s.gen = GenClock::new(g);
+        }
+    }
+
     /// Test hook: disarm every failure injection (later descriptors carry none).
     pub fn disarm(&self) {
         lock(&self.save).hooks = self.cfg.without_hooks();
@@ -221,7 +192,7 @@ impl VfioSim {
 
     /// True once the final section has been loaded whole, in order, digest matching.
     pub fn loaded_in_order_ok(&self) -> bool {
-        matches!(lock(&self.load).phase, LoadPhase::Done)
+        lock(&self.load).is_done()
     }
 
     /// Checks that the source device is intact: it still produces its whole state for its
@@ -273,10 +244,8 @@ impl Device for VfioSim {
     }
 
     fn begin_save(&self) -> Result<(), DeviceError> {
+        self.resume();
         let mut s = lock(&self.save);
-        if let Some(g) = s.gen.frozen.take() {
-            s.gen = GenClock::new(g);
-        }
         s.precopy = None;
         s.last_precopy_gen = None;
         s.final_ = None;
@@ -386,193 +355,21 @@ impl Device for VfioSim {
     }
 
     fn load(&self, data: &[u8]) -> Result<(), DeviceError> {
-        let mut l = lock(&self.load);
-        if let LoadPhase::Failed(e) = &l.phase {
-            return Err(e.clone());
-        }
-        match self.load_into(&mut l, data) {
-            Ok(()) => {
-                self.bytes_loaded
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(detail) => {
-                let e = self.err("load", detail);
-                l.phase = LoadPhase::Failed(e.clone());
-                Err(e)
-            }
-        }
+        lock(&self.load)
+            .load(data)
+            .map_err(|detail| self.err("load", detail))?;
+        self.bytes_loaded
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     fn load_complete(&self) -> Result<(), DeviceError> {
-        let l = lock(&self.load);
-        let detail = match &l.phase {
-            LoadPhase::Done => {
-                // This twin now holds the state: a later migration continues from it.
-                let generation = l.last_gen.unwrap_or(0);
-                lock(&self.save).gen = GenClock::new(generation);
-                return Ok(());
-            }
-            LoadPhase::Failed(e) => format!("loading failed earlier: {}", e.detail),
-            LoadPhase::Header { have, .. } => format!(
-                "the final state never arrived whole (stream ends at byte {} in a header)",
-                l.section_start + *have as u64
-            ),
-            LoadPhase::Payload { hdr, done, .. } => format!(
-                "the {} is incomplete: {} of {} payload bytes arrived",
-                hdr.kind.describe(),
-                done,
-                hdr.len
-            ),
-            LoadPhase::Trailer { hdr, .. } => {
-                format!("the {} is missing its digest", hdr.kind.describe())
-            }
-        };
-        Err(self.err("load_complete", detail))
-    }
-}
-
-impl VfioSim {
-    /// Consumes `data` at the stream position in `l`; the error names the offset.
-    fn load_into(&self, l: &mut LoadState, mut data: &[u8]) -> Result<(), String> {
-        let corrupt = "chunks out of order or corrupt";
-        while !data.is_empty() {
-            let start = l.section_start;
-            match &mut l.phase {
-                LoadPhase::Header { buf, have } => {
-                    let t = (HEADER_LEN - *have).min(data.len());
-                    buf[*have..*have + t].copy_from_slice(&data[..t]);
-                    *have += t;
-                    data = &data[t..];
-                    if *have < HEADER_LEN {
-                        continue;
-                    }
-                    let hdr = SectionHeader::decode(buf).map_err(|why| {
-                        format!("section header at stream byte {start} is wrong ({why}): {corrupt}")
-                    })?;
-                    self.check_header(l, &hdr, start)?;
-                    let crc = crc32c::crc32c(&hdr.encode());
-                    l.last_gen = Some(hdr.generation);
-                    let pattern = Box::new(Pattern::new(self.cfg.seed, hdr.kind, hdr.generation));
-                    l.phase = LoadPhase::Payload {
-                        hdr,
-                        pattern,
-                        done: 0,
-                        crc,
-                    };
-                }
-                LoadPhase::Payload {
-                    hdr,
-                    pattern,
-                    done,
-                    crc,
-                } => {
-                    let t = usize::try_from(hdr.len - *done)
-                        .unwrap_or(usize::MAX)
-                        .min(data.len());
-                    let piece = &data[..t];
-                    let at = HEADER_LEN as u64 + *done;
-                    self.check_fail_load(hdr, at, t)?;
-                    if let Some((i, want)) = pattern.first_mismatch(*done, piece) {
-                        return Err(format!(
-                            "byte {} of the {} (stream byte {}) is wrong: {corrupt} \
-                             (expected 0x{want:02x}, got 0x{:02x})",
-                            at + i as u64,
-                            hdr.kind.describe(),
-                            start + at + i as u64,
-                            piece[i]
-                        ));
-                    }
-                    *crc = crc32c::crc32c_append(*crc, piece);
-                    *done += t as u64;
-                    data = &data[t..];
-                    if *done == hdr.len {
-                        let (hdr, crc) = (*hdr, *crc);
-                        l.phase = LoadPhase::Trailer {
-                            hdr,
-                            buf: [0; 4],
-                            have: 0,
-                            crc,
-                        };
-                    }
-                }
-                LoadPhase::Trailer {
-                    hdr,
-                    buf,
-                    have,
-                    crc,
-                } => {
-                    let t = (TRAILER_LEN - *have).min(data.len());
-                    self.check_fail_load(hdr, HEADER_LEN as u64 + hdr.len + *have as u64, t)?;
-                    buf[*have..*have + t].copy_from_slice(&data[..t]);
-                    *have += t;
-                    data = &data[t..];
-                    if *have < TRAILER_LEN {
-                        continue;
-                    }
-                    let got = u32::from_le_bytes(*buf);
-                    if got != *crc {
-                        return Err(format!(
-                            "digest of the {} does not match (computed 0x{:08x}, trailer \
-                             0x{got:08x} at stream byte {}): {corrupt}",
-                            hdr.kind.describe(),
-                            *crc,
-                            start + HEADER_LEN as u64 + hdr.len
-                        ));
-                    }
-                    let kind = hdr.kind;
-                    l.section_start += section_total(hdr.len);
-                    l.phase = match kind {
-                        SectionKind::Precopy => LoadPhase::Header {
-                            buf: [0; HEADER_LEN],
-                            have: 0,
-                        },
-                        SectionKind::Final => LoadPhase::Done,
-                    };
-                }
-                LoadPhase::Done => {
-                    return Err(format!(
-                        "{} bytes after the end of the final state",
-                        data.len()
-                    ));
-                }
-                LoadPhase::Failed(e) => return Err(e.detail.clone()),
-            }
-        }
+        let generation = lock(&self.load)
+            .complete()
+            .map_err(|detail| self.err("load_complete", detail))?;
+        // This twin now holds the state: a later migration continues from it.
+        lock(&self.save).gen = GenClock::new(generation);
         Ok(())
-    }
-
-    /// A header must match this device's config and never go back a generation.
-    fn check_header(&self, l: &LoadState, hdr: &SectionHeader, start: u64) -> Result<(), String> {
-        let want_len = match hdr.kind {
-            SectionKind::Precopy => self.cfg.precopy,
-            SectionKind::Final => self.cfg.size,
-        };
-        if hdr.len != want_len {
-            return Err(format!(
-                "{} section at stream byte {start} is {} bytes long, this device's is {want_len}",
-                hdr.kind.describe(),
-                hdr.len
-            ));
-        }
-        if let Some(last) = l.last_gen.filter(|&g| hdr.generation < g) {
-            return Err(format!(
-                "{} section at stream byte {start} has generation {}, older than {last}",
-                hdr.kind.describe(),
-                hdr.generation
-            ));
-        }
-        Ok(())
-    }
-
-    /// The `fail_load_at` test hook, for `len` bytes at `at` of a section.
-    fn check_fail_load(&self, hdr: &SectionHeader, at: u64, len: usize) -> Result<(), String> {
-        match self.cfg.fail_load_at {
-            Some(x) if hdr.kind == SectionKind::Final && x < at + len as u64 && x >= at => Err(
-                format!("injected load failure at byte {x} of the final state"),
-            ),
-            _ => Ok(()),
-        }
     }
 }
 

@@ -213,6 +213,10 @@ fn injected_load_failure_is_carried_by_the_descriptor() {
     dest.load(&chunks[0]).expect("first MiB");
     let err = dest.load(&chunks[1]).expect_err("injected");
     assert!(err.detail.contains("byte 1048576"), "{err}");
+    let at_header = VfioSim::new("vfio0", cfg("size=3M,seed=5,fail_load_at=0"));
+    assert!(at_header
+        .load(&chunks[0])
+        .is_err_and(|e| e.detail.contains("byte 0")));
     src.disarm();
     let dest = twin(&src);
     load_all(&dest, &chunks).expect("no hook after disarm");
@@ -252,9 +256,16 @@ fn generation_advances_with_time_and_freezes_at_switchover() {
     load_all(&dest, &final_chunks).expect("final alone is a whole stream");
     dest.load_complete().expect("complete");
     assert_eq!(dest.generation(), frozen);
-    src.begin_save().expect("resume");
+    src.resume();
     std::thread::sleep(Duration::from_millis(30));
     assert!(src.generation() > frozen);
+    // A retry's final state carries the newer generation and still loads.
+    src.begin_save().expect("retry");
+    let chunks = drain_final(&src, MIB);
+    let dest = twin(&src);
+    load_all(&dest, &chunks).expect("load");
+    dest.load_complete().expect("complete");
+    assert!(dest.generation() > frozen);
 }
 
 #[test]
