@@ -2,8 +2,11 @@
 
 use crate::guest::GuestChoice;
 use clap::Args;
+use livemig_engine::config::{ChunkOrder, SourceTestHooks};
 use livemig_engine::MigrationConfig;
+use livemig_vmm::devices::DeviceSpec;
 use livemig_vmm::synthetic::{SyntheticConfig, Workload};
+use livemig_wire::DeviceTransfer;
 use std::time::Duration;
 
 /// Parses a size with an optional binary suffix: 4096, 64K, 256M, 1G.
@@ -64,6 +67,39 @@ pub struct MigrationArgs {
     /// Pages per data packet (1 to 1024; 128 = 512 KiB).
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub pages_per_packet: u32,
+    /// How device state travels: `multifd` (chunks on the data channels, with credit) or
+    /// `main` (each device in turn on the main channel at switchover, the old way).
+    #[arg(long, value_enum, default_value_t = TransferMode::Multifd)]
+    pub device_state_transfer: TransferMode,
+    /// Bytes per device state chunk.
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    pub chunk_size: u64,
+    /// Chunks of credit per device to ask the destination for (0: its default, 2 x channels).
+    #[arg(long, default_value_t = 0)]
+    pub credit_window: u32,
+    /// Bytes of device chunks to ask the destination to buffer at most (0: its default).
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub buffer_cap: u64,
+    /// TEST ONLY: send device chunks in an adversarial order.
+    #[arg(long, value_enum, hide = true, default_value_t = TestChunkOrder::Natural)]
+    pub test_chunk_order: TestChunkOrder,
+}
+
+/// How device state travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransferMode {
+    Multifd,
+    Main,
+}
+
+/// Test-only arrival orders of device chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TestChunkOrder {
+    Natural,
+    /// Each credit window back to front.
+    Reverse,
+    /// Data channel 0 waits 5 ms before each chunk.
+    DelayChannel,
 }
 
 impl MigrationArgs {
@@ -75,6 +111,22 @@ impl MigrationArgs {
             max_rounds: self.max_rounds,
             max_precopy_time: Duration::from_secs(self.max_precopy_secs),
             pages_per_packet: self.pages_per_packet,
+            device_transfer: match self.device_state_transfer {
+                TransferMode::Multifd => DeviceTransfer::Multifd,
+                TransferMode::Main => DeviceTransfer::Main,
+            },
+            chunk_size: self.chunk_size.min(u32::MAX as u64) as u32,
+            credit_window: self.credit_window,
+            buffer_cap: self.buffer_cap,
+            test_hooks: SourceTestHooks {
+                chunk_order: match self.test_chunk_order {
+                    TestChunkOrder::Natural => ChunkOrder::Natural,
+                    TestChunkOrder::Reverse => ChunkOrder::Reverse,
+                    TestChunkOrder::DelayChannel => {
+                        ChunkOrder::DelayChannel0(Duration::from_millis(5))
+                    }
+                },
+            },
             ..MigrationConfig::default()
         }
     }
@@ -87,7 +139,26 @@ impl MigrationArgs {
             format!("--max-rounds={}", self.max_rounds),
             format!("--max-precopy-secs={}", self.max_precopy_secs),
             format!("--pages-per-packet={}", self.pages_per_packet),
+            format!("--chunk-size={}", self.chunk_size),
+            format!("--credit-window={}", self.credit_window),
+            format!("--buffer-cap={}", self.buffer_cap),
+            format!(
+                "--device-state-transfer={}",
+                match self.device_state_transfer {
+                    TransferMode::Multifd => "multifd",
+                    TransferMode::Main => "main",
+                }
+            ),
         ];
+        if self.test_chunk_order != TestChunkOrder::Natural {
+            v.push(format!(
+                "--test-chunk-order={}",
+                match self.test_chunk_order {
+                    TestChunkOrder::Reverse => "reverse",
+                    _ => "delay-channel",
+                }
+            ));
+        }
         if let Some(b) = self.max_bandwidth {
             v.push(format!("--max-bandwidth={b}"));
         }
@@ -119,6 +190,15 @@ pub struct GuestArgs {
     /// Let the guest run this long before migrating.
     #[arg(long, default_value_t = 300)]
     pub warmup_ms: u64,
+    /// A device, e.g. `vfio-sim,size=256M,rate=500M[,precopy=16M]` or `vmstate-sim`.
+    /// Repeat for more.
+    #[arg(long = "device", value_parser = check_device)]
+    pub devices: Vec<String>,
+}
+
+/// Checks a device spec, keeping its text (so it can be handed on to a child process).
+fn check_device(s: &str) -> Result<String, String> {
+    DeviceSpec::parse(s).map(|_| s.to_string())
 }
 
 impl GuestArgs {
@@ -144,6 +224,9 @@ impl GuestArgs {
             format!("--vcpus={}", self.vcpus),
             format!("--warmup-ms={}", self.warmup_ms),
         ]
+        .into_iter()
+        .chain(self.devices.iter().map(|d| format!("--device={d}")))
+        .collect()
     }
 }
 

@@ -2,7 +2,7 @@
 //! idle and on a dirtying guest, beside the raw loopback TCP throughput measured in the same
 //! run. Prints a Markdown table, or with `--json` one JSON object.
 
-use crate::args::{parse_size, MigrationArgs};
+use crate::args::parse_size;
 use crate::guest::GuestChoice;
 use crate::pair::run_pair;
 use crate::raw_tcp;
@@ -84,14 +84,6 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn one(a: &BenchArgs, channels: u16, dirty: bool) -> anyhow::Result<Value> {
-    let m = MigrationArgs {
-        channels,
-        downtime_limit_ms: 300,
-        max_bandwidth: None,
-        max_rounds: 30,
-        max_precopy_secs: 120,
-        pages_per_packet: livemig_wire::DEFAULT_PAGES_PER_PACKET,
-    };
     let mut src = vec![
         format!("--memory={}", a.memory),
         format!("--guest={}", a.guest.name()),
@@ -100,7 +92,7 @@ fn one(a: &BenchArgs, channels: u16, dirty: bool) -> anyhow::Result<Value> {
         format!("--dirty-rate={}", a.dirty_rate),
         "--warmup-ms=200".into(),
     ];
-    src.extend(m.to_args());
+    src.push(format!("--channels={channels}"));
     let r = run_pair(&[format!("--memory={}", a.memory)], &src, |_| {})?;
     let rep = &r.source["report"];
     let f = |k: &str| rep.get(k).and_then(Value::as_f64).unwrap_or(0.0);

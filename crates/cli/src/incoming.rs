@@ -5,8 +5,9 @@ use crate::args::MigrationArgs;
 use crate::emit;
 use clap::Args;
 use livemig_engine::{
-    migrate, receive, Endpoint, Guest, IncomingConfig, Listener, Progress, TestHooks,
+    migrate, receive_vm, Endpoint, Factories, Guest, IncomingConfig, Listener, Progress, TestHooks,
 };
+use livemig_vmm::devices::DeviceModels;
 use livemig_vmm::{memory, Factory};
 use livemig_wire::MemoryRange;
 use serde_json::json;
@@ -32,6 +33,13 @@ pub struct IncomingArgs {
     /// when the incoming guest has one memory range of exactly this size.
     #[arg(long, value_parser = parse_size)]
     pub memory: Option<u64>,
+    /// Chunks of credit each device gets at most (0: 2 x the session's channels).
+    #[arg(long, default_value_t = 0)]
+    pub max_credit_window: u32,
+    /// Bytes of device state chunks this side buffers at most, across devices (0: every
+    /// device's full window).
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub max_buffer_cap: u64,
     /// Print one JSON object per line instead of text.
     #[arg(long)]
     pub json: bool,
@@ -66,6 +74,8 @@ pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
     }
     let mut config = IncomingConfig {
         verify: a.verify,
+        credit_window: a.max_credit_window,
+        buffer_cap: a.max_buffer_cap,
         test_hooks: TestHooks {
             break_round_order: a.test_break_round_order,
         },
@@ -81,7 +91,11 @@ pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
             eprintln!("livemig: {msg}");
         }
     };
-    match receive(&listener, &Factory, &config, &log) {
+    let factories = Factories {
+        guest: &Factory,
+        devices: &DeviceModels,
+    };
+    match receive_vm(&listener, factories, &config, &log) {
         Ok(inc) => {
             if json {
                 emit(&json!({"event": "received", "report": inc.report}));

@@ -9,6 +9,7 @@
 mod args;
 mod bench;
 mod demo;
+mod devices;
 mod guest;
 mod incoming;
 mod migrate;

@@ -1,10 +1,11 @@
 //! `livemig migrate`: the source side. Starts a guest, lets it run, migrates it.
 
 use crate::args::{GuestArgs, MigrationArgs};
+use crate::devices::SourceDevices;
 use crate::emit;
 use crate::guest::SourceGuest;
 use clap::Args;
-use livemig_engine::{migrate, Endpoint, Progress};
+use livemig_engine::{migrate_vm, Endpoint, Progress, Vm};
 use serde_json::json;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -27,7 +28,14 @@ pub struct MigrateArgs {
 pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let json = a.json;
     let source = SourceGuest::start(&a.guest)?;
+    let devices = SourceDevices::build(&a.guest.devices)?;
+    let (streamed, vmstates) = (devices.streamed(), devices.vmstates());
     let guest = source.guest();
+    let vm = Vm {
+        guest,
+        devices: &streamed,
+        vmstates: &vmstates,
+    };
     let kind = source.kind();
     if json {
         emit(&json!({"event": "guest_started", "guest": kind, "memory": a.guest.memory}));
@@ -49,7 +57,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         }
     };
     for (attempt, to) in a.to.iter().enumerate() {
-        match migrate(guest, to, &config, &progress) {
+        match migrate_vm(vm, to, &config, &progress) {
             Ok(report) => {
                 // The guest stays paused here for good: this is where it stopped.
                 let counter = source.counter();
@@ -71,11 +79,14 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
                 guest.pause()?;
                 let v = guest.verify()?;
                 let counter = source.counter();
+                let devices_intact = devices.check_intact();
                 guest.resume()?;
                 if json {
                     emit(&json!({
                         "event": "attempt_failed", "attempt": attempt, "to": to.to_string(),
                         "error": e.to_string(), "source_verify": v, "counter": counter,
+                        "devices_intact": devices_intact.is_ok(),
+                        "devices_error": devices_intact.err(),
                     }));
                 } else {
                     eprintln!(

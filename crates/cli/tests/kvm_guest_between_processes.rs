@@ -40,7 +40,10 @@ fn kvm_guest_migrates_exact_under_dirtying() {
     let rounds = r["rounds"].as_array().unwrap();
     assert!((2..=5).contains(&rounds.len()), "{r:#}");
     let sent: u64 = rounds.iter().map(|x| x["pages"].as_u64().unwrap()).sum();
-    assert!(sent > 65536, "pages dirtied during round 0 were sent again: {r:#}");
+    assert!(
+        sent > 65536,
+        "pages dirtied during round 0 were sent again: {r:#}"
+    );
     assert_eq!(u64_at(r, &["pages_mismatched"]), 0);
     let paused_at = u64_at(&done, &["counter_at_pause"]);
     assert!(paused_at > 0);

@@ -34,7 +34,10 @@ fn every_page_exact_after_heavy_dirtying() {
     let rounds = r["rounds"].as_array().unwrap();
     assert!((2..=7).contains(&rounds.len()), "{r:#}");
     let sent: u64 = rounds.iter().map(|x| x["pages"].as_u64().unwrap()).sum();
-    assert!(sent > 32768, "pages dirtied meanwhile were sent again: {r:#}");
+    assert!(
+        sent > 32768,
+        "pages dirtied meanwhile were sent again: {r:#}"
+    );
     assert_eq!(u64_at(r, &["pages_checked"]), 128 << 8);
     assert_eq!(u64_at(r, &["pages_mismatched"]), 0);
     assert!(src.wait_exit().success());

@@ -38,6 +38,7 @@ pub struct MigrationConfig {
     pub buffer_cap: u64,
     /// Cancels the migration from outside; the guest then runs on here.
     pub cancel: CancelToken,
+    pub test_hooks: SourceTestHooks,
 }
 
 impl Default for MigrationConfig {
@@ -56,6 +57,7 @@ impl Default for MigrationConfig {
             credit_window: 0,
             buffer_cap: 0,
             cancel: CancelToken::new(),
+            test_hooks: SourceTestHooks::default(),
         }
     }
 }
@@ -88,6 +90,25 @@ impl MigrationConfig {
         }
         Ok(())
     }
+}
+
+/// Test-only: the order in which the source sends a device's chunks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ChunkOrder {
+    /// In stream order, each to whichever channel is free.
+    #[default]
+    Natural,
+    /// Each credit window's chunks back to front: the chunk the loader needs arrives last,
+    /// so the destination must buffer a whole window before it can load anything.
+    Reverse,
+    /// Data channel 0 waits this long before sending each chunk, so chunks overtake it.
+    DelayChannel0(Duration),
+}
+
+/// Test-only switches of the source that make arrival orders adversarial.
+#[derive(Debug, Clone, Default)]
+pub struct SourceTestHooks {
+    pub chunk_order: ChunkOrder,
 }
 
 /// Test-only switches that break the engine on purpose, to prove the tests can catch it.

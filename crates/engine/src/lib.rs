@@ -24,7 +24,7 @@ pub mod source;
 pub mod transport;
 
 pub use cancel::CancelToken;
-pub use config::{IncomingConfig, MigrationConfig, TestHooks};
+pub use config::{ChunkOrder, IncomingConfig, MigrationConfig, SourceTestHooks, TestHooks};
 pub use device::{Device, DeviceDescriptor, DeviceError, DeviceFactory, VmState};
 pub use dirty::DirtyBitmap;
 pub use error::{ChannelError, ChannelName, IncomingError, MigrationError};

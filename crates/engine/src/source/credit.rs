@@ -44,6 +44,11 @@ impl CreditTable {
         }
     }
 
+    /// The device's current credit limit: chunks idx < up_to may be sent.
+    pub fn up_to(&self, device: usize) -> u32 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).up_to[device]
+    }
+
     /// Raises a device's window (credit never shrinks). False for an unknown device.
     pub fn grant(&self, device: usize, up_to: u32) -> bool {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());

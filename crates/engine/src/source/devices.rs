@@ -91,6 +91,8 @@ impl From<DeviceError> for SaveError {
 /// The job's context: where chunks go and when they may.
 pub(crate) struct SaveJob<'a> {
     pub index: u16,
+    /// Test hook: send each credit window back to front.
+    pub reverse: bool,
     pub device: &'a dyn Device,
     pub chunk_size: usize,
     pub dispatch: Dispatcher,
@@ -101,7 +103,7 @@ pub(crate) struct SaveJob<'a> {
 impl SaveJob<'_> {
     pub fn run(self) -> Result<SaveStats, SaveError> {
         let mut stats = SaveStats::default();
-        let mut idx = 0u32;
+        let mut out = Outbox::default();
         self.device.begin_save()?;
         let paused_at = loop {
             if let Some(t) = self.switchover.wait(Duration::ZERO) {
@@ -113,47 +115,78 @@ impl SaveJob<'_> {
             let mut buf = Vec::with_capacity(self.chunk_size);
             let n = self.device.save_precopy(&mut buf, self.chunk_size)?;
             if n == 0 {
+                self.flush(&mut out)?;
                 if let Some(t) = self.switchover.wait(PRECOPY_POLL) {
                     break t;
                 }
                 continue;
             }
             stats.precopy_bytes += n as u64;
-            self.send(&mut idx, buf, false, &mut stats)?;
+            self.push(&mut out, buf, false, &mut stats)?;
         };
         loop {
             let mut buf = Vec::with_capacity(self.chunk_size);
             let n = self.device.save_final(&mut buf, self.chunk_size)?;
             let last = n == 0;
-            self.send(&mut idx, buf, last, &mut stats)?;
+            self.push(&mut out, buf, last, &mut stats)?;
             if last {
+                self.flush(&mut out)?;
                 stats.final_ms = paused_at.elapsed().as_secs_f64() * 1e3;
                 return Ok(stats);
             }
         }
     }
 
-    fn send(
+    /// Numbers the next chunk and sends it, or with the reverse hook holds it until its
+    /// credit window is full.
+    fn push(
         &self,
-        idx: &mut u32,
+        out: &mut Outbox,
         data: Vec<u8>,
         last: bool,
         stats: &mut SaveStats,
     ) -> Result<(), SaveError> {
-        self.credits
-            .wait(self.index as usize, *idx)
-            .map_err(|_| SaveError::Stopped)?;
         stats.bytes += data.len() as u64;
         stats.chunks += 1;
+        let idx = out.next;
+        out.next += 1;
+        if !self.reverse {
+            return self.send(idx, data, last);
+        }
+        out.held.push((idx, data, last));
+        let first = out.held[0].0;
+        if idx + 1 >= self.credits.up_to(self.index as usize).max(first + 1) {
+            self.flush(out)?;
+        }
+        Ok(())
+    }
+
+    /// Sends every held chunk, last first.
+    fn flush(&self, out: &mut Outbox) -> Result<(), SaveError> {
+        while let Some((idx, data, last)) = out.held.pop() {
+            self.send(idx, data, last)?;
+        }
+        Ok(())
+    }
+
+    fn send(&self, idx: u32, data: Vec<u8>, last: bool) -> Result<(), SaveError> {
+        self.credits
+            .wait(self.index as usize, idx)
+            .map_err(|_| SaveError::Stopped)?;
         self.dispatch
             .send(Job::Chunk {
                 device: self.index,
-                idx: *idx,
+                idx,
                 last,
                 data,
             })
-            .map_err(|_| SaveError::Stopped)?;
-        *idx += 1;
-        Ok(())
+            .map_err(|_| SaveError::Stopped)
     }
+}
+
+/// Chunks numbered so far, and (reverse hook) those held back.
+#[derive(Default)]
+struct Outbox {
+    next: u32,
+    held: Vec<(u32, Vec<u8>, bool)>,
 }

@@ -39,7 +39,7 @@ mod sender;
 pub(crate) use sender::is_zero;
 
 use crate::cancel::CancelToken;
-use crate::config::MigrationConfig;
+use crate::config::{ChunkOrder, MigrationConfig};
 use crate::device::{Device, DeviceError, VmState};
 use crate::dirty::DirtyBitmap;
 use crate::error::{panic_message, ChannelError, ChannelName, MigrationError};
@@ -310,6 +310,10 @@ fn run_session(
                 cancel: cancel.clone(),
                 counters: &counters,
                 pages_per_packet: config.pages_per_packet as usize,
+                chunk_delay: match config.test_hooks.chunk_order {
+                    ChunkOrder::DelayChannel0(d) if i == 0 => Some(d),
+                    _ => None,
+                },
             };
             channel_threads.push(
                 std::thread::Builder::new()
@@ -337,6 +341,7 @@ fn run_session(
             for (i, device) in vm.devices.iter().enumerate() {
                 let job = SaveJob {
                     index: i as u16,
+                    reverse: config.test_hooks.chunk_order == ChunkOrder::Reverse,
                     device: *device,
                     chunk_size: config.chunk_size as usize,
                     dispatch: dispatch.clone(),

@@ -55,6 +55,8 @@ pub(crate) struct ChannelSender<'a> {
     pub cancel: CancelToken,
     pub counters: &'a Counters,
     pub pages_per_packet: usize,
+    /// Test hook: wait this long before sending each device chunk.
+    pub chunk_delay: Option<std::time::Duration>,
 }
 
 impl ChannelSender<'_> {
@@ -121,6 +123,9 @@ impl ChannelSender<'_> {
                     last,
                     data,
                 } => {
+                    if let Some(d) = self.chunk_delay {
+                        std::thread::sleep(d);
+                    }
                     let header = ChunkHeader { device, idx, last }.encode();
                     framed::send_parts(
                         &mut self.stream,
