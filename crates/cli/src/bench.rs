@@ -10,8 +10,35 @@ use clap::Args;
 use serde_json::{json, Value};
 use std::process::ExitCode;
 
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// RAM throughput and downtime against channel count.
+    Ram,
+    /// Downtime against VFIO-like device count, parallel against serial device state.
+    Devices,
+}
+
 #[derive(Debug, Args)]
 pub struct BenchArgs {
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = Mode::Ram)]
+    pub mode: Mode,
+    /// Devices mode: device counts to measure.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 2, 4, 8])]
+    pub device_counts: Vec<usize>,
+    /// Devices mode: each device's state size.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub device_size: u64,
+    /// Devices mode: each device's read rate, bytes per second.
+    #[arg(long, default_value = "500M", value_parser = parse_size)]
+    pub device_rate: u64,
+    /// Devices mode: data channels.
+    #[arg(long, default_value_t = 4)]
+    pub device_channels: u16,
+    /// Devices mode: guest memory.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub device_guest_memory: u64,
     /// Guest memory size.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     pub memory: u64,
@@ -36,6 +63,9 @@ pub struct BenchArgs {
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
+    if a.mode == Mode::Devices {
+        return run_devices(&a);
+    }
     let (raw, raw_how) = raw_tcp::measure(a.memory)?;
     let mut rows = Vec::new();
     for dirty in [false, true] {
@@ -140,4 +170,44 @@ fn table(rows: &[Value], raw: f64, how: &str) -> String {
     }
     s.push_str(&format!("\nHow: {how}\n"));
     s
+}
+
+fn run_devices(a: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let (raw, raw_how) = raw_tcp::measure(1 << 30)?;
+    let mut rows = Vec::new();
+    for &n in &a.device_counts {
+        for parallel in [true, false] {
+            let row = crate::bench_devices::row(a, n, parallel, raw)?;
+            if !a.json {
+                eprintln!(
+                    "bench: {n} devices, {}: downtime {:.0} ms",
+                    row["mode"].as_str().unwrap_or(""),
+                    row["downtime_ms"].as_f64().unwrap_or(0.0)
+                );
+            }
+            rows.push(row);
+        }
+    }
+    let how = format!(
+        "livemig bench --mode devices: a {} MiB {} guest dirtying {} MiB at {} pages/s, {} data channels, \
+         devices of {} MiB read at {} MB/s (vfio-sim), 1 MiB chunks, default credit (2 x channels); \
+         parallel = chunks on the data channels with credit, serial = each device in turn on the main \
+         channel. Ideal = max(one device's read time, all device bytes / raw TCP) + the last RAM \
+         round / raw TCP. Raw = {raw_how}.",
+        a.device_guest_memory >> 20,
+        a.guest.name(),
+        a.working_set.min(a.device_guest_memory / 4) >> 20,
+        a.dirty_rate,
+        a.device_channels,
+        a.device_size >> 20,
+        a.device_rate / 1_000_000,
+    );
+    if a.json {
+        crate::emit(
+            &json!({"guest": a.guest.name(), "mode": "devices", "how": how, "raw_tcp_bytes_per_s": raw, "rows": rows}),
+        );
+    } else {
+        println!("{}", crate::bench_devices::table(&rows, raw, &how));
+    }
+    Ok(ExitCode::SUCCESS)
 }

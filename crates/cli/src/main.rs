@@ -8,6 +8,7 @@
 
 mod args;
 mod bench;
+mod bench_devices;
 mod demo;
 mod devices;
 mod guest;

@@ -284,7 +284,7 @@ pub(crate) fn receive_chunk(
         .admit(&hdr, len, wait)
         .map_err(|detail| ChannelError::Protocol { channel, detail })?;
     // Admitted: the length is within the session's chunk size.
-    let mut data = vec![0u8; len];
+    let mut data = streams.buffer(len);
     framed::read_exact(stream, channel, &mut data, false)?;
     let crc = crc32c::crc32c_append(crc32c::crc32c(&raw), &data);
     if crc != h.crc {

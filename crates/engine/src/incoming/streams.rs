@@ -26,6 +26,9 @@ pub(crate) struct Streams {
     streams: Vec<StreamBuf>,
     chunk_size: usize,
     window: u32,
+    /// Chunk buffers the loaders are done with, for the next chunks: fresh memory costs
+    /// page faults, which on these hosts cost more than receiving the bytes.
+    spare: Mutex<Vec<Vec<u8>>>,
 }
 
 struct StreamBuf {
@@ -72,6 +75,29 @@ impl Streams {
             streams,
             chunk_size,
             window,
+            spare: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A buffer of `len` bytes for an admitted chunk, reused when one is spare.
+    pub fn buffer(&self, len: usize) -> Vec<u8> {
+        let mut b = self
+            .spare
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
+        b.clear();
+        b.resize(len, 0);
+        b
+    }
+
+    /// Keeps a loaded chunk's buffer for reuse; at most one window's worth per device, so
+    /// spare buffers never hold more than the buffer cap.
+    fn give_back(&self, b: Vec<u8>) {
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        if spare.len() < self.streams.len() * self.window as usize {
+            spare.push(b);
         }
     }
 
@@ -185,10 +211,12 @@ impl Streams {
                 }
             };
             device.load(&data).map_err(LoadError::Device)?;
+            let len = data.len();
+            self.give_back(data);
             let up_to = {
                 let mut s = stream.state.lock().unwrap_or_else(|p| p.into_inner());
-                s.buffered -= data.len() as u64;
-                s.stats.bytes += data.len() as u64;
+                s.buffered -= len as u64;
+                s.stats.bytes += len as u64;
                 s.stats.chunks += 1;
                 s.next += 1;
                 s.up_to = s.next + self.window;

@@ -103,7 +103,7 @@ pub(crate) struct SaveJob<'a> {
 impl SaveJob<'_> {
     pub fn run(self) -> Result<SaveStats, SaveError> {
         let mut stats = SaveStats::default();
-        let mut out = Outbox::default();
+        let mut out = Outbox::new();
         self.device.begin_save()?;
         let paused_at = loop {
             if let Some(t) = self.switchover.wait(Duration::ZERO) {
@@ -112,7 +112,7 @@ impl SaveJob<'_> {
             if self.dispatch.is_stopped() {
                 return Err(SaveError::Stopped);
             }
-            let mut buf = Vec::with_capacity(self.chunk_size);
+            let mut buf = out.buffer(self.chunk_size);
             let n = self.device.save_precopy(&mut buf, self.chunk_size)?;
             if n == 0 {
                 self.flush(&mut out)?;
@@ -125,7 +125,7 @@ impl SaveJob<'_> {
             self.push(&mut out, buf, false, &mut stats)?;
         };
         loop {
-            let mut buf = Vec::with_capacity(self.chunk_size);
+            let mut buf = out.buffer(self.chunk_size);
             let n = self.device.save_final(&mut buf, self.chunk_size)?;
             let last = n == 0;
             self.push(&mut out, buf, last, &mut stats)?;
@@ -151,7 +151,7 @@ impl SaveJob<'_> {
         let idx = out.next;
         out.next += 1;
         if !self.reverse {
-            return self.send(idx, data, last);
+            return self.send(idx, data, last, &out.spare_tx);
         }
         out.held.push((idx, data, last));
         let first = out.held[0].0;
@@ -164,12 +164,18 @@ impl SaveJob<'_> {
     /// Sends every held chunk, last first.
     fn flush(&self, out: &mut Outbox) -> Result<(), SaveError> {
         while let Some((idx, data, last)) = out.held.pop() {
-            self.send(idx, data, last)?;
+            self.send(idx, data, last, &out.spare_tx)?;
         }
         Ok(())
     }
 
-    fn send(&self, idx: u32, data: Vec<u8>, last: bool) -> Result<(), SaveError> {
+    fn send(
+        &self,
+        idx: u32,
+        data: Vec<u8>,
+        last: bool,
+        recycle: &crossbeam_channel::Sender<Vec<u8>>,
+    ) -> Result<(), SaveError> {
         self.credits
             .wait(self.index as usize, idx)
             .map_err(|_| SaveError::Stopped)?;
@@ -179,14 +185,40 @@ impl SaveJob<'_> {
                 idx,
                 last,
                 data,
+                recycle: recycle.clone(),
             })
             .map_err(|_| SaveError::Stopped)
     }
 }
 
-/// Chunks numbered so far, and (reverse hook) those held back.
-#[derive(Default)]
+/// Chunks numbered so far, (reverse hook) those held back, and buffers sent chunks gave back:
+/// fresh memory costs page faults, which on these hosts cost more than moving the bytes.
 struct Outbox {
     next: u32,
     held: Vec<(u32, Vec<u8>, bool)>,
+    spare_tx: crossbeam_channel::Sender<Vec<u8>>,
+    spare_rx: crossbeam_channel::Receiver<Vec<u8>>,
+}
+
+impl Outbox {
+    fn new() -> Self {
+        let (spare_tx, spare_rx) = crossbeam_channel::bounded(8);
+        Outbox {
+            next: 0,
+            held: Vec::new(),
+            spare_tx,
+            spare_rx,
+        }
+    }
+
+    /// An empty buffer with room for a chunk.
+    fn buffer(&self, chunk: usize) -> Vec<u8> {
+        match self.spare_rx.try_recv() {
+            Ok(mut b) => {
+                b.clear();
+                b
+            }
+            Err(_) => Vec::with_capacity(chunk),
+        }
+    }
 }

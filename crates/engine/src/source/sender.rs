@@ -29,6 +29,8 @@ pub(crate) enum Job {
         idx: u32,
         last: bool,
         data: Vec<u8>,
+        /// Where the buffer goes back to once sent, for the device's next chunk.
+        recycle: Sender<Vec<u8>>,
     },
 }
 
@@ -122,6 +124,7 @@ impl ChannelSender<'_> {
                     idx,
                     last,
                     data,
+                    recycle,
                 } => {
                     if let Some(d) = self.chunk_delay {
                         std::thread::sleep(d);
@@ -139,6 +142,7 @@ impl ChannelSender<'_> {
                         Relaxed,
                     );
                     c.device_bytes.fetch_add(data.len() as u64, Relaxed);
+                    let _ = recycle.try_send(data);
                     if self.ready.send(self.index).is_err() {
                         return Ok(());
                     }
