@@ -87,7 +87,7 @@ impl Streams {
             .unwrap_or_else(|p| p.into_inner())
             .pop()
             .unwrap_or_default();
-        b.clear();
+        // Same-size reuse writes nothing: the data is read over whatever the buffer held.
         b.resize(len, 0);
         b
     }
