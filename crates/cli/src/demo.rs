@@ -75,6 +75,8 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         "pages_checked": checked,
         "pages_mismatched": mismatched,
         "pages_mismatched_after_run": after_bad,
+        "devices": rep["devices"],
+        "buffer_cap_bytes": rep["buffer_cap_bytes"],
     });
     if a.json {
         crate::emit(&summary);
@@ -90,10 +92,12 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             f(rep, "setup_ms")
         );
         println!(
-            "  downtime       {:>9.1} ms (pause {:.2}, last dirty pass {:.2}, state save {:.2}, transfer {:.2}, restore {:.2}, handover+resume {:.2} ms)",
+            "  downtime       {:>9.1} ms: pause {:.2}, last dirty pass {:.2}, then at once: RAM final pass {:.2}, device saves {:.1}, state save {:.2}; until all loaded {:.2}, restore {:.2}, handover+resume {:.2}",
             f(rep, "downtime_ms"),
             f(d, "pause_ms"),
             f(d, "last_dirty_pass_ms"),
+            f(d, "ram_final_ms"),
+            f(d, "device_save_ms"),
             f(d, "state_save_ms"),
             f(d, "transfer_ms"),
             f(d, "dest_restore_ms"),
@@ -110,6 +114,23 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             if mismatched == 0 { "all exact".to_string() } else { format!("{mismatched} WRONG") },
             f(d, "dest_verify_ms")
         );
+        if let Some(devs) = rep["devices"].as_array().filter(|d| !d.is_empty()) {
+            println!(
+                "  devices        {:>9} streamed over the data channels with credit (window {} chunks, buffer cap {:.0} MiB)",
+                devs.len(),
+                n(rep, "credit_window"),
+                n(rep, "buffer_cap_bytes") as f64 / (1u64 << 20) as f64
+            );
+            for d in devs {
+                println!(
+                    "    {:<12} {:>7.1} MiB loaded in order, final save {:.0} ms, peak buffered {:.1} MiB",
+                    d["name"].as_str().unwrap_or("?"),
+                    n(d, "bytes") as f64 / (1u64 << 20) as f64,
+                    f(d, "final_save_ms"),
+                    n(d, "peak_buffered_bytes") as f64 / (1u64 << 20) as f64
+                );
+            }
+        }
         println!(
             "  guest counter  {counter_at_pause:>9} at the pause, {counter_at_arrival} on arrival, {counter_after_run} after running on: {}",
             if counter_ok { "continued" } else { "DID NOT CONTINUE" }
