@@ -374,6 +374,30 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
     }
 }
 
+/// Teardown of a migration: cancels the pool if the migration `failed`, then joins every job
+/// and every other thread of the migration. Returns the first panic or job failure, if any
+/// (a cancel is not one).
+pub fn join_everything(
+    pool: WorkerPool<'_, '_>,
+    threads: Vec<ScopedJoinHandle<'_, ()>>,
+    failed: bool,
+) -> Option<String> {
+    let mut trouble = None;
+    if failed {
+        pool.cancel();
+    }
+    match pool.join_all() {
+        Ok(()) | Err(PoolError::Cancelled) => {}
+        Err(e) => trouble = Some(e.to_string()),
+    }
+    for h in threads {
+        if let Err(p) = h.join() {
+            trouble = Some(crate::error::panic_message(p));
+        }
+    }
+    trouble
+}
+
 /// Threads in this process, from `/proc/self/task` (0 if it cannot be read).
 pub fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task")

@@ -27,11 +27,11 @@ mod streams;
 
 use crate::config::IncomingConfig;
 use crate::device::{Device, DeviceError, DeviceFactory, VmState};
-use crate::error::{panic_message, ChannelError, ChannelName, IncomingError};
+use crate::error::{ChannelError, ChannelName, IncomingError};
 use crate::framed;
 use crate::guest::{Guest, GuestFactory};
 use crate::hostmem::PageClaims;
-use crate::pool::{JobCancelled, JobDone, PoolError, WorkerPool};
+use crate::pool::{join_everything, JobCancelled, JobDone, PoolError, WorkerPool};
 use crate::prefault;
 use crate::report::{ms, IncomingReport};
 use crate::transport::{Listener, Stream};
@@ -327,19 +327,7 @@ impl Session<'_> {
             for s in &shutters {
                 s.shutdown();
             }
-            let mut panicked = None;
-            if outcome.is_err() {
-                pool.cancel();
-            }
-            match pool.join_all() {
-                Ok(()) | Err(PoolError::Cancelled) => {}
-                Err(e) => panicked = Some(e.to_string()),
-            }
-            for h in handles {
-                if let Err(p) = h.join() {
-                    panicked = Some(panic_message(p));
-                }
-            }
+            let panicked = join_everything(pool, handles, outcome.is_err());
             match (outcome, panicked) {
                 (Err(e), _) => Err(e),
                 (Ok(_), Some(p)) => Err(IncomingError::ThreadPanicked(p)),

@@ -45,7 +45,7 @@ use crate::dirty::DirtyBitmap;
 use crate::error::{panic_message, ChannelError, ChannelName, MigrationError};
 use crate::framed;
 use crate::guest::Guest;
-use crate::pool::{JobCancelled, JobDone, PoolError, PoolJobError, WorkerPool};
+use crate::pool::{join_everything, JobCancelled, JobDone, PoolError, PoolJobError, WorkerPool};
 use crate::report::{ms, DeviceReport, DowntimeBreakdown, MigrationReport, Progress, RoundReport};
 use crate::transport::{Endpoint, Stream};
 use credit::CreditTable;
@@ -395,19 +395,7 @@ fn run_session(
             framed::send_reject(&mut main, ChannelName::Main, &why);
         }
         // Jobs first: they hold queues of the channel threads, which end when all are dropped.
-        let mut panicked = None;
-        if outcome.is_err() {
-            pool.cancel();
-        }
-        match pool.join_all() {
-            Ok(()) | Err(PoolError::Cancelled) => {}
-            Err(e) => panicked = Some(e.to_string()),
-        }
-        for h in job_threads {
-            if let Err(p) = h.join() {
-                panicked = Some(panic_message(p));
-            }
-        }
+        let mut panicked = join_everything(pool, job_threads, outcome.is_err());
         drop(dispatch);
         for s in &shutters {
             s.shutdown();
@@ -824,6 +812,15 @@ impl Coordinator<'_> {
 
     /// The next event; failures of any thread or job, and a cancel, become errors.
     fn next_event(&mut self) -> Result<Event, MigrationError> {
+        self.next_event_before(&crossbeam_channel::never(), Duration::ZERO)
+    }
+
+    /// The next event, or a timeout (of `timeout`) when `timer` fires first.
+    fn next_event_before(
+        &mut self,
+        timer: &Receiver<Instant>,
+        timeout: Duration,
+    ) -> Result<Event, MigrationError> {
         loop {
             let ev = select! {
                 recv(self.events) -> ev => ev.map_err(|_| {
@@ -834,6 +831,7 @@ impl Coordinator<'_> {
                     continue;
                 }
                 recv(self.cancel.waiter()) -> _ => return Err(self.failure_cause()),
+                recv(timer) -> _ => return Err(MigrationError::Timeout(timeout)),
             };
             return self.check(ev);
         }
@@ -853,21 +851,9 @@ impl Coordinator<'_> {
         mut pick: impl FnMut(Event) -> Option<T>,
     ) -> Result<T, MigrationError> {
         let timeout = self.config.completion_timeout;
-        let deadline = Instant::now() + timeout;
+        let timer = crossbeam_channel::after(timeout);
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let ev = select! {
-                recv(self.events) -> ev => ev.map_err(|_| {
-                    MigrationError::ThreadPanicked("every migration thread exited".into())
-                })?,
-                recv(self.jobs) -> done => {
-                    job_failure(done)?;
-                    continue;
-                }
-                recv(self.cancel.waiter()) -> _ => return Err(self.failure_cause()),
-                default(left) => return Err(MigrationError::Timeout(timeout)),
-            };
-            match self.check(ev)? {
+            match self.next_event_before(&timer, timeout)? {
                 Event::RoundSent(..) | Event::RoundAck(_) => {}
                 ev => {
                     if let Some(v) = pick(ev) {
