@@ -359,7 +359,7 @@ fn fifty_cancel_and_retry_cycles_leak_nothing() {
     };
     let cycle = |i: usize| {
         // Alternate the cancel point: at the start of precopy, and at switchover.
-        let when = if i % 2 == 0 {
+        let when = if i.is_multiple_of(2) {
             is_precopy
         } else {
             is_switchover
