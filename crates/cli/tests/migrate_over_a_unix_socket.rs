@@ -33,5 +33,8 @@ fn migrates_exact_over_a_unix_socket() {
     assert_eq!(u64_at(&recv["report"]["verify"], &["pages_checked"]), 16384);
     assert_eq!(u64_at(&recv["report"]["verify"], &["pages_mismatched"]), 0);
     assert!(dest.wait_exit().success());
-    assert!(!path.exists(), "the destination removes its socket file when done");
+    assert!(
+        !path.exists(),
+        "the destination removes its socket file when done"
+    );
 }
