@@ -12,6 +12,7 @@
 //!
 //! ```text
 //! source:       begin_save ─► save_precopy* (guest running) ─► save_final* (guest paused) ─► 0
+//!                    └──────── on failure or cancel, at any point: abort_save (device runs on)
 //! destination:  load* (precopy bytes, then final bytes, in saved order) ─► load_complete
 //! ```
 //!
@@ -71,6 +72,11 @@ pub trait Device: Send + Sync {
     /// While the guest is paused: appends the next at most `max` bytes of the final state to
     /// `out`, at the device's own pace, and returns how many; 0 at the end of the stream.
     fn save_final(&self, out: &mut Vec<u8>, max: usize) -> Result<usize, DeviceError>;
+
+    /// The migration failed or was cancelled: the device runs on as before (whatever a
+    /// final save froze is thawed), with its state intact. Called before the guest resumes,
+    /// also when the attempt failed before `begin_save` (then it has nothing to undo).
+    fn abort_save(&self) -> Result<(), DeviceError>;
 
     /// Destination: loads the next piece of the stream. Pieces arrive strictly in saved
     /// order, precopy data first.

@@ -258,6 +258,9 @@ mod tests {
         fn save_final(&self, _: &mut Vec<u8>, _: usize) -> Result<usize, DeviceError> {
             unreachable!()
         }
+        fn abort_save(&self) -> Result<(), DeviceError> {
+            unreachable!()
+        }
         fn load(&self, data: &[u8]) -> Result<(), DeviceError> {
             let want = self.next.fetch_add(1, Ordering::SeqCst) as u8;
             if data.iter().all(|&b| b == want) {

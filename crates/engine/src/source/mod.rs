@@ -152,6 +152,9 @@ pub fn migrate_vm(
     );
     if result.is_err() {
         let _ = vm.guest.stop_dirty_log();
+        for d in vm.devices {
+            d.abort_save()?;
+        }
         if state == GuestState::Paused {
             vm.guest.resume()?;
         }

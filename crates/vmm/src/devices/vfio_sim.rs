@@ -354,6 +354,11 @@ impl Device for VfioSim {
         Ok(n)
     }
 
+    fn abort_save(&self) -> Result<(), DeviceError> {
+        self.resume();
+        Ok(())
+    }
+
     fn load(&self, data: &[u8]) -> Result<(), DeviceError> {
         lock(&self.load)
             .load(data)
