@@ -318,6 +318,7 @@ impl Session<'_> {
             if let Err(e) = &outcome {
                 barrier.abort();
                 streams.abort();
+                let _ = main.set_write_timeout(Some(std::time::Duration::from_secs(1)));
                 framed::send_reject(
                     &mut main,
                     ChannelName::Main,
@@ -520,9 +521,32 @@ fn read_main(
 ) {
     let ch = ChannelName::Main;
     let mut buf = Vec::new();
+    // What has come so far: each of these at most once, and after Complete only Handover.
+    let (mut state, mut vmstates, mut complete) = (false, false, false);
     loop {
-        let ev = match framed::recv_header(&mut stream, ch, &limits) {
-            Ok(h) if h.kind == FrameKind::DeviceChunk && serial => {
+        let header = framed::recv_header(&mut stream, ch, &limits).and_then(|h| {
+            let dup = match h.kind {
+                FrameKind::GuestState => std::mem::replace(&mut state, true),
+                FrameKind::VmStates => std::mem::replace(&mut vmstates, true),
+                FrameKind::Complete => std::mem::replace(&mut complete, true),
+                FrameKind::Handover | FrameKind::Reject => false,
+                FrameKind::DeviceChunk => !serial || complete,
+                _ => complete,
+            };
+            if dup {
+                // Refused before its payload is read.
+                return Err(ChannelError::Protocol {
+                    channel: ch,
+                    detail: format!(
+                        "unexpected {} frame on the main channel at this point",
+                        h.kind.name()
+                    ),
+                });
+            }
+            Ok(h)
+        });
+        let ev = match header {
+            Ok(h) if h.kind == FrameKind::DeviceChunk => {
                 match receiver::receive_chunk(&mut stream, ch, &h, streams, true) {
                     Ok(()) => continue,
                     Err(e) => Event::MainFailed(e),

@@ -82,6 +82,16 @@ impl ChannelReceiver<'_> {
                 receive_chunk(&mut self.stream, channel, &h, self.streams, false)?;
                 continue;
             }
+            if !matches!(
+                h.kind,
+                FrameKind::RamPages | FrameKind::RoundEnd | FrameKind::Reject
+            ) {
+                // Refused before its payload is read: a data channel carries nothing else.
+                return Err(ChannelError::Protocol {
+                    channel,
+                    detail: format!("unexpected {} frame on a data channel", h.kind.name()),
+                });
+            }
             framed::recv_payload(&mut self.stream, channel, &h, &mut buf)?;
             match h.kind {
                 FrameKind::RamPages => {

@@ -70,6 +70,9 @@ fn check_hello(hello: &SessionHello, config: &IncomingConfig) -> Result<(), Reje
     Ok(())
 }
 
+/// The largest credit window granted, in chunks.
+const MAX_WINDOW: u32 = 1 << 16;
+
 /// The credit window and buffer cap for the session's devices: the destination's own bounds,
 /// lowered where the source asks for less. Refused when the cap cannot hold one chunk per
 /// device (the loaders could then deadlock).
@@ -101,8 +104,12 @@ pub(crate) fn flow_bounds(
                 format!("a buffer cap of {cap} bytes cannot hold one {chunk}-byte chunk for each of {n} devices"),
             ));
         }
-        window = window.min((cap / (n * chunk)) as u32).max(1);
+        window = window
+            .min(u32::try_from(cap / (n * chunk)).unwrap_or(u32::MAX))
+            .max(1);
     }
+    // More credit than this buys nothing and would let indices run near u32::MAX.
+    let window = window.min(MAX_WINDOW);
     Ok(SessionAccept {
         window,
         buffer_cap: cap,

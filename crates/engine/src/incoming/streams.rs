@@ -48,6 +48,8 @@ struct BufState {
     reserved: BTreeSet<u32>,
     /// The idx of the stream's last chunk, once seen.
     last: Option<u32>,
+    /// One past the highest idx admitted so far.
+    admitted_to: u32,
     buffered: u64,
     stats: DeviceLoadStats,
     aborted: bool,
@@ -120,6 +122,18 @@ impl Streams {
         }
         let mut s = stream.state.lock().unwrap_or_else(|p| p.into_inner());
         if wait {
+            // Serial mode: chunks come in order on one channel, so the only chunk that can be
+            // next is the one after those already admitted; anything else could wait for a
+            // credit that never comes.
+            let expected = s.admitted_to;
+            if s.last.is_some() || h.idx != expected {
+                return Err(format!(
+                    "chunk {} of device {} out of order on the main channel (expected {expected}{})",
+                    h.idx,
+                    h.device,
+                    if s.last.is_some() { ", and the stream has ended" } else { "" }
+                ));
+            }
             while h.idx >= s.up_to && !s.aborted {
                 s = stream.cv.wait(s).unwrap_or_else(|p| p.into_inner());
             }
@@ -159,6 +173,7 @@ impl Streams {
             s.last = Some(h.idx);
         }
         s.reserved.insert(h.idx);
+        s.admitted_to = s.admitted_to.max(h.idx.saturating_add(1));
         s.buffered += len as u64;
         s.stats.peak_buffered = s.stats.peak_buffered.max(s.buffered);
         Ok(())
@@ -218,8 +233,8 @@ impl Streams {
                 s.buffered -= len as u64;
                 s.stats.bytes += len as u64;
                 s.stats.chunks += 1;
-                s.next += 1;
-                s.up_to = s.next + self.window;
+                s.next = s.next.saturating_add(1);
+                s.up_to = s.next.saturating_add(self.window);
                 stream.cv.notify_all();
                 s.up_to
             };
@@ -314,16 +329,21 @@ mod tests {
             next: AtomicU64::new(0),
             complete: AtomicU64::new(0),
         };
-        let credits = std::sync::Mutex::new(Vec::new());
+        let (credit_tx, credit_rx) = crossbeam_channel::unbounded();
         std::thread::scope(|sc| {
             let loader = sc.spawn(|| {
-                s.run_loader(0, &dev, Instant::now(), |u| credits.lock().unwrap().push(u))
+                s.run_loader(0, &dev, Instant::now(), |u| {
+                    let _ = credit_tx.send(u);
+                })
             });
-            // Reverse order inside each window: 2,1,0 then 5,4,3 (the last).
+            // Each window back to front: 2,1,0 then, once credit allows, 5,4,3 (the last).
             for base in [0u32, 3] {
+                if base > 0 {
+                    while credit_rx.recv().unwrap() < base + 3 {}
+                }
                 for idx in (base..base + 3).rev() {
                     let hd = h(idx, idx == 5);
-                    s.admit(&hd, 4, true).unwrap();
+                    s.admit(&hd, 4, false).unwrap();
                     s.insert(&hd, vec![idx as u8; 4]);
                 }
             }
@@ -335,6 +355,21 @@ mod tests {
             );
         });
         assert_eq!(dev.complete.load(Ordering::SeqCst), 1);
-        assert_eq!(*credits.lock().unwrap(), vec![4, 5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn serial_admission_waits_for_credit_in_order_only() {
+        let s = Streams::new(1, 4, 1);
+        s.admit(&h(0, false), 4, true).unwrap();
+        assert!(s
+            .admit(&h(2, false), 4, true)
+            .unwrap_err()
+            .contains("out of order"));
+        s.insert(&h(0, false), vec![0; 4]);
+        s.abort();
+        assert!(
+            s.admit(&h(1, false), 4, true).is_err(),
+            "an abort ends the wait for credit"
+        );
     }
 }

@@ -150,14 +150,33 @@ pub fn migrate_vm(
     let result = run_session(
         vm, config, session, main, data, accept, start, setup, progress, &mut state,
     );
-    if result.is_err() {
-        let _ = vm.guest.stop_dirty_log();
-        for d in vm.devices {
-            d.abort_save()?;
+    // A cancel from outside shuts the sockets down, so threads see broken channels: the
+    // cause is still the cancel (unless the guest was already handed over).
+    let result = result.map_err(|e| match e {
+        MigrationError::HandoverUnknown(_) => e,
+        _ if config.cancel.is_cancelled() => MigrationError::Cancelled,
+        e => e,
+    });
+    if let Err(e) = result {
+        if state == GuestState::HandedOver {
+            // The destination may run the guest: nothing here may run again.
+            return Err(e);
         }
+        // Every step is tried, whatever the others do; the first of their errors is kept
+        // only if the migration's own error is not more telling.
+        let _ = vm.guest.stop_dirty_log();
+        let devices = vm
+            .devices
+            .iter()
+            .map(|d| d.abort_save())
+            .find_map(Result::err);
         if state == GuestState::Paused {
             vm.guest.resume()?;
         }
+        if let Some(d) = devices {
+            return Err(MigrationError::Device(d));
+        }
+        return Err(e);
     }
     result
 }
@@ -278,12 +297,18 @@ fn run_session(
         let mut channel_threads = Vec::new();
         let mut job_threads = Vec::new();
         let (outer, inner) = (config.cancel.clone(), cancel.clone());
+        // A cancel from outside also shuts the sockets down: a coordinator blocked writing to
+        // a destination that stopped reading must be freed too.
+        let cut: Vec<Stream> = shutters.iter().filter_map(|s| s.try_clone().ok()).collect();
         job_threads.push(
             std::thread::Builder::new()
                 .name("lm-src-cancel".into())
                 .spawn_scoped(scope, move || {
                     select! {
-                        recv(outer.waiter()) -> _ => inner.cancel(),
+                        recv(outer.waiter()) -> _ => {
+                            inner.cancel();
+                            cut.iter().for_each(Stream::shutdown);
+                        }
                         recv(inner.waiter()) -> _ => {}
                     }
                 })
@@ -395,6 +420,8 @@ fn run_session(
                 RejectCode::Other,
                 format!("source aborted the migration: {e}"),
             );
+            // Best effort, and never stuck behind a peer that stopped reading.
+            let _ = main.set_write_timeout(Some(Duration::from_secs(1)));
             framed::send_reject(&mut main, ChannelName::Main, &why);
         }
         // Jobs first: they hold queues of the channel threads, which end when all are dropped.
@@ -642,7 +669,7 @@ impl Coordinator<'_> {
     ) -> Result<RoundStartCounters, MigrationError> {
         let c = self.counters;
         let before = RoundStartCounters {
-            bytes: c.bytes.load(Relaxed) - c.device_bytes.load(Relaxed),
+            bytes: c.ram_bytes.load(Relaxed),
             normal: c.normal_pages.load(Relaxed),
             zero: c.zero_pages.load(Relaxed),
             pages: dirty.count(),
@@ -708,7 +735,7 @@ impl Coordinator<'_> {
         }
         let c = self.counters;
         let elapsed = t0.elapsed();
-        let bytes = c.bytes.load(Relaxed) - c.device_bytes.load(Relaxed) - before.bytes;
+        let bytes = c.ram_bytes.load(Relaxed) - before.bytes;
         Ok(RoundReport {
             round,
             pages: before.pages,
@@ -844,6 +871,8 @@ impl Coordinator<'_> {
         match ev {
             Event::Failed(e) | Event::PeerFailed(e) => Err(e.into()),
             Event::DeviceDone(_, Err(SaveError::Device(e))) => Err(e.into()),
+            // A job stopped because the attempt is being torn down: say why it is.
+            Event::DeviceDone(_, Err(SaveError::Stopped)) => Err(self.failure_cause()),
             ev => Ok(ev),
         }
     }

@@ -41,6 +41,8 @@ pub(crate) struct Counters {
     pub normal_pages: AtomicU64,
     pub zero_pages: AtomicU64,
     pub device_bytes: AtomicU64,
+    /// Bytes of RamPages frames (headers included): what a round's rate is measured on.
+    pub ram_bytes: AtomicU64,
 }
 
 /// How many batches a channel asks for ahead, so one is ready while the other is sent.
@@ -110,6 +112,10 @@ impl ChannelSender<'_> {
                     )?;
                     let c = self.counters;
                     c.bytes.fetch_add(
+                        (livemig_wire::HEADER_LEN + prefix.len() + body.len()) as u64,
+                        Relaxed,
+                    );
+                    c.ram_bytes.fetch_add(
                         (livemig_wire::HEADER_LEN + prefix.len() + body.len()) as u64,
                         Relaxed,
                     );
