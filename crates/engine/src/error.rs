@@ -75,6 +75,8 @@ pub enum MigrationError {
     Timeout(std::time::Duration),
     #[error("migration cancelled")]
     Cancelled,
+    #[error("cannot start a migration thread: {0}")]
+    Spawn(#[source] io::Error),
     #[error("a migration job failed: {0}")]
     Job(#[source] crate::pool::PoolError),
     #[error(transparent)]
@@ -110,6 +112,8 @@ pub enum IncomingError {
     Device(#[from] crate::device::DeviceError),
     #[error("a migration job failed: {0}")]
     Job(#[source] crate::pool::PoolError),
+    #[error("cannot start a migration thread: {0}")]
+    Spawn(#[source] io::Error),
 }
 
 /// Text of a panic payload.

@@ -241,31 +241,39 @@ impl Session<'_> {
 
         std::thread::scope(|scope| {
             let mut handles = Vec::new();
-            let spawn_err =
-                |e: std::io::Error| IncomingError::ThreadPanicked(format!("spawn: {e}"));
+            // A thread that cannot be started fails the migration, but never skips the
+            // teardown below: every thread already started must be woken and joined.
+            let mut failure: Option<IncomingError> = None;
+            let mut keep = |started: std::io::Result<_>, handles: &mut Vec<_>| match started {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    failure.get_or_insert(IncomingError::Spawn(e));
+                }
+            };
             let stop = &stop_prefault;
-            handles.push(
+            keep(
                 std::thread::Builder::new()
                     .name("lm-dst-prefault".into())
                     .spawn_scoped(scope, move || {
                         prefault::populate(guest.memory(), stop);
-                    })
-                    .map_err(spawn_err)?,
+                    }),
+                &mut handles,
             );
             let main_tx = tx.clone();
             let limits = self.config.limits;
             let main_streams = &streams;
-            handles.push(
+            keep(
                 std::thread::Builder::new()
                     .name("lm-dst-main".into())
                     .spawn_scoped(scope, move || {
                         read_main(main_reader, limits, main_tx, main_streams, serial)
-                    })
-                    .map_err(spawn_err)?,
+                    }),
+                &mut handles,
             );
             // Every device's loader is a job of the migration's pool, started now, so precopy
             // device data loads while the guest still runs on the source.
             let pool = WorkerPool::new(scope, "lm-dst");
+            let mut pool_failure = None;
             for (i, device) in self.devices.iter().enumerate() {
                 let tx = tx.clone();
                 let streams = &streams;
@@ -286,7 +294,9 @@ impl Session<'_> {
                         Err(LoadError::Aborted) => Err(Box::new(JobCancelled)),
                     }
                 })
-                .map_err(|e| IncomingError::ThreadPanicked(e.to_string()))?;
+                .unwrap_or_else(|e| {
+                    pool_failure.get_or_insert(IncomingError::Job(e));
+                });
             }
             for (i, stream) in data.into_iter().enumerate() {
                 let r = ChannelReceiver {
@@ -303,17 +313,20 @@ impl Session<'_> {
                     pages: Vec::new(),
                     iov: Vec::new(),
                 };
-                handles.push(
+                keep(
                     std::thread::Builder::new()
                         .name(format!("lm-dst-ch{i}"))
-                        .spawn_scoped(scope, move || r.run())
-                        .map_err(spawn_err)?,
+                        .spawn_scoped(scope, move || r.run()),
+                    &mut handles,
                 );
             }
             drop(tx);
 
             let mut main = main;
-            let outcome = self.coordinate(&mut main, &rx, &pool.completions(), &counters);
+            let outcome = match failure.or(pool_failure) {
+                Some(e) => Err(e),
+                None => self.coordinate(&mut main, &rx, &pool.completions(), &counters),
+            };
             stop_prefault.store(true, Relaxed);
             if let Err(e) = &outcome {
                 barrier.abort();

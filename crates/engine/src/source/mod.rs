@@ -253,8 +253,18 @@ fn connect_session(
     Ok((main, data, accept))
 }
 
-fn spawn_err(e: std::io::Error) -> MigrationError {
-    MigrationError::ThreadPanicked(format!("cannot start a migration thread: {e}"))
+/// Keeps a started thread's handle, or records why it could not start.
+fn spawned<'scope, T>(
+    handles: &mut Vec<std::thread::ScopedJoinHandle<'scope, T>>,
+    failure: &mut Option<MigrationError>,
+    started: std::io::Result<std::thread::ScopedJoinHandle<'scope, T>>,
+) {
+    match started {
+        Ok(h) => handles.push(h),
+        Err(e) => {
+            failure.get_or_insert(MigrationError::Spawn(e));
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -296,11 +306,16 @@ fn run_session(
     std::thread::scope(|scope| {
         let mut channel_threads = Vec::new();
         let mut job_threads = Vec::new();
+        // A thread that cannot be started fails the migration, but never skips the teardown
+        // below: every thread already started must be woken and joined.
+        let mut failure: Option<MigrationError> = None;
         let (outer, inner) = (config.cancel.clone(), cancel.clone());
         // A cancel from outside also shuts the sockets down: a coordinator blocked writing to
         // a destination that stopped reading must be freed too.
         let cut: Vec<Stream> = shutters.iter().filter_map(|s| s.try_clone().ok()).collect();
-        job_threads.push(
+        spawned(
+            &mut job_threads,
+            &mut failure,
             std::thread::Builder::new()
                 .name("lm-src-cancel".into())
                 .spawn_scoped(scope, move || {
@@ -311,18 +326,18 @@ fn run_session(
                         }
                         recv(inner.waiter()) -> _ => {}
                     }
-                })
-                .map_err(spawn_err)?,
+                }),
         );
         let rp_events = events_tx.clone();
         let rp_credits = &credits;
-        channel_threads.push(
+        spawned(
+            &mut channel_threads,
+            &mut failure,
             std::thread::Builder::new()
                 .name("lm-src-return".into())
                 .spawn_scoped(scope, move || {
                     return_path::run(return_stream, rp_events, rp_credits)
-                })
-                .map_err(spawn_err)?,
+                }),
         );
         let mut jobs = Vec::new();
         for (i, stream) in data.into_iter().enumerate() {
@@ -343,11 +358,12 @@ fn run_session(
                     _ => None,
                 },
             };
-            channel_threads.push(
+            spawned(
+                &mut channel_threads,
+                &mut failure,
                 std::thread::Builder::new()
                     .name(format!("lm-src-ch{i}"))
-                    .spawn_scoped(scope, move || sender.run())
-                    .map_err(spawn_err)?,
+                    .spawn_scoped(scope, move || sender.run()),
             );
         }
         drop(ready_tx);
@@ -364,7 +380,9 @@ fn run_session(
             }
             Ok(())
         })
-        .map_err(|e| MigrationError::ThreadPanicked(e.to_string()))?;
+        .unwrap_or_else(|e| {
+            failure.get_or_insert(MigrationError::Job(e));
+        });
         if multifd_devices {
             for (i, device) in vm.devices.iter().enumerate() {
                 let job = SaveJob {
@@ -387,7 +405,9 @@ fn run_session(
                     let _ = tx.send(Event::DeviceDone(i as u16, r));
                     outcome
                 })
-                .map_err(|e| MigrationError::ThreadPanicked(e.to_string()))?;
+                .unwrap_or_else(|e| {
+                    failure.get_or_insert(MigrationError::Job(e));
+                });
             }
         }
         drop(events_tx);
@@ -407,7 +427,10 @@ fn run_session(
             switchover: &switchover,
             accept,
         };
-        let outcome = co.run(session, start, setup);
+        let outcome = match failure {
+            Some(e) => Err(e),
+            None => co.run(session, start, setup),
+        };
         let Coordinator {
             dispatch, mut main, ..
         } = co;
