@@ -261,12 +261,19 @@ impl Listener {
             if r == 0 {
                 continue;
             }
-            let s = match self {
-                Listener::Tcp(l) => Stream::Tcp(l.accept()?.0),
-                Listener::Unix(l, _) => Stream::Unix(l.accept()?.0),
+            let accepted = match self {
+                Listener::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
+                Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
             };
-            s.tune();
-            return Ok(s);
+            match accepted {
+                Ok(s) => {
+                    s.tune();
+                    return Ok(s);
+                }
+                // The peer gave up between poll and accept: wait for the next one.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+                Err(e) => return Err(e),
+            }
         }
     }
 }

@@ -17,11 +17,18 @@ struct State {
     arrived: usize,
     generation: u64,
     aborted: bool,
+    /// What the first arrival of this generation said (whether the round is the last).
+    last_round: Option<bool>,
 }
 
-/// The barrier was aborted because another part of the migration failed.
-#[derive(Debug)]
-pub(crate) struct Aborted;
+/// Why a wait ended without the round completing.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Aborted {
+    /// Another part of the migration failed.
+    Aborted,
+    /// The parties disagree whether this round is the last.
+    Disagree,
+}
 
 impl RoundBarrier {
     pub fn new(parties: usize) -> Self {
@@ -31,6 +38,7 @@ impl RoundBarrier {
                 arrived: 0,
                 generation: 0,
                 aborted: false,
+                last_round: None,
             }),
             cv: Condvar::new(),
         }
@@ -39,14 +47,22 @@ impl RoundBarrier {
     /// Waits until all parties have arrived, or the barrier is aborted. Returns true for
     /// exactly one party per round: the last to arrive, which runs `last` before anyone
     /// leaves, so work done there happens while every party is inside the barrier.
-    pub fn wait(&self, last: impl FnOnce()) -> Result<bool, Aborted> {
+    /// `last_round` is the party's view of whether this round is the migration's last: all
+    /// must agree, or the barrier is aborted.
+    pub fn wait(&self, last_round: bool, last: impl FnOnce()) -> Result<bool, Aborted> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if s.aborted {
-            return Err(Aborted);
+            return Err(Aborted::Aborted);
+        }
+        if *s.last_round.get_or_insert(last_round) != last_round {
+            s.aborted = true;
+            self.cv.notify_all();
+            return Err(Aborted::Disagree);
         }
         s.arrived += 1;
         if s.arrived == self.parties {
             last();
+            s.last_round = None;
             s.arrived = 0;
             s.generation += 1;
             self.cv.notify_all();
@@ -59,7 +75,7 @@ impl RoundBarrier {
         if s.generation != gen {
             Ok(false)
         } else {
-            Err(Aborted)
+            Err(Aborted::Aborted)
         }
     }
 
@@ -86,11 +102,11 @@ mod tests {
                 s.spawn(|| {
                     for round in 0..50 {
                         assert!(passed.load(Ordering::SeqCst) >= round * 3);
-                        if b.wait(|| {}).unwrap() {
+                        if b.wait(false, || {}).unwrap() {
                             leaders.fetch_add(1, Ordering::SeqCst);
                         }
                         passed.fetch_add(1, Ordering::SeqCst);
-                        b.wait(|| {}).unwrap();
+                        b.wait(false, || {}).unwrap();
                     }
                 });
             }
@@ -100,14 +116,25 @@ mod tests {
     }
 
     #[test]
+    fn disagreeing_on_the_last_round_aborts() {
+        let b = RoundBarrier::new(2);
+        std::thread::scope(|s| {
+            let h = s.spawn(|| b.wait(true, || {}));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            assert_eq!(b.wait(false, || {}), Err(Aborted::Disagree));
+            assert_eq!(h.join().unwrap(), Err(Aborted::Aborted));
+        });
+    }
+
+    #[test]
     fn abort_releases_waiters() {
         let b = RoundBarrier::new(2);
         std::thread::scope(|s| {
-            let h = s.spawn(|| b.wait(|| {}));
+            let h = s.spawn(|| b.wait(false, || {}));
             std::thread::sleep(std::time::Duration::from_millis(20));
             b.abort();
             assert!(h.join().unwrap().is_err());
         });
-        assert!(b.wait(|| {}).is_err());
+        assert!(b.wait(false, || {}).is_err());
     }
 }

@@ -1,7 +1,7 @@
 //! A destination data channel thread: receives RamPages frames and writes the pages into
 //! guest memory, meeting the other channels at every RoundEnd.
 
-use super::barrier::RoundBarrier;
+use super::barrier::{Aborted, RoundBarrier};
 use super::streams::Streams;
 use super::Event;
 use crate::config::TestHooks;
@@ -122,12 +122,19 @@ impl ChannelReceiver<'_> {
                     let leader = if broken {
                         self.index == 0
                     } else {
-                        self.barrier.wait(|| self.claims.clear()).map_err(|_| {
-                            ChannelError::Protocol {
+                        self.barrier
+                            .wait(end.last, || self.claims.clear())
+                            .map_err(|why| ChannelError::Protocol {
                                 channel,
-                                detail: "aborted: another part of the migration failed".into(),
-                            }
-                        })?
+                                detail: match why {
+                                    Aborted::Disagree => format!(
+                                        "the data channels disagree whether round {round} is the last"
+                                    ),
+                                    Aborted::Aborted => {
+                                        "aborted: another part of the migration failed".into()
+                                    }
+                                },
+                            })?
                     };
                     if leader && !end.last {
                         let _ = self.events.send(Event::RoundApplied(round));
