@@ -372,4 +372,71 @@ mod tests {
             "an abort ends the wait for credit"
         );
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// Against a simple model: a source that sends, within its credit, chunks in any
+        /// order. The device sees every chunk in order, nothing outside the window or twice is
+        /// admitted, and the buffer never holds more than a window of chunks.
+        #[test]
+        fn any_order_within_credit_loads_in_order(
+            window in 1u32..6,
+            chunks in 1u32..40,
+            picks in proptest::collection::vec(0usize..1000, 0..400),
+        ) {
+            let chunk = 8usize;
+            let s = Streams::new(1, chunk, window);
+            let dev = InOrder { next: AtomicU64::new(0), complete: AtomicU64::new(0) };
+            let (credit_tx, credit_rx) = crossbeam_channel::unbounded();
+            let stats = std::thread::scope(|sc| {
+                let loader = sc.spawn(|| s.run_loader(0, &dev, Instant::now(), |u| {
+                    let _ = credit_tx.send(u);
+                }));
+                // A failing assertion below must not leave the loader waiting forever.
+                struct AbortOnPanic<'a>(&'a Streams);
+                impl Drop for AbortOnPanic<'_> {
+                    fn drop(&mut self) {
+                        if std::thread::panicking() {
+                            self.0.abort();
+                        }
+                    }
+                }
+                let _guard = AbortOnPanic(&s);
+                let mut up_to = window;
+                let mut unsent: Vec<u32> = Vec::new();
+                let mut next_new = 0u32;
+                let mut picks = picks.iter().copied().cycle();
+                let mut sent = 0;
+                while sent < chunks {
+                    while next_new < up_to.min(chunks) {
+                        unsent.push(next_new);
+                        next_new += 1;
+                    }
+                    if unsent.is_empty() {
+                        // Everything granted is sent: wait for credit, as the source does.
+                        up_to = up_to.max(credit_rx.recv().expect("credit"));
+                        continue;
+                    }
+                    // Beyond any window this stream can ever have: refused, nothing admitted.
+                    let beyond = h(chunks + window + 1, false);
+                    assert!(s.admit(&beyond, chunk, false).is_err());
+                    let at = picks.next().unwrap_or(0) % unsent.len();
+                    let idx = unsent.swap_remove(at);
+                    let hd = h(idx, idx + 1 == chunks);
+                    s.admit(&hd, chunk, false).unwrap();
+                    assert!(s.admit(&hd, chunk, false).is_err(), "a duplicate is refused");
+                    s.insert(&hd, vec![idx as u8; chunk]);
+                    sent += 1;
+                    while let Ok(u) = credit_rx.try_recv() {
+                        up_to = up_to.max(u);
+                    }
+                }
+                loader.join().unwrap().unwrap()
+            });
+            proptest::prop_assert_eq!(stats.chunks, chunks);
+            proptest::prop_assert!(stats.peak_buffered <= (window as usize * chunk) as u64);
+            proptest::prop_assert_eq!(dev.complete.load(Ordering::SeqCst), 1);
+        }
+    }
 }

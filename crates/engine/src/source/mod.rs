@@ -849,12 +849,32 @@ impl Coordinator<'_> {
             .map_err(|_| self.failure_cause())
     }
 
+    /// A data channel broke: when the destination refused, it says why on the main channel
+    /// just before it closes the channels, so its reason (not the broken pipe that follows)
+    /// is the error to report. Waits briefly for it.
+    fn peer_reason_or(&self, e: ChannelError) -> MigrationError {
+        if !matches!(e, ChannelError::Io { .. } | ChannelError::Closed { .. }) {
+            return e.into();
+        }
+        let deadline = Instant::now() + Duration::from_millis(300);
+        while let Ok(ev) = self
+            .events
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if let Event::PeerFailed(r @ ChannelError::Rejected { .. }) = ev {
+                return r.into();
+            }
+        }
+        e.into()
+    }
+
     /// Why the migration is being torn down: the first failure among the queued events, or
     /// a cancel.
     fn failure_cause(&self) -> MigrationError {
         while let Ok(ev) = self.events.try_recv() {
             match ev {
-                Event::Failed(e) | Event::PeerFailed(e) => return e.into(),
+                Event::Failed(e) => return self.peer_reason_or(e),
+                Event::PeerFailed(e) => return e.into(),
                 Event::DeviceDone(_, Err(SaveError::Device(e))) => return e.into(),
                 Event::StateSaved(Err(e)) => return e,
                 _ => {}
@@ -892,7 +912,8 @@ impl Coordinator<'_> {
 
     fn check(&self, ev: Event) -> Result<Event, MigrationError> {
         match ev {
-            Event::Failed(e) | Event::PeerFailed(e) => Err(e.into()),
+            Event::Failed(e) => Err(self.peer_reason_or(e)),
+            Event::PeerFailed(e) => Err(e.into()),
             Event::DeviceDone(_, Err(SaveError::Device(e))) => Err(e.into()),
             // A job stopped because the attempt is being torn down: say why it is.
             Event::DeviceDone(_, Err(SaveError::Stopped)) => Err(self.failure_cause()),
