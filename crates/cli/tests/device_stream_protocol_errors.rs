@@ -6,11 +6,13 @@
 //! Reject still comes, so the destination refused it before reading (or allocating) its data.
 //! A session whose buffer cap cannot hold one chunk per device is refused up front.
 
+mod common;
+use common::raw::{connect, recv, send};
 use livemig_engine::{receive_vm, Device, Factories, IncomingConfig, IncomingError, Listener};
 use livemig_vmm::devices::{DeviceModels, VfioSim, VfioSimConfig};
 use livemig_vmm::Factory;
 use livemig_wire::*;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -18,26 +20,6 @@ use std::time::Duration;
 const CHUNK: usize = 4096;
 /// The destination's credit window per device.
 const WINDOW: u32 = 3;
-
-fn send(s: &mut TcpStream, kind: FrameKind, payload: &[u8]) {
-    s.write_all(&encode_frame(kind, payload)).unwrap();
-}
-
-fn recv(s: &mut TcpStream) -> (FrameHeader, Vec<u8>) {
-    let mut h = [0u8; HEADER_LEN];
-    s.read_exact(&mut h).unwrap();
-    let h = FrameHeader::decode(&h, &Limits::default()).unwrap();
-    let mut p = vec![0u8; h.len as usize];
-    s.read_exact(&mut p).unwrap();
-    verify_payload(&h, &p).unwrap();
-    (h, p)
-}
-
-fn connect(addr: &str) -> TcpStream {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s
-}
 
 /// A vfio-sim device of 64 KiB (16 chunks) as a source would describe it.
 fn vfio(name: &str, seed: u64) -> WireDevice {

@@ -2,26 +2,14 @@
 //! unknown session, a duplicate or out-of-range channel index each get a Reject that says
 //! why, and none of them stops the destination from serving the real source.
 
+mod common;
+use common::raw::{connect, recv, send};
 use livemig_engine::{receive, IncomingConfig, IncomingError, Listener};
 use livemig_vmm::Factory;
 use livemig_wire::*;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
-
-fn send(s: &mut TcpStream, kind: FrameKind, payload: &[u8]) {
-    s.write_all(&encode_frame(kind, payload)).unwrap();
-}
-
-fn recv(s: &mut TcpStream) -> (FrameHeader, Vec<u8>) {
-    let mut h = [0u8; HEADER_LEN];
-    s.read_exact(&mut h).unwrap();
-    let h = FrameHeader::decode(&h, &Limits::default()).unwrap();
-    let mut p = vec![0u8; h.len as usize];
-    s.read_exact(&mut p).unwrap();
-    verify_payload(&h, &p).unwrap();
-    (h, p)
-}
 
 fn expect_reject(s: &mut TcpStream, code: RejectCode, words: &str) {
     let (h, p) = recv(s);
@@ -52,12 +40,6 @@ fn hello(session: SessionId) -> Vec<u8> {
         devices: DeviceSetup::default(),
     }
     .encode()
-}
-
-fn connect(addr: &str) -> TcpStream {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! Helpers for end-to-end tests: run `livemig` processes and read their JSON lines.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
