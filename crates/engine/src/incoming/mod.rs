@@ -310,8 +310,6 @@ impl Session<'_> {
                     claims: &claims,
                     streams: &streams,
                     hooks: self.config.test_hooks.clone(),
-                    pages: Vec::new(),
-                    iov: Vec::new(),
                 };
                 keep(
                     std::thread::Builder::new()

@@ -38,15 +38,16 @@ pub(crate) struct ChannelReceiver<'a> {
     pub claims: &'a PageClaims,
     pub streams: &'a Streams,
     pub hooks: TestHooks,
-    /// Scratch: the current packet's page addresses in host memory, and their I/O vectors.
-    pub pages: Vec<*mut u8>,
-    pub iov: Vec<libc::iovec>,
 }
 
-// SAFETY: the raw pointers in the scratch vectors point into guest memory, which the session
-// shares with every channel thread anyway; they are rebuilt for each packet and only used by
-// the thread that owns this receiver.
-unsafe impl Send for ChannelReceiver<'_> {}
+/// Scratch for one packet: its pages' host addresses, and their I/O vectors. Lives on the
+/// receiving thread's stack only (raw pointers are not `Send`, and need not be).
+#[derive(Default)]
+struct PageScratch {
+    pages: Vec<*mut u8>,
+    zeros: Vec<*mut u8>,
+    iov: Vec<libc::iovec>,
+}
 
 impl ChannelReceiver<'_> {
     pub fn run(mut self) {
@@ -64,6 +65,7 @@ impl ChannelReceiver<'_> {
     fn serve(&mut self) -> Result<u32, ChannelError> {
         let channel = ChannelName::Data(self.index);
         let mut buf = Vec::new();
+        let mut scratch = PageScratch::default();
         let mut round = 0u32;
         // The test hook's late pages (see `TestHooks::break_round_order`).
         let mut late: Vec<Vec<u8>> = Vec::new();
@@ -75,7 +77,7 @@ impl ChannelReceiver<'_> {
                 .bytes
                 .fetch_add(livemig_wire::HEADER_LEN as u64 + h.len as u64, Relaxed);
             if h.kind == FrameKind::RamPages && !broken {
-                self.receive_pages(&h, round, &mut buf)?;
+                self.receive_pages(&h, round, &mut buf, &mut scratch)?;
                 continue;
             }
             if h.kind == FrameKind::DeviceChunk {
@@ -163,6 +165,7 @@ impl ChannelReceiver<'_> {
         h: &FrameHeader,
         round: u32,
         scratch: &mut Vec<u8>,
+        ptrs: &mut PageScratch,
     ) -> Result<(), ChannelError> {
         let channel = ChannelName::Data(self.index);
         let wire = |source| ChannelError::Wire { channel, source };
@@ -174,8 +177,8 @@ impl ChannelReceiver<'_> {
         framed::read_exact(&mut self.stream, channel, scratch, false)?;
         let mut crc = crc32c::crc32c_append(crc32c::crc32c(&fixed), scratch);
 
-        self.pages.clear();
-        let mut zeros = Vec::new();
+        ptrs.pages.clear();
+        ptrs.zeros.clear();
         for (i, addr) in ram::decode_offsets(scratch).enumerate() {
             let addr = addr.map_err(wire)?;
             let ptr = hostmem::page_ptr(self.memory, addr).ok_or_else(|| outside(channel, addr))?;
@@ -186,21 +189,21 @@ impl ChannelReceiver<'_> {
                 });
             }
             if i < prefix.normal as usize {
-                self.pages.push(ptr);
+                ptrs.pages.push(ptr);
             } else {
-                zeros.push(ptr);
+                ptrs.zeros.push(ptr);
             }
         }
         // SAFETY: every pointer is a whole page inside guest memory (page_ptr checked it),
         // which stays mapped for the session, and this thread claimed each page for this
         // round, so no other thread touches it until the round barrier.
-        unsafe { hostmem::read_pages(self.stream.as_raw_fd(), &self.pages, &mut self.iov) }
+        unsafe { hostmem::read_pages(self.stream.as_raw_fd(), &ptrs.pages, &mut ptrs.iov) }
             .map_err(|source| ChannelError::Io {
                 channel,
                 op: "receive pages",
                 source,
             })?;
-        for &p in &self.pages {
+        for &p in &ptrs.pages {
             // SAFETY: as above; the page was just filled by this thread.
             let page = unsafe { std::slice::from_raw_parts(p, PAGE_SIZE) };
             crc = crc32c::crc32c_append(crc, page);
@@ -212,7 +215,7 @@ impl ChannelReceiver<'_> {
                 found: crc,
             }));
         }
-        for &p in &zeros {
+        for &p in &ptrs.zeros {
             // SAFETY: as above, a claimed page of guest memory.
             let page = unsafe { std::slice::from_raw_parts_mut(p, PAGE_SIZE) };
             // Untouched destination memory is already zero: write only over an older copy.
