@@ -1,0 +1,1 @@
+//! # livemig-qmp

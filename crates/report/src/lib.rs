@@ -1,0 +1,3 @@
+//! # livemig-report
+//!
+//! Pictures of a migration report (placeholder: being written).
