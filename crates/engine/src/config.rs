@@ -2,6 +2,7 @@
 
 use crate::cancel::CancelToken;
 use crate::error::MigrationError;
+use crate::stats::LiveStats;
 use livemig_wire::{
     DeviceTransfer, Limits, DEFAULT_PAGES_PER_PACKET, MAX_CHANNELS, MAX_CHUNK_SIZE,
     MAX_PAGES_PER_PACKET,
@@ -38,6 +39,8 @@ pub struct MigrationConfig {
     pub buffer_cap: u64,
     /// Cancels the migration from outside; the guest then runs on here.
     pub cancel: CancelToken,
+    /// The live counters, for watching the migration from outside.
+    pub stats: LiveStats,
     pub test_hooks: SourceTestHooks,
 }
 
@@ -57,6 +60,7 @@ impl Default for MigrationConfig {
             credit_window: 0,
             buffer_cap: 0,
             cancel: CancelToken::new(),
+            stats: LiveStats::new(),
             test_hooks: SourceTestHooks::default(),
         }
     }
@@ -138,6 +142,9 @@ pub struct IncomingConfig {
     /// Bytes of device chunks buffered at most across devices (0: every device's full
     /// window). A source may ask for less.
     pub buffer_cap: u64,
+    /// Stops waiting for a source (a session already under way runs to its end: cancel it
+    /// on the source).
+    pub cancel: CancelToken,
     pub test_hooks: TestHooks,
 }
 
@@ -151,6 +158,7 @@ impl Default for IncomingConfig {
             verify: false,
             credit_window: 0,
             buffer_cap: 0,
+            cancel: CancelToken::new(),
             test_hooks: TestHooks::default(),
         }
     }

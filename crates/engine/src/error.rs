@@ -114,6 +114,8 @@ pub enum IncomingError {
     Job(#[source] crate::pool::PoolError),
     #[error("cannot start a migration thread: {0}")]
     Spawn(#[source] io::Error),
+    #[error("incoming migration cancelled before a source connected")]
+    Cancelled,
 }
 
 /// Text of a panic payload.

@@ -21,6 +21,7 @@ pub mod pool;
 pub mod prefault;
 pub mod report;
 pub mod source;
+pub mod stats;
 pub mod transport;
 
 pub use cancel::CancelToken;
@@ -34,4 +35,5 @@ pub use report::{
     DeviceReport, DowntimeBreakdown, IncomingReport, MigrationReport, Progress, RoundReport,
 };
 pub use source::{migrate, migrate_vm, Vm};
+pub use stats::{LiveStats, StatsSnapshot};
 pub use transport::{Endpoint, Listener, Stream};

@@ -1,6 +1,7 @@
 //! Sockets: where a migration goes (`tcp:HOST:PORT` or `unix:PATH`), and the streams and
 //! listeners for both kinds behind one type.
 
+use crate::cancel::CancelToken;
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
@@ -199,6 +200,9 @@ impl Write for Stream {
     }
 }
 
+/// How often a cancellable accept looks at its cancel token.
+pub const CANCEL_POLL: Duration = Duration::from_millis(50);
+
 /// A listening socket of either kind.
 #[derive(Debug)]
 pub enum Listener {
@@ -230,9 +234,23 @@ impl Listener {
 
     /// Waits for a connection until `deadline` (forever when `None`).
     pub fn accept_until(&self, deadline: Option<Instant>) -> io::Result<Stream> {
+        self.accept_cancellable(deadline, None)
+    }
+
+    /// Waits for a connection until `deadline` or until `cancel` is cancelled (checked every
+    /// [`CANCEL_POLL`]); a cancel is an `Interrupted` error.
+    pub fn accept_cancellable(
+        &self,
+        deadline: Option<Instant>,
+        cancel: Option<&CancelToken>,
+    ) -> io::Result<Stream> {
         loop {
+            if cancel.is_some_and(CancelToken::is_cancelled) {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+            }
+            let slice = cancel.map_or(-1, |_| CANCEL_POLL.as_millis() as i32);
             let wait_ms = match deadline {
-                None => -1,
+                None => slice,
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
@@ -241,7 +259,12 @@ impl Listener {
                             "no connection before the deadline",
                         ));
                     }
-                    left.as_millis().min(i32::MAX as u128) as i32
+                    let left = left.as_millis().min(i32::MAX as u128) as i32;
+                    if slice < 0 {
+                        left
+                    } else {
+                        left.min(slice)
+                    }
                 }
             };
             let mut pfd = libc::pollfd {

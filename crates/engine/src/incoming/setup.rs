@@ -19,7 +19,15 @@ pub(crate) fn accept_session(
 ) -> Result<(SessionHello, Stream), IncomingError> {
     let ch = ChannelName::Incoming;
     loop {
-        let mut s = listener.accept_until(None).map_err(IncomingError::Accept)?;
+        let mut s = listener
+            .accept_cancellable(None, Some(&config.cancel))
+            .map_err(|e| {
+                if config.cancel.is_cancelled() {
+                    IncomingError::Cancelled
+                } else {
+                    IncomingError::Accept(e)
+                }
+            })?;
         let _ = s.set_read_timeout(Some(config.handshake_timeout));
         let mut buf = Vec::new();
         let refused = match framed::recv(&mut s, ch, &config.limits, &mut buf) {

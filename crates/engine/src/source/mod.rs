@@ -47,6 +47,7 @@ use crate::framed;
 use crate::guest::Guest;
 use crate::pool::{join_everything, JobCancelled, JobDone, PoolError, PoolJobError, WorkerPool};
 use crate::report::{ms, DeviceReport, DowntimeBreakdown, MigrationReport, Progress, RoundReport};
+use crate::stats::Counters;
 use crate::transport::{Endpoint, Stream};
 use credit::CreditTable;
 use crossbeam_channel::{select, Receiver};
@@ -58,7 +59,7 @@ use livemig_wire::{
     VmStates, WireDevice, PAGE_SIZE,
 };
 use pacer::Pacer;
-use sender::{ChannelSender, Counters, Job};
+use sender::{ChannelSender, Job};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -293,7 +294,8 @@ fn run_session(
     let return_stream = main
         .try_clone()
         .map_err(|source| io_err(ChannelName::Main, source))?;
-    let counters = Counters::default();
+    config.stats.reset();
+    let counters = config.stats.counters();
     // This attempt's own token: failures cancel it without touching the caller's, which
     // only ever cancels into it (through the watcher below), so a retry starts afresh.
     let cancel = CancelToken::new();
@@ -351,7 +353,7 @@ fn run_session(
                 ready: ready_tx.clone(),
                 events: events_tx.clone(),
                 cancel: cancel.clone(),
-                counters: &counters,
+                counters,
                 pages_per_packet: config.pages_per_packet as usize,
                 chunk_delay: match config.test_hooks.chunk_order {
                     ChunkOrder::DelayChannel0(d) if i == 0 => Some(d),
@@ -419,7 +421,7 @@ fn run_session(
             events: events_rx,
             jobs: pool.completions(),
             dispatch,
-            counters: &counters,
+            counters,
             pacer: Pacer::new(config.max_bandwidth),
             progress,
             state,

@@ -13,7 +13,7 @@ use crate::guest::GuestMemory;
 use crate::transport::Stream;
 use crossbeam_channel::{Receiver, Sender};
 use livemig_wire::{ram, ChunkHeader, FrameKind, RoundEnd, PAGE_SIZE};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use vm_memory::{Bytes, GuestAddress};
 
 /// Work for one data channel, in the order it must go on the wire.
@@ -34,17 +34,6 @@ pub(crate) enum Job {
     },
 }
 
-/// Totals over all data channels, updated as frames are sent.
-#[derive(Default)]
-pub(crate) struct Counters {
-    pub bytes: AtomicU64,
-    pub normal_pages: AtomicU64,
-    pub zero_pages: AtomicU64,
-    pub device_bytes: AtomicU64,
-    /// Bytes of RamPages frames (headers included): what a round's rate is measured on.
-    pub ram_bytes: AtomicU64,
-}
-
 /// How many batches a channel asks for ahead, so one is ready while the other is sent.
 const PIPELINE: usize = 2;
 
@@ -57,7 +46,7 @@ pub(crate) struct ChannelSender<'a> {
     pub ready: Sender<u16>,
     pub events: Sender<Event>,
     pub cancel: CancelToken,
-    pub counters: &'a Counters,
+    pub counters: &'a crate::stats::Counters,
     pub pages_per_packet: usize,
     /// Test hook: wait this long before sending each device chunk.
     pub chunk_delay: Option<std::time::Duration>,

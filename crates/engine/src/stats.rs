@@ -1,0 +1,86 @@
+//! Live counters of a running migration, readable from outside while it runs (a control
+//! API's `query-migrate` reads them; the source's channel threads write them).
+
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+/// Totals over all data channels, updated as frames are sent.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Bytes of every frame sent on the data channels, headers included.
+    pub bytes: AtomicU64,
+    pub normal_pages: AtomicU64,
+    pub zero_pages: AtomicU64,
+    /// Bytes of device state sent.
+    pub device_bytes: AtomicU64,
+    /// Bytes of RamPages frames (headers included): what a round's rate is measured on.
+    pub ram_bytes: AtomicU64,
+}
+
+/// A handle on a migration's counters. Clones share them; the source resets them when an
+/// attempt starts, so one handle can watch a migration, its cancel and the retry.
+#[derive(Debug, Clone, Default)]
+pub struct LiveStats(Arc<Counters>);
+
+/// The counters at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StatsSnapshot {
+    pub bytes: u64,
+    pub normal_pages: u64,
+    pub zero_pages: u64,
+    pub device_bytes: u64,
+    pub ram_bytes: u64,
+}
+
+impl LiveStats {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.0
+    }
+
+    pub(crate) fn reset(&self) {
+        let c = &self.0;
+        for a in [
+            &c.bytes,
+            &c.normal_pages,
+            &c.zero_pages,
+            &c.device_bytes,
+            &c.ram_bytes,
+        ] {
+            a.store(0, Relaxed);
+        }
+    }
+
+    /// Reads every counter (each exact; together within a frame of each other).
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let c = &self.0;
+        StatsSnapshot {
+            bytes: c.bytes.load(Relaxed),
+            normal_pages: c.normal_pages.load(Relaxed),
+            zero_pages: c.zero_pages.load(Relaxed),
+            device_bytes: c.device_bytes.load(Relaxed),
+            ram_bytes: c.ram_bytes.load(Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clones_share_and_reset_clears() {
+        let a = LiveStats::new();
+        let b = a.clone();
+        a.counters().normal_pages.fetch_add(3, Relaxed);
+        a.counters().bytes.fetch_add(4096, Relaxed);
+        assert_eq!(b.snapshot().normal_pages, 3);
+        assert_eq!(b.snapshot().bytes, 4096);
+        b.reset();
+        assert_eq!(a.snapshot(), StatsSnapshot::default());
+    }
+}
