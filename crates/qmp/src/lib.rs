@@ -1,1 +1,21 @@
 //! # livemig-qmp
+//!
+//! A server for the QEMU Machine Protocol (QMP), so that scripts, libvirt-style tools and
+//! Python's `qemu.qmp` drive livemig as they drive QEMU.
+//!
+//! - [`split`]: finds each JSON object in the byte stream (clients need not send newlines).
+//! - [`message`]: parses a request, writes replies, errors, events and the greeting.
+//! - [`args`]: reads a command's arguments with QMP's wording for mistakes.
+//! - [`server`]: the Unix socket, one thread per client, events to negotiated clients.
+//!
+//! What the commands do is not here: the VMM implements [`Handler`]. `docs/qmp.md` in the
+//! repository lists the commands livemig serves and where they differ from QEMU.
+
+pub mod args;
+pub mod message;
+pub mod server;
+pub mod split;
+
+pub use args::Args;
+pub use message::{parse_request, ErrorClass, QmpError, Request};
+pub use server::{Events, Handler, Server, ServerConfig, ServerError};
