@@ -2,6 +2,7 @@
 
 use livemig_engine::{Device, VmState};
 use livemig_vmm::devices::{DeviceSpec, VfioSim, VmStateSim};
+use std::sync::Arc;
 
 /// Streamed (VFIO-like) and non-iterable devices, named vfio0.., vmstate0.. in order.
 #[derive(Default)]
@@ -32,6 +33,21 @@ impl SourceDevices {
 
     pub fn vmstates(&self) -> Vec<&dyn VmState> {
         self.vmstate.iter().map(|d| d as &dyn VmState).collect()
+    }
+
+    /// The devices as shared trait objects, for a VM that outlives this call.
+    #[allow(clippy::type_complexity)]
+    pub fn into_shared(self) -> (Vec<Arc<dyn Device>>, Vec<Arc<dyn VmState>>) {
+        (
+            self.vfio
+                .into_iter()
+                .map(|d| Arc::new(d) as Arc<dyn Device>)
+                .collect(),
+            self.vmstate
+                .into_iter()
+                .map(|d| Arc::new(d) as Arc<dyn VmState>)
+                .collect(),
+        )
     }
 
     /// Checks every streamed device still holds its whole state (after a failed attempt).

@@ -76,6 +76,14 @@ impl SourceGuest {
         }
     }
 
+    /// The guest as a shared trait object, for a VM that outlives this call.
+    pub fn into_shared(self) -> std::sync::Arc<dyn Guest> {
+        match self {
+            SourceGuest::Kvm(g) => std::sync::Arc::new(g),
+            SourceGuest::Synthetic(g) => std::sync::Arc::new(g),
+        }
+    }
+
     /// The workload's write counter: it only grows.
     pub fn counter(&self) -> u64 {
         match self {

@@ -3,6 +3,7 @@
 use crate::args::parse_size;
 use crate::args::MigrationArgs;
 use crate::emit;
+use crate::machine::{self, IncomingLimits};
 use clap::Args;
 use livemig_engine::{
     migrate, receive_vm, Endpoint, Factories, Guest, IncomingConfig, Listener, Progress, TestHooks,
@@ -16,9 +17,14 @@ use std::time::Duration;
 
 #[derive(Debug, Args)]
 pub struct IncomingArgs {
-    /// Where to listen: tcp:HOST:PORT (port 0 picks a free one) or unix:PATH.
+    /// Where to listen: tcp:HOST:PORT (port 0 picks a free one) or unix:PATH. With
+    /// `--qmp` it may be left out: the source's address then comes with `migrate-incoming`.
+    #[arg(long, required_unless_present = "qmp")]
+    pub listen: Option<Endpoint>,
+    /// Serve QMP on this Unix socket path: receive on `migrate-incoming` (or at once on
+    /// `--listen`), then hold the guest, which can be migrated on, until `quit`.
     #[arg(long)]
-    pub listen: Endpoint,
+    pub qmp: Option<std::path::PathBuf>,
     /// Check every page of the received guest before resuming it.
     #[arg(long)]
     pub verify: bool,
@@ -56,9 +62,6 @@ pub struct IncomingArgs {
 }
 
 pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
-    let listener = Listener::bind(&a.listen)
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", a.listen))?;
-    let addr = listener.local_endpoint()?;
     if let Some(size) = a.memory {
         let range = MemoryRange {
             guest_addr: 0,
@@ -66,6 +69,20 @@ pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
         };
         memory::prepare(&[range])?;
     }
+    if let Some(path) = &a.qmp {
+        let limits = IncomingLimits {
+            verify: a.verify,
+            max_guest_memory: a.max_guest_memory,
+        };
+        machine::serve(path, None, limits, a.listen.as_ref())?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(listen) = &a.listen else {
+        anyhow::bail!("--listen is needed without --qmp");
+    };
+    let listener =
+        Listener::bind(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let addr = listener.local_endpoint()?;
     let json = a.json;
     if json {
         emit(&json!({"event": "listening", "addr": addr.to_string()}));

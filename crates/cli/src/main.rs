@@ -13,6 +13,7 @@ mod demo;
 mod devices;
 mod guest;
 mod incoming;
+mod machine;
 mod migrate;
 mod pair;
 mod progress;

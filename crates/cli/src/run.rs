@@ -1,9 +1,11 @@
 //! `livemig run`: start a guest on its own and watch it: its write counter and dirty rate,
-//! once a second.
+//! once a second; or, with `--qmp`, serve QMP for it until `quit`.
 
 use crate::args::GuestArgs;
+use crate::devices::SourceDevices;
 use crate::emit;
 use crate::guest::SourceGuest;
+use crate::machine::{self, IncomingLimits, VmParts};
 use clap::Args;
 use serde_json::json;
 use std::process::ExitCode;
@@ -22,10 +24,31 @@ pub struct RunArgs {
     /// Print one JSON object per line instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Serve QMP on this Unix socket path and run until `quit` (migrate with `migrate`).
+    #[arg(long)]
+    pub qmp: Option<std::path::PathBuf>,
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let g = SourceGuest::start(&a.guest)?;
+    if let Some(path) = &a.qmp {
+        let (devices, vmstates) = SourceDevices::build(&a.guest.devices)?.into_shared();
+        eprintln!(
+            "livemig: {} guest running: {} MiB, {} vCPU(s) writing {} MiB",
+            g.kind(),
+            a.guest.memory >> 20,
+            a.guest.vcpus,
+            a.guest.working_set >> 20
+        );
+        let vm = VmParts {
+            kind: g.kind().to_string(),
+            guest: g.into_shared(),
+            devices,
+            vmstates,
+        };
+        machine::serve(path, Some(vm), IncomingLimits::default(), None)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if a.json {
         emit(&json!({"event": "guest_started", "guest": g.kind(), "memory": a.guest.memory}));
     } else {

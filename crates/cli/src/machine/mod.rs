@@ -1,0 +1,631 @@
+//! The VM a `livemig run --qmp` or `livemig incoming --qmp` process holds, driven over QMP.
+//!
+//! One thread, `lm-vm`, owns the VM and every piece of migration state; QMP client threads
+//! hand it commands over a channel and wait for its answer ([`MachineHandle`]). A migration
+//! runs on its own thread (`lm-vm-migrate` or `lm-vm-incoming`), which reports progress and
+//! its end to `lm-vm` as messages; `lm-vm` joins it when the end arrives, and `quit`
+//! cancels and joins it before the process exits. So no migration thread outlives the
+//! migration, and the state machine (`docs/state-machines.md`) lives in one place.
+
+mod params;
+mod query;
+mod state;
+
+use crossbeam_channel::{Receiver, Sender};
+use livemig_engine::{
+    migrate_vm, receive_vm, CancelToken, Device, Endpoint, Factories, Guest, Incoming,
+    IncomingConfig, IncomingError, Listener, MigrationError, MigrationReport, Progress, VmState,
+};
+use livemig_qmp::{Args, Events, Handler, QmpError, Request};
+use livemig_vmm::devices::DeviceModels;
+use livemig_vmm::Factory;
+use params::{Capabilities, Parameters};
+use query::{IncomingJob, Outgoing};
+use serde_json::{json, Value};
+use state::{MigStatus, RunState};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// A guest and its devices, shared with the migration thread while one runs.
+pub struct VmParts {
+    pub kind: String,
+    pub guest: Arc<dyn Guest>,
+    pub devices: Vec<Arc<dyn Device>>,
+    pub vmstates: Vec<Arc<dyn VmState>>,
+}
+
+impl VmParts {
+    fn from_incoming(inc: Incoming) -> VmParts {
+        VmParts {
+            kind: inc.report.guest_kind.clone(),
+            guest: Arc::from(inc.guest),
+            devices: inc.devices.into_iter().map(Arc::from).collect(),
+            vmstates: inc.vmstates.into_iter().map(Arc::from).collect(),
+        }
+    }
+}
+
+/// What an incoming migration may ask of this side (from `livemig incoming`'s options).
+#[derive(Debug, Clone, Default)]
+pub struct IncomingLimits {
+    pub verify: bool,
+    pub max_guest_memory: Option<u64>,
+}
+
+/// Messages to the `lm-vm` thread.
+enum Msg {
+    Command(Request, Sender<Result<Value, QmpError>>),
+    Quit,
+    Progress(Progress),
+    SourceDone(Result<MigrationReport, MigrationError>),
+    IncomingSession,
+    IncomingDone(Box<Result<Incoming, IncomingError>>),
+}
+
+/// The latest migration, this side's role in it.
+enum Job {
+    None,
+    Out(Outgoing),
+    In(IncomingJob),
+}
+
+struct Machine {
+    vm: Option<VmParts>,
+    run: RunState,
+    status: MigStatus,
+    job: Job,
+    /// The running migration's thread and cancel token.
+    thread: Option<(JoinHandle<()>, CancelToken)>,
+    caps: Capabilities,
+    params: Parameters,
+    limits: IncomingLimits,
+    events: Events,
+    tx: Sender<Msg>,
+}
+
+/// The QMP side of the machine: runs each command on `lm-vm` and waits for its answer.
+pub struct MachineHandle {
+    tx: Sender<Msg>,
+}
+
+/// Every command the machine serves, besides the protocol's own.
+const COMMANDS: &[&str] = &[
+    "query-status",
+    "stop",
+    "cont",
+    "quit",
+    "migrate",
+    "migrate-incoming",
+    "migrate_cancel",
+    "query-migrate",
+    "migrate-set-capabilities",
+    "query-migrate-capabilities",
+    "migrate-set-parameters",
+    "query-migrate-parameters",
+    "x-livemig-verify",
+];
+
+impl Handler for MachineHandle {
+    fn commands(&self) -> Vec<&'static str> {
+        COMMANDS.to_vec()
+    }
+
+    fn execute(&self, req: &Request) -> Result<Value, QmpError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.tx
+            .send(Msg::Command(req.clone(), tx))
+            .map_err(|_| QmpError::generic("the VM is shutting down"))?;
+        rx.recv()
+            .map_err(|_| QmpError::generic("the VM is shutting down"))?
+    }
+
+    fn after_reply(&self, req: &Request) {
+        if req.execute == "quit" {
+            let _ = self.tx.send(Msg::Quit);
+        }
+    }
+}
+
+/// Starts `lm-vm` with `vm` (a source) or without (a destination waiting for
+/// `migrate-incoming`). Returns the QMP handle and the thread, which ends on `quit`.
+pub fn start(
+    vm: Option<VmParts>,
+    events: Events,
+    limits: IncomingLimits,
+) -> std::io::Result<(MachineHandle, JoinHandle<()>)> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let m = Machine {
+        run: if vm.is_some() {
+            RunState::Running
+        } else {
+            RunState::InMigrate
+        },
+        vm,
+        status: MigStatus::None,
+        job: Job::None,
+        thread: None,
+        caps: Capabilities::default(),
+        params: Parameters::default(),
+        limits,
+        events,
+        tx: tx.clone(),
+    };
+    let h = std::thread::Builder::new()
+        .name("lm-vm".into())
+        .spawn(move || m.run(rx))?;
+    Ok((MachineHandle { tx }, h))
+}
+
+fn busy() -> QmpError {
+    QmpError::generic("There's a migration process in progress")
+}
+
+impl Machine {
+    fn run(mut self, rx: Receiver<Msg>) {
+        while let Ok(msg) = rx.recv() {
+            match msg {
+                Msg::Command(req, reply) => {
+                    let _ = reply.send(self.command(&req));
+                }
+                Msg::Quit => break,
+                other => self.migration_event(other),
+            }
+        }
+        // Quit: cancel what runs and wait for its end, so its thread is joined.
+        if let Some((_, cancel)) = &self.thread {
+            cancel.cancel();
+        }
+        while self.thread.is_some() {
+            match rx.recv() {
+                Ok(Msg::Command(_, reply)) => {
+                    let _ = reply.send(Err(QmpError::generic("the VM is shutting down")));
+                }
+                Ok(other) => self.migration_event(other),
+                Err(_) => break,
+            }
+        }
+        self.events.emit(
+            "SHUTDOWN",
+            Some(json!({"guest": false, "reason": "host-qmp-quit"})),
+        );
+    }
+
+    fn set_status(&mut self, s: MigStatus) {
+        if self.status != s {
+            self.status = s;
+            if self.caps.events {
+                self.events
+                    .emit("MIGRATION", Some(json!({"status": s.name()})));
+            }
+        }
+    }
+
+    fn set_run(&mut self, r: RunState) {
+        let was = self.run.running();
+        self.run = r;
+        match (was, r.running()) {
+            (true, false) => self.events.emit("STOP", None),
+            (false, true) => self.events.emit("RESUME", None),
+            _ => {}
+        }
+    }
+
+    fn join_thread(&mut self) {
+        if let Some((h, _)) = self.thread.take() {
+            let _ = h.join();
+        }
+    }
+
+    fn command(&mut self, req: &Request) -> Result<Value, QmpError> {
+        let none = || Args::new(&req.arguments, &[]);
+        match req.execute.as_str() {
+            "query-status" => {
+                none()?;
+                Ok(json!({
+                    "running": self.run.running(), "singlestep": false, "status": self.run.name()
+                }))
+            }
+            "stop" => {
+                none()?;
+                self.stop()
+            }
+            "cont" => {
+                none()?;
+                self.cont()
+            }
+            "quit" => {
+                none()?;
+                Ok(json!({}))
+            }
+            "migrate" => self.migrate(req),
+            "migrate-incoming" => self.migrate_incoming(req),
+            "migrate_cancel" => {
+                none()?;
+                self.cancel()
+            }
+            "query-migrate" => {
+                none()?;
+                Ok(match &self.job {
+                    Job::None => json!({}),
+                    Job::Out(o) => o.query(self.status),
+                    Job::In(i) => i.query(self.status),
+                })
+            }
+            "migrate-set-capabilities" => {
+                let a = Args::new(&req.arguments, &["capabilities"])?;
+                let list = a.array("capabilities")?;
+                if self.status.in_progress() {
+                    return Err(busy());
+                }
+                self.caps.set(list)?;
+                Ok(json!({}))
+            }
+            "query-migrate-capabilities" => {
+                none()?;
+                Ok(self.caps.query())
+            }
+            "migrate-set-parameters" => {
+                if self.status.in_progress() {
+                    return Err(busy());
+                }
+                self.params.set(&req.arguments)?;
+                Ok(json!({}))
+            }
+            "query-migrate-parameters" => {
+                none()?;
+                Ok(self.params.query())
+            }
+            "x-livemig-verify" => {
+                none()?;
+                self.verify()
+            }
+            other => Err(QmpError::not_found(other)),
+        }
+    }
+
+    fn stop(&mut self) -> Result<Value, QmpError> {
+        match self.run {
+            _ if self.status.in_progress() => Err(QmpError::generic(
+                "cannot stop the guest while a migration runs: livemig pauses it itself at switchover (migrate_cancel first)",
+            )),
+            RunState::Running => {
+                let vm = self.vm.as_ref().ok_or_else(no_guest)?;
+                vm.guest
+                    .pause()
+                    .map_err(|e| QmpError::generic(format!("cannot stop the guest: {e}")))?;
+                self.set_run(RunState::Paused);
+                Ok(json!({}))
+            }
+            RunState::InMigrate => Err(no_guest()),
+            _ => Ok(json!({})),
+        }
+    }
+
+    fn cont(&mut self) -> Result<Value, QmpError> {
+        match self.run {
+            RunState::Running => Ok(json!({})),
+            RunState::Paused => {
+                let vm = self.vm.as_ref().ok_or_else(no_guest)?;
+                vm.guest
+                    .resume()
+                    .map_err(|e| QmpError::generic(format!("cannot resume the guest: {e}")))?;
+                self.set_run(RunState::Running);
+                Ok(json!({}))
+            }
+            RunState::FinishMigrate => Err(QmpError::generic(
+                "the guest is paused for switchover; it runs here again only if the migration fails or is cancelled",
+            )),
+            RunState::PostMigrate => Err(QmpError::generic(
+                "the guest was migrated and runs on the destination; livemig does not run it here again",
+            )),
+            RunState::InMigrate => Err(no_guest()),
+        }
+    }
+
+    fn verify(&mut self) -> Result<Value, QmpError> {
+        if self.status.in_progress() {
+            return Err(busy());
+        }
+        let vm = self.vm.as_ref().ok_or_else(no_guest)?;
+        let running = self.run.running();
+        let err = |e: livemig_engine::GuestError| QmpError::generic(format!("verify: {e}"));
+        if running {
+            vm.guest.pause().map_err(err)?;
+        }
+        let v = vm.guest.verify();
+        if running {
+            vm.guest.resume().map_err(err)?;
+        }
+        let v = v.map_err(err)?;
+        Ok(json!({
+            "guest": vm.kind, "pages-checked": v.pages_checked,
+            "pages-mismatched": v.pages_mismatched, "counter": v.counter, "examples": v.examples,
+        }))
+    }
+
+    fn migrate(&mut self, req: &Request) -> Result<Value, QmpError> {
+        let a = Args::new(&req.arguments, &["uri", "detach", "blk", "inc", "resume"])?;
+        let uri = a.str("uri")?;
+        for flag in ["blk", "inc", "resume"] {
+            if a.opt_bool(flag)? == Some(true) {
+                return Err(QmpError::generic(format!(
+                    "'{flag}' is not supported by livemig"
+                )));
+            }
+        }
+        a.opt_bool("detach")?;
+        if self.status.in_progress() {
+            return Err(busy());
+        }
+        match self.run {
+            RunState::Running => {}
+            RunState::InMigrate => return Err(no_guest()),
+            RunState::PostMigrate => {
+                return Err(QmpError::generic(
+                    "the guest was migrated already and runs on the destination",
+                ))
+            }
+            _ => {
+                return Err(QmpError::generic(
+                    "livemig migrates a running guest: 'cont' first",
+                ))
+            }
+        }
+        let to: Endpoint = uri
+            .parse()
+            .map_err(|e| QmpError::generic(format!("Invalid migration URI '{uri}': {e}")))?;
+        let vm = self.vm.as_ref().ok_or_else(no_guest)?;
+        let config = self.params.migration_config(&self.caps);
+        let (guest, devices, vmstates) =
+            (vm.guest.clone(), vm.devices.clone(), vm.vmstates.clone());
+        let names = devices.iter().map(|d| d.descriptor().name).collect();
+        let (stats, cancel, tx) = (config.stats.clone(), config.cancel.clone(), self.tx.clone());
+        let thread = std::thread::Builder::new()
+            .name("lm-vm-migrate".into())
+            .spawn(move || {
+                let devs: Vec<&dyn Device> = devices.iter().map(|d| &**d).collect();
+                let vms: Vec<&dyn VmState> = vmstates.iter().map(|d| &**d).collect();
+                let vm = livemig_engine::Vm {
+                    guest: &*guest,
+                    devices: &devs,
+                    vmstates: &vms,
+                };
+                let progress_tx = tx.clone();
+                let progress = move |p: &Progress| {
+                    let _ = progress_tx.send(Msg::Progress(p.clone()));
+                };
+                let r = migrate_vm(vm, &to, &config, &progress);
+                let _ = tx.send(Msg::SourceDone(r));
+            })
+            .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;
+        self.thread = Some((thread, cancel));
+        self.job = Job::Out(Outgoing::new(uri.to_string(), stats, names));
+        self.set_status(MigStatus::Setup);
+        Ok(json!({}))
+    }
+
+    fn migrate_incoming(&mut self, req: &Request) -> Result<Value, QmpError> {
+        let a = Args::new(&req.arguments, &["uri", "exit-on-error"])?;
+        let uri = a.str("uri")?;
+        a.opt_bool("exit-on-error")?;
+        if self.run != RunState::InMigrate {
+            return Err(QmpError::generic(
+                "'-incoming' was not specified on the command line: this VM has a guest already",
+            ));
+        }
+        if self.status.in_progress() {
+            return Err(QmpError::generic(
+                "an incoming migration is already waiting or running",
+            ));
+        }
+        let at: Endpoint = uri
+            .parse()
+            .map_err(|e| QmpError::generic(format!("Invalid migration URI '{uri}': {e}")))?;
+        let listener = Listener::bind(&at)
+            .map_err(|e| QmpError::generic(format!("cannot listen on {uri}: {e}")))?;
+        let cancel = CancelToken::new();
+        let mut config = IncomingConfig {
+            verify: self.limits.verify,
+            credit_window: self.params.credit_window,
+            buffer_cap: self.params.buffer_cap,
+            cancel: cancel.clone(),
+            ..IncomingConfig::default()
+        };
+        if let Some(m) = self.limits.max_guest_memory {
+            config.max_guest_memory = m;
+        }
+        let tx = self.tx.clone();
+        let thread = std::thread::Builder::new()
+            .name("lm-vm-incoming".into())
+            .spawn(move || {
+                let log_tx = tx.clone();
+                let log = move |msg: String| {
+                    if msg.starts_with("session ") {
+                        let _ = log_tx.send(Msg::IncomingSession);
+                    }
+                    eprintln!("livemig: {msg}");
+                };
+                let factories = Factories {
+                    guest: &Factory,
+                    devices: &DeviceModels,
+                };
+                let r = receive_vm(&listener, factories, &config, &log);
+                drop(listener);
+                let _ = tx.send(Msg::IncomingDone(Box::new(r)));
+            })
+            .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;
+        self.thread = Some((thread, cancel));
+        self.job = Job::In(IncomingJob {
+            uri: uri.to_string(),
+            start: Instant::now(),
+            end: None,
+            report: None,
+            error: None,
+        });
+        self.set_status(MigStatus::Setup);
+        Ok(json!({}))
+    }
+
+    fn cancel(&mut self) -> Result<Value, QmpError> {
+        if !self.status.in_progress() {
+            return Ok(json!({}));
+        }
+        if let Job::In(_) = self.job {
+            if self.status == MigStatus::Active {
+                return Err(QmpError::generic(
+                    "an incoming migration under way is cancelled on its source",
+                ));
+            }
+        }
+        if let Some((_, cancel)) = &self.thread {
+            cancel.cancel();
+        }
+        self.set_status(MigStatus::Cancelling);
+        Ok(json!({}))
+    }
+
+    fn migration_event(&mut self, msg: Msg) {
+        match msg {
+            Msg::Progress(p) => self.progress(p),
+            Msg::SourceDone(r) => {
+                self.join_thread();
+                let cancelled = self.status == MigStatus::Cancelling;
+                let Job::Out(o) = &mut self.job else { return };
+                o.end = Some(Instant::now());
+                match r {
+                    Ok(report) => {
+                        o.report = Some(report);
+                        self.set_run(RunState::PostMigrate);
+                        self.set_status(MigStatus::Completed);
+                    }
+                    Err(e) => {
+                        let handed_over = matches!(e, MigrationError::HandoverUnknown(_));
+                        o.error = Some(e.to_string());
+                        eprintln!("livemig: migration to {} failed: {e}", o.to);
+                        if handed_over {
+                            // The destination may run the guest: never here again.
+                            self.set_run(RunState::PostMigrate);
+                        } else {
+                            // The engine has resumed the guest if it had paused it.
+                            self.set_run(RunState::Running);
+                        }
+                        let cancelled = cancelled || matches!(e, MigrationError::Cancelled);
+                        self.set_status(if cancelled {
+                            MigStatus::Cancelled
+                        } else {
+                            MigStatus::Failed
+                        });
+                    }
+                }
+            }
+            Msg::IncomingSession => self.set_status(MigStatus::Active),
+            Msg::IncomingDone(r) => {
+                self.join_thread();
+                let Job::In(j) = &mut self.job else { return };
+                j.end = Some(Instant::now());
+                match *r {
+                    Ok(inc) => {
+                        j.report = Some(inc.report.clone());
+                        self.vm = Some(VmParts::from_incoming(inc));
+                        self.set_run(RunState::Running);
+                        self.set_status(MigStatus::Completed);
+                    }
+                    Err(e) => {
+                        j.error = Some(e.to_string());
+                        eprintln!("livemig: incoming migration on {} failed: {e}", j.uri);
+                        self.set_status(if matches!(e, IncomingError::Cancelled) {
+                            MigStatus::Cancelled
+                        } else {
+                            MigStatus::Failed
+                        });
+                    }
+                }
+            }
+            Msg::Command(..) | Msg::Quit => {}
+        }
+    }
+
+    fn progress(&mut self, p: Progress) {
+        let Job::Out(o) = &mut self.job else { return };
+        let mut pass = None;
+        let mut switchover = false;
+        match p {
+            Progress::Connected {
+                setup_ms,
+                total_pages,
+                ..
+            } => {
+                o.setup_ms = Some(setup_ms);
+                o.total_pages = total_pages;
+            }
+            Progress::RoundStarted { pages, .. } => {
+                let s = o.stats.snapshot();
+                o.dirty_syncs += 1;
+                o.round_pages = pages;
+                o.round_start_sent = s.normal_pages + s.zero_pages;
+                pass = Some(o.dirty_syncs);
+            }
+            Progress::RoundDone(r) => {
+                o.expected_downtime_ms = r.expected_downtime_ms;
+                o.last_round = Some(r);
+            }
+            Progress::Switchover {
+                expected_downtime_ms,
+                ..
+            } => {
+                o.expected_downtime_ms = expected_downtime_ms;
+                switchover = true;
+            }
+        }
+        if self.status == MigStatus::Setup {
+            self.set_status(MigStatus::Active);
+        }
+        if let Some(n) = pass {
+            if self.caps.events {
+                self.events.emit("MIGRATION_PASS", Some(json!({"pass": n})));
+            }
+        }
+        if switchover && self.run == RunState::Running {
+            self.set_run(RunState::FinishMigrate);
+        }
+    }
+}
+
+fn no_guest() -> QmpError {
+    QmpError::generic("no guest here yet: it arrives with 'migrate-incoming'")
+}
+
+/// Serves QMP on `path` for a VM until `quit`; with `incoming`, starts waiting for an
+/// incoming migration there at once (as `-incoming URI` does).
+pub fn serve(
+    path: &std::path::Path,
+    vm: Option<VmParts>,
+    limits: IncomingLimits,
+    incoming: Option<&Endpoint>,
+) -> anyhow::Result<()> {
+    let events = Events::new();
+    let (handle, thread) = start(vm, events.clone(), limits)?;
+    let handle = Arc::new(handle);
+    if let Some(at) = incoming {
+        let mut arguments = serde_json::Map::new();
+        arguments.insert("uri".into(), json!(at.to_string()));
+        handle
+            .execute(&Request {
+                execute: "migrate-incoming".into(),
+                arguments,
+                id: None,
+            })
+            .map_err(|e| anyhow::anyhow!("{}", e.desc))?;
+    }
+    let server = livemig_qmp::Server::start(
+        path,
+        handle.clone(),
+        &events,
+        livemig_qmp::ServerConfig::default(),
+    )?;
+    eprintln!("livemig: QMP on {}", path.display());
+    let _ = thread.join();
+    server.shutdown();
+    Ok(())
+}

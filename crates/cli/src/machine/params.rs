@@ -1,0 +1,237 @@
+//! Migration capabilities and parameters, set and queried over QMP with QEMU's names
+//! (livemig's own parameters carry the `x-` prefix QAPI uses for extensions).
+
+use livemig_engine::MigrationConfig;
+use livemig_qmp::{Args, QmpError};
+use livemig_wire::{DeviceTransfer, MAX_CHANNELS, MAX_CHUNK_SIZE};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// The capabilities livemig knows, with their defaults.
+#[derive(Debug, Clone)]
+pub struct Capabilities {
+    /// Data channels in parallel (`multifd-channels` of them); off: one data channel.
+    pub multifd: bool,
+    /// `MIGRATION` and `MIGRATION_PASS` events.
+    pub events: bool,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        // livemig's native transfer is parallel; QEMU's default is off.
+        Capabilities {
+            multifd: true,
+            events: false,
+        }
+    }
+}
+
+impl Capabilities {
+    pub fn query(&self) -> Value {
+        json!([
+            {"capability": "multifd", "state": self.multifd},
+            {"capability": "events", "state": self.events},
+        ])
+    }
+
+    /// Applies `migrate-set-capabilities`' list; all or nothing.
+    pub fn set(&mut self, list: &[Value]) -> Result<(), QmpError> {
+        let mut next = self.clone();
+        for item in list {
+            let obj = item.as_object().ok_or_else(|| {
+                QmpError::generic("Invalid parameter type for 'capabilities', expected: object")
+            })?;
+            let a = Args::new(obj, &["capability", "state"])?;
+            let (name, state) = (a.str("capability")?, a.opt_bool("state")?);
+            let state = state.ok_or_else(|| QmpError::generic("Parameter 'state' is missing"))?;
+            match name {
+                "multifd" => next.multifd = state,
+                "events" => next.events = state,
+                other => {
+                    return Err(QmpError::generic(format!(
+                        "Capability '{other}' is not supported by livemig (it knows multifd and events)"
+                    )))
+                }
+            }
+        }
+        *self = next;
+        Ok(())
+    }
+}
+
+/// The parameters, as the user set them.
+#[derive(Debug, Clone)]
+pub struct Parameters {
+    pub multifd_channels: u16,
+    pub downtime_limit_ms: u64,
+    /// Bytes per second; 0: no cap.
+    pub max_bandwidth: u64,
+    pub chunk_size: u32,
+    pub credit_window: u32,
+    pub buffer_cap: u64,
+    pub device_state_transfer: DeviceTransfer,
+}
+
+impl Default for Parameters {
+    fn default() -> Self {
+        let d = MigrationConfig::default();
+        Parameters {
+            multifd_channels: d.channels,
+            downtime_limit_ms: d.downtime_limit.as_millis() as u64,
+            max_bandwidth: d.max_bandwidth.unwrap_or(0),
+            chunk_size: d.chunk_size,
+            credit_window: d.credit_window,
+            buffer_cap: d.buffer_cap,
+            device_state_transfer: d.device_transfer,
+        }
+    }
+}
+
+/// Every parameter name `migrate-set-parameters` takes.
+pub const NAMES: &[&str] = &[
+    "multifd-channels",
+    "downtime-limit",
+    "max-bandwidth",
+    "x-device-chunk-size",
+    "x-credit-window",
+    "x-buffer-cap",
+    "x-device-state-transfer",
+];
+
+/// QEMU's bound on `downtime-limit` (ms).
+const MAX_DOWNTIME_MS: u64 = 2_000_000;
+
+fn range_err(name: &str, what: &str) -> QmpError {
+    QmpError::generic(format!("Parameter '{name}' expects {what}"))
+}
+
+impl Parameters {
+    pub fn query(&self) -> Value {
+        json!({
+            "multifd-channels": self.multifd_channels,
+            "downtime-limit": self.downtime_limit_ms,
+            "max-bandwidth": self.max_bandwidth,
+            "x-device-chunk-size": self.chunk_size,
+            "x-credit-window": self.credit_window,
+            "x-buffer-cap": self.buffer_cap,
+            "x-device-state-transfer": match self.device_state_transfer {
+                DeviceTransfer::Multifd => "multifd",
+                DeviceTransfer::Main => "main",
+            },
+        })
+    }
+
+    /// Applies `migrate-set-parameters`; all or nothing.
+    pub fn set(&mut self, args: &serde_json::Map<String, Value>) -> Result<(), QmpError> {
+        let a = Args::new(args, NAMES)?;
+        let mut next = self.clone();
+        if let Some(n) = a.opt_u64("multifd-channels")? {
+            if n == 0 || n > MAX_CHANNELS as u64 {
+                return Err(range_err(
+                    "multifd-channels",
+                    &format!("a value between 1 and {MAX_CHANNELS}"),
+                ));
+            }
+            next.multifd_channels = n as u16;
+        }
+        if let Some(ms) = a.opt_u64("downtime-limit")? {
+            if ms > MAX_DOWNTIME_MS {
+                return Err(range_err(
+                    "downtime-limit",
+                    &format!("an integer in the range of 0 to {MAX_DOWNTIME_MS} ms"),
+                ));
+            }
+            next.downtime_limit_ms = ms;
+        }
+        if let Some(b) = a.opt_u64("max-bandwidth")? {
+            next.max_bandwidth = b;
+        }
+        if let Some(c) = a.opt_u64("x-device-chunk-size")? {
+            if c == 0 || c > MAX_CHUNK_SIZE as u64 {
+                return Err(range_err(
+                    "x-device-chunk-size",
+                    &format!("1 byte to {} MiB", MAX_CHUNK_SIZE >> 20),
+                ));
+            }
+            next.chunk_size = c as u32;
+        }
+        if let Some(w) = a.opt_u64("x-credit-window")? {
+            next.credit_window = u32::try_from(w)
+                .map_err(|_| range_err("x-credit-window", "a 32-bit count of chunks"))?;
+        }
+        if let Some(b) = a.opt_u64("x-buffer-cap")? {
+            next.buffer_cap = b;
+        }
+        if let Some(t) = a.opt_str("x-device-state-transfer")? {
+            next.device_state_transfer = match t {
+                "multifd" => DeviceTransfer::Multifd,
+                "main" => DeviceTransfer::Main,
+                _ => return Err(range_err("x-device-state-transfer", "'multifd' or 'main'")),
+            };
+        }
+        *self = next;
+        Ok(())
+    }
+
+    /// The source's configuration for one migration.
+    pub fn migration_config(&self, caps: &Capabilities) -> MigrationConfig {
+        MigrationConfig {
+            channels: if caps.multifd {
+                self.multifd_channels
+            } else {
+                1
+            },
+            downtime_limit: Duration::from_millis(self.downtime_limit_ms),
+            max_bandwidth: (self.max_bandwidth > 0).then_some(self.max_bandwidth),
+            chunk_size: self.chunk_size,
+            credit_window: self.credit_window,
+            buffer_cap: self.buffer_cap,
+            device_transfer: self.device_state_transfer,
+            ..MigrationConfig::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_is_all_or_nothing_and_checked() {
+        let mut p = Parameters::default();
+        let bad = json!({"multifd-channels": 8, "downtime-limit": "x"});
+        let e = p.set(bad.as_object().unwrap()).unwrap_err();
+        assert!(e.desc.contains("downtime-limit"), "{e}");
+        assert_ne!(p.multifd_channels, 8, "nothing applied");
+        let e = p
+            .set(json!({"multifd-channels": 0}).as_object().unwrap())
+            .unwrap_err();
+        assert!(e.desc.contains("between 1 and"), "{e}");
+        p.set(
+            json!({"multifd-channels": 8, "max-bandwidth": 1000})
+                .as_object()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(p.query()["multifd-channels"], 8);
+        let c = p.migration_config(&Capabilities::default());
+        assert_eq!((c.channels, c.max_bandwidth), (8, Some(1000)));
+        let single = Capabilities {
+            multifd: false,
+            events: true,
+        };
+        assert_eq!(p.migration_config(&single).channels, 1);
+    }
+
+    #[test]
+    fn unknown_capability_is_named() {
+        let mut c = Capabilities::default();
+        let e = c
+            .set(&[json!({"capability": "xbzrle", "state": true})])
+            .unwrap_err();
+        assert!(e.desc.contains("'xbzrle'"));
+        c.set(&[json!({"capability": "events", "state": true})])
+            .unwrap();
+        assert!(c.events);
+    }
+}

@@ -1,0 +1,206 @@
+//! `query-migrate`: a migration's state with QEMU's field names and meanings, plus
+//! livemig's device-state section and downtime breakdown.
+
+use super::state::MigStatus;
+use livemig_engine::{IncomingReport, LiveStats, MigrationReport, RoundReport};
+use livemig_wire::PAGE_SIZE;
+use serde_json::{json, Map, Value};
+use std::time::Instant;
+
+/// What the machine keeps of an outgoing migration, live and after its end.
+pub struct Outgoing {
+    pub to: String,
+    pub start: Instant,
+    pub end: Option<Instant>,
+    pub setup_ms: Option<f64>,
+    pub stats: LiveStats,
+    pub total_pages: u64,
+    /// Bitmap syncs so far: one per round started.
+    pub dirty_syncs: u32,
+    pub round_pages: u64,
+    /// Pages sent (normal + zero) when the current round started.
+    pub round_start_sent: u64,
+    pub last_round: Option<RoundReport>,
+    pub expected_downtime_ms: f64,
+    pub devices: Vec<String>,
+    pub report: Option<MigrationReport>,
+    pub error: Option<String>,
+}
+
+/// What the machine keeps of an incoming migration.
+pub struct IncomingJob {
+    pub uri: String,
+    pub start: Instant,
+    pub end: Option<Instant>,
+    pub report: Option<IncomingReport>,
+    pub error: Option<String>,
+}
+
+fn ms_since(start: Instant, end: Option<Instant>) -> u64 {
+    end.unwrap_or_else(Instant::now)
+        .duration_since(start)
+        .as_millis() as u64
+}
+
+impl Outgoing {
+    pub fn new(to: String, stats: LiveStats, devices: Vec<String>) -> Self {
+        Outgoing {
+            to,
+            start: Instant::now(),
+            end: None,
+            setup_ms: None,
+            stats,
+            total_pages: 0,
+            dirty_syncs: 0,
+            round_pages: 0,
+            round_start_sent: 0,
+            last_round: None,
+            expected_downtime_ms: 0.0,
+            devices,
+            report: None,
+            error: None,
+        }
+    }
+
+    /// `query-migrate`'s answer for this migration in `status`.
+    pub fn query(&self, status: MigStatus) -> Value {
+        let mut m = Map::new();
+        m.insert("status".into(), json!(status.name()));
+        m.insert(
+            "total-time".into(),
+            json!(self
+                .report
+                .as_ref()
+                .map_or(ms_since(self.start, self.end), |r| r.total_ms as u64)),
+        );
+        if let Some(s) = self.setup_ms {
+            m.insert("setup-time".into(), json!(s as u64));
+        }
+        let s = self.stats.snapshot();
+        let page = PAGE_SIZE as u64;
+        let sent = s.normal_pages + s.zero_pages;
+        let (mbps, pps, dirty_rate) = match &self.last_round {
+            Some(r) if r.ms > 0.0 => (
+                r.bytes_per_s * 8.0 / 1e6,
+                r.pages as f64 / (r.ms / 1e3),
+                r.dirty_after as f64 / (r.ms / 1e3),
+            ),
+            _ => (0.0, 0.0, 0.0),
+        };
+        let remaining_pages = if self.report.is_some() {
+            0
+        } else {
+            self.round_pages
+                .saturating_sub(sent.saturating_sub(self.round_start_sent))
+        };
+        m.insert(
+            "ram".into(),
+            json!({
+                "transferred": s.ram_bytes,
+                "remaining": remaining_pages * page,
+                "total": self.total_pages * page,
+                "duplicate": s.zero_pages,
+                "normal": s.normal_pages,
+                "normal-bytes": s.normal_pages * page,
+                "mbps": mbps,
+                "dirty-pages-rate": dirty_rate as u64,
+                "dirty-sync-count": self.dirty_syncs,
+                "pages-per-second": pps as u64,
+                "page-size": page,
+                "multifd-bytes": s.ram_bytes,
+            }),
+        );
+        match &self.report {
+            Some(r) => {
+                m.insert("downtime".into(), json!(r.downtime_ms.round() as u64));
+                m.insert("downtime-breakdown".into(), json!(r.downtime));
+                m.insert(
+                    "device-state".into(),
+                    Value::Array(
+                        r.devices
+                            .iter()
+                            .map(|d| {
+                                json!({
+                                    "name": d.name, "state": "loaded", "bytes": d.bytes,
+                                    "chunks": d.chunks, "precopy-bytes": d.precopy_bytes,
+                                    "peak-buffered-bytes": d.peak_buffered_bytes,
+                                    "final-save-ms": d.final_save_ms,
+                                })
+                            })
+                            .collect(),
+                    ),
+                );
+            }
+            None => {
+                if status.in_progress() {
+                    m.insert(
+                        "expected-downtime".into(),
+                        json!(self.expected_downtime_ms.round() as u64),
+                    );
+                }
+                let state = if status.in_progress() {
+                    "active"
+                } else {
+                    status.name()
+                };
+                m.insert(
+                    "device-state".into(),
+                    Value::Array(
+                        self.devices
+                            .iter()
+                            .map(|n| json!({"name": n, "state": state}))
+                            .collect(),
+                    ),
+                );
+                m.insert("x-device-bytes".into(), json!(s.device_bytes));
+            }
+        }
+        if let Some(e) = &self.error {
+            m.insert("error-desc".into(), json!(e));
+        }
+        Value::Object(m)
+    }
+}
+
+impl IncomingJob {
+    pub fn query(&self, status: MigStatus) -> Value {
+        let mut m = Map::new();
+        m.insert("status".into(), json!(status.name()));
+        match &self.report {
+            Some(r) => {
+                let page = PAGE_SIZE as u64;
+                m.insert("total-time".into(), json!(r.total_ms as u64));
+                m.insert(
+                    "ram".into(),
+                    json!({
+                        "transferred": r.received_bytes,
+                        "remaining": 0,
+                        "total": r.memory_bytes,
+                        "duplicate": r.zero_pages,
+                        "normal": r.normal_pages,
+                        "normal-bytes": r.normal_pages * page,
+                        "dirty-sync-count": r.rounds,
+                        "page-size": page,
+                    }),
+                );
+                m.insert(
+                    "device-state".into(),
+                    Value::Array(
+                        r.device_peak_buffered_bytes
+                            .iter()
+                            .enumerate()
+                            .map(|(i, b)| json!({"index": i, "state": "loaded", "peak-buffered-bytes": b}))
+                            .collect(),
+                    ),
+                );
+            }
+            None => {
+                m.insert("total-time".into(), json!(ms_since(self.start, self.end)));
+            }
+        }
+        if let Some(e) = &self.error {
+            m.insert("error-desc".into(), json!(e));
+        }
+        Value::Object(m)
+    }
+}

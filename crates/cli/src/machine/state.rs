@@ -1,0 +1,65 @@
+//! The VM's run state and the migration's status, with QEMU's names.
+
+/// What the VM is doing (`query-status`'s `status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// No guest yet: waiting for an incoming migration (`-incoming defer`).
+    InMigrate,
+    Running,
+    /// Stopped by `stop`.
+    Paused,
+    /// Paused by the migration for switchover.
+    FinishMigrate,
+    /// Migrated away: the guest runs on the destination now.
+    PostMigrate,
+}
+
+impl RunState {
+    pub fn name(self) -> &'static str {
+        match self {
+            RunState::InMigrate => "inmigrate",
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::FinishMigrate => "finish-migrate",
+            RunState::PostMigrate => "postmigrate",
+        }
+    }
+
+    pub fn running(self) -> bool {
+        self == RunState::Running
+    }
+}
+
+/// A migration's status (`query-migrate`'s `status`, the `MIGRATION` event's `status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigStatus {
+    None,
+    Setup,
+    Active,
+    Cancelling,
+    Cancelled,
+    Completed,
+    Failed,
+}
+
+impl MigStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            MigStatus::None => "none",
+            MigStatus::Setup => "setup",
+            MigStatus::Active => "active",
+            MigStatus::Cancelling => "cancelling",
+            MigStatus::Cancelled => "cancelled",
+            MigStatus::Completed => "completed",
+            MigStatus::Failed => "failed",
+        }
+    }
+
+    /// A migration thread runs in this status.
+    pub fn in_progress(self) -> bool {
+        matches!(
+            self,
+            MigStatus::Setup | MigStatus::Active | MigStatus::Cancelling
+        )
+    }
+}
