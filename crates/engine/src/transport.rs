@@ -65,8 +65,21 @@ impl Stream {
     /// Connects, retrying refused connections until `timeout` (the destination may still be
     /// starting).
     pub fn connect(to: &Endpoint, timeout: Duration) -> io::Result<Stream> {
+        Self::connect_cancellable(to, timeout, None)
+    }
+
+    /// [`Self::connect`], giving up between attempts once `cancel` is cancelled (an
+    /// `Interrupted` error).
+    pub fn connect_cancellable(
+        to: &Endpoint,
+        timeout: Duration,
+        cancel: Option<&CancelToken>,
+    ) -> io::Result<Stream> {
         let deadline = Instant::now() + timeout;
         loop {
+            if cancel.is_some_and(CancelToken::is_cancelled) {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+            }
             let attempt = match to {
                 Endpoint::Tcp(a) => connect_tcp(a, timeout).map(Stream::Tcp),
                 Endpoint::Unix(p) => UnixStream::connect(p).map(Stream::Unix),

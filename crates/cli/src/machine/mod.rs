@@ -66,7 +66,7 @@ enum Msg {
 /// The latest migration, this side's role in it.
 enum Job {
     None,
-    Out(Outgoing),
+    Out(Box<Outgoing>),
     In(IncomingJob),
 }
 
@@ -400,7 +400,7 @@ impl Machine {
             })
             .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;
         self.thread = Some((thread, cancel));
-        self.job = Job::Out(Outgoing::new(uri.to_string(), stats, names));
+        self.job = Job::Out(Box::new(Outgoing::new(uri.to_string(), stats, names)));
         self.set_status(MigStatus::Setup);
         Ok(json!({}))
     }

@@ -61,6 +61,7 @@ use livemig_wire::{
 use pacer::Pacer;
 use sender::{ChannelSender, Job};
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// A VM as the engine migrates it: guest memory and state, streamed devices, and small
@@ -145,7 +146,7 @@ pub fn migrate_vm(
     }
     let start = Instant::now();
     let session = SessionId(*uuid::Uuid::new_v4().as_bytes());
-    let (main, data, accept) = connect_session(vm, to, config, session)?;
+    let (main, data, accept) = connect_cancellable(vm, to, config, session)?;
     let setup = start.elapsed();
     let mut state = GuestState::Running;
     let result = run_session(
@@ -198,18 +199,70 @@ fn wire_devices(vm: Vm<'_>, config: &MigrationConfig) -> DeviceSetup {
     }
 }
 
-/// Opens the main channel and every data channel, each with its handshake.
-fn connect_session(
+/// [`connect_session`] with a watcher (`lm-src-cancel`) that shuts down every socket opened
+/// so far on cancel, so a destination that accepts and then says nothing cannot hold a
+/// cancelled migration in its set-up.
+fn connect_cancellable(
     vm: Vm<'_>,
     to: &Endpoint,
     config: &MigrationConfig,
     session: SessionId,
 ) -> Result<(Stream, Vec<Stream>, SessionAccept), MigrationError> {
+    let open: Mutex<Vec<Stream>> = Mutex::new(Vec::new());
+    let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
+    let result = std::thread::scope(|scope| {
+        let open = &open;
+        let watcher = std::thread::Builder::new()
+            .name("lm-src-cancel".into())
+            .spawn_scoped(scope, move || {
+                select! {
+                    recv(config.cancel.waiter()) -> _ => {
+                        open.lock().unwrap_or_else(|p| p.into_inner())
+                            .iter().for_each(Stream::shutdown);
+                    }
+                    recv(done_rx) -> _ => {}
+                }
+            })
+            .map_err(MigrationError::Spawn)?;
+        let r = connect_session(vm, to, config, session, open);
+        drop(done_tx);
+        let _ = watcher.join();
+        r
+    });
+    result.map_err(|e| {
+        if config.cancel.is_cancelled() {
+            MigrationError::Cancelled
+        } else {
+            e
+        }
+    })
+}
+
+/// Opens the main channel and every data channel, each with its handshake. Each socket is
+/// put in `open` as soon as it exists; every answer is awaited at most `connect_timeout`.
+fn connect_session(
+    vm: Vm<'_>,
+    to: &Endpoint,
+    config: &MigrationConfig,
+    session: SessionId,
+    open: &Mutex<Vec<Stream>>,
+) -> Result<(Stream, Vec<Stream>, SessionAccept), MigrationError> {
     let connect = || {
-        Stream::connect(to, config.connect_timeout).map_err(|source| MigrationError::Connect {
+        let connect_err = |source| MigrationError::Connect {
             to: to.to_string(),
             source,
-        })
+        };
+        let s = Stream::connect_cancellable(to, config.connect_timeout, Some(&config.cancel))
+            .map_err(connect_err)?;
+        open.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(s.try_clone().map_err(connect_err)?);
+        // Registered after the watcher may have run: look again.
+        if config.cancel.is_cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        let _ = s.set_read_timeout(Some(config.connect_timeout));
+        Ok(s)
     };
     let limits = Limits::default();
     let mut buf = Vec::new();
@@ -250,6 +303,9 @@ fn connect_session(
         )?;
         framed::recv_expect(&mut s, ch, &limits, &mut buf, FrameKind::ChannelAccept)?;
         data.push(s);
+    }
+    for s in data.iter().chain([&main]) {
+        let _ = s.set_read_timeout(None);
     }
     Ok((main, data, accept))
 }

@@ -1,0 +1,459 @@
+"""livemig driven the way a QEMU user drives QEMU: through Python's `qemu.qmp` library.
+
+Each test starts real `livemig run --qmp` (source) and `livemig incoming --qmp`
+(destination) processes, talks QMP to them over their Unix sockets, and checks what a user
+would check: statuses and events, `query-migrate`'s numbers, that the guest arrives exact
+(`x-livemig-verify`), that a cancelled or failed migration leaves the source running with
+nothing lost, that no migration thread is left behind, and that a retry succeeds.
+
+Run by `cargo test` (crates/cli/tests/qmp_python.rs), which sets LIVEMIG_BIN; by hand:
+    LIVEMIG_BIN=target/debug/livemig python -m unittest discover -s tests/qmp -v
+"""
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import unittest
+
+from qemu.qmp import QMPClient, ExecuteError
+
+BIN = os.environ.get("LIVEMIG_BIN", "target/debug/livemig")
+GUEST = ["--memory", "256M"]
+# Threads that exist only while a migration runs (engine, pool and the QMP-side runner).
+MIGRATION_THREADS = ("lm-src", "lm-dst", "lm-vm-migrate", "lm-vm-incoming")
+FINAL = ("completed", "failed", "cancelled")
+
+
+def migration_threads(pid):
+    names = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass
+    return [n for n in names if n.startswith(MIGRATION_THREADS)]
+
+
+class Vm:
+    """One livemig process with a QMP client on its socket."""
+
+    def __init__(self, workdir, name, args):
+        self.name = name
+        self.sock = os.path.join(workdir, f"{name}.qmp")
+        self.log = open(os.path.join(workdir, f"{name}.log"), "w+")
+        self.proc = subprocess.Popen([BIN, *args, "--qmp", self.sock],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.qmp = QMPClient(name)
+
+    async def start(self):
+        for _ in range(300):
+            if os.path.exists(self.sock):
+                try:
+                    await self.qmp.connect(self.sock)
+                    return self
+                except Exception:
+                    pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.output()}")
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"{self.name}: no QMP socket: {self.output()}")
+
+    def output(self):
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    async def cmd(self, name, args=None):
+        return await self.qmp.execute(name, args)
+
+    async def status(self):
+        return (await self.cmd("query-status"))["status"]
+
+    async def wait_migration(self, timeout=120):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            q = await self.cmd("query-migrate")
+            if q.get("status") in FINAL:
+                return q
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{self.name}: migration did not end: {q}")
+
+    async def wait_status(self, want, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            q = await self.cmd("query-migrate")
+            if q.get("status") == want:
+                return q
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{self.name}: never reached {want}: {q}")
+
+    async def threads_settle(self):
+        """The migration threads of this process, once they have had a moment to end."""
+        for _ in range(100):
+            left = migration_threads(self.proc.pid)
+            if not left:
+                return left
+            await asyncio.sleep(0.05)
+        return left
+
+    async def quit(self):
+        if self.proc.poll() is None:
+            try:
+                await self.cmd("quit")
+            except Exception:
+                pass
+            await self.qmp.disconnect()
+            try:
+                return self.proc.wait(20)
+            finally:
+                if self.proc.poll() is None:
+                    self.proc.kill()
+        return self.proc.returncode
+
+
+async def drain(listener):
+    """Events received so far."""
+    out = []
+    while not listener.empty():
+        out.append(await listener.get())
+    return out
+
+
+async def next_event(listener, name, timeout=60):
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no {name} event")
+        ev = await asyncio.wait_for(listener.get(), left)
+        if ev["event"] == name:
+            return ev
+
+
+class QmpTest(unittest.IsolatedAsyncioTestCase):
+    async def asyncSetUp(self):
+        self.dir = tempfile.mkdtemp(prefix="lm-qmp-")
+        self.vms = []
+
+    async def asyncTearDown(self):
+        for vm in self.vms:
+            code = await vm.quit()
+            log = vm.output()
+            vm.log.close()
+            self.assertEqual(code, 0, f"{vm.name} exit status; log:\n{log}")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    async def source(self, *extra, guest="synthetic"):
+        vm = await Vm(self.dir, f"src{len(self.vms)}",
+                      ["run", "--guest", guest, *GUEST, *extra]).start()
+        self.vms.append(vm)
+        return vm
+
+    async def destination(self, *extra):
+        vm = await Vm(self.dir, f"dst{len(self.vms)}", ["incoming", "--verify", *extra]).start()
+        self.vms.append(vm)
+        return vm
+
+    def uri(self, name):
+        return f"unix:{os.path.join(self.dir, name)}.mig"
+
+    async def enable_events(self, *vms):
+        for vm in vms:
+            await vm.cmd("migrate-set-capabilities", {"capabilities": [
+                {"capability": "events", "state": True},
+                {"capability": "multifd", "state": True}]})
+
+    async def assert_source_intact(self, src):
+        self.assertEqual(await src.status(), "running")
+        v = await src.cmd("x-livemig-verify")
+        self.assertEqual(v["pages-mismatched"], 0, v)
+        self.assertGreater(v["pages-checked"], 0)
+        self.assertEqual(await src.threads_settle(), [], "migration threads left on the source")
+
+    async def test_migrate_like_a_qemu_user(self):
+        """Parameters, migrate, poll query-migrate, events, an exact guest on arrival."""
+        src = await self.source("--device", "vfio-sim,size=8M,rate=200M,precopy=1M",
+                                guest="auto")
+        dst = await self.destination()
+        self.assertEqual(await src.status(), "running")
+        self.assertEqual(await dst.status(), "inmigrate")
+        await self.enable_events(src, dst)
+        params = {"multifd-channels": 3, "downtime-limit": 200, "x-device-chunk-size": 262144}
+        for vm in (src, dst):
+            await vm.cmd("migrate-set-parameters", params)
+            got = await vm.cmd("query-migrate-parameters")
+            for k, v in params.items():
+                self.assertEqual(got[k], v)
+        caps = {c["capability"]: c["state"] for c in await src.cmd("query-migrate-capabilities")}
+        self.assertEqual(caps, {"multifd": True, "events": True})
+        self.assertEqual(await src.cmd("query-migrate"), {}, "no migration yet")
+
+        uri = self.uri("m1")
+        with src.qmp.listener() as src_ev, dst.qmp.listener() as dst_ev:
+            await dst.cmd("migrate-incoming", {"uri": uri})
+            await src.cmd("migrate", {"uri": uri})
+            seen, last_transferred = [], 0
+            while True:
+                q = await src.cmd("query-migrate")
+                seen.append(q["status"])
+                if "ram" in q:
+                    self.assertGreaterEqual(q["ram"]["transferred"], last_transferred)
+                    last_transferred = q["ram"]["transferred"]
+                if q["status"] in FINAL:
+                    break
+                await asyncio.sleep(0.02)
+            self.assertEqual(q["status"], "completed", q)
+            await dst.wait_migration()
+            await asyncio.sleep(0.2)
+            src_events = await drain(src_ev)
+            dst_events = await drain(dst_ev)
+
+        # QEMU's fields, with QEMU's meanings.
+        ram = q["ram"]
+        self.assertEqual(ram["total"], 256 << 20)
+        self.assertEqual(ram["remaining"], 0)
+        self.assertEqual(ram["page-size"], 4096)
+        self.assertEqual(ram["normal-bytes"], ram["normal"] * 4096)
+        self.assertEqual(ram["normal"] + ram["duplicate"] >= 65536, True, ram)
+        self.assertGreaterEqual(ram["transferred"], ram["normal-bytes"])
+        self.assertGreaterEqual(ram["dirty-sync-count"], 1)
+        for k in ("mbps", "dirty-pages-rate", "pages-per-second"):
+            self.assertIn(k, ram)
+        for k in ("total-time", "downtime", "setup-time", "downtime-breakdown"):
+            self.assertIn(k, q)
+        self.assertLessEqual(q["downtime"], q["total-time"])
+        dev = q["device-state"]
+        self.assertEqual([d["name"] for d in dev], ["vfio0"])
+        self.assertGreaterEqual(dev[0]["bytes"], 8 << 20)
+        self.assertGreater(dev[0]["chunks"], 0)
+        self.assertIn("peak-buffered-bytes", dev[0])
+
+        # Events: every status change, a pass per round, STOP at switchover.
+        statuses = [e["data"]["status"] for e in src_events if e["event"] == "MIGRATION"]
+        self.assertEqual(statuses, ["setup", "active", "completed"], src_events)
+        passes = [e["data"]["pass"] for e in src_events if e["event"] == "MIGRATION_PASS"]
+        self.assertEqual(passes, list(range(1, len(passes) + 1)))
+        self.assertEqual(len(passes), ram["dirty-sync-count"])
+        self.assertIn("STOP", [e["event"] for e in src_events])
+        self.assertIn("RESUME", [e["event"] for e in dst_events])
+        dst_statuses = [e["data"]["status"] for e in dst_events if e["event"] == "MIGRATION"]
+        self.assertEqual(dst_statuses[-1], "completed")
+
+        # The guest left the source paused for good and runs, exact, on the destination.
+        self.assertEqual(await src.status(), "postmigrate")
+        with self.assertRaises(ExecuteError) as e:
+            await src.cmd("cont")
+        self.assertIn("runs on the destination", str(e.exception))
+        at_pause = (await src.cmd("x-livemig-verify"))["counter"]
+        self.assertEqual(await dst.status(), "running")
+        v = await dst.cmd("x-livemig-verify")
+        self.assertEqual(v["pages-mismatched"], 0, v)
+        self.assertGreaterEqual(v["counter"], at_pause)
+        self.assertEqual(await src.threads_settle(), [])
+        self.assertEqual(await dst.threads_settle(), [])
+
+        # The destination now holds the guest and can migrate it on (ping-pong).
+        back = await self.destination()
+        uri2 = self.uri("m2")
+        await back.cmd("migrate-incoming", {"uri": uri2})
+        await dst.cmd("migrate", {"uri": uri2})
+        self.assertEqual((await dst.wait_migration())["status"], "completed")
+        await back.wait_migration()
+        self.assertEqual((await back.cmd("x-livemig-verify"))["pages-mismatched"], 0)
+
+    async def test_cancel_while_connecting_then_retry(self):
+        """A destination that accepts and says nothing: cancel frees the source at once."""
+        src = await self.source()
+        await self.enable_events(src)
+        path = os.path.join(self.dir, "silent.mig")
+        silent = socket.socket(socket.AF_UNIX)
+        silent.bind(path)
+        silent.listen(16)
+        try:
+            with src.qmp.listener("MIGRATION") as ev:
+                await src.cmd("migrate", {"uri": f"unix:{path}"})
+                await asyncio.sleep(0.5)
+                self.assertEqual((await src.cmd("query-migrate"))["status"], "setup")
+                t0 = time.monotonic()
+                await src.cmd("migrate_cancel")
+                q = await src.wait_migration(timeout=10)
+                self.assertLess(time.monotonic() - t0, 5)
+                self.assertEqual(q["status"], "cancelled", q)
+                got = [e["data"]["status"] for e in await drain(ev)]
+                self.assertEqual(got, ["setup", "cancelling", "cancelled"])
+        finally:
+            silent.close()
+        await self.assert_source_intact(src)
+        dst = await self.destination()
+        uri = self.uri("retry")
+        await dst.cmd("migrate-incoming", {"uri": uri})
+        await src.cmd("migrate", {"uri": uri})
+        self.assertEqual((await src.wait_migration())["status"], "completed")
+        self.assertEqual((await dst.wait_migration())["status"], "completed")
+        self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
+
+    async def test_cancel_in_precopy_and_in_switchover_then_retry(self):
+        """Cancel while pages stream and while the guest is paused; each time the source runs
+        on, exact, the destination waits again, and the last attempt succeeds."""
+        # A device whose final state takes ~2 s to read holds the switchover open.
+        src = await self.source("--device", "vfio-sim,size=16M,rate=8M")
+        dst = await self.destination()
+        await self.enable_events(src, dst)
+
+        # 1. Precopy, slowed by a bandwidth cap so there is time to cancel.
+        await src.cmd("migrate-set-parameters", {"max-bandwidth": 20 << 20})
+        uri = self.uri("c1")
+        await dst.cmd("migrate-incoming", {"uri": uri})
+        with src.qmp.listener("MIGRATION_PASS") as passes:
+            await src.cmd("migrate", {"uri": uri})
+            await next_event(passes, "MIGRATION_PASS")
+        await asyncio.sleep(0.3)
+        q = await src.cmd("query-migrate")
+        self.assertEqual(q["status"], "active")
+        self.assertGreater(q["ram"]["remaining"], 0)
+        with self.assertRaises(ExecuteError) as e:
+            await src.cmd("migrate", {"uri": uri})
+        self.assertIn("in progress", str(e.exception))
+        with self.assertRaises(ExecuteError):
+            await src.cmd("migrate-set-parameters", {"downtime-limit": 10})
+        await src.cmd("migrate_cancel")
+        self.assertEqual((await src.wait_migration())["status"], "cancelled")
+        await self.assert_source_intact(src)
+        self.assertEqual((await dst.wait_migration())["status"], "failed")
+        self.assertEqual(await dst.status(), "inmigrate", "no partial guest runs")
+        self.assertEqual(await dst.threads_settle(), [])
+
+        # 2. Switchover: the guest is paused while the device's final state is read.
+        await src.cmd("migrate-set-parameters", {"max-bandwidth": 0})
+        uri = self.uri("c2")
+        await dst.cmd("migrate-incoming", {"uri": uri})
+        with src.qmp.listener(("STOP", "RESUME")) as ev:
+            await src.cmd("migrate", {"uri": uri})
+            await next_event(ev, "STOP")
+            self.assertEqual(await src.status(), "finish-migrate")
+            with self.assertRaises(ExecuteError) as e:
+                await src.cmd("cont")
+            self.assertIn("switchover", str(e.exception))
+            await src.cmd("migrate_cancel")
+            await next_event(ev, "RESUME", timeout=20)
+        self.assertEqual((await src.wait_migration())["status"], "cancelled")
+        await self.assert_source_intact(src)
+        self.assertEqual((await dst.wait_migration())["status"], "failed")
+        self.assertEqual(await dst.status(), "inmigrate")
+
+        # 3. And now for real.
+        uri = self.uri("c3")
+        await dst.cmd("migrate-incoming", {"uri": uri})
+        await src.cmd("migrate", {"uri": uri})
+        self.assertEqual((await src.wait_migration())["status"], "completed")
+        self.assertEqual((await dst.wait_migration())["status"], "completed")
+        self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
+        self.assertEqual(await src.threads_settle(), [])
+
+    async def test_failed_migration_then_retry_elsewhere(self):
+        """A destination that refuses: the source reports why and stays running; a retry
+        to another destination succeeds; the destination can be cancelled while waiting."""
+        src = await self.source()
+        small = await self.destination("--max-guest-memory", "64M")
+        uri = self.uri("small")
+        await small.cmd("migrate-incoming", {"uri": uri})
+        await src.cmd("migrate", {"uri": uri})
+        q = await src.wait_migration()
+        self.assertEqual(q["status"], "failed")
+        self.assertIn("limit", q["error-desc"])
+        await self.assert_source_intact(src)
+        # The refusing destination still waits; cancel its wait, then it can wait again.
+        self.assertEqual((await small.cmd("query-migrate"))["status"], "setup")
+        await small.cmd("migrate_cancel")
+        self.assertEqual((await small.wait_migration())["status"], "cancelled")
+        self.assertEqual(await small.threads_settle(), [])
+        await small.cmd("migrate-incoming", {"uri": self.uri("small2")})
+        self.assertEqual((await small.cmd("query-migrate"))["status"], "setup")
+
+        dst = await self.destination()
+        uri = self.uri("ok")
+        await dst.cmd("migrate-incoming", {"uri": uri})
+        await src.cmd("migrate", {"uri": uri})
+        self.assertEqual((await src.wait_migration())["status"], "completed")
+        self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
+
+    async def test_bad_requests_and_wrong_states_keep_the_server_serving(self):
+        src = await self.source()
+        dst = await self.destination()
+        cases = [
+            (src, "no-such-command", None, "CommandNotFound", "has not been found"),
+            (src, "migrate", {"uri": 5}, "GenericError", "expected: string"),
+            (src, "migrate", {}, "GenericError", "'uri' is missing"),
+            (src, "migrate", {"uri": "tcp:a:1", "bogus": 1}, "GenericError", "'bogus' is unexpected"),
+            (src, "migrate", {"uri": "ftp://x"}, "GenericError", "URI"),
+            (src, "migrate-incoming", {"uri": self.uri("x")}, "GenericError", "has a guest"),
+            (dst, "migrate", {"uri": self.uri("x")}, "GenericError", "no guest here"),
+            (dst, "cont", None, "GenericError", "no guest here"),
+            (src, "migrate-set-capabilities",
+             {"capabilities": [{"capability": "xbzrle", "state": True}]}, "GenericError", "'xbzrle'"),
+            (src, "migrate-set-parameters", {"multifd-channels": 0}, "GenericError", "multifd-channels"),
+            (src, "migrate-set-parameters", {"downtime-limit": "fast"}, "GenericError", "downtime-limit"),
+        ]
+        for vm, cmd, args, cls, text in cases:
+            with self.assertRaises(ExecuteError, msg=cmd) as e:
+                await vm.cmd(cmd, args)
+            self.assertEqual(e.exception.error_class, cls, f"{cmd} {args}")
+            self.assertIn(text, str(e.exception), f"{cmd} {args}")
+            self.assertEqual(await vm.status(), "running" if vm is src else "inmigrate")
+
+        # stop / cont, with their events.
+        with src.qmp.listener(("STOP", "RESUME")) as ev:
+            await src.cmd("stop")
+            self.assertEqual(await src.status(), "paused")
+            with self.assertRaises(ExecuteError) as e:
+                await src.cmd("migrate", {"uri": self.uri("y")})
+            self.assertIn("cont", str(e.exception))
+            await src.cmd("cont")
+            self.assertEqual([x["event"] for x in await drain(ev)], ["STOP", "RESUME"])
+
+        # Raw bytes a library would never send, on a second connection at the same time.
+        r, w = await asyncio.open_unix_connection(src.sock)
+        greeting = json.loads(await r.readline())
+        self.assertIn("QMP", greeting)
+
+        async def raw(data):
+            w.write(data)
+            await w.drain()
+            return json.loads(await asyncio.wait_for(r.readline(), 10))
+
+        self.assertEqual((await raw(b'{"execute":"query-status"}'))["error"]["class"],
+                         "CommandNotFound", "negotiation comes first")
+        self.assertIn("return", await raw(b'{"execute":"qmp_capabilities"}'))
+        self.assertIn("JSON parse error", (await raw(b'{"execute": nope}'))["error"]["desc"])
+        self.assertIn("must be a JSON object", (await raw(b'"hello"\n'))["error"]["desc"])
+        self.assertIn("lacks member 'execute'", (await raw(b'{"arguments":{}}'))["error"]["desc"])
+        both = await raw(b'{"execute":"query-status","id":1}{"execute":"query-status","id":2}')
+        self.assertEqual(both["id"], 1)
+        self.assertEqual(json.loads(await r.readline())["id"], 2)
+        # A client that leaves in the middle of a command.
+        w.write(b'{"execute":"x-livemig-verify"}')
+        await w.drain()
+        w.close()
+        # The library's connection still works.
+        self.assertEqual(await src.status(), "running")
+        self.assertEqual((await src.cmd("x-livemig-verify"))["pages-mismatched"], 0)
+
+        # Two library clients on one socket, both seeing events.
+        second = QMPClient("second")
+        await second.connect(src.sock)
+        with src.qmp.listener("STOP") as a, second.listener("STOP") as b:
+            await second.execute("stop")
+            await next_event(a, "STOP", timeout=10)
+            await next_event(b, "STOP", timeout=10)
+        await src.cmd("cont")
+        await second.disconnect()
+
+
+if __name__ == "__main__":
+    unittest.main()
