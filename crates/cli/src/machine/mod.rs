@@ -67,7 +67,7 @@ enum Msg {
 enum Job {
     None,
     Out(Box<Outgoing>),
-    In(IncomingJob),
+    In(Box<IncomingJob>),
 }
 
 struct Machine {
@@ -456,13 +456,13 @@ impl Machine {
             })
             .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;
         self.thread = Some((thread, cancel));
-        self.job = Job::In(IncomingJob {
+        self.job = Job::In(Box::new(IncomingJob {
             uri: uri.to_string(),
             start: Instant::now(),
             end: None,
             report: None,
             error: None,
-        });
+        }));
         self.set_status(MigStatus::Setup);
         Ok(json!({}))
     }
