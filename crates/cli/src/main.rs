@@ -5,6 +5,8 @@
 //! - `bench`: RAM throughput and downtime for 1, 2, 4 and 8 channels beside raw loopback TCP.
 //! - `migrate` / `incoming`: the two sides, for scripts and tests (`--json` prints one JSON
 //!   object per line).
+//! - `run --qmp` / `incoming --qmp`: a VM driven over QMP (`machine`), and `status`, which
+//!   watches its migration.
 
 mod args;
 mod bench;
@@ -19,6 +21,7 @@ mod pair;
 mod progress;
 mod raw_tcp;
 mod run;
+mod status;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -44,8 +47,10 @@ enum Command {
     Migrate(migrate::MigrateArgs),
     /// Wait for one incoming migration, resume the guest it brings (the destination side).
     Incoming(incoming::IncomingArgs),
-    /// Start a guest and watch it run.
+    /// Start a guest and watch it run, or serve QMP for it (`--qmp`).
     Run(run::RunArgs),
+    /// Show a VM's migration over its QMP socket, with a live progress bar while it runs.
+    Status(status::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +61,7 @@ fn main() -> ExitCode {
         Command::Migrate(a) => migrate::run(a),
         Command::Incoming(a) => incoming::run(a),
         Command::Run(a) => run::run(a),
+        Command::Status(a) => status::run(a),
     };
     match result {
         Ok(code) => code,

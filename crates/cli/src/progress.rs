@@ -49,11 +49,18 @@ impl MigrationBar {
             }
             "round_done" => {
                 self.bar.set_position(n("pages"));
+                let secs = f("ms") / 1e3;
+                let dirty_rate = if secs > 0.0 {
+                    n("dirty_after") as f64 / secs
+                } else {
+                    0.0
+                };
                 self.bar.set_message(format!(
-                    "round {} done: {:.0} MB/s, {} pages dirtied meanwhile, expected downtime {:.1} ms",
+                    "round {} done: {:.0} MB/s, {:.1} MiB left, dirtying {:.0} pages/s, expected downtime {:.1} ms",
                     n("round"),
                     f("bytes_per_s") / 1e6,
-                    n("dirty_after"),
+                    (n("dirty_after") * 4096) as f64 / (1u64 << 20) as f64,
+                    dirty_rate,
                     f("expected_downtime_ms")
                 ));
             }

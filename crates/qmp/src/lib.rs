@@ -7,15 +7,18 @@
 //! - [`message`]: parses a request, writes replies, errors, events and the greeting.
 //! - [`args`]: reads a command's arguments with QMP's wording for mistakes.
 //! - [`server`]: the Unix socket, one thread per client, events to negotiated clients.
+//! - [`client`]: a small blocking client (`livemig status`, tests).
 //!
 //! What the commands do is not here: the VMM implements [`Handler`]. `docs/qmp.md` in the
 //! repository lists the commands livemig serves and where they differ from QEMU.
 
 pub mod args;
+pub mod client;
 pub mod message;
 pub mod server;
 pub mod split;
 
 pub use args::Args;
+pub use client::{Client, ClientError};
 pub use message::{parse_request, ErrorClass, QmpError, Request};
 pub use server::{Events, Handler, Server, ServerConfig, ServerError};
