@@ -258,14 +258,18 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(await src.threads_settle(), [])
         self.assertEqual(await dst.threads_settle(), [])
 
-        # The destination now holds the guest and can migrate it on (ping-pong).
-        back = await self.destination()
+        # The destination now holds the guest and can migrate it back to the source, which
+        # waits for it again (ping-pong between two processes).
         uri2 = self.uri("m2")
-        await back.cmd("migrate-incoming", {"uri": uri2})
+        await src.cmd("migrate-incoming", {"uri": uri2})
+        self.assertEqual(await src.status(), "inmigrate")
         await dst.cmd("migrate", {"uri": uri2})
         self.assertEqual((await dst.wait_migration())["status"], "completed")
-        await back.wait_migration()
-        self.assertEqual((await back.cmd("x-livemig-verify"))["pages-mismatched"], 0)
+        self.assertEqual((await src.wait_migration())["status"], "completed")
+        self.assertEqual(await src.status(), "running")
+        back = await src.cmd("x-livemig-verify")
+        self.assertEqual(back["pages-mismatched"], 0)
+        self.assertGreaterEqual(back["counter"], v["counter"])
 
     async def test_cancel_while_connecting_then_retry(self):
         """A destination that accepts and says nothing: cancel frees the source at once."""
@@ -392,7 +396,7 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
             (src, "migrate", {}, "GenericError", "'uri' is missing"),
             (src, "migrate", {"uri": "tcp:a:1", "bogus": 1}, "GenericError", "'bogus' is unexpected"),
             (src, "migrate", {"uri": "ftp://x"}, "GenericError", "URI"),
-            (src, "migrate-incoming", {"uri": self.uri("x")}, "GenericError", "has a guest"),
+            (src, "migrate-incoming", {"uri": self.uri("x")}, "GenericError", "has a guest already"),
             (dst, "migrate", {"uri": self.uri("x")}, "GenericError", "no guest here"),
             (dst, "cont", None, "GenericError", "no guest here"),
             (src, "migrate-set-capabilities",

@@ -409,14 +409,15 @@ impl Machine {
         let a = Args::new(&req.arguments, &["uri", "exit-on-error"])?;
         let uri = a.str("uri")?;
         a.opt_bool("exit-on-error")?;
-        if self.run != RunState::InMigrate {
-            return Err(QmpError::generic(
-                "'-incoming' was not specified on the command line: this VM has a guest already",
-            ));
-        }
         if self.status.in_progress() {
             return Err(QmpError::generic(
                 "an incoming migration is already waiting or running",
+            ));
+        }
+        // A VM whose guest was migrated away may take a guest in again (ping-pong).
+        if !matches!(self.run, RunState::InMigrate | RunState::PostMigrate) {
+            return Err(QmpError::generic(
+                "this VM has a guest already: migrate-incoming needs a VM started with --incoming or one whose guest was migrated away",
             ));
         }
         let at: Endpoint = uri
@@ -424,6 +425,11 @@ impl Machine {
             .map_err(|e| QmpError::generic(format!("Invalid migration URI '{uri}': {e}")))?;
         let listener = Listener::bind(&at)
             .map_err(|e| QmpError::generic(format!("cannot listen on {uri}: {e}")))?;
+        if self.run == RunState::PostMigrate {
+            // The guest runs on elsewhere: this copy (and its threads) goes.
+            self.vm = None;
+            self.run = RunState::InMigrate;
+        }
         let cancel = CancelToken::new();
         let mut config = IncomingConfig {
             verify: self.limits.verify,
