@@ -8,6 +8,7 @@ use crate::pair::run_pair;
 use crate::raw_tcp;
 use clap::Args;
 use serde_json::{json, Value};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// What to measure.
@@ -60,9 +61,39 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Write the pictures of every measured run (with --repeat, the median one) into a
+    /// subfolder of DIR each: `idle-4ch/`, `dirtying-4ch/`, ... (ram mode) or
+    /// `devices-2-parallel/`, ... (devices mode), each with timeline.svg, downtime.svg and
+    /// report.json, as `livemig demo --report` writes them.
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
+}
+
+/// One measured run: the row for the table and the two sides' final JSON lines.
+pub(crate) struct Run {
+    pub row: Value,
+    pub source: Value,
+    pub dest: Value,
+}
+
+/// With `--report`, writes `run`'s pictures into `DIR/name` and notes the folder in its row.
+pub(crate) fn report_run(a: &BenchArgs, name: &str, run: &mut Run) -> anyhow::Result<()> {
+    let Some(dir) = &a.report else {
+        return Ok(());
+    };
+    let dir = dir.join(name);
+    crate::demo::write_pictures(&dir, &run.source, &run.dest)?;
+    if !a.json {
+        eprintln!("bench: pictures of this run in {}", dir.display());
+    }
+    run.row["report_dir"] = json!(dir);
+    Ok(())
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
+    if let Some(dir) = &a.report {
+        crate::demo::prepare_report_dir(dir)?;
+    }
     if a.mode == Mode::Devices {
         return run_devices(&a);
     }
@@ -75,12 +106,15 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
                 samples.push(one(&a, ch, dirty)?);
             }
             samples.sort_by(|x, y| {
-                x["total_ms"]
+                x.row["total_ms"]
                     .as_f64()
-                    .partial_cmp(&y["total_ms"].as_f64())
+                    .partial_cmp(&y.row["total_ms"].as_f64())
                     .unwrap_or(std::cmp::Ordering::Equal)
             });
-            let mut row = samples.swap_remove(samples.len() / 2);
+            let mut median = samples.swap_remove(samples.len() / 2);
+            let name = format!("{}-{ch}ch", if dirty { "dirtying" } else { "idle" });
+            report_run(&a, &name, &mut median)?;
+            let mut row = median.row;
             let bps = row["bytes_per_s"].as_f64().unwrap_or(0.0);
             row["raw_tcp_bytes_per_s"] = json!(raw);
             row["ratio_to_raw"] = json!(bps / raw);
@@ -113,7 +147,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn one(a: &BenchArgs, channels: u16, dirty: bool) -> anyhow::Result<Value> {
+fn one(a: &BenchArgs, channels: u16, dirty: bool) -> anyhow::Result<Run> {
     let mut src = vec![
         format!("--memory={}", a.memory),
         format!("--guest={}", a.guest.name()),
@@ -127,7 +161,7 @@ fn one(a: &BenchArgs, channels: u16, dirty: bool) -> anyhow::Result<Value> {
     let rep = &r.source["report"];
     let f = |k: &str| rep.get(k).and_then(Value::as_f64).unwrap_or(0.0);
     let rounds = rep["rounds"].as_array().cloned().unwrap_or_default();
-    Ok(json!({
+    let row = json!({
         "channels": channels,
         "dirty": dirty,
         "total_ms": f("total_ms"),
@@ -138,7 +172,12 @@ fn one(a: &BenchArgs, channels: u16, dirty: bool) -> anyhow::Result<Value> {
         "first_round_bytes_per_s": rounds.first().and_then(|r| r["bytes_per_s"].as_f64()).unwrap_or(0.0),
         "rounds": rounds.len(),
         "dest_drain_ms": r.dest["report"]["drain_ms"],
-    }))
+    });
+    Ok(Run {
+        row,
+        source: r.source,
+        dest: r.dest,
+    })
 }
 
 fn table(rows: &[Value], raw: f64, how: &str) -> String {
@@ -177,7 +216,13 @@ fn run_devices(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     let mut rows = Vec::new();
     for &n in &a.device_counts {
         for parallel in [true, false] {
-            let row = crate::bench_devices::row(a, n, parallel, raw)?;
+            let mut run = crate::bench_devices::row(a, n, parallel, raw)?;
+            let name = format!(
+                "devices-{n}-{}",
+                if parallel { "parallel" } else { "serial" }
+            );
+            report_run(a, &name, &mut run)?;
+            let row = run.row;
             if !a.json {
                 eprintln!(
                     "bench: {n} devices, {}: downtime {:.0} ms",

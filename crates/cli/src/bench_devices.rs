@@ -2,12 +2,12 @@
 //! state on the data channels with credit (parallel) against each device in turn on the main
 //! channel (serial, as before multifd device state), beside the ideal for the same run.
 
-use crate::bench::BenchArgs;
+use crate::bench::{BenchArgs, Run};
 use crate::pair::run_pair;
 use serde_json::{json, Value};
 
 /// One row: `devices` VFIO-like devices in `mode` ("parallel" or "serial").
-pub fn row(a: &BenchArgs, devices: usize, parallel: bool, raw: f64) -> anyhow::Result<Value> {
+pub fn row(a: &BenchArgs, devices: usize, parallel: bool, raw: f64) -> anyhow::Result<Run> {
     let mut src = vec![
         format!("--memory={}", a.device_guest_memory),
         format!("--guest={}", a.guest.name()),
@@ -56,7 +56,7 @@ pub fn row(a: &BenchArgs, devices: usize, parallel: bool, raw: f64) -> anyhow::R
     });
     let window = rep["credit_window"].as_u64().unwrap_or(0);
     let chunk = 1u64 << 20;
-    Ok(json!({
+    let row = json!({
         "devices": devices,
         "mode": if parallel { "parallel" } else { "serial" },
         "downtime_ms": f(rep, "downtime_ms"),
@@ -68,7 +68,12 @@ pub fn row(a: &BenchArgs, devices: usize, parallel: bool, raw: f64) -> anyhow::R
         "per_device_cap_bytes": window * chunk,
         "buffer_cap_bytes": rep["buffer_cap_bytes"],
         "cap_held": peak <= window * chunk && peak_sum <= rep["buffer_cap_bytes"].as_u64().unwrap_or(0),
-    }))
+    });
+    Ok(Run {
+        row,
+        source: r.source,
+        dest: r.dest,
+    })
 }
 
 /// The Markdown table of the device rows.

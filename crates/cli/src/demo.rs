@@ -5,8 +5,10 @@
 use crate::args::{GuestArgs, MigrationArgs};
 use crate::pair::run_pair;
 use crate::progress::MigrationBar;
+use anyhow::Context;
 use clap::Args;
 use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Debug, Args)]
@@ -18,6 +20,30 @@ pub struct DemoArgs {
     /// Print one JSON object on stdout instead of the summary.
     #[arg(long)]
     pub json: bool,
+    /// After the run, write pictures into DIR (created if needed): timeline.svg (throughput,
+    /// remaining bytes and dirty rate per round), downtime.svg (where the downtime went) and
+    /// report.json (the raw numbers: both sides' reports and the series plotted).
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
+}
+
+/// Creates the report directory before a run, so that a bad path fails at once rather
+/// than after the migration.
+pub(crate) fn prepare_report_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the report directory {}", dir.display()))
+}
+
+/// Writes the pictures of one run (`report` of the source's and the destination's
+/// "completed"/"received" lines) into `dir`; returns the files written.
+pub(crate) fn write_pictures(
+    dir: &Path,
+    source: &Value,
+    dest: &Value,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let dest = Some(&dest["report"]).filter(|d| !d.is_null());
+    livemig_report::write_report(dir, &source["report"], dest)
+        .with_context(|| format!("cannot write the report pictures into {}", dir.display()))
 }
 
 pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
@@ -39,10 +65,19 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             a.migration.channels
         );
     }
+    if let Some(dir) = &a.report {
+        prepare_report_dir(dir)?;
+    }
     let mut bar = MigrationBar::new(a.json);
     let result = run_pair(&dest_args, &source_args, |v| bar.update(v));
     bar.finish();
     let r = result?;
+    // The migration is done either way: a failure to write the pictures is reported after
+    // the summary and fails the command, it does not hide the summary.
+    let pictures = a
+        .report
+        .as_deref()
+        .map(|dir| write_pictures(dir, &r.source, &r.dest));
     let rep = &r.source["report"];
     let f = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(0.0);
     let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
@@ -77,6 +112,10 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         "pages_mismatched_after_run": after_bad,
         "devices": rep["devices"],
         "buffer_cap_bytes": rep["buffer_cap_bytes"],
+        "report_files": match &pictures {
+            Some(Ok(files)) => json!(files),
+            _ => Value::Null,
+        },
     });
     if a.json {
         crate::emit(&summary);
@@ -142,6 +181,21 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
                 if after_bad == 0 { "all exact".to_string() } else { format!("{after_bad} WRONG") }
             );
         }
+        if let (Some(dir), Some(Ok(files))) = (&a.report, &pictures) {
+            let names: Vec<_> = files
+                .iter()
+                .filter_map(|f| f.file_name())
+                .map(|f| f.to_string_lossy())
+                .collect();
+            println!(
+                "  report         {} written to {}",
+                names.join(", "),
+                dir.display()
+            );
+        }
+    }
+    if let Some(Err(e)) = pictures {
+        return Err(e);
     }
     Ok(if mismatched == 0 && after_bad == 0 && counter_ok {
         ExitCode::SUCCESS
