@@ -80,6 +80,11 @@ pub struct MigrationArgs {
     /// Bytes of device chunks to ask the destination to buffer at most (0: its default).
     #[arg(long, default_value = "0", value_parser = parse_size)]
     pub buffer_cap: u64,
+    /// Milliseconds a silent peer (no frame, not even a ping) or one that stops reading is
+    /// given before it is taken for dead. A source then runs its guest on; a destination
+    /// drops what it received, never resuming it.
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(200..))]
+    pub peer_timeout_ms: u64,
     /// TEST ONLY: send device chunks in an adversarial order.
     #[arg(long, value_enum, hide = true, default_value_t = TestChunkOrder::Natural)]
     pub test_chunk_order: TestChunkOrder,
@@ -118,6 +123,7 @@ impl MigrationArgs {
             chunk_size: self.chunk_size.min(u32::MAX as u64) as u32,
             credit_window: self.credit_window,
             buffer_cap: self.buffer_cap,
+            peer_timeout: Duration::from_millis(self.peer_timeout_ms),
             test_hooks: SourceTestHooks {
                 chunk_order: match self.test_chunk_order {
                     TestChunkOrder::Natural => ChunkOrder::Natural,
@@ -142,6 +148,7 @@ impl MigrationArgs {
             format!("--chunk-size={}", self.chunk_size),
             format!("--credit-window={}", self.credit_window),
             format!("--buffer-cap={}", self.buffer_cap),
+            format!("--peer-timeout-ms={}", self.peer_timeout_ms),
             format!(
                 "--device-state-transfer={}",
                 match self.device_state_transfer {

@@ -73,6 +73,7 @@ pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
         let limits = IncomingLimits {
             verify: a.verify,
             max_guest_memory: a.max_guest_memory,
+            peer_timeout: Duration::from_millis(a.onward.peer_timeout_ms),
         };
         machine::serve(path, None, limits, a.listen.as_ref())?;
         return Ok(ExitCode::SUCCESS);
@@ -93,6 +94,7 @@ pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
         verify: a.verify,
         credit_window: a.max_credit_window,
         buffer_cap: a.max_buffer_cap,
+        peer_timeout: Duration::from_millis(a.onward.peer_timeout_ms),
         test_hooks: TestHooks {
             break_round_order: a.test_break_round_order,
         },

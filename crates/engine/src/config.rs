@@ -9,6 +9,16 @@ use livemig_wire::{
 };
 use std::time::Duration;
 
+/// How long a silent peer is given by default before it is taken for dead.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The shortest peer timeout allowed (pings go out every quarter of it).
+pub const MIN_PEER_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// How often an idle channel pings when the peer timeout is `t`.
+pub fn ping_interval(t: Duration) -> Duration {
+    t / 4
+}
+
 /// Source side.
 #[derive(Debug, Clone)]
 pub struct MigrationConfig {
@@ -37,6 +47,10 @@ pub struct MigrationConfig {
     pub credit_window: u32,
     /// Bytes of device chunks to ask the destination to buffer at most (0: its default).
     pub buffer_cap: u64,
+    /// A destination silent this long (no frame, not even a ping) or not reading for this
+    /// long is taken for dead: the migration fails and the guest runs on here. Idle data
+    /// channels ping every quarter of it. TCP keepalive and user timeout follow it too.
+    pub peer_timeout: Duration,
     /// Cancels the migration from outside; the guest then runs on here.
     pub cancel: CancelToken,
     /// The live counters, for watching the migration from outside.
@@ -59,6 +73,7 @@ impl Default for MigrationConfig {
             chunk_size: 1 << 20,
             credit_window: 0,
             buffer_cap: 0,
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
             cancel: CancelToken::new(),
             stats: LiveStats::new(),
             test_hooks: SourceTestHooks::default(),
@@ -85,6 +100,12 @@ impl MigrationConfig {
                 "chunk size = {}: must be 1 byte to {} MiB",
                 self.chunk_size,
                 MAX_CHUNK_SIZE >> 20
+            )));
+        }
+        if self.peer_timeout < MIN_PEER_TIMEOUT {
+            return Err(MigrationError::Config(format!(
+                "peer timeout {:?}: must be at least {MIN_PEER_TIMEOUT:?}",
+                self.peer_timeout
             )));
         }
         if self.max_bandwidth == Some(0) {
@@ -142,6 +163,11 @@ pub struct IncomingConfig {
     /// Bytes of device chunks buffered at most across devices (0: every device's full
     /// window). A source may ask for less.
     pub buffer_cap: u64,
+    /// A source silent this long on a data channel (no frame, not even a ping), not reading
+    /// for this long, or this late with `Complete` or `Handover` once due, is taken for dead:
+    /// the session fails and the guest is dropped, never resumed. The main channel pings the
+    /// source every quarter of it.
+    pub peer_timeout: Duration,
     /// Stops waiting for a source (a session already under way runs to its end: cancel it
     /// on the source).
     pub cancel: CancelToken,
@@ -158,6 +184,7 @@ impl Default for IncomingConfig {
             verify: false,
             credit_window: 0,
             buffer_cap: 0,
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
             cancel: CancelToken::new(),
             test_hooks: TestHooks::default(),
         }

@@ -27,7 +27,7 @@ impl fmt::Display for ChannelName {
 /// A failure on one connection.
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
-    #[error("{channel}: {op} failed: {source}")]
+    #[error("{channel}: {op} failed: {}", describe_io(source))]
     Io {
         channel: ChannelName,
         op: &'static str,
@@ -116,6 +116,16 @@ pub enum IncomingError {
     Spawn(#[source] io::Error),
     #[error("incoming migration cancelled before a source connected")]
     Cancelled,
+}
+
+/// An I/O error as a person should read it: a socket timeout means the peer went quiet.
+fn describe_io(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            "no progress within the peer timeout: the peer is dead, stuck or cut off".into()
+        }
+        _ => e.to_string(),
+    }
 }
 
 /// Text of a panic payload.

@@ -66,9 +66,21 @@ pub fn recv_header(
     channel: ChannelName,
     limits: &Limits,
 ) -> Result<FrameHeader, ChannelError> {
-    let mut raw = [0u8; HEADER_LEN];
-    read_exact(stream, channel, &mut raw, true)?;
-    FrameHeader::decode(&raw, limits).map_err(|source| ChannelError::Wire { channel, source })
+    loop {
+        let mut raw = [0u8; HEADER_LEN];
+        read_exact(stream, channel, &mut raw, true)?;
+        let h = FrameHeader::decode(&raw, limits)
+            .map_err(|source| ChannelError::Wire { channel, source })?;
+        // A ping carries nothing (its limit is 0 bytes): it only proves the peer alive.
+        if h.kind != FrameKind::Ping {
+            return Ok(h);
+        }
+    }
+}
+
+/// Tells the peer this side is alive (see `FrameKind::Ping`).
+pub fn send_ping(stream: &mut Stream, channel: ChannelName) -> Result<(), ChannelError> {
+    send(stream, channel, FrameKind::Ping, &[])
 }
 
 /// Receives the payload of `header` into `buf`, checks its CRC, and turns a Reject into an

@@ -120,6 +120,42 @@ impl Stream {
         }
     }
 
+    /// Arms dead-peer detection for a connection that no longer handshakes: writes blocked
+    /// for `timeout` fail; and on TCP, keepalive probes after a third of it idle and a
+    /// `TCP_USER_TIMEOUT` of `timeout`, so a peer host that vanished (power, partition) is
+    /// found even on a connection with nothing to send. A peer process that is alive but
+    /// stuck is found by the application's pings (`FrameKind::Ping`) and read timeouts.
+    pub fn arm_peer_timeout(&self, timeout: Duration) -> io::Result<()> {
+        self.set_write_timeout(Some(timeout))?;
+        if let Stream::Tcp(_) = self {
+            let secs = |d: Duration| d.as_secs().clamp(1, i32::MAX as u64) as i32;
+            let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+            for (level, opt, value) in [
+                (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+                (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs(timeout / 3)),
+                (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, secs(timeout / 9)),
+                (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3),
+                (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms),
+            ] {
+                // SAFETY: setsockopt on a socket we own, with a pointer to a live i32 and
+                // its size.
+                let r = unsafe {
+                    libc::setsockopt(
+                        self.as_raw_fd(),
+                        level,
+                        opt,
+                        (&value as *const i32).cast(),
+                        std::mem::size_of::<i32>() as libc::socklen_t,
+                    )
+                };
+                if r != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),

@@ -94,6 +94,9 @@ frame_kinds! {
     Credit = 39, |_| SMALL;
     /// Main channel: the blobs of the non-iterable devices.
     VmStates = 40, |l: &Limits| l.max_state_bytes;
+    /// Any channel, either way, after the handshake: nothing to say, but alive. Sent when a
+    /// channel has been idle for a quarter of the peer timeout; skipped by every reader.
+    Ping = 41, |_| 0;
 }
 
 /// Receiver-side bounds. A frame longer than these is refused before anything is allocated.

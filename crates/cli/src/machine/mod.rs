@@ -47,10 +47,21 @@ impl VmParts {
 }
 
 /// What an incoming migration may ask of this side (from `livemig incoming`'s options).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct IncomingLimits {
     pub verify: bool,
     pub max_guest_memory: Option<u64>,
+    pub peer_timeout: std::time::Duration,
+}
+
+impl Default for IncomingLimits {
+    fn default() -> Self {
+        IncomingLimits {
+            verify: false,
+            max_guest_memory: None,
+            peer_timeout: livemig_engine::config::DEFAULT_PEER_TIMEOUT,
+        }
+    }
 }
 
 /// Messages to the `lm-vm` thread.
@@ -435,6 +446,7 @@ impl Machine {
             verify: self.limits.verify,
             credit_window: self.params.credit_window,
             buffer_cap: self.params.buffer_cap,
+            peer_timeout: self.params.peer_timeout(self.limits.peer_timeout),
             cancel: cancel.clone(),
             ..IncomingConfig::default()
         };

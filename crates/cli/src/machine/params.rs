@@ -70,6 +70,8 @@ pub struct Parameters {
     pub credit_window: u32,
     pub buffer_cap: u64,
     pub device_state_transfer: DeviceTransfer,
+    /// Milliseconds a silent peer is given; 0: the process's default.
+    pub peer_timeout_ms: u64,
 }
 
 impl Default for Parameters {
@@ -83,6 +85,7 @@ impl Default for Parameters {
             credit_window: d.credit_window,
             buffer_cap: d.buffer_cap,
             device_state_transfer: d.device_transfer,
+            peer_timeout_ms: 0,
         }
     }
 }
@@ -96,6 +99,7 @@ pub const NAMES: &[&str] = &[
     "x-credit-window",
     "x-buffer-cap",
     "x-device-state-transfer",
+    "x-peer-timeout",
 ];
 
 /// QEMU's bound on `downtime-limit` (ms).
@@ -118,6 +122,7 @@ impl Parameters {
                 DeviceTransfer::Multifd => "multifd",
                 DeviceTransfer::Main => "main",
             },
+            "x-peer-timeout": self.peer_timeout_ms,
         })
     }
 
@@ -169,8 +174,27 @@ impl Parameters {
                 _ => return Err(range_err("x-device-state-transfer", "'multifd' or 'main'")),
             };
         }
+        if let Some(ms) = a.opt_u64("x-peer-timeout")? {
+            let min = livemig_engine::config::MIN_PEER_TIMEOUT.as_millis() as u64;
+            if ms != 0 && ms < min {
+                return Err(range_err(
+                    "x-peer-timeout",
+                    &format!("0 (the default) or at least {min} ms"),
+                ));
+            }
+            next.peer_timeout_ms = ms;
+        }
         *self = next;
         Ok(())
+    }
+
+    /// The peer timeout: the parameter if set, else `default`.
+    pub fn peer_timeout(&self, default: Duration) -> Duration {
+        if self.peer_timeout_ms == 0 {
+            default
+        } else {
+            Duration::from_millis(self.peer_timeout_ms)
+        }
     }
 
     /// The source's configuration for one migration.
@@ -187,6 +211,7 @@ impl Parameters {
             credit_window: self.credit_window,
             buffer_cap: self.buffer_cap,
             device_transfer: self.device_state_transfer,
+            peer_timeout: self.peer_timeout(livemig_engine::config::DEFAULT_PEER_TIMEOUT),
             ..MigrationConfig::default()
         }
     }

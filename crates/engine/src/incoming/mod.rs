@@ -179,6 +179,23 @@ pub fn receive_vm(
     )?;
     let data = setup::accept_channels(listener, &hello, config, log)
         .inspect_err(|e| refuse(&mut main, RejectCode::Other, e))?;
+    // Dead-peer detection: every write is bounded, and a data channel hears from the source
+    // (pages, chunks or a ping) at least every ping interval.
+    for (i, s) in data.iter().enumerate() {
+        s.arm_peer_timeout(config.peer_timeout)
+            .and_then(|()| s.set_read_timeout(Some(config.peer_timeout)))
+            .map_err(|source| ChannelError::Io {
+                channel: ChannelName::Data(i as u16),
+                op: "arm the peer timeout",
+                source,
+            })?;
+    }
+    main.arm_peer_timeout(config.peer_timeout)
+        .map_err(|source| ChannelError::Io {
+            channel: ChannelName::Main,
+            op: "arm the peer timeout",
+            source,
+        })?;
     let session = Session {
         guest: &*guest,
         devices: &devices,
@@ -323,7 +340,9 @@ impl Session<'_> {
             let mut main = main;
             let outcome = match failure.or(pool_failure) {
                 Some(e) => Err(e),
-                None => self.coordinate(&mut main, &rx, &pool.completions(), &counters),
+                None => self
+                    .coordinate(&mut main, &rx, &pool.completions(), &counters)
+                    .map_err(|e| prefer_peer_reason(e, &rx)),
             };
             stop_prefault.store(true, Relaxed);
             if let Err(e) = &outcome {
@@ -357,7 +376,12 @@ impl Session<'_> {
         counters: &Counters,
     ) -> Result<IncomingReport, IncomingError> {
         let hello = self.hello;
-        let next = || -> Result<Event, IncomingError> {
+        let ping_every = crate::config::ping_interval(self.config.peer_timeout);
+        // The next event; when none comes for a ping interval, pings the source (so its
+        // return path knows this side lives) and gives up once `deadline` has passed.
+        let next = |main: &mut Stream,
+                    deadline: Option<(Instant, &str)>|
+         -> Result<Event, IncomingError> {
             loop {
                 let ev = crossbeam_channel::select! {
                     recv(events) -> ev => ev,
@@ -368,6 +392,18 @@ impl Session<'_> {
                         }) => return Err(IncomingError::Job(e)),
                         _ => continue,
                     },
+                    default(ping_every) => {
+                        if let Some((at, what)) = deadline {
+                            if Instant::now() >= at {
+                                return Err(protocol(&format!(
+                                    "no {what} from the source within the peer timeout ({:?}): it is dead, stuck or cut off",
+                                    self.config.peer_timeout
+                                )));
+                            }
+                        }
+                        framed::send_ping(main, ChannelName::Main)?;
+                        continue;
+                    }
                 };
                 return match ev {
                     Ok(Event::ChannelFailed(e)) | Ok(Event::MainFailed(e)) => Err(e.into()),
@@ -386,14 +422,23 @@ impl Session<'_> {
         let mut device_stats = vec![None; self.devices.len()];
         let mut rounds = 0;
         let mut t_complete = Instant::now();
+        // Set once every data channel has seen its last round: Complete is then due.
+        let mut complete_due: Option<Instant> = None;
         while complete.is_none()
             || channels_done < hello.channels as usize
             || device_stats.iter().any(Option::is_none)
         {
-            match next()? {
+            let deadline = match (complete.is_none(), complete_due) {
+                (true, Some(at)) => Some((at, "Complete")),
+                _ => None,
+            };
+            match next(main, deadline)? {
                 Event::ChannelDone(r) => {
                     channels_done += 1;
                     rounds = r;
+                    if channels_done == hello.channels as usize {
+                        complete_due = Some(Instant::now() + self.config.peer_timeout);
+                    }
                 }
                 Event::RoundApplied(round) => framed::send(
                     main,
@@ -471,8 +516,9 @@ impl Session<'_> {
             devices: device_stats.clone(),
         };
         framed::send(main, ChannelName::Main, FrameKind::Loaded, &loaded.encode())?;
+        let handover_due = Instant::now() + self.config.peer_timeout;
         loop {
-            match next() {
+            match next(main, Some((handover_due, "Handover"))) {
                 Ok(Event::Handover) => break,
                 Ok(Event::Credit(..)) | Ok(Event::RoundApplied(_)) => {}
                 Ok(_) => return Err(protocol("expected Handover")),
@@ -511,6 +557,24 @@ impl Session<'_> {
             device_peak_buffered_bytes: device_stats.iter().map(|d| d.peak_buffered).collect(),
         })
     }
+}
+
+/// A broken connection is often the echo of the source's refusal, which the main reader
+/// may deliver a moment later: report the source's reason when it comes soon enough.
+fn prefer_peer_reason(e: IncomingError, events: &Receiver<Event>) -> IncomingError {
+    if !matches!(
+        e,
+        IncomingError::Channel(ChannelError::Io { .. } | ChannelError::Closed { .. })
+    ) {
+        return e;
+    }
+    let deadline = Instant::now() + std::time::Duration::from_millis(500);
+    while let Ok(ev) = events.recv_deadline(deadline) {
+        if let Event::MainFailed(r @ ChannelError::Rejected { .. }) = ev {
+            return r.into();
+        }
+    }
+    e
 }
 
 fn protocol(detail: &str) -> IncomingError {

@@ -306,7 +306,11 @@ fn connect_session(
     }
     for s in data.iter().chain([&main]) {
         let _ = s.set_read_timeout(None);
+        s.arm_peer_timeout(config.peer_timeout)
+            .map_err(|e| io_err_op(ChannelName::Main, "arm the peer timeout", e))?;
     }
+    // The return path hears from the destination at least every ping interval.
+    let _ = main.set_read_timeout(Some(config.peer_timeout));
     Ok((main, data, accept))
 }
 
@@ -410,6 +414,7 @@ fn run_session(
                 events: events_tx.clone(),
                 cancel: cancel.clone(),
                 counters,
+                ping_every: crate::config::ping_interval(config.peer_timeout),
                 pages_per_packet: config.pages_per_packet as usize,
                 chunk_delay: match config.test_hooks.chunk_order {
                     ChunkOrder::DelayChannel0(d) if i == 0 => Some(d),
@@ -541,9 +546,13 @@ fn save_state(vm: Vm<'_>) -> Result<SavedState, MigrationError> {
 }
 
 fn io_err(channel: ChannelName, source: std::io::Error) -> MigrationError {
+    io_err_op(channel, "clone socket", source)
+}
+
+fn io_err_op(channel: ChannelName, op: &'static str, source: std::io::Error) -> MigrationError {
     MigrationError::Channel(ChannelError::Io {
         channel,
-        op: "clone socket",
+        op,
         source,
     })
 }

@@ -11,7 +11,7 @@ use crate::error::{ChannelError, ChannelName};
 use crate::framed;
 use crate::guest::GuestMemory;
 use crate::transport::Stream;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use livemig_wire::{ram, ChunkHeader, FrameKind, RoundEnd, PAGE_SIZE};
 use std::sync::atomic::Ordering::Relaxed;
 use vm_memory::{Bytes, GuestAddress};
@@ -47,6 +47,8 @@ pub(crate) struct ChannelSender<'a> {
     pub events: Sender<Event>,
     pub cancel: CancelToken,
     pub counters: &'a crate::stats::Counters,
+    /// An idle channel pings this often.
+    pub ping_every: std::time::Duration,
     pub pages_per_packet: usize,
     /// Test hook: wait this long before sending each device chunk.
     pub chunk_delay: Option<std::time::Duration>,
@@ -72,7 +74,16 @@ impl ChannelSender<'_> {
                 return Ok(());
             }
         }
-        while let Ok(job) = self.jobs.recv() {
+        loop {
+            let job = match self.jobs.recv_timeout(self.ping_every) {
+                Ok(job) => job,
+                Err(RecvTimeoutError::Timeout) => {
+                    // Idle: show the destination this side is alive.
+                    framed::send_ping(&mut self.stream, channel)?;
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
             match job {
                 Job::Pages { round, addrs } => {
                     normal.clear();
