@@ -360,6 +360,23 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
         self.assertEqual(await src.threads_settle(), [])
 
+    async def test_quit_during_a_migration_cancels_and_joins_it(self):
+        """`quit` while pages stream: the process cancels, joins and exits 0 promptly; the
+        destination, told nothing, fails cleanly and waits again."""
+        src = await self.source()
+        dst = await self.destination()
+        await src.cmd("migrate-set-parameters", {"max-bandwidth": 20 << 20})
+        uri = self.uri("q")
+        await dst.cmd("migrate-incoming", {"uri": uri})
+        await src.cmd("migrate", {"uri": uri})
+        await src.wait_status("active")
+        t0 = time.monotonic()
+        self.assertEqual(await src.quit(), 0, src.output())
+        self.assertLess(time.monotonic() - t0, 10)
+        self.assertEqual((await dst.wait_migration())["status"], "failed")
+        self.assertEqual(await dst.status(), "inmigrate")
+        self.assertEqual(await dst.threads_settle(), [])
+
     async def test_failed_migration_then_retry_elsewhere(self):
         """A destination that refuses: the source reports why and stays running; a retry
         to another destination succeeds; the destination can be cancelled while waiting."""
