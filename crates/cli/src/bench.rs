@@ -18,6 +18,9 @@ pub enum Mode {
     Ram,
     /// Downtime against VFIO-like device count, parallel against serial device state.
     Devices,
+    /// Every benchmark in one run (channels, guest size, dirty rate, devices, resources),
+    /// as Markdown tables and JSON: see `--out` and the `Suite:` options.
+    Suite,
 }
 
 #[derive(Debug, Args)]
@@ -25,9 +28,9 @@ pub struct BenchArgs {
     /// What to measure.
     #[arg(long, value_enum, default_value_t = Mode::Ram)]
     pub mode: Mode,
-    /// Devices mode: device counts to measure.
-    #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 2, 4, 8])]
-    pub device_counts: Vec<usize>,
+    /// Devices and suite modes: device counts to measure [default: 1,2,4,8; suite: 0,1,2,4,8].
+    #[arg(long, value_delimiter = ',')]
+    pub device_counts: Option<Vec<usize>>,
     /// Devices mode: each device's state size.
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub device_size: u64,
@@ -67,6 +70,8 @@ pub struct BenchArgs {
     /// report.json, as `livemig demo --report` writes them.
     #[arg(long, value_name = "DIR")]
     pub report: Option<PathBuf>,
+    #[command(flatten)]
+    pub suite: crate::bench_suite::SuiteArgs,
 }
 
 /// One measured run: the row for the table and the two sides' final JSON lines.
@@ -96,6 +101,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if a.mode == Mode::Devices {
         return run_devices(&a);
+    }
+    if a.mode == Mode::Suite {
+        return crate::bench_suite::run(a);
     }
     let (raw, raw_how) = raw_tcp::measure(a.memory)?;
     let mut rows = Vec::new();
@@ -214,7 +222,7 @@ fn table(rows: &[Value], raw: f64, how: &str) -> String {
 fn run_devices(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     let (raw, raw_how) = raw_tcp::measure(1 << 30)?;
     let mut rows = Vec::new();
-    for &n in &a.device_counts {
+    for &n in a.device_counts.as_deref().unwrap_or(&[1, 2, 4, 8]) {
         for parallel in [true, false] {
             let mut run = crate::bench_devices::row(a, n, parallel, raw)?;
             let name = format!(

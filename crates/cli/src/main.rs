@@ -11,6 +11,7 @@
 mod args;
 mod bench;
 mod bench_devices;
+mod bench_suite;
 mod demo;
 mod devices;
 mod guest;

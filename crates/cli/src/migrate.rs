@@ -56,6 +56,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
             );
         }
     };
+    let cpu = crate::bench_suite::CpuMark::now();
     for (attempt, to) in a.to.iter().enumerate() {
         match migrate_vm(vm, to, &config, &progress) {
             Ok(report) => {
@@ -65,6 +66,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
                     emit(&json!({
                         "event": "completed", "to": to.to_string(), "guest": kind,
                         "counter_at_pause": counter, "report": report,
+                        "peak_rss_bytes": crate::bench_suite::peak_rss_bytes(), "cpu": cpu.report(),
                     }));
                 } else {
                     eprintln!(

@@ -1,0 +1,1019 @@
+//! `livemig bench --mode suite`: every benchmark in one run, written as Markdown tables and
+//! JSON. Sections:
+//!
+//! 1. channels: RAM throughput for 1, 2, 4 and 8 channels beside the raw loopback TCP limit
+//!    measured in the same run (at its start and at its end);
+//! 2. size: total time and downtime against guest size, idle and dirtying, beside the time a
+//!    raw copy of the same bytes takes, and the time per GiB (linearity);
+//! 3. dirty: downtime, rounds and total time against the guest's dirty rate;
+//! 4. devices: downtime against VFIO-like device count, parallel against serial (the rows of
+//!    `bench --mode devices`);
+//! 5. resources, for every migration above: each process's peak RSS (VmHWM), the
+//!    destination's peak buffered device bytes, and CPU seconds per GiB moved on each side.
+//!
+//! The peak RSS and CPU figures come from the two processes themselves: `livemig migrate` and
+//! `livemig incoming` print them in their final JSON lines ([`peak_rss_bytes`], [`CpuMark`]).
+
+use crate::args::{parse_count, parse_size};
+use crate::bench::{report_run, BenchArgs, Run};
+use crate::guest::GuestChoice;
+use crate::pair::run_pair;
+use crate::raw_tcp;
+use anyhow::Context;
+use clap::Args;
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const MIB: u64 = 1 << 20;
+const GIB: f64 = (1u64 << 30) as f64;
+/// Data channels of the size and dirty-rate sections: livemig's default.
+const CHANNELS: u16 = 4;
+
+/// A section of the suite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// RAM throughput against channel count, beside raw loopback TCP.
+    Channels,
+    /// Total time and downtime against guest size.
+    Size,
+    /// Downtime, rounds and total time against dirty rate.
+    Dirty,
+    /// Downtime against device count, parallel against serial.
+    Devices,
+}
+
+/// The options of `bench --mode suite` (flattened into `bench`'s own).
+#[derive(Debug, Args)]
+pub struct SuiteArgs {
+    /// Suite: the sections to run (default: all; the resources table covers those run).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub sections: Option<Vec<Section>>,
+    /// Suite: guest sizes of the size section [default: 256M,1G,2G,4G; --quick: 32M,64M].
+    #[arg(long, value_delimiter = ',', value_parser = parse_size)]
+    pub sizes: Option<Vec<u64>>,
+    /// Suite: channel counts of the channels section [default: 1,2,4,8].
+    #[arg(long, value_delimiter = ',')]
+    pub channels_list: Option<Vec<u16>>,
+    /// Suite: dirty rates of the dirty section, page writes per second; 0 is an idle guest,
+    /// `max` as fast as the guest writes [default: 0,10k,50k,100k,200k,max; --quick:
+    /// 0,50k,max].
+    #[arg(long, value_delimiter = ',', value_parser = parse_rate)]
+    pub dirty_rates: Option<Vec<u64>>,
+    /// Suite: working set of the dirtying rows of the size section.
+    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    pub size_working_set: u64,
+    /// Suite: page writes per second of the dirtying rows of the size section.
+    #[arg(long, default_value = "20k", value_parser = parse_count)]
+    pub size_dirty_rate: u64,
+    /// Suite: a smoke run with small guests and devices (guests of at most 64 MiB, devices
+    /// of at most 16 MiB, raw TCP over 64 MiB); explicit lists still apply.
+    #[arg(long)]
+    pub quick: bool,
+    /// Suite: also write DIR/bench.md (the Markdown printed) and DIR/bench.json.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+/// The dirty rate `max`: the guest writes as fast as it can.
+const MAX_RATE: u64 = u64::MAX;
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    if s.trim().eq_ignore_ascii_case("max") {
+        Ok(MAX_RATE)
+    } else {
+        parse_count(s)
+    }
+}
+
+fn rate_label(r: u64) -> String {
+    if r == MAX_RATE {
+        "max".into()
+    } else {
+        r.to_string()
+    }
+}
+
+// ---- What `migrate` and `incoming` report about themselves ----
+
+/// This process's peak resident set size (VmHWM), in bytes.
+pub(crate) fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// User and system CPU seconds of this whole process, every thread that ever ran included.
+fn process_cpu_s() -> f64 {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes one rusage into the buffer it is given, which is large enough.
+    let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) } == 0;
+    if !ok {
+        return 0.0;
+    }
+    // SAFETY: zero-initialized and, on success, filled in by the kernel.
+    let ru = unsafe { ru.assume_init() };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// CPU seconds of the guest's own live threads (KVM vCPUs `kvm-vcpuN`, the synthetic guest's
+/// dirtying threads `synthetic-vcpuN`): the guest's work, not the migration's.
+fn guest_threads_cpu_s() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    let mut ticks = 0u64;
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if !stat[open + 1..close].contains("vcpu") {
+            continue;
+        }
+        // After the name: state (field 3), ..., utime (14), stime (15).
+        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+        ticks += n(11) + n(12);
+    }
+    ticks as f64 / tick
+}
+
+/// CPU time at one moment, to report what a migration cost from then on.
+pub(crate) struct CpuMark {
+    process_s: f64,
+    guest_s: f64,
+}
+
+impl CpuMark {
+    pub(crate) fn now() -> CpuMark {
+        CpuMark {
+            process_s: process_cpu_s(),
+            guest_s: guest_threads_cpu_s(),
+        }
+    }
+
+    /// `process_s`: the whole process so far; `migration_s`: since the mark, without the
+    /// guest's threads; `guest_s`: the guest's threads since the mark.
+    pub(crate) fn report(&self) -> Value {
+        let process = process_cpu_s();
+        let guest = (guest_threads_cpu_s() - self.guest_s).max(0.0);
+        json!({
+            "process_s": process,
+            "migration_s": (process - self.process_s - guest).max(0.0),
+            "guest_s": guest,
+        })
+    }
+}
+
+// ---- How it was run ----
+
+/// The facts a reader needs to repeat a run.
+struct HowRun {
+    command: String,
+    guest: &'static str,
+    guest_why: &'static str,
+    cpu_model: String,
+    cpus: usize,
+    memory_gib: f64,
+    kernel: String,
+    date: String,
+    commit: String,
+    build: &'static str,
+    load_start: String,
+}
+
+impl HowRun {
+    fn collect(guest: GuestChoice) -> HowRun {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map_or("unknown".into(), |(_, v)| v.trim().to_string());
+        let cpus = cpuinfo
+            .lines()
+            .filter(|l| l.starts_with("processor"))
+            .count()
+            .max(std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let memory_gib = meminfo
+            .lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|k| k.parse::<f64>().ok())
+            .map_or(0.0, |k| k * 1024.0 / GIB);
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map_or("unknown".into(), |s| s.trim().to_string());
+        let commit = std::process::Command::new("git")
+            .args([
+                "-C",
+                env!("CARGO_MANIFEST_DIR"),
+                "rev-parse",
+                "--short",
+                "HEAD",
+            ])
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map_or("unknown".into(), |o| {
+                String::from_utf8_lossy(&o.stdout).trim().to_string()
+            });
+        HowRun {
+            command: command_line(),
+            guest: guest.name(),
+            guest_why: match (guest, guest.resolve()) {
+                (GuestChoice::Auto, GuestChoice::Kvm) => "auto: /dev/kvm is usable",
+                (GuestChoice::Auto, _) => "auto: no usable /dev/kvm",
+                _ => "chosen with --guest",
+            },
+            cpu_model,
+            cpus,
+            memory_gib,
+            kernel,
+            date: utc_now(),
+            commit,
+            build: if cfg!(debug_assertions) {
+                "debug build"
+            } else {
+                "release build"
+            },
+            load_start: load_average(),
+        }
+    }
+
+    /// One line for the head of every table.
+    fn line(&self) -> String {
+        format!(
+            "Run: `{}` ({}, commit {}) on {}, {} logical CPUs, {:.0} GiB RAM, Linux {}, {}; \
+             {} guest ({}); load average at the start {}.",
+            self.command,
+            self.build,
+            self.commit,
+            self.cpu_model,
+            self.cpus,
+            self.memory_gib,
+            self.kernel,
+            self.date,
+            self.guest,
+            self.guest_why,
+            self.load_start
+        )
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "command": self.command,
+            "build": self.build,
+            "commit": self.commit,
+            "guest": self.guest,
+            "guest_why": self.guest_why,
+            "cpu_model": self.cpu_model,
+            "logical_cpus": self.cpus,
+            "memory_gib": self.memory_gib,
+            "kernel": self.kernel,
+            "date": self.date,
+            "load_average_start": self.load_start,
+        })
+    }
+}
+
+/// This process's command line, quoted for a POSIX shell, the program as `livemig`.
+fn command_line() -> String {
+    let quote = |s: &str| {
+        if !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_=.,:/+@%".contains(c))
+        {
+            s.to_string()
+        } else {
+            format!("'{}'", s.replace('\'', r"'\''"))
+        }
+    };
+    std::iter::once("livemig".to_string())
+        .chain(std::env::args().skip(1).map(|a| quote(&a)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Now, in UTC, as `YYYY-MM-DD HH:MM UTC`.
+fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Days since 1970-01-01 to a civil date (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
+// ---- Running migrations ----
+
+/// What the suite measures with, once the defaults and `--quick` are applied.
+struct Plan {
+    sections: Vec<Section>,
+    /// Guest memory of the channels and dirty sections.
+    memory: u64,
+    channels: Vec<u16>,
+    sizes: Vec<u64>,
+    dirty_rates: Vec<u64>,
+    /// Working set of the dirty section.
+    working_set: u64,
+    device_counts: Vec<usize>,
+    raw_bytes: u64,
+    warmup_ms: u64,
+}
+
+impl Plan {
+    fn new(a: &mut BenchArgs) -> Plan {
+        let s = &a.suite;
+        let quick = s.quick;
+        let memory = if quick {
+            a.memory.min(64 * MIB)
+        } else {
+            a.memory
+        };
+        if quick {
+            a.device_size = a.device_size.min(16 * MIB);
+            a.device_guest_memory = a.device_guest_memory.min(64 * MIB);
+        }
+        let s = &a.suite;
+        Plan {
+            sections: s.sections.clone().unwrap_or_else(|| {
+                vec![
+                    Section::Channels,
+                    Section::Size,
+                    Section::Dirty,
+                    Section::Devices,
+                ]
+            }),
+            memory,
+            channels: s.channels_list.clone().unwrap_or_else(|| vec![1, 2, 4, 8]),
+            sizes: s.sizes.clone().unwrap_or_else(|| {
+                if quick {
+                    vec![32 * MIB, 64 * MIB]
+                } else {
+                    vec![256 * MIB, 1 << 30, 2 << 30, 4 << 30]
+                }
+            }),
+            dirty_rates: s.dirty_rates.clone().unwrap_or_else(|| {
+                if quick {
+                    vec![0, 50_000, MAX_RATE]
+                } else {
+                    vec![0, 10_000, 50_000, 100_000, 200_000, MAX_RATE]
+                }
+            }),
+            working_set: a.working_set.min(memory / 4),
+            device_counts: a
+                .device_counts
+                .clone()
+                .unwrap_or_else(|| vec![0, 1, 2, 4, 8]),
+            raw_bytes: if quick { 64 * MIB } else { 1 << 30 },
+            warmup_ms: if quick { 50 } else { 200 },
+        }
+    }
+
+    fn has(&self, s: Section) -> bool {
+        self.sections.contains(&s)
+    }
+}
+
+/// One two-process migration of a filled guest.
+struct Spec {
+    memory: u64,
+    channels: u16,
+    /// 0: an idle guest.
+    working_set: u64,
+    /// Page writes per second; [`MAX_RATE`]: as fast as the guest can.
+    dirty_rate: u64,
+    /// The destination allocates and pre-faults guest memory before the source connects.
+    warm_destination: bool,
+}
+
+fn migrate_once(a: &BenchArgs, plan: &Plan, s: &Spec) -> anyhow::Result<Run> {
+    let idle = s.working_set == 0 || s.dirty_rate == 0;
+    let src = vec![
+        format!("--memory={}", s.memory),
+        format!("--guest={}", a.guest.name()),
+        "--fill=1".into(),
+        format!("--working-set={}", if idle { 0 } else { s.working_set }),
+        format!(
+            "--dirty-rate={}",
+            if s.dirty_rate == MAX_RATE {
+                0
+            } else {
+                s.dirty_rate
+            }
+        ),
+        format!("--warmup-ms={}", plan.warmup_ms),
+        format!("--channels={}", s.channels),
+    ];
+    let dest = if s.warm_destination {
+        vec![format!("--memory={}", s.memory)]
+    } else {
+        Vec::new()
+    };
+    let r = run_pair(&dest, &src, |_| {})?;
+    let rep = &r.source["report"];
+    let f = |k: &str| rep.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+    let rounds = rep["rounds"].as_array().cloned().unwrap_or_default();
+    let row = json!({
+        "memory_bytes": s.memory,
+        "channels": s.channels,
+        "working_set_bytes": if idle { 0 } else { s.working_set },
+        // Pages per second; null: as fast as the guest writes.
+        "dirty_rate": match (idle, s.dirty_rate) {
+            (true, _) => json!(0),
+            (false, MAX_RATE) => Value::Null,
+            (false, r) => json!(r),
+        },
+        "dirty_rate_label": if idle { "0".into() } else { rate_label(s.dirty_rate) },
+        "warm_destination": s.warm_destination,
+        "total_ms": f("total_ms"),
+        "setup_ms": f("setup_ms"),
+        "precopy_ms": f("precopy_ms"),
+        "downtime_ms": f("downtime_ms"),
+        "transferred_bytes": rep["transferred_bytes"],
+        "bytes_per_s": f("bytes_per_s"),
+        "first_round_bytes_per_s": rounds.first().and_then(|r| r["bytes_per_s"].as_f64()).unwrap_or(0.0),
+        "rounds": rounds.len(),
+        "forced_switchover": rep["forced_switchover"],
+    });
+    Ok(Run {
+        row,
+        source: r.source,
+        dest: r.dest,
+    })
+}
+
+/// Runs `f` `repeat` times and keeps the run with the median `key`.
+fn median(
+    repeat: usize,
+    key: &str,
+    mut f: impl FnMut() -> anyhow::Result<Run>,
+) -> anyhow::Result<Run> {
+    let mut runs = Vec::new();
+    for _ in 0..repeat.max(1) {
+        runs.push(f()?);
+    }
+    runs.sort_by(|x, y| {
+        x.row[key]
+            .as_f64()
+            .partial_cmp(&y.row[key].as_f64())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    Ok(runs.swap_remove(runs.len() / 2))
+}
+
+/// Section 5's figures for one run, from the final JSON lines of its two processes.
+fn usage(run: &Run) -> Value {
+    let (src, dst) = (&run.source, &run.dest);
+    let moved = src["report"]["transferred_bytes"].as_u64().unwrap_or(0);
+    let gib = moved as f64 / GIB;
+    let per_gib = |s: f64| if gib > 0.0 { s / gib } else { 0.0 };
+    let cpu = |v: &Value, k: &str| v["cpu"][k].as_f64().unwrap_or(0.0);
+    let dst_rss = dst["peak_rss_bytes"].as_u64().unwrap_or(0);
+    let guest_mem = dst["report"]["memory_bytes"].as_u64().unwrap_or(0);
+    let buffered: Vec<u64> = dst["report"]["device_peak_buffered_bytes"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    json!({
+        "moved_bytes": moved,
+        "source_peak_rss_bytes": src["peak_rss_bytes"],
+        "dest_peak_rss_bytes": dst_rss,
+        "dest_guest_memory_bytes": guest_mem,
+        "dest_rss_over_guest_bytes": dst_rss as i64 - guest_mem as i64,
+        "dest_peak_buffered_bytes": buffered.iter().sum::<u64>(),
+        "dest_peak_buffered_max_device_bytes": buffered.iter().copied().max().unwrap_or(0),
+        "source_cpu_s": cpu(src, "migration_s"),
+        "dest_cpu_s": cpu(dst, "migration_s"),
+        "source_guest_cpu_s": cpu(src, "guest_s"),
+        "source_process_cpu_s": cpu(src, "process_s"),
+        "dest_process_cpu_s": cpu(dst, "process_s"),
+        "source_cpu_s_per_gib": per_gib(cpu(src, "migration_s")),
+        "dest_cpu_s_per_gib": per_gib(cpu(dst, "migration_s")),
+    })
+}
+
+/// Everything measured, and the rows of every section.
+struct Results {
+    raw_start: (f64, String),
+    raw_end: (f64, String),
+    channels: Vec<Value>,
+    size: Vec<Value>,
+    dirty: Vec<Value>,
+    devices: Vec<Value>,
+    /// Every migration: its name and [`usage`].
+    resources: Vec<(String, Value)>,
+}
+
+impl Results {
+    /// The raw limit: the better of the measurements at the start and at the end.
+    fn raw(&self) -> f64 {
+        self.raw_start.0.max(self.raw_end.0)
+    }
+
+    fn raw_how(&self) -> &str {
+        if self.raw_end.0 > self.raw_start.0 {
+            &self.raw_end.1
+        } else {
+            &self.raw_start.1
+        }
+    }
+}
+
+/// Finishes a run: its pictures with `--report`, its usage, a line on stderr.
+fn keep(
+    a: &BenchArgs,
+    res: &mut Results,
+    name: &str,
+    mut run: Run,
+    say: String,
+) -> anyhow::Result<Value> {
+    report_run(a, name, &mut run)?;
+    let u = usage(&run);
+    run.row["name"] = json!(name);
+    run.row["usage"] = u.clone();
+    res.resources.push((name.to_string(), u));
+    eprintln!("bench suite: {name}: {say}");
+    Ok(run.row)
+}
+
+pub fn run(mut a: BenchArgs) -> anyhow::Result<ExitCode> {
+    let plan = Plan::new(&mut a);
+    if let Some(dir) = &a.suite.out {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the output directory {}", dir.display()))?;
+    }
+    let how = HowRun::collect(a.guest);
+    eprintln!("bench suite: {}", how.line());
+    eprintln!(
+        "bench suite: raw loopback TCP, {} MiB per copy",
+        plan.raw_bytes >> 20
+    );
+    let raw_start = raw_tcp::measure(plan.raw_bytes)?;
+    let mut res = Results {
+        raw_end: raw_start.clone(),
+        raw_start,
+        channels: Vec::new(),
+        size: Vec::new(),
+        dirty: Vec::new(),
+        devices: Vec::new(),
+        resources: Vec::new(),
+    };
+    let raw0 = res.raw_start.0;
+
+    if plan.has(Section::Channels) {
+        for &ch in &plan.channels {
+            let spec = Spec {
+                memory: plan.memory,
+                channels: ch,
+                working_set: 0,
+                dirty_rate: 0,
+                warm_destination: true,
+            };
+            let run = median(a.repeat, "total_ms", || migrate_once(&a, &plan, &spec))?;
+            let say = format!(
+                "{:.0} MB/s",
+                run.row["bytes_per_s"].as_f64().unwrap_or(0.0) / 1e6
+            );
+            let row = keep(&a, &mut res, &format!("channels-{ch}"), run, say)?;
+            res.channels.push(row);
+        }
+    }
+    if plan.has(Section::Size) {
+        for dirty in [false, true] {
+            for &size in &plan.sizes {
+                let spec = Spec {
+                    memory: size,
+                    channels: CHANNELS,
+                    working_set: if dirty {
+                        a.suite.size_working_set.min(size / 4)
+                    } else {
+                        0
+                    },
+                    dirty_rate: if dirty { a.suite.size_dirty_rate } else { 0 },
+                    warm_destination: false,
+                };
+                let run = median(a.repeat, "total_ms", || migrate_once(&a, &plan, &spec))?;
+                let say = format!(
+                    "total {:.0} ms, downtime {:.1} ms",
+                    run.row["total_ms"].as_f64().unwrap_or(0.0),
+                    run.row["downtime_ms"].as_f64().unwrap_or(0.0)
+                );
+                let name = format!(
+                    "size-{}M-{}",
+                    size >> 20,
+                    if dirty { "dirtying" } else { "idle" }
+                );
+                let mut row = keep(&a, &mut res, &name, run, say)?;
+                let total = row["total_ms"].as_f64().unwrap_or(0.0);
+                row["dirty"] = json!(dirty);
+                row["ms_per_gib"] = json!(total / (size as f64 / GIB));
+                res.size.push(row);
+            }
+        }
+    }
+    if plan.has(Section::Dirty) {
+        for &rate in &plan.dirty_rates {
+            let spec = Spec {
+                memory: plan.memory,
+                channels: CHANNELS,
+                working_set: if rate == 0 { 0 } else { plan.working_set },
+                dirty_rate: rate,
+                warm_destination: true,
+            };
+            let run = median(a.repeat, "downtime_ms", || migrate_once(&a, &plan, &spec))?;
+            let say = format!(
+                "downtime {:.1} ms, {} rounds",
+                run.row["downtime_ms"].as_f64().unwrap_or(0.0),
+                run.row["rounds"]
+            );
+            let name = format!("dirty-{}", rate_label(rate));
+            let row = keep(&a, &mut res, &name, run, say)?;
+            res.dirty.push(row);
+        }
+    }
+    if plan.has(Section::Devices) {
+        for &n in &plan.device_counts {
+            // Without devices, parallel and serial are the same migration: one row.
+            let modes: &[bool] = if n == 0 { &[true] } else { &[true, false] };
+            for &parallel in modes {
+                let run = median(a.repeat, "downtime_ms", || {
+                    crate::bench_devices::row(&a, n, parallel, raw0)
+                })?;
+                let say = format!(
+                    "downtime {:.1} ms",
+                    run.row["downtime_ms"].as_f64().unwrap_or(0.0)
+                );
+                let mode = match (n, parallel) {
+                    (0, _) => "none",
+                    (_, true) => "parallel",
+                    _ => "serial",
+                };
+                let mut run = run;
+                if n == 0 {
+                    // No device to read or send: the ideal is the RAM remainder over the raw
+                    // link alone.
+                    let last = run.source["report"]["rounds"]
+                        .as_array()
+                        .and_then(|r| r.last())
+                        .and_then(|r| r["bytes"].as_f64())
+                        .unwrap_or(0.0);
+                    run.row["ideal_downtime_ms"] = json!(1e3 * last / raw0);
+                    run.row["mode"] = json!("none");
+                }
+                let row = keep(&a, &mut res, &format!("devices-{n}-{mode}"), run, say)?;
+                res.devices.push(row);
+            }
+        }
+    }
+    eprintln!("bench suite: raw loopback TCP again");
+    res.raw_end = raw_tcp::measure(plan.raw_bytes)?;
+    finish(&a, &plan, &how, &res)
+}
+
+// ---- Tables ----
+
+fn mib(b: f64) -> f64 {
+    b / MIB as f64
+}
+
+fn size_label(b: u64) -> String {
+    if b >= 1 << 30 && b & ((1 << 30) - 1) == 0 {
+        format!("{} GiB", b >> 30)
+    } else {
+        format!("{} MiB", b >> 20)
+    }
+}
+
+fn num(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(0.0)
+}
+
+fn finish(a: &BenchArgs, plan: &Plan, how: &HowRun, res: &Results) -> anyhow::Result<ExitCode> {
+    let raw = res.raw();
+    let run_line = how.line();
+    let load_end = load_average();
+    let mut md = String::new();
+    let _ = writeln!(md, "# livemig benchmark suite\n");
+    let _ = writeln!(md, "{run_line}\n");
+    let _ = writeln!(
+        md,
+        "Raw loopback TCP: {:.0} MB/s at the start, {:.0} MB/s at the end; the limit used is \
+         the better, {:.0} MB/s ({}; each a plain socket copy of {} MiB from a cache-hot buffer, \
+         best of 1, 2 or 4 streams, 64 KiB or 1 MiB writes, default or 4 MiB socket buffers). \
+         Load average at the end: {load_end}. Figures on a busy machine move by tens of percent \
+         from run to run; compare the ratios within one run.\n",
+        res.raw_start.0 / 1e6,
+        res.raw_end.0 / 1e6,
+        raw / 1e6,
+        res.raw_how(),
+        plan.raw_bytes >> 20,
+    );
+
+    if !res.channels.is_empty() {
+        let _ = writeln!(
+            md,
+            "## RAM throughput against channel count\n\n{run_line}\n"
+        );
+        let _ = writeln!(
+            md,
+            "How: a filled, idle {} {} guest migrated between two processes over loopback TCP; \
+             the destination started with --memory (guest memory pre-faulted before the source \
+             connects). First round = the first round's bytes over its time; overall = all bytes \
+             over the time from the first page to the end (setup excluded). Raw loopback TCP \
+             (same run): {:.0} MB/s.\n",
+            size_label(plan.memory),
+            how.guest,
+            raw / 1e6
+        );
+        md.push_str("| channels | total ms | downtime ms | rounds | first round MB/s | overall MB/s | first round / raw | overall / raw |\n");
+        md.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        for r in &res.channels {
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} | {:.1} | {} | {:.0} | {:.0} | {:.2} | {:.2} |",
+                r["channels"],
+                num(r, "total_ms"),
+                num(r, "downtime_ms"),
+                r["rounds"],
+                num(r, "first_round_bytes_per_s") / 1e6,
+                num(r, "bytes_per_s") / 1e6,
+                num(r, "first_round_bytes_per_s") / raw,
+                num(r, "bytes_per_s") / raw,
+            );
+        }
+        md.push('\n');
+    }
+
+    let mut size_json = json!({"rows": []});
+    if !res.size.is_empty() {
+        let _ = writeln!(
+            md,
+            "## Total time and downtime against guest size\n\n{run_line}\n"
+        );
+        let _ = writeln!(
+            md,
+            "How: filled {} guests, idle and dirtying {} MiB at {} pages/s, {CHANNELS} channels; \
+             the destination started cold (no --memory: it allocates and pre-faults guest memory \
+             while the pages arrive), so total time includes connection set-up, allocation and \
+             pre-faulting. Raw copy = guest bytes / raw loopback TCP ({:.0} MB/s); ms per GiB = \
+             total / guest size.\n",
+            how.guest,
+            a.suite.size_working_set >> 20,
+            a.suite.size_dirty_rate,
+            raw / 1e6
+        );
+        md.push_str("| guest size | guest | total ms | downtime ms | rounds | raw copy ms | total / raw | ms per GiB |\n");
+        md.push_str("|---:|---|---:|---:|---:|---:|---:|---:|\n");
+        let mut rows = Vec::new();
+        for r in &res.size {
+            let size = r["memory_bytes"].as_u64().unwrap_or(0);
+            let raw_ms = 1e3 * size as f64 / raw;
+            let mut r = r.clone();
+            r["raw_copy_ms"] = json!(raw_ms);
+            r["total_over_raw"] = json!(num(&r, "total_ms") / raw_ms);
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {:.1} | {} | {:.0} | {:.2} | {:.0} |",
+                size_label(size),
+                if r["dirty"].as_bool().unwrap_or(false) {
+                    "dirtying"
+                } else {
+                    "idle"
+                },
+                num(&r, "total_ms"),
+                num(&r, "downtime_ms"),
+                r["rounds"],
+                raw_ms,
+                num(&r, "total_over_raw"),
+                num(&r, "ms_per_gib"),
+            );
+            rows.push(r);
+        }
+        md.push('\n');
+        let mut notes = Vec::new();
+        for dirty in [false, true] {
+            let per: Vec<f64> = rows
+                .iter()
+                .filter(|r| r["dirty"].as_bool() == Some(dirty))
+                .map(|r| num(r, "ms_per_gib"))
+                .collect();
+            let (lo, hi) = per
+                .iter()
+                .fold((f64::MAX, 0.0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+            if per.len() > 1 && lo > 0.0 {
+                notes.push((dirty, hi / lo));
+                let _ = writeln!(
+                    md,
+                    "Linearity, {}: ms per GiB from {lo:.0} to {hi:.0} across sizes (largest / smallest = {:.2}).\n",
+                    if dirty { "dirtying" } else { "idle" },
+                    hi / lo
+                );
+            }
+        }
+        let target = rows.iter().find(|r| {
+            r["memory_bytes"].as_u64() == Some(1 << 30) && r["dirty"].as_bool() == Some(false)
+        });
+        if let Some(t) = target {
+            let ratio = num(t, "total_over_raw");
+            let _ = writeln!(
+                md,
+                "Target (issue 6): total / raw ≤ 1.3 for a filled idle 1 GiB guest, set-up and \
+                 pre-faulting included: {ratio:.2} here ({}).\n",
+                if ratio <= 1.3 { "met" } else { "not met" }
+            );
+        }
+        size_json = json!({
+            "rows": rows,
+            "working_set_bytes": a.suite.size_working_set,
+            "dirty_rate": a.suite.size_dirty_rate,
+            "channels": CHANNELS,
+            "ms_per_gib_spread": notes.iter().map(|(d, s)| json!({"dirty": d, "largest_over_smallest": s})).collect::<Vec<_>>(),
+        });
+    }
+
+    if !res.dirty.is_empty() {
+        let _ = writeln!(md, "## Downtime against dirty rate\n\n{run_line}\n");
+        let _ = writeln!(
+            md,
+            "How: a filled {} {} guest writing pages of a {} MiB working set at each rate (0: \
+             idle; max: as fast as one vCPU writes), {CHANNELS} channels, destination started \
+             with --memory; livemig's defaults otherwise (switchover once the rest would move \
+             within 300 ms, at most 30 rounds). Dirty MB/s = rate x 4 KiB.\n",
+            size_label(plan.memory),
+            how.guest,
+            plan.working_set >> 20
+        );
+        md.push_str("| dirty rate pages/s | dirty MB/s | total ms | downtime ms | rounds | switchover | overall MB/s |\n");
+        md.push_str("|---:|---:|---:|---:|---:|---|---:|\n");
+        for r in &res.dirty {
+            let dirty_mbs = r["dirty_rate"]
+                .as_f64()
+                .map_or("-".into(), |p| format!("{:.0}", p * 4096.0 / 1e6));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {:.1} | {} | {} | {:.0} |",
+                r["dirty_rate_label"].as_str().unwrap_or(""),
+                dirty_mbs,
+                num(r, "total_ms"),
+                num(r, "downtime_ms"),
+                r["rounds"],
+                if r["forced_switchover"].as_bool().unwrap_or(false) {
+                    "forced"
+                } else {
+                    "converged"
+                },
+                num(r, "bytes_per_s") / 1e6,
+            );
+        }
+        md.push('\n');
+    }
+
+    if !res.devices.is_empty() {
+        let _ = writeln!(md, "## Downtime against device count\n\n{run_line}\n");
+        let dev_how = format!(
+            "a {} {} guest dirtying {} MiB at {} pages/s, {} data channels, devices of {} MiB \
+             read at {} MB/s (vfio-sim), 1 MiB chunks, default credit (2 x channels); parallel = \
+             chunks on the data channels with credit, serial = each device in turn on the main \
+             channel; the same rows as `livemig bench --mode devices`. Ideal = max(one device's \
+             read time, all device bytes / raw TCP) + the last RAM round / raw TCP (without \
+             devices: the last RAM round / raw TCP).",
+            size_label(a.device_guest_memory),
+            how.guest,
+            a.working_set.min(a.device_guest_memory / 4) >> 20,
+            a.dirty_rate,
+            a.device_channels,
+            a.device_size >> 20,
+            a.device_rate / 1_000_000,
+        );
+        md.push_str(&crate::bench_devices::table(&res.devices, raw, &dev_how));
+        md.push('\n');
+    }
+
+    if !res.resources.is_empty() {
+        let _ = writeln!(
+            md,
+            "## Resources of every migration\n\n{run_line}\n\nHow: peak RSS = VmHWM of each \
+             process, read by the process itself as it prints its final JSON line (the \
+             destination's includes the guest memory it received; \"over guest\" is what is \
+             left). Peak buffered = the sum of each device's largest reorder buffer on the \
+             destination (a bound on what was buffered at once). CPU = user + system time of \
+             the process from the start of the migration (source: after its guest started, was \
+             filled and warmed up; destination: from when it waits for the source, after any \
+             --memory pre-fault) less the guest's own threads (vCPUs, dirtying threads), per \
+             GiB sent (RAM and device state).\n"
+        );
+        md.push_str("| migration | GiB moved | src peak RSS MiB | dst peak RSS MiB | dst over guest MiB | dst peak buffered MiB | src CPU s | dst CPU s | src CPU s/GiB | dst CPU s/GiB | guest CPU s (src) |\n");
+        md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        for (name, u) in &res.resources {
+            let _ = writeln!(
+                md,
+                "| {name} | {:.2} | {:.0} | {:.0} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                num(u, "moved_bytes") / GIB,
+                mib(num(u, "source_peak_rss_bytes")),
+                mib(num(u, "dest_peak_rss_bytes")),
+                mib(num(u, "dest_rss_over_guest_bytes")),
+                mib(num(u, "dest_peak_buffered_bytes")),
+                num(u, "source_cpu_s"),
+                num(u, "dest_cpu_s"),
+                num(u, "source_cpu_s_per_gib"),
+                num(u, "dest_cpu_s_per_gib"),
+                num(u, "source_guest_cpu_s"),
+            );
+        }
+        md.push('\n');
+    }
+
+    let channels_rows: Vec<Value> = res
+        .channels
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r["first_round_ratio_to_raw"] = json!(num(&r, "first_round_bytes_per_s") / raw);
+            r["ratio_to_raw"] = json!(num(&r, "bytes_per_s") / raw);
+            r
+        })
+        .collect();
+    let mut how_json = how.json();
+    how_json["load_average_end"] = json!(load_end);
+    how_json["quick"] = json!(a.suite.quick);
+    how_json["repeat"] = json!(a.repeat.max(1));
+    let out = json!({
+        "how": how_json,
+        "raw_tcp": {
+            "bytes_per_s": raw,
+            "start_bytes_per_s": res.raw_start.0,
+            "end_bytes_per_s": res.raw_end.0,
+            "best": res.raw_how(),
+            "copy_bytes": plan.raw_bytes,
+        },
+        "channels": {"memory_bytes": plan.memory, "rows": channels_rows},
+        "size": size_json,
+        "dirty": {
+            "memory_bytes": plan.memory,
+            "working_set_bytes": plan.working_set,
+            "channels": CHANNELS,
+            "rows": res.dirty,
+        },
+        "devices": {
+            "guest_memory_bytes": a.device_guest_memory,
+            "device_size_bytes": a.device_size,
+            "device_rate": a.device_rate,
+            "channels": a.device_channels,
+            "rows": res.devices,
+        },
+        "resources": res.resources.iter().map(|(n, u)| {
+            let mut u = u.clone();
+            u["name"] = json!(n);
+            u
+        }).collect::<Vec<_>>(),
+    });
+    if let Some(dir) = &a.suite.out {
+        let md_path = dir.join("bench.md");
+        let json_path = dir.join("bench.json");
+        std::fs::write(&md_path, &md)
+            .with_context(|| format!("cannot write {}", md_path.display()))?;
+        std::fs::write(&json_path, serde_json::to_string_pretty(&out)?)
+            .with_context(|| format!("cannot write {}", json_path.display()))?;
+        eprintln!(
+            "bench suite: wrote {} and {}",
+            md_path.display(),
+            json_path.display()
+        );
+    }
+    if a.json {
+        crate::emit(&out);
+    } else {
+        print!("{md}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
