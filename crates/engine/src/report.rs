@@ -116,6 +116,8 @@ pub struct IncomingReport {
     pub buffer_cap_bytes: u64,
     /// Per streamed device, the most bytes its reorder buffer held at once.
     pub device_peak_buffered_bytes: Vec<u64>,
+    /// Pages that arrived torn (written by the guest while sent) and came again intact.
+    pub torn_pages: u64,
 }
 
 /// Events a running migration reports as it goes.

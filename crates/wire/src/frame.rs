@@ -136,7 +136,7 @@ impl FrameHeader {
         FrameHeader {
             kind,
             len: payload.len() as u32,
-            crc: crc32c::crc32c(payload),
+            crc: crc32c::crc32c(crc_covered(kind, payload)),
         }
     }
 
@@ -206,7 +206,7 @@ pub fn verify_payload(header: &FrameHeader, payload: &[u8]) -> Result<(), WireEr
             found: payload.len() as u64,
         });
     }
-    let found = crc32c::crc32c(payload);
+    let found = crc32c::crc32c(crc_covered(header.kind, payload));
     if found != header.crc {
         return Err(WireError::BadCrc {
             kind: header.kind.name(),
@@ -215,6 +215,15 @@ pub fn verify_payload(header: &FrameHeader, payload: &[u8]) -> Result<(), WireEr
         });
     }
     Ok(())
+}
+
+/// The part of a payload its frame CRC covers: all of it, except for RamPages, whose pages
+/// carry CRCs of their own (see [`crate::ram`]).
+pub fn crc_covered(kind: FrameKind, payload: &[u8]) -> &[u8] {
+    match kind {
+        FrameKind::RamPages => &payload[..crate::ram::crc_span(payload)],
+        _ => payload,
+    }
 }
 
 /// Encodes a whole frame (header and payload) into one buffer.

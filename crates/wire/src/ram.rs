@@ -1,15 +1,21 @@
 //! RamPages: a batch of guest pages on a data channel.
 //!
 //! ```text
-//! +-------+--------+-------+-------+--------------------------+----------------------+
-//! | round | normal | zero  | flags | offsets: normal then zero| normal pages' data   |
-//! |  u32  |  u32   |  u32  |  u32  | u64 guest addresses      | normal x 4096 bytes  |
-//! +-------+--------+-------+-------+--------------------------+----------------------+
+//! +-------+--------+-------+-------+--------------------------+-------------+---------------------+
+//! | round | normal | zero  | flags | offsets: normal then zero| page CRCs   | normal pages' data  |
+//! |  u32  |  u32   |  u32  |  u32  | u64 guest addresses      | u32, normal | normal x 4096 bytes |
+//! +-------+--------+-------+-------+--------------------------+-------------+---------------------+
+//!  \_______________________ the prefix: the frame's CRC32C covers it ____/
 //! ```
 //!
-//! Zero pages travel as offsets only. The payload length must equal exactly what the counts
-//! imply, every address must be page-aligned, and the counts are bounded by the receiver's
-//! limit; the frame's CRC32C covers the whole payload.
+//! Zero pages travel as offsets only. Each normal page carries its own CRC32C, and the frame's
+//! CRC covers only the prefix: the source sends pages straight from guest memory, which the
+//! guest may write while they are on their way, so a page can arrive torn. A torn page in a
+//! precopy round is harmless (the guest wrote it, so it is dirty and is sent again in a later
+//! round); the destination tells torn from corrupt by requiring every page that failed its
+//! CRC to arrive again intact before the end (the last round runs with the guest paused, where
+//! nothing can tear). The payload length must equal exactly what the counts imply, every
+//! address must be page-aligned, and the counts are bounded by the receiver's limit.
 
 use crate::cursor::{Reader, Writer};
 use crate::{Limits, WireError, PAGE_SIZE};
@@ -17,13 +23,37 @@ use crate::{Limits, WireError, PAGE_SIZE};
 /// Bytes before the offsets.
 pub const PREFIX_FIXED: usize = 16;
 
-/// Payload length of a packet with `normal` data pages and `zero` zero pages.
-pub const fn payload_len(normal: u32, zero: u32) -> u64 {
-    PREFIX_FIXED as u64 + 8 * (normal as u64 + zero as u64) + PAGE_SIZE as u64 * normal as u64
+/// Bytes of the prefix (everything before the page data) for these counts.
+pub const fn prefix_len(normal: u32, zero: u32) -> u64 {
+    PREFIX_FIXED as u64 + 8 * (normal as u64 + zero as u64) + 4 * normal as u64
 }
 
-/// Writes the part of a RamPages payload that precedes the page data.
-pub fn encode_prefix(round: u32, normal: &[u64], zero: &[u64], out: &mut Vec<u8>) {
+/// Payload length of a packet with `normal` data pages and `zero` zero pages.
+pub const fn payload_len(normal: u32, zero: u32) -> u64 {
+    prefix_len(normal, zero) + PAGE_SIZE as u64 * normal as u64
+}
+
+/// How much of a RamPages payload its frame CRC covers: the prefix, as far as the fixed
+/// part's counts say (the whole payload if it is too short to tell).
+pub fn crc_span(payload: &[u8]) -> usize {
+    let Some(fixed) = payload.get(..PREFIX_FIXED) else {
+        return payload.len();
+    };
+    let count = |i: usize| u32::from_le_bytes(fixed[i..i + 4].try_into().expect("4 bytes"));
+    let len = prefix_len(count(4), count(8));
+    usize::try_from(len).map_or(payload.len(), |l| l.min(payload.len()))
+}
+
+/// Writes the part of a RamPages payload that precedes the page data. `page_crcs` holds
+/// the CRC32C of each normal page, in order.
+pub fn encode_prefix(
+    round: u32,
+    normal: &[u64],
+    zero: &[u64],
+    page_crcs: &[u32],
+    out: &mut Vec<u8>,
+) {
+    debug_assert_eq!(normal.len(), page_crcs.len());
     out.clear();
     let mut w = Writer::new(out);
     w.u32(round)
@@ -32,6 +62,9 @@ pub fn encode_prefix(round: u32, normal: &[u64], zero: &[u64], out: &mut Vec<u8>
         .u32(0);
     for &a in normal.iter().chain(zero) {
         w.u64(a);
+    }
+    for &c in page_crcs {
+        w.u32(c);
     }
 }
 
@@ -91,6 +124,17 @@ impl RamPrefix {
     pub fn offsets_len(&self) -> usize {
         8 * (self.normal as usize + self.zero as usize)
     }
+
+    /// Bytes of the offsets and page CRCs that follow the fixed prefix.
+    pub fn rest_of_prefix_len(&self) -> usize {
+        self.offsets_len() + 4 * self.normal as usize
+    }
+}
+
+/// The page CRCs of a prefix's tail (after the offsets).
+pub fn decode_page_crcs(raw: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    raw.chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().expect("chunks_exact(4)")))
 }
 
 /// Decodes page addresses, checking that each is page-aligned.
@@ -115,6 +159,7 @@ pub struct RamPacket<'a> {
     pub round: u32,
     normal_offsets: &'a [u8],
     zero_offsets: &'a [u8],
+    page_crcs: &'a [u8],
     data: &'a [u8],
 }
 
@@ -134,11 +179,13 @@ impl<'a> RamPacket<'a> {
         } = RamPrefix::decode(&r.array()?, len, limits)?;
         let normal_offsets = r.bytes(8 * normal as usize)?;
         let zero_offsets = r.bytes(8 * zero as usize)?;
+        let page_crcs = r.bytes(4 * normal as usize)?;
         let data = r.rest();
         let pkt = RamPacket {
             round,
             normal_offsets,
             zero_offsets,
+            page_crcs,
             data,
         };
         for a in decode_offsets(normal_offsets).chain(decode_offsets(zero_offsets)) {
@@ -170,6 +217,13 @@ impl<'a> RamPacket<'a> {
     pub fn pages(&self) -> impl Iterator<Item = (u64, &'a [u8])> + 'a {
         self.normal_addrs().zip(self.data.chunks_exact(PAGE_SIZE))
     }
+
+    /// The normal pages with whether each arrived intact (its data matches its CRC).
+    pub fn checked_pages(&self) -> impl Iterator<Item = (u64, &'a [u8], bool)> + 'a {
+        self.pages()
+            .zip(decode_page_crcs(self.page_crcs))
+            .map(|((a, d), crc)| (a, d, crc32c::crc32c(d) == crc))
+    }
 }
 
 #[cfg(test)]
@@ -178,12 +232,29 @@ mod tests {
     use crate::{decode_frame, FrameHeader, FrameKind, HEADER_LEN};
 
     fn packet(round: u32, normal: &[u64], zero: &[u64]) -> Vec<u8> {
+        let page = |i: usize| vec![i as u8 + 1; PAGE_SIZE];
+        let crcs: Vec<u32> = (0..normal.len())
+            .map(|i| crc32c::crc32c(&page(i)))
+            .collect();
         let mut p = Vec::new();
-        encode_prefix(round, normal, zero, &mut p);
-        for (i, _) in normal.iter().enumerate() {
-            p.extend(std::iter::repeat_n(i as u8 + 1, PAGE_SIZE));
+        encode_prefix(round, normal, zero, &crcs, &mut p);
+        for i in 0..normal.len() {
+            p.extend(page(i));
         }
         p
+    }
+
+    #[test]
+    fn a_torn_page_is_told_apart_and_the_frame_crc_covers_the_prefix_only() {
+        let mut p = packet(2, &[0, 4096], &[]);
+        let span = crc_span(&p);
+        assert_eq!(span as u64, prefix_len(2, 0));
+        let last = p.len() - 1;
+        p[last] ^= 1; // the second page tears after its CRC was taken
+        let pkt = RamPacket::decode(&p, &Limits::default()).unwrap();
+        let ok: Vec<bool> = pkt.checked_pages().map(|(_, _, ok)| ok).collect();
+        assert_eq!(ok, vec![true, false]);
+        assert_eq!(crc_span(&p[..3]), 3, "too short to tell: everything");
     }
 
     #[test]
@@ -230,7 +301,7 @@ mod tests {
     #[test]
     fn rejects_counts_above_limit_without_allocating() {
         let mut p = Vec::new();
-        encode_prefix(0, &[], &[], &mut p);
+        encode_prefix(0, &[], &[], &[], &mut p);
         p[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             RamPacket::decode(&p, &Limits::default()),

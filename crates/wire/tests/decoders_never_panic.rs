@@ -33,12 +33,15 @@ proptest! {
     fn ram_packet_round_trip(round in any::<u32>(), normal in proptest::collection::vec(0u64..1<<30, 0..8), zero in proptest::collection::vec(0u64..1<<30, 0..8)) {
         let normal: Vec<u64> = normal.iter().map(|a| a * 4096).collect();
         let zero: Vec<u64> = zero.iter().map(|a| a * 4096).collect();
+        let crc = crc32c::crc32c(&[0xa5; PAGE_SIZE]);
+        let crcs = vec![crc; normal.len()];
         let mut p = Vec::new();
-        ram::encode_prefix(round, &normal, &zero, &mut p);
+        ram::encode_prefix(round, &normal, &zero, &crcs, &mut p);
         p.resize(p.len() + normal.len() * PAGE_SIZE, 0xa5);
         let pkt = RamPacket::decode(&p, &Limits::default()).unwrap();
         prop_assert_eq!(pkt.round, round);
         prop_assert_eq!(pkt.normal_addrs().collect::<Vec<_>>(), normal);
         prop_assert_eq!(pkt.zero_addrs().collect::<Vec<_>>(), zero);
+        prop_assert!(pkt.checked_pages().all(|(_, _, ok)| ok));
     }
 }

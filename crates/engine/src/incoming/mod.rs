@@ -30,7 +30,7 @@ use crate::device::{Device, DeviceError, DeviceFactory, VmState};
 use crate::error::{ChannelError, ChannelName, IncomingError};
 use crate::framed;
 use crate::guest::{Guest, GuestFactory};
-use crate::hostmem::PageClaims;
+use crate::hostmem::{PageClaims, TornPages};
 use crate::pool::{join_everything, JobCancelled, JobDone, PoolError, WorkerPool};
 use crate::prefault;
 use crate::report::{ms, IncomingReport};
@@ -246,6 +246,7 @@ impl Session<'_> {
         let guest = self.guest;
         let barrier = RoundBarrier::new(data.len());
         let claims = PageClaims::new(guest.memory());
+        let torn = TornPages::new(guest.memory());
         let streams = Streams::new(
             self.devices.len(),
             self.hello.devices.chunk_size as usize,
@@ -325,6 +326,7 @@ impl Session<'_> {
                     events: tx.clone(),
                     counters: &counters,
                     claims: &claims,
+                    torn: &torn,
                     streams: &streams,
                     hooks: self.config.test_hooks.clone(),
                 };
@@ -341,7 +343,7 @@ impl Session<'_> {
             let outcome = match failure.or(pool_failure) {
                 Some(e) => Err(e),
                 None => self
-                    .coordinate(&mut main, &rx, &pool.completions(), &counters)
+                    .coordinate(&mut main, &rx, &pool.completions(), &counters, &torn)
                     .map_err(|e| prefer_peer_reason(e, &rx)),
             };
             stop_prefault.store(true, Relaxed);
@@ -374,6 +376,7 @@ impl Session<'_> {
         events: &Receiver<Event>,
         jobs: &Receiver<JobDone>,
         counters: &Counters,
+        torn: &TornPages,
     ) -> Result<IncomingReport, IncomingError> {
         let hello = self.hello;
         let ping_every = crate::config::ping_interval(self.config.peer_timeout);
@@ -468,6 +471,17 @@ impl Session<'_> {
         }
         let drain = t_complete.elapsed();
         let complete = complete.expect("loop ends only with Complete");
+        // A page torn in precopy was written by the guest and has come again; one still torn
+        // now (the last round ran with the guest paused) was corrupted on the way.
+        if let (n @ 1.., first) = torn.outstanding() {
+            return Err(IncomingError::Channel(ChannelError::Protocol {
+                channel: ChannelName::Main,
+                detail: format!(
+                    "{n} page(s) failed their CRC32C check and never arrived intact (first at 0x{:x}): data corrupted on the way",
+                    first.unwrap_or(0)
+                ),
+            }));
+        }
         if complete.rounds != rounds {
             return Err(protocol(&format!(
                 "source sent {} rounds, data channels carried {rounds}",
@@ -555,6 +569,7 @@ impl Session<'_> {
             credit_window: self.accept.window,
             buffer_cap_bytes: self.accept.buffer_cap,
             device_peak_buffered_bytes: device_stats.iter().map(|d| d.peak_buffered).collect(),
+            torn_pages: torn.total(),
         })
     }
 }

@@ -8,7 +8,7 @@ use crate::config::TestHooks;
 use crate::error::{ChannelError, ChannelName};
 use crate::framed;
 use crate::guest::GuestMemory;
-use crate::hostmem::{self, PageClaims};
+use crate::hostmem::{self, PageClaims, TornPages};
 use crate::transport::Stream;
 use crossbeam_channel::Sender;
 use livemig_wire::{
@@ -36,6 +36,8 @@ pub(crate) struct ChannelReceiver<'a> {
     pub events: Sender<Event>,
     pub counters: &'a Counters,
     pub claims: &'a PageClaims,
+    /// Pages that arrived torn and must come again intact.
+    pub torn: &'a TornPages,
     pub streams: &'a Streams,
     pub hooks: TestHooks,
 }
@@ -173,13 +175,22 @@ impl ChannelReceiver<'_> {
         framed::read_exact(&mut self.stream, channel, &mut fixed, false)?;
         let prefix = RamPrefix::decode(&fixed, h.len, &self.limits).map_err(wire)?;
         check_round(channel, prefix.round, round)?;
-        scratch.resize(prefix.offsets_len(), 0);
+        scratch.resize(prefix.rest_of_prefix_len(), 0);
         framed::read_exact(&mut self.stream, channel, scratch, false)?;
-        let mut crc = crc32c::crc32c_append(crc32c::crc32c(&fixed), scratch);
+        // The frame's CRC covers the prefix; each page has its own.
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&fixed), scratch);
+        if crc != h.crc {
+            return Err(wire(livemig_wire::WireError::BadCrc {
+                kind: "RamPages",
+                expected: h.crc,
+                found: crc,
+            }));
+        }
+        let (offsets, page_crcs) = scratch.split_at(prefix.offsets_len());
 
         ptrs.pages.clear();
         ptrs.zeros.clear();
-        for (i, addr) in ram::decode_offsets(scratch).enumerate() {
+        for (i, addr) in ram::decode_offsets(offsets).enumerate() {
             let addr = addr.map_err(wire)?;
             let ptr = hostmem::page_ptr(self.memory, addr).ok_or_else(|| outside(channel, addr))?;
             if !self.claims.claim(addr) {
@@ -203,17 +214,17 @@ impl ChannelReceiver<'_> {
                 op: "receive pages",
                 source,
             })?;
-        for &p in &ptrs.pages {
+        for ((&p, expected), addr) in ptrs
+            .pages
+            .iter()
+            .zip(ram::decode_page_crcs(page_crcs))
+            .zip(ram::decode_offsets(offsets))
+        {
             // SAFETY: as above; the page was just filled by this thread.
             let page = unsafe { std::slice::from_raw_parts(p, PAGE_SIZE) };
-            crc = crc32c::crc32c_append(crc, page);
-        }
-        if crc != h.crc {
-            return Err(wire(livemig_wire::WireError::BadCrc {
-                kind: "RamPages",
-                expected: h.crc,
-                found: crc,
-            }));
+            // A torn page must come again intact before the end (see `TornPages`).
+            self.torn
+                .arrived(addr.map_err(wire)?, crc32c::crc32c(page) == expected);
         }
         for &p in &ptrs.zeros {
             // SAFETY: as above, a claimed page of guest memory.
@@ -232,10 +243,11 @@ impl ChannelReceiver<'_> {
     fn apply(&self, pkt: &RamPacket<'_>) -> Result<(), ChannelError> {
         let channel = ChannelName::Data(self.index);
         let outside = |addr| outside(channel, addr);
-        for (addr, data) in pkt.pages() {
+        for (addr, data, intact) in pkt.checked_pages() {
             self.memory
                 .write_slice(data, GuestAddress(addr))
                 .map_err(|_| outside(addr))?;
+            self.torn.arrived(addr, intact);
         }
         let mut page = [0u8; PAGE_SIZE];
         for addr in pkt.zero_addrs() {

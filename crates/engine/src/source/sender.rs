@@ -10,11 +10,12 @@ use crate::cancel::CancelToken;
 use crate::error::{ChannelError, ChannelName};
 use crate::framed;
 use crate::guest::GuestMemory;
+use crate::hostmem;
 use crate::transport::Stream;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use livemig_wire::{ram, ChunkHeader, FrameKind, RoundEnd, PAGE_SIZE};
+use livemig_wire::{ram, ChunkHeader, FrameHeader, FrameKind, RoundEnd, PAGE_SIZE};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
-use vm_memory::{Bytes, GuestAddress};
 
 /// Work for one data channel, in the order it must go on the wire.
 pub(crate) enum Job {
@@ -65,8 +66,10 @@ impl ChannelSender<'_> {
 
     fn serve(&mut self) -> Result<(), ChannelError> {
         let channel = ChannelName::Data(self.index);
-        let mut data = vec![0u8; self.pages_per_packet * PAGE_SIZE];
         let mut normal = Vec::with_capacity(self.pages_per_packet);
+        let mut crcs = Vec::with_capacity(self.pages_per_packet);
+        let mut ptrs: Vec<*const u8> = Vec::with_capacity(self.pages_per_packet);
+        let mut iov = Vec::with_capacity(self.pages_per_packet + 2);
         let mut zero = Vec::with_capacity(self.pages_per_packet);
         let mut prefix = Vec::new();
         for _ in 0..PIPELINE {
@@ -88,37 +91,56 @@ impl ChannelSender<'_> {
                 Job::Pages { round, addrs } => {
                     normal.clear();
                     zero.clear();
+                    crcs.clear();
+                    ptrs.clear();
                     for &addr in &addrs {
-                        let slot = &mut data[normal.len() * PAGE_SIZE..][..PAGE_SIZE];
-                        self.memory
-                            .read_slice(slot, GuestAddress(addr))
-                            .map_err(|e| ChannelError::Protocol {
+                        let p = hostmem::page_ptr(self.memory, addr).ok_or_else(|| {
+                            ChannelError::Protocol {
                                 channel,
-                                detail: format!("reading guest page 0x{addr:x}: {e}"),
-                            })?;
-                        if is_zero(slot) {
+                                detail: format!("guest page 0x{addr:x} is outside guest memory"),
+                            }
+                        })? as *const u8;
+                        // SAFETY: page_ptr checked the page lies wholly inside guest memory,
+                        // which stays mapped for the migration.
+                        if unsafe { hostmem::page_is_zero(p) } {
                             zero.push(addr);
                         } else {
                             normal.push(addr);
+                            // SAFETY: as above.
+                            crcs.push(unsafe { hostmem::page_crc(p) });
+                            ptrs.push(p);
                         }
                     }
-                    ram::encode_prefix(round, &normal, &zero, &mut prefix);
-                    let body = &data[..normal.len() * PAGE_SIZE];
-                    framed::send_parts(
-                        &mut self.stream,
+                    ram::encode_prefix(round, &normal, &zero, &crcs, &mut prefix);
+                    let len = prefix.len() + normal.len() * PAGE_SIZE;
+                    let header = FrameHeader {
+                        kind: FrameKind::RamPages,
+                        len: len as u32,
+                        crc: crc32c::crc32c(&prefix),
+                    }
+                    .encode();
+                    // SAFETY: every pointer is a page of guest memory checked above; the
+                    // kernel copies the pages as they are (a page the guest writes meanwhile
+                    // arrives torn, which the destination tolerates in precopy).
+                    unsafe {
+                        hostmem::write_pages(
+                            self.stream.as_raw_fd(),
+                            &header,
+                            &prefix,
+                            &ptrs,
+                            &mut iov,
+                        )
+                    }
+                    .map_err(|source| ChannelError::Io {
                         channel,
-                        FrameKind::RamPages,
-                        &[&prefix, body],
-                    )?;
+                        op: "send pages",
+                        source,
+                    })?;
                     let c = self.counters;
-                    c.bytes.fetch_add(
-                        (livemig_wire::HEADER_LEN + prefix.len() + body.len()) as u64,
-                        Relaxed,
-                    );
-                    c.ram_bytes.fetch_add(
-                        (livemig_wire::HEADER_LEN + prefix.len() + body.len()) as u64,
-                        Relaxed,
-                    );
+                    c.bytes
+                        .fetch_add((livemig_wire::HEADER_LEN + len) as u64, Relaxed);
+                    c.ram_bytes
+                        .fetch_add((livemig_wire::HEADER_LEN + len) as u64, Relaxed);
                     c.normal_pages.fetch_add(normal.len() as u64, Relaxed);
                     c.zero_pages.fetch_add(zero.len() as u64, Relaxed);
                     if self.ready.send(self.index).is_err() {
