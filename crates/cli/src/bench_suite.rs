@@ -61,6 +61,10 @@ pub struct SuiteArgs {
     /// 0,50k,max].
     #[arg(long, value_delimiter = ',', value_parser = parse_rate)]
     pub dirty_rates: Option<Vec<u64>>,
+    /// Suite: working set of the dirty section's guest (at most a quarter of its memory):
+    /// large enough that what a round leaves dirty grows with the rate.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub dirty_working_set: u64,
     /// Suite: working set of the dirtying rows of the size section.
     #[arg(long, default_value = "16M", value_parser = parse_size)]
     pub size_working_set: u64,
@@ -212,21 +216,23 @@ impl HowRun {
             .map_or(0.0, |k| k * 1024.0 / GIB);
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map_or("unknown".into(), |s| s.trim().to_string());
-        let commit = std::process::Command::new("git")
-            .args([
-                "-C",
-                env!("CARGO_MANIFEST_DIR"),
-                "rev-parse",
-                "--short",
-                "HEAD",
-            ])
-            .stderr(std::process::Stdio::null())
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map_or("unknown".into(), |o| {
-                String::from_utf8_lossy(&o.stdout).trim().to_string()
-            });
+        let git = |args: &[&str]| {
+            std::process::Command::new("git")
+                .args(["-C", env!("CARGO_MANIFEST_DIR")])
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        };
+        let commit = match git(&["rev-parse", "--short", "HEAD"]) {
+            None => "unknown".into(),
+            Some(c) => match git(&["status", "--porcelain", "--untracked-files=no"]) {
+                Some(changes) if !changes.is_empty() => format!("{c} + uncommitted changes"),
+                _ => c,
+            },
+        };
         HowRun {
             command: command_line(),
             guest: guest.name(),
@@ -389,7 +395,7 @@ impl Plan {
                     vec![0, 10_000, 50_000, 100_000, 200_000, MAX_RATE]
                 }
             }),
-            working_set: a.working_set.min(memory / 4),
+            working_set: s.dirty_working_set.min(memory / 4),
             device_counts: a
                 .device_counts
                 .clone()
@@ -463,6 +469,8 @@ fn migrate_once(a: &BenchArgs, plan: &Plan, s: &Spec) -> anyhow::Result<Run> {
         "bytes_per_s": f("bytes_per_s"),
         "first_round_bytes_per_s": rounds.first().and_then(|r| r["bytes_per_s"].as_f64()).unwrap_or(0.0),
         "rounds": rounds.len(),
+        // Distinct pages the guest dirtied while the first round was sent.
+        "first_round_dirty_after_pages": rounds.first().map_or(json!(0), |r| r["dirty_after"].clone()),
         "forced_switchover": rep["forced_switchover"],
     });
     Ok(Run {
@@ -868,22 +876,25 @@ fn finish(a: &BenchArgs, plan: &Plan, how: &HowRun, res: &Results) -> anyhow::Re
             "How: a filled {} {} guest writing pages of a {} MiB working set at each rate (0: \
              idle; max: as fast as one vCPU writes), {CHANNELS} channels, destination started \
              with --memory; livemig's defaults otherwise (switchover once the rest would move \
-             within 300 ms, at most 30 rounds). Dirty MB/s = rate x 4 KiB.\n",
+             within 300 ms, at most 30 rounds). Dirty MB/s = the rate asked for x 4 KiB; dirtied \
+             in round 1 = the distinct pages written while the first round was sent (at most \
+             the working set).\n",
             size_label(plan.memory),
             how.guest,
             plan.working_set >> 20
         );
-        md.push_str("| dirty rate pages/s | dirty MB/s | total ms | downtime ms | rounds | switchover | overall MB/s |\n");
-        md.push_str("|---:|---:|---:|---:|---:|---|---:|\n");
+        md.push_str("| dirty rate pages/s | dirty MB/s | dirtied in round 1 MiB | total ms | downtime ms | rounds | switchover | overall MB/s |\n");
+        md.push_str("|---:|---:|---:|---:|---:|---:|---|---:|\n");
         for r in &res.dirty {
             let dirty_mbs = r["dirty_rate"]
                 .as_f64()
                 .map_or("-".into(), |p| format!("{:.0}", p * 4096.0 / 1e6));
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} | {:.1} | {} | {} | {:.0} |",
+                "| {} | {} | {:.0} | {:.0} | {:.1} | {} | {} | {:.0} |",
                 r["dirty_rate_label"].as_str().unwrap_or(""),
                 dirty_mbs,
+                num(r, "first_round_dirty_after_pages") * 4096.0 / MIB as f64,
                 num(r, "total_ms"),
                 num(r, "downtime_ms"),
                 r["rounds"],

@@ -164,6 +164,10 @@ fn the_suite_writes_every_section_as_markdown_and_json() {
     }
     assert_eq!(dirty[0]["working_set_bytes"], 0, "rate 0 is an idle guest");
     assert!(dirty[2]["dirty_rate"].is_null(), "max: as fast as it can");
+    assert!(
+        dirty[2]["first_round_dirty_after_pages"].as_u64().unwrap() > 0,
+        "a guest writing as fast as it can dirties pages during the first round"
+    );
 
     let dev = rows(&j, "devices");
     let mut seen: Vec<(u64, String)> = dev
