@@ -191,7 +191,7 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
             for k, v in params.items():
                 self.assertEqual(got[k], v)
         caps = {c["capability"]: c["state"] for c in await src.cmd("query-migrate-capabilities")}
-        self.assertEqual(caps, {"multifd": True, "events": True})
+        self.assertEqual(caps, {"multifd": True, "events": True, "auto-converge": True})
         self.assertEqual(await src.cmd("query-migrate"), {}, "no migration yet")
 
         uri = self.uri("m1")

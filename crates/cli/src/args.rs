@@ -2,7 +2,7 @@
 
 use crate::guest::GuestChoice;
 use clap::Args;
-use livemig_engine::config::{ChunkOrder, SourceTestHooks};
+use livemig_engine::config::{ChunkOrder, NoConvergence, SourceTestHooks};
 use livemig_engine::MigrationConfig;
 use livemig_vmm::devices::DeviceSpec;
 use livemig_vmm::synthetic::{SyntheticConfig, Workload};
@@ -64,6 +64,14 @@ pub struct MigrationArgs {
     /// Switch over after this many seconds of precopy even if not converged.
     #[arg(long, default_value_t = 120)]
     pub max_precopy_secs: u64,
+    /// Throttle the guest's vCPUs progressively while rounds stop shrinking (20%, +10% a
+    /// round, up to 99%), as QEMU's auto-converge.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub auto_converge: bool,
+    /// When the round or time bound is hit before convergence: `force` the switchover
+    /// (reporting the expected downtime) or `cancel` the migration (the guest runs on here).
+    #[arg(long, value_enum, default_value_t = OnNoConvergence::Force)]
+    pub on_no_convergence: OnNoConvergence,
     /// Pages per data packet (1 to 1024; 128 = 512 KiB).
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub pages_per_packet: u32,
@@ -88,6 +96,13 @@ pub struct MigrationArgs {
     /// TEST ONLY: send device chunks in an adversarial order.
     #[arg(long, value_enum, hide = true, default_value_t = TestChunkOrder::Natural)]
     pub test_chunk_order: TestChunkOrder,
+}
+
+/// What a migration that does not converge in time does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnNoConvergence {
+    Force,
+    Cancel,
 }
 
 /// How device state travels.
@@ -116,6 +131,11 @@ impl MigrationArgs {
             max_rounds: self.max_rounds,
             max_precopy_time: Duration::from_secs(self.max_precopy_secs),
             pages_per_packet: self.pages_per_packet,
+            auto_converge: self.auto_converge,
+            on_no_convergence: match self.on_no_convergence {
+                OnNoConvergence::Force => NoConvergence::Force,
+                OnNoConvergence::Cancel => NoConvergence::Cancel,
+            },
             device_transfer: match self.device_state_transfer {
                 TransferMode::Multifd => DeviceTransfer::Multifd,
                 TransferMode::Main => DeviceTransfer::Main,
@@ -145,6 +165,14 @@ impl MigrationArgs {
             format!("--max-rounds={}", self.max_rounds),
             format!("--max-precopy-secs={}", self.max_precopy_secs),
             format!("--pages-per-packet={}", self.pages_per_packet),
+            format!("--auto-converge={}", self.auto_converge),
+            format!(
+                "--on-no-convergence={}",
+                match self.on_no_convergence {
+                    OnNoConvergence::Force => "force",
+                    OnNoConvergence::Cancel => "cancel",
+                }
+            ),
             format!("--chunk-size={}", self.chunk_size),
             format!("--credit-window={}", self.credit_window),
             format!("--buffer-cap={}", self.buffer_cap),

@@ -32,6 +32,11 @@ pub struct MigrationConfig {
     pub max_rounds: u32,
     /// Switch over after this much precopy time even if not converged.
     pub max_precopy_time: Duration,
+    /// What happens when a round or time bound is hit before convergence.
+    pub on_no_convergence: NoConvergence,
+    /// Throttle the guest's vCPUs progressively (20%, then +10% a round, up to 99%) while
+    /// rounds stop shrinking: QEMU's auto-converge.
+    pub auto_converge: bool,
     /// Pages per RamPages packet.
     pub pages_per_packet: u32,
     /// How long to keep retrying a refused connection while the destination starts.
@@ -66,6 +71,8 @@ impl Default for MigrationConfig {
             max_bandwidth: None,
             max_rounds: 30,
             max_precopy_time: Duration::from_secs(120),
+            on_no_convergence: NoConvergence::Force,
+            auto_converge: true,
             pages_per_packet: DEFAULT_PAGES_PER_PACKET,
             connect_timeout: Duration::from_secs(10),
             completion_timeout: Duration::from_secs(120),
@@ -116,6 +123,21 @@ impl MigrationConfig {
         Ok(())
     }
 }
+
+/// What a migration that did not converge within its round or time bound does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum NoConvergence {
+    /// Switch over anyway; the report says it was forced and the downtime expected.
+    #[default]
+    Force,
+    /// Give up: the migration fails with the expected downtime, the guest runs on here.
+    Cancel,
+}
+
+/// Auto-converge's first throttle, step per round and ceiling (QEMU's defaults).
+pub const THROTTLE_INITIAL: u8 = 20;
+pub const THROTTLE_STEP: u8 = 10;
+pub const THROTTLE_MAX: u8 = 99;
 
 /// Test-only: the order in which the source sends a device's chunks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

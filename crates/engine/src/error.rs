@@ -65,6 +65,15 @@ pub enum MigrationError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "did not converge: after {rounds} rounds ({throttle_percent}% throttle) the rest would take {expected_downtime_ms:.0} ms against a limit of {limit_ms:.0} ms; cancelled as configured, the guest runs on here"
+    )]
+    NotConverged {
+        rounds: u32,
+        expected_downtime_ms: f64,
+        limit_ms: f64,
+        throttle_percent: u8,
+    },
     #[error(transparent)]
     Channel(#[from] ChannelError),
     #[error(transparent)]

@@ -79,6 +79,14 @@ pub trait Guest: Send + Sync {
 
     /// Checks every page for exactness. Only called while paused.
     fn verify(&self) -> Result<VerifyReport, GuestError>;
+
+    /// Throttles the guest's vCPUs to run `100 - percent` percent of the time (0 lifts it),
+    /// for auto-converge. A guest that cannot be throttled says so; the migration then goes
+    /// on without.
+    fn set_throttle(&self, percent: u8) -> Result<(), GuestError> {
+        let _ = percent;
+        Err(GuestError::new("throttle", "this guest cannot be throttled"))
+    }
 }
 
 /// Builds, on the destination, the guest a source described.

@@ -25,7 +25,9 @@ pub mod stats;
 pub mod transport;
 
 pub use cancel::CancelToken;
-pub use config::{ChunkOrder, IncomingConfig, MigrationConfig, SourceTestHooks, TestHooks};
+pub use config::{
+    ChunkOrder, IncomingConfig, MigrationConfig, NoConvergence, SourceTestHooks, TestHooks,
+};
 pub use device::{Device, DeviceDescriptor, DeviceError, DeviceFactory, VmState};
 pub use dirty::DirtyBitmap;
 pub use error::{ChannelError, ChannelName, IncomingError, MigrationError};

@@ -18,6 +18,8 @@ pub struct RoundReport {
     pub dirty_after: u64,
     /// Time to send `dirty_after` pages at this round's rate.
     pub expected_downtime_ms: f64,
+    /// Auto-converge's throttle on the guest's vCPUs during this round (percent).
+    pub throttle_percent: u8,
 }
 
 /// Where the guest's pause went, source and destination together.

@@ -12,5 +12,6 @@ pub mod kvm;
 pub mod memory;
 pub mod pattern;
 pub mod synthetic;
+pub mod throttle;
 
 pub use factory::Factory;

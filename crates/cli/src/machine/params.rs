@@ -14,6 +14,8 @@ pub struct Capabilities {
     pub multifd: bool,
     /// `MIGRATION` and `MIGRATION_PASS` events.
     pub events: bool,
+    /// Throttle the vCPUs while rounds stop shrinking.
+    pub auto_converge: bool,
 }
 
 impl Default for Capabilities {
@@ -22,6 +24,7 @@ impl Default for Capabilities {
         Capabilities {
             multifd: true,
             events: false,
+            auto_converge: true,
         }
     }
 }
@@ -31,6 +34,7 @@ impl Capabilities {
         json!([
             {"capability": "multifd", "state": self.multifd},
             {"capability": "events", "state": self.events},
+            {"capability": "auto-converge", "state": self.auto_converge},
         ])
     }
 
@@ -47,9 +51,10 @@ impl Capabilities {
             match name {
                 "multifd" => next.multifd = state,
                 "events" => next.events = state,
+                "auto-converge" => next.auto_converge = state,
                 other => {
                     return Err(QmpError::generic(format!(
-                        "Capability '{other}' is not supported by livemig (it knows multifd and events)"
+                        "Capability '{other}' is not supported by livemig (it knows multifd, events and auto-converge)"
                     )))
                 }
             }
@@ -212,6 +217,7 @@ impl Parameters {
             buffer_cap: self.buffer_cap,
             device_transfer: self.device_state_transfer,
             peer_timeout: self.peer_timeout(livemig_engine::config::DEFAULT_PEER_TIMEOUT),
+            auto_converge: caps.auto_converge,
             ..MigrationConfig::default()
         }
     }
@@ -244,6 +250,7 @@ mod tests {
         let single = Capabilities {
             multifd: false,
             events: true,
+            auto_converge: true,
         };
         assert_eq!(p.migration_config(&single).channels, 1);
     }

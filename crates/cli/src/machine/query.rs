@@ -110,6 +110,9 @@ impl Outgoing {
                 "multifd-bytes": s.ram_bytes,
             }),
         );
+        if let Some(r) = &self.last_round {
+            m.insert("cpu-throttle-percentage".into(), json!(r.throttle_percent));
+        }
         match &self.report {
             Some(r) => {
                 m.insert("downtime".into(), json!(r.downtime_ms.round() as u64));

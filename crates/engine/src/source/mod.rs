@@ -39,7 +39,7 @@ mod sender;
 pub(crate) use sender::is_zero;
 
 use crate::cancel::CancelToken;
-use crate::config::{ChunkOrder, MigrationConfig};
+use crate::config::{ChunkOrder, MigrationConfig, NoConvergence};
 use crate::device::{Device, DeviceError, VmState};
 use crate::dirty::DirtyBitmap;
 use crate::error::{panic_message, ChannelError, ChannelName, MigrationError};
@@ -166,6 +166,7 @@ pub fn migrate_vm(
         }
         // Every step is tried, whatever the others do; the first of their errors is kept
         // only if the migration's own error is not more telling.
+        let _ = vm.guest.set_throttle(0);
         let _ = vm.guest.stop_dirty_log();
         let devices = vm
             .devices
@@ -598,8 +599,10 @@ impl Coordinator<'_> {
         let precopy_start = Instant::now();
         let mut rounds = Vec::new();
         let mut round = 0u32;
+        let mut converge = AutoConverge::new(self.config.auto_converge);
         let forced = loop {
             let mut report = self.precopy_round(round, &dirty)?;
+            report.throttle_percent = converge.throttle;
             dirty.clear();
             guest.sync_dirty_log(&mut dirty)?;
             report.dirty_after = dirty.count();
@@ -607,6 +610,7 @@ impl Coordinator<'_> {
                 1e3 * (report.dirty_after * PAGE_SIZE as u64) as f64 / report.bytes_per_s.max(1.0);
             (self.progress)(&Progress::RoundDone(report.clone()));
             let converged = report.expected_downtime_ms <= ms(self.config.downtime_limit);
+            let next_throttle = converge.after_round(&report);
             rounds.push(report);
             round += 1;
             if converged {
@@ -615,7 +619,23 @@ impl Coordinator<'_> {
             if round >= self.config.max_rounds
                 || precopy_start.elapsed() >= self.config.max_precopy_time
             {
+                if self.config.on_no_convergence == NoConvergence::Cancel {
+                    return Err(MigrationError::NotConverged {
+                        rounds: round,
+                        expected_downtime_ms: rounds.last().map_or(0.0, |r| r.expected_downtime_ms),
+                        limit_ms: ms(self.config.downtime_limit),
+                        throttle_percent: converge.throttle,
+                    });
+                }
                 break true;
+            }
+            if let Some(p) = next_throttle {
+                // A guest that cannot be throttled migrates on without it.
+                if guest.set_throttle(p).is_err() {
+                    converge.enabled = false;
+                } else {
+                    converge.throttle = p;
+                }
             }
         };
         let precopy = precopy_start.elapsed();
@@ -645,7 +665,9 @@ impl Coordinator<'_> {
         let (saved, device_stats) = self.wait_device_saves()?;
         down.state_save_ms = saved.ms;
         down.device_save_ms = device_stats.iter().map(|s| s.final_ms).fold(0.0, f64::max);
-        rounds.push(self.finish_round(round, last, t_transfer)?);
+        let mut final_round = self.finish_round(round, last, t_transfer)?;
+        final_round.throttle_percent = converge.throttle;
+        rounds.push(final_round);
         let main = ChannelName::Main;
         if self.config.device_transfer == DeviceTransfer::Main {
             let t = Instant::now();
@@ -1017,6 +1039,49 @@ fn job_failure(done: Result<JobDone, crossbeam_channel::RecvError>) -> Result<()
             ..
         }) => Err(MigrationError::Job(e)),
         _ => Ok(()),
+    }
+}
+
+/// Auto-converge's state: QEMU's rule, a round whose dirtying reached half of what it sent
+/// counts as not shrinking; two such rounds in a row raise the throttle a step.
+struct AutoConverge {
+    enabled: bool,
+    /// The throttle now, percent.
+    throttle: u8,
+    /// Rounds in a row that did not shrink.
+    high: u32,
+}
+
+impl AutoConverge {
+    fn new(enabled: bool) -> Self {
+        AutoConverge {
+            enabled,
+            throttle: 0,
+            high: 0,
+        }
+    }
+
+    /// The throttle the next round should run at, if it changes.
+    fn after_round(&mut self, r: &RoundReport) -> Option<u8> {
+        if !self.enabled {
+            return None;
+        }
+        if r.dirty_after * 2 >= r.pages.max(1) {
+            self.high += 1;
+        } else {
+            self.high = 0;
+        }
+        if self.high < 2 || self.throttle >= crate::config::THROTTLE_MAX {
+            return None;
+        }
+        self.high = 0;
+        Some(if self.throttle == 0 {
+            crate::config::THROTTLE_INITIAL
+        } else {
+            self.throttle
+                .saturating_add(crate::config::THROTTLE_STEP)
+                .min(crate::config::THROTTLE_MAX)
+        })
     }
 }
 

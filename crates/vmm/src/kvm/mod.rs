@@ -64,11 +64,13 @@ pub use error::KvmError;
 pub use state::{KvmState, StateError, VERSION as STATE_VERSION};
 
 use crate::memory;
+use crate::throttle::Throttle;
 use layout::{Layout, LayoutError, Params};
 use livemig_engine::{DirtyBitmap, Guest, GuestError, GuestMemory, VerifyReport};
 use livemig_wire::{GuestDescriptor, MemoryRange, PAGE_SIZE};
 use vcpu::Vcpu;
 use vm::Vm;
+use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress};
 
 /// The kind name in the wire's guest descriptor.
@@ -108,6 +110,8 @@ impl Default for KvmConfig {
 
 /// A running (or paused) KVM micro-VM. Fields drop in order: vCPUs, then the VM, then memory.
 pub struct KvmGuest {
+    /// Auto-converge's throttle, shared with every vCPU thread.
+    throttle: Arc<Throttle>,
     vcpus: Vec<Vcpu>,
     vm: Vm,
     layout: Layout,
@@ -176,6 +180,7 @@ impl KvmGuest {
         let vm = Vm::create(&memory)?;
         let mut tsc_khz = 0;
         let mut list = Vec::new();
+        let throttle = Arc::new(Throttle::default());
         for i in 0..vcpus {
             let fd = vm
                 .fd
@@ -192,9 +197,10 @@ impl KvmGuest {
                     source,
                 })? as u64;
             }
-            list.push(Vcpu::new(i, fd, &vm.cpuid, &vm.msr_indices)?);
+            list.push(Vcpu::new(i, fd, &vm.cpuid, &vm.msr_indices, &throttle)?);
         }
         Ok(KvmGuest {
+            throttle,
             vcpus: list,
             vm,
             layout,
@@ -335,6 +341,11 @@ impl KvmGuest {
 }
 
 impl Guest for KvmGuest {
+    fn set_throttle(&self, percent: u8) -> Result<(), GuestError> {
+        self.throttle.set(percent);
+        Ok(())
+    }
+
     fn descriptor(&self) -> GuestDescriptor {
         GuestDescriptor {
             kind: KIND.into(),

@@ -20,6 +20,7 @@ use super::layout::{PORT_BOOT, PORT_PROGRESS, PORT_SLEEP};
 use super::state::VcpuState;
 use kvm_bindings::{kvm_msr_entry, CpuId, Msrs, KVM_MAX_MSR_ENTRIES, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use crate::throttle::{Throttle, ThrottleClock};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
@@ -60,6 +61,8 @@ struct Control {
     reported: AtomicU64,
     /// Progress reports received.
     reports: AtomicU64,
+    /// Auto-converge's throttle, shared by every vCPU of the guest.
+    throttle: Arc<Throttle>,
 }
 
 impl Control {
@@ -113,6 +116,7 @@ impl Vcpu {
         fd: VcpuFd,
         cpuid: &CpuId,
         msr_indices: &[u32],
+        throttle: &Arc<Throttle>,
     ) -> Result<Self, KvmError> {
         install_kick_handler()?;
         let mut cpuid = cpuid.clone();
@@ -137,6 +141,7 @@ impl Vcpu {
                 stop: AtomicBool::new(false),
                 reported: AtomicU64::new(0),
                 reports: AtomicU64::new(0),
+                throttle: throttle.clone(),
             }),
             thread: Mutex::new(None),
             msr_indices: msr_indices.to_vec(),
@@ -336,7 +341,14 @@ impl Vcpu {
 /// The vCPU thread.
 fn run_loop(fd: &Mutex<VcpuFd>, ctl: &Control) {
     let mut vcpu = fd.lock().unwrap_or_else(|p| p.into_inner());
+    let mut clock = ThrottleClock::default();
     loop {
+        // Throttled: after running a while, sleep in proportion (the payload exits to the
+        // host every few hundred pages at most, so this is reached often enough).
+        if let Some(d) = clock.due(&ctl.throttle) {
+            ctl.sleep(d);
+            clock.restart();
+        }
         if ctl.stop.load(Ordering::Acquire) {
             ctl.set(Phase::Stopped("shut down".into()));
             return;
@@ -349,6 +361,7 @@ fn run_loop(fd: &Mutex<VcpuFd>, ctl: &Control) {
             drop(vcpu);
             ctl.park();
             vcpu = fd.lock().unwrap_or_else(|p| p.into_inner());
+            clock.restart();
             continue;
         }
         let stopped = match vcpu.run() {

@@ -13,6 +13,7 @@ use crate::memory;
 use crate::pattern;
 use livemig_engine::{DirtyBitmap, Guest, GuestError, GuestMemory, VerifyReport};
 use livemig_wire::{GuestDescriptor, MemoryRange, PAGE_SIZE};
+use crate::throttle::{Throttle, ThrottleClock};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -39,6 +40,8 @@ struct Shared {
     workload: Mutex<Workload>,
     pause_requested: AtomicBool,
     stop: AtomicBool,
+    /// Auto-converge's throttle on the workload threads.
+    throttle: Throttle,
     /// Workload threads parked at a pause.
     parked: Mutex<usize>,
     cv: Condvar,
@@ -90,6 +93,7 @@ impl SyntheticGuest {
                 }),
                 pause_requested: AtomicBool::new(true),
                 stop: AtomicBool::new(false),
+                throttle: Throttle::default(),
                 parked: Mutex::new(0),
                 cv: Condvar::new(),
             }),
@@ -169,9 +173,18 @@ impl Shared {
         let mut next = t as u64;
         let mut written = 0u64;
         let mut since = Instant::now();
+        let mut clock = ThrottleClock::default();
         loop {
             if self.pause_requested.load(Ordering::Acquire) {
                 self.park();
+                written = 0;
+                since = Instant::now();
+                clock.restart();
+            }
+            if let Some(d) = clock.due(&self.throttle) {
+                self.sleep(d);
+                clock.restart();
+                // The rate schedule restarts too: throttled time is not made up later.
                 written = 0;
                 since = Instant::now();
             }
@@ -221,6 +234,11 @@ impl Shared {
 }
 
 impl Guest for SyntheticGuest {
+    fn set_throttle(&self, percent: u8) -> Result<(), GuestError> {
+        self.shared.throttle.set(percent);
+        Ok(())
+    }
+
     fn descriptor(&self) -> GuestDescriptor {
         GuestDescriptor {
             kind: KIND.into(),
