@@ -85,7 +85,10 @@ pub trait Guest: Send + Sync {
     /// on without.
     fn set_throttle(&self, percent: u8) -> Result<(), GuestError> {
         let _ = percent;
-        Err(GuestError::new("throttle", "this guest cannot be throttled"))
+        Err(GuestError::new(
+            "throttle",
+            "this guest cannot be throttled",
+        ))
     }
 }
 
