@@ -96,6 +96,8 @@ pub struct MigrationArgs {
     /// TEST ONLY: send device chunks in an adversarial order.
     #[arg(long, value_enum, hide = true, default_value_t = TestChunkOrder::Natural)]
     pub test_chunk_order: TestChunkOrder,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 /// What a migration that does not converge in time does.
@@ -123,8 +125,8 @@ pub enum TestChunkOrder {
 }
 
 impl MigrationArgs {
-    pub fn config(&self) -> MigrationConfig {
-        MigrationConfig {
+    pub fn config(&self) -> anyhow::Result<MigrationConfig> {
+        Ok(MigrationConfig {
             channels: self.channels,
             downtime_limit: Duration::from_millis(self.downtime_limit_ms),
             max_bandwidth: self.max_bandwidth,
@@ -144,6 +146,7 @@ impl MigrationArgs {
             credit_window: self.credit_window,
             buffer_cap: self.buffer_cap,
             peer_timeout: Duration::from_millis(self.peer_timeout_ms),
+            tls: self.tls.config()?,
             test_hooks: SourceTestHooks {
                 chunk_order: match self.test_chunk_order {
                     TestChunkOrder::Natural => ChunkOrder::Natural,
@@ -154,7 +157,7 @@ impl MigrationArgs {
                 },
             },
             ..MigrationConfig::default()
-        }
+        })
     }
 
     /// The same options as command-line arguments, to hand to a child process.
@@ -197,6 +200,7 @@ impl MigrationArgs {
         if let Some(b) = self.max_bandwidth {
             v.push(format!("--max-bandwidth={b}"));
         }
+        v.extend(self.tls.to_args());
         v
     }
 }

@@ -61,6 +61,10 @@ pub struct BenchArgs {
     /// Repeat each row this many times and keep the median.
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
+    /// Measure the cost of TLS: every row twice in the same run, over plain TCP and over
+    /// TLS 1.3 with mutual authentication (throwaway certificates made for the run).
+    #[arg(long)]
+    pub tls: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -96,6 +100,9 @@ pub(crate) fn report_run(a: &BenchArgs, name: &str, run: &mut Run) -> anyhow::Re
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
+    if a.tls {
+        return crate::bench_tls::run(&a);
+    }
     if let Some(dir) = &a.report {
         crate::demo::prepare_report_dir(dir)?;
     }

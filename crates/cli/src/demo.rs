@@ -49,11 +49,12 @@ pub(crate) fn write_pictures(
 pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut source_args = a.guest.to_args();
     source_args.extend(a.migration.to_args());
-    let dest_args = vec![
+    let mut dest_args = vec![
         "--verify".to_string(),
         "--run-after-ms=300".to_string(),
         format!("--memory={}", a.guest.memory),
     ];
+    dest_args.extend(a.migration.tls.to_args());
     if !a.json {
         eprintln!(
             "livemig demo: migrating a {} MiB {} guest ({} vCPU dirtying {} MiB at {} pages/s) over {} channels on loopback",

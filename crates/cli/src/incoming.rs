@@ -74,6 +74,7 @@ pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
             verify: a.verify,
             max_guest_memory: a.max_guest_memory,
             peer_timeout: Duration::from_millis(a.onward.peer_timeout_ms),
+            tls: a.onward.tls.config()?,
         };
         machine::serve(path, None, limits, a.listen.as_ref())?;
         return Ok(ExitCode::SUCCESS);
@@ -95,6 +96,7 @@ pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
         credit_window: a.max_credit_window,
         buffer_cap: a.max_buffer_cap,
         peer_timeout: Duration::from_millis(a.onward.peer_timeout_ms),
+        tls: a.onward.tls.config()?,
         test_hooks: TestHooks {
             break_round_order: a.test_break_round_order,
         },
@@ -168,7 +170,7 @@ fn forward(
             emit(&serde_json::to_value(p).unwrap_or_default());
         }
     };
-    match migrate(guest, to, &m.config(), &progress) {
+    match migrate(guest, to, &m.config()?, &progress) {
         Ok(report) => {
             let v = guest.verify()?;
             if json {

@@ -12,6 +12,7 @@ mod args;
 mod bench;
 mod bench_devices;
 mod bench_suite;
+mod bench_tls;
 mod demo;
 mod devices;
 mod guest;
@@ -23,6 +24,7 @@ mod progress;
 mod raw_tcp;
 mod run;
 mod status;
+mod tls;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -41,7 +41,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         emit(&json!({"event": "guest_started", "guest": kind, "memory": a.guest.memory}));
     }
     std::thread::sleep(Duration::from_millis(a.guest.warmup_ms));
-    let config = a.migration.config();
+    let config = a.migration.config()?;
     let progress = move |p: &Progress| {
         if json {
             emit(&serde_json::to_value(p).unwrap_or_default());

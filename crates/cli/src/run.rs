@@ -27,6 +27,9 @@ pub struct RunArgs {
     /// Serve QMP on this Unix socket path and run until `quit` (migrate with `migrate`).
     #[arg(long)]
     pub qmp: Option<std::path::PathBuf>,
+    /// TLS for migrations started over QMP.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
@@ -46,7 +49,11 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             devices,
             vmstates,
         };
-        machine::serve(path, Some(vm), IncomingLimits::default(), None)?;
+        let limits = IncomingLimits {
+            tls: a.tls.config()?,
+            ..IncomingLimits::default()
+        };
+        machine::serve(path, Some(vm), limits, None)?;
         return Ok(ExitCode::SUCCESS);
     }
     if a.json {

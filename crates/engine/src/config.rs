@@ -3,10 +3,12 @@
 use crate::cancel::CancelToken;
 use crate::error::MigrationError;
 use crate::stats::LiveStats;
+use crate::tls::TlsConfig;
 use livemig_wire::{
     DeviceTransfer, Limits, DEFAULT_PAGES_PER_PACKET, MAX_CHANNELS, MAX_CHUNK_SIZE,
     MAX_PAGES_PER_PACKET,
 };
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a silent peer is given by default before it is taken for dead.
@@ -56,6 +58,9 @@ pub struct MigrationConfig {
     /// long is taken for dead: the migration fails and the guest runs on here. Idle data
     /// channels ping every quarter of it. TCP keepalive and user timeout follow it too.
     pub peer_timeout: Duration,
+    /// TLS 1.3 with mutual authentication on every channel (none: plain sockets). The
+    /// destination must use TLS too.
+    pub tls: Option<Arc<TlsConfig>>,
     /// Cancels the migration from outside; the guest then runs on here.
     pub cancel: CancelToken,
     /// The live counters, for watching the migration from outside.
@@ -81,6 +86,7 @@ impl Default for MigrationConfig {
             credit_window: 0,
             buffer_cap: 0,
             peer_timeout: DEFAULT_PEER_TIMEOUT,
+            tls: None,
             cancel: CancelToken::new(),
             stats: LiveStats::new(),
             test_hooks: SourceTestHooks::default(),
@@ -190,6 +196,9 @@ pub struct IncomingConfig {
     /// the session fails and the guest is dropped, never resumed. The main channel pings the
     /// source every quarter of it.
     pub peer_timeout: Duration,
+    /// TLS 1.3 with mutual authentication on every channel (none: plain sockets): a
+    /// connection without a valid client certificate is refused at the TLS layer.
+    pub tls: Option<Arc<TlsConfig>>,
     /// Stops waiting for a source (a session already under way runs to its end: cancel it
     /// on the source).
     pub cancel: CancelToken,
@@ -207,6 +216,7 @@ impl Default for IncomingConfig {
             credit_window: 0,
             buffer_cap: 0,
             peer_timeout: DEFAULT_PEER_TIMEOUT,
+            tls: None,
             cancel: CancelToken::new(),
             test_hooks: TestHooks::default(),
         }

@@ -22,6 +22,7 @@ pub mod prefault;
 pub mod report;
 pub mod source;
 pub mod stats;
+pub mod tls;
 pub mod transport;
 
 pub use cancel::CancelToken;
@@ -38,4 +39,5 @@ pub use report::{
 };
 pub use source::{migrate, migrate_vm, Vm};
 pub use stats::{LiveStats, StatsSnapshot};
+pub use tls::{TlsConfig, TlsError};
 pub use transport::{Endpoint, Listener, Stream};

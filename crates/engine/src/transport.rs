@@ -51,11 +51,13 @@ impl fmt::Display for Endpoint {
     }
 }
 
-/// A connected socket of either kind.
+/// A connected socket of either kind, or a TLS connection over one (see [`crate::tls`]):
+/// plaintext on a Unix socket bridged to the network by the connection's `lm-tls` thread.
 #[derive(Debug)]
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(crate::tls::TlsStream),
 }
 
 /// Socket buffers big enough for a 512 KiB packet to be in flight while the next is built.
@@ -106,18 +108,7 @@ impl Stream {
         if let Stream::Tcp(t) = self {
             let _ = t.set_nodelay(true);
         }
-        for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-            // SAFETY: setsockopt on a socket we own, with a pointer to a live i32 and its size.
-            unsafe {
-                libc::setsockopt(
-                    self.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&SOCKET_BUFFER as *const i32).cast(),
-                    std::mem::size_of::<i32>() as libc::socklen_t,
-                );
-            }
-        }
+        set_buffers(self.as_raw_fd());
     }
 
     /// Arms dead-peer detection for a connection that no longer handshakes: writes blocked
@@ -127,7 +118,13 @@ impl Stream {
     /// stuck is found by the application's pings (`FrameKind::Ping`) and read timeouts.
     pub fn arm_peer_timeout(&self, timeout: Duration) -> io::Result<()> {
         self.set_write_timeout(Some(timeout))?;
-        if let Stream::Tcp(_) = self {
+        let net = match self {
+            // The engine's end bounds the engine's writes (the pump stops taking bytes when
+            // the network does); the network socket gets the keepalive.
+            Stream::Tls(t) => t.network(),
+            s => s,
+        };
+        if let Stream::Tcp(_) = net {
             let secs = |d: Duration| d.as_secs().clamp(1, i32::MAX as u64) as i32;
             let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
             for (level, opt, value) in [
@@ -141,7 +138,7 @@ impl Stream {
                 // its size.
                 let r = unsafe {
                     libc::setsockopt(
-                        self.as_raw_fd(),
+                        net.as_raw_fd(),
                         level,
                         opt,
                         (&value as *const i32).cast(),
@@ -160,6 +157,7 @@ impl Stream {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tls(s) => Stream::Tls(s.try_clone()?),
         })
     }
 
@@ -168,13 +166,50 @@ impl Stream {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::Tls(s) => {
+                s.shutdown();
+                Ok(())
+            }
         };
+    }
+
+    /// Shuts down the sending direction (the peer reads an end of stream).
+    pub(crate) fn shutdown_write(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Write),
+            Stream::Unix(s) => s.shutdown(Shutdown::Write),
+            Stream::Tls(s) => {
+                s.shutdown();
+                Ok(())
+            }
+        };
+    }
+
+    pub(crate) fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_nonblocking(on),
+            Stream::Unix(s) => s.set_nonblocking(on),
+            Stream::Tls(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a TLS stream stays blocking",
+            )),
+        }
+    }
+
+    /// The socket's pending error (SO_ERROR), if any.
+    pub(crate) fn take_error(&self) -> io::Result<Option<io::Error>> {
+        match self {
+            Stream::Tcp(s) => s.take_error(),
+            Stream::Unix(s) => s.take_error(),
+            Stream::Tls(s) => s.network().take_error(),
+        }
     }
 
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(t),
             Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tls(s) => s.set_write_timeout(t),
         }
     }
 
@@ -182,6 +217,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
             Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tls(s) => s.set_read_timeout(t),
         }
     }
 
@@ -196,6 +232,23 @@ impl Stream {
             }
         }
         Ok(())
+    }
+}
+
+/// Socket buffers of [`SOCKET_BUFFER`] bytes each way.
+pub(crate) fn set_buffers(fd: RawFd) {
+    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt on a socket the caller owns, with a pointer to a live i32 and
+        // its size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&SOCKET_BUFFER as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            );
+        }
     }
 }
 
@@ -218,6 +271,7 @@ impl AsRawFd for Stream {
         match self {
             Stream::Tcp(s) => s.as_raw_fd(),
             Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tls(s) => s.as_raw_fd(),
         }
     }
 }
@@ -227,6 +281,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -236,12 +291,14 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.write_vectored(bufs),
             Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Tls(s) => s.write_vectored(bufs),
         }
     }
     fn flush(&mut self) -> io::Result<()> {

@@ -52,6 +52,8 @@ pub struct IncomingLimits {
     pub verify: bool,
     pub max_guest_memory: Option<u64>,
     pub peer_timeout: std::time::Duration,
+    /// TLS for every migration of this VM, both ways (the process's --tls-* options).
+    pub tls: Option<Arc<livemig_engine::TlsConfig>>,
 }
 
 impl Default for IncomingLimits {
@@ -60,6 +62,7 @@ impl Default for IncomingLimits {
             verify: false,
             max_guest_memory: None,
             peer_timeout: livemig_engine::config::DEFAULT_PEER_TIMEOUT,
+            tls: None,
         }
     }
 }
@@ -387,7 +390,8 @@ impl Machine {
             .parse()
             .map_err(|e| QmpError::generic(format!("Invalid migration URI '{uri}': {e}")))?;
         let vm = self.vm.as_ref().ok_or_else(no_guest)?;
-        let config = self.params.migration_config(&self.caps);
+        let mut config = self.params.migration_config(&self.caps);
+        config.tls = self.limits.tls.clone();
         let (guest, devices, vmstates) =
             (vm.guest.clone(), vm.devices.clone(), vm.vmstates.clone());
         let names = devices.iter().map(|d| d.descriptor().name).collect();
@@ -447,6 +451,7 @@ impl Machine {
             credit_window: self.params.credit_window,
             buffer_cap: self.params.buffer_cap,
             peer_timeout: self.params.peer_timeout(self.limits.peer_timeout),
+            tls: self.limits.tls.clone(),
             cancel: cancel.clone(),
             ..IncomingConfig::default()
         };

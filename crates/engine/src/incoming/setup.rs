@@ -4,6 +4,7 @@
 //! channel index, garbage) is refused with a Reject naming why, and waiting goes on: a stray
 //! connection must not fail a migration that is under way.
 
+use crate::cancel::CancelToken;
 use crate::config::IncomingConfig;
 use crate::error::{ChannelError, ChannelName, IncomingError};
 use crate::framed;
@@ -19,7 +20,7 @@ pub(crate) fn accept_session(
 ) -> Result<(SessionHello, Stream), IncomingError> {
     let ch = ChannelName::Incoming;
     loop {
-        let mut s = listener
+        let s = listener
             .accept_cancellable(None, Some(&config.cancel))
             .map_err(|e| {
                 if config.cancel.is_cancelled() {
@@ -28,6 +29,9 @@ pub(crate) fn accept_session(
                     IncomingError::Accept(e)
                 }
             })?;
+        let Some(mut s) = secure(s, config, Some(&config.cancel), log)? else {
+            continue;
+        };
         let _ = s.set_read_timeout(Some(config.handshake_timeout));
         let mut buf = Vec::new();
         let refused = match framed::recv(&mut s, ch, &config.limits, &mut buf) {
@@ -48,10 +52,47 @@ pub(crate) fn accept_session(
                     h.kind.name()
                 ),
             ),
-            Err(e) => Reject::new(RejectCode::Protocol, e.to_string()),
+            Err(e) => Reject::new(RejectCode::Protocol, plain_refusal(e)),
         };
         log(format!("refused a connection: {}", refused.reason));
         framed::send_reject(&mut s, ch, &refused);
+    }
+}
+
+/// With TLS, runs the handshake on an accepted connection (within the handshake timeout).
+/// A connection that fails it (no client certificate, one from another CA, not TLS) is
+/// refused at the TLS layer and logged, and `None` says to wait for the next.
+fn secure(
+    s: Stream,
+    config: &IncomingConfig,
+    cancel: Option<&CancelToken>,
+    log: &dyn Fn(String),
+) -> Result<Option<Stream>, IncomingError> {
+    let Some(tls) = &config.tls else {
+        return Ok(Some(s));
+    };
+    match tls.accept(s, config.handshake_timeout, cancel) {
+        Ok(s) => Ok(Some(s)),
+        Err(_) if cancel.is_some_and(CancelToken::is_cancelled) => Err(IncomingError::Cancelled),
+        Err(e) => {
+            log(format!("refused a connection: {e}"));
+            Ok(None)
+        }
+    }
+}
+
+/// Why a connection's first frame was refused; a TLS hello at a destination without TLS
+/// is named as such.
+fn plain_refusal(e: ChannelError) -> String {
+    match &e {
+        // A TLS record header: handshake (0x16), version 3.x.
+        ChannelError::Wire {
+            source: livemig_wire::WireError::BadMagic { found, .. },
+            ..
+        } if found & 0xffff == 0x0316 => {
+            "a TLS client hello: this destination does not use TLS (start it with --tls-cert, --tls-key and --tls-ca)".into()
+        }
+        _ => e.to_string(),
     }
 }
 
@@ -134,13 +175,17 @@ pub(crate) fn accept_channels(
     let deadline = Instant::now() + config.setup_timeout;
     let mut slots: Vec<Option<Stream>> = (0..hello.channels).map(|_| None).collect();
     while slots.iter().any(Option::is_none) {
-        let mut s = listener.accept_until(Some(deadline)).map_err(|e| {
+        let s = listener.accept_until(Some(deadline)).map_err(|e| {
             let missing: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_none()).collect();
             IncomingError::Setup(format!(
                 "data channels {missing:?} did not join within {:?}: {e}",
                 config.setup_timeout
             ))
         })?;
+        // A session under way is not cancelled from here (see IncomingConfig::cancel).
+        let Some(mut s) = secure(s, config, None, log)? else {
+            continue;
+        };
         let _ = s.set_read_timeout(Some(config.handshake_timeout));
         let mut buf = Vec::new();
         let verdict = match framed::recv(&mut s, ChannelName::Incoming, &config.limits, &mut buf) {
@@ -155,7 +200,7 @@ pub(crate) fn accept_channels(
                 RejectCode::Protocol,
                 format!("expected ChannelHello, got a {} frame", h.kind.name()),
             )),
-            Err(e) => Err(Reject::new(RejectCode::Protocol, e.to_string())),
+            Err(e) => Err(Reject::new(RejectCode::Protocol, plain_refusal(e))),
         };
         match verdict {
             Ok(index) => {

@@ -248,20 +248,43 @@ fn connect_session(
     session: SessionId,
     open: &Mutex<Vec<Stream>>,
 ) -> Result<(Stream, Vec<Stream>, SessionAccept), MigrationError> {
-    let connect = || {
-        let connect_err = |source| MigrationError::Connect {
-            to: to.to_string(),
-            source,
-        };
+    let connect_err = |source| MigrationError::Connect {
+        to: to.to_string(),
+        source,
+    };
+    let tls_err = |e: crate::tls::TlsError| match e {
+        crate::tls::TlsError::Cancelled => MigrationError::Cancelled,
+        e => connect_err(std::io::Error::other(e)),
+    };
+    if let Some(tls) = &config.tls {
+        // A unix: address without a server name fails here, before anything is opened.
+        tls.server_name(to).map_err(tls_err)?;
+    }
+    let connect = || -> Result<Stream, MigrationError> {
         let s = Stream::connect_cancellable(to, config.connect_timeout, Some(&config.cancel))
             .map_err(connect_err)?;
-        open.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(s.try_clone().map_err(connect_err)?);
-        // Registered after the watcher may have run: look again.
-        if config.cancel.is_cancelled() {
-            return Err(MigrationError::Cancelled);
-        }
+        let register = |s: &Stream| -> Result<(), MigrationError> {
+            open.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(s.try_clone().map_err(connect_err)?);
+            // Registered after the watcher may have run: look again.
+            if config.cancel.is_cancelled() {
+                return Err(MigrationError::Cancelled);
+            }
+            Ok(())
+        };
+        // The network socket first: a cancel during the TLS handshake shuts it.
+        register(&s)?;
+        let s = match &config.tls {
+            None => s,
+            Some(tls) => {
+                let s = tls
+                    .connect(s, to, config.connect_timeout, Some(&config.cancel))
+                    .map_err(tls_err)?;
+                register(&s)?;
+                s
+            }
+        };
         let _ = s.set_read_timeout(Some(config.connect_timeout));
         Ok(s)
     };
