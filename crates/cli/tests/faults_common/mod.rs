@@ -322,9 +322,16 @@ impl QmpVm {
         }
     }
 
+    /// `quit`, and waits for the process to end.
     pub fn quit(mut self) {
         let _ = self.client.execute("quit", json!({}));
         let _ = self.proc.wait_exit();
+    }
+}
+
+impl Drop for QmpVm {
+    /// The socket's directory goes (the process, if still running, is killed by `Proc`).
+    fn drop(&mut self) {
         if let Some(d) = self.sock.parent() {
             let _ = std::fs::remove_dir_all(d);
         }
