@@ -52,8 +52,8 @@ use std::time::{Duration, Instant};
 
 /// Bytes the pump reads from either side at once.
 const PUMP_BUFFER: usize = 128 << 10;
-/// How long a pump whose engine end has closed still tries to get the last bytes (and
-/// `close_notify`) to a peer that does not read, before it gives up.
+/// How long a pump whose engine end has closed waits for a peer that does not read the last
+/// bytes (and `close_notify`), with nothing moving, before it gives up.
 const LINGER: Duration = Duration::from_secs(2);
 /// How long a refused connection is drained before it is closed, so that the peer reads the
 /// alert rather than a reset.
@@ -945,13 +945,21 @@ impl Pump {
         self.conn.set_buffer_limit(Some(PUMP_BUFFER));
         self.process()?;
         loop {
-            while self.inbound()? | self.outbound()? {}
+            let mut moved = false;
+            while self.inbound()? | self.outbound()? {
+                moved = true;
+            }
             if self.engine_closed && self.close_sent && !self.conn.wants_write() {
                 return Ok(());
             }
+            if moved && self.hup_at.is_some() {
+                // Still flushing to a peer that reads: the linger counts from the last move.
+                self.hup_at = Some(Instant::now());
+            }
             let linger = self.hup_at.map(|t| LINGER.saturating_sub(t.elapsed()));
             if linger == Some(Duration::ZERO) {
-                // A peer that does not read cannot hold the stream's end for longer.
+                // A peer that has not read for the whole linger cannot hold the stream's
+                // end for longer.
                 return Ok(());
             }
             let mut net_ev = 0;
