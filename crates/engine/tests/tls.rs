@@ -42,8 +42,23 @@ fn ca(name: &str) -> Ca {
     }
 }
 
-/// A fresh directory for one test's files.
-fn dir() -> PathBuf {
+/// A fresh directory for one test's files, removed when dropped.
+struct Dir(PathBuf);
+
+impl std::ops::Deref for Dir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn dir() -> Dir {
     static N: AtomicUsize = AtomicUsize::new(0);
     let d = std::env::temp_dir().join(format!(
         "livemig-tls-test-{}-{}",
@@ -51,7 +66,7 @@ fn dir() -> PathBuf {
         N.fetch_add(1, Ordering::Relaxed)
     ));
     std::fs::create_dir_all(&d).unwrap();
-    d
+    Dir(d)
 }
 
 /// Writes `name.crt`, `name.key` (a leaf for `names`, signed by `ca`) and `name-ca.crt`
@@ -87,13 +102,13 @@ fn pair() -> (TlsConfig, TlsConfig) {
     (server, client)
 }
 
-/// [`pair`], and the CA certificate's file.
-fn pair_with_ca() -> (TlsConfig, TlsConfig, PathBuf) {
+/// [`pair`], and the CA certificate (PEM).
+fn pair_with_ca() -> (TlsConfig, TlsConfig, String) {
     let d = dir();
     let ca = ca("livemig test CA");
     let dest = leaf(&d, &ca, "dest", &["127.0.0.1", "localhost"]);
     let client = config(&leaf(&d, &ca, "source", &["127.0.0.1"]));
-    (config(&dest), client, dest.2)
+    (config(&dest), client, ca.cert.pem())
 }
 
 fn listen() -> (Listener, Endpoint) {
@@ -296,8 +311,10 @@ fn a_client_certificate_from_another_ca_is_refused() {
     let (server, _, real_ca) = pair_with_ca();
     // The stranger trusts the real CA (so it accepts the destination) but its own
     // certificate is from another.
-    let mut paths = leaf(&dir(), &ca("some other CA"), "stranger", &["127.0.0.1"]);
-    paths.2 = real_ca;
+    let d = dir();
+    let mut paths = leaf(&d, &ca("some other CA"), "stranger", &["127.0.0.1"]);
+    paths.2 = d.join("real-ca.crt");
+    std::fs::write(&paths.2, real_ca).unwrap();
     let stranger = config(&paths);
     let (srv, cli) = handshake(&server, &stranger);
     let e = srv.unwrap_err().to_string();
