@@ -274,7 +274,6 @@ fn a_main_channel_lost_after_handover_leaves_exactly_one_running_copy() {
 /// the source will never run it again. Whether the destination's `Resumed` gets into its
 /// socket before the reset arrives is a race: five tries, each of which must keep the guest.
 #[test]
-#[ignore = "bug: a destination that resumed the guest but cannot send Resumed drops the guest, and the source keeps its copy paused: the guest is lost"]
 fn a_main_channel_reset_right_after_handover_must_not_lose_the_guest() {
     let _s = serial(&SERIAL);
     let handover = encode_frame(FrameKind::Handover, &[]);
@@ -560,7 +559,6 @@ fn a_data_channel_that_hangs_in_precopy_fails_within_the_peer_timeout() {
 /// When data channel 0 hangs, the error both sides report should name data channel 0 and
 /// the timeout. Three tries (each masked most of the time today).
 #[test]
-#[ignore = "bug: when a data channel times out, channels waiting at the round barrier fail with 'aborted: another part of the migration failed', and that secondary error, not the hung channel, is what both sides report"]
 fn a_hung_data_channel_is_named_as_the_cause() {
     let _s = serial(&SERIAL);
     let pt = format!("--peer-timeout-ms={PEER_TIMEOUT_MS}");

@@ -542,7 +542,9 @@ impl Session<'_> {
         let t = Instant::now();
         self.guest.resume()?;
         let resume = t.elapsed();
-        framed::send(
+        // The guest runs here now, whatever happens to the connection: it must never be
+        // dropped for want of telling the source (which, not told, keeps its copy paused).
+        if let Err(e) = framed::send(
             main,
             ChannelName::Main,
             FrameKind::Resumed,
@@ -550,7 +552,11 @@ impl Session<'_> {
                 resume_us: resume.as_micros() as u64,
             }
             .encode(),
-        )?;
+        ) {
+            (self.log)(format!(
+                "the guest runs here, but the source could not be told so ({e}); its copy stays paused"
+            ));
+        }
         Ok(IncomingReport {
             session: hello.session.to_string(),
             channels: hello.channels,

@@ -53,14 +53,17 @@ struct PageScratch {
 
 impl ChannelReceiver<'_> {
     pub fn run(mut self) {
-        let ev = match self.serve() {
-            Ok(rounds) => Event::ChannelDone(rounds),
-            Err(e) => {
-                self.barrier.abort();
-                Event::ChannelFailed(e)
+        match self.serve() {
+            Ok(rounds) => {
+                let _ = self.events.send(Event::ChannelDone(rounds));
             }
-        };
-        let _ = self.events.send(ev);
+            Err(e) => {
+                // This channel's own error first: the coordinator reports the first failure
+                // it hears of, and aborting the barrier makes the others fail too.
+                let _ = self.events.send(Event::ChannelFailed(e));
+                self.barrier.abort();
+            }
+        }
     }
 
     /// Returns the number of rounds received once the last round has ended.
