@@ -97,6 +97,11 @@ fn real_source(addr: &str, extra: &[&str]) -> Proc {
 /// The real source completes and the destination received the guest exact.
 fn completes(src: &mut Proc, dest: &mut Proc) {
     let done = src.expect_event("completed");
+    completed(&done, src, dest);
+}
+
+/// The checks of [`completes`] once the source's `completed` line is in hand.
+fn completed(done: &serde_json::Value, src: &mut Proc, dest: &mut Proc) {
     assert_eq!(u64_at(&done["report"], &["pages_mismatched"]), 0);
     assert!(src.wait_exit().success());
     let recv = dest.expect_event("received");
@@ -281,7 +286,6 @@ fn a_flood_of_garbage_connections_does_not_keep_the_real_source_out() {
 /// the real source's SessionHello waits behind them longer than its own answer timeout
 /// (10 s). The real source should get through.
 #[test]
-#[ignore = "bug: the destination serves handshakes one at a time, each silent connection holding it for the 5 s handshake timeout; three silent connections make a real source time out"]
 fn silent_connections_must_not_keep_the_real_source_out() {
     let _s = serial(&SERIAL);
     let (mut dest, addr) = Proc::incoming(&["--verify"]);
@@ -294,28 +298,22 @@ fn silent_connections_must_not_keep_the_real_source_out() {
         end["event"], "completed",
         "the real source was kept out by three silent connections: {end:#}"
     );
-    completes(&mut src, &mut dest);
+    completed(&end, &mut src, &mut dest);
 }
 
-/// One silent connection delays the real source by the handshake timeout, and no more.
+/// One silent connection does not hold up the real source.
 #[test]
-fn one_silent_connection_delays_the_real_source_by_the_handshake_timeout() {
+fn one_silent_connection_does_not_delay_the_real_source() {
     let _s = serial(&SERIAL);
     let (mut dest, addr) = Proc::incoming(&["--verify"]);
     let at = host_port(&addr);
     let silent = TcpStream::connect(at).unwrap();
     std::thread::sleep(Duration::from_millis(100));
-    let t0 = Instant::now();
     let mut src = real_source(&addr, &[]);
     let connected = src.expect_event("connected");
-    let waited = t0.elapsed();
-    println!(
-        "one silent connection: the real source connected after {waited:?} (set-up {} ms)",
-        connected["setup_ms"]
-    );
-    assert!(waited < Duration::from_secs(9), "{waited:?}");
-    let refused = wait_log(&mut dest, "refused a connection", END);
-    println!("silent connection: {}", refused["msg"]);
+    // Handshakes run side by side: the silent one's 5 s timeout is not waited out first.
+    let setup = connected["setup_ms"].as_f64().unwrap();
+    assert!(setup < 4000.0, "set-up took {setup} ms");
     completes(&mut src, &mut dest);
     drop(silent);
 }
@@ -335,29 +333,10 @@ fn with_device(kind: &str) -> DeviceSetup {
     }
 }
 
-/// A peer that speaks livemig asks for a device kind this destination does not know: it is
-/// refused, naming the kind, and nothing is resumed. (Without authentication, any peer that
-/// reaches the port can open a session; this one ends the destination's wait.)
+/// A session naming a device kind this destination does not know is refused by name, and
+/// the destination keeps waiting (as for a guest too large for it): the real source gets
+/// through.
 #[test]
-fn a_session_asking_for_an_unknown_device_is_refused_by_name() {
-    let _s = serial(&SERIAL);
-    let (mut dest, addr) = Proc::incoming(&["--verify"]);
-    let mut c = connect(host_port(&addr));
-    let h = hello(SessionId([7; 16]), with_device("nvme-sim"));
-    send(&mut c, FrameKind::SessionHello, &h.encode());
-    expect_reject(
-        &mut c,
-        RejectCode::Unsupported,
-        &["device kind 'nvme-sim' is not supported"],
-        "unknown device",
-    );
-    assert_destination_failed(&mut dest, &["nvme-sim"], END);
-}
-
-/// The same, and then the real source: the destination should have refused the stranger
-/// and kept waiting, as it does for a guest too large for it.
-#[test]
-#[ignore = "bug: a SessionHello naming an unknown device kind ends the destination's wait (livemig incoming exits), where one asking for too much memory is refused and the wait goes on"]
 fn a_session_asking_for_an_unknown_device_does_not_end_the_wait() {
     let _s = serial(&SERIAL);
     let (mut dest, addr) = Proc::incoming(&["--verify"]);
@@ -367,7 +346,7 @@ fn a_session_asking_for_an_unknown_device_does_not_end_the_wait() {
     expect_reject(
         &mut c,
         RejectCode::Unsupported,
-        &["nvme-sim"],
+        &["device kind 'nvme-sim' is not supported"],
         "unknown device",
     );
     let mut src = real_source(&addr, &[]);

@@ -121,6 +121,49 @@ pub fn receive(
     receive_vm(listener, f, config, log)
 }
 
+/// What a session needs built before it is accepted: its flow bounds, guest and devices.
+type Built = (
+    SessionAccept,
+    Box<dyn Guest>,
+    Vec<Box<dyn Device>>,
+    Vec<Box<dyn VmState>>,
+);
+
+/// Builds what `hello` describes, or the Reject that says why this side cannot.
+fn build_session(
+    hello: &SessionHello,
+    factories: Factories<'_>,
+    config: &IncomingConfig,
+) -> Result<Built, Reject> {
+    let accept = setup::flow_bounds(hello, config)?;
+    let unsupported =
+        |e: &dyn std::fmt::Display| Reject::new(RejectCode::Unsupported, e.to_string());
+    let guest = factories
+        .guest
+        .create(&hello.guest)
+        .map_err(|e| unsupported(&e))?;
+    let descriptor = |w: &livemig_wire::WireDevice| crate::device::DeviceDescriptor {
+        kind: w.kind.clone(),
+        name: w.name.clone(),
+        config: w.config.clone(),
+    };
+    let devices = hello
+        .devices
+        .devices
+        .iter()
+        .map(|w| factories.devices.create_device(&descriptor(w)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unsupported(&e))?;
+    let vmstates = hello
+        .devices
+        .vmstates
+        .iter()
+        .map(|w| factories.devices.create_vmstate(&descriptor(w)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unsupported(&e))?;
+    Ok((accept, guest, devices, vmstates))
+}
+
 /// Waits for one incoming migration on `listener` and runs it to the end.
 pub fn receive_vm(
     listener: &Listener,
@@ -128,7 +171,23 @@ pub fn receive_vm(
     config: &IncomingConfig,
     log: &(dyn Fn(String) + Sync),
 ) -> Result<Incoming, IncomingError> {
-    let (hello, mut main) = setup::accept_session(listener, config, log)?;
+    // A session this side cannot build (too much buffering asked, an unknown guest or device
+    // kind) is refused with the reason, and the wait goes on for one it can.
+    let (hello, mut main, accept, guest, devices, vmstates) = loop {
+        let (hello, mut main) = setup::accept_session(listener, config, log)?;
+        match build_session(&hello, factories, config) {
+            Ok((accept, guest, devices, vmstates)) => {
+                break (hello, main, accept, guest, devices, vmstates)
+            }
+            Err(reject) => {
+                log(format!(
+                    "refused session {}: {}",
+                    hello.session, reject.reason
+                ));
+                framed::send_reject(&mut main, ChannelName::Main, &reject);
+            }
+        }
+    };
     let start = Instant::now();
     log(format!(
         "session {}: {} guest, {} MiB, {} data channels, {} devices",
@@ -141,36 +200,6 @@ pub fn receive_vm(
     let refuse = |main: &mut Stream, code, e: &dyn std::fmt::Display| {
         framed::send_reject(main, ChannelName::Main, &Reject::new(code, e.to_string()));
     };
-    let accept = match setup::flow_bounds(&hello, config) {
-        Ok(a) => a,
-        Err(reject) => {
-            framed::send_reject(&mut main, ChannelName::Main, &reject);
-            return Err(IncomingError::Setup(reject.reason));
-        }
-    };
-    let guest = factories
-        .guest
-        .create(&hello.guest)
-        .inspect_err(|e| refuse(&mut main, RejectCode::Unsupported, e))?;
-    let descriptor = |w: &livemig_wire::WireDevice| crate::device::DeviceDescriptor {
-        kind: w.kind.clone(),
-        name: w.name.clone(),
-        config: w.config.clone(),
-    };
-    let devices = hello
-        .devices
-        .devices
-        .iter()
-        .map(|w| factories.devices.create_device(&descriptor(w)))
-        .collect::<Result<Vec<_>, _>>()
-        .inspect_err(|e| refuse(&mut main, RejectCode::Unsupported, e))?;
-    let vmstates = hello
-        .devices
-        .vmstates
-        .iter()
-        .map(|w| factories.devices.create_vmstate(&descriptor(w)))
-        .collect::<Result<Vec<_>, _>>()
-        .inspect_err(|e| refuse(&mut main, RejectCode::Unsupported, e))?;
     framed::send(
         &mut main,
         ChannelName::Main,

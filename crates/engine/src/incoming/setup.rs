@@ -10,53 +10,161 @@ use crate::error::{ChannelError, ChannelName, IncomingError};
 use crate::framed;
 use crate::transport::{Listener, Stream};
 use livemig_wire::{ChannelHello, FrameKind, Reject, RejectCode, SessionAccept, SessionHello};
+use std::sync::Mutex;
 use std::time::Instant;
 
 /// Waits for a connection that opens a session, refusing anything else.
 pub(crate) fn accept_session(
     listener: &Listener,
     config: &IncomingConfig,
-    log: &dyn Fn(String),
+    log: &(dyn Fn(String) + Sync),
 ) -> Result<(SessionHello, Stream), IncomingError> {
     let ch = ChannelName::Incoming;
-    loop {
-        let s = listener
-            .accept_cancellable(None, Some(&config.cancel))
-            .map_err(|e| {
-                if config.cancel.is_cancelled() {
-                    IncomingError::Cancelled
-                } else {
-                    IncomingError::Accept(e)
-                }
-            })?;
-        let Some(mut s) = secure(s, config, Some(&config.cancel), log)? else {
-            continue;
-        };
-        let _ = s.set_read_timeout(Some(config.handshake_timeout));
-        let mut buf = Vec::new();
-        let refused = match framed::recv(&mut s, ch, &config.limits, &mut buf) {
-            Ok(h) if h.kind == FrameKind::SessionHello => match SessionHello::decode(&buf) {
+    let decide = |mut s: Stream, first: Result<Vec<u8>, ChannelError>| {
+        let refused = match first {
+            Ok(buf) => match SessionHello::decode(&buf) {
                 Ok(hello) => match check_hello(&hello, config) {
                     Ok(()) => {
                         let _ = s.set_read_timeout(None);
-                        return Ok((hello, s));
+                        let _ = s.set_write_timeout(None);
+                        return Some((hello, s));
                     }
                     Err(reject) => reject,
                 },
                 Err(e) => Reject::new(RejectCode::Protocol, format!("bad SessionHello: {e}")),
             },
-            Ok(h) => Reject::new(
-                RejectCode::UnknownSession,
-                format!(
-                    "no session is open; a {} frame cannot start one",
-                    h.kind.name()
-                ),
-            ),
+            Err(ChannelError::Protocol { detail, .. }) => {
+                Reject::new(RejectCode::UnknownSession, detail)
+            }
             Err(e) => Reject::new(RejectCode::Protocol, plain_refusal(e)),
         };
         log(format!("refused a connection: {}", refused.reason));
         framed::send_reject(&mut s, ch, &refused);
-    }
+        None
+    };
+    let opening = |kind: FrameKind| {
+        (kind != FrameKind::SessionHello).then(|| {
+            format!(
+                "no session is open; a {} frame cannot start one",
+                kind.name()
+            )
+        })
+    };
+    handshakes(
+        listener,
+        None,
+        Some(&config.cancel),
+        config,
+        log,
+        opening,
+        decide,
+    )
+}
+
+/// Accepts connections and reads each one's first frame on a thread of its own
+/// (`lm-dst-hs`, within the handshake timeout, after TLS if configured), so a connection
+/// that says nothing cannot hold up the others; `decide` (on this thread) takes each
+/// connection with its first frame's payload, or the reason it has none, until it returns
+/// a result. `unexpected` names a first frame of the wrong kind. At most
+/// [`MAX_HANDSHAKES`] wait at once; more are closed at once. Handshakes still waiting at
+/// the end are cut short (their sockets shut down) and their threads joined.
+fn handshakes<R>(
+    listener: &Listener,
+    deadline: Option<Instant>,
+    cancel: Option<&CancelToken>,
+    config: &IncomingConfig,
+    log: &(dyn Fn(String) + Sync),
+    unexpected: impl Fn(FrameKind) -> Option<String> + Sync,
+    mut decide: impl FnMut(Stream, Result<Vec<u8>, ChannelError>) -> Option<R>,
+) -> Result<R, IncomingError> {
+    type Done = (u64, Option<(Stream, Result<Vec<u8>, ChannelError>)>);
+    let (tx, rx) = crossbeam_channel::unbounded::<Done>();
+    let pending: Mutex<Vec<(u64, Stream)>> = Mutex::new(Vec::new());
+    let lock = || pending.lock().unwrap_or_else(|p| p.into_inner());
+    std::thread::scope(|scope| {
+        let result = (|| {
+            let mut next_id = 0u64;
+            loop {
+                while let Ok((id, done)) = rx.try_recv() {
+                    lock().retain(|(i, _)| *i != id);
+                    if let Some((s, first)) = done {
+                        if let Some(r) = decide(s, first) {
+                            return Ok(r);
+                        }
+                    }
+                }
+                let slice = Instant::now() + HANDSHAKE_POLL;
+                let until = deadline.map_or(slice, |d| d.min(slice));
+                let s = match listener.accept_cancellable(Some(until), cancel) {
+                    Ok(s) => s,
+                    Err(_) if cancel.is_some_and(CancelToken::is_cancelled) => {
+                        return Err(IncomingError::Cancelled)
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => match deadline {
+                        Some(d) if Instant::now() >= d => return Err(IncomingError::Accept(e)),
+                        _ => continue,
+                    },
+                    Err(e) => return Err(IncomingError::Accept(e)),
+                };
+                if lock().len() >= MAX_HANDSHAKES {
+                    log(format!(
+                        "refused a connection: {MAX_HANDSHAKES} connections are handshaking already"
+                    ));
+                    s.shutdown();
+                    continue;
+                }
+                let Ok(cut) = s.try_clone() else { continue };
+                let id = next_id;
+                next_id += 1;
+                lock().push((id, cut));
+                let (tx, unexpected) = (tx.clone(), &unexpected);
+                let started = std::thread::Builder::new()
+                    .name("lm-dst-hs".into())
+                    .spawn_scoped(scope, move || {
+                        let done = first_frame(s, config, cancel, log, unexpected);
+                        let _ = tx.send((id, done));
+                    });
+                if started.is_err() {
+                    lock().retain(|(i, _)| *i != id);
+                }
+            }
+        })();
+        // Cut short whatever still handshakes, so the scope's joins are immediate.
+        for (_, s) in lock().drain(..) {
+            s.shutdown();
+        }
+        result
+    })
+}
+
+/// How often the handshake loop looks at finished handshakes while none arrives.
+const HANDSHAKE_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+/// Connections handshaking at once, at most.
+pub const MAX_HANDSHAKES: usize = 64;
+
+/// A connection's first frame (after TLS), read within the handshake timeout. `None` when
+/// TLS refused it (logged there) or the wait was cancelled: nothing more to say to it.
+fn first_frame(
+    s: Stream,
+    config: &IncomingConfig,
+    cancel: Option<&CancelToken>,
+    log: &(dyn Fn(String) + Sync),
+    unexpected: &(dyn Fn(FrameKind) -> Option<String> + Sync),
+) -> Option<(Stream, Result<Vec<u8>, ChannelError>)> {
+    let ch = ChannelName::Incoming;
+    let mut s = secure(s, config, cancel, log).ok().flatten()?;
+    let _ = s.set_read_timeout(Some(config.handshake_timeout));
+    let _ = s.set_write_timeout(Some(config.handshake_timeout));
+    let mut buf = Vec::new();
+    let first =
+        framed::recv_header(&mut s, ch, &config.limits).and_then(|h| match unexpected(h.kind) {
+            Some(detail) => Err(ChannelError::Protocol {
+                channel: ch,
+                detail,
+            }),
+            None => framed::recv_payload(&mut s, ch, &h, &mut buf).map(|()| buf),
+        });
+    Some((s, first))
 }
 
 /// With TLS, runs the handshake on an accepted connection (within the handshake timeout).
@@ -66,7 +174,7 @@ fn secure(
     s: Stream,
     config: &IncomingConfig,
     cancel: Option<&CancelToken>,
-    log: &dyn Fn(String),
+    log: &(dyn Fn(String) + Sync),
 ) -> Result<Option<Stream>, IncomingError> {
     let Some(tls) = &config.tls else {
         return Ok(Some(s));
@@ -170,56 +278,73 @@ pub(crate) fn accept_channels(
     listener: &Listener,
     hello: &SessionHello,
     config: &IncomingConfig,
-    log: &dyn Fn(String),
+    log: &(dyn Fn(String) + Sync),
 ) -> Result<Vec<Stream>, IncomingError> {
     let deadline = Instant::now() + config.setup_timeout;
     let mut slots: Vec<Option<Stream>> = (0..hello.channels).map(|_| None).collect();
-    while slots.iter().any(Option::is_none) {
-        let s = listener.accept_until(Some(deadline)).map_err(|e| {
+    let ch = ChannelName::Incoming;
+    let unexpected = |kind: FrameKind| {
+        (kind != FrameKind::ChannelHello)
+            .then(|| format!("expected ChannelHello, got a {} frame", kind.name()))
+    };
+    // A session under way is not cancelled from here (see IncomingConfig::cancel).
+    let joined = handshakes(
+        listener,
+        Some(deadline),
+        None,
+        config,
+        log,
+        unexpected,
+        |mut s, first| {
+            let verdict = match first {
+                Ok(buf) => match ChannelHello::decode(&buf) {
+                    Ok(c) => check_channel(&c, hello, &slots),
+                    Err(e) => Err(Reject::new(
+                        RejectCode::Protocol,
+                        format!("bad ChannelHello: {e}"),
+                    )),
+                },
+                Err(ChannelError::Protocol { detail, .. }) => {
+                    Err(Reject::new(RejectCode::Protocol, detail))
+                }
+                Err(e) => Err(Reject::new(RejectCode::Protocol, plain_refusal(e))),
+            };
+            match verdict {
+                Ok(index) => {
+                    if let Err(e) = framed::send(
+                        &mut s,
+                        ChannelName::Data(index),
+                        FrameKind::ChannelAccept,
+                        &[],
+                    ) {
+                        log(format!(
+                            "data channel {index} left during its handshake: {e}"
+                        ));
+                        return None;
+                    }
+                    let _ = s.set_read_timeout(None);
+                    let _ = s.set_write_timeout(None);
+                    slots[index as usize] = Some(s);
+                }
+                Err(reject) => {
+                    log(format!("refused a data channel: {}", reject.reason));
+                    framed::send_reject(&mut s, ch, &reject);
+                }
+            }
+            slots.iter().all(Option::is_some).then_some(())
+        },
+    );
+    match joined {
+        Ok(()) => Ok(slots.into_iter().flatten().collect()),
+        Err(IncomingError::Accept(e)) => {
             let missing: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_none()).collect();
-            IncomingError::Setup(format!(
+            Err(IncomingError::Setup(format!(
                 "data channels {missing:?} did not join within {:?}: {e}",
                 config.setup_timeout
-            ))
-        })?;
-        // A session under way is not cancelled from here (see IncomingConfig::cancel).
-        let Some(mut s) = secure(s, config, None, log)? else {
-            continue;
-        };
-        let _ = s.set_read_timeout(Some(config.handshake_timeout));
-        let mut buf = Vec::new();
-        let verdict = match framed::recv(&mut s, ChannelName::Incoming, &config.limits, &mut buf) {
-            Ok(h) if h.kind == FrameKind::ChannelHello => match ChannelHello::decode(&buf) {
-                Ok(c) => check_channel(&c, hello, &slots),
-                Err(e) => Err(Reject::new(
-                    RejectCode::Protocol,
-                    format!("bad ChannelHello: {e}"),
-                )),
-            },
-            Ok(h) => Err(Reject::new(
-                RejectCode::Protocol,
-                format!("expected ChannelHello, got a {} frame", h.kind.name()),
-            )),
-            Err(e) => Err(Reject::new(RejectCode::Protocol, plain_refusal(e))),
-        };
-        match verdict {
-            Ok(index) => {
-                framed::send(
-                    &mut s,
-                    ChannelName::Data(index),
-                    FrameKind::ChannelAccept,
-                    &[],
-                )?;
-                let _ = s.set_read_timeout(None);
-                slots[index as usize] = Some(s);
-            }
-            Err(reject) => {
-                log(format!("refused a data channel: {}", reject.reason));
-                framed::send_reject(&mut s, ChannelName::Incoming, &reject);
-            }
+            )))
         }
+        Err(e) => Err(e),
     }
-    Ok(slots.into_iter().flatten().collect())
 }
 
 fn check_channel(
