@@ -68,9 +68,9 @@ use crate::throttle::Throttle;
 use layout::{Layout, LayoutError, Params};
 use livemig_engine::{DirtyBitmap, Guest, GuestError, GuestMemory, VerifyReport};
 use livemig_wire::{GuestDescriptor, MemoryRange, PAGE_SIZE};
+use std::sync::Arc;
 use vcpu::Vcpu;
 use vm::Vm;
-use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress};
 
 /// The kind name in the wire's guest descriptor.

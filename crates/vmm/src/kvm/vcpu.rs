@@ -18,9 +18,9 @@
 use super::error::KvmError;
 use super::layout::{PORT_BOOT, PORT_PROGRESS, PORT_SLEEP};
 use super::state::VcpuState;
+use crate::throttle::{Throttle, ThrottleClock};
 use kvm_bindings::{kvm_msr_entry, CpuId, Msrs, KVM_MAX_MSR_ENTRIES, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use crate::throttle::{Throttle, ThrottleClock};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;

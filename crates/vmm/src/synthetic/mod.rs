@@ -11,9 +11,9 @@ pub use state::{StateError, SyntheticState, Workload, VERSION as STATE_VERSION};
 
 use crate::memory;
 use crate::pattern;
+use crate::throttle::{Throttle, ThrottleClock};
 use livemig_engine::{DirtyBitmap, Guest, GuestError, GuestMemory, VerifyReport};
 use livemig_wire::{GuestDescriptor, MemoryRange, PAGE_SIZE};
-use crate::throttle::{Throttle, ThrottleClock};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
