@@ -154,17 +154,7 @@ pub(crate) unsafe fn read_pages(
     iov: &mut Vec<libc::iovec>,
 ) -> io::Result<()> {
     iov.clear();
-    for &p in pages {
-        match iov.last_mut() {
-            Some(last) if (last.iov_base as *mut u8).wrapping_add(last.iov_len) == p => {
-                last.iov_len += PAGE_SIZE
-            }
-            _ => iov.push(libc::iovec {
-                iov_base: p.cast(),
-                iov_len: PAGE_SIZE,
-            }),
-        }
-    }
+    push_pages(iov, pages.iter().map(|&p| p.cast_const()), 0);
     let mut first = 0;
     while first < iov.len() {
         let cnt = (iov.len() - first).min(1024) as libc::c_int;
@@ -183,18 +173,7 @@ pub(crate) unsafe fn read_pages(
                 "connection closed inside a packet's page data",
             ));
         }
-        let mut n = n as usize;
-        while n > 0 {
-            let v = &mut iov[first];
-            if n >= v.iov_len {
-                n -= v.iov_len;
-                first += 1;
-            } else {
-                v.iov_base = (v.iov_base as *mut u8).wrapping_add(n).cast();
-                v.iov_len -= n;
-                n = 0;
-            }
-        }
+        consume(iov, &mut first, n as usize);
     }
     Ok(())
 }
@@ -248,6 +227,45 @@ unsafe fn page_crc_sse42(p: *const u8) -> u32 {
     !(crc as u32)
 }
 
+/// Appends one I/O vector entry per run of neighbouring pages; entries before `merge_from`
+/// are never extended.
+fn push_pages(
+    iov: &mut Vec<libc::iovec>,
+    pages: impl Iterator<Item = *const u8>,
+    merge_from: usize,
+) {
+    for p in pages {
+        let len = iov.len();
+        match iov.last_mut() {
+            Some(last)
+                if len > merge_from
+                    && (last.iov_base as *const u8).wrapping_add(last.iov_len) == p =>
+            {
+                last.iov_len += PAGE_SIZE
+            }
+            _ => iov.push(libc::iovec {
+                iov_base: p as *mut libc::c_void,
+                iov_len: PAGE_SIZE,
+            }),
+        }
+    }
+}
+
+/// Advances `first` and the first unfinished entry past `n` bytes done by a vectored call.
+fn consume(iov: &mut [libc::iovec], first: &mut usize, mut n: usize) {
+    while n > 0 {
+        let v = &mut iov[*first];
+        if n >= v.iov_len {
+            n -= v.iov_len;
+            *first += 1;
+        } else {
+            v.iov_base = (v.iov_base as *mut u8).wrapping_add(n).cast();
+            v.iov_len -= n;
+            n = 0;
+        }
+    }
+}
+
 /// Writes one frame whose payload is `prefix` followed by the guest pages at `pages`, in
 /// one vectored write (neighbouring pages merged), handling partial writes.
 ///
@@ -268,19 +286,8 @@ pub(crate) unsafe fn write_pages(
             iov_len: head.len(),
         });
     }
-    for &p in pages {
-        let merges = iov.len() > 2
-            && iov
-                .last()
-                .is_some_and(|last| (last.iov_base as *const u8).wrapping_add(last.iov_len) == p);
-        match iov.last_mut() {
-            Some(last) if merges => last.iov_len += PAGE_SIZE,
-            _ => iov.push(libc::iovec {
-                iov_base: p as *mut libc::c_void,
-                iov_len: PAGE_SIZE,
-            }),
-        }
-    }
+    // Pages merge with each other, never with the header or prefix.
+    push_pages(iov, pages.iter().copied(), 2);
     let mut first = 0;
     while first < iov.len() {
         let cnt = (iov.len() - first).min(1024) as libc::c_int;
@@ -294,18 +301,7 @@ pub(crate) unsafe fn write_pages(
             }
             return Err(e);
         }
-        let mut n = n as usize;
-        while n > 0 {
-            let v = &mut iov[first];
-            if n >= v.iov_len {
-                n -= v.iov_len;
-                first += 1;
-            } else {
-                v.iov_base = (v.iov_base as *mut u8).wrapping_add(n).cast();
-                v.iov_len -= n;
-                n = 0;
-            }
-        }
+        consume(iov, &mut first, n as usize);
         while first < iov.len() && iov[first].iov_len == 0 {
             first += 1;
         }
