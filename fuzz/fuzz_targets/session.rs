@@ -1,7 +1,8 @@
-//! Session set-up: SessionHello (with its device list), SessionAccept, ChannelHello, Reject.
+//! Session set-up: SessionHello (with its device list), SessionAccept, ChannelHello, Reject,
+//! MemoryFiles.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use livemig_wire::{ChannelHello, Reject, SessionAccept, SessionHello};
+use livemig_wire::{ChannelHello, MemoryFiles, Reject, SessionAccept, SessionHello};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(h) = SessionHello::decode(data) {
@@ -13,4 +14,9 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(c.encode(), data);
     }
     let _ = Reject::decode(data);
+    if let Some((&n, rest)) = data.split_first() {
+        if let Ok(m) = MemoryFiles::decode(rest, n as usize) {
+            assert_eq!(m.encode(), rest);
+        }
+    }
 });

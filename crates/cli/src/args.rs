@@ -5,8 +5,9 @@ use clap::Args;
 use livemig_engine::config::{ChunkOrder, NoConvergence, SourceTestHooks};
 use livemig_engine::MigrationConfig;
 use livemig_vmm::devices::DeviceSpec;
+use livemig_vmm::memory::Backing;
 use livemig_vmm::synthetic::{SyntheticConfig, Workload};
-use livemig_wire::DeviceTransfer;
+use livemig_wire::{DeviceTransfer, RamTransfer};
 use std::time::Duration;
 
 /// Parses a size with an optional binary suffix: 4096, 64K, 256M, 1G.
@@ -93,6 +94,11 @@ pub struct MigrationArgs {
     /// drops what it received, never resuming it.
     #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(200..))]
     pub peer_timeout_ms: u64,
+    /// Local mode, for a destination on this host: hand it the guest's memory (memfds, over
+    /// the Unix socket of a `unix:` address) instead of copying it; only device and vCPU
+    /// state move. The source guest's memory is then memfd-backed.
+    #[arg(long)]
+    pub local: bool,
     /// TEST ONLY: send device chunks in an adversarial order.
     #[arg(long, value_enum, hide = true, default_value_t = TestChunkOrder::Natural)]
     pub test_chunk_order: TestChunkOrder,
@@ -146,6 +152,11 @@ impl MigrationArgs {
             credit_window: self.credit_window,
             buffer_cap: self.buffer_cap,
             peer_timeout: Duration::from_millis(self.peer_timeout_ms),
+            ram: if self.local {
+                RamTransfer::Local
+            } else {
+                RamTransfer::Copy
+            },
             tls: self.tls.config()?,
             test_hooks: SourceTestHooks {
                 chunk_order: match self.test_chunk_order {
@@ -188,6 +199,9 @@ impl MigrationArgs {
                 }
             ),
         ];
+        if self.local {
+            v.push("--local".into());
+        }
         if self.test_chunk_order != TestChunkOrder::Natural {
             v.push(format!(
                 "--test-chunk-order={}",
@@ -241,7 +255,7 @@ fn check_device(s: &str) -> Result<String, String> {
 }
 
 impl GuestArgs {
-    pub fn synthetic(&self) -> SyntheticConfig {
+    pub fn synthetic(&self, backing: Backing) -> SyntheticConfig {
         SyntheticConfig {
             memory_bytes: self.memory,
             fill: self.fill,
@@ -250,6 +264,7 @@ impl GuestArgs {
                 rate: self.dirty_rate,
                 threads: self.vcpus,
             },
+            backing,
         }
     }
 

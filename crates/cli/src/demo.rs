@@ -49,11 +49,13 @@ pub(crate) fn write_pictures(
 pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut source_args = a.guest.to_args();
     source_args.extend(a.migration.to_args());
-    let mut dest_args = vec![
-        "--verify".to_string(),
-        "--run-after-ms=300".to_string(),
-        format!("--memory={}", a.guest.memory),
-    ];
+    let mut dest_args = vec!["--verify".to_string(), "--run-after-ms=300".to_string()];
+    if a.migration.local {
+        // Local mode: the destination maps the source's memory, over a Unix socket.
+        dest_args.push(crate::pair::unix_listen_arg("demo"));
+    } else {
+        dest_args.push(format!("--memory={}", a.guest.memory));
+    }
     dest_args.extend(a.migration.tls.to_args());
     if !a.json {
         eprintln!(

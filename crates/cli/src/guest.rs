@@ -5,6 +5,7 @@ use crate::args::GuestArgs;
 use clap::ValueEnum;
 use livemig_engine::Guest;
 use livemig_vmm::kvm::{self, KvmConfig, KvmGuest};
+use livemig_vmm::memory::Backing;
 use livemig_vmm::synthetic::SyntheticGuest;
 
 /// Which guest to run.
@@ -43,7 +44,9 @@ pub enum SourceGuest {
 }
 
 impl SourceGuest {
-    pub fn start(a: &GuestArgs) -> anyhow::Result<SourceGuest> {
+    /// Starts the guest `a` describes, its memory where `backing` says (memfds for local
+    /// mode).
+    pub fn start(a: &GuestArgs, backing: Backing) -> anyhow::Result<SourceGuest> {
         Ok(match a.guest.resolve() {
             GuestChoice::Kvm => {
                 if !kvm::kvm_usable() {
@@ -55,10 +58,11 @@ impl SourceGuest {
                     fill: a.fill,
                     working_set_pages: a.working_set / livemig_wire::PAGE_SIZE as u64,
                     rate: a.dirty_rate,
+                    backing,
                     ..KvmConfig::default()
                 })?)
             }
-            _ => SourceGuest::Synthetic(SyntheticGuest::start(&a.synthetic())?),
+            _ => SourceGuest::Synthetic(SyntheticGuest::start(&a.synthetic(backing))?),
         })
     }
 
@@ -81,6 +85,15 @@ impl SourceGuest {
         match self {
             SourceGuest::Kvm(g) => std::sync::Arc::new(g),
             SourceGuest::Synthetic(g) => std::sync::Arc::new(g),
+        }
+    }
+
+    /// The write counter when the guest was last paused: after a migration, where it
+    /// stopped here (in local mode the memory it lives in is the destination's by then).
+    pub fn counter_at_pause(&self) -> u64 {
+        match self {
+            SourceGuest::Kvm(g) => g.counter_at_pause(),
+            SourceGuest::Synthetic(g) => g.counter(),
         }
     }
 

@@ -6,6 +6,7 @@ use crate::emit;
 use crate::guest::SourceGuest;
 use clap::Args;
 use livemig_engine::{migrate_vm, Endpoint, Progress, Vm};
+use livemig_vmm::memory::Backing;
 use serde_json::json;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -27,7 +28,12 @@ pub struct MigrateArgs {
 
 pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let json = a.json;
-    let source = SourceGuest::start(&a.guest)?;
+    let backing = if a.migration.local {
+        Backing::Shared
+    } else {
+        Backing::Anonymous
+    };
+    let source = SourceGuest::start(&a.guest, backing)?;
     let devices = SourceDevices::build(&a.guest.devices)?;
     let (streamed, vmstates) = (devices.streamed(), devices.vmstates());
     let guest = source.guest();
@@ -61,7 +67,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         match migrate_vm(vm, to, &config, &progress) {
             Ok(report) => {
                 // The guest stays paused here for good: this is where it stopped.
-                let counter = source.counter();
+                let counter = source.counter_at_pause();
                 if json {
                     emit(&json!({
                         "event": "completed", "to": to.to_string(), "guest": kind,

@@ -96,6 +96,18 @@ pub struct PairResult {
     pub after_run: Option<Value>,
 }
 
+/// A Unix socket path of its own for a destination this process starts (local mode).
+pub fn unix_listen_arg(what: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "livemig-{what}-{}-{}.sock",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    format!("--listen=unix:{}", path.display())
+}
+
 /// Starts a destination, then a source migrating to it, passing every source line to
 /// `on_line`; returns both reports.
 pub fn run_pair(
@@ -103,11 +115,11 @@ pub fn run_pair(
     source_args: &[String],
     mut on_line: impl FnMut(&Value),
 ) -> anyhow::Result<PairResult> {
-    let mut dargs = vec![
-        "incoming".to_string(),
-        "--listen=tcp:127.0.0.1:0".into(),
-        "--json".into(),
-    ];
+    let mut dargs = vec!["incoming".to_string(), "--json".into()];
+    // Loopback TCP unless the caller chose the address (a unix: one for local mode).
+    if !dest_args.iter().any(|a| a.starts_with("--listen=")) {
+        dargs.push("--listen=tcp:127.0.0.1:0".into());
+    }
     dargs.extend_from_slice(dest_args);
     let dest = JsonChild::spawn(&dargs)?;
     let listening = dest.wait_event(&["listening"], Duration::from_secs(30))?;

@@ -33,7 +33,7 @@ pub struct RunArgs {
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
-    let g = SourceGuest::start(&a.guest)?;
+    let g = SourceGuest::start(&a.guest, livemig_vmm::memory::Backing::Anonymous)?;
     if let Some(path) = &a.qmp {
         let (devices, vmstates) = SourceDevices::build(&a.guest.devices)?.into_shared();
         eprintln!(

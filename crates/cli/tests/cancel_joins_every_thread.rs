@@ -37,6 +37,7 @@ fn guest(memory: u64) -> SyntheticGuest {
             rate: 20_000,
             threads: 1,
         },
+        backing: Default::default(),
     })
     .expect("start the synthetic guest")
 }

@@ -36,20 +36,9 @@ fn vfio(name: &str, seed: u64) -> WireDevice {
 }
 
 fn hello(session: SessionId, devices: usize, buffer_cap: u64) -> SessionHello {
-    SessionHello {
+    common::raw::synthetic_hello(
         session,
-        channels: 2,
-        pages_per_packet: 128,
-        guest: GuestDescriptor {
-            kind: "synthetic".into(),
-            vcpus: 1,
-            page_size: 4096,
-            ranges: vec![MemoryRange {
-                guest_addr: 0,
-                size: 1 << 20,
-            }],
-        },
-        devices: DeviceSetup {
+        DeviceSetup {
             transfer: DeviceTransfer::Multifd,
             chunk_size: CHUNK as u32,
             window: 0,
@@ -59,7 +48,7 @@ fn hello(session: SessionId, devices: usize, buffer_cap: u64) -> SessionHello {
                 .collect(),
             vmstates: Vec::new(),
         },
-    }
+    )
 }
 
 /// A whole DeviceChunk payload: chunk header and data.

@@ -56,21 +56,7 @@ fn expect_reject(s: &mut TcpStream, code: RejectCode, words: &[&str], what: &str
 }
 
 fn hello(session: SessionId, devices: DeviceSetup) -> SessionHello {
-    SessionHello {
-        session,
-        channels: 2,
-        pages_per_packet: 128,
-        guest: GuestDescriptor {
-            kind: "synthetic".into(),
-            vcpus: 1,
-            page_size: 4096,
-            ranges: vec![MemoryRange {
-                guest_addr: 0,
-                size: 1 << 20,
-            }],
-        },
-        devices,
-    }
+    common::raw::synthetic_hello(session, devices)
 }
 
 fn host_port(addr: &str) -> &str {

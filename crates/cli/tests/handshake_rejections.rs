@@ -24,22 +24,7 @@ fn expect_reject(s: &mut TcpStream, code: RejectCode, words: &str) {
 }
 
 fn hello(session: SessionId) -> Vec<u8> {
-    SessionHello {
-        session,
-        channels: 2,
-        pages_per_packet: 128,
-        guest: GuestDescriptor {
-            kind: "synthetic".into(),
-            vcpus: 1,
-            page_size: 4096,
-            ranges: vec![MemoryRange {
-                guest_addr: 0,
-                size: 1 << 20,
-            }],
-        },
-        devices: DeviceSetup::default(),
-    }
-    .encode()
+    common::raw::synthetic_hello(session, DeviceSetup::default()).encode()
 }
 
 #[test]

@@ -279,6 +279,7 @@ fn no_tls_thread_outlives_a_migration_in_process() {
             rate: 10_000,
             threads: 1,
         },
+        backing: Default::default(),
     })
     .unwrap();
     // A unix: address needs the name the destination's certificate carries.

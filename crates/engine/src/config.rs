@@ -5,7 +5,7 @@ use crate::error::MigrationError;
 use crate::stats::LiveStats;
 use crate::tls::TlsConfig;
 use livemig_wire::{
-    DeviceTransfer, Limits, DEFAULT_PAGES_PER_PACKET, MAX_CHANNELS, MAX_CHUNK_SIZE,
+    DeviceTransfer, Limits, RamTransfer, DEFAULT_PAGES_PER_PACKET, MAX_CHANNELS, MAX_CHUNK_SIZE,
     MAX_PAGES_PER_PACKET,
 };
 use std::sync::Arc;
@@ -48,6 +48,10 @@ pub struct MigrationConfig {
     /// Device state on the data channels with credit (the default), or each device in turn
     /// on the main channel at switchover (the baseline livemig is compared with).
     pub device_transfer: DeviceTransfer,
+    /// Guest RAM copied over the data channels (the default), or, in local mode, the files
+    /// backing it handed to a destination on the same host (`unix:` address and memfd-backed
+    /// guest memory needed; see `local`).
+    pub ram: RamTransfer,
     /// Bytes per device chunk.
     pub chunk_size: u32,
     /// Chunks of credit per device to ask the destination for (0: its default, 2 x channels).
@@ -82,6 +86,7 @@ impl Default for MigrationConfig {
             connect_timeout: Duration::from_secs(10),
             completion_timeout: Duration::from_secs(120),
             device_transfer: DeviceTransfer::Multifd,
+            ram: RamTransfer::Copy,
             chunk_size: 1 << 20,
             credit_window: 0,
             buffer_cap: 0,

@@ -4,7 +4,8 @@
 use crate::error::{ChannelError, ChannelName};
 use crate::transport::Stream;
 use livemig_wire::{verify_payload, FrameHeader, FrameKind, Limits, Reject, HEADER_LEN};
-use std::io::{self, IoSlice, Read};
+use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 /// Sends one frame whose payload is the concatenation of `parts`.
 pub fn send_parts(
@@ -45,6 +46,53 @@ pub fn send(
     payload: &[u8],
 ) -> Result<(), ChannelError> {
     send_parts(stream, channel, kind, &[payload])
+}
+
+/// Sends one frame with file descriptors attached to its first byte (`unix:` streams only).
+pub fn send_with_fds(
+    stream: &mut Stream,
+    channel: ChannelName,
+    kind: FrameKind,
+    payload: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), ChannelError> {
+    let frame = livemig_wire::encode_frame(kind, payload);
+    let err = |source| ChannelError::Io {
+        channel,
+        op: "send",
+        source,
+    };
+    let sent = stream.send_fds(&frame, fds).map_err(err)?;
+    stream.write_all(&frame[sent..]).map_err(err)
+}
+
+/// Receives a frame header with the file descriptors attached to its first byte (at most
+/// `max_fds`; `unix:` streams only). The payload is left on the socket.
+pub fn recv_header_with_fds(
+    stream: &mut Stream,
+    channel: ChannelName,
+    limits: &Limits,
+    max_fds: usize,
+) -> Result<(FrameHeader, Vec<OwnedFd>), ChannelError> {
+    let mut raw = [0u8; HEADER_LEN];
+    let (n, fds) = loop {
+        match stream.recv_fds(&mut raw, max_fds) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(ChannelError::Io {
+                    channel,
+                    op: "receive",
+                    source,
+                })
+            }
+            Ok((0, _)) => return Err(ChannelError::Closed { channel }),
+            Ok(r) => break r,
+        }
+    };
+    read_exact(stream, channel, &mut raw[n..], false)?;
+    let h = FrameHeader::decode(&raw, limits)
+        .map_err(|source| ChannelError::Wire { channel, source })?;
+    Ok((h, fds))
 }
 
 /// Receives one frame into `buf` (resized to the payload) and returns its header. A Reject

@@ -95,4 +95,19 @@ pub trait Guest: Send + Sync {
 /// Builds, on the destination, the guest a source described.
 pub trait GuestFactory: Sync {
     fn create(&self, desc: &GuestDescriptor) -> Result<Box<dyn Guest>, GuestError>;
+
+    /// Builds the guest on `memory` that already holds its RAM (local mode: the source's
+    /// memory files, mapped here). It must not write that memory: until the handover the
+    /// source guest still runs on it.
+    fn create_on(
+        &self,
+        desc: &GuestDescriptor,
+        memory: GuestMemory,
+    ) -> Result<Box<dyn Guest>, GuestError> {
+        let _ = (desc, memory);
+        Err(GuestError::new(
+            "create",
+            "this destination cannot take guest memory over (local mode)",
+        ))
+    }
 }

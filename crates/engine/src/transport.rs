@@ -5,7 +5,7 @@ use crate::cancel::CancelToken;
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -60,10 +60,34 @@ pub enum Stream {
     Tls(crate::tls::TlsStream),
 }
 
+fn not_unix() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "file descriptors can only be handed over a unix: socket",
+    )
+}
+
 /// Socket buffers big enough for a 512 KiB packet to be in flight while the next is built.
 const SOCKET_BUFFER: i32 = 4 << 20;
 
 impl Stream {
+    /// Sends `data` with file descriptors attached (a `unix:` stream only); returns the
+    /// bytes of `data` sent.
+    pub fn send_fds(&self, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => crate::fdpass::send_with_fds(s, data, fds),
+            _ => Err(not_unix()),
+        }
+    }
+
+    /// Receives into `buf` with up to `max_fds` file descriptors (a `unix:` stream only).
+    pub fn recv_fds(&self, buf: &mut [u8], max_fds: usize) -> io::Result<(usize, Vec<OwnedFd>)> {
+        match self {
+            Stream::Unix(s) => crate::fdpass::recv_with_fds(s, buf, max_fds),
+            _ => Err(not_unix()),
+        }
+    }
+
     /// Connects, retrying refused connections until `timeout` (the destination may still be
     /// starting).
     pub fn connect(to: &Endpoint, timeout: Duration) -> io::Result<Stream> {

@@ -70,6 +70,9 @@ frame_kinds! {
     ChannelAccept = 4, |_| SMALL;
     /// Either way on any channel: the sender refuses or aborts, with a reason.
     Reject = 5, |_| SMALL;
+    /// Main channel, local mode, right after the hello: the files backing guest memory,
+    /// handed over as `SCM_RIGHTS` ancillary data.
+    MemoryFiles = 6, |_| SMALL;
     /// Data channel: a batch of guest pages.
     RamPages = 16, |l: &Limits| crate::ram::payload_len(l.max_pages_per_packet, 0);
     /// Data channel: every page of a round has been sent on this channel.

@@ -30,8 +30,8 @@ pub use frame::{
 };
 pub use ram::{RamPacket, RamPrefix};
 pub use session::{
-    ChannelHello, GuestDescriptor, MemoryRange, Reject, RejectCode, SessionAccept, SessionHello,
-    SessionId, MAX_CHANNELS, MAX_REGIONS, MAX_VCPUS,
+    ChannelHello, GuestDescriptor, MemoryFiles, MemoryRange, RamTransfer, Reject, RejectCode,
+    SessionAccept, SessionHello, SessionId, MAX_CHANNELS, MAX_REGIONS, MAX_VCPUS,
 };
 
 /// The guest page size livemig migrates in.

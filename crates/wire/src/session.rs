@@ -80,6 +80,20 @@ pub struct SessionHello {
     pub pages_per_packet: u32,
     pub guest: GuestDescriptor,
     pub devices: DeviceSetup,
+    /// How guest RAM reaches the destination.
+    pub ram: RamTransfer,
+}
+
+/// How guest RAM reaches the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RamTransfer {
+    /// Copied as RamPages over the data channels (precopy rounds).
+    #[default]
+    Copy,
+    /// Local mode: source and destination share a host, and the source hands the files
+    /// backing guest memory (memfds) to the destination over the Unix socket of the main
+    /// channel (a [`MemoryFiles`] frame right after the hello). No page is copied.
+    Local,
 }
 
 impl SessionHello {
@@ -97,6 +111,10 @@ impl SessionHello {
             w.u64(r.guest_addr).u64(r.size);
         }
         self.devices.write(&mut w);
+        w.u8(match self.ram {
+            RamTransfer::Copy => 0,
+            RamTransfer::Local => 1,
+        });
         out
     }
 
@@ -175,6 +193,17 @@ impl SessionHello {
             ranges.push(MemoryRange { guest_addr, size });
         }
         let devices = DeviceSetup::read(&mut r)?;
+        let ram = match r.u8()? {
+            0 => RamTransfer::Copy,
+            1 => RamTransfer::Local,
+            other => {
+                return Err(WireError::OutOfRange {
+                    field: "ram transfer",
+                    value: other as u64,
+                    reason: "0 (copy) or 1 (local)",
+                })
+            }
+        };
         r.finish()?;
         Ok(SessionHello {
             session,
@@ -187,6 +216,7 @@ impl SessionHello {
                 ranges,
             },
             devices,
+            ram,
         })
     }
 }
@@ -238,6 +268,55 @@ impl ChannelHello {
         let index = r.u16()?;
         r.finish()?;
         Ok(ChannelHello { session, index })
+    }
+}
+
+/// Local mode: where each guest memory range lies in the file handed over with this frame
+/// (one file descriptor per range, in range order, as `SCM_RIGHTS` ancillary data on the
+/// frame's first byte). Sent on the main channel right after a hello whose RAM transfer is
+/// [`RamTransfer::Local`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryFiles {
+    /// The offset in its file at which each range starts.
+    pub offsets: Vec<u64>,
+}
+
+impl MemoryFiles {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut w = Writer::new(&mut out);
+        w.u16(self.offsets.len() as u16);
+        for &o in &self.offsets {
+            w.u64(o);
+        }
+        out
+    }
+
+    /// Decodes the frame of a guest with `ranges` memory ranges.
+    pub fn decode(buf: &[u8], ranges: usize) -> Result<Self, WireError> {
+        let mut r = Reader::new(buf, "MemoryFiles");
+        let n = r.u16()? as usize;
+        if n != ranges {
+            return Err(WireError::OutOfRange {
+                field: "memory files",
+                value: n as u64,
+                reason: "one file per memory range of the hello",
+            });
+        }
+        let mut offsets = Vec::with_capacity(n);
+        for _ in 0..n {
+            let o = r.u64()?;
+            if o % crate::PAGE_SIZE as u64 != 0 {
+                return Err(WireError::OutOfRange {
+                    field: "memory file offset",
+                    value: o,
+                    reason: "must be page-aligned",
+                });
+            }
+            offsets.push(o);
+        }
+        r.finish()?;
+        Ok(MemoryFiles { offsets })
     }
 }
 
@@ -340,6 +419,7 @@ mod tests {
                 ],
             },
             devices: DeviceSetup::default(),
+            ram: RamTransfer::Copy,
         }
     }
 
@@ -347,6 +427,36 @@ mod tests {
     fn session_hello_round_trip() {
         let h = hello();
         assert_eq!(SessionHello::decode(&h.encode()).unwrap(), h);
+        let local = SessionHello {
+            ram: RamTransfer::Local,
+            ..hello()
+        };
+        assert_eq!(SessionHello::decode(&local.encode()).unwrap(), local);
+        let mut bad = local.encode();
+        *bad.last_mut().unwrap() = 7;
+        assert!(SessionHello::decode(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("ram transfer"));
+    }
+
+    #[test]
+    fn memory_files_round_trip_and_bounds() {
+        let m = MemoryFiles {
+            offsets: vec![0, 1 << 30],
+        };
+        assert_eq!(MemoryFiles::decode(&m.encode(), 2).unwrap(), m);
+        // One file per range of the hello, no more and no fewer.
+        assert!(MemoryFiles::decode(&m.encode(), 3)
+            .unwrap_err()
+            .to_string()
+            .contains("memory files"));
+        let odd = MemoryFiles { offsets: vec![100] };
+        assert!(MemoryFiles::decode(&odd.encode(), 1)
+            .unwrap_err()
+            .to_string()
+            .contains("page-aligned"));
+        assert!(MemoryFiles::decode(&m.encode()[..5], 2).is_err());
     }
 
     #[test]

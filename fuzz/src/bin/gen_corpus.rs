@@ -35,8 +35,10 @@ fn main() {
             }],
             ..DeviceSetup::default()
         },
+        ram: RamTransfer::Copy,
     };
     write("session", "hello", &hello.encode());
+    write("session", "memory_files", &MemoryFiles { offsets: vec![0] }.encode());
     write("session", "accept", &SessionAccept { window: 8, buffer_cap: 8 << 20 }.encode());
     write("session", "channel", &ChannelHello { session: SessionId([7; 16]), index: 2 }.encode());
     write("session", "reject", &Reject::new(RejectCode::Protocol, "bad").encode());

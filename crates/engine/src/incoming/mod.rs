@@ -38,8 +38,8 @@ use crate::transport::{Listener, Stream};
 use barrier::RoundBarrier;
 use crossbeam_channel::{Receiver, Sender};
 use livemig_wire::{
-    Complete, Credit, DeviceTransfer, FrameKind, Limits, Loaded, Reject, RejectCode, Resumed,
-    RoundAck, RoundStart, SessionAccept, SessionHello, VmStates,
+    Complete, Credit, DeviceTransfer, FrameKind, Limits, Loaded, RamTransfer, Reject, RejectCode,
+    Resumed, RoundAck, RoundStart, SessionAccept, SessionHello, VmStates,
 };
 use receiver::{ChannelReceiver, Counters};
 use std::sync::atomic::AtomicBool;
@@ -132,16 +132,21 @@ type Built = (
 /// Builds what `hello` describes, or the Reject that says why this side cannot.
 fn build_session(
     hello: &SessionHello,
+    main: &mut Stream,
     factories: Factories<'_>,
     config: &IncomingConfig,
 ) -> Result<Built, Reject> {
     let accept = setup::flow_bounds(hello, config)?;
     let unsupported =
         |e: &dyn std::fmt::Display| Reject::new(RejectCode::Unsupported, e.to_string());
-    let guest = factories
-        .guest
-        .create(&hello.guest)
-        .map_err(|e| unsupported(&e))?;
+    let guest = match hello.ram {
+        RamTransfer::Copy => factories.guest.create(&hello.guest),
+        RamTransfer::Local => {
+            let memory = setup::receive_memory_files(main, hello, config)?;
+            factories.guest.create_on(&hello.guest, memory)
+        }
+    }
+    .map_err(|e| unsupported(&e))?;
     let descriptor = |w: &livemig_wire::WireDevice| crate::device::DeviceDescriptor {
         kind: w.kind.clone(),
         name: w.name.clone(),
@@ -175,7 +180,7 @@ pub fn receive_vm(
     // kind) is refused with the reason, and the wait goes on for one it can.
     let (hello, mut main, accept, guest, devices, vmstates) = loop {
         let (hello, mut main) = setup::accept_session(listener, config, log)?;
-        match build_session(&hello, factories, config) {
+        match build_session(&hello, &mut main, factories, config) {
             Ok((accept, guest, devices, vmstates)) => {
                 break (hello, main, accept, guest, devices, vmstates)
             }
@@ -298,14 +303,17 @@ impl Session<'_> {
                 }
             };
             let stop = &stop_prefault;
-            keep(
-                std::thread::Builder::new()
-                    .name("lm-dst-prefault".into())
-                    .spawn_scoped(scope, move || {
-                        prefault::populate(guest.memory(), stop);
-                    }),
-                &mut handles,
-            );
+            // Local mode maps memory the source already filled: nothing to fault in ahead.
+            if self.hello.ram == RamTransfer::Copy {
+                keep(
+                    std::thread::Builder::new()
+                        .name("lm-dst-prefault".into())
+                        .spawn_scoped(scope, move || {
+                            prefault::populate(guest.memory(), stop);
+                        }),
+                    &mut handles,
+                );
+            }
             let main_tx = tx.clone();
             let limits = self.config.limits;
             let main_streams = &streams;

@@ -8,8 +8,11 @@ use crate::cancel::CancelToken;
 use crate::config::IncomingConfig;
 use crate::error::{ChannelError, ChannelName, IncomingError};
 use crate::framed;
+use crate::guest::GuestMemory;
 use crate::transport::{Listener, Stream};
-use livemig_wire::{ChannelHello, FrameKind, Reject, RejectCode, SessionAccept, SessionHello};
+use livemig_wire::{
+    ChannelHello, FrameKind, MemoryFiles, Reject, RejectCode, SessionAccept, SessionHello,
+};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -202,6 +205,40 @@ fn plain_refusal(e: ChannelError) -> String {
         }
         _ => e.to_string(),
     }
+}
+
+/// Local mode: the MemoryFiles frame that follows the hello, with the files backing guest
+/// memory, mapped here after their length and seals are checked (see `local`).
+pub(crate) fn receive_memory_files(
+    main: &mut Stream,
+    hello: &SessionHello,
+    config: &IncomingConfig,
+) -> Result<GuestMemory, Reject> {
+    let ch = ChannelName::Main;
+    let local = |e: &dyn std::fmt::Display| {
+        Reject::new(
+            RejectCode::Unsupported,
+            format!("local mode: cannot take the guest memory files: {e}"),
+        )
+    };
+    let _ = main.set_read_timeout(Some(config.handshake_timeout));
+    let ranges = hello.guest.ranges.len();
+    let (h, files) =
+        framed::recv_header_with_fds(main, ch, &config.limits, ranges).map_err(|e| local(&e))?;
+    if h.kind != FrameKind::MemoryFiles {
+        return Err(Reject::new(
+            RejectCode::Protocol,
+            format!(
+                "local mode: a {} frame where the MemoryFiles frame was due",
+                h.kind.name()
+            ),
+        ));
+    }
+    let mut buf = Vec::new();
+    framed::recv_payload(main, ch, &h, &mut buf).map_err(|e| local(&e))?;
+    let _ = main.set_read_timeout(None);
+    let layout = MemoryFiles::decode(&buf, ranges).map_err(|e| local(&e))?;
+    crate::local::map_memory_files(&hello.guest.ranges, files, &layout).map_err(|e| local(&e))
 }
 
 fn check_hello(hello: &SessionHello, config: &IncomingConfig) -> Result<(), Reject> {

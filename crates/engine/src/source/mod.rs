@@ -55,8 +55,8 @@ use devices::{SaveError, SaveJob, SaveStats, Switchover};
 use dispatch::Dispatcher;
 use livemig_wire::{
     ChannelHello, ChunkHeader, Complete, DeviceSetup, DeviceTransfer, FrameKind, Limits, Loaded,
-    Reject, RejectCode, Resumed, RoundEnd, RoundStart, SessionAccept, SessionHello, SessionId,
-    VmStates, WireDevice, PAGE_SIZE,
+    RamTransfer, Reject, RejectCode, Resumed, RoundEnd, RoundStart, SessionAccept, SessionHello,
+    SessionId, VmStates, WireDevice, PAGE_SIZE,
 };
 use pacer::Pacer;
 use sender::{ChannelSender, Job};
@@ -144,6 +144,9 @@ pub fn migrate_vm(
             livemig_wire::MAX_DEVICES
         )));
     }
+    if config.ram == RamTransfer::Local {
+        check_local(vm, to, config)?;
+    }
     let start = Instant::now();
     let session = SessionId(*uuid::Uuid::new_v4().as_bytes());
     let (main, data, accept) = connect_cancellable(vm, to, config, session)?;
@@ -182,6 +185,24 @@ pub fn migrate_vm(
         return Err(e);
     }
     result
+}
+
+/// What local mode needs before anything is opened: a `unix:` address (the memory files go
+/// over it), no TLS (nothing leaves the host), and guest memory backed by files.
+fn check_local(vm: Vm<'_>, to: &Endpoint, config: &MigrationConfig) -> Result<(), MigrationError> {
+    if !matches!(to, Endpoint::Unix(_)) {
+        return Err(MigrationError::Config(format!(
+            "local mode hands guest memory over a Unix socket: '{to}' is not a unix: address"
+        )));
+    }
+    if config.tls.is_some() {
+        return Err(MigrationError::Config(
+            "local mode and TLS do not go together: nothing leaves the host".into(),
+        ));
+    }
+    crate::local::memory_files(vm.guest.memory())
+        .map(drop)
+        .map_err(|e| MigrationError::Config(e.to_string()))
 }
 
 fn wire_devices(vm: Vm<'_>, config: &MigrationConfig) -> DeviceSetup {
@@ -297,6 +318,7 @@ fn connect_session(
         pages_per_packet: config.pages_per_packet,
         guest: vm.guest.descriptor(),
         devices: wire_devices(vm, config),
+        ram: config.ram,
     };
     framed::send(
         &mut main,
@@ -304,6 +326,17 @@ fn connect_session(
         FrameKind::SessionHello,
         &hello.encode(),
     )?;
+    if config.ram == RamTransfer::Local {
+        let (fds, layout) = crate::local::memory_files(vm.guest.memory())
+            .map_err(|e| MigrationError::Config(e.to_string()))?;
+        framed::send_with_fds(
+            &mut main,
+            ChannelName::Main,
+            FrameKind::MemoryFiles,
+            &layout.encode(),
+            &fds,
+        )?;
+    }
     framed::recv_expect(
         &mut main,
         ChannelName::Main,
@@ -609,8 +642,13 @@ impl Coordinator<'_> {
         let guest = self.vm.guest;
         let desc = guest.descriptor();
         let mut dirty = DirtyBitmap::new(&desc.ranges);
-        guest.start_dirty_log()?;
-        dirty.set_all();
+        // In local mode the destination maps the very memory the guest writes: no page is
+        // sent, so nothing is tracked, and precopy is one empty round (devices still stream).
+        let copy_ram = self.config.ram == RamTransfer::Copy;
+        if copy_ram {
+            guest.start_dirty_log()?;
+            dirty.set_all();
+        }
         (self.progress)(&Progress::Connected {
             session: session.to_string(),
             channels: self.config.channels,
@@ -627,7 +665,9 @@ impl Coordinator<'_> {
             let mut report = self.precopy_round(round, &dirty)?;
             report.throttle_percent = converge.throttle;
             dirty.clear();
-            guest.sync_dirty_log(&mut dirty)?;
+            if copy_ram {
+                guest.sync_dirty_log(&mut dirty)?;
+            }
             report.dirty_after = dirty.count();
             report.expected_downtime_ms =
                 1e3 * (report.dirty_after * PAGE_SIZE as u64) as f64 / report.bytes_per_s.max(1.0);
@@ -678,8 +718,10 @@ impl Coordinator<'_> {
         self.switchover.start();
         down.pause_ms = ms(t_pause.elapsed());
         let t = Instant::now();
-        guest.sync_dirty_log(&mut dirty)?;
-        guest.stop_dirty_log()?;
+        if copy_ram {
+            guest.sync_dirty_log(&mut dirty)?;
+            guest.stop_dirty_log()?;
+        }
         down.last_dirty_pass_ms = ms(t.elapsed());
 
         let t_transfer = Instant::now();

@@ -63,11 +63,12 @@ mod vm;
 pub use error::KvmError;
 pub use state::{KvmState, StateError, VERSION as STATE_VERSION};
 
-use crate::memory;
+use crate::memory::{self, Backing};
 use crate::throttle::Throttle;
 use layout::{Layout, LayoutError, Params};
 use livemig_engine::{DirtyBitmap, Guest, GuestError, GuestMemory, VerifyReport};
 use livemig_wire::{GuestDescriptor, MemoryRange, PAGE_SIZE};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use vcpu::Vcpu;
 use vm::Vm;
@@ -92,6 +93,8 @@ pub struct KvmConfig {
     pub report_every: u64,
     /// Run the payload in ring 3 (native speed on nested hosts) rather than ring 0.
     pub user_mode: bool,
+    /// Where guest memory lives (memfds for local mode).
+    pub backing: Backing,
 }
 
 impl Default for KvmConfig {
@@ -104,6 +107,7 @@ impl Default for KvmConfig {
             rate: 0,
             report_every: 1024,
             user_mode: true,
+            backing: Backing::Anonymous,
         }
     }
 }
@@ -116,6 +120,7 @@ pub struct KvmGuest {
     vm: Vm,
     layout: Layout,
     tsc_khz: u64,
+    counter_at_pause: AtomicU64,
     memory: GuestMemory,
 }
 
@@ -160,12 +165,14 @@ pub fn kvm_usable() -> bool {
 }
 
 impl KvmGuest {
-    /// Builds the VM with memory and vCPUs created, nothing running.
-    fn build(ranges: &[MemoryRange], vcpus: u32) -> Result<Self, KvmError> {
+    /// Builds the VM on `memory` (one range at 0, from `memory::allocate` or handed over),
+    /// with vCPUs created, nothing running and nothing written to memory.
+    fn build(memory: GuestMemory, vcpus: u32) -> Result<Self, KvmError> {
+        let ranges = memory::ranges_of(&memory);
         let [MemoryRange {
             guest_addr: 0,
             size,
-        }] = ranges
+        }] = ranges.as_slice()
         else {
             return Err(LayoutError::NotOneRangeAtZero.into());
         };
@@ -173,10 +180,6 @@ impl KvmGuest {
             return Err(LayoutError::Vcpus(vcpus).into());
         }
         let layout = Layout::new(*size)?;
-        let memory = memory::allocate(ranges).map_err(|e| KvmError::Memory {
-            op: "allocate",
-            detail: e.to_string(),
-        })?;
         let vm = Vm::create(&memory)?;
         let mut tsc_khz = 0;
         let mut list = Vec::new();
@@ -205,6 +208,7 @@ impl KvmGuest {
             vm,
             layout,
             tsc_khz,
+            counter_at_pause: AtomicU64::new(0),
             memory,
         })
     }
@@ -216,7 +220,8 @@ impl KvmGuest {
             guest_addr: 0,
             size,
         }];
-        let g = Self::build(&range, config.vcpus).map_err(gerr("create"))?;
+        let memory = memory::allocate(&range, config.backing)?;
+        let g = Self::build(memory, config.vcpus).map_err(gerr("create"))?;
         let l = g.layout;
         let ws = config.working_set_pages.min(l.data_pages());
         let host_writes = g.fill(config.fill).map_err(gerr("fill"))?;
@@ -288,6 +293,12 @@ impl KvmGuest {
                 .collect()
         });
         written.into_iter().sum()
+    }
+
+    /// The write counter when the guest was last paused (0 if it never was). After a
+    /// local-mode handover the memory is the destination's, so this is what the source saw.
+    pub fn counter_at_pause(&self) -> u64 {
+        self.counter_at_pause.load(Ordering::Relaxed)
     }
 
     /// Page writes of all vCPUs so far: only grows, carried across migrations.
@@ -376,6 +387,9 @@ impl Guest for KvmGuest {
         for v in &self.vcpus {
             v.pause().map_err(gerr("pause"))?;
         }
+        // Kept, because in local mode this memory is the destination's once handed over.
+        self.counter_at_pause
+            .store(self.counter(), Ordering::Relaxed);
         Ok(())
     }
 
@@ -425,13 +439,29 @@ impl Drop for KvmGuest {
 /// Builds the destination's KVM guest from a source's description: memory, VM and vCPUs
 /// created, nothing running until `restore_state` and `resume`.
 pub fn create_paused(desc: &GuestDescriptor) -> Result<KvmGuest, GuestError> {
+    let memory = memory::allocate(&desc.ranges, Backing::Anonymous)?;
+    create_paused_on(desc, memory)
+}
+
+/// Builds a paused, empty guest for `desc` on `memory` that already holds its RAM (local
+/// mode); nothing is written to it.
+pub fn create_paused_on(
+    desc: &GuestDescriptor,
+    memory: GuestMemory,
+) -> Result<KvmGuest, GuestError> {
     if desc.page_size != PAGE_SIZE as u32 {
         return Err(GuestError::new(
             "create",
             format!("page size {} is not {PAGE_SIZE}", desc.page_size),
         ));
     }
-    KvmGuest::build(&desc.ranges, desc.vcpus as u32).map_err(gerr("create"))
+    if memory::ranges_of(&memory) != desc.ranges {
+        return Err(GuestError::new(
+            "create",
+            "memory does not match the described ranges",
+        ));
+    }
+    KvmGuest::build(memory, desc.vcpus as u32).map_err(gerr("create"))
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ mod state;
 
 pub use state::{StateError, SyntheticState, Workload, VERSION as STATE_VERSION};
 
-use crate::memory;
+use crate::memory::{self, Backing};
 use crate::pattern;
 use crate::throttle::{Throttle, ThrottleClock};
 use livemig_engine::{DirtyBitmap, Guest, GuestError, GuestMemory, VerifyReport};
@@ -30,6 +30,8 @@ pub struct SyntheticConfig {
     /// Share of pages written once before the migration (the rest stay zero), 0.0..=1.0.
     pub fill: f64,
     pub workload: Workload,
+    /// Where guest memory lives (memfds for local mode).
+    pub backing: Backing,
 }
 
 /// What the workload threads share with the guest.
@@ -63,10 +65,13 @@ impl SyntheticGuest {
                 "memory size must be at least one page",
             ));
         }
-        let g = Self::build(&[MemoryRange {
-            guest_addr: 0,
-            size: bytes,
-        }])?;
+        let g = Self::build(memory::allocate(
+            &[MemoryRange {
+                guest_addr: 0,
+                size: bytes,
+            }],
+            config.backing,
+        )?);
         {
             let mut w = g.shared.workload.lock().unwrap_or_else(|p| p.into_inner());
             *w = config.workload;
@@ -77,11 +82,10 @@ impl SyntheticGuest {
         Ok(g)
     }
 
-    /// Builds a paused, empty guest (a migration's destination).
-    fn build(ranges: &[MemoryRange]) -> Result<Self, GuestError> {
-        let memory = memory::allocate(ranges)?;
+    /// Builds a paused guest on `memory` without writing it (a migration's destination).
+    fn build(memory: GuestMemory) -> Self {
         let pages = (memory.iter().map(|r| r.len()).sum::<u64>() / PAGE_SIZE as u64) as usize;
-        Ok(SyntheticGuest {
+        SyntheticGuest {
             shared: Arc::new(Shared {
                 memory,
                 gens: (0..pages).map(|_| AtomicU32::new(0)).collect(),
@@ -98,7 +102,7 @@ impl SyntheticGuest {
                 cv: Condvar::new(),
             }),
             workers: Mutex::new(Vec::new()),
-        })
+        }
     }
 
     fn pages(&self) -> u64 {
@@ -405,7 +409,22 @@ impl Drop for SyntheticGuest {
 
 /// Builds the destination's synthetic guest from a source's description.
 pub fn create_paused(desc: &GuestDescriptor) -> Result<SyntheticGuest, GuestError> {
-    SyntheticGuest::build(&desc.ranges)
+    let memory = memory::allocate(&desc.ranges, Backing::Anonymous)?;
+    create_paused_on(desc, memory)
+}
+
+/// Builds a paused guest for `desc` on `memory` that already holds its RAM (local mode).
+pub fn create_paused_on(
+    desc: &GuestDescriptor,
+    memory: GuestMemory,
+) -> Result<SyntheticGuest, GuestError> {
+    if memory::ranges_of(&memory) != desc.ranges {
+        return Err(GuestError::new(
+            "create",
+            "memory does not match the described ranges",
+        ));
+    }
+    Ok(SyntheticGuest::build(memory))
 }
 
 #[cfg(test)]
@@ -421,6 +440,7 @@ mod tests {
                 rate,
                 threads: 2,
             },
+            backing: Default::default(),
         })
         .unwrap()
     }
