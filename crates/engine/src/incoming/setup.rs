@@ -96,7 +96,14 @@ fn handshakes<R>(
                         }
                     }
                 }
-                let slice = Instant::now() + HANDSHAKE_POLL;
+                // While a handshake is under way its answer is looked for every millisecond:
+                // a source opens its channels one after another, each waiting for its accept.
+                let poll = if lock().is_empty() {
+                    HANDSHAKE_POLL
+                } else {
+                    HANDSHAKE_PENDING_POLL
+                };
+                let slice = Instant::now() + poll;
                 let until = deadline.map_or(slice, |d| d.min(slice));
                 let s = match listener.accept_cancellable(Some(until), cancel) {
                     Ok(s) => s,
@@ -142,6 +149,8 @@ fn handshakes<R>(
 
 /// How often the handshake loop looks at finished handshakes while none arrives.
 const HANDSHAKE_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+/// ... and while some connection is handshaking (its answer holds up the source).
+const HANDSHAKE_PENDING_POLL: std::time::Duration = std::time::Duration::from_millis(1);
 /// Connections handshaking at once, at most.
 pub const MAX_HANDSHAKES: usize = 64;
 
