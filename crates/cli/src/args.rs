@@ -73,6 +73,11 @@ pub struct MigrationArgs {
     /// (reporting the expected downtime) or `cancel` the migration (the guest runs on here).
     #[arg(long, value_enum, default_value_t = OnNoConvergence::Force)]
     pub on_no_convergence: OnNoConvergence,
+    /// Give every page sent its CRC32C, checked on arrival. `false` trusts the transport
+    /// (TCP's checksum, TLS's authentication), as QEMU does, and saves a pass over every page
+    /// on each side.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub page_checksums: bool,
     /// Pages per data packet (1 to 1024; 128 = 512 KiB).
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub pages_per_packet: u32,
@@ -139,6 +144,7 @@ impl MigrationArgs {
             max_rounds: self.max_rounds,
             max_precopy_time: Duration::from_secs(self.max_precopy_secs),
             pages_per_packet: self.pages_per_packet,
+            page_checksums: self.page_checksums,
             auto_converge: self.auto_converge,
             on_no_convergence: match self.on_no_convergence {
                 OnNoConvergence::Force => NoConvergence::Force,
@@ -180,6 +186,7 @@ impl MigrationArgs {
             format!("--max-precopy-secs={}", self.max_precopy_secs),
             format!("--pages-per-packet={}", self.pages_per_packet),
             format!("--auto-converge={}", self.auto_converge),
+            format!("--page-checksums={}", self.page_checksums),
             format!(
                 "--on-no-convergence={}",
                 match self.on_no_convergence {

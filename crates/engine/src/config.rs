@@ -41,6 +41,10 @@ pub struct MigrationConfig {
     pub auto_converge: bool,
     /// Pages per RamPages packet.
     pub pages_per_packet: u32,
+    /// Each page sent carries its CRC32C, checked by the destination (on by default). Off,
+    /// the source trusts the transport (as QEMU does; TLS authenticates every byte anyway)
+    /// and saves a pass over each page on both sides.
+    pub page_checksums: bool,
     /// How long to keep retrying a refused connection while the destination starts.
     pub connect_timeout: Duration,
     /// How long to wait for each answer of the destination during switchover.
@@ -87,6 +91,7 @@ impl Default for MigrationConfig {
             completion_timeout: Duration::from_secs(120),
             device_transfer: DeviceTransfer::Multifd,
             ram: RamTransfer::Copy,
+            page_checksums: true,
             chunk_size: 1 << 20,
             credit_window: 0,
             buffer_cap: 0,

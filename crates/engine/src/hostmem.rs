@@ -178,16 +178,47 @@ pub(crate) unsafe fn read_pages(
     Ok(())
 }
 
-/// True when every byte of the guest page at `p` is zero. Volatile 8-byte reads, stopping at
-/// the first non-zero word (the usual case for a page with data).
+/// True when every byte of the guest page at `p` is zero: volatile loads, the first word
+/// alone first (the usual answer for a page with data), then 128 bytes per step with AVX2
+/// where the CPU has it, 8 otherwise.
 ///
 /// # Safety
-/// `p` must point to a whole page of mapped guest memory (it may be written meanwhile).
+/// `p` must point to a whole page of mapped guest memory, page-aligned (it may be written
+/// meanwhile).
 pub(crate) unsafe fn page_is_zero(p: *const u8) -> bool {
     let words = p.cast::<u64>();
+    // SAFETY: inside the page the caller vouches for; page addresses are 8-aligned. Most
+    // pages of a used guest are not zero, and say so in their first word.
+    if unsafe { std::ptr::read_volatile(words) } != 0 {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2; the page is as the caller vouches.
+        return unsafe { page_is_zero_avx2(p) };
+    }
     (0..PAGE_SIZE / 8).all(|i| {
-        // SAFETY: inside the page the caller vouches for; page addresses are 8-aligned.
+        // SAFETY: as above.
         unsafe { std::ptr::read_volatile(words.add(i)) == 0 }
+    })
+}
+
+/// The zero check 128 bytes at a time: four 32-byte loads ORed, one test.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn page_is_zero_avx2(p: *const u8) -> bool {
+    use std::arch::x86_64::{__m256i, _mm256_or_si256, _mm256_testz_si256};
+    let v = p.cast::<__m256i>();
+    // SAFETY: inside the page the caller vouches for; pages are page-aligned, so every
+    // 32-byte load is aligned as read_volatile of __m256i needs.
+    let load = |i: usize| unsafe { std::ptr::read_volatile(v.add(i)) };
+    (0..PAGE_SIZE / 128).all(|k| {
+        let i = 4 * k;
+        let acc = _mm256_or_si256(
+            _mm256_or_si256(load(i), load(i + 1)),
+            _mm256_or_si256(load(i + 2), load(i + 3)),
+        );
+        _mm256_testz_si256(acc, acc) == 1
     })
 }
 
@@ -211,18 +242,72 @@ pub(crate) unsafe fn page_crc(p: *const u8) -> u32 {
     crc32c::crc32c(&copy)
 }
 
+/// Words of each of the three CRC streams interleaved over a page (3 x 170 words = 4080
+/// bytes; the last 16 bytes follow on the combined stream).
+#[cfg(target_arch = "x86_64")]
+const LANE_WORDS: usize = 170;
+
+/// The CRC32C register after `LANE_WORDS * 8` zero bytes, as a table per byte of the
+/// starting register: the register update is linear, so shifting a stream's register past
+/// the bytes of the next lane costs four lookups.
+#[cfg(target_arch = "x86_64")]
+struct LaneShift([[u32; 256]; 4]);
+
+#[cfg(target_arch = "x86_64")]
+impl LaneShift {
+    fn get() -> &'static LaneShift {
+        static TABLE: std::sync::OnceLock<Box<LaneShift>> = std::sync::OnceLock::new();
+        TABLE.get_or_init(|| {
+            let mut t = Box::new(LaneShift([[0; 256]; 4]));
+            for (k, row) in t.0.iter_mut().enumerate() {
+                for (b, slot) in row.iter_mut().enumerate() {
+                    // SAFETY: only reached from page_crc_sse42, after SSE4.2 was detected.
+                    *slot = unsafe { crc_zeros((b as u64) << (8 * k), LANE_WORDS) };
+                }
+            }
+            t
+        })
+    }
+
+    fn apply(&self, x: u32) -> u32 {
+        let t = &self.0;
+        t[0][(x & 0xff) as usize]
+            ^ t[1][((x >> 8) & 0xff) as usize]
+            ^ t[2][((x >> 16) & 0xff) as usize]
+            ^ t[3][(x >> 24) as usize]
+    }
+}
+
+/// The raw CRC32C register `crc` after `words` zero words.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.2")]
+unsafe fn crc_zeros(mut crc: u64, words: usize) -> u32 {
+    for _ in 0..words {
+        crc = std::arch::x86_64::_mm_crc32_u64(crc, 0);
+    }
+    crc as u32
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "sse4.2")]
 unsafe fn page_crc_sse42(p: *const u8) -> u32 {
     use std::arch::x86_64::_mm_crc32_u64;
     let words = p.cast::<u64>();
-    // One stream: 8 bytes per CRC32 instruction (3 cycles' latency), ~8 GB/s, well above
-    // what a channel sends; interleaving streams would need a CRC-combine step.
-    let mut crc = !0u64;
-    for i in 0..PAGE_SIZE / 8 {
-        // SAFETY: inside the page the caller vouches for; page addresses are 8-aligned.
-        let w = unsafe { std::ptr::read_volatile(words.add(i)) };
-        crc = _mm_crc32_u64(crc, w);
+    // SAFETY (every load below): inside the page the caller vouches for; page addresses are
+    // 8-aligned. Three independent streams keep the CRC32 unit busy (1 per cycle) instead
+    // of waiting out one stream's 3-cycle latency: about 3x the single-stream rate.
+    let load = |i: usize| unsafe { std::ptr::read_volatile(words.add(i)) };
+    let (mut a, mut b, mut c) = (!0u64, 0u64, 0u64);
+    for i in 0..LANE_WORDS {
+        a = _mm_crc32_u64(a, load(i));
+        b = _mm_crc32_u64(b, load(LANE_WORDS + i));
+        c = _mm_crc32_u64(c, load(2 * LANE_WORDS + i));
+    }
+    let shift = LaneShift::get();
+    let ab = shift.apply(a as u32) ^ b as u32;
+    let mut crc = (shift.apply(ab) ^ c as u32) as u64;
+    for i in 3 * LANE_WORDS..PAGE_SIZE / 8 {
+        crc = _mm_crc32_u64(crc, load(i));
     }
     !(crc as u32)
 }
@@ -313,13 +398,18 @@ pub(crate) unsafe fn write_pages(
 mod tests {
     use super::*;
 
+    /// A page-aligned page of memory owned by the test.
+    fn page() -> (Vec<u8>, usize) {
+        let buf = vec![0u8; PAGE_SIZE * 2];
+        let off = buf.as_ptr().align_offset(PAGE_SIZE);
+        (buf, off)
+    }
+
     #[test]
     fn page_crc_matches_the_crc32c_crate_and_zero_check_is_exact() {
-        let mut page = vec![0u8; PAGE_SIZE * 2];
-        // An 8-aligned page inside the buffer.
-        let off = page.as_ptr().align_offset(8);
-        let p = &mut page[off..off + PAGE_SIZE];
-        // SAFETY: p is a whole page-sized, 8-aligned buffer owned here.
+        let (mut buf, off) = page();
+        let p = &mut buf[off..off + PAGE_SIZE];
+        // SAFETY: p is a whole page-aligned page owned here.
         assert!(unsafe { page_is_zero(p.as_ptr()) });
         assert_eq!(unsafe { page_crc(p.as_ptr()) }, crc32c::crc32c(p));
         for (i, b) in p.iter_mut().enumerate() {
@@ -328,9 +418,36 @@ mod tests {
         // SAFETY: as above.
         assert!(!unsafe { page_is_zero(p.as_ptr()) });
         assert_eq!(unsafe { page_crc(p.as_ptr()) }, crc32c::crc32c(p));
-        p.fill(0);
-        p[PAGE_SIZE - 1] = 1;
-        // SAFETY: as above.
-        assert!(!unsafe { page_is_zero(p.as_ptr()) });
+        // A single set bit anywhere is found, by the first-word check and by every lane of
+        // the wide one.
+        for at in [0, 7, 8, 31, 32, 127, 128, 2048, PAGE_SIZE - 1] {
+            p.fill(0);
+            p[at] = 0x80;
+            // SAFETY: as above.
+            assert!(!unsafe { page_is_zero(p.as_ptr()) }, "byte {at}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The three-stream CRC equals the crate's for any page: a change in any lane, or
+        /// in the 16-byte tail, shows.
+        #[test]
+        fn three_stream_page_crc_is_crc32c(seed: u64, flips in proptest::collection::vec(0usize..PAGE_SIZE, 0..8)) {
+            let (mut buf, off) = page();
+            let p = &mut buf[off..off + PAGE_SIZE];
+            let mut x = seed | 1;
+            for b in p.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            for f in flips {
+                p[f] ^= 0xff;
+            }
+            // SAFETY: a whole page-aligned page owned here.
+            let got = unsafe { page_crc(p.as_ptr()) };
+            proptest::prop_assert_eq!(got, crc32c::crc32c(p));
+        }
     }
 }

@@ -74,7 +74,7 @@ frame_kinds! {
     /// handed over as `SCM_RIGHTS` ancillary data.
     MemoryFiles = 6, |_| SMALL;
     /// Data channel: a batch of guest pages.
-    RamPages = 16, |l: &Limits| crate::ram::payload_len(l.max_pages_per_packet, 0);
+    RamPages = 16, |l: &Limits| crate::ram::payload_len(l.max_pages_per_packet, 0, true);
     /// Data channel: every page of a round has been sent on this channel.
     RoundEnd = 17, |_| SMALL;
     /// Data channel (main channel in serial mode): a chunk of a device's state stream.

@@ -8,8 +8,9 @@
 //!  \_______________________ the prefix: the frame's CRC32C covers it ____/
 //! ```
 //!
-//! Zero pages travel as offsets only. Each normal page carries its own CRC32C, and the frame's
-//! CRC covers only the prefix: the source sends pages straight from guest memory, which the
+//! Zero pages travel as offsets only. Each normal page carries its own CRC32C (unless the
+//! flags say [`UNCHECKED`]: the source trusts the transport, as QEMU does, and the page CRCs
+//! are absent), and the frame's CRC covers only the prefix: the source sends pages straight from guest memory, which the
 //! guest may write while they are on their way, so a page can arrive torn. A torn page in a
 //! precopy round is harmless (the guest wrote it, so it is dirty and is sent again in a later
 //! round); the destination tells torn from corrupt by requiring every page that failed its
@@ -23,14 +24,19 @@ use crate::{Limits, WireError, PAGE_SIZE};
 /// Bytes before the offsets.
 pub const PREFIX_FIXED: usize = 16;
 
-/// Bytes of the prefix (everything before the page data) for these counts.
-pub const fn prefix_len(normal: u32, zero: u32) -> u64 {
-    PREFIX_FIXED as u64 + 8 * (normal as u64 + zero as u64) + 4 * normal as u64
+/// Flag: the packet carries no page CRCs (the source trusts the transport).
+pub const UNCHECKED: u32 = 1;
+
+/// Bytes of the prefix (everything before the page data) for these counts, with or without
+/// page CRCs.
+pub const fn prefix_len(normal: u32, zero: u32, checked: bool) -> u64 {
+    let crcs = if checked { 4 * normal as u64 } else { 0 };
+    PREFIX_FIXED as u64 + 8 * (normal as u64 + zero as u64) + crcs
 }
 
 /// Payload length of a packet with `normal` data pages and `zero` zero pages.
-pub const fn payload_len(normal: u32, zero: u32) -> u64 {
-    prefix_len(normal, zero) + PAGE_SIZE as u64 * normal as u64
+pub const fn payload_len(normal: u32, zero: u32, checked: bool) -> u64 {
+    prefix_len(normal, zero, checked) + PAGE_SIZE as u64 * normal as u64
 }
 
 /// How much of a RamPages payload its frame CRC covers: the prefix, as far as the fixed
@@ -39,31 +45,31 @@ pub fn crc_span(payload: &[u8]) -> usize {
     let Some(fixed) = payload.get(..PREFIX_FIXED) else {
         return payload.len();
     };
-    let count = |i: usize| u32::from_le_bytes(fixed[i..i + 4].try_into().expect("4 bytes"));
-    let len = prefix_len(count(4), count(8));
+    let word = |i: usize| u32::from_le_bytes(fixed[i..i + 4].try_into().expect("4 bytes"));
+    let len = prefix_len(word(4), word(8), word(12) & UNCHECKED == 0);
     usize::try_from(len).map_or(payload.len(), |l| l.min(payload.len()))
 }
 
 /// Writes the part of a RamPages payload that precedes the page data. `page_crcs` holds
-/// the CRC32C of each normal page, in order.
+/// the CRC32C of each normal page, in order, or is `None` for a packet without them.
 pub fn encode_prefix(
     round: u32,
     normal: &[u64],
     zero: &[u64],
-    page_crcs: &[u32],
+    page_crcs: Option<&[u32]>,
     out: &mut Vec<u8>,
 ) {
-    debug_assert_eq!(normal.len(), page_crcs.len());
+    debug_assert!(page_crcs.is_none_or(|c| c.len() == normal.len()));
     out.clear();
     let mut w = Writer::new(out);
     w.u32(round)
         .u32(normal.len() as u32)
         .u32(zero.len() as u32)
-        .u32(0);
+        .u32(if page_crcs.is_some() { 0 } else { UNCHECKED });
     for &a in normal.iter().chain(zero) {
         w.u64(a);
     }
-    for &c in page_crcs {
+    for &c in page_crcs.unwrap_or_default() {
         w.u32(c);
     }
 }
@@ -76,6 +82,8 @@ pub struct RamPrefix {
     pub round: u32,
     pub normal: u32,
     pub zero: u32,
+    /// Whether page CRCs follow the offsets.
+    pub checked: bool,
 }
 
 impl RamPrefix {
@@ -90,13 +98,14 @@ impl RamPrefix {
         let normal = r.u32()?;
         let zero = r.u32()?;
         let flags = r.u32()?;
-        if flags != 0 {
+        if flags & !UNCHECKED != 0 {
             return Err(WireError::OutOfRange {
                 field: "RamPages flags",
                 value: flags as u64,
-                reason: "no flags are defined",
+                reason: "only bit 0 (no page CRCs) is defined",
             });
         }
+        let checked = flags & UNCHECKED == 0;
         let pages = normal as u64 + zero as u64;
         if pages > limits.max_pages_per_packet as u64 {
             return Err(WireError::OutOfRange {
@@ -105,7 +114,7 @@ impl RamPrefix {
                 reason: "more than the receiver's per-packet limit",
             });
         }
-        let expected = payload_len(normal, zero);
+        let expected = payload_len(normal, zero, checked);
         if len as u64 != expected {
             return Err(WireError::BadLength {
                 what: "RamPages payload",
@@ -117,6 +126,7 @@ impl RamPrefix {
             round,
             normal,
             zero,
+            checked,
         })
     }
 
@@ -127,7 +137,12 @@ impl RamPrefix {
 
     /// Bytes of the offsets and page CRCs that follow the fixed prefix.
     pub fn rest_of_prefix_len(&self) -> usize {
-        self.offsets_len() + 4 * self.normal as usize
+        self.offsets_len()
+            + if self.checked {
+                4 * self.normal as usize
+            } else {
+                0
+            }
     }
 }
 
@@ -159,7 +174,8 @@ pub struct RamPacket<'a> {
     pub round: u32,
     normal_offsets: &'a [u8],
     zero_offsets: &'a [u8],
-    page_crcs: &'a [u8],
+    /// None: the packet carries no page CRCs.
+    page_crcs: Option<&'a [u8]>,
     data: &'a [u8],
 }
 
@@ -176,10 +192,15 @@ impl<'a> RamPacket<'a> {
             round,
             normal,
             zero,
+            checked,
         } = RamPrefix::decode(&r.array()?, len, limits)?;
         let normal_offsets = r.bytes(8 * normal as usize)?;
         let zero_offsets = r.bytes(8 * zero as usize)?;
-        let page_crcs = r.bytes(4 * normal as usize)?;
+        let page_crcs = if checked {
+            Some(r.bytes(4 * normal as usize)?)
+        } else {
+            None
+        };
         let data = r.rest();
         let pkt = RamPacket {
             round,
@@ -218,11 +239,15 @@ impl<'a> RamPacket<'a> {
         self.normal_addrs().zip(self.data.chunks_exact(PAGE_SIZE))
     }
 
-    /// The normal pages with whether each arrived intact (its data matches its CRC).
+    /// The normal pages with whether each arrived intact (its data matches its CRC; a
+    /// packet without page CRCs is taken as intact).
     pub fn checked_pages(&self) -> impl Iterator<Item = (u64, &'a [u8], bool)> + 'a {
-        self.pages()
-            .zip(decode_page_crcs(self.page_crcs))
-            .map(|((a, d), crc)| (a, d, crc32c::crc32c(d) == crc))
+        let crcs = self.page_crcs.map(decode_page_crcs);
+        let mut crcs = crcs.into_iter().flatten();
+        self.pages().map(move |(a, d)| match crcs.next() {
+            Some(crc) => (a, d, crc32c::crc32c(d) == crc),
+            None => (a, d, true),
+        })
     }
 }
 
@@ -237,7 +262,7 @@ mod tests {
             .map(|i| crc32c::crc32c(&page(i)))
             .collect();
         let mut p = Vec::new();
-        encode_prefix(round, normal, zero, &crcs, &mut p);
+        encode_prefix(round, normal, zero, Some(&crcs), &mut p);
         for i in 0..normal.len() {
             p.extend(page(i));
         }
@@ -248,13 +273,35 @@ mod tests {
     fn a_torn_page_is_told_apart_and_the_frame_crc_covers_the_prefix_only() {
         let mut p = packet(2, &[0, 4096], &[]);
         let span = crc_span(&p);
-        assert_eq!(span as u64, prefix_len(2, 0));
+        assert_eq!(span as u64, prefix_len(2, 0, true));
         let last = p.len() - 1;
         p[last] ^= 1; // the second page tears after its CRC was taken
         let pkt = RamPacket::decode(&p, &Limits::default()).unwrap();
         let ok: Vec<bool> = pkt.checked_pages().map(|(_, _, ok)| ok).collect();
         assert_eq!(ok, vec![true, false]);
         assert_eq!(crc_span(&p[..3]), 3, "too short to tell: everything");
+    }
+
+    #[test]
+    fn a_packet_without_page_crcs_is_shorter_and_taken_as_intact() {
+        let mut p = Vec::new();
+        encode_prefix(4, &[0, 4096], &[8192], None, &mut p);
+        assert_eq!(p.len() as u64, prefix_len(2, 1, false));
+        assert_eq!(crc_span(&p), p.len());
+        p.extend(vec![7u8; 2 * PAGE_SIZE]);
+        let pkt = RamPacket::decode(&p, &Limits::default()).unwrap();
+        assert!(pkt.checked_pages().all(|(_, _, ok)| ok));
+        assert_eq!(pkt.zero_addrs().collect::<Vec<_>>(), vec![8192]);
+        // A length that would fit a checked packet does not fit an unchecked one.
+        p.extend([0u8; 8]);
+        assert!(matches!(
+            RamPacket::decode(&p, &Limits::default()),
+            Err(WireError::BadLength { .. })
+        ));
+        // Unknown flags are refused.
+        p.truncate(p.len() - 8);
+        p[12] = 3;
+        assert!(RamPacket::decode(&p, &Limits::default()).is_err());
     }
 
     #[test]
@@ -301,7 +348,7 @@ mod tests {
     #[test]
     fn rejects_counts_above_limit_without_allocating() {
         let mut p = Vec::new();
-        encode_prefix(0, &[], &[], &[], &mut p);
+        encode_prefix(0, &[], &[], Some(&[]), &mut p);
         p[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             RamPacket::decode(&p, &Limits::default()),

@@ -45,7 +45,7 @@ fn main() {
     write("frame", "round_end", &encode_frame(FrameKind::RoundEnd, &RoundEnd { round: 1, last: false }.encode()));
     let mut ram = Vec::new();
     let crc = crc32c::crc32c(&[0x5a; PAGE_SIZE]);
-    ram::encode_prefix(3, &[0, 8192], &[4096], &[crc, crc], &mut ram);
+    ram::encode_prefix(3, &[0, 8192], &[4096], Some(&[crc, crc]), &mut ram);
     ram.resize(ram.len() + 2 * PAGE_SIZE, 0x5a);
     write("ram_packet", "two_normal_one_zero", &ram);
     write("frame", "ram", &encode_frame(FrameKind::RamPages, &ram));

@@ -51,6 +51,8 @@ pub(crate) struct ChannelSender<'a> {
     /// An idle channel pings this often.
     pub ping_every: std::time::Duration,
     pub pages_per_packet: usize,
+    /// Each page carries its CRC32C (see `livemig_wire::ram`).
+    pub page_checksums: bool,
     /// Test hook: wait this long before sending each device chunk.
     pub chunk_delay: Option<std::time::Duration>,
 }
@@ -106,12 +108,15 @@ impl ChannelSender<'_> {
                             zero.push(addr);
                         } else {
                             normal.push(addr);
-                            // SAFETY: as above.
-                            crcs.push(unsafe { hostmem::page_crc(p) });
+                            if self.page_checksums {
+                                // SAFETY: as above.
+                                crcs.push(unsafe { hostmem::page_crc(p) });
+                            }
                             ptrs.push(p);
                         }
                     }
-                    ram::encode_prefix(round, &normal, &zero, &crcs, &mut prefix);
+                    let crcs = self.page_checksums.then_some(crcs.as_slice());
+                    ram::encode_prefix(round, &normal, &zero, crcs, &mut prefix);
                     let len = prefix.len() + normal.len() * PAGE_SIZE;
                     let header = FrameHeader {
                         kind: FrameKind::RamPages,
