@@ -90,10 +90,7 @@ fn bad_peers_are_refused_with_a_reason() {
         assert_eq!(recv(&mut c1).0.kind, FrameKind::ChannelAccept);
 
         // A packet addressed outside guest memory is a protocol error, not a crash.
-        let mut p = Vec::new();
-        let crc = crc32c::crc32c(&[1u8; PAGE_SIZE]);
-        ram::encode_prefix(0, &[1 << 30], &[], Some(&[crc]), &mut p);
-        p.resize(p.len() + PAGE_SIZE, 1);
+        let p = ram::encode_packet(0, &[1 << 30], &[1u8; PAGE_SIZE], &[], true);
         send(&mut c0, FrameKind::RamPages, &p);
         let (h, payload) = recv(&mut main);
         assert_eq!(h.kind, FrameKind::Reject);
@@ -146,11 +143,13 @@ fn destination_refuses(attack: impl FnOnce(&mut [TcpStream])) -> Reject {
 }
 
 fn pages_packet(round: u32, normal: &[u64]) -> Vec<u8> {
-    let crcs = vec![crc32c::crc32c(&[7u8; PAGE_SIZE]); normal.len()];
-    let mut p = Vec::new();
-    ram::encode_prefix(round, normal, &[], Some(&crcs), &mut p);
-    p.resize(p.len() + normal.len() * PAGE_SIZE, 7);
-    p
+    ram::encode_packet(
+        round,
+        normal,
+        &vec![7u8; normal.len() * PAGE_SIZE],
+        &[],
+        true,
+    )
 }
 
 #[test]

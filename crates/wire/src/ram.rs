@@ -1,22 +1,26 @@
 //! RamPages: a batch of guest pages on a data channel.
 //!
 //! ```text
-//! +-------+--------+-------+-------+--------------------------+-------------+---------------------+
-//! | round | normal | zero  | flags | offsets: normal then zero| page CRCs   | normal pages' data  |
-//! |  u32  |  u32   |  u32  |  u32  | u64 guest addresses      | u32, normal | normal x 4096 bytes |
-//! +-------+--------+-------+-------+--------------------------+-------------+---------------------+
-//!  \_______________________ the prefix: the frame's CRC32C covers it ____/
+//! +-------+--------+-------+-------+---------------------------+---------------------+-----------+
+//! | round | normal | zero  | flags | offsets: normal then zero | normal pages' data  | page CRCs |
+//! |  u32  |  u32   |  u32  |  u32  | u64 guest addresses       | normal x 4096 bytes | u32 each  |
+//! +-------+--------+-------+-------+---------------------------+---------------------+-----------+
+//!  \___ the prefix: the frame's CRC32C covers it _____________/                       (trailer)
 //! ```
 //!
-//! Zero pages travel as offsets only. Each normal page carries its own CRC32C (unless the
-//! flags say [`UNCHECKED`]: the source trusts the transport, as QEMU does, and the page CRCs
-//! are absent), and the frame's CRC covers only the prefix: the source sends pages straight from guest memory, which the
-//! guest may write while they are on their way, so a page can arrive torn. A torn page in a
-//! precopy round is harmless (the guest wrote it, so it is dirty and is sent again in a later
-//! round); the destination tells torn from corrupt by requiring every page that failed its
-//! CRC to arrive again intact before the end (the last round runs with the guest paused, where
-//! nothing can tear). The payload length must equal exactly what the counts imply, every
-//! address must be page-aligned, and the counts are bounded by the receiver's limit.
+//! Zero pages travel as offsets only. Each normal page carries its own CRC32C in the trailer
+//! (unless the flags say [`UNCHECKED`]: the source trusts the transport, as QEMU does, and
+//! there is no trailer), and the frame's CRC covers only the prefix: the source sends pages
+//! straight from guest memory, which the guest may write while they are on their way, so a
+//! page can arrive torn. The CRCs come after the data because the source takes them after
+//! the kernel has copied the pages, from the cache, rather than reading every page from
+//! memory twice; the destination checks them on pages it has just written, also cached.
+//! A torn page in a precopy round is harmless (the guest wrote it, so it is dirty and is sent
+//! again in a later round); the destination tells torn from corrupt by requiring every page
+//! that failed its CRC to arrive again intact before the end (the last round runs with the
+//! guest paused, where nothing can tear). The payload length must equal exactly what the
+//! counts imply, every address must be page-aligned, and the counts are bounded by the
+//! receiver's limit.
 
 use crate::cursor::{Reader, Writer};
 use crate::{Limits, WireError, PAGE_SIZE};
@@ -27,16 +31,23 @@ pub const PREFIX_FIXED: usize = 16;
 /// Flag: the packet carries no page CRCs (the source trusts the transport).
 pub const UNCHECKED: u32 = 1;
 
-/// Bytes of the prefix (everything before the page data) for these counts, with or without
-/// page CRCs.
-pub const fn prefix_len(normal: u32, zero: u32, checked: bool) -> u64 {
-    let crcs = if checked { 4 * normal as u64 } else { 0 };
-    PREFIX_FIXED as u64 + 8 * (normal as u64 + zero as u64) + crcs
+/// Bytes of the prefix (everything before the page data) for these counts.
+pub const fn prefix_len(normal: u32, zero: u32) -> u64 {
+    PREFIX_FIXED as u64 + 8 * (normal as u64 + zero as u64)
+}
+
+/// Bytes of the trailer of page CRCs (none for a packet without them).
+pub const fn trailer_len(normal: u32, checked: bool) -> u64 {
+    if checked {
+        4 * normal as u64
+    } else {
+        0
+    }
 }
 
 /// Payload length of a packet with `normal` data pages and `zero` zero pages.
 pub const fn payload_len(normal: u32, zero: u32, checked: bool) -> u64 {
-    prefix_len(normal, zero, checked) + PAGE_SIZE as u64 * normal as u64
+    prefix_len(normal, zero) + PAGE_SIZE as u64 * normal as u64 + trailer_len(normal, checked)
 }
 
 /// How much of a RamPages payload its frame CRC covers: the prefix, as far as the fixed
@@ -46,30 +57,51 @@ pub fn crc_span(payload: &[u8]) -> usize {
         return payload.len();
     };
     let word = |i: usize| u32::from_le_bytes(fixed[i..i + 4].try_into().expect("4 bytes"));
-    let len = prefix_len(word(4), word(8), word(12) & UNCHECKED == 0);
+    let len = prefix_len(word(4), word(8));
     usize::try_from(len).map_or(payload.len(), |l| l.min(payload.len()))
 }
 
-/// Writes the part of a RamPages payload that precedes the page data. `page_crcs` holds
-/// the CRC32C of each normal page, in order, or is `None` for a packet without them.
-pub fn encode_prefix(
-    round: u32,
-    normal: &[u64],
-    zero: &[u64],
-    page_crcs: Option<&[u32]>,
-    out: &mut Vec<u8>,
-) {
-    debug_assert!(page_crcs.is_none_or(|c| c.len() == normal.len()));
+/// Writes the part of a RamPages payload that precedes the page data, for a packet with
+/// (`checked`) or without a trailer of page CRCs.
+pub fn encode_prefix(round: u32, normal: &[u64], zero: &[u64], checked: bool, out: &mut Vec<u8>) {
     out.clear();
     let mut w = Writer::new(out);
     w.u32(round)
         .u32(normal.len() as u32)
         .u32(zero.len() as u32)
-        .u32(if page_crcs.is_some() { 0 } else { UNCHECKED });
+        .u32(if checked { 0 } else { UNCHECKED });
     for &a in normal.iter().chain(zero) {
         w.u64(a);
     }
-    for &c in page_crcs.unwrap_or_default() {
+}
+
+/// A whole payload from `data` (the normal pages' bytes, one page each, in order): for
+/// tests, fuzz seeds and tools. The engine writes its packets in parts, from guest memory.
+pub fn encode_packet(
+    round: u32,
+    normal: &[u64],
+    data: &[u8],
+    zero: &[u64],
+    checked: bool,
+) -> Vec<u8> {
+    debug_assert_eq!(data.len(), normal.len() * PAGE_SIZE);
+    let mut out = Vec::new();
+    encode_prefix(round, normal, zero, checked, &mut out);
+    out.extend_from_slice(data);
+    if checked {
+        let crcs: Vec<u32> = data.chunks_exact(PAGE_SIZE).map(crc32c::crc32c).collect();
+        let mut t = Vec::new();
+        encode_trailer(&crcs, &mut t);
+        out.extend(t);
+    }
+    out
+}
+
+/// Writes the trailer: the CRC32C of each normal page, in order.
+pub fn encode_trailer(page_crcs: &[u32], out: &mut Vec<u8>) {
+    out.clear();
+    let mut w = Writer::new(out);
+    for &c in page_crcs {
         w.u32(c);
     }
 }
@@ -135,18 +167,13 @@ impl RamPrefix {
         8 * (self.normal as usize + self.zero as usize)
     }
 
-    /// Bytes of the offsets and page CRCs that follow the fixed prefix.
-    pub fn rest_of_prefix_len(&self) -> usize {
-        self.offsets_len()
-            + if self.checked {
-                4 * self.normal as usize
-            } else {
-                0
-            }
+    /// Bytes of the page CRCs that follow the page data.
+    pub fn trailer_len(&self) -> usize {
+        trailer_len(self.normal, self.checked) as usize
     }
 }
 
-/// The page CRCs of a prefix's tail (after the offsets).
+/// The page CRCs of a trailer.
 pub fn decode_page_crcs(raw: &[u8]) -> impl Iterator<Item = u32> + '_ {
     raw.chunks_exact(4)
         .map(|c| u32::from_le_bytes(c.try_into().expect("chunks_exact(4)")))
@@ -196,12 +223,13 @@ impl<'a> RamPacket<'a> {
         } = RamPrefix::decode(&r.array()?, len, limits)?;
         let normal_offsets = r.bytes(8 * normal as usize)?;
         let zero_offsets = r.bytes(8 * zero as usize)?;
+        let data = r.bytes(PAGE_SIZE * normal as usize)?;
         let page_crcs = if checked {
             Some(r.bytes(4 * normal as usize)?)
         } else {
             None
         };
-        let data = r.rest();
+        r.finish()?;
         let pkt = RamPacket {
             round,
             normal_offsets,
@@ -257,24 +285,18 @@ mod tests {
     use crate::{decode_frame, FrameHeader, FrameKind, HEADER_LEN};
 
     fn packet(round: u32, normal: &[u64], zero: &[u64]) -> Vec<u8> {
-        let page = |i: usize| vec![i as u8 + 1; PAGE_SIZE];
-        let crcs: Vec<u32> = (0..normal.len())
-            .map(|i| crc32c::crc32c(&page(i)))
+        let data: Vec<u8> = (0..normal.len())
+            .flat_map(|i| vec![i as u8 + 1; PAGE_SIZE])
             .collect();
-        let mut p = Vec::new();
-        encode_prefix(round, normal, zero, Some(&crcs), &mut p);
-        for i in 0..normal.len() {
-            p.extend(page(i));
-        }
-        p
+        encode_packet(round, normal, &data, zero, true)
     }
 
     #[test]
     fn a_torn_page_is_told_apart_and_the_frame_crc_covers_the_prefix_only() {
         let mut p = packet(2, &[0, 4096], &[]);
         let span = crc_span(&p);
-        assert_eq!(span as u64, prefix_len(2, 0, true));
-        let last = p.len() - 1;
+        assert_eq!(span as u64, prefix_len(2, 0));
+        let last = span + 2 * PAGE_SIZE - 1;
         p[last] ^= 1; // the second page tears after its CRC was taken
         let pkt = RamPacket::decode(&p, &Limits::default()).unwrap();
         let ok: Vec<bool> = pkt.checked_pages().map(|(_, _, ok)| ok).collect();
@@ -285,8 +307,8 @@ mod tests {
     #[test]
     fn a_packet_without_page_crcs_is_shorter_and_taken_as_intact() {
         let mut p = Vec::new();
-        encode_prefix(4, &[0, 4096], &[8192], None, &mut p);
-        assert_eq!(p.len() as u64, prefix_len(2, 1, false));
+        encode_prefix(4, &[0, 4096], &[8192], false, &mut p);
+        assert_eq!(p.len() as u64, prefix_len(2, 1));
         assert_eq!(crc_span(&p), p.len());
         p.extend(vec![7u8; 2 * PAGE_SIZE]);
         let pkt = RamPacket::decode(&p, &Limits::default()).unwrap();
@@ -348,7 +370,7 @@ mod tests {
     #[test]
     fn rejects_counts_above_limit_without_allocating() {
         let mut p = Vec::new();
-        encode_prefix(0, &[], &[], Some(&[]), &mut p);
+        encode_prefix(0, &[], &[], true, &mut p);
         p[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             RamPacket::decode(&p, &Limits::default()),

@@ -33,11 +33,7 @@ proptest! {
     fn ram_packet_round_trip(round in any::<u32>(), checked in any::<bool>(), normal in proptest::collection::vec(0u64..1<<30, 0..8), zero in proptest::collection::vec(0u64..1<<30, 0..8)) {
         let normal: Vec<u64> = normal.iter().map(|a| a * 4096).collect();
         let zero: Vec<u64> = zero.iter().map(|a| a * 4096).collect();
-        let crc = crc32c::crc32c(&[0xa5; PAGE_SIZE]);
-        let crcs = vec![crc; normal.len()];
-        let mut p = Vec::new();
-        ram::encode_prefix(round, &normal, &zero, checked.then_some(crcs.as_slice()), &mut p);
-        p.resize(p.len() + normal.len() * PAGE_SIZE, 0xa5);
+        let p = ram::encode_packet(round, &normal, &vec![0xa5; normal.len() * PAGE_SIZE], &zero, checked);
         let pkt = RamPacket::decode(&p, &Limits::default()).unwrap();
         prop_assert_eq!(pkt.round, round);
         prop_assert_eq!(pkt.normal_addrs().collect::<Vec<_>>(), normal);

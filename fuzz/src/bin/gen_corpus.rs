@@ -43,10 +43,7 @@ fn main() {
     write("session", "channel", &ChannelHello { session: SessionId([7; 16]), index: 2 }.encode());
     write("session", "reject", &Reject::new(RejectCode::Protocol, "bad").encode());
     write("frame", "round_end", &encode_frame(FrameKind::RoundEnd, &RoundEnd { round: 1, last: false }.encode()));
-    let mut ram = Vec::new();
-    let crc = crc32c::crc32c(&[0x5a; PAGE_SIZE]);
-    ram::encode_prefix(3, &[0, 8192], &[4096], Some(&[crc, crc]), &mut ram);
-    ram.resize(ram.len() + 2 * PAGE_SIZE, 0x5a);
+    let ram = ram::encode_packet(3, &[0, 8192], &[0x5a; 2 * PAGE_SIZE], &[4096], true);
     write("ram_packet", "two_normal_one_zero", &ram);
     write("frame", "ram", &encode_frame(FrameKind::RamPages, &ram));
     let chunk = ChunkHeader { device: 1, idx: 9, last: true }.encode();

@@ -49,6 +49,8 @@ struct PageScratch {
     pages: Vec<*mut u8>,
     zeros: Vec<*mut u8>,
     iov: Vec<libc::iovec>,
+    /// The packet's trailer of page CRCs.
+    trailer: Vec<u8>,
 }
 
 impl ChannelReceiver<'_> {
@@ -180,7 +182,7 @@ impl ChannelReceiver<'_> {
         framed::read_exact(&mut self.stream, channel, &mut fixed, false)?;
         let prefix = RamPrefix::decode(&fixed, h.len, &self.limits).map_err(wire)?;
         check_round(channel, prefix.round, round)?;
-        scratch.resize(prefix.rest_of_prefix_len(), 0);
+        scratch.resize(prefix.offsets_len(), 0);
         framed::read_exact(&mut self.stream, channel, scratch, false)?;
         // The frame's CRC covers the prefix; each page has its own.
         let crc = crc32c::crc32c_append(crc32c::crc32c(&fixed), scratch);
@@ -191,7 +193,7 @@ impl ChannelReceiver<'_> {
                 found: crc,
             }));
         }
-        let (offsets, page_crcs) = scratch.split_at(prefix.offsets_len());
+        let offsets = &scratch[..];
 
         ptrs.pages.clear();
         ptrs.zeros.clear();
@@ -220,10 +222,12 @@ impl ChannelReceiver<'_> {
                 source,
             })?;
         if prefix.checked {
+            ptrs.trailer.resize(prefix.trailer_len(), 0);
+            framed::read_exact(&mut self.stream, channel, &mut ptrs.trailer, false)?;
             for ((&p, expected), addr) in ptrs
                 .pages
                 .iter()
-                .zip(ram::decode_page_crcs(page_crcs))
+                .zip(ram::decode_page_crcs(&ptrs.trailer))
                 .zip(ram::decode_offsets(offsets))
             {
                 // SAFETY: as above; the page was just filled by this thread.

@@ -1,9 +1,11 @@
-//! A source data channel thread: takes batches of page addresses, copies the pages out of
-//! guest memory, finds zero pages, and sends one RamPages frame per batch.
+//! A source data channel thread: takes batches of page addresses, finds zero pages, and
+//! sends one RamPages frame per batch, the pages written to the socket straight from guest
+//! memory (one vectored write, no copy of ours), then their CRCs in the frame's trailer.
 //!
-//! Pages are copied before they are sent because the guest keeps writing them: the CRC must
-//! cover exactly the bytes that go out. A page torn by a concurrent write is harmless, since
-//! that write dirtied it again and a later round sends it anew.
+//! The guest keeps writing while its pages are on their way, so a page can go out torn;
+//! its CRC, taken after the kernel's copy, then fails at the destination. That is harmless:
+//! the write dirtied the page again and a later round sends it anew (see
+//! `livemig_wire::ram`).
 
 use super::Event;
 use crate::cancel::CancelToken;
@@ -14,6 +16,7 @@ use crate::hostmem;
 use crate::transport::Stream;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use livemig_wire::{ram, ChunkHeader, FrameHeader, FrameKind, RoundEnd, PAGE_SIZE};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -74,6 +77,7 @@ impl ChannelSender<'_> {
         let mut iov = Vec::with_capacity(self.pages_per_packet + 2);
         let mut zero = Vec::with_capacity(self.pages_per_packet);
         let mut prefix = Vec::new();
+        let mut trailer = Vec::new();
         for _ in 0..PIPELINE {
             if self.ready.send(self.index).is_err() {
                 return Ok(());
@@ -93,7 +97,6 @@ impl ChannelSender<'_> {
                 Job::Pages { round, addrs } => {
                     normal.clear();
                     zero.clear();
-                    crcs.clear();
                     ptrs.clear();
                     for &addr in &addrs {
                         let p = hostmem::page_ptr(self.memory, addr).ok_or_else(|| {
@@ -108,22 +111,24 @@ impl ChannelSender<'_> {
                             zero.push(addr);
                         } else {
                             normal.push(addr);
-                            if self.page_checksums {
-                                // SAFETY: as above.
-                                crcs.push(unsafe { hostmem::page_crc(p) });
-                            }
                             ptrs.push(p);
                         }
                     }
-                    let crcs = self.page_checksums.then_some(crcs.as_slice());
-                    ram::encode_prefix(round, &normal, &zero, crcs, &mut prefix);
-                    let len = prefix.len() + normal.len() * PAGE_SIZE;
+                    let checked = self.page_checksums;
+                    ram::encode_prefix(round, &normal, &zero, checked, &mut prefix);
+                    let trailer_len = ram::trailer_len(normal.len() as u32, checked) as usize;
+                    let len = prefix.len() + normal.len() * PAGE_SIZE + trailer_len;
                     let header = FrameHeader {
                         kind: FrameKind::RamPages,
                         len: len as u32,
                         crc: crc32c::crc32c(&prefix),
                     }
                     .encode();
+                    let io = |source| ChannelError::Io {
+                        channel,
+                        op: "send pages",
+                        source,
+                    };
                     // SAFETY: every pointer is a page of guest memory checked above; the
                     // kernel copies the pages as they are (a page the guest writes meanwhile
                     // arrives torn, which the destination tolerates in precopy).
@@ -136,11 +141,16 @@ impl ChannelSender<'_> {
                             &mut iov,
                         )
                     }
-                    .map_err(|source| ChannelError::Io {
-                        channel,
-                        op: "send pages",
-                        source,
-                    })?;
+                    .map_err(io)?;
+                    if checked {
+                        // Taken after the kernel's copy, so from the cache. A page written
+                        // in between fails its CRC at the destination: torn, as it would be.
+                        crcs.clear();
+                        // SAFETY: as above.
+                        crcs.extend(ptrs.iter().map(|&p| unsafe { hostmem::page_crc(p) }));
+                        ram::encode_trailer(&crcs, &mut trailer);
+                        self.stream.write_all(&trailer).map_err(io)?;
+                    }
                     let c = self.counters;
                     c.bytes
                         .fetch_add((livemig_wire::HEADER_LEN + len) as u64, Relaxed);
