@@ -106,7 +106,8 @@ static PREPARED: Mutex<Option<GuestMemory>> = Mutex::new(None);
 /// guest with exactly this layout finds its memory ready.
 pub fn prepare(ranges: &[MemoryRange]) -> Result<(), GuestError> {
     let mem = allocate_fresh(ranges)?;
-    livemig_engine::prefault::populate(&mem, &AtomicBool::new(false));
+    let prefault = livemig_engine::prefault::default_threads();
+    livemig_engine::prefault::populate_parallel(&mem, &AtomicBool::new(false), prefault);
     *PREPARED.lock().unwrap_or_else(|p| p.into_inner()) = Some(mem);
     Ok(())
 }
