@@ -1,5 +1,5 @@
 //! `livemig bench --mode suite --quick`: one command runs every benchmark section (channels,
-//! guest size, dirty rate, devices, resources) with real two-process migrations, and writes
+//! guest size, dirty rate, devices, local mode, resources) with real two-process migrations, and writes
 //! bench.md and bench.json holding a row for every size, channel count, rate and device
 //! count asked for, with plausible values and how it was run.
 
@@ -69,6 +69,7 @@ fn the_suite_writes_every_section_as_markdown_and_json() {
         "## Total time and downtime against guest size",
         "## Downtime against dirty rate",
         "## Downtime against device count",
+        "## Local mode against guest size",
         "## Resources of every migration",
     ] {
         assert!(md.contains(heading), "{heading} in bench.md:\n{md}");
@@ -86,7 +87,7 @@ fn the_suite_writes_every_section_as_markdown_and_json() {
     for size in ["32 MiB", "64 MiB"] {
         for kind in ["idle", "dirtying"] {
             assert!(
-                md.contains(&format!("| {size} | {kind} |")),
+                md.contains(&format!("| {size} | {kind} | cold | yes |")),
                 "a {size} {kind} row in bench.md"
             );
         }
@@ -94,6 +95,11 @@ fn the_suite_writes_every_section_as_markdown_and_json() {
     for ch in CHANNELS {
         assert!(md.lines().any(|l| l.starts_with(&format!("| {ch} | "))));
     }
+    assert!(
+        md.lines().any(|l| l.starts_with("| 4, no page CRCs | ")),
+        "{md}"
+    );
+    assert!(md.contains("| 64 MiB | idle | prepared | no |"), "{md}");
 
     // bench.json: the numbers.
     let text = std::fs::read_to_string(out.join("bench.json")).expect("bench.json was written");
@@ -113,13 +119,18 @@ fn the_suite_writes_every_section_as_markdown_and_json() {
     assert!(f(&j["raw_tcp"], "start_bytes_per_s") > 0.0);
     assert!(f(&j["raw_tcp"], "end_bytes_per_s") > 0.0);
 
+    assert!(f(&j, "raw_memory_bytes_per_s") > 1e6);
     let ch = rows(&j, "channels");
     assert_eq!(
         ch.iter()
-            .map(|r| r["channels"].as_u64().unwrap())
+            .map(|r| (r["channels"].as_u64().unwrap(), r["page_checksums"] == true))
             .collect::<Vec<_>>(),
-        CHANNELS,
-        "one row per channel count"
+        CHANNELS
+            .iter()
+            .map(|&c| (c, true))
+            .chain([(4, false)])
+            .collect::<Vec<_>>(),
+        "one row per channel count, then 4 channels without page CRCs"
     );
     for r in ch {
         assert!(f(r, "bytes_per_s") > 0.0 && f(r, "first_round_bytes_per_s") > 0.0);
@@ -131,12 +142,28 @@ fn the_suite_writes_every_section_as_markdown_and_json() {
     }
 
     let size = rows(&j, "size");
-    assert_eq!(size.len(), 2 * SIZES.len(), "idle and dirtying per size");
+    assert_eq!(
+        size.len(),
+        2 * SIZES.len() + 2,
+        "idle and dirtying per size, then the target's guest to a prepared destination twice"
+    );
+    for crcs in [true, false] {
+        let r = size
+            .iter()
+            .find(|r| r["warm_destination"] == true && r["page_checksums"] == crcs)
+            .unwrap_or_else(|| panic!("a prepared-destination row, page CRCs {crcs}"));
+        assert_eq!(r["memory_bytes"], 64 << 20);
+        assert!(f(r, "total_over_raw_memory") > 0.0);
+    }
     for dirty in [false, true] {
         for s in SIZES {
             let r = size
                 .iter()
-                .find(|r| r["memory_bytes"].as_u64() == Some(s) && r["dirty"] == dirty)
+                .find(|r| {
+                    r["memory_bytes"].as_u64() == Some(s)
+                        && r["dirty"] == dirty
+                        && r["warm_destination"] == false
+                })
                 .unwrap_or_else(|| panic!("a size row for {s} bytes, dirty {dirty}"));
             assert!(f(r, "total_ms") > 0.0 && f(r, "downtime_ms") > 0.0);
             assert!(f(r, "raw_copy_ms") > 0.0);
@@ -192,12 +219,32 @@ fn the_suite_writes_every_section_as_markdown_and_json() {
         assert_eq!(r["cap_held"], true, "{r:#}");
     }
 
-    // Section 5: every migration's resources, in its row and in the list.
+    // Local mode: one row per size, not a page copied.
+    let local = rows(&j, "local");
+    assert_eq!(
+        local
+            .iter()
+            .map(|r| r["memory_bytes"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        SIZES
+    );
+    for r in local {
+        assert_eq!(r["local"], true);
+        assert_eq!(f(r, "ram_pages_sent"), 0.0, "{r:#}");
+        assert!(f(r, "downtime_ms") > 0.0 && f(r, "total_ms") >= f(r, "downtime_ms"));
+    }
+
+    // Section 6: every migration's resources, in its row and in the list.
     let res = j["resources"].as_array().expect("resources");
-    let migrations = ch.len() + size.len() + dirty.len() + dev.len();
+    let migrations = ch.len() + size.len() + dirty.len() + dev.len() + local.len();
     assert_eq!(res.len(), migrations, "one resources entry per migration");
     for u in res {
         let name = u["name"].as_str().unwrap();
+        if name.starts_with("local-") {
+            // Nothing of RAM moves: only the peaks mean something.
+            assert!(f(u, "source_peak_rss_bytes") > 0.0 && f(u, "dest_peak_rss_bytes") > 0.0);
+            continue;
+        }
         let moved = f(u, "moved_bytes");
         assert!(moved >= (30 << 20) as f64, "{name}: moved {moved} bytes");
         let guest = f(u, "dest_guest_memory_bytes");
