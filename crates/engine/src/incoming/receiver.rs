@@ -230,11 +230,11 @@ impl ChannelReceiver<'_> {
                 .zip(ram::decode_page_crcs(&ptrs.trailer))
                 .zip(ram::decode_offsets(offsets))
             {
-                // SAFETY: as above; the page was just filled by this thread.
-                let page = unsafe { std::slice::from_raw_parts(p, PAGE_SIZE) };
+                // SAFETY: as above; the page was just filled by this thread (the same
+                // three-stream CRC as the source's, on a page fresh in the cache).
+                let crc = unsafe { hostmem::page_crc(p) };
                 // A torn page must come again intact before the end (see `TornPages`).
-                self.torn
-                    .arrived(addr.map_err(wire)?, crc32c::crc32c(page) == expected);
+                self.torn.arrived(addr.map_err(wire)?, crc == expected);
             }
         } else {
             // The source trusts the transport: each page counts as intact.
