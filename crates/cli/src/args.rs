@@ -78,6 +78,13 @@ pub struct MigrationArgs {
     /// on each side.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub page_checksums: bool,
+    /// Compress RAM pages: `zstd` for links slower than the CPU can compress (a packet goes
+    /// compressed only when that makes it smaller), `none` to send them as they are.
+    #[arg(long, value_enum, default_value_t = Compress::None)]
+    pub compress: Compress,
+    /// zstd level with `--compress zstd` (1 is fastest; negative levels are faster still).
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    pub compress_level: i32,
     /// Pages per data packet (1 to 1024; 128 = 512 KiB).
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub pages_per_packet: u32,
@@ -109,6 +116,13 @@ pub struct MigrationArgs {
     pub test_chunk_order: TestChunkOrder,
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
+}
+
+/// Compression of RAM pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compress {
+    None,
+    Zstd,
 }
 
 /// What a migration that does not converge in time does.
@@ -145,6 +159,7 @@ impl MigrationArgs {
             max_precopy_time: Duration::from_secs(self.max_precopy_secs),
             pages_per_packet: self.pages_per_packet,
             page_checksums: self.page_checksums,
+            compress: (self.compress == Compress::Zstd).then_some(self.compress_level),
             auto_converge: self.auto_converge,
             on_no_convergence: match self.on_no_convergence {
                 OnNoConvergence::Force => NoConvergence::Force,
@@ -187,6 +202,14 @@ impl MigrationArgs {
             format!("--pages-per-packet={}", self.pages_per_packet),
             format!("--auto-converge={}", self.auto_converge),
             format!("--page-checksums={}", self.page_checksums),
+            format!(
+                "--compress={}",
+                match self.compress {
+                    Compress::None => "none",
+                    Compress::Zstd => "zstd",
+                }
+            ),
+            format!("--compress-level={}", self.compress_level),
             format!(
                 "--on-no-convergence={}",
                 match self.on_no_convergence {

@@ -10,7 +10,9 @@
 //!    `bench --mode devices`);
 //! 5. local: local mode (guest memory handed over as memfds, nothing copied) against guest
 //!    size, idle;
-//! 6. resources, for every migration above: each process's peak RSS (VmHWM), the
+//! 6. compress: what `--compress zstd` costs: one core's compression and decompression rate
+//!    and ratio on pattern and text-like pages, and a migration with and without it;
+//! 7. resources, for every migration above: each process's peak RSS (VmHWM), the
 //!    destination's peak buffered device bytes, and CPU seconds per GiB moved on each side.
 //!
 //! The peak RSS and CPU figures come from the two processes themselves: `livemig migrate` and
@@ -46,6 +48,8 @@ pub enum Section {
     Devices,
     /// Local mode (memory handed over, not copied) against guest size.
     Local,
+    /// The cost of zstd compression of pages.
+    Compress,
 }
 
 /// The options of `bench --mode suite` (flattened into `bench`'s own).
@@ -382,6 +386,7 @@ impl Plan {
                     Section::Dirty,
                     Section::Devices,
                     Section::Local,
+                    Section::Compress,
                 ]
             }),
             memory,
@@ -429,6 +434,8 @@ struct Spec {
     page_checksums: bool,
     /// Local mode: memory handed over a Unix socket, not copied.
     local: bool,
+    /// zstd level of `--compress zstd`, if compressed.
+    compress: Option<i32>,
 }
 
 impl Spec {
@@ -442,6 +449,7 @@ impl Spec {
             warm_destination: false,
             page_checksums: true,
             local: false,
+            compress: None,
         }
     }
 }
@@ -470,6 +478,10 @@ fn migrate_once(a: &BenchArgs, plan: &Plan, s: &Spec) -> anyhow::Result<Run> {
     if s.warm_destination {
         dest.push(format!("--memory={}", s.memory));
     }
+    if let Some(level) = s.compress {
+        src.push("--compress=zstd".into());
+        src.push(format!("--compress-level={level}"));
+    }
     if s.local {
         src.push("--local".into());
         dest.push(crate::pair::unix_listen_arg("bench"));
@@ -492,6 +504,7 @@ fn migrate_once(a: &BenchArgs, plan: &Plan, s: &Spec) -> anyhow::Result<Run> {
         "warm_destination": s.warm_destination,
         "page_checksums": s.page_checksums,
         "local": s.local,
+        "compress_level": s.compress,
         "total_ms": f("total_ms"),
         "setup_ms": f("setup_ms"),
         "precopy_ms": f("precopy_ms"),
@@ -573,6 +586,9 @@ struct Results {
     dirty: Vec<Value>,
     devices: Vec<Value>,
     local: Vec<Value>,
+    /// The compression rates (no migration), then the migrations with and without it.
+    compress_rates: Vec<Value>,
+    compress: Vec<Value>,
     /// Every migration: its name and [`usage`].
     resources: Vec<(String, Value)>,
 }
@@ -632,6 +648,8 @@ pub fn run(mut a: BenchArgs) -> anyhow::Result<ExitCode> {
         dirty: Vec::new(),
         devices: Vec::new(),
         local: Vec::new(),
+        compress_rates: Vec::new(),
+        compress: Vec::new(),
         resources: Vec::new(),
     };
     let raw0 = res.raw_start.0;
@@ -765,6 +783,38 @@ pub fn run(mut a: BenchArgs) -> anyhow::Result<ExitCode> {
             );
             let row = keep(&a, &mut res, &format!("local-{}M", size >> 20), run, say)?;
             res.local.push(row);
+        }
+    }
+    if plan.has(Section::Compress) {
+        let bytes = if a.suite.quick { 8 << 20 } else { 64 << 20 };
+        for kind in ["pattern", "text"] {
+            for level in [1, 3] {
+                let row = crate::bench_compress::measure(kind, level, bytes)?;
+                eprintln!(
+                    "bench suite: zstd {level} on {kind} pages: {:.0} MB/s, ratio {:.2}",
+                    row["compress_bytes_per_s"].as_f64().unwrap_or(0.0) / 1e6,
+                    row["ratio"].as_f64().unwrap_or(0.0)
+                );
+                res.compress_rates.push(row);
+            }
+        }
+        for compress in [None, Some(1)] {
+            let spec = Spec {
+                warm_destination: true,
+                compress,
+                ..Spec::new(plan.memory)
+            };
+            let run = median(a.repeat, "total_ms", || migrate_once(&a, &plan, &spec))?;
+            let say = format!(
+                "{:.0} MB/s",
+                run.row["bytes_per_s"].as_f64().unwrap_or(0.0) / 1e6
+            );
+            let name = match compress {
+                None => "compress-none".to_string(),
+                Some(l) => format!("compress-zstd-{l}"),
+            };
+            let row = keep(&a, &mut res, &name, run, say)?;
+            res.compress.push(row);
         }
     }
     if plan.has(Section::Devices) {
@@ -1122,6 +1172,62 @@ fn finish(a: &BenchArgs, plan: &Plan, how: &HowRun, res: &Results) -> anyhow::Re
         }
     }
 
+    if !res.compress_rates.is_empty() {
+        let _ = writeln!(md, "## The cost of zstd compression\n\n{run_line}\n");
+        let _ = writeln!(
+            md,
+            "How: one core compresses and then decompresses {} MiB of pages in packets of 128 \
+             pages, as a data channel does with `--compress zstd`: livemig's page pattern (what \
+             the test guests hold) and text-like pages (a line repeated). Then the suite's idle \
+             {} guest migrated to a prepared destination, 4 channels, without and with \
+             `--compress zstd` (level 1); its pages are the pattern, so each packet is \
+             compressed, found no smaller and sent as it is: the second row is the price of \
+             trying. Compression pays where the link is slower than the cores can compress \
+             and the pages shrink.\n",
+            res.compress_rates
+                .first()
+                .map_or(0, |r| r["bytes"].as_u64().unwrap_or(0) >> 20),
+            size_label(plan.memory)
+        );
+        md.push_str("| pages | zstd level | compress MB/s (1 core) | decompress MB/s | ratio |\n");
+        md.push_str("|---|---:|---:|---:|---:|\n");
+        for r in &res.compress_rates {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {:.0} | {:.2} |",
+                r["pages"].as_str().unwrap_or(""),
+                r["level"],
+                num(r, "compress_bytes_per_s") / 1e6,
+                num(r, "decompress_bytes_per_s") / 1e6,
+                num(r, "ratio"),
+            );
+        }
+        md.push('\n');
+        if !res.compress.is_empty() {
+            md.push_str(
+                "| migration | total ms | MB/s | bytes sent | src CPU s/GiB | dst CPU s/GiB |\n",
+            );
+            md.push_str("|---|---:|---:|---:|---:|---:|\n");
+            for r in &res.compress {
+                let u = &r["usage"];
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.0} | {:.0} | {} | {:.2} | {:.2} |",
+                    match r["compress_level"].as_i64() {
+                        Some(l) => format!("--compress zstd, level {l}"),
+                        None => "uncompressed".into(),
+                    },
+                    num(r, "total_ms"),
+                    num(r, "bytes_per_s") / 1e6,
+                    r["transferred_bytes"],
+                    num(u, "source_cpu_s_per_gib"),
+                    num(u, "dest_cpu_s_per_gib"),
+                );
+            }
+            md.push('\n');
+        }
+    }
+
     if !res.devices.is_empty() {
         let _ = writeln!(md, "## Downtime against device count\n\n{run_line}\n");
         let dev_how = format!(
@@ -1195,6 +1301,7 @@ fn finish(a: &BenchArgs, plan: &Plan, how: &HowRun, res: &Results) -> anyhow::Re
         "how": how_json,
         "raw_memory_bytes_per_s": raw_mem,
         "local": {"channels": CHANNELS, "rows": res.local},
+        "compress": {"rates": res.compress_rates, "rows": res.compress},
         "raw_tcp": {
             "bytes_per_s": raw,
             "start_bytes_per_s": res.raw_start.0,

@@ -10,6 +10,7 @@
 
 mod args;
 mod bench;
+mod bench_compress;
 mod bench_devices;
 mod bench_suite;
 mod bench_tls;

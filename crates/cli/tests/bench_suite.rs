@@ -70,6 +70,7 @@ fn the_suite_writes_every_section_as_markdown_and_json() {
         "## Downtime against dirty rate",
         "## Downtime against device count",
         "## Local mode against guest size",
+        "## The cost of zstd compression",
         "## Resources of every migration",
     ] {
         assert!(md.contains(heading), "{heading} in bench.md:\n{md}");
@@ -239,7 +240,29 @@ fn the_suite_writes_every_section_as_markdown_and_json() {
 
     // Section 6: every migration's resources, in its row and in the list.
     let res = j["resources"].as_array().expect("resources");
-    let migrations = ch.len() + size.len() + dirty.len() + dev.len() + local.len();
+    // Compression: rates for two kinds of pages at two levels, then two migrations.
+    let rates = j["compress"]["rates"].as_array().expect("compress.rates");
+    assert_eq!(rates.len(), 4);
+    for r in rates {
+        assert!(f(r, "compress_bytes_per_s") > 0.0 && f(r, "decompress_bytes_per_s") > 0.0);
+    }
+    let ratio = |kind: &str| {
+        rates
+            .iter()
+            .filter(|r| r["pages"] == kind)
+            .map(|r| f(r, "ratio"))
+            .fold(0.0f64, f64::max)
+    };
+    assert!(ratio("text") > 10.0, "text-like pages compress");
+    assert!(ratio("pattern") < 1.1, "livemig's page pattern does not");
+    let comp = rows(&j, "compress");
+    assert_eq!(
+        comp.iter()
+            .map(|r| r["compress_level"].clone())
+            .collect::<Vec<_>>(),
+        vec![Value::Null, Value::from(1)]
+    );
+    let migrations = ch.len() + size.len() + dirty.len() + dev.len() + local.len() + comp.len();
     assert_eq!(res.len(), migrations, "one resources entry per migration");
     for u in res {
         let name = u["name"].as_str().unwrap();

@@ -353,8 +353,9 @@ fn a_corrupted_byte_of_page_data_fails_the_crc_check() {
 #[test]
 fn a_corrupted_byte_of_a_packet_prefix_fails_the_frame_crc_at_once() {
     let _s = serial(&SERIAL);
-    // A byte of the page CRCs in data channel 0's first packet: covered by the frame CRC.
-    let at = channel_hello_len() + 16 + 16 + 128 * 8 + 100;
+    // A byte of the page offsets in data channel 0's first packet: the prefix, covered by
+    // the frame CRC (the page CRCs follow the data, in the trailer).
+    let at = channel_hello_len() + 16 + 16 + 100;
     let a = wire_fault(
         "corrupt-prefix",
         Rule::flip_at(Which::Nth(1), Dir::Up, at, 0x01),

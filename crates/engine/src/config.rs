@@ -45,6 +45,10 @@ pub struct MigrationConfig {
     /// the source trusts the transport (as QEMU does; TLS authenticates every byte anyway)
     /// and saves a pass over each page on both sides.
     pub page_checksums: bool,
+    /// Compress RAM pages with zstd at this level (`None`: send them as they are, the
+    /// default). For links slower than the CPU can compress; a packet goes compressed only
+    /// when that makes it smaller.
+    pub compress: Option<i32>,
     /// How long to keep retrying a refused connection while the destination starts.
     pub connect_timeout: Duration,
     /// How long to wait for each answer of the destination during switchover.
@@ -92,6 +96,7 @@ impl Default for MigrationConfig {
             device_transfer: DeviceTransfer::Multifd,
             ram: RamTransfer::Copy,
             page_checksums: true,
+            compress: None,
             chunk_size: 1 << 20,
             credit_window: 0,
             buffer_cap: 0,
@@ -130,6 +135,16 @@ impl MigrationConfig {
                 "peer timeout {:?}: must be at least {MIN_PEER_TIMEOUT:?}",
                 self.peer_timeout
             )));
+        }
+        if let Some(level) = self.compress {
+            let levels = zstd::compression_level_range();
+            if !levels.contains(&level) {
+                return Err(MigrationError::Config(format!(
+                    "zstd level {level}: must be {}..={}",
+                    levels.start(),
+                    levels.end()
+                )));
+            }
         }
         if self.max_bandwidth == Some(0) {
             return Err(MigrationError::Config(

@@ -28,7 +28,7 @@ pub use frame::{
     decode_frame, encode_frame, verify_payload, FrameHeader, FrameKind, Limits,
     DEFAULT_PAGES_PER_PACKET, HEADER_LEN, MAGIC, MAX_PAGES_PER_PACKET, PROTOCOL_VERSION,
 };
-pub use ram::{RamPacket, RamPrefix};
+pub use ram::{RamFlags, RamPacket, RamPrefix};
 pub use session::{
     ChannelHello, GuestDescriptor, MemoryFiles, MemoryRange, RamTransfer, Reject, RejectCode,
     SessionAccept, SessionHello, SessionId, MAX_CHANNELS, MAX_REGIONS, MAX_VCPUS,

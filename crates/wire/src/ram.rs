@@ -21,6 +21,12 @@
 //! guest paused, where nothing can tear). The payload length must equal exactly what the
 //! counts imply, every address must be page-aligned, and the counts are bounded by the
 //! receiver's limit.
+//!
+//! Flags bit 1 ([`COMPRESSED`], `--compress zstd`): the page data is one zstd frame holding
+//! the normal pages' bytes, everything between the prefix and the trailer; the CRCs are of the
+//! pages as decompressed. A source sends a packet compressed only if that makes it smaller, so
+//! the payload is never longer than the same packet uncompressed, and the destination
+//! decompresses into a buffer of exactly `normal x 4096` bytes: anything else is refused.
 
 use crate::cursor::{Reader, Writer};
 use crate::{Limits, WireError, PAGE_SIZE};
@@ -30,6 +36,29 @@ pub const PREFIX_FIXED: usize = 16;
 
 /// Flag: the packet carries no page CRCs (the source trusts the transport).
 pub const UNCHECKED: u32 = 1;
+/// Flag: the page data is one zstd frame.
+pub const COMPRESSED: u32 = 2;
+
+/// How a packet's pages travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamFlags {
+    /// A trailer of page CRCs follows the data.
+    pub checked: bool,
+    /// The data is one zstd frame of the pages' bytes.
+    pub compressed: bool,
+}
+
+impl RamFlags {
+    /// Pages as they are, each with its CRC: livemig's default.
+    pub const CHECKED: RamFlags = RamFlags {
+        checked: true,
+        compressed: false,
+    };
+
+    fn bits(self) -> u32 {
+        (if self.checked { 0 } else { UNCHECKED }) | (if self.compressed { COMPRESSED } else { 0 })
+    }
+}
 
 /// Bytes of the prefix (everything before the page data) for these counts.
 pub const fn prefix_len(normal: u32, zero: u32) -> u64 {
@@ -61,15 +90,14 @@ pub fn crc_span(payload: &[u8]) -> usize {
     usize::try_from(len).map_or(payload.len(), |l| l.min(payload.len()))
 }
 
-/// Writes the part of a RamPages payload that precedes the page data, for a packet with
-/// (`checked`) or without a trailer of page CRCs.
-pub fn encode_prefix(round: u32, normal: &[u64], zero: &[u64], checked: bool, out: &mut Vec<u8>) {
+/// Writes the part of a RamPages payload that precedes the page data.
+pub fn encode_prefix(round: u32, normal: &[u64], zero: &[u64], flags: RamFlags, out: &mut Vec<u8>) {
     out.clear();
     let mut w = Writer::new(out);
     w.u32(round)
         .u32(normal.len() as u32)
         .u32(zero.len() as u32)
-        .u32(if checked { 0 } else { UNCHECKED });
+        .u32(flags.bits());
     for &a in normal.iter().chain(zero) {
         w.u64(a);
     }
@@ -85,8 +113,12 @@ pub fn encode_packet(
     checked: bool,
 ) -> Vec<u8> {
     debug_assert_eq!(data.len(), normal.len() * PAGE_SIZE);
+    let flags = RamFlags {
+        checked,
+        compressed: false,
+    };
     let mut out = Vec::new();
-    encode_prefix(round, normal, zero, checked, &mut out);
+    encode_prefix(round, normal, zero, flags, &mut out);
     out.extend_from_slice(data);
     if checked {
         let crcs: Vec<u32> = data.chunks_exact(PAGE_SIZE).map(crc32c::crc32c).collect();
@@ -94,6 +126,28 @@ pub fn encode_packet(
         encode_trailer(&crcs, &mut t);
         out.extend(t);
     }
+    out
+}
+
+/// A whole compressed payload: `frame` stands for the zstd frame (this crate does not
+/// compress), `page_crcs` for the trailer, if any.
+pub fn encode_compressed_packet(
+    round: u32,
+    normal: &[u64],
+    zero: &[u64],
+    frame: &[u8],
+    page_crcs: Option<&[u32]>,
+) -> Vec<u8> {
+    let flags = RamFlags {
+        checked: page_crcs.is_some(),
+        compressed: true,
+    };
+    let mut out = Vec::new();
+    encode_prefix(round, normal, zero, flags, &mut out);
+    out.extend_from_slice(frame);
+    let mut t = Vec::new();
+    encode_trailer(page_crcs.unwrap_or_default(), &mut t);
+    out.extend(t);
     out
 }
 
@@ -114,8 +168,12 @@ pub struct RamPrefix {
     pub round: u32,
     pub normal: u32,
     pub zero: u32,
-    /// Whether page CRCs follow the offsets.
+    /// Whether page CRCs follow the page data.
     pub checked: bool,
+    /// Whether the page data is one zstd frame.
+    pub compressed: bool,
+    /// Bytes of the page data: `normal x 4096`, or the compressed frame's length.
+    pub data_len: usize,
 }
 
 impl RamPrefix {
@@ -130,14 +188,15 @@ impl RamPrefix {
         let normal = r.u32()?;
         let zero = r.u32()?;
         let flags = r.u32()?;
-        if flags & !UNCHECKED != 0 {
+        if flags & !(UNCHECKED | COMPRESSED) != 0 {
             return Err(WireError::OutOfRange {
                 field: "RamPages flags",
                 value: flags as u64,
-                reason: "only bit 0 (no page CRCs) is defined",
+                reason: "only bits 0 (no page CRCs) and 1 (compressed) are defined",
             });
         }
         let checked = flags & UNCHECKED == 0;
+        let compressed = flags & COMPRESSED != 0;
         let pages = normal as u64 + zero as u64;
         if pages > limits.max_pages_per_packet as u64 {
             return Err(WireError::OutOfRange {
@@ -146,19 +205,35 @@ impl RamPrefix {
                 reason: "more than the receiver's per-packet limit",
             });
         }
-        let expected = payload_len(normal, zero, checked);
-        if len as u64 != expected {
-            return Err(WireError::BadLength {
-                what: "RamPages payload",
-                expected,
-                found: len as u64,
-            });
-        }
+        let whole = payload_len(normal, zero, checked);
+        let around = prefix_len(normal, zero) + trailer_len(normal, checked);
+        let data_len = if compressed {
+            // Never longer than the same pages uncompressed, and some data to decompress.
+            if normal == 0 || (len as u64) <= around || len as u64 >= whole {
+                return Err(WireError::OutOfRange {
+                    field: "compressed RamPages payload length",
+                    value: len as u64,
+                    reason: "compressed pages must be present and smaller than uncompressed",
+                });
+            }
+            len as u64 - around
+        } else {
+            if len as u64 != whole {
+                return Err(WireError::BadLength {
+                    what: "RamPages payload",
+                    expected: whole,
+                    found: len as u64,
+                });
+            }
+            PAGE_SIZE as u64 * normal as u64
+        };
         Ok(RamPrefix {
             round,
             normal,
             zero,
             checked,
+            compressed,
+            data_len: data_len as usize,
         })
     }
 
@@ -203,6 +278,7 @@ pub struct RamPacket<'a> {
     zero_offsets: &'a [u8],
     /// None: the packet carries no page CRCs.
     page_crcs: Option<&'a [u8]>,
+    compressed: bool,
     data: &'a [u8],
 }
 
@@ -220,10 +296,12 @@ impl<'a> RamPacket<'a> {
             normal,
             zero,
             checked,
+            compressed,
+            data_len,
         } = RamPrefix::decode(&r.array()?, len, limits)?;
         let normal_offsets = r.bytes(8 * normal as usize)?;
         let zero_offsets = r.bytes(8 * zero as usize)?;
-        let data = r.bytes(PAGE_SIZE * normal as usize)?;
+        let data = r.bytes(data_len)?;
         let page_crcs = if checked {
             Some(r.bytes(4 * normal as usize)?)
         } else {
@@ -235,6 +313,7 @@ impl<'a> RamPacket<'a> {
             normal_offsets,
             zero_offsets,
             page_crcs,
+            compressed,
             data,
         };
         for a in decode_offsets(normal_offsets).chain(decode_offsets(zero_offsets)) {
@@ -262,9 +341,16 @@ impl<'a> RamPacket<'a> {
         Self::addrs(self.zero_offsets)
     }
 
-    /// The normal pages: (guest address, 4096 bytes of data).
+    /// The normal pages: (guest address, 4096 bytes of data); none for a compressed
+    /// packet, whose data is [`RamPacket::compressed_data`].
     pub fn pages(&self) -> impl Iterator<Item = (u64, &'a [u8])> + 'a {
-        self.normal_addrs().zip(self.data.chunks_exact(PAGE_SIZE))
+        let data = if self.compressed { &[][..] } else { self.data };
+        self.normal_addrs().zip(data.chunks_exact(PAGE_SIZE))
+    }
+
+    /// The zstd frame of a compressed packet.
+    pub fn compressed_data(&self) -> Option<&'a [u8]> {
+        self.compressed.then_some(self.data)
     }
 
     /// The normal pages with whether each arrived intact (its data matches its CRC; a
@@ -307,7 +393,11 @@ mod tests {
     #[test]
     fn a_packet_without_page_crcs_is_shorter_and_taken_as_intact() {
         let mut p = Vec::new();
-        encode_prefix(4, &[0, 4096], &[8192], false, &mut p);
+        let flags = RamFlags {
+            checked: false,
+            compressed: false,
+        };
+        encode_prefix(4, &[0, 4096], &[8192], flags, &mut p);
         assert_eq!(p.len() as u64, prefix_len(2, 1));
         assert_eq!(crc_span(&p), p.len());
         p.extend(vec![7u8; 2 * PAGE_SIZE]);
@@ -322,8 +412,37 @@ mod tests {
         ));
         // Unknown flags are refused.
         p.truncate(p.len() - 8);
-        p[12] = 3;
+        p[12] = 5;
         assert!(RamPacket::decode(&p, &Limits::default()).is_err());
+    }
+
+    #[test]
+    fn a_compressed_packet_is_bounded_by_its_uncompressed_size() {
+        let frame = [0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3];
+        let p = encode_compressed_packet(5, &[0, 4096], &[8192], &frame, Some(&[1, 2]));
+        let pkt = RamPacket::decode(&p, &Limits::default()).unwrap();
+        assert_eq!(pkt.compressed_data(), Some(&frame[..]));
+        assert_eq!(pkt.pages().count(), 0, "compressed pages are not pages");
+        assert_eq!(pkt.zero_addrs().collect::<Vec<_>>(), vec![8192]);
+        let fixed: [u8; PREFIX_FIXED] = p[..PREFIX_FIXED].try_into().unwrap();
+        let h = RamPrefix::decode(&fixed, p.len() as u32, &Limits::default()).unwrap();
+        assert!(h.compressed && h.checked);
+        assert_eq!(h.data_len, frame.len());
+        // As long as the pages uncompressed, or longer: refused, as is an empty frame.
+        let whole = payload_len(2, 1, true) as u32;
+        for len in [
+            whole,
+            whole + 1,
+            (prefix_len(2, 1) + trailer_len(2, true)) as u32,
+        ] {
+            assert!(
+                RamPrefix::decode(&fixed, len, &Limits::default()).is_err(),
+                "{len}"
+            );
+        }
+        // A compressed packet must hold pages.
+        let empty = encode_compressed_packet(5, &[], &[8192], &frame, None);
+        assert!(RamPacket::decode(&empty, &Limits::default()).is_err());
     }
 
     #[test]
@@ -370,7 +489,7 @@ mod tests {
     #[test]
     fn rejects_counts_above_limit_without_allocating() {
         let mut p = Vec::new();
-        encode_prefix(0, &[], &[], true, &mut p);
+        encode_prefix(0, &[], &[], RamFlags::CHECKED, &mut p);
         p[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             RamPacket::decode(&p, &Limits::default()),

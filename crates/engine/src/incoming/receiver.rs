@@ -51,6 +51,10 @@ struct PageScratch {
     iov: Vec<libc::iovec>,
     /// The packet's trailer of page CRCs.
     trailer: Vec<u8>,
+    /// Compressed packets: the zstd frame, the pages it holds, and the decompressor.
+    packed: Vec<u8>,
+    unpacked: Vec<u8>,
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
 }
 
 impl ChannelReceiver<'_> {
@@ -212,15 +216,19 @@ impl ChannelReceiver<'_> {
                 ptrs.zeros.push(ptr);
             }
         }
-        // SAFETY: every pointer is a whole page inside guest memory (page_ptr checked it),
-        // which stays mapped for the session, and this thread claimed each page for this
-        // round, so no other thread touches it until the round barrier.
-        unsafe { hostmem::read_pages(self.stream.as_raw_fd(), &ptrs.pages, &mut ptrs.iov) }
-            .map_err(|source| ChannelError::Io {
-                channel,
-                op: "receive pages",
-                source,
-            })?;
+        if prefix.compressed {
+            self.receive_compressed(&prefix, ptrs)?;
+        } else {
+            // SAFETY: every pointer is a whole page inside guest memory (page_ptr checked
+            // it), which stays mapped for the session, and this thread claimed each page for
+            // this round, so no other thread touches it until the round barrier.
+            unsafe { hostmem::read_pages(self.stream.as_raw_fd(), &ptrs.pages, &mut ptrs.iov) }
+                .map_err(|source| ChannelError::Io {
+                    channel,
+                    op: "receive pages",
+                    source,
+                })?;
+        }
         if prefix.checked {
             ptrs.trailer.resize(prefix.trailer_len(), 0);
             framed::read_exact(&mut self.stream, channel, &mut ptrs.trailer, false)?;
@@ -257,8 +265,62 @@ impl ChannelReceiver<'_> {
     }
 
     /// Writes a packet's pages (the test hook's path); `track_torn` records torn arrivals.
+    /// Reads a compressed packet's zstd frame, decompresses it into exactly `normal` pages
+    /// (a frame holding more or less is a protocol error, and never overruns the buffer)
+    /// and copies them into the claimed pages of `ptrs`.
+    fn receive_compressed(
+        &mut self,
+        prefix: &RamPrefix,
+        ptrs: &mut PageScratch,
+    ) -> Result<(), ChannelError> {
+        let channel = ChannelName::Data(self.index);
+        // Bounded: RamPrefix::decode holds it below the packet's uncompressed size.
+        ptrs.packed.resize(prefix.data_len, 0);
+        framed::read_exact(&mut self.stream, channel, &mut ptrs.packed, false)?;
+        let want = prefix.normal as usize * PAGE_SIZE;
+        ptrs.unpacked.resize(want, 0);
+        let z = match &mut ptrs.zstd {
+            Some(z) => z,
+            None => ptrs
+                .zstd
+                .insert(
+                    zstd::bulk::Decompressor::new().map_err(|source| ChannelError::Io {
+                        channel,
+                        op: "set up zstd",
+                        source,
+                    })?,
+                ),
+        };
+        let bad = |detail: String| ChannelError::Protocol { channel, detail };
+        let got = z
+            .decompress_to_buffer(&ptrs.packed[..], &mut ptrs.unpacked[..])
+            .map_err(|e| {
+                bad(format!(
+                    "compressed pages do not decompress into {want} bytes: {e}"
+                ))
+            })?;
+        if got != want {
+            return Err(bad(format!(
+                "compressed pages decompress into {got} bytes, not the {want} of {} pages",
+                prefix.normal
+            )));
+        }
+        for (&p, page) in ptrs.pages.iter().zip(ptrs.unpacked.chunks_exact(PAGE_SIZE)) {
+            // SAFETY: p is a whole page of guest memory this thread claimed for the round
+            // (see receive_pages); page is 4096 bytes of our own buffer.
+            unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), p, PAGE_SIZE) };
+        }
+        Ok(())
+    }
+
     fn apply(&self, pkt: &RamPacket<'_>, track_torn: bool) -> Result<(), ChannelError> {
         let channel = ChannelName::Data(self.index);
+        if pkt.compressed_data().is_some() {
+            return Err(ChannelError::Protocol {
+                channel,
+                detail: "the break-round-order test hook takes no compressed packets".into(),
+            });
+        }
         let outside = |addr| outside(channel, addr);
         for (addr, data, intact) in pkt.checked_pages() {
             self.memory

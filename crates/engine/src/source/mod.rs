@@ -474,6 +474,7 @@ fn run_session(
                 ping_every: crate::config::ping_interval(config.peer_timeout),
                 pages_per_packet: config.pages_per_packet as usize,
                 page_checksums: config.page_checksums,
+                compress: config.compress,
                 chunk_delay: match config.test_hooks.chunk_order {
                     ChunkOrder::DelayChannel0(d) if i == 0 => Some(d),
                     _ => None,

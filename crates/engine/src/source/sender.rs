@@ -15,10 +15,12 @@ use crate::guest::GuestMemory;
 use crate::hostmem;
 use crate::transport::Stream;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use livemig_wire::{ram, ChunkHeader, FrameHeader, FrameKind, RoundEnd, PAGE_SIZE};
+use livemig_wire::{ram, ChunkHeader, FrameHeader, FrameKind, RamFlags, RoundEnd, PAGE_SIZE};
+use std::io::IoSlice;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
+use vm_memory::{Bytes, GuestAddress};
 
 /// Work for one data channel, in the order it must go on the wire.
 pub(crate) enum Job {
@@ -41,6 +43,36 @@ pub(crate) enum Job {
 /// How many batches a channel asks for ahead, so one is ready while the other is sent.
 const PIPELINE: usize = 2;
 
+/// A channel's buffers, reused from packet to packet.
+struct Scratch {
+    normal: Vec<u64>,
+    zero: Vec<u64>,
+    ptrs: Vec<*const u8>,
+    crcs: Vec<u32>,
+    iov: Vec<libc::iovec>,
+    prefix: Vec<u8>,
+    trailer: Vec<u8>,
+    /// Compression only: the pages copied out of guest memory, and their zstd frame.
+    batch: Vec<u8>,
+    packed: Vec<u8>,
+}
+
+impl Scratch {
+    fn new(pages: usize) -> Scratch {
+        Scratch {
+            normal: Vec::with_capacity(pages),
+            zero: Vec::with_capacity(pages),
+            ptrs: Vec::with_capacity(pages),
+            crcs: Vec::with_capacity(pages),
+            iov: Vec::with_capacity(pages + 2),
+            prefix: Vec::new(),
+            trailer: Vec::new(),
+            batch: Vec::new(),
+            packed: Vec::new(),
+        }
+    }
+}
+
 pub(crate) struct ChannelSender<'a> {
     pub index: u16,
     pub stream: Stream,
@@ -56,6 +88,8 @@ pub(crate) struct ChannelSender<'a> {
     pub pages_per_packet: usize,
     /// Each page carries its CRC32C (see `livemig_wire::ram`).
     pub page_checksums: bool,
+    /// Compress pages with zstd at this level.
+    pub compress: Option<i32>,
     /// Test hook: wait this long before sending each device chunk.
     pub chunk_delay: Option<std::time::Duration>,
 }
@@ -71,13 +105,19 @@ impl ChannelSender<'_> {
 
     fn serve(&mut self) -> Result<(), ChannelError> {
         let channel = ChannelName::Data(self.index);
-        let mut normal = Vec::with_capacity(self.pages_per_packet);
-        let mut crcs = Vec::with_capacity(self.pages_per_packet);
-        let mut ptrs: Vec<*const u8> = Vec::with_capacity(self.pages_per_packet);
-        let mut iov = Vec::with_capacity(self.pages_per_packet + 2);
-        let mut zero = Vec::with_capacity(self.pages_per_packet);
-        let mut prefix = Vec::new();
-        let mut trailer = Vec::new();
+        let mut scratch = Scratch::new(self.pages_per_packet);
+        let mut compressor = match self.compress {
+            Some(level) => {
+                Some(
+                    zstd::bulk::Compressor::new(level).map_err(|source| ChannelError::Io {
+                        channel,
+                        op: "set up zstd",
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
         for _ in 0..PIPELINE {
             if self.ready.send(self.index).is_err() {
                 return Ok(());
@@ -95,62 +135,13 @@ impl ChannelSender<'_> {
             };
             match job {
                 Job::Pages { round, addrs } => {
-                    normal.clear();
-                    zero.clear();
-                    ptrs.clear();
-                    for &addr in &addrs {
-                        let p = hostmem::page_ptr(self.memory, addr).ok_or_else(|| {
-                            ChannelError::Protocol {
-                                channel,
-                                detail: format!("guest page 0x{addr:x} is outside guest memory"),
-                            }
-                        })? as *const u8;
-                        // SAFETY: page_ptr checked the page lies wholly inside guest memory,
-                        // which stays mapped for the migration.
-                        if unsafe { hostmem::page_is_zero(p) } {
-                            zero.push(addr);
-                        } else {
-                            normal.push(addr);
-                            ptrs.push(p);
-                        }
-                    }
-                    let checked = self.page_checksums;
-                    ram::encode_prefix(round, &normal, &zero, checked, &mut prefix);
-                    let trailer_len = ram::trailer_len(normal.len() as u32, checked) as usize;
-                    let len = prefix.len() + normal.len() * PAGE_SIZE + trailer_len;
-                    let header = FrameHeader {
-                        kind: FrameKind::RamPages,
-                        len: len as u32,
-                        crc: crc32c::crc32c(&prefix),
-                    }
-                    .encode();
-                    let io = |source| ChannelError::Io {
-                        channel,
-                        op: "send pages",
-                        source,
+                    let s = &mut scratch;
+                    self.classify(&addrs, s)?;
+                    let len = match compressor.as_mut() {
+                        Some(z) if !s.normal.is_empty() => self.send_compressed(round, s, z)?,
+                        _ => self.send_from_memory(round, s)?,
                     };
-                    // SAFETY: every pointer is a page of guest memory checked above; the
-                    // kernel copies the pages as they are (a page the guest writes meanwhile
-                    // arrives torn, which the destination tolerates in precopy).
-                    unsafe {
-                        hostmem::write_pages(
-                            self.stream.as_raw_fd(),
-                            &header,
-                            &prefix,
-                            &ptrs,
-                            &mut iov,
-                        )
-                    }
-                    .map_err(io)?;
-                    if checked {
-                        // Taken after the kernel's copy, so from the cache. A page written
-                        // in between fails its CRC at the destination: torn, as it would be.
-                        crcs.clear();
-                        // SAFETY: as above.
-                        crcs.extend(ptrs.iter().map(|&p| unsafe { hostmem::page_crc(p) }));
-                        ram::encode_trailer(&crcs, &mut trailer);
-                        self.stream.write_all(&trailer).map_err(io)?;
-                    }
+                    let (normal, zero) = (&s.normal, &s.zero);
                     let c = self.counters;
                     c.bytes
                         .fetch_add((livemig_wire::HEADER_LEN + len) as u64, Relaxed);
@@ -212,6 +203,148 @@ impl ChannelSender<'_> {
 pub(crate) fn is_zero(page: &[u8]) -> bool {
     page.chunks(64)
         .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
+impl ChannelSender<'_> {
+    /// Sorts a batch into zero pages and normal pages (with their host addresses).
+    fn classify(&self, addrs: &[u64], s: &mut Scratch) -> Result<(), ChannelError> {
+        let channel = ChannelName::Data(self.index);
+        s.normal.clear();
+        s.zero.clear();
+        s.ptrs.clear();
+        for &addr in addrs {
+            let p = hostmem::page_ptr(self.memory, addr).ok_or_else(|| ChannelError::Protocol {
+                channel,
+                detail: format!("guest page 0x{addr:x} is outside guest memory"),
+            })? as *const u8;
+            // SAFETY: page_ptr checked the page lies wholly inside guest memory, which stays
+            // mapped for the migration.
+            if unsafe { hostmem::page_is_zero(p) } {
+                s.zero.push(addr);
+            } else {
+                s.normal.push(addr);
+                s.ptrs.push(p);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the batch straight from guest memory, then the CRCs; returns the payload's
+    /// length.
+    fn send_from_memory(&mut self, round: u32, s: &mut Scratch) -> Result<usize, ChannelError> {
+        let channel = ChannelName::Data(self.index);
+        let flags = RamFlags {
+            checked: self.page_checksums,
+            compressed: false,
+        };
+        ram::encode_prefix(round, &s.normal, &s.zero, flags, &mut s.prefix);
+        let trailer_len = ram::trailer_len(s.normal.len() as u32, flags.checked) as usize;
+        let len = s.prefix.len() + s.normal.len() * PAGE_SIZE + trailer_len;
+        let header = FrameHeader {
+            kind: FrameKind::RamPages,
+            len: len as u32,
+            crc: crc32c::crc32c(&s.prefix),
+        }
+        .encode();
+        let io = |source| ChannelError::Io {
+            channel,
+            op: "send pages",
+            source,
+        };
+        // SAFETY: every pointer is a page of guest memory checked in `classify`; the kernel
+        // copies the pages as they are (a page the guest writes meanwhile arrives torn,
+        // which the destination tolerates in precopy).
+        unsafe {
+            hostmem::write_pages(
+                self.stream.as_raw_fd(),
+                &header,
+                &s.prefix,
+                &s.ptrs,
+                &mut s.iov,
+            )
+        }
+        .map_err(io)?;
+        if flags.checked {
+            // Taken after the kernel's copy, so from the cache. A page written in between
+            // fails its CRC at the destination: torn, as it would be.
+            s.crcs.clear();
+            // SAFETY: as above.
+            s.crcs
+                .extend(s.ptrs.iter().map(|&p| unsafe { hostmem::page_crc(p) }));
+            ram::encode_trailer(&s.crcs, &mut s.trailer);
+            self.stream.write_all(&s.trailer).map_err(io)?;
+        }
+        Ok(len)
+    }
+
+    /// Copies the batch's pages out of guest memory, compresses them as one zstd frame and
+    /// sends that, or the copy itself when it does not shrink; returns the payload's length.
+    fn send_compressed(
+        &mut self,
+        round: u32,
+        s: &mut Scratch,
+        z: &mut zstd::bulk::Compressor<'static>,
+    ) -> Result<usize, ChannelError> {
+        let channel = ChannelName::Data(self.index);
+        let raw_len = s.normal.len() * PAGE_SIZE;
+        s.batch.resize(raw_len, 0);
+        for (page, &addr) in s.batch.chunks_exact_mut(PAGE_SIZE).zip(&s.normal) {
+            // vm-memory's copy reads guest memory the guest may be writing: the copy is what
+            // is compressed and checked, so a page torn here is torn consistently.
+            self.memory
+                .read_slice(page, GuestAddress(addr))
+                .map_err(|e| ChannelError::Protocol {
+                    channel,
+                    detail: format!("guest page 0x{addr:x}: {e}"),
+                })?;
+        }
+        s.packed.clear();
+        s.packed.reserve(zstd::zstd_safe::compress_bound(raw_len));
+        let io = |op| {
+            move |source| ChannelError::Io {
+                channel,
+                op,
+                source,
+            }
+        };
+        let packed = z
+            .compress_to_buffer(&s.batch[..], &mut s.packed)
+            .map_err(io("compress pages"))?;
+        let compressed = packed < raw_len;
+        let flags = RamFlags {
+            checked: self.page_checksums,
+            compressed,
+        };
+        ram::encode_prefix(round, &s.normal, &s.zero, flags, &mut s.prefix);
+        s.crcs.clear();
+        if flags.checked {
+            s.crcs
+                .extend(s.batch.chunks_exact(PAGE_SIZE).map(crc32c::crc32c));
+        }
+        ram::encode_trailer(&s.crcs, &mut s.trailer);
+        let data = if compressed {
+            &s.packed[..]
+        } else {
+            &s.batch[..]
+        };
+        let len = s.prefix.len() + data.len() + s.trailer.len();
+        let header = FrameHeader {
+            kind: FrameKind::RamPages,
+            len: len as u32,
+            crc: crc32c::crc32c(&s.prefix),
+        }
+        .encode();
+        let mut parts = [
+            IoSlice::new(&header),
+            IoSlice::new(&s.prefix),
+            IoSlice::new(data),
+            IoSlice::new(&s.trailer),
+        ];
+        self.stream
+            .write_all_vectored(&mut parts)
+            .map_err(io("send pages"))?;
+        Ok(len)
+    }
 }
 
 #[cfg(test)]
