@@ -1180,9 +1180,9 @@ fn finish(a: &BenchArgs, plan: &Plan, how: &HowRun, res: &Results) -> anyhow::Re
              pages, as a data channel does with `--compress zstd`: livemig's page pattern (what \
              the test guests hold) and text-like pages (a line repeated). Then the suite's idle \
              {} guest migrated to a prepared destination, 4 channels, without and with \
-             `--compress zstd` (level 1); its pages are the pattern, so each packet is \
-             compressed, found no smaller and sent as it is: the second row is the price of \
-             trying. Compression pays where the link is slower than the cores can compress \
+             `--compress zstd` (level 1); its pages are the pattern, which does not shrink, \
+             so each channel tries, backs off (tries again after 1, 2, 4, ... up to 64 \
+             packets) and sends the rest as they are: the second row is the price of trying. Compression pays where the link is slower than the cores can compress \
              and the pages shrink.\n",
             res.compress_rates
                 .first()
