@@ -392,7 +392,7 @@ impl ChannelSender<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::is_zero;
+    use super::{is_zero, Compression};
 
     #[test]
     fn zero_detection() {
