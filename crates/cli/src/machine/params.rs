@@ -77,6 +77,12 @@ pub struct Parameters {
     pub device_state_transfer: DeviceTransfer,
     /// Milliseconds a silent peer is given; 0: the process's default.
     pub peer_timeout_ms: u64,
+    /// `multifd-compression`: pages compressed with zstd.
+    pub zstd: bool,
+    /// `multifd-zstd-level`.
+    pub zstd_level: u64,
+    /// Each page carries its CRC32C.
+    pub page_checksums: bool,
 }
 
 impl Default for Parameters {
@@ -91,6 +97,9 @@ impl Default for Parameters {
             buffer_cap: d.buffer_cap,
             device_state_transfer: d.device_transfer,
             peer_timeout_ms: 0,
+            zstd: d.compress.is_some(),
+            zstd_level: 1,
+            page_checksums: d.page_checksums,
         }
     }
 }
@@ -105,7 +114,13 @@ pub const NAMES: &[&str] = &[
     "x-buffer-cap",
     "x-device-state-transfer",
     "x-peer-timeout",
+    "multifd-compression",
+    "multifd-zstd-level",
+    "x-page-checksums",
 ];
+
+/// QEMU's bound on `multifd-zstd-level`.
+const MAX_ZSTD_LEVEL: u64 = 20;
 
 /// QEMU's bound on `downtime-limit` (ms).
 const MAX_DOWNTIME_MS: u64 = 2_000_000;
@@ -128,6 +143,9 @@ impl Parameters {
                 DeviceTransfer::Main => "main",
             },
             "x-peer-timeout": self.peer_timeout_ms,
+            "multifd-compression": if self.zstd { "zstd" } else { "none" },
+            "multifd-zstd-level": self.zstd_level,
+            "x-page-checksums": self.page_checksums,
         })
     }
 
@@ -189,6 +207,25 @@ impl Parameters {
             }
             next.peer_timeout_ms = ms;
         }
+        if let Some(c) = a.opt_str("multifd-compression")? {
+            next.zstd = match c {
+                "none" => false,
+                "zstd" => true,
+                _ => return Err(range_err("multifd-compression", "'none' or 'zstd'")),
+            };
+        }
+        if let Some(l) = a.opt_u64("multifd-zstd-level")? {
+            if l > MAX_ZSTD_LEVEL {
+                return Err(range_err(
+                    "multifd-zstd-level",
+                    &format!("an integer in the range of 0 to {MAX_ZSTD_LEVEL}"),
+                ));
+            }
+            next.zstd_level = l;
+        }
+        if let Some(b) = a.opt_bool("x-page-checksums")? {
+            next.page_checksums = b;
+        }
         *self = next;
         Ok(())
     }
@@ -218,6 +255,8 @@ impl Parameters {
             device_transfer: self.device_state_transfer,
             peer_timeout: self.peer_timeout(livemig_engine::config::DEFAULT_PEER_TIMEOUT),
             auto_converge: caps.auto_converge,
+            compress: self.zstd.then_some(self.zstd_level as i32),
+            page_checksums: self.page_checksums,
             ..MigrationConfig::default()
         }
     }
@@ -253,6 +292,31 @@ mod tests {
             auto_converge: true,
         };
         assert_eq!(p.migration_config(&single).channels, 1);
+    }
+
+    #[test]
+    fn compression_and_page_checksums_reach_the_migration() {
+        let mut p = Parameters::default();
+        assert_eq!(p.query()["multifd-compression"], "none");
+        let c = p.migration_config(&Capabilities::default());
+        assert_eq!((c.compress, c.page_checksums), (None, true));
+        let e = p
+            .set(json!({"multifd-compression": "zlib"}).as_object().unwrap())
+            .unwrap_err();
+        assert!(e.desc.contains("'none' or 'zstd'"), "{e}");
+        let e = p
+            .set(json!({"multifd-zstd-level": 21}).as_object().unwrap())
+            .unwrap_err();
+        assert!(e.desc.contains("multifd-zstd-level"), "{e}");
+        p.set(
+            json!({"multifd-compression": "zstd", "multifd-zstd-level": 3, "x-page-checksums": false})
+                .as_object()
+                .unwrap(),
+        )
+        .unwrap();
+        let c = p.migration_config(&Capabilities::default());
+        assert_eq!((c.compress, c.page_checksums), (Some(3), false));
+        assert_eq!(p.query()["x-page-checksums"], false);
     }
 
     #[test]
