@@ -191,7 +191,8 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
             for k, v in params.items():
                 self.assertEqual(got[k], v)
         caps = {c["capability"]: c["state"] for c in await src.cmd("query-migrate-capabilities")}
-        self.assertEqual(caps, {"multifd": True, "events": True, "auto-converge": True})
+        self.assertEqual(caps, {"multifd": True, "events": True, "auto-converge": True,
+                                "x-local": False})
         self.assertEqual(await src.cmd("query-migrate"), {}, "no migration yet")
 
         uri = self.uri("m1")
@@ -270,6 +271,34 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         back = await src.cmd("x-livemig-verify")
         self.assertEqual(back["pages-mismatched"], 0)
         self.assertGreaterEqual(back["counter"], v["counter"])
+
+    async def test_local_mode_hands_the_memory_over(self):
+        """x-local with a unix: URI: the destination maps the source's memfds; no page is sent."""
+        src = await self.source("--shared-memory")
+        dst = await self.destination()
+        await src.cmd("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-local", "state": True}]})
+        # Local mode needs a Unix socket: a TCP URI fails at once and the guest runs on.
+        await src.cmd("migrate", {"uri": "tcp:127.0.0.1:9"})
+        q = await src.wait_migration()
+        self.assertEqual(q["status"], "failed", q)
+        self.assertIn("unix:", q["error-desc"])
+        self.assertEqual(await src.status(), "running")
+
+        uri = self.uri("local")
+        await dst.cmd("migrate-incoming", {"uri": uri})
+        await src.cmd("migrate", {"uri": uri})
+        q = await src.wait_migration()
+        self.assertEqual(q["status"], "completed", q)
+        self.assertEqual(q["ram"]["normal"] + q["ram"]["duplicate"], 0, q)
+        self.assertEqual((await dst.wait_migration())["status"], "completed")
+        self.assertEqual(await dst.status(), "running")
+        v = await dst.cmd("x-livemig-verify")
+        self.assertEqual(v["pages-mismatched"], 0, v)
+        self.assertEqual(v["pages-checked"], 65536)
+        self.assertEqual(await src.status(), "postmigrate")
+        self.assertEqual(await src.threads_settle(), [])
+        self.assertEqual(await dst.threads_settle(), [])
 
     async def test_cancel_while_connecting_then_retry(self):
         """A destination that accepts and says nothing: cancel frees the source at once."""

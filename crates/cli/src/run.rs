@@ -27,13 +27,22 @@ pub struct RunArgs {
     /// Serve QMP on this Unix socket path and run until `quit` (migrate with `migrate`).
     #[arg(long)]
     pub qmp: Option<std::path::PathBuf>,
+    /// Guest memory in sealed memfds, so a migration can hand it over instead of copying it
+    /// (local mode: the QMP capability `x-local` with a `unix:` URI).
+    #[arg(long)]
+    pub shared_memory: bool,
     /// TLS for migrations started over QMP.
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
-    let g = SourceGuest::start(&a.guest, livemig_vmm::memory::Backing::Anonymous)?;
+    let backing = if a.shared_memory {
+        livemig_vmm::memory::Backing::Shared
+    } else {
+        livemig_vmm::memory::Backing::Anonymous
+    };
+    let g = SourceGuest::start(&a.guest, backing)?;
     if let Some(path) = &a.qmp {
         let (devices, vmstates) = SourceDevices::build(&a.guest.devices)?.into_shared();
         eprintln!(

@@ -16,6 +16,9 @@ pub struct Capabilities {
     pub events: bool,
     /// Throttle the vCPUs while rounds stop shrinking.
     pub auto_converge: bool,
+    /// Local mode: hand guest memory (memfds) to a destination on this host over a `unix:`
+    /// URI instead of copying it (the guest must run with `--shared-memory`).
+    pub local: bool,
 }
 
 impl Default for Capabilities {
@@ -25,6 +28,7 @@ impl Default for Capabilities {
             multifd: true,
             events: false,
             auto_converge: true,
+            local: false,
         }
     }
 }
@@ -35,6 +39,7 @@ impl Capabilities {
             {"capability": "multifd", "state": self.multifd},
             {"capability": "events", "state": self.events},
             {"capability": "auto-converge", "state": self.auto_converge},
+            {"capability": "x-local", "state": self.local},
         ])
     }
 
@@ -52,9 +57,10 @@ impl Capabilities {
                 "multifd" => next.multifd = state,
                 "events" => next.events = state,
                 "auto-converge" => next.auto_converge = state,
+                "x-local" => next.local = state,
                 other => {
                     return Err(QmpError::generic(format!(
-                        "Capability '{other}' is not supported by livemig (it knows multifd, events and auto-converge)"
+                        "Capability '{other}' is not supported by livemig (it knows multifd, events, auto-converge and x-local)"
                     )))
                 }
             }
@@ -257,6 +263,11 @@ impl Parameters {
             auto_converge: caps.auto_converge,
             compress: self.zstd.then_some(self.zstd_level as i32),
             page_checksums: self.page_checksums,
+            ram: if caps.local {
+                livemig_wire::RamTransfer::Local
+            } else {
+                livemig_wire::RamTransfer::Copy
+            },
             ..MigrationConfig::default()
         }
     }
@@ -290,6 +301,7 @@ mod tests {
             multifd: false,
             events: true,
             auto_converge: true,
+            local: false,
         };
         assert_eq!(p.migration_config(&single).channels, 1);
     }
@@ -329,5 +341,9 @@ mod tests {
         c.set(&[json!({"capability": "events", "state": true})])
             .unwrap();
         assert!(c.events);
+        c.set(&[json!({"capability": "x-local", "state": true})])
+            .unwrap();
+        let config = Parameters::default().migration_config(&c);
+        assert_eq!(config.ram, livemig_wire::RamTransfer::Local);
     }
 }
