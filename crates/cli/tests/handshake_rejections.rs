@@ -206,3 +206,35 @@ fn an_oversized_length_is_refused_before_allocating() {
     });
     assert!(r.reason.contains("exceeds the limit"), "{r}");
 }
+
+#[test]
+fn a_source_that_gives_up_during_set_up_is_not_waited_for() {
+    // The source opens the session, one data channel joins, then it closes everything. The
+    // destination must end at once, saying so, not after its set-up timeout (whose error
+    // would name the channels that did not join).
+    let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_endpoint().unwrap().to_string();
+    let addr = addr.strip_prefix("tcp:").unwrap().to_string();
+    let config = IncomingConfig {
+        setup_timeout: Duration::from_secs(20),
+        ..IncomingConfig::default()
+    };
+    std::thread::scope(|s| {
+        let dest = s.spawn(|| receive(&listener, &Factory, &config, &|_| {}));
+        let session = SessionId([4; 16]);
+        let mut main = connect(&addr);
+        send(&mut main, FrameKind::SessionHello, &hello(session));
+        assert_eq!(recv(&mut main).0.kind, FrameKind::SessionAccept);
+        let mut c0 = connect(&addr);
+        send(
+            &mut c0,
+            FrameKind::ChannelHello,
+            &ChannelHello { session, index: 0 }.encode(),
+        );
+        assert_eq!(recv(&mut c0).0.kind, FrameKind::ChannelAccept);
+        drop(main);
+        let err = dest.join().unwrap().err().expect("the session must fail");
+        assert!(err.to_string().contains("closed the main channel"), "{err}");
+        drop(c0);
+    });
+}

@@ -71,6 +71,35 @@ fn not_unix() -> io::Error {
 const SOCKET_BUFFER: i32 = 4 << 20;
 
 impl Stream {
+    /// Whether the peer has closed its end (or the connection failed), without reading
+    /// anything: data waiting to be read is not a close.
+    pub fn peer_closed(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: polls one valid pollfd on this stack frame, without waiting.
+        if unsafe { libc::poll(&mut pfd, 1, 0) } <= 0 {
+            return false;
+        }
+        if pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLRDHUP) != 0 {
+            return true;
+        }
+        let mut byte = 0u8;
+        // SAFETY: peeks at most one byte into a live local, without waiting; nothing is
+        // consumed from the socket.
+        let n = unsafe {
+            libc::recv(
+                self.as_raw_fd(),
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n == 0
+    }
+
     /// Sends `data` with file descriptors attached (a `unix:` stream only); returns the
     /// bytes of `data` sent.
     pub fn send_fds(&self, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {

@@ -211,7 +211,7 @@ pub fn receive_vm(
         FrameKind::SessionAccept,
         &accept.encode(),
     )?;
-    let data = setup::accept_channels(listener, &hello, config, log)
+    let data = setup::accept_channels(listener, &main, &hello, config, log)
         .inspect_err(|e| refuse(&mut main, RejectCode::Other, e))?;
     // Dead-peer detection: every write is bounded, and a data channel hears from the source
     // (pages, chunks or a ping) at least every ping interval.

@@ -57,6 +57,7 @@ pub(crate) fn accept_session(
         listener,
         None,
         Some(&config.cancel),
+        &|| None,
         config,
         log,
         opening,
@@ -70,11 +71,14 @@ pub(crate) fn accept_session(
 /// connection with its first frame's payload, or the reason it has none, until it returns
 /// a result. `unexpected` names a first frame of the wrong kind. At most
 /// [`MAX_HANDSHAKES`] wait at once; more are closed at once. Handshakes still waiting at
-/// the end are cut short (their sockets shut down) and their threads joined.
+/// the end are cut short (their sockets shut down) and their threads joined. `abandoned`,
+/// asked at every turn of the loop, ends the wait with its error (a source gone meanwhile).
+#[allow(clippy::too_many_arguments)]
 fn handshakes<R>(
     listener: &Listener,
     deadline: Option<Instant>,
     cancel: Option<&CancelToken>,
+    abandoned: &dyn Fn() -> Option<IncomingError>,
     config: &IncomingConfig,
     log: &(dyn Fn(String) + Sync),
     unexpected: impl Fn(FrameKind) -> Option<String> + Sync,
@@ -88,6 +92,9 @@ fn handshakes<R>(
         let result = (|| {
             let mut next_id = 0u64;
             loop {
+                if let Some(e) = abandoned() {
+                    return Err(e);
+                }
                 while let Ok((id, done)) = rx.try_recv() {
                     lock().retain(|(i, _)| *i != id);
                     if let Some((s, first)) = done {
@@ -322,6 +329,7 @@ pub(crate) fn flow_bounds(
 /// Accepts data channels until every index of the session has joined, or the deadline.
 pub(crate) fn accept_channels(
     listener: &Listener,
+    main: &Stream,
     hello: &SessionHello,
     config: &IncomingConfig,
     log: &(dyn Fn(String) + Sync),
@@ -333,11 +341,20 @@ pub(crate) fn accept_channels(
         (kind != FrameKind::ChannelHello)
             .then(|| format!("expected ChannelHello, got a {} frame", kind.name()))
     };
+    // A source that gave up (its main channel closed) is not waited for until the deadline.
+    let gone = || {
+        main.peer_closed().then(|| {
+            IncomingError::Setup(
+                "the source closed the main channel while its data channels were awaited".into(),
+            )
+        })
+    };
     // A session under way is not cancelled from here (see IncomingConfig::cancel).
     let joined = handshakes(
         listener,
         Some(deadline),
         None,
+        &gone,
         config,
         log,
         unexpected,
