@@ -381,12 +381,12 @@ fn a_wrong_magic_in_the_middle_of_a_data_channel_is_refused() {
 #[test]
 fn a_wrong_version_in_the_middle_of_a_data_channel_is_refused() {
     let _s = serial(&SERIAL);
-    // Version 1 becomes 3 in data channel 0's first RamPages frame header.
+    // Version 2 becomes 0 in data channel 0's first RamPages frame header.
     let a = wire_fault(
         "wrong-version",
         Rule::flip_at(Which::Nth(1), Dir::Up, channel_hello_len() + 4, 0x02),
-        &["version 3", "data channel 0"],
-        &["version 3", "data channel 0"],
+        &["version 0", "data channel 0"],
+        &["version 0", "data channel 0"],
     );
     a.src.quit();
 }

@@ -42,9 +42,9 @@ fn bad_peers_are_refused_with_a_reason() {
         // A peer speaking another protocol version is refused before anything else.
         let mut c = connect(&addr);
         let mut frame = encode_frame(FrameKind::SessionHello, &hello(SessionId([1; 16])));
-        frame[4] = 2;
+        frame[4] = 7;
         c.write_all(&frame).unwrap();
-        expect_reject(&mut c, RejectCode::Protocol, "version 2");
+        expect_reject(&mut c, RejectCode::Protocol, "version 7");
 
         // Garbage: bad magic.
         let mut c = connect(&addr);

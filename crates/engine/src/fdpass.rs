@@ -107,7 +107,7 @@ pub fn recv_with_fds(
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
             if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let bytes = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let bytes = ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
                 let data = libc::CMSG_DATA(c).cast::<RawFd>();
                 for i in 0..bytes / size_of::<RawFd>() {
                     fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
@@ -121,7 +121,10 @@ pub fn recv_with_fds(
     if msg.msg_flags & libc::MSG_CTRUNC != 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("the peer sent more than {max_fds} file descriptors"),
+            format!(
+                "file descriptors were cut off: the peer sent more than {max_fds}, or this \
+                 process is at its limit of open files"
+            ),
         ));
     }
     if fds.len() > max_fds {
@@ -186,7 +189,7 @@ mod tests {
         let mut buf = [0u8; 1];
         let e = recv_with_fds(&b, &mut buf, 1).unwrap_err();
         assert!(
-            e.to_string().contains("more than 1 file descriptors"),
+            e.to_string().contains("more than 1"),
             "{e}"
         );
     }

@@ -186,6 +186,7 @@ pub(crate) unsafe fn read_pages(
 /// `p` must point to a whole page of mapped guest memory, page-aligned (it may be written
 /// meanwhile).
 pub(crate) unsafe fn page_is_zero(p: *const u8) -> bool {
+    debug_assert_eq!(p as usize % PAGE_SIZE, 0, "a guest page is page-aligned");
     let words = p.cast::<u64>();
     // SAFETY: inside the page the caller vouches for; page addresses are 8-aligned. Most
     // pages of a used guest are not zero, and say so in their first word.
@@ -255,13 +256,17 @@ struct LaneShift([[u32; 256]; 4]);
 
 #[cfg(target_arch = "x86_64")]
 impl LaneShift {
-    fn get() -> &'static LaneShift {
+    /// The table, built on first use.
+    ///
+    /// # Safety
+    /// The CPU must have SSE4.2 (building the table uses its CRC32 instruction).
+    unsafe fn get() -> &'static LaneShift {
         static TABLE: std::sync::OnceLock<Box<LaneShift>> = std::sync::OnceLock::new();
         TABLE.get_or_init(|| {
             let mut t = Box::new(LaneShift([[0; 256]; 4]));
             for (k, row) in t.0.iter_mut().enumerate() {
                 for (b, slot) in row.iter_mut().enumerate() {
-                    // SAFETY: only reached from page_crc_sse42, after SSE4.2 was detected.
+                    // SAFETY: the caller vouches for SSE4.2.
                     *slot = unsafe { crc_zeros((b as u64) << (8 * k), LANE_WORDS) };
                 }
             }
@@ -303,7 +308,8 @@ unsafe fn page_crc_sse42(p: *const u8) -> u32 {
         b = _mm_crc32_u64(b, load(LANE_WORDS + i));
         c = _mm_crc32_u64(c, load(2 * LANE_WORDS + i));
     }
-    let shift = LaneShift::get();
+    // SAFETY: this function runs only where SSE4.2 was detected (see page_crc).
+    let shift = unsafe { LaneShift::get() };
     let ab = shift.apply(a as u32) ^ b as u32;
     let mut crc = (shift.apply(ab) ^ c as u32) as u64;
     for i in 3 * LANE_WORDS..PAGE_SIZE / 8 {

@@ -44,8 +44,12 @@ pub enum LocalError {
         offset: u64,
         need: u64,
     },
-    #[error("memory file {index} is not sealed against shrinking and growing (seals {seals:#x}): the source could fault this process by truncating it")]
-    Unsealed { index: usize, seals: libc::c_int },
+    #[error("memory file {index} lacks the seals {missing} (it has {seals:#x}): a source that could resize it could fault this process")]
+    Unsealed {
+        index: usize,
+        seals: libc::c_int,
+        missing: String,
+    },
     #[error("cannot map the memory files: {0}")]
     Map(String),
 }
@@ -113,7 +117,21 @@ pub fn map_memory_files(
             });
         }
         if seals & REQUIRED_SEALS != REQUIRED_SEALS {
-            return Err(LocalError::Unsealed { index, seals });
+            let missing = [
+                (libc::F_SEAL_SHRINK, "F_SEAL_SHRINK"),
+                (libc::F_SEAL_GROW, "F_SEAL_GROW"),
+                (libc::F_SEAL_SEAL, "F_SEAL_SEAL"),
+            ]
+            .iter()
+            .filter(|(bit, _)| seals & bit == 0)
+            .map(|&(_, name)| name)
+            .collect::<Vec<_>>()
+            .join(", ");
+            return Err(LocalError::Unsealed {
+                index,
+                seals,
+                missing,
+            });
         }
         spec.push((
             GuestAddress(range.guest_addr),
@@ -190,7 +208,10 @@ mod tests {
         assert!(matches!(e, LocalError::TooShort { .. }), "{e}");
         let open = memfd(1 << 20, 0);
         let e = map_memory_files(&range(1 << 20), vec![open.into()], &layout).unwrap_err();
-        assert!(e.to_string().contains("not sealed"), "{e}");
+        assert!(
+            e.to_string().contains("lacks the seals F_SEAL_SHRINK"),
+            "{e}"
+        );
         let e = map_memory_files(&range(1 << 20), Vec::new(), &layout).unwrap_err();
         assert!(
             matches!(

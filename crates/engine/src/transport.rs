@@ -418,7 +418,8 @@ impl Listener {
                             "no connection before the deadline",
                         ));
                     }
-                    let left = left.as_millis().min(i32::MAX as u128) as i32;
+                    // Rounded up: a wait under a millisecond must not become a busy poll(0).
+                    let left = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
                     if slice < 0 {
                         left
                     } else {

@@ -18,7 +18,7 @@ use crate::WireError;
 /// "LMIG" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"LMIG");
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 16;
 
@@ -281,7 +281,7 @@ mod tests {
             err,
             WireError::UnsupportedVersion {
                 found: 9,
-                supported: 1
+                supported: PROTOCOL_VERSION
             }
         );
         assert!(err.to_string().contains("version 9"));

@@ -368,6 +368,7 @@ impl Session<'_> {
                     torn: &torn,
                     streams: &streams,
                     hooks: self.config.test_hooks.clone(),
+                    local: self.hello.ram == RamTransfer::Local,
                 };
                 keep(
                     std::thread::Builder::new()

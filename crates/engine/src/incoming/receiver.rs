@@ -40,6 +40,8 @@ pub(crate) struct ChannelReceiver<'a> {
     pub torn: &'a TornPages,
     pub streams: &'a Streams,
     pub hooks: TestHooks,
+    /// Local mode: guest memory is the source's, mapped; no page may be written here.
+    pub local: bool,
 }
 
 /// Scratch for one packet: its pages' host addresses, and their I/O vectors. Lives on the
@@ -87,6 +89,15 @@ impl ChannelReceiver<'_> {
             self.counters
                 .bytes
                 .fetch_add(livemig_wire::HEADER_LEN as u64 + h.len as u64, Relaxed);
+            if h.kind == FrameKind::RamPages && self.local {
+                // Refused before anything is read: the source's guest still runs on this memory.
+                return Err(ChannelError::Protocol {
+                    channel,
+                    detail: "a RamPages frame in local mode, where the destination maps the \
+                             source's memory and takes no pages"
+                        .into(),
+                });
+            }
             if h.kind == FrameKind::RamPages && !broken {
                 self.receive_pages(&h, round, &mut buf, &mut scratch)?;
                 continue;
@@ -169,10 +180,10 @@ impl ChannelReceiver<'_> {
         }
     }
 
-    /// Receives a RamPages payload with its page data read straight into guest memory, then
-    /// checks the CRC over what landed there. Nothing is written before the page addresses
-    /// are validated and claimed; a CRC mismatch fails the migration (the destination guest
-    /// never runs with the bad data).
+    /// Receives a RamPages payload with its page data read straight into guest memory (or
+    /// decompressed there), then checks each page's CRC over what landed. Nothing is written
+    /// before the page addresses are validated and claimed; a page that fails its CRC is
+    /// recorded as torn and must arrive again intact before the end (see `TornPages`).
     fn receive_pages(
         &mut self,
         h: &FrameHeader,
@@ -264,7 +275,6 @@ impl ChannelReceiver<'_> {
         Ok(())
     }
 
-    /// Writes a packet's pages (the test hook's path); `track_torn` records torn arrivals.
     /// Reads a compressed packet's zstd frame, decompresses it into exactly `normal` pages
     /// (a frame holding more or less is a protocol error, and never overruns the buffer)
     /// and copies them into the claimed pages of `ptrs`.
@@ -313,6 +323,7 @@ impl ChannelReceiver<'_> {
         Ok(())
     }
 
+    /// Writes a packet's pages (the test hook's path); `track_torn` records torn arrivals.
     fn apply(&self, pkt: &RamPacket<'_>, track_torn: bool) -> Result<(), ChannelError> {
         let channel = ChannelName::Data(self.index);
         if pkt.compressed_data().is_some() {

@@ -233,7 +233,7 @@ pub(crate) fn receive_memory_files(
     let ch = ChannelName::Main;
     let local = |e: &dyn std::fmt::Display| {
         Reject::new(
-            RejectCode::Unsupported,
+            RejectCode::Protocol,
             format!("local mode: cannot take the guest memory files: {e}"),
         )
     };
@@ -254,7 +254,12 @@ pub(crate) fn receive_memory_files(
     framed::recv_payload(main, ch, &h, &mut buf).map_err(|e| local(&e))?;
     let _ = main.set_read_timeout(None);
     let layout = MemoryFiles::decode(&buf, ranges).map_err(|e| local(&e))?;
-    crate::local::map_memory_files(&hello.guest.ranges, files, &layout).map_err(|e| local(&e))
+    crate::local::map_memory_files(&hello.guest.ranges, files, &layout).map_err(|e| {
+        Reject::new(
+            RejectCode::Unsupported,
+            format!("local mode: cannot take the guest memory files: {e}"),
+        )
+    })
 }
 
 fn check_hello(hello: &SessionHello, config: &IncomingConfig) -> Result<(), Reject> {
