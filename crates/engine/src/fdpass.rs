@@ -188,10 +188,7 @@ mod tests {
         send_with_fds(&a, b"x", &borrowed).unwrap();
         let mut buf = [0u8; 1];
         let e = recv_with_fds(&b, &mut buf, 1).unwrap_err();
-        assert!(
-            e.to_string().contains("more than 1"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("more than 1"), "{e}");
     }
 
     #[test]
