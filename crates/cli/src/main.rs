@@ -70,9 +70,40 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("livemig: error: {e:#}");
+            eprintln!("livemig: error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An error and its causes, each cause once: livemig's own errors already show their
+/// source in their message, so a cause already said is not repeated.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let e = anyhow::Error::new(livemig_engine::ChannelError::Io {
+            channel: livemig_engine::ChannelName::Main,
+            op: "send",
+            source: io,
+        });
+        let chain = super::error_chain(&e);
+        assert_eq!(chain.matches("reset by peer").count(), 1, "{chain}");
+        let e = anyhow::anyhow!("inner cause").context("outer");
+        assert_eq!(super::error_chain(&e), "outer: inner cause");
     }
 }
 
