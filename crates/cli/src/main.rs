@@ -90,6 +90,14 @@ fn error_chain(e: &anyhow::Error) -> String {
     msg
 }
 
+/// Prints one JSON object as a line on stdout.
+fn emit(v: &serde_json::Value) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -105,12 +113,4 @@ mod tests {
         let e = anyhow::anyhow!("inner cause").context("outer");
         assert_eq!(super::error_chain(&e), "outer: inner cause");
     }
-}
-
-/// Prints one JSON object as a line on stdout.
-fn emit(v: &serde_json::Value) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{v}");
-    let _ = out.flush();
 }
