@@ -30,6 +30,38 @@ fn destination(tag: &str) -> (Proc, String) {
     (dest, format!("--to={addr}"))
 }
 
+/// A source migrating in local mode to `to` (a `--to=` argument), with `guest`'s options.
+fn local_source(to: &str, guest: &[&str]) -> Proc {
+    let mut args = vec!["migrate", "--json", "--local", to];
+    args.extend_from_slice(guest);
+    Proc::spawn(&args)
+}
+
+/// A synthetic 64 MiB guest dirtying 4 MiB, 2 channels, and one vfio-sim device `device`.
+fn synthetic_with(device: &str) -> [&str; 7] {
+    [
+        "--guest=synthetic",
+        "--memory=64M",
+        "--working-set=4M",
+        "--dirty-rate=20k",
+        "--warmup-ms=50",
+        "--channels=2",
+        device,
+    ]
+}
+
+/// Waits for a local migration to complete and checks it (see `check_local`); returns the
+/// source's report line.
+fn completes(mut src: Proc, mut dest: Proc, pages: u64) -> Value {
+    let done = src.expect_event("completed");
+    assert!(src.wait_exit().success());
+    let recv = dest.expect_event("received");
+    let after = dest.expect_event("after_run");
+    check_local(&done, &recv, &after, pages);
+    assert!(dest.wait_exit().success());
+    done
+}
+
 /// Checks a completed local migration: nothing of RAM was sent, and the destination found
 /// every page exact with the guest's counter where the source paused it, then running on.
 fn check_local(done: &Value, recv: &Value, after: &Value, pages: u64) {
@@ -65,28 +97,12 @@ fn check_local(done: &Value, recv: &Value, after: &Value, pages: u64) {
 
 #[test]
 fn synthetic_guest_moves_without_copying_a_page() {
-    let (mut dest, to) = destination("syn");
-    let mut src = Proc::spawn(&[
-        "migrate",
-        "--json",
-        "--local",
-        &to,
-        "--guest=synthetic",
-        "--memory=64M",
-        "--working-set=4M",
-        "--dirty-rate=20k",
-        "--warmup-ms=50",
-        "--channels=2",
-        "--device=vfio-sim,size=8M,rate=200M,precopy=2M",
-    ]);
-    let done = src.expect_event("completed");
-    assert!(src.wait_exit().success());
-    let recv = dest.expect_event("received");
-    let after = dest.expect_event("after_run");
-    check_local(&done, &recv, &after, 16384);
+    let (dest, to) = destination("syn");
+    let device = "--device=vfio-sim,size=8M,rate=200M,precopy=2M";
+    let src = local_source(&to, &synthetic_with(device));
+    let done = completes(src, dest, 16384);
     // Device state still moves, on the data channels (its precopy part and all of it).
     assert!(u64_at(&done["report"]["devices"][0], &["bytes"]) >= 8 << 20);
-    assert!(dest.wait_exit().success());
 }
 
 #[test]
@@ -94,37 +110,21 @@ fn kvm_guest_moves_without_copying_a_page() {
     if !livemig_vmm::kvm::usable_or_skip() {
         return;
     }
-    let (mut dest, to) = destination("kvm");
-    let mut src = Proc::spawn(&[
-        "migrate",
-        "--json",
-        "--local",
-        &to,
+    let (dest, to) = destination("kvm");
+    let kvm = [
         "--guest=kvm",
         "--memory=256M",
         "--working-set=8M",
         "--dirty-rate=20k",
         "--warmup-ms=100",
-    ]);
-    let done = src.expect_event("completed");
-    assert!(src.wait_exit().success());
-    let recv = dest.expect_event("received");
-    let after = dest.expect_event("after_run");
-    check_local(&done, &recv, &after, 65536);
-    assert!(dest.wait_exit().success());
+    ];
+    completes(local_source(&to, &kvm), dest, 65536);
 }
 
 #[test]
 fn local_mode_needs_a_unix_address() {
-    let mut src = Proc::spawn(&[
-        "migrate",
-        "--json",
-        "--local",
-        "--to=tcp:127.0.0.1:9",
-        "--guest=synthetic",
-        "--memory=8M",
-        "--warmup-ms=0",
-    ]);
+    let guest = ["--guest=synthetic", "--memory=8M", "--warmup-ms=0"];
+    let mut src = local_source("--to=tcp:127.0.0.1:9", &guest);
     let failed = src.expect_event("attempt_failed");
     let err = failed["error"].as_str().unwrap();
     assert!(err.contains("not a unix: address"), "{err}");
@@ -136,19 +136,8 @@ fn a_destination_failing_after_mapping_the_memory_leaves_the_source_exact() {
     // The destination maps the memory, then its device refuses a chunk: the guest must run
     // on at the source with every page exact and the device whole.
     let (mut dest, to) = destination("bad");
-    let mut src = Proc::spawn(&[
-        "migrate",
-        "--json",
-        "--local",
-        &to,
-        "--guest=synthetic",
-        "--memory=64M",
-        "--working-set=4M",
-        "--dirty-rate=20k",
-        "--warmup-ms=50",
-        "--channels=2",
-        "--device=vfio-sim,size=8M,rate=200M,fail_load_at=4M",
-    ]);
+    let device = "--device=vfio-sim,size=8M,rate=200M,fail_load_at=4M";
+    let mut src = local_source(&to, &synthetic_with(device));
     let failed = src.expect_event("attempt_failed");
     let err = failed["error"].as_str().unwrap();
     assert!(err.contains("vfio0"), "the error names the device: {err}");
