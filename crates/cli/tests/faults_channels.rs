@@ -304,7 +304,7 @@ fn a_main_channel_reset_right_after_handover_must_not_lose_the_guest() {
         assert_eq!(src.run_state(), "postmigrate");
         assert_eq!(proxy.fired()[0].fault, Fault::Reset);
         // The guest must run somewhere: at the destination.
-        let end = wait_within(&mut dest, &["received", "failed"], END).unwrap();
+        let end = dest.wait_within(&["received", "failed"], END).unwrap();
         assert_eq!(
             end["event"], "received",
             "try {i}: the guest was lost: the source keeps its copy paused and the destination \

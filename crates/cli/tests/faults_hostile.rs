@@ -279,7 +279,9 @@ fn silent_connections_must_not_keep_the_real_source_out() {
     let _silent: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(at).unwrap()).collect();
     std::thread::sleep(Duration::from_millis(100));
     let mut src = real_source(&addr, &[]);
-    let end = wait_within(&mut src, &["completed", "attempt_failed"], END).unwrap();
+    let end = src
+        .wait_within(&["completed", "attempt_failed"], END)
+        .unwrap();
     assert_eq!(
         end["event"], "completed",
         "the real source was kept out by three silent connections: {end:#}"

@@ -202,12 +202,9 @@ fn source(link: &Link, to: &str, memory: &str, extra: &[&str]) -> Proc {
 /// The migration completed and every one of `pages` was checked, none wrong; returns the
 /// source's report.
 fn completes(src: &mut Proc, dest: &mut Proc, pages: u64, what: &str) -> serde_json::Value {
-    let end = wait_within(
-        src,
-        &["completed", "attempt_failed"],
-        Duration::from_secs(60),
-    )
-    .unwrap_or_else(|e| panic!("{what}: {e}: {:#?}", src.seen));
+    let end = src
+        .wait_within(&["completed", "attempt_failed"], Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{what}: {e}: {:#?}", src.seen));
     assert_eq!(end["event"], "completed", "{what}: {end:#}");
     let report = end["report"].clone();
     assert_eq!(u64_at(&report, &["pages_mismatched"]), 0);

@@ -20,8 +20,15 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_livemig"))
-            .args(args)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_livemig"));
+        cmd.args(args);
+        Proc::start(cmd)
+    }
+
+    /// Starts `cmd` (a livemig command line, maybe wrapped, e.g. in `ip netns exec`) with
+    /// its stdout read as JSON lines onto `lines`.
+    pub fn start(mut cmd: Command) -> Proc {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -62,7 +69,12 @@ impl Proc {
     }
 
     pub fn wait_for(&mut self, events: &[&str]) -> Result<Value, String> {
-        let deadline = Instant::now() + TIMEOUT;
+        self.wait_within(events, TIMEOUT)
+    }
+
+    /// The next line with one of `events`, within `timeout`.
+    pub fn wait_within(&mut self, events: &[&str], timeout: Duration) -> Result<Value, String> {
+        let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
@@ -72,7 +84,9 @@ impl Proc {
                         return Ok(v);
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => return Err("timed out".into()),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!("no {events:?} within {timeout:?}"))
+                }
                 Err(RecvTimeoutError::Disconnected) => return Err("process ended".into()),
             }
         }

@@ -6,11 +6,9 @@
 use crate::common::Proc;
 use livemig_qmp::Client;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -32,46 +30,8 @@ pub fn spawn_in(netns: Option<&str>, args: &[&str]) -> Proc {
         }
         None => Command::new(bin),
     };
-    cmd.args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut child = cmd.spawn().expect("start livemig");
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let v = serde_json::from_str::<Value>(&line)
-                .unwrap_or_else(|_| panic!("livemig printed a line that is not JSON: {line}"));
-            if tx.send(v).is_err() {
-                return;
-            }
-        }
-    });
-    Proc {
-        child,
-        lines: rx,
-        seen: Vec::new(),
-    }
-}
-
-/// The next line with one of `events`, within `timeout`.
-pub fn wait_within(p: &mut Proc, events: &[&str], timeout: Duration) -> Result<Value, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match p.lines.recv_timeout(left) {
-            Ok(v) => {
-                p.seen.push(v.clone());
-                if events.contains(&v["event"].as_str().unwrap_or("")) {
-                    return Ok(v);
-                }
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                return Err(format!("no {events:?} within {timeout:?}"))
-            }
-            Err(RecvTimeoutError::Disconnected) => return Err("process ended".into()),
-        }
-    }
+    cmd.args(args);
+    Proc::start(cmd)
 }
 
 /// A `log` line of a destination whose message contains `words`, within `timeout`.
@@ -79,7 +39,8 @@ pub fn wait_log(p: &mut Proc, words: &str, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let v = wait_within(p, &["log"], left)
+        let v = p
+            .wait_within(&["log"], left)
             .unwrap_or_else(|e| panic!("waiting for a log with '{words}': {e}; {:#?}", p.seen));
         if v["msg"].as_str().unwrap_or("").contains(words) {
             return v;
@@ -353,7 +314,8 @@ fn connect_qmp(path: &Path) -> Client {
 /// prints `failed` with an error containing every one of `words` (within `timeout`), never
 /// `received`, and exits with failure.
 pub fn assert_destination_failed(dest: &mut Proc, words: &[&str], timeout: Duration) -> String {
-    let f = wait_within(dest, &["failed", "received"], timeout)
+    let f = dest
+        .wait_within(&["failed", "received"], timeout)
         .unwrap_or_else(|e| panic!("destination: {e}; lines: {:#?}", dest.seen));
     assert_eq!(
         f["event"], "failed",
