@@ -289,6 +289,22 @@ fn silent_connections_must_not_keep_the_real_source_out() {
     completed(&end, &mut src, &mut dest);
 }
 
+/// A connection that says nothing is refused once the handshake timeout (5 s) has passed,
+/// and the refusal names that timeout (not the peer timeout of a session under way).
+#[test]
+fn a_silent_connection_is_refused_naming_the_handshake_timeout() {
+    let _s = serial(&SERIAL);
+    let (mut dest, addr) = Proc::incoming(&[]);
+    let silent = TcpStream::connect(host_port(&addr)).unwrap();
+    let line = wait_log(&mut dest, "refused a connection", Duration::from_secs(30));
+    let msg = line["msg"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("nothing received within the handshake timeout"),
+        "{line}"
+    );
+    drop(silent);
+}
+
 /// One silent connection does not hold up the real source.
 #[test]
 fn one_silent_connection_does_not_delay_the_real_source() {

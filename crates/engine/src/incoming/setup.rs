@@ -39,7 +39,10 @@ pub(crate) fn accept_session(
             Err(ChannelError::Protocol { detail, .. }) => {
                 Reject::new(RejectCode::UnknownSession, detail)
             }
-            Err(e) => Reject::new(RejectCode::Protocol, plain_refusal(e)),
+            Err(e) => Reject::new(
+                RejectCode::Protocol,
+                plain_refusal(e, config.handshake_timeout),
+            ),
         };
         log(format!("refused a connection: {}", refused.reason));
         framed::send_reject(&mut s, ch, &refused);
@@ -209,9 +212,17 @@ fn secure(
 }
 
 /// Why a connection's first frame was refused; a TLS hello at a destination without TLS
-/// is named as such.
-fn plain_refusal(e: ChannelError) -> String {
+/// is named as such, and silence as the handshake timeout it ran into.
+fn plain_refusal(e: ChannelError, handshake_timeout: std::time::Duration) -> String {
     match &e {
+        ChannelError::Io { source, .. }
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            format!("nothing received within the handshake timeout ({handshake_timeout:?})")
+        }
         // A TLS record header: handshake (0x16), version 3.x.
         ChannelError::Wire {
             source: livemig_wire::WireError::BadMagic { found, .. },
@@ -375,7 +386,10 @@ pub(crate) fn accept_channels(
                 Err(ChannelError::Protocol { detail, .. }) => {
                     Err(Reject::new(RejectCode::Protocol, detail))
                 }
-                Err(e) => Err(Reject::new(RejectCode::Protocol, plain_refusal(e))),
+                Err(e) => Err(Reject::new(
+                    RejectCode::Protocol,
+                    plain_refusal(e, config.handshake_timeout),
+                )),
             };
             match verdict {
                 Ok(index) => {
