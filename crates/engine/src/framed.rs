@@ -75,20 +75,17 @@ pub fn recv_header_with_fds(
     max_fds: usize,
 ) -> Result<(FrameHeader, Vec<OwnedFd>), ChannelError> {
     let mut raw = [0u8; HEADER_LEN];
-    let (n, fds) = loop {
-        match stream.recv_fds(&mut raw, max_fds) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(source) => {
-                return Err(ChannelError::Io {
-                    channel,
-                    op: "receive",
-                    source,
-                })
-            }
-            Ok((0, _)) => return Err(ChannelError::Closed { channel }),
-            Ok(r) => break r,
-        }
-    };
+    // recv_fds retries EINTR itself.
+    let (n, fds) = stream
+        .recv_fds(&mut raw, max_fds)
+        .map_err(|source| ChannelError::Io {
+            channel,
+            op: "receive",
+            source,
+        })?;
+    if n == 0 {
+        return Err(ChannelError::Closed { channel });
+    }
     read_exact(stream, channel, &mut raw[n..], false)?;
     let h = FrameHeader::decode(&raw, limits)
         .map_err(|source| ChannelError::Wire { channel, source })?;
