@@ -58,8 +58,12 @@ pub struct BenchArgs {
     /// Which guest: the KVM micro-VM when /dev/kvm is usable (auto), or the synthetic one.
     #[arg(long, value_enum, default_value_t = GuestChoice::Auto)]
     pub guest: GuestChoice,
-    /// Repeat each row this many times and keep the median.
-    #[arg(long, default_value_t = 1)]
+    /// Repeat each row this many times and keep the median [with --peer: 3].
+    #[arg(
+        long,
+        default_value_t = 1,
+        default_value_if("peer", clap::builder::ArgPredicate::IsPresent, "3")
+    )]
     pub repeat: usize,
     /// Measure the cost of TLS: every row twice in the same run, over plain TCP and over
     /// TLS 1.3 with mutual authentication (throwaway certificates made for the run).
@@ -76,6 +80,8 @@ pub struct BenchArgs {
     pub report: Option<PathBuf>,
     #[command(flatten)]
     pub suite: crate::bench_suite::SuiteArgs,
+    #[command(flatten)]
+    pub peer: crate::bench_qemu::PeerArgs,
 }
 
 /// One measured run: the row for the table and the two sides' final JSON lines.
@@ -100,6 +106,9 @@ pub(crate) fn report_run(a: &BenchArgs, name: &str, run: &mut Run) -> anyhow::Re
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
+    if a.peer.peer.is_some() {
+        return crate::bench_qemu::run(&a);
+    }
     if a.tls {
         return crate::bench_tls::run(&a);
     }

@@ -2,7 +2,8 @@
 //!
 //! - `demo`: a destination and a source as two processes on loopback, a 1 GiB guest, a live
 //!   progress bar, and a summary that says whether every page arrived exact.
-//! - `bench`: RAM throughput and downtime for 1, 2, 4 and 8 channels beside raw loopback TCP.
+//! - `bench`: RAM throughput and downtime for 1, 2, 4 and 8 channels beside raw loopback TCP;
+//!   `bench --peer qemu`: livemig beside QEMU on the same guest image and work.
 //! - `migrate` / `incoming`: the two sides, for scripts and tests (`--json` prints one JSON
 //!   object per line).
 //! - `run --qmp` / `incoming --qmp`: a VM driven over QMP (`machine`), and `status`, which
@@ -12,6 +13,7 @@ mod args;
 mod bench;
 mod bench_compress;
 mod bench_devices;
+mod bench_qemu;
 mod bench_suite;
 mod bench_tls;
 mod demo;
