@@ -1,5 +1,5 @@
-//! Assembles the KVM guest payload (`guest/payload.S`) into a flat binary in `OUT_DIR`, which
-//! `src/kvm/payload.rs` includes. Needs GNU `as` and `objcopy` (binutils).
+//! Builds livemig's guest image (`guest/image.S`, linked by `guest/image.ld`) into an ELF64
+//! kernel in `OUT_DIR`, which `src/kvm/image.rs` embeds. Needs GNU `as` and `ld` (binutils).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -15,21 +15,24 @@ fn run(cmd: &mut Command, what: &str) {
 }
 
 fn main() {
-    let src = "guest/payload.S";
+    let (src, script) = ("guest/image.S", "guest/image.ld");
     println!("cargo:rerun-if-changed={src}");
+    println!("cargo:rerun-if-changed={script}");
     println!("cargo:rerun-if-changed=build.rs");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let obj = out.join("payload.o");
-    let bin = out.join("payload.bin");
+    let obj = out.join("image.o");
+    let elf = out.join("image.elf");
     run(
         Command::new("as").arg("--64").arg("-o").arg(&obj).arg(src),
-        "assembling the guest payload",
+        "assembling the guest image",
     );
     run(
-        Command::new("objcopy")
-            .args(["-O", "binary", "-j", ".text"])
-            .arg(&obj)
-            .arg(&bin),
-        "extracting the guest payload",
+        Command::new("ld")
+            .args(["-T", script, "-nostdlib", "--build-id=none"])
+            .args(["-z", "max-page-size=0x1000", "-z", "noexecstack"])
+            .arg("-o")
+            .arg(&elf)
+            .arg(&obj),
+        "linking the guest image",
     );
 }

@@ -194,17 +194,19 @@ fn dirty_log_reports_the_working_set_and_vmm_writes() {
     let in_ws = pages.iter().filter(|p| ws.contains(p)).count();
     assert!(in_ws >= 250, "{in_ws} working-set pages dirty of 300");
     assert!(pages.contains(&vmm_page), "the VMM's write is missing");
-    // Nothing else but the parameter block, the generation table, and the page tables (the
-    // CPU sets accessed and dirty bits in them).
+    // Nothing else but the parameter block, the generation table, the page tables (the CPU
+    // sets accessed and dirty bits in them) and the vCPUs' stacks.
     let table = l.gen_addr(0) / 4096..l.gen_addr(l.pages()).div_ceil(4096);
     let page_tables = 8..0x1a;
+    let stacks = 0x20..0x30;
     for p in &pages {
         assert!(
             ws.contains(p)
                 || *p == vmm_page
                 || *p == 3
                 || table.contains(p)
-                || page_tables.contains(p),
+                || page_tables.contains(p)
+                || stacks.contains(p),
             "unexpected dirty page {p}"
         );
     }

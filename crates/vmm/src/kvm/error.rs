@@ -1,5 +1,6 @@
 //! The KVM guest's errors, each naming the operation that failed.
 
+use super::image::ImageError;
 use super::layout::LayoutError;
 use super::state::StateError;
 use vmm_sys_util::errno;
@@ -70,4 +71,10 @@ pub enum KvmError {
     State(#[from] StateError),
     #[error("state is for {found}, this guest has {expected}")]
     StateMismatch { found: String, expected: String },
+    #[error("guest image: {0}")]
+    Image(#[from] ImageError),
+    #[error("the guest {what}; its console said: {console}")]
+    Boot { what: String, console: String },
+    #[error("guest console: {0}")]
+    Console(String),
 }

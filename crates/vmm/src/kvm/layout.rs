@@ -1,32 +1,49 @@
-//! Guest physical memory layout, the system structures the host builds in it (GDT, identity
-//! page tables), the parameter block the payload reads, and the 64-bit register setup.
+//! Guest physical memory layout of livemig's guest image (`guest/image.S`), the system
+//! structures the image builds in it at boot (GDT, identity page tables), the parameter block
+//! it keeps, and the vCPU registers livemig starts it with (PVH entry, application
+//! processors).
 //!
-//! Addresses and offsets here are mirrored in `guest/payload.S`; keep them in sync. Everything
-//! in this file is pure (bytes and register values), so verify can rebuild the expected
-//! system pages and compare them after a migration.
+//! Addresses and offsets here are mirrored in `guest/image.S` and `guest/image.ld`; keep them
+//! in sync. Everything in this file is pure (bytes and register values), so verify can rebuild
+//! the expected system pages and compare them after a migration.
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use livemig_wire::PAGE_SIZE;
 
-/// The GDT: null, kernel code/data, user data/code (see [`gdt`]).
+/// The GDT the image copies at boot (see [`GDT`]).
 pub const GDT_ADDR: u64 = 0x1000;
 /// A zero page used as the IDT: any exception ends the guest (KVM reports a shutdown).
 pub const IDT_ADDR: u64 = 0x2000;
-/// The parameter block (static parameters at the start, per-vCPU slots from `SLOTS`).
+/// The parameter block (the image writes it from its command line; per-vCPU slots from
+/// `SLOTS_ADDR`).
 pub const PARAMS_ADDR: u64 = 0x3000;
 /// Per-vCPU slots, `SLOT_SIZE` bytes each.
 pub const SLOTS_ADDR: u64 = 0x3100;
 pub const SLOT_SIZE: u64 = 64;
+/// The image's copy of its command line (read before anything else is written).
+pub const CMDLINE_COPY_ADDR: u64 = 0x4000;
+/// vCPU 0's ring-0 boot stack (the page below this address).
+pub const BOOT_STACK_TOP: u64 = 0x6000;
+/// Where livemig's loader puts `hvm_start_info` and the memory map after it.
+pub const START_INFO_ADDR: u64 = 0x6000;
+pub const MEMMAP_ADDR: u64 = 0x6040;
+/// Where livemig's loader puts the command line (NUL-terminated, at most `CMDLINE_MAX`
+/// bytes before the NUL).
+pub const CMDLINE_ADDR: u64 = 0x7000;
+pub const CMDLINE_MAX: usize = 4095;
 /// The page-map level 4 table; the PDPT follows, then up to `MAX_PDS` page directories.
 pub const PML4_ADDR: u64 = 0x8000;
 pub const PDPT_ADDR: u64 = 0x9000;
 pub const PD_ADDR: u64 = 0xa000;
 pub const MAX_PDS: u64 = 16;
-/// The payload's code.
-pub const CODE_ADDR: u64 = 0x2_0000;
-pub const CODE_MAX: u64 = 0x1_0000;
+/// One 4 KiB stack per vCPU: vCPU v's is the page at `STACKS_ADDR + v * 4096`.
+pub const STACKS_ADDR: u64 = 0x2_0000;
+/// The image's one loadable segment: code, read-only data, notes (`guest/image.ld`). Below
+/// 1 MiB, firmware (QEMU's SeaBIOS) may use memory before the image runs.
+pub const IMAGE_ADDR: u64 = 0x10_0000;
+pub const IMAGE_MAX: u64 = 0x1_0000;
 /// The generation table: one u32 per guest page (absolute page number), written by the guest.
-pub const GEN_TABLE_ADDR: u64 = 0x4_0000;
+pub const GEN_TABLE_ADDR: u64 = 0x11_0000;
 /// Data pages start at the first 1 MiB boundary after the generation table.
 const DATA_ALIGN: u64 = 1 << 20;
 const HUGE_PAGE: u64 = 2 << 20;
@@ -35,11 +52,15 @@ pub const MAX_MEMORY: u64 = MAX_PDS * 512 * HUGE_PAGE;
 /// Most vCPUs the parameter block has slots for.
 pub const MAX_VCPUS: u32 = 16;
 
-/// Ports the payload writes to (`out`): boot (vCPU index), progress (low 32 bits of the
-/// vCPU's counter), sleep (microseconds the host should let this vCPU sleep).
+/// Ports the image writes to (`out`): boot (vCPU index; vCPU 0's tells livemig the GDT and
+/// page tables exist, so the other vCPUs may start), progress (low 32 bits of the vCPU's
+/// counter), sleep (microseconds the host should let this vCPU sleep).
 pub const PORT_BOOT: u16 = 0x510;
 pub const PORT_PROGRESS: u16 = 0x511;
 pub const PORT_SLEEP: u16 = 0x512;
+/// The console: COM1 (8 ports) and the debug port.
+pub const PORT_COM1: u16 = 0x3f8;
+pub const PORT_DEBUGCON: u16 = 0xe9;
 
 /// Offsets in the parameter block (all u64).
 pub mod param {
@@ -56,8 +77,16 @@ pub mod param {
     pub const SLEEP_MIN: u64 = 0x50;
     pub const TICKS_PER_US: u64 = 0x58;
     pub const IDLE_US: u64 = 0x60;
-    /// Bytes of the static part.
-    pub const END: u64 = 0x68;
+    pub const PAGES: u64 = 0x68;
+    pub const FILL_PAGES: u64 = 0x70;
+    pub const PACE: u64 = 0x78;
+    pub const TSC_KHZ: u64 = 0x80;
+    /// Set by vCPU 0 while it verifies; the others park.
+    pub const STOP: u64 = 0x88;
+    /// 1: vCPU 0 set the block up; 2: every vCPU filled its share.
+    pub const READY: u64 = 0x90;
+    /// Bytes of the static part and the command buffer.
+    pub const END: u64 = 0x100;
 }
 
 /// Offsets in a per-vCPU slot (all u64).
@@ -69,11 +98,12 @@ pub mod slot {
     pub const COUNT_AT: u64 = 0x20;
     pub const CURSOR: u64 = 0x28;
     pub const DEADLINE: u64 = 0x30;
+    pub const FLAGS: u64 = 0x38;
 }
 
-/// "LMKVMPB1": a parameter block written by this layout.
-pub const PARAMS_MAGIC: u64 = u64::from_le_bytes(*b"LMKVMPB1");
-pub const PARAMS_VERSION: u64 = 1;
+/// "LMKVMPB2": a parameter block written by this layout.
+pub const PARAMS_MAGIC: u64 = u64::from_le_bytes(*b"LMKVMPB2");
+pub const PARAMS_VERSION: u64 = 2;
 
 /// Why a memory size cannot hold the layout.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -115,7 +145,7 @@ impl Layout {
         if data >= memory_bytes {
             return Err(LayoutError::TooSmall {
                 bytes: memory_bytes,
-                min: HUGE_PAGE,
+                min: 2 * HUGE_PAGE,
             });
         }
         Ok(Layout {
@@ -141,9 +171,8 @@ impl Layout {
         self.memory_bytes.div_ceil(HUGE_PAGE).div_ceil(512)
     }
 
-    /// The system pages the host writes once and the guest never changes: `(address, bytes)`.
-    /// `payload` is the guest code.
-    pub fn system_pages(&self, payload: &[u8]) -> Vec<(u64, Vec<u8>)> {
+    /// The system pages the image builds at boot and never changes: `(address, bytes)`.
+    pub fn system_pages(&self) -> Vec<(u64, Vec<u8>)> {
         let mut out = vec![
             (GDT_ADDR, page_of(&gdt_bytes())),
             (IDT_ADDR, vec![0; PAGE_SIZE]),
@@ -167,18 +196,30 @@ impl Layout {
             }
             out.push((PD_ADDR + pd * PAGE_SIZE as u64, page_of_words(&t)));
         }
-        let code_pages = (payload.len() as u64).div_ceil(PAGE_SIZE as u64).max(1);
-        let mut code = payload.to_vec();
-        code.resize((code_pages * PAGE_SIZE as u64) as usize, 0);
-        out.push((CODE_ADDR, code));
         out
+    }
+
+    /// Pages whose content changes while the guest runs or that only the loader knows: the
+    /// parameter block, the command line copy, the boot information, the stacks, the
+    /// generation table, the image. Verify does not compare them with anything (the image
+    /// pages: see `KvmGuest`'s loaded-page digests).
+    pub fn dynamic_pages(&self) -> impl Iterator<Item = u64> {
+        let page = |a: u64| a / PAGE_SIZE as u64;
+        let table_pages = (4 * self.pages()).div_ceil(PAGE_SIZE as u64);
+        (page(PARAMS_ADDR)..page(PML4_ADDR))
+            .chain(page(STACKS_ADDR)..page(STACKS_ADDR) + MAX_VCPUS as u64)
+            .chain(page(IMAGE_ADDR)..page(IMAGE_ADDR + IMAGE_MAX))
+            .chain(page(GEN_TABLE_ADDR)..page(GEN_TABLE_ADDR) + table_pages)
     }
 }
 
-// The areas do not overlap: page tables below the code, the code below the generation table,
-// the vCPU slots within the parameter page.
-const _: () = assert!(PD_ADDR + MAX_PDS * 4096 <= CODE_ADDR);
-const _: () = assert!(CODE_ADDR + CODE_MAX <= GEN_TABLE_ADDR);
+// The areas do not overlap: the parameter page, command line copy, boot stack and boot
+// information below the page tables, the page tables below the stacks, the stacks below the
+// image, the image below the generation table, the vCPU slots within the parameter page.
+const _: () = assert!(BOOT_STACK_TOP <= START_INFO_ADDR && CMDLINE_ADDR + 4096 <= PML4_ADDR);
+const _: () = assert!(PD_ADDR + MAX_PDS * 4096 <= STACKS_ADDR);
+const _: () = assert!(STACKS_ADDR + MAX_VCPUS as u64 * 4096 <= 0xa_0000);
+const _: () = assert!(IMAGE_ADDR + IMAGE_MAX <= GEN_TABLE_ADDR);
 const _: () = assert!(SLOTS_ADDR + SLOT_SIZE * MAX_VCPUS as u64 <= PARAMS_ADDR + 4096);
 const _: () = assert!(PARAMS_ADDR + param::END <= SLOTS_ADDR);
 
@@ -187,12 +228,21 @@ const PTE_TABLE: u64 = 0x7;
 /// Present, writable, user, 2 MiB page.
 const PTE_HUGE: u64 = 0x87;
 
-const GDT: [u64; 5] = [
+/// Selectors of the image's GDT.
+const KERNEL_CODE: u16 = 0x08;
+const KERNEL_DATA: u16 = 0x10;
+/// The pair SYSEXIT loads (SYSENTER_CS 0x08 + 32 and + 40).
+const USER_CODE: u16 = 0x28;
+const USER_DATA: u16 = 0x30;
+
+const GDT: [u64; 7] = [
     0,
     0x00af_9b00_0000_ffff, // 0x08: kernel code, 64-bit
     0x00cf_9300_0000_ffff, // 0x10: kernel data
     0x00cf_f300_0000_ffff, // 0x18: user data (DPL 3)
     0x00af_fb00_0000_ffff, // 0x20: user code, 64-bit (DPL 3)
+    0x00af_fb00_0000_ffff, // 0x28: user code, 64-bit (DPL 3), SYSEXIT's
+    0x00cf_f300_0000_ffff, // 0x30: user data (DPL 3), SYSEXIT's
 ];
 
 fn gdt_bytes() -> Vec<u8> {
@@ -209,7 +259,7 @@ fn page_of_words(words: &[u64; 512]) -> Vec<u8> {
     words.iter().flat_map(|e| e.to_le_bytes()).collect()
 }
 
-fn segment(selector: u16, code: bool, dpl: u8) -> kvm_segment {
+fn segment(selector: u16, code: bool, dpl: u8, long: bool) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
@@ -217,9 +267,9 @@ fn segment(selector: u16, code: bool, dpl: u8) -> kvm_segment {
         type_: if code { 11 } else { 3 },
         present: 1,
         dpl,
-        db: if code { 0 } else { 1 },
+        db: if code && long { 0 } else { 1 },
         s: 1,
-        l: if code { 1 } else { 0 },
+        l: if code && long { 1 } else { 0 },
         g: 1,
         avl: 0,
         unusable: 0,
@@ -227,12 +277,41 @@ fn segment(selector: u16, code: bool, dpl: u8) -> kvm_segment {
     }
 }
 
-/// Puts `sregs` (as KVM created them) into 64-bit mode, in ring 3 when `user_mode`.
+/// Puts `sregs` (as KVM created them) into the PVH entry state: flat 32-bit protected mode,
+/// paging off (the boot CPU, at the image's PVH entry).
+pub fn pvh_sregs(sregs: &mut kvm_sregs) {
+    let code = segment(KERNEL_CODE, true, 0, false);
+    let data = segment(KERNEL_DATA, false, 0, false);
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.gdt.base = 0;
+    sregs.gdt.limit = 0;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    sregs.cr0 = 0x1 | 0x10; // PE, ET
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+}
+
+/// Puts `sregs` (as KVM created them) into 64-bit mode on the image's GDT and page tables, in
+/// ring 3 when `user_mode`: the state the boot CPU reaches at `vcpu_main` (an application
+/// processor, at the image's 64-bit AP entry).
 pub fn long_mode_sregs(sregs: &mut kvm_sregs, user_mode: bool) {
     let (code, data) = if user_mode {
-        (segment(0x20, true, 3), segment(0x18, false, 3))
+        (
+            segment(USER_CODE, true, 3, true),
+            segment(USER_DATA, false, 3, true),
+        )
     } else {
-        (segment(0x08, true, 0), segment(0x10, false, 0))
+        (
+            segment(KERNEL_CODE, true, 0, true),
+            segment(KERNEL_DATA, false, 0, true),
+        )
     };
     sregs.cs = code;
     sregs.ds = data;
@@ -253,53 +332,72 @@ pub fn long_mode_sregs(sregs: &mut kvm_sregs, user_mode: bool) {
     sregs.efer = 0x100 | 0x400;
 }
 
-/// The registers a vCPU starts the payload with.
-pub fn entry_regs(index: u32, user_mode: bool) -> kvm_regs {
+/// The boot CPU's registers at the PVH entry: `%ebx` = `hvm_start_info`.
+pub fn pvh_regs(entry: u64) -> kvm_regs {
     kvm_regs {
-        rip: CODE_ADDR,
+        rip: entry,
+        rbx: START_INFO_ADDR,
+        rflags: 0x2,
+        ..Default::default()
+    }
+}
+
+/// An application processor's registers at the image's 64-bit AP entry: `%rdi` = its index.
+pub fn ap_regs(entry: u64, index: u32, user_mode: bool) -> kvm_regs {
+    kvm_regs {
+        rip: entry,
         rdi: index as u64,
-        // Bit 1 is reserved (always 1); IOPL 3 lets ring 3 use `out`. Interrupts stay off.
+        // Bit 1 is reserved (always 1); IOPL 3 lets ring 3 use `in`/`out`. Interrupts stay off.
         rflags: 0x2 | if user_mode { 0x3000 } else { 0 },
         ..Default::default()
     }
 }
 
-/// The static parameters the payload reads.
+/// How the image paces its writes while waiting for the next one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Params {
-    pub vcpus: u32,
-    pub first_data_page: u64,
-    pub working_set_pages: u64,
-    /// TSC ticks between two page writes of one vCPU; 0 for as fast as possible.
-    pub ticks_per_page: u64,
-    pub report_every: u64,
-    pub host_writes: u64,
-    pub ticks_per_us: u64,
+pub enum Pace {
+    /// Ask livemig's host to sleep (port 0x512): no CPU spent, livemig only.
+    Sleep,
+    /// Spin on `rdtsc`: works under any VMM.
+    Spin,
 }
 
-impl Params {
-    /// The static part of the parameter block, to be written at `PARAMS_ADDR`.
-    pub fn encode(&self) -> Vec<u8> {
-        let tpu = self.ticks_per_us.max(1);
-        let words: [u64; (param::END / 8) as usize] = [
-            PARAMS_MAGIC,
-            PARAMS_VERSION,
-            self.vcpus as u64,
-            self.first_data_page,
-            self.working_set_pages,
-            self.ticks_per_page,
+/// The image's command line (docs/guest-image.md), as livemig derives it from its options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestCmdline {
+    pub fill_bytes: u64,
+    pub ws_bytes: u64,
+    /// Page writes per second over all vCPUs; 0 for as fast as possible.
+    pub rate: u64,
+    pub pace: Pace,
+    pub report_every: u64,
+    pub vcpus: u32,
+    /// The TSC's frequency; 0 lets the image measure it against the PIT.
+    pub tsc_khz: u64,
+    pub ring0: bool,
+}
+
+impl GuestCmdline {
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "fill={} ws={} rate={} pace={} report={} vcpus={}",
+            self.fill_bytes,
+            self.ws_bytes,
+            self.rate,
+            match self.pace {
+                Pace::Sleep => "sleep",
+                Pace::Spin => "spin",
+            },
             self.report_every,
-            GEN_TABLE_ADDR,
-            self.host_writes,
-            // Behind schedule by more than 20 ms (a pause, a migration): start afresh.
-            20_000 * tpu,
-            // Sleep only when at least 1 ms ahead (at most ~1000 sleep exits/s per vCPU).
-            1000 * tpu,
-            tpu,
-            // An idle vCPU looks at its parameters again every 10 ms.
-            10_000,
-        ];
-        words.iter().flat_map(|w| w.to_le_bytes()).collect()
+            self.vcpus
+        );
+        if self.tsc_khz > 0 {
+            s.push_str(&format!(" tsc_khz={}", self.tsc_khz));
+        }
+        if self.ring0 {
+            s.push_str(" ring0");
+        }
+        s
     }
 }
 
@@ -310,12 +408,12 @@ mod tests {
     #[test]
     fn layout_of_64_mib() {
         let l = Layout::new(64 << 20).unwrap();
-        // 16384 pages: a 64 KiB table at 0x40000, data from 1 MiB.
-        assert_eq!(l.first_data_page, 256);
-        assert_eq!(l.data_pages(), 16384 - 256);
-        let sys = l.system_pages(&[0x90; 10]);
-        // GDT, IDT, PML4, PDPT, one PD, one code page.
-        assert_eq!(sys.len(), 6);
+        // 16384 pages: a 64 KiB table at 0x110000, data from 2 MiB.
+        assert_eq!(l.first_data_page, 512);
+        assert_eq!(l.data_pages(), 16384 - 512);
+        let sys = l.system_pages();
+        // GDT, IDT, PML4, PDPT, one PD.
+        assert_eq!(sys.len(), 5);
         assert!(sys
             .iter()
             .all(|(a, b)| a % 4096 == 0 && b.len() % 4096 == 0));
@@ -328,6 +426,9 @@ mod tests {
             u64::from_le_bytes(pd[32 * 8..33 * 8].try_into().unwrap()),
             0
         );
+        let dynamic: Vec<u64> = l.dynamic_pages().collect();
+        assert!(dynamic.contains(&3) && dynamic.contains(&0x20) && dynamic.contains(&0x110));
+        assert!(!dynamic.contains(&8) && !dynamic.contains(&1));
     }
 
     #[test]
@@ -337,7 +438,11 @@ mod tests {
             Err(LayoutError::Unaligned { .. })
         ));
         assert!(matches!(Layout::new(0), Err(LayoutError::TooSmall { .. })));
-        assert_eq!(Layout::new(2 << 20).unwrap().first_data_page, 256);
+        assert!(matches!(
+            Layout::new(2 << 20),
+            Err(LayoutError::TooSmall { .. })
+        ));
+        assert_eq!(Layout::new(4 << 20).unwrap().first_data_page, 512);
         assert!(matches!(
             Layout::new(MAX_MEMORY + (2 << 20)),
             Err(LayoutError::TooLarge { .. })
@@ -347,23 +452,20 @@ mod tests {
     }
 
     #[test]
-    fn params_encode_at_their_offsets() {
-        let p = Params {
-            vcpus: 2,
-            first_data_page: 256,
-            working_set_pages: 100,
-            ticks_per_page: 7,
+    fn cmdline_renders_every_key() {
+        let c = GuestCmdline {
+            fill_bytes: 1 << 20,
+            ws_bytes: 4096,
+            rate: 500,
+            pace: Pace::Sleep,
             report_every: 64,
-            host_writes: 5,
-            ticks_per_us: 3000,
+            vcpus: 2,
+            tsc_khz: 3000,
+            ring0: true,
         };
-        let b = p.encode();
-        let at = |o: u64| u64::from_le_bytes(b[o as usize..o as usize + 8].try_into().unwrap());
-        assert_eq!(b.len() as u64, param::END);
-        assert_eq!(at(param::MAGIC), PARAMS_MAGIC);
-        assert_eq!(at(param::NVCPUS), 2);
-        assert_eq!(at(param::WS_PAGES), 100);
-        assert_eq!(at(param::GEN_TABLE), GEN_TABLE_ADDR);
-        assert_eq!(at(param::TICKS_PER_US), 3000);
+        assert_eq!(
+            c.render(),
+            "fill=1048576 ws=4096 rate=500 pace=sleep report=64 vcpus=2 tsc_khz=3000 ring0"
+        );
     }
 }

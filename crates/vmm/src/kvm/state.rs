@@ -1,12 +1,18 @@
 //! The KVM guest's non-memory state as a versioned blob: VM state (clock, PIC master/slave,
-//! IOAPIC, PIT) and, per vCPU, every part KVM exposes. Pure encode/decode, no ioctls.
+//! IOAPIC, PIT, the COM1 UART) and, per vCPU, every part KVM exposes. Pure encode/decode, no
+//! ioctls.
 //!
 //! ```text
 //! header: magic "LMKV" u32 | version u16 | reserved u16 | memory_bytes u64 | vcpus u32
 //! part:   tag [u8; 4] | version u16 | reserved u16 | len u32 | len bytes
-//! parts:  CLCK PICM PICS IOAP PIT2, then per vCPU: VCPU(index u32) REGS SREG XSAV XCRS DBGR
-//!         LAPI MSRS(count u32, count x kvm_msr_entry) EVNT MPST
+//! parts:  CLCK PICM PICS IOAP PIT2 SERL, then per vCPU: VCPU(index u32) REGS SREG XSAV XCRS
+//!         DBGR LAPI MSRS(count u32, count x kvm_msr_entry) EVNT MPST
+//! SERL:   dll dlh ier iir lcr lsr mcr msr scr (u8 each) | fifo len u32 (<= 64) | fifo bytes
 //! ```
+//!
+//! Version 2 (the guest image booted through PVH, with its UART) is the only version this
+//! build reads: a version-1 blob comes from a guest whose memory layout and devices differ, so
+//! it is refused by name rather than loaded into the wrong machine.
 //!
 //! Each part carries its own version: a newer livemig that changes one part's layout bumps
 //! that part's version and keeps decoding the older ones. The payload of a version-1 part is
@@ -19,15 +25,19 @@ use kvm_bindings::{
     kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use livemig_wire::{Reader, WireError, Writer};
+use vm_superio::serial::SerialState;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 const MAGIC: u32 = u32::from_le_bytes(*b"LMKV");
-/// The blob version this build writes; it reads this one and every older one.
-pub const VERSION: u16 = 1;
+/// The blob version this build writes and the only one it reads.
+pub const VERSION: u16 = 2;
 /// Most vCPUs a blob may describe.
 pub const MAX_VCPUS: u32 = 64;
 /// Most MSRs one vCPU part may carry.
 pub const MAX_MSRS: u32 = 1024;
+
+/// Most bytes in the UART's receive FIFO.
+pub const MAX_SERIAL_FIFO: u32 = 64;
 
 /// The VM-wide state.
 #[derive(Default)]
@@ -37,6 +47,8 @@ pub struct VmState {
     pub pic_slave: kvm_irqchip,
     pub ioapic: kvm_irqchip,
     pub pit: kvm_pit_state2,
+    /// COM1's registers and receive FIFO.
+    pub serial: SerialState,
 }
 
 /// One vCPU's state.
@@ -76,7 +88,7 @@ impl std::fmt::Debug for KvmState {
 pub enum StateError {
     #[error("not a KVM guest state (magic 0x{0:08x})")]
     BadMagic(u32),
-    #[error("KVM guest state version {found} is unknown (this build reads up to {VERSION})")]
+    #[error("KVM guest state version {found} is not {VERSION}, the only one this build reads (version 1 is the host-built guest of livemig before the PVH image)")]
     UnknownVersion { found: u16 },
     #[error("state part {part}: version {found} is unknown (this build reads up to {known})")]
     UnknownPartVersion {
@@ -102,6 +114,8 @@ pub enum StateError {
     BadVcpuIndex { found: u32, expected: u32 },
     #[error("state part MSRS: {0} MSRs, at most {MAX_MSRS}")]
     TooManyMsrs(u32),
+    #[error("state part SERL: {0} bytes in the UART's FIFO, at most {MAX_SERIAL_FIFO}")]
+    SerialFifo(u32),
     #[error("state blob: {0}")]
     Wire(#[from] WireError),
 }
@@ -116,6 +130,7 @@ const PICM: &str = "PICM";
 const PICS: &str = "PICS";
 const IOAP: &str = "IOAP";
 const PIT2: &str = "PIT2";
+const SERL: &str = "SERL";
 const VCPU: &str = "VCPU";
 const REGS: &str = "REGS";
 const SREG: &str = "SREG";
@@ -203,6 +218,7 @@ impl KvmState {
         put_raw(&mut w, PICS, &vm.pic_slave);
         put_raw(&mut w, IOAP, &vm.ioapic);
         put_raw(&mut w, PIT2, &vm.pit);
+        put_part(&mut w, SERL, &serial_bytes(&vm.serial));
         for (i, v) in self.vcpus.iter().enumerate() {
             put_part(&mut w, VCPU, &(i as u32).to_le_bytes());
             put_raw(&mut w, REGS, &v.regs);
@@ -230,7 +246,7 @@ impl KvmState {
             return Err(StateError::BadMagic(magic));
         }
         let found = r.u16()?;
-        if found == 0 || found > VERSION {
+        if found != VERSION {
             return Err(StateError::UnknownVersion { found });
         }
         r.u16()?;
@@ -245,6 +261,7 @@ impl KvmState {
             pic_slave: get_raw(&mut r, PICS)?,
             ioapic: get_raw(&mut r, IOAP)?,
             pit: get_raw(&mut r, PIT2)?,
+            serial: get_serial(&mut r)?,
         };
         let mut vcpus = Vec::with_capacity(n as usize);
         for i in 0..n {
@@ -274,6 +291,48 @@ impl KvmState {
             vcpus,
         })
     }
+}
+
+fn serial_bytes(s: &SerialState) -> Vec<u8> {
+    let mut b = vec![
+        s.baud_divisor_low,
+        s.baud_divisor_high,
+        s.interrupt_enable,
+        s.interrupt_identification,
+        s.line_control,
+        s.line_status,
+        s.modem_control,
+        s.modem_status,
+        s.scratch,
+    ];
+    b.extend_from_slice(&(s.in_buffer.len() as u32).to_le_bytes());
+    b.extend_from_slice(&s.in_buffer);
+    b
+}
+
+fn get_serial(r: &mut Reader<'_>) -> Result<SerialState, StateError> {
+    let (version, payload) = get_part(r, SERL)?;
+    let mut p = Reader::new(payload, "SERL part");
+    let regs = p.array::<9>()?;
+    let len = p.u32()?;
+    if len > MAX_SERIAL_FIFO {
+        return Err(StateError::SerialFifo(len));
+    }
+    if payload.len() != 13 + len as usize {
+        return Err(wrong_size(SERL, version, 13 + len as usize, payload.len()));
+    }
+    Ok(SerialState {
+        baud_divisor_low: regs[0],
+        baud_divisor_high: regs[1],
+        interrupt_enable: regs[2],
+        interrupt_identification: regs[3],
+        line_control: regs[4],
+        line_status: regs[5],
+        modem_control: regs[6],
+        modem_status: regs[7],
+        scratch: regs[8],
+        in_buffer: p.rest().to_vec(),
+    })
 }
 
 fn get_msrs(r: &mut Reader<'_>) -> Result<Vec<kvm_msr_entry>, StateError> {
@@ -307,6 +366,12 @@ mod tests {
         vm.pic_slave.chip_id = 1;
         vm.ioapic.chip_id = 2;
         vm.pit.flags = 1;
+        vm.serial = SerialState {
+            line_control: 3,
+            scratch: 0x5a,
+            in_buffer: b"verify\n".to_vec(),
+            ..SerialState::default()
+        };
         let vcpu = |i: u64| {
             let mut v = VcpuState::default();
             v.regs.rip = 0x2_0000 + i;
@@ -349,6 +414,7 @@ mod tests {
         assert_eq!(d.vm.clock.clock, 123_456);
         assert_eq!(d.vm.ioapic.chip_id, 2);
         assert_eq!(d.vm.pit.flags, 1);
+        assert_eq!(d.vm.serial, s.vm.serial);
         assert_eq!(d.vcpus.len(), 2);
         let v = &d.vcpus[1];
         assert_eq!(v.regs, s.vcpus[1].regs);
@@ -374,7 +440,13 @@ mod tests {
         let e = KvmState::decode(&b).unwrap_err();
         assert_eq!(e, StateError::UnknownVersion { found: 9 });
         assert!(e.to_string().contains("version 9"), "{e}");
-        for name in [CLCK, PIT2, REGS, XSAV, MSRS, MPST] {
+        // Version 1 (the host-built guest before the PVH image) is refused by name.
+        let mut b = sample().encode();
+        b[4] = 1;
+        let e = KvmState::decode(&b).unwrap_err();
+        assert_eq!(e, StateError::UnknownVersion { found: 1 });
+        assert!(e.to_string().contains("version 1 is not 2"), "{e}");
+        for name in [CLCK, PIT2, SERL, REGS, XSAV, MSRS, MPST] {
             let mut b = sample().encode();
             let at = part_at(&b, name);
             b[at + 4] = 2;
@@ -452,6 +524,14 @@ mod tests {
         assert_eq!(
             KvmState::decode(&b).unwrap_err(),
             StateError::TooManyMsrs(u32::MAX)
+        );
+        // A UART FIFO longer than the UART's.
+        let mut b = sample().encode();
+        let at = part_at(&b, SERL);
+        b[at + 12 + 9..at + 12 + 13].copy_from_slice(&65u32.to_le_bytes());
+        assert_eq!(
+            KvmState::decode(&b).unwrap_err(),
+            StateError::SerialFifo(65)
         );
     }
 }

@@ -15,6 +15,7 @@
 //! running the guest, so the saved state is at an instruction boundary. While parked the
 //! thread does not hold the vCPU fd; save and restore take it.
 
+use super::console::Console;
 use super::error::KvmError;
 use super::layout::{PORT_BOOT, PORT_PROGRESS, PORT_SLEEP};
 use super::state::VcpuState;
@@ -61,6 +62,10 @@ struct Control {
     reported: AtomicU64,
     /// Progress reports received.
     reports: AtomicU64,
+    /// The guest wrote this vCPU's index to the boot port.
+    booted: AtomicBool,
+    /// COM1 and the debug port, shared by every vCPU of the guest.
+    console: Arc<Console>,
     /// Auto-converge's throttle, shared by every vCPU of the guest.
     throttle: Arc<Throttle>,
 }
@@ -117,6 +122,7 @@ impl Vcpu {
         cpuid: &CpuId,
         msr_indices: &[u32],
         throttle: &Arc<Throttle>,
+        console: &Arc<Console>,
     ) -> Result<Self, KvmError> {
         install_kick_handler()?;
         let mut cpuid = cpuid.clone();
@@ -141,6 +147,8 @@ impl Vcpu {
                 stop: AtomicBool::new(false),
                 reported: AtomicU64::new(0),
                 reports: AtomicU64::new(0),
+                booted: AtomicBool::new(false),
+                console: Arc::clone(console),
                 throttle: throttle.clone(),
             }),
             thread: Mutex::new(None),
@@ -152,19 +160,50 @@ impl Vcpu {
         self.fd.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sets the registers the payload starts with (the source, before the first resume).
-    pub fn boot(&self, user_mode: bool) -> Result<(), KvmError> {
+    /// Sets the boot CPU's registers to the PVH entry state: flat 32-bit protected mode,
+    /// paging off, `%ebx` = `hvm_start_info` (the source, before the first resume).
+    pub fn boot_pvh(&self, entry: u64) -> Result<(), KvmError> {
+        let fd = self.fd();
+        let i = self.index;
+        let mut sregs = fd.get_sregs().map_err(vcpu_err(i, "get sregs"))?;
+        super::layout::pvh_sregs(&mut sregs);
+        fd.set_sregs(&sregs).map_err(vcpu_err(i, "set sregs"))?;
+        fd.set_regs(&super::layout::pvh_regs(entry))
+            .map_err(vcpu_err(i, "set regs"))?;
+        Self::runnable(&fd, i)
+    }
+
+    /// Sets an application processor's registers to the image's 64-bit AP entry, on the GDT
+    /// and page tables the boot CPU built, in ring 3 when `user_mode`.
+    pub fn boot_ap(&self, entry: u64, user_mode: bool) -> Result<(), KvmError> {
         let fd = self.fd();
         let i = self.index;
         let mut sregs = fd.get_sregs().map_err(vcpu_err(i, "get sregs"))?;
         super::layout::long_mode_sregs(&mut sregs, user_mode);
         fd.set_sregs(&sregs).map_err(vcpu_err(i, "set sregs"))?;
-        fd.set_regs(&super::layout::entry_regs(i, user_mode))
+        fd.set_regs(&super::layout::ap_regs(entry, i, user_mode))
             .map_err(vcpu_err(i, "set regs"))?;
+        Self::runnable(&fd, i)
+    }
+
+    fn runnable(fd: &VcpuFd, i: u32) -> Result<(), KvmError> {
         // Application processors wait for INIT/SIPI unless told they may run.
         let mut mp = fd.get_mp_state().map_err(vcpu_err(i, "get mp_state"))?;
         mp.mp_state = KVM_MP_STATE_RUNNABLE;
         fd.set_mp_state(mp).map_err(vcpu_err(i, "set mp_state"))
+    }
+
+    /// Whether the guest wrote this vCPU's index to the boot port.
+    pub fn booted(&self) -> bool {
+        self.ctl.booted.load(Ordering::Acquire)
+    }
+
+    /// Why the vCPU stopped, if it did.
+    pub fn stopped(&self) -> Option<String> {
+        match &*self.ctl.phase() {
+            Phase::Stopped(reason) => Some(reason.clone()),
+            _ => None,
+        }
     }
 
     /// Last progress reported by the payload (low 32 bits of its counter) and how many
@@ -365,6 +404,7 @@ fn run_loop(fd: &Mutex<VcpuFd>, ctl: &Control) {
             continue;
         }
         let stopped = match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) if ctl.console.io_out(port, data) => None,
             Ok(VcpuExit::IoOut(port, data)) => {
                 let mut v = [0u8; 4];
                 let n = data.len().min(4);
@@ -376,14 +416,15 @@ fn run_loop(fd: &Mutex<VcpuFd>, ctl: &Control) {
                         ctl.reports.fetch_add(1, Ordering::AcqRel);
                     }
                     PORT_SLEEP => ctl.sleep(Duration::from_micros(value.min(1_000_000))),
-                    // The boot report, and anything else: nothing to do.
-                    PORT_BOOT => {}
+                    PORT_BOOT => ctl.booted.store(true, Ordering::Release),
                     _ => {}
                 }
                 None
             }
-            Ok(VcpuExit::IoIn(_, data)) => {
-                data.fill(0xff);
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !ctl.console.io_in(port, data) {
+                    data.fill(0xff);
+                }
                 None
             }
             Ok(VcpuExit::Hlt) => Some("the guest halted".to_string()),

@@ -1,21 +1,22 @@
 //! Exactness check of a paused KVM guest's whole memory.
 //!
-//! - System pages (GDT, IDT, page tables, code) must be exactly what the host built.
-//! - Every other page below the data area must be zero, except the parameter block and the
-//!   generation table; table entries of non-data pages must be zero.
+//! - System pages the image builds at boot (GDT, IDT, page tables) must be exactly what
+//!   [`Layout::system_pages`] says; the image's own pages must hold what was loaded (their
+//!   CRC32C, when known: on the guest that loaded them).
+//! - Every other page below the data area must be zero, except the dynamic ones (parameter
+//!   block, command line and boot information, stacks, generation table:
+//!   [`Layout::dynamic_pages`]); table entries of non-data pages must be zero.
 //! - Every data page must hold [`crate::pattern`] at its generation from the table, except a
 //!   page a vCPU is writing at the moment it stopped (its slot is busy): that one must be a
 //!   prefix of the new generation followed by the rest of the old one, consistent with where
-//!   the payload's write protocol (see `guest/payload.S`) was.
+//!   the image's write protocol (see `guest/image.S`) was.
 //! - The generations add up: sum of the table = host writes + every vCPU's counter (+ 1 for a
 //!   vCPU stopped between updating the table and its counter). A counter that was reset or
 //!   replayed breaks this.
 
 use super::error::KvmError;
-use super::layout::{
-    Layout, GEN_TABLE_ADDR, MAX_PDS, PARAMS_ADDR, PARAMS_MAGIC, PD_ADDR, PML4_ADDR,
-};
-use super::payload::{read_params, read_slot, SlotView, PAYLOAD};
+use super::layout::{Layout, GEN_TABLE_ADDR, MAX_PDS, PARAMS_MAGIC, PD_ADDR, PML4_ADDR};
+use super::params::{read_params, read_slot, SlotView};
 use crate::pattern;
 use livemig_engine::{GuestMemory, VerifyReport};
 use livemig_wire::PAGE_SIZE;
@@ -55,8 +56,14 @@ fn check_torn(buf: &[u8; PAGE_SIZE], page: u64, gen: u32) -> bool {
     buf[k * 8..] == old[k * 8..]
 }
 
-/// Checks every page and the counters of a paused guest with `vcpus` vCPUs.
-pub fn verify(mem: &GuestMemory, l: &Layout, vcpus: u32) -> Result<VerifyReport, KvmError> {
+/// Checks every page and the counters of a paused guest with `vcpus` vCPUs; `loaded` are the
+/// CRC32Cs of the pages the loader wrote (the image), by page number.
+pub fn verify(
+    mem: &GuestMemory,
+    l: &Layout,
+    vcpus: u32,
+    loaded: &[(u64, u32)],
+) -> Result<VerifyReport, KvmError> {
     let mut report = VerifyReport::default();
     let params = read_params(mem)?;
     if params.magic != PARAMS_MAGIC || params.first_data_page != l.first_data_page {
@@ -80,7 +87,7 @@ pub fn verify(mem: &GuestMemory, l: &Layout, vcpus: u32) -> Result<VerifyReport,
         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
 
-    check_system(mem, l, &gens, &mut report);
+    check_system(mem, l, &gens, loaded, &mut report);
 
     // The page each busy vCPU is writing.
     let busy: HashMap<u64, SlotView> = slots
@@ -147,24 +154,39 @@ pub fn verify(mem: &GuestMemory, l: &Layout, vcpus: u32) -> Result<VerifyReport,
 }
 
 /// The system area: built pages exact, dynamic pages skipped, everything else zero.
-fn check_system(mem: &GuestMemory, l: &Layout, gens: &[u32], report: &mut VerifyReport) {
+fn check_system(
+    mem: &GuestMemory,
+    l: &Layout,
+    gens: &[u32],
+    loaded: &[(u64, u32)],
+    report: &mut VerifyReport,
+) {
     let mut expected: HashMap<u64, Vec<u8>> = HashMap::new();
-    for (addr, bytes) in l.system_pages(PAYLOAD) {
+    for (addr, bytes) in l.system_pages() {
         for (i, page) in bytes.chunks(PAGE_SIZE).enumerate() {
             expected.insert(addr / PAGE_SIZE as u64 + i as u64, page.to_vec());
         }
     }
-    let table_pages = (4 * l.pages()).div_ceil(PAGE_SIZE as u64);
-    let gen_first = GEN_TABLE_ADDR / PAGE_SIZE as u64;
-    let dynamic: HashSet<u64> = std::iter::once(PARAMS_ADDR / PAGE_SIZE as u64)
-        .chain(gen_first..gen_first + table_pages)
-        .collect();
+    let digests: HashMap<u64, u32> = loaded.iter().copied().collect();
+    let dynamic: HashSet<u64> = l.dynamic_pages().collect();
     let tables_first = PML4_ADDR / PAGE_SIZE as u64;
     let tables_end = PD_ADDR / PAGE_SIZE as u64 + MAX_PDS;
     let zero = [0u8; PAGE_SIZE];
     let mut buf = [0u8; PAGE_SIZE];
     for p in 0..l.first_data_page {
         report.pages_checked += 1;
+        if let Some(&crc) = digests.get(&p) {
+            if !read_page(mem, p, &mut buf) || crc32c::crc32c(&buf) != crc {
+                note(
+                    report,
+                    format!(
+                        "image page {p} (0x{:x}) differs from what was loaded",
+                        p * PAGE_SIZE as u64
+                    ),
+                );
+            }
+            continue;
+        }
         if dynamic.contains(&p) {
             continue;
         }

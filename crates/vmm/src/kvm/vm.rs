@@ -1,5 +1,6 @@
 //! The VM: /dev/kvm, its capabilities, the VM fd with the in-kernel irqchip and PIT, guest
-//! memory registered with dirty logging, and the VM-wide state (clock, irqchip, PIT).
+//! memory registered with dirty logging, and the VM-wide state KVM holds (clock, irqchip,
+//! PIT).
 
 use super::error::KvmError;
 use super::state::VmState;
@@ -147,6 +148,8 @@ impl Vm {
             pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE, "get PIC slave")?,
             ioapic: chip(KVM_IRQCHIP_IOAPIC, "get IOAPIC")?,
             pit: self.fd.get_pit2().map_err(op("get PIT"))?,
+            // The UART is not KVM's: the guest fills it in.
+            serial: Default::default(),
         })
     }
 

@@ -1,13 +1,10 @@
-//! The guest payload (`guest/payload.S`, assembled by `build.rs`) and the host's view of what
-//! it keeps in guest memory: the parameter block and each vCPU's slot.
+//! The host's view of what the guest image keeps in guest memory: the parameter block (which
+//! the image writes from its command line at boot) and each vCPU's slot.
 
 use super::error::KvmError;
-use super::layout::{self, param, slot, Layout, Params, PARAMS_ADDR, SLOTS_ADDR, SLOT_SIZE};
+use super::layout::{param, slot, PARAMS_ADDR, SLOTS_ADDR, SLOT_SIZE};
 use livemig_engine::GuestMemory;
 use vm_memory::{Bytes, GuestAddress};
-
-/// The payload's flat binary, loaded at [`layout::CODE_ADDR`].
-pub static PAYLOAD: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/payload.bin"));
 
 fn read_u64(mem: &GuestMemory, addr: u64) -> Result<u64, KvmError> {
     mem.read_obj::<u64>(GuestAddress(addr))
@@ -25,35 +22,13 @@ fn write_u64(mem: &GuestMemory, addr: u64, v: u64) -> Result<(), KvmError> {
         })
 }
 
-/// Writes the system pages (GDT, IDT, page tables, code) and the parameter block.
-pub fn load(mem: &GuestMemory, l: &Layout, p: &Params) -> Result<(), KvmError> {
-    if PAYLOAD.len() as u64 > layout::CODE_MAX {
-        return Err(KvmError::Memory {
-            op: "load payload",
-            detail: format!("{} bytes exceed {}", PAYLOAD.len(), layout::CODE_MAX),
-        });
-    }
-    for (addr, bytes) in l.system_pages(PAYLOAD) {
-        mem.write_slice(&bytes, GuestAddress(addr))
-            .map_err(|e| KvmError::Memory {
-                op: "write system pages",
-                detail: format!("0x{addr:x}: {e}"),
-            })?;
-    }
-    mem.write_slice(&p.encode(), GuestAddress(PARAMS_ADDR))
-        .map_err(|e| KvmError::Memory {
-            op: "write parameter block",
-            detail: e.to_string(),
-        })
-}
-
-/// Changes the working set and rate of a running guest (the payload reads them every page).
+/// Changes the working set and rate of a running guest (the image reads them every page).
 pub fn set_workload(mem: &GuestMemory, ws_pages: u64, ticks_per_page: u64) -> Result<(), KvmError> {
     write_u64(mem, PARAMS_ADDR + param::WS_PAGES, ws_pages)?;
     write_u64(mem, PARAMS_ADDR + param::TICKS_PER_PAGE, ticks_per_page)
 }
 
-/// What the parameter block says, as far as verify needs it.
+/// What the parameter block says, as far as the host needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ParamView {
     pub magic: u64,
@@ -61,6 +36,10 @@ pub struct ParamView {
     pub first_data_page: u64,
     pub working_set_pages: u64,
     pub host_writes: u64,
+    pub pages: u64,
+    pub fill_pages: u64,
+    /// 1: vCPU 0 set the block up; 2: every vCPU filled its share.
+    pub ready: u64,
 }
 
 pub fn read_params(mem: &GuestMemory) -> Result<ParamView, KvmError> {
@@ -71,6 +50,9 @@ pub fn read_params(mem: &GuestMemory) -> Result<ParamView, KvmError> {
         first_data_page: at(param::FIRST_PAGE)?,
         working_set_pages: at(param::WS_PAGES)?,
         host_writes: at(param::HOST_WRITES)?,
+        pages: at(param::PAGES)?,
+        fill_pages: at(param::FILL_PAGES)?,
+        ready: at(param::READY)?,
     })
 }
 
@@ -79,7 +61,7 @@ pub fn read_params(mem: &GuestMemory) -> Result<ParamView, KvmError> {
 pub struct SlotView {
     /// Pages this vCPU has written, ever: only grows, carried across migrations.
     pub counter: u64,
-    /// A page write is under way (steps 1 to 5 of the payload's protocol).
+    /// A page write is under way (steps 1 to 5 of the image's protocol).
     pub busy: bool,
     pub page: u64,
     pub gen: u32,
@@ -97,17 +79,4 @@ pub fn read_slot(mem: &GuestMemory, vcpu: u32) -> Result<SlotView, KvmError> {
         gen: at(slot::GEN)? as u32,
         count_at: at(slot::COUNT_AT)?,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn payload_is_built_and_fits() {
-        assert!(PAYLOAD.len() > 100);
-        assert!(PAYLOAD.len() as u64 <= layout::CODE_MAX);
-        // It starts with `mov %rdi, %r15`.
-        assert_eq!(&PAYLOAD[..3], &[0x49, 0x89, 0xff]);
-    }
 }
