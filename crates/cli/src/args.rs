@@ -277,6 +277,15 @@ pub struct GuestArgs {
     /// Repeat for more.
     #[arg(long = "device", value_parser = check_device)]
     pub devices: Vec<String>,
+    /// KVM guest: boot this PVH kernel image instead of livemig's own (it must follow
+    /// livemig's guest protocol: docs/guest-image.md; `livemig guest-image` writes livemig's).
+    #[arg(long)]
+    pub kernel: Option<std::path::PathBuf>,
+    /// KVM guest: the kernel command line, e.g. "fill=256M ws=16M rate=10000" (default:
+    /// derived from --fill, --working-set and --dirty-rate; livemig adds `vcpus=` and
+    /// `tsc_khz=` where it is silent about them).
+    #[arg(long)]
+    pub append: Option<String>,
 }
 
 /// Checks a device spec, keeping its text (so it can be handed on to a child process).
@@ -310,6 +319,12 @@ impl GuestArgs {
         ]
         .into_iter()
         .chain(self.devices.iter().map(|d| format!("--device={d}")))
+        .chain(
+            self.kernel
+                .iter()
+                .map(|k| format!("--kernel={}", k.display())),
+        )
+        .chain(self.append.iter().map(|c| format!("--append={c}")))
         .collect()
     }
 }

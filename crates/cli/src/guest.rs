@@ -4,9 +4,28 @@
 use crate::args::GuestArgs;
 use clap::ValueEnum;
 use livemig_engine::Guest;
-use livemig_vmm::kvm::{self, KvmConfig, KvmGuest};
+use livemig_vmm::kvm::image::MAX_IMAGE_FILE;
+use livemig_vmm::kvm::{self, GuestImage, KvmConfig, KvmGuest};
 use livemig_vmm::memory::Backing;
 use livemig_vmm::synthetic::SyntheticGuest;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Reads and checks a guest image file.
+fn read_image(path: &Path) -> anyhow::Result<GuestImage> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| anyhow::anyhow!("--kernel {}: {e}", path.display()))?
+        .len();
+    if len > MAX_IMAGE_FILE as u64 {
+        anyhow::bail!(
+            "--kernel {}: {len} bytes, more than the {MAX_IMAGE_FILE} livemig reads",
+            path.display()
+        );
+    }
+    let bytes =
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("--kernel {}: {e}", path.display()))?;
+    GuestImage::parse(bytes).map_err(|e| anyhow::anyhow!("--kernel {}: {e}", path.display()))
+}
 
 /// Which guest to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -47,11 +66,24 @@ impl SourceGuest {
     /// Starts the guest `a` describes, its memory where `backing` says (memfds for local
     /// mode).
     pub fn start(a: &GuestArgs, backing: Backing) -> anyhow::Result<SourceGuest> {
+        Self::start_echoing(a, backing, None)
+    }
+
+    /// [`SourceGuest::start`], echoing a KVM guest's console lines to stderr after `echo`.
+    pub fn start_echoing(
+        a: &GuestArgs,
+        backing: Backing,
+        echo: Option<String>,
+    ) -> anyhow::Result<SourceGuest> {
         Ok(match a.guest.resolve() {
             GuestChoice::Kvm => {
                 if !kvm::kvm_usable() {
                     anyhow::bail!("--guest kvm: /dev/kvm is missing or lacks what livemig needs");
                 }
+                let image = match &a.kernel {
+                    Some(path) => Some(Arc::new(read_image(path)?)),
+                    None => None,
+                };
                 SourceGuest::Kvm(KvmGuest::start(&KvmConfig {
                     memory_bytes: a.memory,
                     vcpus: a.vcpus,
@@ -59,10 +91,20 @@ impl SourceGuest {
                     working_set_pages: a.working_set / livemig_wire::PAGE_SIZE as u64,
                     rate: a.dirty_rate,
                     backing,
+                    image,
+                    cmdline: a.append.clone(),
+                    echo_console: echo,
                     ..KvmConfig::default()
                 })?)
             }
-            _ => SourceGuest::Synthetic(SyntheticGuest::start(&a.synthetic(backing))?),
+            _ => {
+                if a.kernel.is_some() || a.append.is_some() {
+                    anyhow::bail!(
+                        "--kernel and --append boot a KVM guest; the synthetic guest has no kernel"
+                    );
+                }
+                SourceGuest::Synthetic(SyntheticGuest::start(&a.synthetic(backing))?)
+            }
         })
     }
 

@@ -19,6 +19,7 @@ mod bench_tls;
 mod demo;
 mod devices;
 mod guest;
+mod guest_image;
 mod incoming;
 mod machine;
 mod migrate;
@@ -57,6 +58,8 @@ enum Command {
     Run(run::RunArgs),
     /// Show a VM's migration over its QMP socket, with a live progress bar while it runs.
     Status(status::StatusArgs),
+    /// Write livemig's guest image (a PVH kernel, bootable by QEMU) to a file.
+    GuestImage(guest_image::GuestImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Incoming(a) => incoming::run(a),
         Command::Run(a) => run::run(a),
         Command::Status(a) => status::run(a),
+        Command::GuestImage(a) => guest_image::run(a),
     };
     match result {
         Ok(code) => code,

@@ -42,7 +42,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         livemig_vmm::memory::Backing::Anonymous
     };
-    let g = SourceGuest::start(&a.guest, backing)?;
+    // The guest's console lines (a KVM guest's COM1) go to stderr, after its boot.
+    let g = SourceGuest::start_echoing(&a.guest, backing, Some("livemig: guest: ".into()))?;
     if let Some(path) = &a.qmp {
         let (devices, vmstates) = SourceDevices::build(&a.guest.devices)?.into_shared();
         eprintln!(
@@ -67,6 +68,13 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     }
     if a.json {
         emit(&json!({"event": "guest_started", "guest": g.kind(), "memory": a.guest.memory}));
+    } else if let Some(cmdline) = &a.guest.append {
+        eprintln!(
+            "livemig: {} guest running: {} MiB, {} vCPU(s), command line \"{cmdline}\"",
+            g.kind(),
+            a.guest.memory >> 20,
+            a.guest.vcpus
+        );
     } else {
         eprintln!(
             "livemig: {} guest running: {} MiB, {} vCPU(s) writing {} MiB",
