@@ -31,13 +31,18 @@ pub(crate) fn page_ptr(memory: &GuestMemory, addr: u64) -> Option<*mut u8> {
     region.get_host_address(MemoryRegionAddress(offset)).ok()
 }
 
-/// Which pages some data channel has claimed in the current round, one bit per page.
-pub(crate) struct PageClaims {
-    /// (first guest address, words) per memory region.
+/// A set of guest pages, one atomic bit per page: which pages some data channel has claimed
+/// in the current round ([`PageClaims`]), which arrived torn ([`TornPages`]), which the
+/// destination has written data into ([`Populated`]).
+pub(crate) struct PageBitmap {
+    /// (first guest address, bytes, words) per memory region.
     regions: Vec<(u64, u64, Vec<AtomicU64>)>,
 }
 
-impl PageClaims {
+/// Which pages some data channel has claimed in the current round.
+pub(crate) type PageClaims = PageBitmap;
+
+impl PageBitmap {
     pub fn new(memory: &GuestMemory) -> Self {
         let regions = memory
             .iter()
@@ -47,35 +52,39 @@ impl PageClaims {
                 (r.start_addr().0, r.len(), words)
             })
             .collect();
-        PageClaims { regions }
+        PageBitmap { regions }
     }
 
-    /// Claims the page at `addr` for the calling thread. False if it was claimed already in
-    /// this round or lies outside guest memory.
-    pub fn claim(&self, addr: u64) -> bool {
-        for (start, len, words) in &self.regions {
-            if addr >= *start && addr - start < *len {
+    /// The word and bit of the page at `addr`, if it lies in guest memory.
+    fn bit(&self, addr: u64) -> Option<(&AtomicU64, u64)> {
+        self.regions.iter().find_map(|(start, len, words)| {
+            (addr >= *start && addr - start < *len).then(|| {
                 let page = ((addr - start) / PAGE_SIZE as u64) as usize;
-                let bit = 1u64 << (page % 64);
-                return words[page / 64].fetch_or(bit, Ordering::AcqRel) & bit == 0;
-            }
-        }
-        false
+                (&words[page / 64], 1u64 << (page % 64))
+            })
+        })
     }
 
-    /// Unsets the page's bit; true if it was set.
-    pub fn release(&self, addr: u64) -> bool {
-        for (start, len, words) in &self.regions {
-            if addr >= *start && addr - start < *len {
-                let page = ((addr - start) / PAGE_SIZE as u64) as usize;
-                let bit = 1u64 << (page % 64);
-                return words[page / 64].fetch_and(!bit, Ordering::AcqRel) & bit != 0;
-            }
-        }
-        false
+    /// Adds the page at `addr`. False if it was in the set already or lies outside guest
+    /// memory (so, as a claim: false if another thread claimed it first).
+    pub fn insert(&self, addr: u64) -> bool {
+        self.bit(addr)
+            .is_some_and(|(w, bit)| w.fetch_or(bit, Ordering::AcqRel) & bit == 0)
     }
 
-    /// The lowest address whose bit is set, if any.
+    /// Removes the page at `addr`; true if it was in the set.
+    pub fn remove(&self, addr: u64) -> bool {
+        self.bit(addr)
+            .is_some_and(|(w, bit)| w.fetch_and(!bit, Ordering::AcqRel) & bit != 0)
+    }
+
+    /// Whether the page at `addr` is in the set.
+    pub fn contains(&self, addr: u64) -> bool {
+        self.bit(addr)
+            .is_some_and(|(w, bit)| w.load(Ordering::Acquire) & bit != 0)
+    }
+
+    /// The lowest address in the set, if any.
     pub fn first(&self) -> Option<u64> {
         self.regions.iter().find_map(|(start, _, words)| {
             words.iter().enumerate().find_map(|(i, w)| {
@@ -86,7 +95,8 @@ impl PageClaims {
         })
     }
 
-    /// Forgets every claim. Called only while no channel is receiving (inside the barrier).
+    /// Empties the set. For claims: called only while no channel is receiving (inside the
+    /// barrier).
     pub fn clear(&self) {
         for (_, _, words) in &self.regions {
             for w in words {
@@ -96,11 +106,38 @@ impl PageClaims {
     }
 }
 
+/// The destination's pages that hold data it received (QEMU's `receivedmap`). Guest memory
+/// starts out as untouched anonymous memory, which reads as zero without being populated, so
+/// a zero page for a page outside this set needs no write at all: the destination touches
+/// only what it receives, and its RSS follows the data, not the guest's size. A zero page
+/// for a page in the set overwrites an older copy (the page became zero on the source).
+pub(crate) struct Populated(PageBitmap);
+
+impl Populated {
+    pub fn new(memory: &GuestMemory) -> Self {
+        Populated(PageBitmap::new(memory))
+    }
+
+    /// Records that data was written to the page at `addr`.
+    pub fn mark(&self, addr: u64) {
+        // A load first: most marks find the bit set already in later rounds, and a load
+        // keeps the cache line shared between the channel threads.
+        if !self.0.contains(addr) {
+            self.0.insert(addr);
+        }
+    }
+
+    /// Whether data was ever written to the page at `addr`.
+    pub fn holds_data(&self, addr: u64) -> bool {
+        self.0.contains(addr)
+    }
+}
+
 /// Pages that arrived torn (their data did not match their CRC) and have not yet arrived
 /// intact since. A torn page in precopy is one the guest wrote while it was sent, so it is
 /// dirty and comes again; one still torn at the end was corrupted on the way.
 pub(crate) struct TornPages {
-    pages: PageClaims,
+    pages: PageBitmap,
     /// Pages torn now.
     now: AtomicU64,
     /// Torn arrivals in all.
@@ -110,7 +147,7 @@ pub(crate) struct TornPages {
 impl TornPages {
     pub fn new(memory: &GuestMemory) -> Self {
         TornPages {
-            pages: PageClaims::new(memory),
+            pages: PageBitmap::new(memory),
             now: AtomicU64::new(0),
             total: AtomicU64::new(0),
         }
@@ -119,12 +156,12 @@ impl TornPages {
     /// Records the arrival of the page at `addr`, intact or not.
     pub fn arrived(&self, addr: u64, intact: bool) {
         if intact {
-            if self.pages.release(addr) {
+            if self.pages.remove(addr) {
                 self.now.fetch_sub(1, Ordering::AcqRel);
             }
         } else {
             self.total.fetch_add(1, Ordering::Relaxed);
-            if self.pages.claim(addr) {
+            if self.pages.insert(addr) {
                 self.now.fetch_add(1, Ordering::AcqRel);
             }
         }

@@ -1,12 +1,13 @@
-//! Pre-faulting the destination's guest memory while pages arrive.
+//! Pre-faulting guest memory prepared before a migration arrives (`livemig incoming
+//! --memory`, QEMU's `-mem-prealloc`).
 //!
-//! On these hosts the first touch of fresh anonymous memory costs more than moving the bytes
-//! (measured: 1 GiB takes 1.3-1.6 s to fault in page by page, 0.4 s with
-//! `MADV_POPULATE_WRITE` on huge-page-advised memory, against 0.14 s to memcpy it). So the
-//! destination populates guest memory on a thread of its own from the moment the session
-//! opens, in chunks, front to back, the order in which round 0 arrives; a receiver that
-//! overtakes it simply faults its page in itself. A destination that knows the guest's size
-//! in advance can do the same before any source connects (`livemig incoming --memory`).
+//! A destination does not pre-fault by default: it touches guest memory only where data
+//! arrives (see `hostmem::Populated`), so its memory follows the data received, not the
+//! guest's size, and a first touch costs the same whether a receiver or a pre-fault thread
+//! makes it. Pre-faulting the whole guest while pages arrive (what livemig did before) faulted
+//! in its zero pages too and lost to this in side-by-side runs (docs/performance.md). A VMM
+//! that knows the guest's size in advance may still fault its memory in before any source
+//! connects, on every CPU.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use vm_memory::GuestMemoryBackend;
@@ -17,18 +18,11 @@ use crate::guest::GuestMemory;
 const MADV_POPULATE_WRITE: libc::c_int = 23;
 const CHUNK: usize = 32 << 20;
 
-/// Populates every region of `memory`, stopping early when `stop` is set. Returns the bytes
-/// populated.
-pub fn populate(memory: &GuestMemory, stop: &AtomicBool) -> u64 {
-    populate_share(memory, stop, 0, 1)
-}
-
 /// Populates every region of `memory` on `threads` threads side by side, each taking every
 /// `threads`-th chunk, so together they still move front to back. For memory prepared
 /// before a migration (`livemig incoming --memory`), when the CPUs are free: on these hosts
 /// first touches on two CPUs take about half the time of one (measured 0.70-0.94 s against
-/// 1.47-1.86 s for 1 GiB of cold memory). During a migration the receivers need the CPUs,
-/// and two pre-faulting threads measured no faster than one. Stops early when `stop` is set.
+/// 1.47-1.86 s for 1 GiB of cold memory). Stops early when `stop` is set.
 pub fn populate_parallel(memory: &GuestMemory, stop: &AtomicBool, threads: usize) -> u64 {
     let threads = threads.max(1);
     std::thread::scope(|s| {

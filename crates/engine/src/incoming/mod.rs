@@ -30,9 +30,8 @@ use crate::device::{Device, DeviceError, DeviceFactory, VmState};
 use crate::error::{ChannelError, ChannelName, IncomingError};
 use crate::framed;
 use crate::guest::{Guest, GuestFactory};
-use crate::hostmem::{PageClaims, TornPages};
+use crate::hostmem::{PageClaims, Populated, TornPages};
 use crate::pool::{join_everything, JobCancelled, JobDone, PoolError, WorkerPool};
-use crate::prefault;
 use crate::report::{ms, IncomingReport};
 use crate::transport::{Listener, Stream};
 use barrier::RoundBarrier;
@@ -42,7 +41,6 @@ use livemig_wire::{
     Resumed, RoundAck, RoundStart, SessionAccept, SessionHello, VmStates,
 };
 use receiver::{ChannelReceiver, Counters};
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 use streams::{LoadError, Streams};
@@ -280,6 +278,7 @@ impl Session<'_> {
         let guest = self.guest;
         let barrier = RoundBarrier::new(data.len());
         let claims = PageClaims::new(guest.memory());
+        let populated = Populated::new(guest.memory());
         let torn = TornPages::new(guest.memory());
         let streams = Streams::new(
             self.devices.len(),
@@ -288,7 +287,6 @@ impl Session<'_> {
         );
         let counters = Counters::default();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let stop_prefault = AtomicBool::new(false);
         let serial = self.hello.devices.transfer == DeviceTransfer::Main;
 
         std::thread::scope(|scope| {
@@ -302,20 +300,6 @@ impl Session<'_> {
                     failure.get_or_insert(IncomingError::Spawn(e));
                 }
             };
-            let stop = &stop_prefault;
-            // Local mode maps memory the source already filled: nothing to fault in ahead.
-            if self.hello.ram == RamTransfer::Copy {
-                keep(
-                    std::thread::Builder::new()
-                        .name("lm-dst-prefault".into())
-                        .spawn_scoped(scope, move || {
-                            // One thread: during the migration the CPUs are busy receiving,
-                            // and a second pre-faulting thread measured no faster.
-                            prefault::populate(guest.memory(), stop);
-                        }),
-                    &mut handles,
-                );
-            }
             let main_tx = tx.clone();
             let limits = self.config.limits;
             let main_streams = &streams;
@@ -365,6 +349,7 @@ impl Session<'_> {
                     events: tx.clone(),
                     counters: &counters,
                     claims: &claims,
+                    populated: &populated,
                     torn: &torn,
                     streams: &streams,
                     hooks: self.config.test_hooks.clone(),
@@ -386,7 +371,6 @@ impl Session<'_> {
                     .coordinate(&mut main, &rx, &pool.completions(), &counters, &torn)
                     .map_err(|e| prefer_peer_reason(e, &rx)),
             };
-            stop_prefault.store(true, Relaxed);
             if let Err(e) = &outcome {
                 barrier.abort();
                 streams.abort();

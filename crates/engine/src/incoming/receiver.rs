@@ -8,7 +8,7 @@ use crate::config::TestHooks;
 use crate::error::{ChannelError, ChannelName};
 use crate::framed;
 use crate::guest::GuestMemory;
-use crate::hostmem::{self, PageClaims, TornPages};
+use crate::hostmem::{self, PageClaims, Populated, TornPages};
 use crate::transport::Stream;
 use crossbeam_channel::Sender;
 use livemig_wire::{
@@ -36,6 +36,8 @@ pub(crate) struct ChannelReceiver<'a> {
     pub events: Sender<Event>,
     pub counters: &'a Counters,
     pub claims: &'a PageClaims,
+    /// Pages that hold received data (zero pages elsewhere need no write).
+    pub populated: &'a Populated,
     /// Pages that arrived torn and must come again intact.
     pub torn: &'a TornPages,
     pub streams: &'a Streams,
@@ -215,15 +217,19 @@ impl ChannelReceiver<'_> {
         for (i, addr) in ram::decode_offsets(offsets).enumerate() {
             let addr = addr.map_err(wire)?;
             let ptr = hostmem::page_ptr(self.memory, addr).ok_or_else(|| outside(channel, addr))?;
-            if !self.claims.claim(addr) {
+            if !self.claims.insert(addr) {
                 return Err(ChannelError::Protocol {
                     channel,
                     detail: format!("page 0x{addr:x} sent twice in round {round}"),
                 });
             }
             if i < prefix.normal as usize {
+                self.populated.mark(addr);
                 ptrs.pages.push(ptr);
-            } else {
+            } else if self.populated.holds_data(addr) {
+                // A page that became zero on the source: clear the older copy. A page that
+                // never held data is left alone: untouched, it reads as zero and costs no
+                // memory (QEMU's receivedmap does the same).
                 ptrs.zeros.push(ptr);
             }
         }
@@ -262,12 +268,8 @@ impl ChannelReceiver<'_> {
             }
         }
         for &p in &ptrs.zeros {
-            // SAFETY: as above, a claimed page of guest memory.
-            let page = unsafe { std::slice::from_raw_parts_mut(p, PAGE_SIZE) };
-            // Untouched destination memory is already zero: write only over an older copy.
-            if !crate::source::is_zero(page) {
-                page.fill(0);
-            }
+            // SAFETY: as above, a claimed page of guest memory, which held received data.
+            unsafe { std::ptr::write_bytes(p, 0, PAGE_SIZE) };
         }
         let c = self.counters;
         c.normal_pages.fetch_add(prefix.normal as u64, Relaxed);
@@ -337,18 +339,16 @@ impl ChannelReceiver<'_> {
             self.memory
                 .write_slice(data, GuestAddress(addr))
                 .map_err(|_| outside(addr))?;
+            self.populated.mark(addr);
             if track_torn {
                 self.torn.arrived(addr, intact);
             }
         }
-        let mut page = [0u8; PAGE_SIZE];
+        let page = [0u8; PAGE_SIZE];
         for addr in pkt.zero_addrs() {
-            // Untouched destination memory is already zero: write only over an older copy.
-            self.memory
-                .read_slice(&mut page, GuestAddress(addr))
-                .map_err(|_| outside(addr))?;
-            if !crate::source::is_zero(&page) {
-                page.fill(0);
+            hostmem::page_ptr(self.memory, addr).ok_or_else(|| outside(addr))?;
+            // A page that never held data reads as zero already (see `Populated`).
+            if self.populated.holds_data(addr) {
                 self.memory
                     .write_slice(&page, GuestAddress(addr))
                     .map_err(|_| outside(addr))?;

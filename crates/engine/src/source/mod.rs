@@ -36,8 +36,6 @@ mod pacer;
 mod return_path;
 mod sender;
 
-pub(crate) use sender::is_zero;
-
 use crate::cancel::CancelToken;
 use crate::config::{ChunkOrder, MigrationConfig, NoConvergence};
 use crate::device::{Device, DeviceError, VmState};

@@ -239,13 +239,6 @@ impl ChannelSender<'_> {
     }
 }
 
-/// True when every byte of the page is zero. The inner fold over 64 bytes compiles to
-/// vector ORs; the outer `all` stops at the first non-zero block.
-pub(crate) fn is_zero(page: &[u8]) -> bool {
-    page.chunks(64)
-        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
-}
-
 impl ChannelSender<'_> {
     /// Sorts a batch into zero pages and normal pages (with their host addresses).
     fn classify(&self, addrs: &[u64], s: &mut Scratch) -> Result<(), ChannelError> {
@@ -392,18 +385,7 @@ impl ChannelSender<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::{is_zero, Compression};
-
-    #[test]
-    fn zero_detection() {
-        let mut p = vec![0u8; 4096];
-        assert!(is_zero(&p));
-        p[4095] = 1;
-        assert!(!is_zero(&p));
-        p[4095] = 0;
-        p[0] = 0x80;
-        assert!(!is_zero(&p));
-    }
+    use super::Compression;
 
     #[test]
     fn compression_backs_off_on_memory_that_does_not_shrink_and_comes_back() {
