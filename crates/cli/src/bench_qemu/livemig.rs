@@ -17,6 +17,8 @@ pub(super) fn source(exe: &Path, dir: &WorkDir, boot: &Boot, guest: &GuestWork) 
     ];
     match boot {
         Boot::Image(image) => {
+            // The image needs KVM: fail rather than fall back to the synthetic guest.
+            args.push("--guest=kvm".into());
             args.push(format!("--kernel={}", image.display()));
             args.push(format!("--append={}", guest.append()));
         }

@@ -8,6 +8,7 @@ use super::livemig;
 use super::measure::{peak_rss, Cpu};
 use super::proc::WorkDir;
 use super::qemu::Qemu;
+use super::serial;
 use super::vm::Vm;
 use super::work::{Boot, Dest, GuestWork};
 use anyhow::{bail, Context};
@@ -118,13 +119,15 @@ pub(super) fn run(s: &Setup) -> anyhow::Result<Sample> {
     // starts filling its own.
     let mut dst = Vm::start(dst)?;
     let mut src = Vm::start(src)?;
-    let filled_pages = match src.serial.as_mut() {
-        Some(console) => Some(console.wait_ready(READY_TIMEOUT).map_err(|e| {
+    let filled_pages = match (src.serial.as_mut(), s.boot) {
+        (Some(console), _) => Some(console.wait_ready(READY_TIMEOUT).map_err(|e| {
             src.proc
                 .failure(format_args!("guest never got ready: {e:#}"))
         })?),
+        // livemig echoes the image's console on its output, `ready` before QMP is served.
+        (None, Boot::Image(_)) => Some(ready_in_log(&mut src)?),
         // livemig's built-in guest is filled before its QMP socket appears.
-        None => None,
+        (None, Boot::Builtin) => None,
     };
     for vm in [&mut src, &mut dst] {
         configure(vm, s.channels)?;
@@ -156,6 +159,23 @@ pub(super) fn run(s: &Setup) -> anyhow::Result<Sample> {
     src.quit();
     dst.quit();
     Ok(sample)
+}
+
+/// The pages filled, from the `ready` line in a VMM's output (waiting for it a while).
+fn ready_in_log(vm: &mut Vm) -> anyhow::Result<u64> {
+    let start = Instant::now();
+    loop {
+        if let Some(line) = vm.proc.log_line(serial::READY) {
+            return serial::parse_ready(&line);
+        }
+        if start.elapsed() > READY_TIMEOUT || vm.proc.exited().is_some() {
+            return Err(vm.proc.failure(format_args!(
+                "never printed the guest's '{}' line",
+                serial::READY
+            )));
+        }
+        std::thread::sleep(POLL);
+    }
 }
 
 /// The same capabilities and parameters on both tools and both sides: `multifd` and

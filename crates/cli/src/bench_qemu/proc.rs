@@ -113,6 +113,15 @@ impl Proc {
         s
     }
 
+    /// The first line of its output containing `marker`, if it has printed one.
+    pub(super) fn log_line(&self, marker: &str) -> Option<String> {
+        let text = std::fs::read(&self.log).ok()?;
+        String::from_utf8_lossy(&text)
+            .lines()
+            .find(|l| l.contains(marker))
+            .map(str::to_string)
+    }
+
     /// An error saying what went wrong with this process, how it ended if it has, and the
     /// tail of its output.
     pub(super) fn failure(&mut self, what: impl std::fmt::Display) -> anyhow::Error {

@@ -108,8 +108,8 @@ impl Serial {
 
     /// Waits for the guest's `ready` line; returns how many pages it filled.
     pub(super) fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<u64> {
-        let line = self.wait_for("livemig-guest: ready", timeout)?;
-        field(&line, "filled").with_context(|| format!("a ready line without filled=: {line:?}"))
+        let line = self.wait_for(READY, timeout)?;
+        parse_ready(&line)
     }
 
     /// Sends `verify` and checks the answer: an error unless it is `verify ok`.
@@ -120,6 +120,14 @@ impl Serial {
         let line = self.wait_for("verify ", timeout)?;
         parse_verify(&line)
     }
+}
+
+/// The line the guest prints once it has filled its memory.
+pub(super) const READY: &str = "livemig-guest: ready";
+
+/// Reads `livemig-guest: ready filled=<pages>`: the pages filled.
+pub(super) fn parse_ready(line: &str) -> anyhow::Result<u64> {
+    field(line, "filled").with_context(|| format!("a ready line without filled=: {line:?}"))
 }
 
 /// Reads `verify ok pages=<n> counter=<c>`; `verify bad ...` and anything else is an error.
