@@ -106,6 +106,15 @@ pub struct MigrationArgs {
     /// drops what it received, never resuming it.
     #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(200..))]
     pub peer_timeout_ms: u64,
+    /// Milliseconds the guest may stay paused for the switchover at most (source): from its
+    /// pause until the destination has loaded everything. Past it the migration fails and the
+    /// guest runs on here, whatever the destination does.
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub switchover_timeout_ms: u64,
+    /// Milliseconds to keep retrying a refused connection while the destination starts, and
+    /// then the most the rest of set-up may take once the main channel is open (source).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub connect_timeout_ms: u64,
     /// Local mode, for a destination on this host: hand it the guest's memory (memfds, over
     /// the Unix socket of a `unix:` address) instead of copying it; only device and vCPU
     /// state move. The source guest's memory is then memfd-backed.
@@ -173,6 +182,8 @@ impl MigrationArgs {
             credit_window: self.credit_window,
             buffer_cap: self.buffer_cap,
             peer_timeout: Duration::from_millis(self.peer_timeout_ms),
+            switchover_timeout: Duration::from_millis(self.switchover_timeout_ms),
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             ram: if self.local {
                 RamTransfer::Local
             } else {
@@ -221,6 +232,8 @@ impl MigrationArgs {
             format!("--credit-window={}", self.credit_window),
             format!("--buffer-cap={}", self.buffer_cap),
             format!("--peer-timeout-ms={}", self.peer_timeout_ms),
+            format!("--switchover-timeout-ms={}", self.switchover_timeout_ms),
+            format!("--connect-timeout-ms={}", self.connect_timeout_ms),
             format!(
                 "--device-state-transfer={}",
                 match self.device_state_transfer {

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 /// How long a silent peer is given by default before it is taken for dead.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest a guest stays paused for a switchover by default.
+pub const DEFAULT_SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(30);
 /// The shortest peer timeout allowed (pings go out every quarter of it).
 pub const MIN_PEER_TIMEOUT: Duration = Duration::from_millis(200);
 
@@ -49,10 +51,16 @@ pub struct MigrationConfig {
     /// default). For links slower than the CPU can compress; a packet goes compressed only
     /// when that makes it smaller.
     pub compress: Option<i32>,
-    /// How long to keep retrying a refused connection while the destination starts.
+    /// How long to keep retrying a refused connection while the destination starts; once the
+    /// main channel is open, the most the rest of set-up may take (a deadline, however the
+    /// destination trickles its answers).
     pub connect_timeout: Duration,
-    /// How long to wait for each answer of the destination during switchover.
-    pub completion_timeout: Duration,
+    /// The longest the guest may stay paused for the switchover: from its pause until the
+    /// destination has loaded everything (its last pages, every device's last state within
+    /// the destination's credit, the vCPU and VM state). Past it the attempt is torn down and
+    /// the guest runs on here. The destination's `Resumed` after the handover is then awaited
+    /// for the peer timeout.
+    pub switchover_timeout: Duration,
     /// Device state on the data channels with credit (the default), or each device in turn
     /// on the main channel at switchover (the baseline livemig is compared with).
     pub device_transfer: DeviceTransfer,
@@ -92,7 +100,7 @@ impl Default for MigrationConfig {
             auto_converge: true,
             pages_per_packet: DEFAULT_PAGES_PER_PACKET,
             connect_timeout: Duration::from_secs(10),
-            completion_timeout: Duration::from_secs(120),
+            switchover_timeout: DEFAULT_SWITCHOVER_TIMEOUT,
             device_transfer: DeviceTransfer::Multifd,
             ram: RamTransfer::Copy,
             page_checksums: true,
@@ -135,6 +143,11 @@ impl MigrationConfig {
                 "peer timeout {:?}: must be at least {MIN_PEER_TIMEOUT:?}",
                 self.peer_timeout
             )));
+        }
+        if self.switchover_timeout.is_zero() {
+            return Err(MigrationError::Config(
+                "switchover timeout 0: the guest could never be paused".into(),
+            ));
         }
         if let Some(level) = self.compress {
             let levels = zstd::compression_level_range();

@@ -80,8 +80,8 @@ pub enum MigrationError {
     Guest(#[from] GuestError),
     #[error("a migration thread panicked: {0}")]
     ThreadPanicked(String),
-    #[error("destination did not answer within {0:?}")]
-    Timeout(std::time::Duration),
+    #[error("gave up waiting for {}: it did not finish within {:?}", .0.awaited, .0.limit)]
+    Deadline(crate::source::watchdog::Expired),
     #[error("migration cancelled")]
     Cancelled,
     #[error("cannot start a migration thread: {0}")]

@@ -35,6 +35,7 @@ mod dispatch;
 mod pacer;
 mod return_path;
 mod sender;
+pub mod watchdog;
 
 use crate::cancel::CancelToken;
 use crate::config::{ChunkOrder, MigrationConfig, NoConvergence};
@@ -61,6 +62,7 @@ use sender::{ChannelSender, Job};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use watchdog::{Awaited, Watchdog};
 
 /// A VM as the engine migrates it: guest memory and state, streamed devices, and small
 /// devices whose state is one blob.
@@ -219,9 +221,10 @@ fn wire_devices(vm: Vm<'_>, config: &MigrationConfig) -> DeviceSetup {
     }
 }
 
-/// [`connect_session`] with a watcher (`lm-src-cancel`) that shuts down every socket opened
-/// so far on cancel, so a destination that accepts and then says nothing cannot hold a
-/// cancelled migration in its set-up.
+/// [`connect_session`] under a watchdog (`lm-src-watch`) that shuts down every socket opened
+/// so far on cancel, or when set-up has not finished `connect_timeout` after the main channel
+/// opened: a destination that accepts and then says nothing, or trickles its answers, cannot
+/// hold the source in its set-up.
 fn connect_cancellable(
     vm: Vm<'_>,
     to: &Endpoint,
@@ -229,29 +232,32 @@ fn connect_cancellable(
     session: SessionId,
 ) -> Result<(Stream, Vec<Stream>, SessionAccept), MigrationError> {
     let open: Mutex<Vec<Stream>> = Mutex::new(Vec::new());
-    let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
+    let watchdog = Watchdog::new();
+    let attempt = CancelToken::new();
     let result = std::thread::scope(|scope| {
-        let open = &open;
+        let (open, watchdog, attempt) = (&open, &watchdog, &attempt);
         let watcher = std::thread::Builder::new()
-            .name("lm-src-cancel".into())
+            .name("lm-src-watch".into())
             .spawn_scoped(scope, move || {
-                select! {
-                    recv(config.cancel.waiter()) -> _ => {
-                        open.lock().unwrap_or_else(|p| p.into_inner())
-                            .iter().for_each(Stream::shutdown);
-                    }
-                    recv(done_rx) -> _ => {}
-                }
+                watchdog.run(&config.cancel, attempt, || {
+                    open.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .for_each(Stream::shutdown)
+                })
             })
             .map_err(MigrationError::Spawn)?;
-        let r = connect_session(vm, to, config, session, open);
-        drop(done_tx);
+        let r = connect_session(vm, to, config, session, open, watchdog, attempt);
+        // Ends the watch (a no-op if it already cancelled).
+        attempt.cancel();
         let _ = watcher.join();
         r
     });
     result.map_err(|e| {
         if config.cancel.is_cancelled() {
             MigrationError::Cancelled
+        } else if let Some(x) = watchdog.expired() {
+            MigrationError::Deadline(x)
         } else {
             e
         }
@@ -259,13 +265,16 @@ fn connect_cancellable(
 }
 
 /// Opens the main channel and every data channel, each with its handshake. Each socket is
-/// put in `open` as soon as it exists; every answer is awaited at most `connect_timeout`.
+/// put in `open` as soon as it exists; once the main channel is open, the rest must be done
+/// within `connect_timeout` (the watchdog's deadline; `attempt` is cancelled when it passes).
 fn connect_session(
     vm: Vm<'_>,
     to: &Endpoint,
     config: &MigrationConfig,
     session: SessionId,
     open: &Mutex<Vec<Stream>>,
+    watchdog: &Watchdog,
+    attempt: &CancelToken,
 ) -> Result<(Stream, Vec<Stream>, SessionAccept), MigrationError> {
     let connect_err = |source| MigrationError::Connect {
         to: to.to_string(),
@@ -280,14 +289,14 @@ fn connect_session(
         tls.server_name(to).map_err(tls_err)?;
     }
     let connect = || -> Result<Stream, MigrationError> {
-        let s = Stream::connect_cancellable(to, config.connect_timeout, Some(&config.cancel))
+        let s = Stream::connect_cancellable(to, config.connect_timeout, Some(attempt))
             .map_err(connect_err)?;
         let register = |s: &Stream| -> Result<(), MigrationError> {
             open.lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(s.try_clone().map_err(connect_err)?);
             // Registered after the watcher may have run: look again.
-            if config.cancel.is_cancelled() {
+            if attempt.is_cancelled() {
                 return Err(MigrationError::Cancelled);
             }
             Ok(())
@@ -298,7 +307,7 @@ fn connect_session(
             None => s,
             Some(tls) => {
                 let s = tls
-                    .connect(s, to, config.connect_timeout, Some(&config.cancel))
+                    .connect(s, to, config.connect_timeout, Some(attempt))
                     .map_err(tls_err)?;
                 register(&s)?;
                 s
@@ -310,6 +319,7 @@ fn connect_session(
     let limits = Limits::default();
     let mut buf = Vec::new();
     let mut main = connect()?;
+    watchdog.arm(Awaited::SetUp, config.connect_timeout);
     let hello = SessionHello {
         session,
         channels: config.channels,
@@ -416,6 +426,7 @@ fn run_session(
     let cancel = CancelToken::new();
     let credits = CreditTable::new(vm.devices.len(), accept.window.max(1));
     let switchover = Switchover::default();
+    let watchdog = Watchdog::new();
     let multifd_devices = config.device_transfer == DeviceTransfer::Multifd;
     let (events_tx, events_rx) = crossbeam_channel::unbounded();
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
@@ -426,23 +437,18 @@ fn run_session(
         // A thread that cannot be started fails the migration, but never skips the teardown
         // below: every thread already started must be woken and joined.
         let mut failure: Option<MigrationError> = None;
-        let (outer, inner) = (config.cancel.clone(), cancel.clone());
-        // A cancel from outside also shuts the sockets down: a coordinator blocked writing to
-        // a destination that stopped reading must be freed too.
+        let (outer, inner) = (&config.cancel, cancel.clone());
+        // A cancel from outside, or a deadline passing, also shuts the sockets down: a
+        // coordinator blocked writing to a destination that stopped reading must be freed too.
         let cut: Vec<Stream> = shutters.iter().filter_map(|s| s.try_clone().ok()).collect();
+        let dog = &watchdog;
         spawned(
             &mut job_threads,
             &mut failure,
             std::thread::Builder::new()
-                .name("lm-src-cancel".into())
+                .name("lm-src-watch".into())
                 .spawn_scoped(scope, move || {
-                    select! {
-                        recv(outer.waiter()) -> _ => {
-                            inner.cancel();
-                            cut.iter().for_each(Stream::shutdown);
-                        }
-                        recv(inner.waiter()) -> _ => {}
-                    }
+                    dog.run(outer, &inner, || cut.iter().for_each(Stream::shutdown))
                 }),
         );
         let rp_events = events_tx.clone();
@@ -545,6 +551,7 @@ fn run_session(
             state,
             cancel: cancel.clone(),
             switchover: &switchover,
+            watchdog: &watchdog,
             accept,
         };
         let outcome = match failure {
@@ -629,6 +636,8 @@ struct Coordinator<'a> {
     state: &'a mut GuestState,
     cancel: CancelToken,
     switchover: &'a Switchover,
+    /// Deadlines of the waits on the destination.
+    watchdog: &'a Watchdog,
     accept: SessionAccept,
 }
 
@@ -713,6 +722,10 @@ impl Coordinator<'_> {
         // saves, the RAM's last pass and the state save run at the same time.
         let mut down = DowntimeBreakdown::default();
         let t_pause = Instant::now();
+        // The guest is never paused longer than this: past it, the attempt is torn down and
+        // the guest runs on here.
+        self.watchdog
+            .arm(Awaited::Switchover, self.config.switchover_timeout);
         guest.pause()?;
         *self.state = GuestState::Paused;
         self.switchover.start();
@@ -755,22 +768,26 @@ impl Coordinator<'_> {
             FrameKind::Complete,
             &Complete { rounds: round + 1 }.encode(),
         )?;
-        let loaded = self.wait_for(|e| match e {
-            Event::Loaded(l) => Some(l),
-            _ => None,
+        let loaded = self.wait_for("Loaded", |e| match e {
+            Event::Loaded(l) => Ok(l),
+            other => Err(other),
         })?;
         let t_loaded = Instant::now();
+        // Told to run the guest, a live destination says so at once.
+        self.watchdog
+            .arm(Awaited::Resumed, self.config.peer_timeout);
         down.dest_restore_ms = loaded.restore_us as f64 / 1e3;
         down.dest_verify_ms = loaded.verify_us as f64 / 1e3;
         down.transfer_ms = ms(t_loaded - t_transfer) - down.dest_restore_ms - down.dest_verify_ms;
 
         framed::send(&mut self.main, main, FrameKind::Handover, &[])?;
         *self.state = GuestState::HandedOver;
-        self.wait_for(|e| match e {
-            Event::Resumed(r) => Some(r),
-            _ => None,
+        self.wait_for("Resumed", |e| match e {
+            Event::Resumed(r) => Ok(r),
+            other => Err(other),
         })
         .map_err(|e| MigrationError::HandoverUnknown(e.to_string()))?;
+        self.watchdog.disarm();
         down.resume_ms = ms(t_loaded.elapsed());
         let downtime_ms = ms(t_pause.elapsed()) - down.dest_verify_ms;
 
@@ -904,11 +921,20 @@ impl Coordinator<'_> {
             let mut acked = false;
             while sent < self.dispatch.channels() || !acked {
                 match self.next_event()? {
-                    Event::RoundSent(r) if r == round => sent += 1,
+                    Event::RoundSent(r) if r == round => {
+                        sent += 1;
+                        if sent == self.dispatch.channels() && !acked {
+                            // All of the round is on its way: a live destination that reads
+                            // acknowledges it within the peer timeout, pings or not.
+                            self.watchdog
+                                .arm(Awaited::RoundAck(round), self.config.peer_timeout);
+                        }
+                    }
                     Event::RoundAck(r) if r == round => acked = true,
                     other => return Err(unexpected(other)),
                 }
             }
+            self.watchdog.disarm();
         }
         let c = self.counters;
         let elapsed = t0.elapsed();
@@ -1025,6 +1051,10 @@ impl Coordinator<'_> {
     /// Why the migration is being torn down: the first failure among the queued events, or
     /// a cancel.
     fn failure_cause(&self) -> MigrationError {
+        // A deadline that passed cut the sockets: the failures that follow are its doing.
+        if let Some(x) = self.watchdog.expired() {
+            return MigrationError::Deadline(x);
+        }
         while let Ok(ev) = self.events.try_recv() {
             match ev {
                 Event::Failed(e) => return self.peer_reason_or(e),
@@ -1037,17 +1067,9 @@ impl Coordinator<'_> {
         MigrationError::Cancelled
     }
 
-    /// The next event; failures of any thread or job, and a cancel, become errors.
+    /// The next event; failures of any thread or job, a cancel and a deadline passing (which
+    /// cancels the attempt) become errors.
     fn next_event(&mut self) -> Result<Event, MigrationError> {
-        self.next_event_before(&crossbeam_channel::never(), Duration::ZERO)
-    }
-
-    /// The next event, or a timeout (of `timeout`) when `timer` fires first.
-    fn next_event_before(
-        &mut self,
-        timer: &Receiver<Instant>,
-        timeout: Duration,
-    ) -> Result<Event, MigrationError> {
         loop {
             let ev = select! {
                 recv(self.events) -> ev => ev.map_err(|_| {
@@ -1058,7 +1080,6 @@ impl Coordinator<'_> {
                     continue;
                 }
                 recv(self.cancel.waiter()) -> _ => return Err(self.failure_cause()),
-                recv(timer) -> _ => return Err(MigrationError::Timeout(timeout)),
             };
             return self.check(ev);
         }
@@ -1075,20 +1096,27 @@ impl Coordinator<'_> {
         }
     }
 
-    /// Waits for the event `pick` selects, ignoring channel bookkeeping meanwhile.
+    /// Waits for the control message `name` that `pick` takes, ignoring channel
+    /// bookkeeping meanwhile; any other message is out of order, a protocol error (e.g. a
+    /// `Resumed` before `Loaded`). The watchdog's armed deadline bounds the wait.
     fn wait_for<T>(
         &mut self,
-        mut pick: impl FnMut(Event) -> Option<T>,
+        name: &str,
+        mut pick: impl FnMut(Event) -> Result<T, Event>,
     ) -> Result<T, MigrationError> {
-        let timeout = self.config.completion_timeout;
-        let timer = crossbeam_channel::after(timeout);
         loop {
-            match self.next_event_before(&timer, timeout)? {
+            match self.next_event()? {
                 Event::RoundSent(..) | Event::RoundAck(_) => {}
                 ev => {
-                    if let Some(v) = pick(ev) {
-                        return Ok(v);
-                    }
+                    return pick(ev).map_err(|other| {
+                        MigrationError::Channel(ChannelError::Protocol {
+                            channel: ChannelName::Main,
+                            detail: format!(
+                                "{} while waiting for {name}: out of order",
+                                event_name(&other)
+                            ),
+                        })
+                    })
                 }
             }
         }
@@ -1159,7 +1187,16 @@ struct RoundStartCounters {
 }
 
 fn unexpected(ev: Event) -> MigrationError {
-    let what = match ev {
+    let what = event_name(&ev);
+    MigrationError::Channel(ChannelError::Protocol {
+        channel: ChannelName::Main,
+        detail: format!("unexpected {what} at this point of the migration"),
+    })
+}
+
+/// What an event is, for errors.
+fn event_name(ev: &Event) -> &'static str {
+    match ev {
         Event::Loaded(_) => "Loaded",
         Event::Resumed(_) => "Resumed",
         Event::RoundSent(..) => "RoundSent",
@@ -1167,9 +1204,5 @@ fn unexpected(ev: Event) -> MigrationError {
         Event::DeviceDone(..) => "a device save ending",
         Event::StateSaved(_) => "the state saved",
         Event::Failed(_) | Event::PeerFailed(_) => "a failure",
-    };
-    MigrationError::Channel(ChannelError::Protocol {
-        channel: ChannelName::Main,
-        detail: format!("unexpected {what} at this point of the migration"),
-    })
+    }
 }
