@@ -366,19 +366,23 @@ pub const CANCEL_POLL: Duration = Duration::from_millis(50);
 #[derive(Debug)]
 pub enum Listener {
     Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
+    /// The socket and its path, removed when dropped if the path is still this socket.
+    Unix(UnixListener, unix_path::Bound),
 }
 
 impl Listener {
-    /// Binds `at`. A Unix socket path left by an earlier run is replaced.
+    /// Binds `at`. For a Unix socket path, only nothing or a stale socket (one nobody
+    /// accepts on: a connection is refused) may be there; the stale socket is replaced. A
+    /// path that is not a socket, or a socket in use (this process's own included), is
+    /// refused with an error naming the path and what it is, and left as it is.
     pub fn bind(at: &Endpoint) -> io::Result<Listener> {
         match at {
             Endpoint::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a.as_str())?)),
             Endpoint::Unix(p) => {
-                if p.exists() {
-                    std::fs::remove_file(p)?;
-                }
-                Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
+                unix_path::clear_stale(p)?;
+                let l = UnixListener::bind(p)?;
+                let bound = unix_path::Bound::new(p.clone());
+                Ok(Listener::Unix(l, bound))
             }
         }
     }
@@ -387,7 +391,7 @@ impl Listener {
     pub fn local_endpoint(&self) -> io::Result<Endpoint> {
         Ok(match self {
             Listener::Tcp(l) => Endpoint::Tcp(l.local_addr()?.to_string()),
-            Listener::Unix(_, p) => Endpoint::Unix(p.clone()),
+            Listener::Unix(_, p) => Endpoint::Unix(p.path().to_path_buf()),
         })
     }
 
@@ -470,10 +474,168 @@ impl AsRawFd for Listener {
     }
 }
 
-impl Drop for Listener {
-    fn drop(&mut self) {
-        if let Listener::Unix(_, p) = self {
-            let _ = std::fs::remove_file(p);
+/// Unix socket paths: what may be replaced when binding, and what may be removed after.
+pub mod unix_path {
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use std::path::{Path, PathBuf};
+
+    /// What a path that is not a socket is, for an error.
+    fn what(t: std::fs::FileType) -> &'static str {
+        if t.is_file() {
+            "a regular file"
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_symlink() {
+            "a symbolic link"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_char_device() || t.is_block_device() {
+            "a device"
+        } else {
+            "a file of another kind"
+        }
+    }
+
+    /// Makes `path` free to bind: nothing there, or a stale socket, which is removed. A path
+    /// that is not a socket (a symbolic link included: it is not followed) is refused
+    /// (`AlreadyExists`), and so is a socket something accepts connections on
+    /// (`AddrInUse`), whoever serves it, this process included. Checked, then removed: a
+    /// process that binds the path in between is replaced (the window is a few syscalls).
+    pub fn clear_stale(path: &Path) -> io::Result<()> {
+        let meta = match std::fs::symlink_metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+        };
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} is {}, not a socket: refusing to remove it",
+                    path.display(),
+                    what(meta.file_type())
+                ),
+            ));
+        }
+        match probe(path) {
+            Ok(Probe::Stale) => match std::fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot remove the stale socket {}: {e}", path.display()),
+                )),
+                _ => Ok(()),
+            },
+            Ok(Probe::Live) => Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "{} is a socket in use (something accepts connections on it): refusing to replace it",
+                    path.display()
+                ),
+            )),
+            Ok(Probe::OtherType) => Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "{} is a socket of another type (not a stream socket), maybe in use: refusing to replace it",
+                    path.display()
+                ),
+            )),
+            Err(e) => Err(io::Error::new(
+                e.kind(),
+                format!("cannot tell whether the socket {} is in use: {e}", path.display()),
+            )),
+        }
+    }
+
+    enum Probe {
+        Stale,
+        Live,
+        OtherType,
+    }
+
+    /// Connects to `path` without blocking: refused is stale; connected, or a full backlog
+    /// (`EAGAIN`), is live.
+    fn probe(path: &Path) -> io::Result<Probe> {
+        let bytes = path.as_os_str().as_bytes();
+        // SAFETY: an all-zero sockaddr_un is a valid value of this plain C struct.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        if bytes.len() >= addr.sun_path.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "path too long for a Unix socket",
+            ));
+        }
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+            *d = *s as libc::c_char;
+        }
+        // SAFETY: socket(2) with constant arguments; the result is checked below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+        // SAFETY: `addr` is a valid sockaddr_un that lives on this frame, `len` within it.
+        let r = unsafe {
+            libc::connect(
+                sock.as_raw_fd(),
+                (&addr as *const libc::sockaddr_un).cast(),
+                len as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            return Ok(Probe::Live);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ECONNREFUSED) => Ok(Probe::Stale),
+            Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => Ok(Probe::Live),
+            Some(libc::EPROTOTYPE) => Ok(Probe::OtherType),
+            _ => Err(e),
+        }
+    }
+
+    /// A socket path this process bound, removed on drop only if the path is still that
+    /// socket (same device and inode): a path replaced since (by another process's socket or
+    /// by any file) is left alone.
+    #[derive(Debug)]
+    pub struct Bound {
+        path: PathBuf,
+        id: Option<(u64, u64)>,
+    }
+
+    impl Bound {
+        /// `path`, just bound by this process.
+        pub fn new(path: PathBuf) -> Bound {
+            let id = std::fs::symlink_metadata(&path)
+                .ok()
+                .map(|m| (m.dev(), m.ino()));
+            Bound { path, id }
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.path
+        }
+    }
+
+    impl Drop for Bound {
+        fn drop(&mut self) {
+            let now = std::fs::symlink_metadata(&self.path)
+                .ok()
+                .map(|m| (m.dev(), m.ino()));
+            if self.id.is_some() && now == self.id {
+                let _ = std::fs::remove_file(&self.path);
+            }
         }
     }
 }
@@ -495,5 +657,38 @@ mod tests {
         assert!("tcp:nohost".parse::<Endpoint>().is_err());
         assert!("tcp:h:notaport".parse::<Endpoint>().is_err());
         assert!("udp:1.2.3.4:5".parse::<Endpoint>().is_err());
+    }
+
+    #[test]
+    fn a_unix_path_is_replaced_only_when_a_stale_socket_and_removed_only_while_ours() {
+        let dir = std::env::temp_dir().join(format!("lm-unix-path-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let at = |name: &str| Endpoint::Unix(dir.join(name));
+        // A regular file: refused, named, kept.
+        let file = dir.join("file");
+        std::fs::write(&file, b"keep").unwrap();
+        let e = Listener::bind(&at("file")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert!(
+            e.to_string().contains("is a regular file, not a socket"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+        // A live socket (ours, even): refused; a stale one: replaced.
+        let live = Listener::bind(&at("s")).unwrap();
+        let e = Listener::bind(&at("s")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+        drop(UnixListener::bind(dir.join("stale")).unwrap());
+        let replaced = Listener::bind(&at("stale")).unwrap();
+        drop(replaced);
+        assert!(
+            !dir.join("stale").exists(),
+            "our own socket file is removed"
+        );
+        // A path replaced behind the listener's back is left alone.
+        std::fs::rename(&file, dir.join("s")).unwrap();
+        drop(live);
+        assert_eq!(std::fs::read(dir.join("s")).unwrap(), b"keep");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

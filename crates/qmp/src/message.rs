@@ -69,14 +69,15 @@ pub struct BadRequest {
     pub error: QmpError,
 }
 
-/// Parses one message (the bytes of one JSON object) into a request.
+/// Parses one message (the bytes of one JSON object) into a request. An object with a key
+/// twice, at any depth, is refused as QEMU refuses it ("JSON parse error, duplicate key").
 pub fn parse_request(bytes: &[u8]) -> Result<Request, BadRequest> {
     let bad = |id: Option<Value>, desc: String| BadRequest {
         id,
         error: QmpError::generic(desc),
     };
     let v: Value =
-        serde_json::from_slice(bytes).map_err(|e| bad(None, format!("JSON parse error, {e}")))?;
+        crate::json::parse(bytes).map_err(|e| bad(None, format!("JSON parse error, {e}")))?;
     let Value::Object(mut obj) = v else {
         return Err(bad(None, "QMP input must be a JSON object".into()));
     };
@@ -203,6 +204,12 @@ mod tests {
         assert_eq!(
             desc(br#"{"execute":"x","bogus":1}"#),
             "QMP input member 'bogus' is unexpected"
+        );
+        assert!(desc(br#"{"execute":"a","execute":"b"}"#)
+            .starts_with("JSON parse error, duplicate key 'execute'"));
+        assert!(
+            desc(br#"{"execute":"m","arguments":{"uri":"a","uri":"b"}}"#)
+                .starts_with("JSON parse error, duplicate key 'uri'")
         );
         let e = parse_request(br#"{"execute":7,"id":"abc"}"#).unwrap_err();
         assert_eq!(

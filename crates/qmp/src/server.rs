@@ -1,26 +1,35 @@
-//! The QMP server: a Unix socket, one thread per client, events to every client that has
+//! The QMP server: a Unix socket, two threads per client, events to every client that has
 //! negotiated capabilities.
 //!
 //! Threads: `lm-qmp-accept` polls the listening socket (so it can be stopped) and starts one
 //! `lm-qmp-client` thread per connection, up to [`ServerConfig::max_clients`]. A client
 //! thread reads, splits the stream into messages ([`crate::split`]), runs each command
-//! through the [`Handler`] and writes the reply. [`Events`] writes events to every
-//! negotiated client; a client's writer is behind a mutex, so a reply and an event never
-//! interleave. [`Server::shutdown`] (or drop) shuts every client socket down and joins every
-//! thread: nothing outlives the server.
+//! through the [`Handler`] and queues the reply; the client's `lm-qmp-write` thread writes
+//! what is queued ([`crate::conn`]). [`Events`] queues events for every negotiated client
+//! and never waits for one: a client that does not read is disconnected, not waited for.
+//! [`Server::shutdown`] (or drop) closes every client (what is queued is written within
+//! a bounded time) and joins every thread: nothing outlives the server.
+//!
+//! Slots: a client that has not sent `qmp_capabilities` within
+//! [`ServerConfig::negotiation_timeout`] is told so and closed. When every slot is taken, a
+//! new client takes the slot of the client silent the longest if that one has sent nothing
+//! for [`ServerConfig::idle_limit`] (it is told why and closed); otherwise the new client is
+//! refused with an error saying why. Clients that only listen for events are not closed
+//! while slots are free.
 
-use crate::message::{self, parse_request, QmpError, Request};
-use crate::split::{Limits, Splitter};
+use crate::conn::{self, human, Conn};
+use crate::message::{self, QmpError, Request};
+use crate::split::Limits;
+use crate::unix_path;
 use serde_json::{json, Value};
-use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What the server runs commands with.
 pub trait Handler: Send + Sync + 'static {
@@ -29,20 +38,38 @@ pub trait Handler: Send + Sync + 'static {
     fn commands(&self) -> Vec<&'static str>;
     /// Runs one command.
     fn execute(&self, req: &Request) -> Result<Value, QmpError>;
-    /// Called after the reply to a successful `req` was written (`quit` exits only then).
+    /// Called after the reply to a successful `req` was queued (`quit` exits only then).
     fn after_reply(&self, _req: &Request) {}
 }
 
-/// The server's knobs.
+/// The server's knobs. The defaults are documented in `docs/qmp.md`.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Named in the greeting's `package`.
     pub package: String,
-    /// Clients served at once; one more is told so and closed.
+    /// Clients served at once (8); one more is told why and closed, unless an idle client
+    /// gives it its slot.
     pub max_clients: usize,
     pub limits: Limits,
-    /// A client that does not read its replies or events for this long is dropped.
+    /// A client whose socket takes nothing for this long while something waits for it
+    /// does not read: it is disconnected (10 s).
     pub write_timeout: Duration,
+    /// Bytes of replies and events waiting for one client at most (1 MiB); a client that
+    /// lets more pile up is disconnected.
+    pub max_queued_bytes: usize,
+    /// Messages waiting for one client at most (1024), as `max_queued_bytes`.
+    pub max_queued_messages: usize,
+    /// A client must send `qmp_capabilities` within this time of connecting (10 s).
+    pub negotiation_timeout: Duration,
+    /// When every slot is taken, a client that has sent nothing for this long gives its
+    /// slot to a new client (60 s).
+    pub idle_limit: Duration,
+    /// Where the server says why it closed or refused a client.
+    pub log: fn(&str),
+}
+
+fn log_to_stderr(msg: &str) {
+    eprintln!("livemig: {msg}");
 }
 
 impl Default for ServerConfig {
@@ -51,31 +78,13 @@ impl Default for ServerConfig {
             package: format!("livemig-{}", env!("CARGO_PKG_VERSION")),
             max_clients: 8,
             limits: Limits::default(),
-            write_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
+            max_queued_bytes: 1 << 20,
+            max_queued_messages: 1024,
+            negotiation_timeout: Duration::from_secs(10),
+            idle_limit: Duration::from_secs(60),
+            log: log_to_stderr,
         }
-    }
-}
-
-/// One connected client.
-struct Conn {
-    writer: Mutex<UnixStream>,
-    negotiated: AtomicBool,
-    done: AtomicBool,
-}
-
-impl Conn {
-    fn writer(&self) -> MutexGuard<'_, UnixStream> {
-        self.writer.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Writes one message; a client that cannot take it is shut down.
-    fn send(&self, v: &Value) -> io::Result<()> {
-        let mut w = self.writer();
-        let r = w.write_all(&message::to_line(v));
-        if r.is_err() {
-            let _ = w.shutdown(Shutdown::Both);
-        }
-        r
     }
 }
 
@@ -85,8 +94,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Sends events to every client that has negotiated capabilities. Cheap to clone; made
-/// before the server so a handler can hold one.
+/// Sends events to every client that has negotiated capabilities, without waiting for any.
+/// Cheap to clone; made before the server so a handler can hold one.
 #[derive(Clone, Default)]
 pub struct Events {
     clients: Registry,
@@ -97,13 +106,14 @@ impl Events {
         Self::default()
     }
 
-    /// Emits `name` with `data` to every negotiated client.
+    /// Queues `name` with `data` for every negotiated client. Never blocks on a client: one
+    /// that has let too much pile up is disconnected instead.
     pub fn emit(&self, name: &str, data: Option<Value>) {
         let ev = message::event(name, data);
         let conns: Vec<Arc<Conn>> = lock(&self.clients).iter().map(|(c, _)| c.clone()).collect();
         for c in conns {
-            if c.negotiated.load(Ordering::Acquire) && !c.done.load(Ordering::Acquire) {
-                let _ = c.send(&ev);
+            if c.negotiated.load(Ordering::Acquire) {
+                c.send(&ev);
             }
         }
     }
@@ -111,7 +121,7 @@ impl Events {
 
 /// A running QMP server.
 pub struct Server {
-    path: PathBuf,
+    path: unix_path::Bound,
     stop: Arc<AtomicBool>,
     clients: Registry,
     acceptor: Option<JoinHandle<()>>,
@@ -122,7 +132,7 @@ pub struct Server {
 pub enum ServerError {
     #[error("cannot listen on QMP socket {path}: {source}")]
     Bind {
-        path: PathBuf,
+        path: std::path::PathBuf,
         #[source]
         source: io::Error,
     },
@@ -133,9 +143,13 @@ pub enum ServerError {
 /// How often the accept thread looks whether it should stop.
 const STOP_POLL_MS: i32 = 50;
 
+/// How long shutdown lets clients take what is queued for them before cutting them off.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
+
 impl Server {
-    /// Listens on `path` (a stale socket there is replaced) and serves clients with
-    /// `handler`, sending events given to `events`.
+    /// Listens on `path` and serves clients with `handler`, sending events given to
+    /// `events`. Only a stale socket at `path` (nobody accepts on it) is replaced: a path
+    /// that is not a socket, or a socket in use (by this process too), is refused.
     pub fn start(
         path: &Path,
         handler: Arc<dyn Handler>,
@@ -146,10 +160,9 @@ impl Server {
             path: path.to_path_buf(),
             source,
         };
-        if path.exists() {
-            std::fs::remove_file(path).map_err(bind_err)?;
-        }
+        unix_path::clear_stale(path).map_err(bind_err)?;
         let listener = UnixListener::bind(path).map_err(bind_err)?;
+        let bound = unix_path::Bound::new(path.to_path_buf());
         let stop = Arc::new(AtomicBool::new(false));
         let clients = events.clients.clone();
         let acceptor = {
@@ -160,7 +173,7 @@ impl Server {
                 .map_err(ServerError::Spawn)?
         };
         Ok(Server {
-            path: path.to_path_buf(),
+            path: bound,
             stop,
             clients,
             acceptor: Some(acceptor),
@@ -168,10 +181,12 @@ impl Server {
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.path.path()
     }
 
-    /// Stops accepting, disconnects every client and joins every server thread.
+    /// Stops accepting, closes every client (each gets what was queued for it, within
+    /// [`SHUTDOWN_DRAIN`]) and joins every server thread. The socket file goes if it is
+    /// still this server's.
     pub fn shutdown(mut self) {
         self.stop_and_join();
     }
@@ -183,14 +198,21 @@ impl Server {
         }
         let all: Vec<_> = lock(&self.clients).drain(..).collect();
         for (c, _) in &all {
-            let _ = c.writer().shutdown(Shutdown::Both);
+            c.close(None);
+        }
+        let deadline = Instant::now() + SHUTDOWN_DRAIN;
+        while Instant::now() < deadline && all.iter().any(|(c, _)| !c.done.load(Ordering::Acquire))
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for (c, _) in &all {
+            c.abort(None);
         }
         for (_, h) in all {
             if let Some(h) = h {
                 let _ = h.join();
             }
         }
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -207,6 +229,7 @@ fn accept_loop(
     stop: Arc<AtomicBool>,
     clients: Registry,
 ) {
+    let mut next_id = 0u64;
     while !stop.load(Ordering::Acquire) {
         let mut pfd = libc::pollfd {
             fd: listener.as_raw_fd(),
@@ -221,37 +244,60 @@ fn accept_loop(
         let Ok((stream, _)) = listener.accept() else {
             continue;
         };
+        next_id += 1;
         reap(&clients);
         let _ = stream.set_write_timeout(Some(config.write_timeout));
-        if lock(&clients).len() >= config.max_clients {
+        if let Err(why) = make_room(&clients, &config) {
+            (config.log)(&format!("QMP client {next_id} refused: {}", why.desc));
             let mut s = stream;
-            let e = QmpError::generic(format!(
-                "too many QMP clients: {} are connected already",
-                config.max_clients
-            ));
-            let _ = s.write_all(&message::to_line(&message::reply_err(&e, None)));
+            let _ = s.write_all(&message::to_line(&message::reply_err(&why, None)));
             continue;
         }
-        let Ok(writer) = stream.try_clone() else {
+        let Ok(reader) = stream.try_clone() else {
             continue;
         };
-        let conn = Arc::new(Conn {
-            writer: Mutex::new(writer),
-            negotiated: AtomicBool::new(false),
-            done: AtomicBool::new(false),
-        });
+        let conn = Arc::new(Conn::new(next_id, stream, &config));
         // Registered before it starts, so shutdown always finds it.
         let mut list = lock(&clients);
         let (h, c, cfg) = (handler.clone(), conn.clone(), config.clone());
         match std::thread::Builder::new()
             .name("lm-qmp-client".into())
-            .spawn(move || serve(stream, &c, &*h, &cfg))
+            .spawn(move || conn::serve(reader, &c, &*h, &cfg))
         {
             Ok(handle) => list.push((conn, Some(handle))),
-            Err(_) => {
-                let _ = conn.writer().shutdown(Shutdown::Both);
-            }
+            Err(_) => conn.abort(Some("cannot start its thread")),
         }
+    }
+}
+
+/// Makes a slot for one more client: there is one free, or the client silent the longest
+/// has been silent for the idle limit and is closed. Otherwise, why the new client is
+/// refused.
+fn make_room(clients: &Registry, config: &ServerConfig) -> Result<(), QmpError> {
+    let list = lock(clients);
+    let open: Vec<&Arc<Conn>> = list.iter().map(|(c, _)| c).filter(|c| c.open()).collect();
+    if open.len() < config.max_clients {
+        return Ok(());
+    }
+    let idlest = open.iter().max_by_key(|c| c.idle());
+    let limit = human(config.idle_limit);
+    match idlest {
+        Some(c) if c.idle() >= config.idle_limit => {
+            let idle = human(Duration::from_secs(c.idle().as_secs()));
+            (config.log)(&format!(
+                "QMP client {} closed: it sent nothing for {idle} and a new client needs its slot ({} clients at most)",
+                c.id, config.max_clients
+            ));
+            c.close(Some(&QmpError::generic(format!(
+                "closing this QMP connection: it sent nothing for {idle} (the idle limit is {limit}) and a new client needs its slot ({} clients at most)",
+                config.max_clients
+            ))));
+            Ok(())
+        }
+        _ => Err(QmpError::generic(format!(
+            "too many QMP clients: {} are connected already (the most served at once), and none has been idle for {limit}; try again later",
+            config.max_clients
+        ))),
     }
 }
 
@@ -272,56 +318,14 @@ fn reap(clients: &Registry) {
     }
 }
 
-fn serve(mut stream: UnixStream, conn: &Conn, handler: &dyn Handler, config: &ServerConfig) {
-    let package = config.package.as_str();
-    if conn.send(&message::greeting(package)).is_ok() {
-        let mut splitter = Splitter::new(config.limits);
-        let mut buf = vec![0u8; 16 << 10];
-        let mut pieces = Vec::new();
-        'read: loop {
-            let n = match stream.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            splitter.push(&buf[..n], &mut pieces);
-            for piece in pieces.drain(..) {
-                let (reply, ran) = match piece {
-                    Err(e) => (
-                        message::reply_err(&QmpError::generic(e.to_string()), None),
-                        None,
-                    ),
-                    Ok(bytes) => match parse_request(&bytes) {
-                        Err(bad) => (message::reply_err(&bad.error, bad.id.as_ref()), None),
-                        Ok(req) => {
-                            let r = dispatch(&req, conn, handler, package);
-                            let ok = r.is_ok();
-                            let reply = match r {
-                                Ok(v) => message::reply_ok(v, req.id.as_ref()),
-                                Err(e) => message::reply_err(&e, req.id.as_ref()),
-                            };
-                            (reply, ok.then_some(req))
-                        }
-                    },
-                };
-                if conn.send(&reply).is_err() {
-                    break 'read;
-                }
-                if let Some(req) = ran {
-                    handler.after_reply(&req);
-                }
-            }
-        }
-    }
-    conn.done.store(true, Ordering::Release);
-}
-
-fn dispatch(
+/// Runs one request: the protocol's own commands here, the rest through `handler`.
+pub(crate) fn dispatch(
     req: &Request,
-    conn: &Conn,
+    negotiated_flag: &AtomicBool,
     handler: &dyn Handler,
     package: &str,
 ) -> Result<Value, QmpError> {
-    let negotiated = conn.negotiated.load(Ordering::Acquire);
+    let negotiated = negotiated_flag.load(Ordering::Acquire);
     match req.execute.as_str() {
         "qmp_capabilities" if negotiated => Err(QmpError {
             class: crate::ErrorClass::CommandNotFound,
@@ -337,7 +341,7 @@ fn dispatch(
                     )));
                 }
             }
-            conn.negotiated.store(true, Ordering::Release);
+            negotiated_flag.store(true, Ordering::Release);
             Ok(json!({}))
         }
         _ if !negotiated => Err(QmpError {
