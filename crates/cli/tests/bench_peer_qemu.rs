@@ -37,13 +37,13 @@ fn qemu_on_path() -> bool {
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()))
 }
 
-/// Runs the bench with `args` (plus `--json --out DIR`), returns its exit success, its JSON
+/// Runs the bench with `args` (plus `--repeat 1 --json --out DIR`), returns its exit success, its JSON
 /// document and the Markdown it wrote.
 fn bench(args: &[&str], env: &[(&str, &str)], out: &Path) -> (bool, Value, String) {
     let o = Command::new(env!("CARGO_BIN_EXE_livemig"))
-        .args([
-            "bench", "--peer", "qemu", "--repeat", "1", "--json", "--out",
-        ])
+        .args(["bench", "--peer", "qemu", "--repeat", "1"])
+        // A short settle: these runs are too small for the host's state to matter much.
+        .args(["--settle-ms", "200", "--json", "--out"])
         .arg(out)
         .args(args)
         .envs(env.iter().copied())

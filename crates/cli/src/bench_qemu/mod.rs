@@ -73,6 +73,12 @@ pub struct PeerArgs {
     /// Peer: page writes per second of the dirtying rows (65536 = 256 MiB/s).
     #[arg(long, default_value = "65536", value_parser = parse_count)]
     peer_dirty_rate: u64,
+    /// Peer: wait this long before each migration. On this host, memory a process frees is
+    /// handed back to the hypervisor within seconds (virtio-balloon free page reporting), and
+    /// the next first touch of it costs several times more than touching memory freed just
+    /// now; waiting the same time before every run gives both tools the same host state.
+    #[arg(long, default_value_t = 4000)]
+    settle_ms: u64,
     /// Peer: the guest image both tools boot [default: the one `livemig guest-image` writes].
     #[arg(long, value_name = "PATH")]
     image: Option<PathBuf>,
@@ -178,9 +184,13 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
          runs there from resume on). Peak RSS: the destination's `VmHWM` once the guest runs. \
          Pages checked on the destination after every migration: by the guest's own `verify` on \
          its console (guest), or by livemig's QMP `x-livemig-verify` (QMP) where livemig's \
-         console cannot be reached. Each figure is the median of {repeat} runs, QEMU and livemig \
-         interleaved. Peer: {peer_how}.",
+         console cannot be reached. Each figure is the median of {repeat} runs (total time: with the \
+         smallest and largest), QEMU and livemig interleaved, each run started {} ms after the \
+         previous one ended (`--settle-ms`: memory freed on this host goes back to the hypervisor \
+         within seconds, and touching it again costs far more than touching memory freed just \
+         now, so every run starts from the same host state). Peer: {peer_how}.",
         p.guest(&RowSpec::parse("cold-dirtying-4ch").expect("a row")).append(),
+        p.settle_ms,
     );
     let load_end = how::load_average();
     let mut md = String::new();
@@ -262,6 +272,7 @@ fn measure_row(
                 dest: spec.dest,
                 channels: spec.channels,
             };
+            std::thread::sleep(std::time::Duration::from_millis(a.peer.settle_ms));
             match migration::run(&setup) {
                 Ok(s) => {
                     eprintln!(

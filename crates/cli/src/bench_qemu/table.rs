@@ -34,6 +34,24 @@ fn median(samples: &[Sample], f: impl Fn(&Sample) -> f64) -> Option<f64> {
     })
 }
 
+/// The smallest and largest of one figure over the samples.
+fn range(samples: &[Sample], f: impl Fn(&Sample) -> f64) -> Option<(f64, f64)> {
+    let v = samples.iter().map(f).filter(|x| x.is_finite());
+    v.fold(None, |r, x| match r {
+        None => Some((x, x)),
+        Some((lo, hi)) => Some((lo.min(x), hi.max(x))),
+    })
+}
+
+/// A total time cell: the median, and the range when there is more than one sample.
+fn total_cell(samples: &[Sample]) -> String {
+    let m = cell(median(samples, |x| x.total_ms), 0);
+    match range(samples, |x| x.total_ms) {
+        Some((lo, hi)) if samples.len() > 1 => format!("{m} ({lo:.0}-{hi:.0})"),
+        _ => m,
+    }
+}
+
 /// One tool's medians in a row.
 #[derive(Default, Clone, Copy)]
 struct Medians {
@@ -140,7 +158,7 @@ fn checks(samples: &[Sample]) -> String {
 pub(super) fn markdown(rows: &[RowResult]) -> String {
     let mut s = String::new();
     s.push_str(
-        "| destination | work | ch | guest | QEMU total ms | livemig total ms | livemig / QEMU \
+        "| destination | work | ch | guest | QEMU total ms (range) | livemig total ms (range) | livemig / QEMU \
          | QEMU downtime ms | livemig downtime ms | livemig / QEMU | QEMU setup ms \
          | livemig setup ms | QEMU dst CPU s | livemig dst CPU s | QEMU dst peak RSS MiB \
          | livemig dst peak RSS MiB | livemig / QEMU | pages checked (QEMU; livemig) |\n",
@@ -170,8 +188,8 @@ pub(super) fn markdown(rows: &[RowResult]) -> String {
             r.spec.channels,
             size(r.guest.memory),
             size(r.guest.fill),
-            cell(q.total_ms, 0),
-            cell(l.total_ms, 0),
+            total_cell(&r.qemu),
+            total_cell(&r.livemig),
             cell(rt, 2),
             cell(q.downtime_ms, 0),
             cell(l.downtime_ms, 0),
