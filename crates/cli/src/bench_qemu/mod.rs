@@ -12,8 +12,10 @@
 //! - [`qemu`], [`livemig`]: each tool's command lines;
 //! - [`vm`], [`proc`], [`serial`]: a VMM process, its QMP connection and guest console;
 //! - [`migration`]: one migration, driven and measured; [`measure`]: /proc;
-//! - [`table`], [`how`]: the results as Markdown and JSON.
+//! - [`table`], [`how`]: the results as Markdown and JSON; [`host`]: what touching fresh
+//!   memory costs on this host, measured in the run.
 
+mod host;
 mod how;
 mod livemig;
 mod measure;
@@ -36,6 +38,7 @@ use serde_json::json;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 use table::RowResult;
 use work::{Boot, GuestWork, Load, RowSpec};
 
@@ -158,6 +161,12 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             format!("none: {why}; only livemig's columns are measured")
         }
     };
+    let touch = host::FirstTouch::measure(512 << 20, Duration::from_millis(p.settle_ms));
+    eprintln!(
+        "bench: this host's first touch of fresh memory: {:.2} CPU-s/GiB after the settle, \
+         {:.2} right after freeing",
+        touch.settled_s_per_gib, touch.warm_s_per_gib
+    );
     let specs = p.rows.clone().unwrap_or_else(RowSpec::all);
     let repeat = a.repeat.max(1);
     let mut rows = Vec::new();
@@ -196,6 +205,14 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     let mut md = String::new();
     let _ = writeln!(md, "# livemig beside QEMU\n");
     let _ = writeln!(md, "{}\n", how.line());
+    let _ = writeln!(
+        md,
+        "This host's first touch of fresh memory (one thread faulting in 512 MiB, measured at \
+         the start): {:.2} CPU-s per GiB after the settle, {:.2} CPU-s per GiB right after \
+         freeing the same amount. A cold destination pays it for every page it receives, \
+         whichever tool it is.\n",
+        touch.settled_s_per_gib, touch.warm_s_per_gib
+    );
     let _ = writeln!(md, "{}\n", table::markdown(&rows));
     let _ = writeln!(md, "{settings} Load average at the end: {load_end}.\n");
     let targets = table::targets(&rows);
@@ -213,6 +230,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             Err(why) => json!({"tool": "qemu", "available": false, "why": why}),
         },
         "guest_boot": boot_how,
+        "host_first_touch": touch,
         "repeat": repeat,
         "rows": rows.iter().map(RowResult::json).collect::<Vec<_>>(),
     });
@@ -272,7 +290,7 @@ fn measure_row(
                 dest: spec.dest,
                 channels: spec.channels,
             };
-            std::thread::sleep(std::time::Duration::from_millis(a.peer.settle_ms));
+            std::thread::sleep(Duration::from_millis(a.peer.settle_ms));
             match migration::run(&setup) {
                 Ok(s) => {
                     eprintln!(
