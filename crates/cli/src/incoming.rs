@@ -42,10 +42,15 @@ pub struct IncomingArgs {
     /// Chunks of credit each device gets at most (0: 2 x the session's channels).
     #[arg(long, default_value_t = 0)]
     pub max_credit_window: u32,
-    /// Bytes of device state chunks this side buffers at most, across devices (0: every
-    /// device's full window).
-    #[arg(long, default_value = "0", value_parser = parse_size)]
+    /// Bytes of device state chunks this side buffers at most, across devices, whatever
+    /// the source asks for (0: every device's full window, as large as the source's hello
+    /// makes it).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub max_buffer_cap: u64,
+    /// Milliseconds a new connection has to complete its first frame (after TLS), from its
+    /// accept: a deadline, not reset by bytes arriving.
+    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub handshake_timeout_ms: u64,
     /// Print one JSON object per line instead of text.
     #[arg(long)]
     pub json: bool,
@@ -96,6 +101,7 @@ pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
         credit_window: a.max_credit_window,
         buffer_cap: a.max_buffer_cap,
         peer_timeout: Duration::from_millis(a.onward.peer_timeout_ms),
+        handshake_timeout: Duration::from_millis(a.handshake_timeout_ms),
         tls: a.onward.tls.config()?,
         test_hooks: TestHooks {
             break_round_order: a.test_break_round_order,

@@ -153,6 +153,8 @@ fn destination_refuses(
     let addr = addr.strip_prefix("tcp:").unwrap().to_string();
     let config = IncomingConfig {
         credit_window: WINDOW,
+        // Every device's full window: the accept below says exactly that.
+        buffer_cap: 0,
         setup_timeout: Duration::from_secs(10),
         ..IncomingConfig::default()
     };

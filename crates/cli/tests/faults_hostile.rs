@@ -298,10 +298,7 @@ fn a_silent_connection_is_refused_naming_the_handshake_timeout() {
     let silent = TcpStream::connect(host_port(&addr)).unwrap();
     let line = wait_log(&mut dest, "refused a connection", Duration::from_secs(30));
     let msg = line["msg"].as_str().unwrap_or_default();
-    assert!(
-        msg.contains("nothing received within the handshake timeout"),
-        "{line}"
-    );
+    assert!(msg.contains("within the handshake timeout"), "{line}");
     drop(silent);
 }
 

@@ -58,6 +58,7 @@ fn fake_destination(listener: TcpListener, how: Misbehaviour) {
     let accept = SessionAccept {
         window: 2,
         buffer_cap: 64 << 20,
+        peer_timeout_ms: hello.peer_timeout_ms,
     };
     assert!(send(&mut main, FrameKind::SessionAccept, &accept.encode()));
     // Round ends seen on the data channels: (round, last).
@@ -235,6 +236,7 @@ fn a_session_answer_trickled_a_byte_at_a_time_fails_set_up_after_the_connect_tim
             &SessionAccept {
                 window: 2,
                 buffer_cap: 1 << 20,
+                peer_timeout_ms: 30_000,
             }
             .encode(),
         );

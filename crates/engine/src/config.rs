@@ -13,10 +13,24 @@ use std::time::Duration;
 
 /// How long a silent peer is given by default before it is taken for dead.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Device state a destination buffers at most by default, across devices. With 1 MiB
+/// chunks that is a window of 64 chunks for 4 devices; a hello asking for more (many
+/// devices, large chunks, wide windows) gets narrower windows, never more memory.
+pub const DEFAULT_BUFFER_CAP: u64 = 256 << 20;
 /// The longest a guest stays paused for a switchover by default.
 pub const DEFAULT_SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(30);
 /// The shortest peer timeout allowed (pings go out every quarter of it).
 pub const MIN_PEER_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// A peer timeout in whole milliseconds for the hello and the accept, within what the wire
+/// allows (the shorter of the two sides' governs both).
+pub(crate) fn wire_ms(d: Duration) -> u32 {
+    let ms = u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+    ms.clamp(
+        *livemig_wire::PEER_TIMEOUT_MS.start(),
+        *livemig_wire::PEER_TIMEOUT_MS.end(),
+    )
+}
 
 /// How often an idle channel pings when the peer timeout is `t`.
 pub fn ping_interval(t: Duration) -> Duration {
@@ -226,8 +240,9 @@ pub struct IncomingConfig {
     /// Chunks of credit each device gets at most (0: 2 x the session's channels). A source
     /// may ask for less.
     pub credit_window: u32,
-    /// Bytes of device chunks buffered at most across devices (0: every device's full
-    /// window). A source may ask for less.
+    /// Bytes of device chunks buffered at most across devices (default 256 MiB; 0: every
+    /// device's full window, as large as the hello makes it). A source may ask for less,
+    /// never for more: the destination's memory is its own decision.
     pub buffer_cap: u64,
     /// A source silent this long on a data channel (no frame, not even a ping), not reading
     /// for this long, or this late with `Complete` or `Handover` once due, is taken for dead:
@@ -252,7 +267,7 @@ impl Default for IncomingConfig {
             handshake_timeout: Duration::from_secs(5),
             verify: false,
             credit_window: 0,
-            buffer_cap: 0,
+            buffer_cap: DEFAULT_BUFFER_CAP,
             peer_timeout: DEFAULT_PEER_TIMEOUT,
             tls: None,
             cancel: CancelToken::new(),

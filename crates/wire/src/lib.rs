@@ -31,7 +31,7 @@ pub use frame::{
 pub use ram::{RamFlags, RamPacket, RamPrefix};
 pub use session::{
     ChannelHello, GuestDescriptor, MemoryFiles, MemoryRange, RamTransfer, Reject, RejectCode,
-    SessionAccept, SessionHello, SessionId, MAX_CHANNELS, MAX_REGIONS, MAX_VCPUS,
+    SessionAccept, SessionHello, SessionId, MAX_CHANNELS, MAX_REGIONS, MAX_VCPUS, PEER_TIMEOUT_MS,
 };
 
 /// The guest page size livemig migrates in.

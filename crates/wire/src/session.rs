@@ -82,6 +82,25 @@ pub struct SessionHello {
     pub devices: DeviceSetup,
     /// How guest RAM reaches the destination.
     pub ram: RamTransfer,
+    /// The source's peer timeout, milliseconds: how long it lets the destination be silent.
+    /// The destination answers with the timeout both sides then use (see [`SessionAccept`]).
+    pub peer_timeout_ms: u32,
+}
+
+/// Peer timeouts a hello or an accept may state, milliseconds: from 200 ms (pings every 50
+/// ms) to one hour.
+pub const PEER_TIMEOUT_MS: std::ops::RangeInclusive<u32> = 200..=3_600_000;
+
+fn check_peer_timeout(ms: u32) -> Result<u32, WireError> {
+    if PEER_TIMEOUT_MS.contains(&ms) {
+        Ok(ms)
+    } else {
+        Err(WireError::OutOfRange {
+            field: "peer timeout",
+            value: ms as u64,
+            reason: "must be 200 ms to one hour",
+        })
+    }
 }
 
 /// How guest RAM reaches the destination.
@@ -114,7 +133,8 @@ impl SessionHello {
         w.u8(match self.ram {
             RamTransfer::Copy => 0,
             RamTransfer::Local => 1,
-        });
+        })
+        .u32(self.peer_timeout_ms);
         out
     }
 
@@ -204,6 +224,7 @@ impl SessionHello {
                 })
             }
         };
+        let peer_timeout_ms = check_peer_timeout(r.u32()?)?;
         r.finish()?;
         Ok(SessionHello {
             session,
@@ -217,24 +238,32 @@ impl SessionHello {
             },
             devices,
             ram,
+            peer_timeout_ms,
         })
     }
 }
 
 /// The destination accepts a session, with the flow-control bounds it chose for device
-/// state (which the source reports).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// state (which the source reports) and the peer timeout both sides use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionAccept {
     /// Chunks of credit each device gets at most.
     pub window: u32,
     /// Bytes of device chunks the destination buffers at most, across devices.
     pub buffer_cap: u64,
+    /// The agreed peer timeout, milliseconds: the shorter of the source's and the
+    /// destination's. Both sides ping every quarter of it and take a peer silent this long
+    /// for dead, so neither times out a healthy peer that pings on a longer timeout.
+    pub peer_timeout_ms: u32,
 }
 
 impl SessionAccept {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        Writer::new(&mut out).u32(self.window).u64(self.buffer_cap);
+        Writer::new(&mut out)
+            .u32(self.window)
+            .u64(self.buffer_cap)
+            .u32(self.peer_timeout_ms);
         out
     }
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
@@ -242,9 +271,15 @@ impl SessionAccept {
         let v = SessionAccept {
             window: r.u32()?,
             buffer_cap: r.u64()?,
+            peer_timeout_ms: check_peer_timeout(r.u32()?)?,
         };
         r.finish()?;
         Ok(v)
+    }
+
+    /// The agreed peer timeout.
+    pub fn peer_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.peer_timeout_ms as u64)
     }
 }
 
@@ -420,6 +455,7 @@ mod tests {
             },
             devices: DeviceSetup::default(),
             ram: RamTransfer::Copy,
+            peer_timeout_ms: 30_000,
         }
     }
 
@@ -433,7 +469,8 @@ mod tests {
         };
         assert_eq!(SessionHello::decode(&local.encode()).unwrap(), local);
         let mut bad = local.encode();
-        *bad.last_mut().unwrap() = 7;
+        let at = bad.len() - 5;
+        bad[at] = 7;
         assert!(SessionHello::decode(&bad)
             .unwrap_err()
             .to_string()
@@ -476,6 +513,31 @@ mod tests {
         let mut h = hello();
         h.guest.page_size = 8192;
         assert!(SessionHello::decode(&h.encode()).is_err());
+        for ms in [0, 199, 3_600_001] {
+            let mut h = hello();
+            h.peer_timeout_ms = ms;
+            assert!(SessionHello::decode(&h.encode())
+                .unwrap_err()
+                .to_string()
+                .contains("peer timeout"));
+        }
+    }
+
+    #[test]
+    fn session_accept_round_trip_and_bounds() {
+        let a = SessionAccept {
+            window: 8,
+            buffer_cap: 1 << 28,
+            peer_timeout_ms: 3000,
+        };
+        assert_eq!(SessionAccept::decode(&a.encode()).unwrap(), a);
+        assert_eq!(a.peer_timeout(), std::time::Duration::from_secs(3));
+        let bad = SessionAccept {
+            peer_timeout_ms: 50,
+            ..a
+        };
+        assert!(SessionAccept::decode(&bad.encode()).is_err());
+        assert!(SessionAccept::decode(&a.encode()[..12]).is_err());
     }
 
     #[test]

@@ -8,7 +8,9 @@ use livemig_wire::*;
 use std::path::Path;
 
 fn write(target: &str, name: &str, bytes: &[u8]) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("corpus")
+        .join(target);
     std::fs::create_dir_all(&dir).expect("create corpus dir");
     std::fs::write(dir.join(name), bytes).expect("write seed");
 }
@@ -36,28 +38,110 @@ fn main() {
             ..DeviceSetup::default()
         },
         ram: RamTransfer::Copy,
+        peer_timeout_ms: 30_000,
     };
     write("session", "hello", &hello.encode());
-    write("session", "memory_files", &MemoryFiles { offsets: vec![0] }.encode());
-    write("session", "accept", &SessionAccept { window: 8, buffer_cap: 8 << 20 }.encode());
-    write("session", "channel", &ChannelHello { session: SessionId([7; 16]), index: 2 }.encode());
-    write("session", "reject", &Reject::new(RejectCode::Protocol, "bad").encode());
-    write("frame", "round_end", &encode_frame(FrameKind::RoundEnd, &RoundEnd { round: 1, last: false }.encode()));
+    write(
+        "session",
+        "memory_files",
+        &MemoryFiles { offsets: vec![0] }.encode(),
+    );
+    write(
+        "session",
+        "accept",
+        &SessionAccept {
+            window: 8,
+            buffer_cap: 8 << 20,
+            peer_timeout_ms: 30_000,
+        }
+        .encode(),
+    );
+    write(
+        "session",
+        "channel",
+        &ChannelHello {
+            session: SessionId([7; 16]),
+            index: 2,
+        }
+        .encode(),
+    );
+    write(
+        "session",
+        "reject",
+        &Reject::new(RejectCode::Protocol, "bad").encode(),
+    );
+    write(
+        "frame",
+        "round_end",
+        &encode_frame(
+            FrameKind::RoundEnd,
+            &RoundEnd {
+                round: 1,
+                last: false,
+            }
+            .encode(),
+        ),
+    );
     let ram = ram::encode_packet(3, &[0, 8192], &[0x5a; 2 * PAGE_SIZE], &[4096], true);
     write("ram_packet", "two_normal_one_zero", &ram);
     write("frame", "ram", &encode_frame(FrameKind::RamPages, &ram));
-    let chunk = ChunkHeader { device: 1, idx: 9, last: true }.encode();
+    let chunk = ChunkHeader {
+        device: 1,
+        idx: 9,
+        last: true,
+    }
+    .encode();
     write("device", "chunk_header", &chunk);
-    write("device", "credit", &Credit { device: 1, up_to: 17 }.encode());
-    write("device", "vmstates", &VmStates { blobs: vec![vec![1, 2, 3], vec![]] }.encode());
-    write("control", "loaded", &Loaded { drain_us: 1, devices: vec![DeviceLoadStats::default()], ..Loaded::default() }.encode());
-    write("control", "round_start", &RoundStart { round: 2, pages: 100 }.encode());
+    write(
+        "device",
+        "credit",
+        &Credit {
+            device: 1,
+            up_to: 17,
+        }
+        .encode(),
+    );
+    write(
+        "device",
+        "vmstates",
+        &VmStates {
+            blobs: vec![vec![1, 2, 3], vec![]],
+        }
+        .encode(),
+    );
+    write(
+        "control",
+        "loaded",
+        &Loaded {
+            drain_us: 1,
+            devices: vec![DeviceLoadStats::default()],
+            ..Loaded::default()
+        }
+        .encode(),
+    );
+    write(
+        "control",
+        "round_start",
+        &RoundStart {
+            round: 2,
+            pages: 100,
+        }
+        .encode(),
+    );
     let synthetic = SyntheticState {
         counter: 5,
-        workload: Workload { working_set_pages: 4, rate: 0, threads: 1 },
+        workload: Workload {
+            working_set_pages: 4,
+            rate: 0,
+            threads: 1,
+        },
         gens: vec![1; 16],
     };
     write("guest_state", "synthetic", &synthetic.encode());
-    write("guest_state", "vfio_config", &VfioSimConfig::with_size(4096).encode());
+    write(
+        "guest_state",
+        "vfio_config",
+        &VfioSimConfig::with_size(4096).encode(),
+    );
     println!("corpus written under fuzz/corpus/");
 }

@@ -214,15 +214,15 @@ pub fn receive_vm(
     // Dead-peer detection: every write is bounded, and a data channel hears from the source
     // (pages, chunks or a ping) at least every ping interval.
     for (i, s) in data.iter().enumerate() {
-        s.arm_peer_timeout(config.peer_timeout)
-            .and_then(|()| s.set_read_timeout(Some(config.peer_timeout)))
+        s.arm_peer_timeout(accept.peer_timeout())
+            .and_then(|()| s.set_read_timeout(Some(accept.peer_timeout())))
             .map_err(|source| ChannelError::Io {
                 channel: ChannelName::Data(i as u16),
                 op: "arm the peer timeout",
                 source,
             })?;
     }
-    main.arm_peer_timeout(config.peer_timeout)
+    main.arm_peer_timeout(accept.peer_timeout())
         .map_err(|source| ChannelError::Io {
             channel: ChannelName::Main,
             op: "arm the peer timeout",
@@ -403,7 +403,8 @@ impl Session<'_> {
         torn: &TornPages,
     ) -> Result<IncomingReport, IncomingError> {
         let hello = self.hello;
-        let ping_every = crate::config::ping_interval(self.config.peer_timeout);
+        let peer_timeout = self.accept.peer_timeout();
+        let ping_every = crate::config::ping_interval(peer_timeout);
         // The next event; when none comes for a ping interval, pings the source (so its
         // return path knows this side lives) and gives up once `deadline` has passed.
         let next = |main: &mut Stream,
@@ -424,7 +425,7 @@ impl Session<'_> {
                             if Instant::now() >= at {
                                 return Err(protocol(&format!(
                                     "no {what} from the source within the peer timeout ({:?}): it is dead, stuck or cut off",
-                                    self.config.peer_timeout
+                                    self.accept.peer_timeout()
                                 )));
                             }
                         }
@@ -464,7 +465,7 @@ impl Session<'_> {
                     channels_done += 1;
                     rounds = r;
                     if channels_done == hello.channels as usize {
-                        complete_due = Some(Instant::now() + self.config.peer_timeout);
+                        complete_due = Some(Instant::now() + self.accept.peer_timeout());
                     }
                 }
                 Event::RoundApplied(round) => framed::send(
@@ -554,7 +555,7 @@ impl Session<'_> {
             devices: device_stats.clone(),
         };
         framed::send(main, ChannelName::Main, FrameKind::Loaded, &loaded.encode())?;
-        let handover_due = Instant::now() + self.config.peer_timeout;
+        let handover_due = Instant::now() + self.accept.peer_timeout();
         loop {
             match next(main, Some((handover_due, "Handover"))) {
                 Ok(Event::Handover) => break,

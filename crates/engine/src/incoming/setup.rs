@@ -89,7 +89,7 @@ fn handshakes<R>(
 ) -> Result<R, IncomingError> {
     type Done = (u64, Option<(Stream, Result<Vec<u8>, ChannelError>)>);
     let (tx, rx) = crossbeam_channel::unbounded::<Done>();
-    let pending: Mutex<Vec<(u64, Stream)>> = Mutex::new(Vec::new());
+    let pending: Mutex<Vec<Pending>> = Mutex::new(Vec::new());
     let lock = || pending.lock().unwrap_or_else(|p| p.into_inner());
     std::thread::scope(|scope| {
         let result = (|| {
@@ -99,12 +99,33 @@ fn handshakes<R>(
                     return Err(e);
                 }
                 while let Ok((id, done)) = rx.try_recv() {
-                    lock().retain(|(i, _)| *i != id);
+                    let mut expired = false;
+                    lock().retain(|p| {
+                        expired |= p.id == id && p.expired;
+                        p.id != id
+                    });
                     if let Some((s, first)) = done {
+                        // Cut at its deadline: say so, not what the cut made of the read.
+                        let first = if expired {
+                            Err(handshake_expired())
+                        } else {
+                            first
+                        };
                         if let Some(r) = decide(s, first) {
                             return Ok(r);
                         }
                     }
+                }
+                // The handshake timeout is a deadline per connection, from its accept: a
+                // peer trickling bytes (or pings) keeps no slot past it. Its read half is
+                // shut, so its thread ends at once and the refusal can still be written.
+                let now = Instant::now();
+                for p in lock()
+                    .iter_mut()
+                    .filter(|p| !p.expired && now >= p.deadline)
+                {
+                    p.expired = true;
+                    p.cut_read();
                 }
                 // While a handshake is under way its answer is looked for every millisecond:
                 // a source opens its channels one after another, each waiting for its accept.
@@ -127,16 +148,31 @@ fn handshakes<R>(
                     Err(e) => return Err(IncomingError::Accept(e)),
                 };
                 if lock().len() >= MAX_HANDSHAKES {
-                    log(format!(
-                        "refused a connection: {MAX_HANDSHAKES} connections are handshaking already"
-                    ));
+                    let why = format!(
+                        "{MAX_HANDSHAKES} connections are handshaking already (each is given {:?}); try again",
+                        config.handshake_timeout
+                    );
+                    log(format!("refused a connection: {why}"));
+                    // A fresh socket's buffer takes a small frame without blocking.
+                    let mut s = s;
+                    let _ = s.set_write_timeout(Some(std::time::Duration::from_millis(100)));
+                    framed::send_reject(
+                        &mut s,
+                        ChannelName::Incoming,
+                        &Reject::new(RejectCode::Other, why),
+                    );
                     s.shutdown();
                     continue;
                 }
                 let Ok(cut) = s.try_clone() else { continue };
                 let id = next_id;
                 next_id += 1;
-                lock().push((id, cut));
+                lock().push(Pending {
+                    id,
+                    cut,
+                    deadline: Instant::now() + config.handshake_timeout,
+                    expired: false,
+                });
                 let (tx, unexpected) = (tx.clone(), &unexpected);
                 let started = std::thread::Builder::new()
                     .name("lm-dst-hs".into())
@@ -145,16 +181,50 @@ fn handshakes<R>(
                         let _ = tx.send((id, done));
                     });
                 if started.is_err() {
-                    lock().retain(|(i, _)| *i != id);
+                    lock().retain(|p| p.id != id);
                 }
             }
         })();
         // Cut short whatever still handshakes, so the scope's joins are immediate.
-        for (_, s) in lock().drain(..) {
-            s.shutdown();
+        for p in lock().drain(..) {
+            p.cut.shutdown();
         }
         result
     })
+}
+
+/// A connection still handshaking.
+struct Pending {
+    id: u64,
+    /// The accepted socket (under TLS, if any), to cut the handshake short.
+    cut: Stream,
+    /// Its handshake timeout, from its accept.
+    deadline: Instant,
+    /// Cut at the deadline.
+    expired: bool,
+}
+
+impl Pending {
+    /// Shuts the read half: the handshake's read ends, a refusal can still be written.
+    fn cut_read(&self) {
+        let _ = match &self.cut {
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Read),
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Read),
+            Stream::Tls(_) => {
+                self.cut.shutdown();
+                Ok(())
+            }
+        };
+    }
+}
+
+/// The error a handshake cut at its deadline is refused with.
+fn handshake_expired() -> ChannelError {
+    ChannelError::Io {
+        channel: ChannelName::Incoming,
+        op: "handshake",
+        source: std::io::ErrorKind::TimedOut.into(),
+    }
 }
 
 /// How often the handshake loop looks at finished handshakes while none arrives.
@@ -221,7 +291,7 @@ fn plain_refusal(e: ChannelError, handshake_timeout: std::time::Duration) -> Str
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             ) =>
         {
-            format!("nothing received within the handshake timeout ({handshake_timeout:?})")
+            format!("no complete first frame within the handshake timeout ({handshake_timeout:?}, from the connection's accept)")
         }
         // A TLS record header: handshake (0x16), version 3.x.
         ChannelError::Wire {
@@ -339,6 +409,10 @@ pub(crate) fn flow_bounds(
     Ok(SessionAccept {
         window,
         buffer_cap: cap,
+        // The shorter of the two governs both sides (the hello's is within the wire's range).
+        peer_timeout_ms: hello
+            .peer_timeout_ms
+            .min(crate::config::wire_ms(config.peer_timeout)),
     })
 }
 

@@ -327,6 +327,7 @@ fn connect_session(
         guest: vm.guest.descriptor(),
         devices: wire_devices(vm, config),
         ram: config.ram,
+        peer_timeout_ms: crate::config::wire_ms(config.peer_timeout),
     };
     framed::send(
         &mut main,
@@ -356,6 +357,18 @@ fn connect_session(
         channel: ChannelName::Main,
         source,
     })?;
+    if accept.peer_timeout_ms > hello.peer_timeout_ms {
+        // The agreed timeout is the shorter of the two: a longer one is not an agreement.
+        return Err(ChannelError::Protocol {
+            channel: ChannelName::Main,
+            detail: format!(
+                "the destination answered a peer timeout of {} ms to the source's {} ms",
+                accept.peer_timeout_ms, hello.peer_timeout_ms
+            ),
+        }
+        .into());
+    }
+    let peer_timeout = accept.peer_timeout();
     let mut data = Vec::with_capacity(config.channels as usize);
     for index in 0..config.channels {
         let ch = ChannelName::Data(index);
@@ -371,11 +384,11 @@ fn connect_session(
     }
     for s in data.iter().chain([&main]) {
         let _ = s.set_read_timeout(None);
-        s.arm_peer_timeout(config.peer_timeout)
+        s.arm_peer_timeout(peer_timeout)
             .map_err(|e| io_err_op(ChannelName::Main, "arm the peer timeout", e))?;
     }
     // The return path hears from the destination at least every ping interval.
-    let _ = main.set_read_timeout(Some(config.peer_timeout));
+    let _ = main.set_read_timeout(Some(peer_timeout));
     Ok((main, data, accept))
 }
 
@@ -475,7 +488,7 @@ fn run_session(
                 events: events_tx.clone(),
                 cancel: cancel.clone(),
                 counters,
-                ping_every: crate::config::ping_interval(config.peer_timeout),
+                ping_every: crate::config::ping_interval(accept.peer_timeout()),
                 pages_per_packet: config.pages_per_packet as usize,
                 page_checksums: config.page_checksums,
                 compress: config.compress,
@@ -775,7 +788,7 @@ impl Coordinator<'_> {
         let t_loaded = Instant::now();
         // Told to run the guest, a live destination says so at once.
         self.watchdog
-            .arm(Awaited::Resumed, self.config.peer_timeout);
+            .arm(Awaited::Resumed, self.accept.peer_timeout());
         down.dest_restore_ms = loaded.restore_us as f64 / 1e3;
         down.dest_verify_ms = loaded.verify_us as f64 / 1e3;
         down.transfer_ms = ms(t_loaded - t_transfer) - down.dest_restore_ms - down.dest_verify_ms;
@@ -927,7 +940,7 @@ impl Coordinator<'_> {
                             // All of the round is on its way: a live destination that reads
                             // acknowledges it within the peer timeout, pings or not.
                             self.watchdog
-                                .arm(Awaited::RoundAck(round), self.config.peer_timeout);
+                                .arm(Awaited::RoundAck(round), self.accept.peer_timeout());
                         }
                     }
                     Event::RoundAck(r) if r == round => acked = true,
