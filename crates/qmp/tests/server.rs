@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 struct Echo;
 
@@ -188,5 +188,220 @@ fn too_many_clients_are_told_so() {
         .unwrap()
         .contains("too many QMP clients"));
     server.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn test_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lm-qmp-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// What the server logged, for the tests that check its reasons.
+static LOG: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn log_here(msg: &str) {
+    LOG.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(msg.to_string());
+}
+
+fn logged() -> String {
+    LOG.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
+}
+
+/// Reads lines until EOF within `t`; the lines.
+fn until_eof(c: &mut Client, t: Duration) -> Vec<String> {
+    c.r.get_ref().set_read_timeout(Some(t)).unwrap();
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        match c.r.read_line(&mut line) {
+            Ok(0) => return lines,
+            Ok(_) => lines.push(line),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return lines,
+            Err(e) => panic!("still connected after {t:?} ({e}); read {lines:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_client_that_does_not_read_is_disconnected_and_events_never_wait_for_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = test_dir("slow");
+    let path = dir.join("qmp.sock");
+    let events = Events::new();
+    let config = ServerConfig {
+        max_queued_messages: 64,
+        write_timeout: Duration::from_secs(60),
+        log: log_here,
+        ..ServerConfig::default()
+    };
+    let server = Server::start(&path, Arc::new(Echo), &events, config).unwrap();
+    let (mut slow, _) = Client::connect(&path);
+    slow.cmd(json!({"execute": "qmp_capabilities"}));
+    let (mut other, _) = Client::connect(&path);
+    other.cmd(json!({"execute": "qmp_capabilities"}));
+    // The slow client never reads again. Was: once its socket was full, each event waited
+    // 5 s (the write timeout) for it.
+    let t = Instant::now();
+    for i in 0..5000 {
+        events.emit("TICK", Some(json!({ "i": i })));
+    }
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(2), "5000 events took {took:?}");
+    // The slow client got what fitted, then EOF; the reason is logged.
+    let lines = until_eof(&mut slow, Duration::from_secs(10));
+    assert!(lines.len() < 5000, "{} lines", lines.len());
+    let log = logged();
+    assert!(
+        log.contains("disconnected: it does not read its replies and events (64 messages"),
+        "{log}"
+    );
+    // The other client is still served (it was dropped too if it fell behind: it did not
+    // read during the burst; a fresh client is served either way).
+    let (mut fresh, _) = Client::connect(&path);
+    fresh.cmd(json!({"execute": "qmp_capabilities"}));
+    assert_eq!(
+        fresh.cmd(json!({"execute": "echo", "arguments": {"text": "on"}}))["return"]["text"],
+        "on"
+    );
+    drop(other);
+    server.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_client_that_does_not_negotiate_is_told_why_and_closed() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = test_dir("negotiate");
+    let path = dir.join("qmp.sock");
+    let events = Events::new();
+    let config = ServerConfig {
+        negotiation_timeout: Duration::from_millis(300),
+        log: log_here,
+        ..ServerConfig::default()
+    };
+    let server = Server::start(&path, Arc::new(Echo), &events, config).unwrap();
+    let t = Instant::now();
+    let (mut silent, _) = Client::connect(&path);
+    let (mut prompt, _) = Client::connect(&path);
+    prompt.cmd(json!({"execute": "qmp_capabilities"}));
+    let lines = until_eof(&mut silent, Duration::from_secs(10));
+    assert!(t.elapsed() >= Duration::from_millis(300));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let v: Value = serde_json::from_str(&lines[0]).unwrap();
+    let desc = v["error"]["desc"].as_str().unwrap();
+    assert!(
+        desc.contains("'qmp_capabilities'") && desc.contains("300 ms"),
+        "{desc}"
+    );
+    // The negotiated client is not timed out.
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        prompt.cmd(json!({"execute": "echo", "arguments": {"text": "x"}}))["return"]["text"],
+        "x"
+    );
+    server.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn when_every_slot_is_taken_an_idle_client_gives_its_slot_to_a_new_one() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = test_dir("idle");
+    let path = dir.join("qmp.sock");
+    let events = Events::new();
+    let config = ServerConfig {
+        max_clients: 2,
+        idle_limit: Duration::from_millis(500),
+        log: log_here,
+        ..ServerConfig::default()
+    };
+    let server = Server::start(&path, Arc::new(Echo), &events, config).unwrap();
+    let (mut idle, _) = Client::connect(&path);
+    idle.cmd(json!({"execute": "qmp_capabilities"}));
+    let (mut busy, _) = Client::connect(&path);
+    busy.cmd(json!({"execute": "qmp_capabilities"}));
+    // Before the idle limit, a third client is refused, naming why.
+    let (_, refused) = Client::connect(&path);
+    let desc = refused["error"]["desc"].as_str().unwrap().to_string();
+    assert!(
+        desc.contains("too many QMP clients: 2") && desc.contains("idle for 500 ms"),
+        "{desc}"
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    busy.cmd(json!({"execute": "echo", "arguments": {"text": "still here"}}));
+    // Now the idle one (silent for 600 ms) gives its slot to a new client.
+    let (mut new, greeting) = Client::connect(&path);
+    assert!(greeting.get("QMP").is_some(), "{greeting}");
+    assert_eq!(
+        new.cmd(json!({"execute": "qmp_capabilities"}))["return"],
+        json!({})
+    );
+    let lines = until_eof(&mut idle, Duration::from_secs(10));
+    let all = lines.concat();
+    assert!(
+        all.contains("it sent nothing for") && all.contains("needs its slot"),
+        "{all}"
+    );
+    // The busy client was not touched.
+    assert_eq!(
+        busy.cmd(json!({"execute": "echo", "arguments": {"text": "y"}}))["return"]["text"],
+        "y"
+    );
+    server.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn what_was_queued_is_delivered_when_the_server_shuts_down() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = test_dir("drain");
+    let path = dir.join("qmp.sock");
+    let events = Events::new();
+    let server = Server::start(&path, Arc::new(Echo), &events, ServerConfig::default()).unwrap();
+    let (mut c, _) = Client::connect(&path);
+    c.cmd(json!({"execute": "qmp_capabilities"}));
+    for i in 0..100 {
+        events.emit("LAST_WORDS", Some(json!({ "i": i })));
+    }
+    server.shutdown();
+    let lines = until_eof(&mut c, Duration::from_secs(10));
+    assert_eq!(lines.len(), 100, "every queued event before EOF");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_socket_path_must_be_free_or_a_stale_socket_and_is_removed_only_while_ours() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = test_dir("path");
+    let events = Events::new();
+    let start = |p: &PathBuf| Server::start(p, Arc::new(Echo), &events, ServerConfig::default());
+    // A regular file: refused, kept.
+    let file = dir.join("file");
+    std::fs::write(&file, "keep").unwrap();
+    let e = start(&file).err().unwrap().to_string();
+    assert!(e.contains("is a regular file, not a socket"), "{e}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+    // A live socket (another server of this process): refused; that server still serves.
+    let path = dir.join("qmp.sock");
+    let first = start(&path).unwrap();
+    let e = start(&path).err().unwrap().to_string();
+    assert!(e.contains("is a socket in use"), "{e}");
+    let (_c, greeting) = Client::connect(&path);
+    assert!(greeting.get("QMP").is_some());
+    // A stale socket: replaced.
+    let stale = dir.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let second = start(&stale).unwrap();
+    let (_d, greeting) = Client::connect(&stale);
+    assert!(greeting.get("QMP").is_some());
+    second.shutdown();
+    assert!(!stale.exists(), "its own socket file is removed");
+    // Replaced behind the server's back: left alone at shutdown.
+    std::fs::rename(&file, &path).unwrap();
+    first.shutdown();
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep");
     let _ = std::fs::remove_dir_all(&dir);
 }
