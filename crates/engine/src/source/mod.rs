@@ -683,6 +683,7 @@ impl Coordinator<'_> {
         let mut rounds = Vec::new();
         let mut round = 0u32;
         let mut converge = AutoConverge::new(self.config.auto_converge);
+        let mut polish = 0u32;
         let forced = loop {
             let mut report = self.precopy_round(round, &dirty)?;
             report.throttle_percent = converge.throttle;
@@ -694,7 +695,7 @@ impl Coordinator<'_> {
             report.expected_downtime_ms =
                 1e3 * (report.dirty_after * PAGE_SIZE as u64) as f64 / report.bytes_per_s.max(1.0);
             (self.progress)(&Progress::RoundDone(report.clone()));
-            let converged = report.expected_downtime_ms <= ms(self.config.downtime_limit);
+            let converged = switch_now(&report, ms(self.config.downtime_limit), &mut polish);
             let next_throttle = converge.after_round(&report);
             rounds.push(report);
             round += 1;
@@ -1148,6 +1149,29 @@ fn job_failure(done: Result<JobDone, crossbeam_channel::RecvError>) -> Result<()
     }
 }
 
+/// Rounds run past the point where the rest would fit the downtime limit, at most.
+const MAX_POLISH_ROUNDS: u32 = 8;
+/// Expected downtime below which another round is not worth its fixed cost, milliseconds.
+const POLISH_FLOOR_MS: f64 = 1.0;
+
+/// Whether to switch over after the round `r`: once the rest would move within the downtime
+/// limit, and another round would not at least halve it. A round that halves what is left
+/// costs a few milliseconds of precopy (the guest runs) and takes as much off the downtime
+/// (the guest is paused), so the downtime approaches the switchover's fixed cost rather than
+/// the working set's last pass (QEMU switches over as soon as the rest fits). `polish`
+/// counts the rounds run past the limit; at most [`MAX_POLISH_ROUNDS`].
+fn switch_now(r: &RoundReport, limit_ms: f64, polish: &mut u32) -> bool {
+    if r.expected_downtime_ms > limit_ms {
+        return false;
+    }
+    let halves = r.dirty_after * 2 < r.pages;
+    if !halves || r.expected_downtime_ms < POLISH_FLOOR_MS || *polish >= MAX_POLISH_ROUNDS {
+        return true;
+    }
+    *polish += 1;
+    false
+}
+
 /// Auto-converge's state: QEMU's rule, a round whose dirtying reached half of what it sent
 /// counts as not shrinking; two such rounds in a row raise the throttle a step.
 struct AutoConverge {
@@ -1217,5 +1241,58 @@ fn event_name(ev: &Event) -> &'static str {
         Event::DeviceDone(..) => "a device save ending",
         Event::StateSaved(_) => "the state saved",
         Event::Failed(_) | Event::PeerFailed(_) => "a failure",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{switch_now, RoundReport, MAX_POLISH_ROUNDS};
+
+    fn round(pages: u64, dirty_after: u64, expected_downtime_ms: f64) -> RoundReport {
+        RoundReport {
+            pages,
+            dirty_after,
+            expected_downtime_ms,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn over_the_limit_never_switches() {
+        let mut polish = 0;
+        assert!(!switch_now(&round(1000, 900, 500.0), 300.0, &mut polish));
+        assert_eq!(polish, 0);
+    }
+
+    #[test]
+    fn under_the_limit_a_round_that_halves_the_rest_is_run() {
+        let mut polish = 0;
+        // 64 MiB left of a 1.5 GiB first round: fits, but another round halves it.
+        assert!(!switch_now(
+            &round(393_216, 16_384, 32.0),
+            300.0,
+            &mut polish
+        ));
+        assert_eq!(polish, 1);
+        // The rest stopped halving: switch.
+        assert!(switch_now(&round(400, 300, 1.5), 300.0, &mut polish));
+    }
+
+    #[test]
+    fn a_rest_below_the_floor_or_an_idle_guest_switches_at_once() {
+        let mut polish = 0;
+        assert!(switch_now(&round(393_216, 0, 0.0), 300.0, &mut polish));
+        assert!(switch_now(&round(1000, 10, 0.5), 300.0, &mut polish));
+        assert_eq!(polish, 0);
+    }
+
+    #[test]
+    fn polishing_is_bounded() {
+        let mut polish = 0;
+        let r = round(1000, 100, 50.0);
+        let extra = (0..100)
+            .take_while(|_| !switch_now(&r, 300.0, &mut polish))
+            .count();
+        assert_eq!(extra as u32, MAX_POLISH_ROUNDS);
     }
 }
