@@ -457,6 +457,9 @@ fn a_qmp_client_that_does_not_read_does_not_stall_the_vm() {
         lines.len()
     );
     let log = vm.stderr();
+    for l in log.lines().filter(|l| l.contains("disconnected")) {
+        println!("{l}");
+    }
     assert_mentions(
         &log,
         &["QMP client", "disconnected", "does not read"],

@@ -2,11 +2,14 @@
 //! and its writer (`lm-qmp-write`: drains the connection's queue to the socket).
 //!
 //! Nothing but the writer ever blocks on the client's socket. Replies and events are queued
-//! ([`Conn::send`], which never waits), in order, up to [`ServerConfig::max_queued_bytes`]
-//! and [`ServerConfig::max_queued_messages`]; a client that lets more pile up, or whose
-//! socket takes nothing for [`ServerConfig::write_timeout`], does not read: it is
-//! disconnected and the reason logged. So one client that stops reading never holds up the
-//! VM's thread (which emits events) or another client.
+//! in order, up to [`ServerConfig::max_queued_bytes`] and
+//! [`ServerConfig::max_queued_messages`]. An event ([`Conn::send`]) never waits: a client
+//! that lets more pile up does not read, and is disconnected with the reason logged. A reply
+//! ([`Conn::reply`], on the client's own reader thread) waits for room instead, so a client
+//! that sends many commands before reading is slowed, as QEMU suspends such a monitor. A
+//! client whose socket takes nothing for [`ServerConfig::write_timeout`] is disconnected too.
+//! So one client that stops reading never holds up the VM's thread (which emits events) or
+//! another client.
 //!
 //! A connection ends in one of two ways: *closed* (the client left, or the server closes it:
 //! shutdown, the negotiation timeout, an idle client giving up its slot) lets the writer
@@ -45,7 +48,10 @@ pub(crate) struct Conn {
     pub id: u64,
     stream: UnixStream,
     queue: Mutex<Queue>,
+    /// Something was queued, or the connection is closing.
     ready: Condvar,
+    /// Something was written, or the connection ended: a reply may fit now.
+    room: Condvar,
     pub negotiated: AtomicBool,
     /// Its threads have ended (or are about to): it can be joined.
     pub done: AtomicBool,
@@ -74,6 +80,7 @@ impl Conn {
             stream,
             queue: Mutex::new(Queue::default()),
             ready: Condvar::new(),
+            room: Condvar::new(),
             negotiated: AtomicBool::new(false),
             done: AtomicBool::new(false),
             connected: Instant::now(),
@@ -89,15 +96,39 @@ impl Conn {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues one message without waiting. False if the connection is closing, or if the
-    /// client has let too much pile up (it is then disconnected).
+    fn full(&self, q: &Queue, len: usize) -> bool {
+        q.msgs.len() >= self.max_msgs || q.bytes + len > self.max_bytes
+    }
+
+    /// Queues a reply, on the client's own reader thread: while the queue is full it waits
+    /// for the writer (which gives up on a client whose socket takes nothing for the write
+    /// timeout), so a client that sends many commands before reading is slowed, not
+    /// dropped. False if the connection has ended.
+    pub fn reply(&self, v: &Value) -> bool {
+        let line = message::to_line(v);
+        let mut q = self.queue();
+        while !q.closing && !q.msgs.is_empty() && self.full(&q, line.len()) {
+            q = self.room.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        if q.closing {
+            return false;
+        }
+        q.bytes += line.len();
+        q.msgs.push_back(line);
+        self.ready.notify_one();
+        true
+    }
+
+    /// Queues an event (or anything sent from a thread that must not wait for this
+    /// client) without waiting. False if the connection has ended, or if the client has let
+    /// too much pile up: it does not read, and is disconnected.
     pub fn send(&self, v: &Value) -> bool {
         let line = message::to_line(v);
         let mut q = self.queue();
         if q.closing {
             return false;
         }
-        if q.msgs.len() >= self.max_msgs || q.bytes + line.len() > self.max_bytes {
+        if self.full(&q, line.len()) {
             let why = format!(
                 "it does not read its replies and events ({} messages, {} bytes waiting; at most {} messages, {} bytes)",
                 q.msgs.len(),
@@ -133,6 +164,7 @@ impl Conn {
         }
         q.closing = true;
         self.ready.notify_one();
+        self.room.notify_all();
         drop(q);
         let _ = self.stream.shutdown(Shutdown::Read);
     }
@@ -151,6 +183,7 @@ impl Conn {
         q.bytes = 0;
         q.closing = true;
         self.ready.notify_one();
+        self.room.notify_all();
         drop(q);
         let _ = self.stream.shutdown(Shutdown::Both);
         if let (true, Some(why)) = (first, why) {
@@ -182,6 +215,7 @@ impl Conn {
                 match q.msgs.pop_front() {
                     Some(l) => {
                         q.bytes -= l.len();
+                        self.room.notify_all();
                         l
                     }
                     None => break,
@@ -230,7 +264,7 @@ pub(crate) fn serve(
 
 fn read_loop(stream: &mut UnixStream, conn: &Conn, handler: &dyn Handler, config: &ServerConfig) {
     let package = config.package.as_str();
-    if !conn.send(&message::greeting(package)) {
+    if !conn.reply(&message::greeting(package)) {
         return;
     }
     let negotiate_by = Instant::now() + config.negotiation_timeout;
@@ -276,7 +310,7 @@ fn read_loop(stream: &mut UnixStream, conn: &Conn, handler: &dyn Handler, config
         splitter.push(&buf[..n], &mut pieces);
         for piece in pieces.drain(..) {
             let (reply, ran) = answer(piece, conn, handler, package);
-            if !conn.send(&reply) {
+            if !conn.reply(&reply) {
                 return;
             }
             if let Some(req) = ran {

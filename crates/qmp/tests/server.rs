@@ -405,3 +405,36 @@ fn the_socket_path_must_be_free_or_a_stale_socket_and_is_removed_only_while_ours
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_client_that_sends_many_commands_before_reading_is_slowed_not_dropped() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = test_dir("pipeline");
+    let path = dir.join("qmp.sock");
+    let events = Events::new();
+    let config = ServerConfig {
+        max_queued_messages: 16,
+        ..ServerConfig::default()
+    };
+    let server = Server::start(&path, Arc::new(Echo), &events, config).unwrap();
+    let (mut c, _) = Client::connect(&path);
+    c.cmd(json!({"execute": "qmp_capabilities"}));
+    // 3000 commands written by another thread before this one reads any reply: far more
+    // than the queue and the socket hold, so the server must wait for the client.
+    let mut w = c.w.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        for i in 0..3000 {
+            let m = json!({"execute": "echo", "arguments": {"text": "p"}, "id": i});
+            w.write_all(m.to_string().as_bytes()).unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..3000 {
+        let r = c.recv();
+        assert_eq!(r["id"], i, "{r}");
+        assert_eq!(r["return"]["text"], "p");
+    }
+    writer.join().unwrap();
+    server.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
