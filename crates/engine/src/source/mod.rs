@@ -369,18 +369,22 @@ fn connect_session(
         .into());
     }
     let peer_timeout = accept.peer_timeout();
+    // Every data channel's hello goes out before any answer is awaited: the destination
+    // handshakes them side by side, so set-up costs one round trip, not one per channel.
     let mut data = Vec::with_capacity(config.channels as usize);
     for index in 0..config.channels {
-        let ch = ChannelName::Data(index);
         let mut s = connect()?;
         framed::send(
             &mut s,
-            ch,
+            ChannelName::Data(index),
             FrameKind::ChannelHello,
             &ChannelHello { session, index }.encode(),
         )?;
-        framed::recv_expect(&mut s, ch, &limits, &mut buf, FrameKind::ChannelAccept)?;
         data.push(s);
+    }
+    for (index, s) in data.iter_mut().enumerate() {
+        let ch = ChannelName::Data(index as u16);
+        framed::recv_expect(s, ch, &limits, &mut buf, FrameKind::ChannelAccept)?;
     }
     for s in data.iter().chain([&main]) {
         let _ = s.set_read_timeout(None);
