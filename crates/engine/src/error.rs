@@ -138,7 +138,7 @@ fn describe_io(e: &io::Error) -> String {
 }
 
 /// Text of a panic payload.
-pub(crate) fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = p.downcast_ref::<String>() {

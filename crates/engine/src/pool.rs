@@ -29,7 +29,6 @@
 //! join_all: first of Failed / Panicked / Spawn, else Cancelled if the flag is set, else Ok
 //! ```
 
-use std::any::Any;
 use std::error::Error as StdError;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -309,7 +308,7 @@ impl<'scope, 'env: 'scope> WorkerPool<'scope, 'env> {
             if let Err(payload) = handle.join() {
                 self.shared.fail(PoolError::Panicked {
                     job,
-                    message: panic_message(payload.as_ref()),
+                    message: crate::error::panic_message(payload.as_ref()),
                 });
             }
         }
@@ -342,7 +341,7 @@ where
         }),
         Err(payload) => Err(PoolError::Panicked {
             job: ctx.name.clone(),
-            message: panic_message(payload.as_ref()),
+            message: crate::error::panic_message(payload.as_ref()),
         }),
     };
     let failed = matches!(
@@ -364,16 +363,6 @@ where
     }
 }
 
-fn panic_message(payload: &(dyn Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_string()
-    }
-}
-
 /// Teardown of a migration: cancels the pool if the migration `failed`, then joins every job
 /// and every other thread of the migration. Returns the first panic or job failure, if any
 /// (a cancel is not one).
@@ -392,7 +381,7 @@ pub fn join_everything(
     }
     for h in threads {
         if let Err(p) = h.join() {
-            trouble = Some(crate::error::panic_message(p));
+            trouble = Some(crate::error::panic_message(p.as_ref()));
         }
     }
     trouble

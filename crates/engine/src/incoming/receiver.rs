@@ -406,7 +406,10 @@ pub(crate) fn receive_chunk(
     let len = h.len as usize - CHUNK_PREFIX;
     streams
         .admit(&hdr, len, wait)
-        .map_err(|detail| ChannelError::Protocol { channel, detail })?;
+        .map_err(|e| ChannelError::Protocol {
+            channel,
+            detail: e.to_string(),
+        })?;
     // Admitted: the length is within the session's chunk size.
     let mut data = streams.buffer(len);
     framed::read_exact(stream, channel, &mut data, false)?;

@@ -21,6 +21,42 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
+/// Why a chunk header was refused before its data was read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum AdmitError {
+    #[error("chunk for unknown device {device} (the session has {devices})")]
+    UnknownDevice { device: u16, devices: usize },
+    #[error("chunk {idx} of device {device} has {len} bytes, more than the session's chunk size of {chunk_size}")]
+    TooLarge {
+        device: u16,
+        idx: u32,
+        len: usize,
+        chunk_size: usize,
+    },
+    #[error("chunk {idx} of device {device} out of order on the main channel (expected {expected}{})", if *.ended { ", and the stream has ended" } else { "" })]
+    OutOfOrder {
+        device: u16,
+        idx: u32,
+        expected: u32,
+        ended: bool,
+    },
+    #[error("aborted")]
+    Aborted,
+    #[error("duplicate chunk {idx} of device {device}")]
+    Duplicate { device: u16, idx: u32 },
+    #[error("chunk {idx} of device {device} is outside its credit window [{next}, {up_to})")]
+    OutsideWindow {
+        device: u16,
+        idx: u32,
+        next: u32,
+        up_to: u32,
+    },
+    #[error("chunk {idx} of device {device} comes after the stream's last chunk {last}")]
+    AfterLast { device: u16, idx: u32, last: u32 },
+    #[error("device {device} ends at chunk {idx} but chunk {beyond} was sent")]
+    EndsBefore { device: u16, idx: u32, beyond: u32 },
+}
+
 /// All device streams of a session.
 pub(crate) struct Streams {
     streams: Vec<StreamBuf>,
@@ -106,19 +142,21 @@ impl Streams {
     /// Checks a chunk header before its `len` bytes of data are read, and reserves its slot.
     /// With `wait`, a chunk beyond the window waits for credit instead of being refused
     /// (the serial mode, where the main channel's own backpressure stands in for credit).
-    pub fn admit(&self, h: &ChunkHeader, len: usize, wait: bool) -> Result<(), String> {
-        let n = self.streams.len();
-        let Some(stream) = self.streams.get(h.device as usize) else {
-            return Err(format!(
-                "chunk for unknown device {} (the session has {n})",
-                h.device
-            ));
+    pub fn admit(&self, h: &ChunkHeader, len: usize, wait: bool) -> Result<(), AdmitError> {
+        let (device, idx) = (h.device, h.idx);
+        let Some(stream) = self.streams.get(device as usize) else {
+            return Err(AdmitError::UnknownDevice {
+                device,
+                devices: self.streams.len(),
+            });
         };
         if len > self.chunk_size {
-            return Err(format!(
-                "chunk {} of device {} has {len} bytes, more than the session's chunk size of {}",
-                h.idx, h.device, self.chunk_size
-            ));
+            return Err(AdmitError::TooLarge {
+                device,
+                idx,
+                len,
+                chunk_size: self.chunk_size,
+            });
         }
         let mut s = stream.state.lock().unwrap_or_else(|p| p.into_inner());
         if wait {
@@ -126,36 +164,35 @@ impl Streams {
             // next is the one after those already admitted; anything else could wait for a
             // credit that never comes.
             let expected = s.admitted_to;
-            if s.last.is_some() || h.idx != expected {
-                return Err(format!(
-                    "chunk {} of device {} out of order on the main channel (expected {expected}{})",
-                    h.idx,
-                    h.device,
-                    if s.last.is_some() { ", and the stream has ended" } else { "" }
-                ));
+            if s.last.is_some() || idx != expected {
+                return Err(AdmitError::OutOfOrder {
+                    device,
+                    idx,
+                    expected,
+                    ended: s.last.is_some(),
+                });
             }
-            while h.idx >= s.up_to && !s.aborted {
+            while idx >= s.up_to && !s.aborted {
                 s = stream.cv.wait(s).unwrap_or_else(|p| p.into_inner());
             }
             if s.aborted {
-                return Err("aborted".into());
+                return Err(AdmitError::Aborted);
             }
         }
-        if h.idx < s.next || s.slots.contains_key(&h.idx) || s.reserved.contains(&h.idx) {
-            return Err(format!("duplicate chunk {} of device {}", h.idx, h.device));
+        if idx < s.next || s.slots.contains_key(&idx) || s.reserved.contains(&idx) {
+            return Err(AdmitError::Duplicate { device, idx });
         }
-        if h.idx >= s.up_to {
-            return Err(format!(
-                "chunk {} of device {} is outside its credit window [{}, {})",
-                h.idx, h.device, s.next, s.up_to
-            ));
+        if idx >= s.up_to {
+            return Err(AdmitError::OutsideWindow {
+                device,
+                idx,
+                next: s.next,
+                up_to: s.up_to,
+            });
         }
         if let Some(last) = s.last {
-            if h.idx > last {
-                return Err(format!(
-                    "chunk {} of device {} comes after the stream's last chunk {last}",
-                    h.idx, h.device
-                ));
+            if idx > last {
+                return Err(AdmitError::AfterLast { device, idx, last });
             }
         }
         if h.last {
@@ -165,10 +202,11 @@ impl Streams {
                 .chain(s.reserved.iter())
                 .find(|&&i| i > h.idx)
             {
-                return Err(format!(
-                    "device {} ends at chunk {} but chunk {beyond} was sent",
-                    h.device, h.idx
-                ));
+                return Err(AdmitError::EndsBefore {
+                    device,
+                    idx,
+                    beyond: *beyond,
+                });
             }
             s.last = Some(h.idx);
         }
@@ -304,21 +342,25 @@ mod tests {
         assert!(s
             .admit(&h(2, false), 16, false)
             .unwrap_err()
+            .to_string()
             .contains("outside its credit window"));
         s.admit(&h(1, false), 16, false).unwrap();
         assert!(s
             .admit(&h(1, false), 16, false)
             .unwrap_err()
+            .to_string()
             .contains("duplicate"));
         assert!(s
             .admit(&h(0, false), 17, false)
             .unwrap_err()
+            .to_string()
             .contains("chunk size"));
         let mut other = h(0, false);
         other.device = 5;
         assert!(s
             .admit(&other, 1, false)
             .unwrap_err()
+            .to_string()
             .contains("unknown device 5"));
     }
 
@@ -364,6 +406,7 @@ mod tests {
         assert!(s
             .admit(&h(2, false), 4, true)
             .unwrap_err()
+            .to_string()
             .contains("out of order"));
         s.insert(&h(0, false), vec![0; 4]);
         s.abort();

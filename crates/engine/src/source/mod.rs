@@ -599,7 +599,7 @@ fn run_session(
         }
         for h in channel_threads {
             if let Err(p) = h.join() {
-                panicked = Some(panic_message(p));
+                panicked = Some(panic_message(p.as_ref()));
             }
         }
         match (outcome, panicked) {
