@@ -6,7 +6,8 @@ use crate::emit;
 use crate::machine::{self, IncomingLimits};
 use clap::Args;
 use livemig_engine::{
-    migrate, receive_vm, Endpoint, Factories, Guest, IncomingConfig, Listener, Progress, TestHooks,
+    migrate, receive_vm, Endpoint, Factories, Guest, IncomingConfig, IncomingEvent, Listener,
+    Progress, TestHooks,
 };
 use livemig_vmm::devices::DeviceModels;
 use livemig_vmm::{memory, Factory};
@@ -111,11 +112,11 @@ pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
     if let Some(m) = a.max_guest_memory {
         config.max_guest_memory = m;
     }
-    let log = move |msg: String| {
+    let log = move |ev: &IncomingEvent| {
         if json {
-            emit(&json!({"event": "log", "msg": msg}));
+            emit(&json!({"event": "log", "msg": ev.to_string()}));
         } else {
-            eprintln!("livemig: {msg}");
+            eprintln!("livemig: {ev}");
         }
     };
     let factories = Factories {

@@ -37,7 +37,8 @@ pub use error::{ChannelError, ChannelName, IncomingError, MigrationError};
 pub use guest::{Guest, GuestError, GuestFactory, GuestMemory, VerifyReport};
 pub use incoming::{receive, receive_vm, Factories, Incoming};
 pub use report::{
-    DeviceReport, DowntimeBreakdown, IncomingReport, MigrationReport, Progress, RoundReport,
+    DeviceReport, DowntimeBreakdown, IncomingEvent, IncomingReport, MigrationReport, Progress,
+    RoundReport,
 };
 pub use source::{migrate, migrate_vm, Vm};
 pub use stats::{LiveStats, StatsSnapshot};

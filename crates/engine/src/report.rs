@@ -146,6 +146,70 @@ pub enum Progress {
     },
 }
 
+/// What an incoming migration reports as it goes: sessions accepted, connections refused and
+/// why, rounds. Its `Display` is the line a person reads; a VMM matches on the variants (the
+/// QMP machine moves to `active` on [`IncomingEvent::SessionAccepted`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IncomingEvent {
+    /// A session was accepted and its guest built; data channels join next.
+    SessionAccepted {
+        session: String,
+        guest_kind: String,
+        memory_bytes: u64,
+        channels: u16,
+        devices: usize,
+    },
+    /// A session this side cannot serve was refused; the wait goes on.
+    SessionRefused { session: String, reason: String },
+    /// A connection was refused before it opened a session or joined one.
+    ConnectionRefused { reason: String },
+    /// A data channel that was not the session's was refused.
+    DataChannelRefused { reason: String },
+    /// A data channel left during its handshake.
+    DataChannelLeft { index: u16, error: String },
+    /// The source started a round.
+    RoundStarted { round: u32, pages: u64 },
+    /// The guest was resumed here, but the source could not be told (its copy stays paused).
+    ResumedUntold { error: String },
+}
+
+impl std::fmt::Display for IncomingEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IncomingEvent::SessionAccepted {
+                session,
+                guest_kind,
+                memory_bytes,
+                channels,
+                devices,
+            } => write!(
+                f,
+                "session {session}: {guest_kind} guest, {} MiB, {channels} data channels, {devices} devices",
+                memory_bytes >> 20
+            ),
+            IncomingEvent::SessionRefused { session, reason } => {
+                write!(f, "refused session {session}: {reason}")
+            }
+            IncomingEvent::ConnectionRefused { reason } => {
+                write!(f, "refused a connection: {reason}")
+            }
+            IncomingEvent::DataChannelRefused { reason } => {
+                write!(f, "refused a data channel: {reason}")
+            }
+            IncomingEvent::DataChannelLeft { index, error } => {
+                write!(f, "data channel {index} left during its handshake: {error}")
+            }
+            IncomingEvent::RoundStarted { round, pages } => {
+                write!(f, "round {round}: {pages} pages")
+            }
+            IncomingEvent::ResumedUntold { error } => write!(
+                f,
+                "the guest runs here, but the source could not be told so ({error}); its copy stays paused"
+            ),
+        }
+    }
+}
+
 pub(crate) fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }

@@ -14,7 +14,8 @@ mod state;
 use crossbeam_channel::{Receiver, Sender};
 use livemig_engine::{
     migrate_vm, receive_vm, CancelToken, Device, Endpoint, Factories, Guest, Incoming,
-    IncomingConfig, IncomingError, Listener, MigrationError, MigrationReport, Progress, VmState,
+    IncomingConfig, IncomingError, IncomingEvent, Listener, MigrationError, MigrationReport,
+    Progress, VmState,
 };
 use livemig_qmp::{Args, Events, Handler, QmpError, Request};
 use livemig_vmm::devices::DeviceModels;
@@ -463,11 +464,11 @@ impl Machine {
             .name("lm-vm-incoming".into())
             .spawn(move || {
                 let log_tx = tx.clone();
-                let log = move |msg: String| {
-                    if msg.starts_with("session ") {
+                let log = move |ev: &IncomingEvent| {
+                    if let IncomingEvent::SessionAccepted { .. } = ev {
                         let _ = log_tx.send(Msg::IncomingSession);
                     }
-                    eprintln!("livemig: {msg}");
+                    eprintln!("livemig: {ev}");
                 };
                 let factories = Factories {
                     guest: &Factory,

@@ -32,7 +32,7 @@ use crate::framed;
 use crate::guest::{Guest, GuestFactory};
 use crate::hostmem::{PageClaims, Populated, TornPages};
 use crate::pool::{join_everything, JobCancelled, JobDone, PoolError, WorkerPool};
-use crate::report::{ms, IncomingReport};
+use crate::report::{ms, IncomingEvent, IncomingReport};
 use crate::transport::{Listener, Stream};
 use barrier::RoundBarrier;
 use crossbeam_channel::{Receiver, Sender};
@@ -110,7 +110,7 @@ pub fn receive(
     listener: &Listener,
     factory: &dyn GuestFactory,
     config: &IncomingConfig,
-    log: &(dyn Fn(String) + Sync),
+    log: &(dyn Fn(&IncomingEvent) + Sync),
 ) -> Result<Incoming, IncomingError> {
     let f = Factories {
         guest: factory,
@@ -172,7 +172,7 @@ pub fn receive_vm(
     listener: &Listener,
     factories: Factories<'_>,
     config: &IncomingConfig,
-    log: &(dyn Fn(String) + Sync),
+    log: &(dyn Fn(&IncomingEvent) + Sync),
 ) -> Result<Incoming, IncomingError> {
     // A session this side cannot build (too much buffering asked, an unknown guest or device
     // kind) is refused with the reason, and the wait goes on for one it can.
@@ -183,23 +183,22 @@ pub fn receive_vm(
                 break (hello, main, accept, guest, devices, vmstates)
             }
             Err(reject) => {
-                log(format!(
-                    "refused session {}: {}",
-                    hello.session, reject.reason
-                ));
+                log(&IncomingEvent::SessionRefused {
+                    session: hello.session.to_string(),
+                    reason: reject.reason.clone(),
+                });
                 framed::send_reject(&mut main, ChannelName::Main, &reject);
             }
         }
     };
     let start = Instant::now();
-    log(format!(
-        "session {}: {} guest, {} MiB, {} data channels, {} devices",
-        hello.session,
-        hello.guest.kind,
-        hello.guest.memory_bytes() >> 20,
-        hello.channels,
-        hello.devices.devices.len() + hello.devices.vmstates.len()
-    ));
+    log(&IncomingEvent::SessionAccepted {
+        session: hello.session.to_string(),
+        guest_kind: hello.guest.kind.clone(),
+        memory_bytes: hello.guest.memory_bytes(),
+        channels: hello.channels,
+        devices: hello.devices.devices.len() + hello.devices.vmstates.len(),
+    });
     let refuse = |main: &mut Stream, code, e: &dyn std::fmt::Display| {
         framed::send_reject(main, ChannelName::Main, &Reject::new(code, e.to_string()));
     };
@@ -256,7 +255,7 @@ struct Session<'a> {
     accept: SessionAccept,
     config: &'a IncomingConfig,
     start: Instant,
-    log: &'a (dyn Fn(String) + Sync),
+    log: &'a (dyn Fn(&IncomingEvent) + Sync),
 }
 
 impl Session<'_> {
@@ -483,7 +482,10 @@ impl Session<'_> {
                 Event::LoaderDone(d, stats) => device_stats[d as usize] = Some(stats),
                 Event::State(s) => state = Some(s),
                 Event::VmStates(v) => vmstates = Some(v),
-                Event::RoundStart(r) => (self.log)(format!("round {}: {} pages", r.round, r.pages)),
+                Event::RoundStart(r) => (self.log)(&IncomingEvent::RoundStarted {
+                    round: r.round,
+                    pages: r.pages,
+                }),
                 Event::Complete(c) => {
                     complete = Some(c);
                     t_complete = Instant::now();
@@ -578,9 +580,9 @@ impl Session<'_> {
             }
             .encode(),
         ) {
-            (self.log)(format!(
-                "the guest runs here, but the source could not be told so ({e}); its copy stays paused"
-            ));
+            (self.log)(&IncomingEvent::ResumedUntold {
+                error: e.to_string(),
+            });
         }
         Ok(IncomingReport {
             session: hello.session.to_string(),

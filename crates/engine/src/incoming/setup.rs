@@ -9,6 +9,7 @@ use crate::config::IncomingConfig;
 use crate::error::{ChannelError, ChannelName, IncomingError};
 use crate::framed;
 use crate::guest::GuestMemory;
+use crate::report::IncomingEvent;
 use crate::transport::{Listener, Stream};
 use livemig_wire::{
     ChannelHello, FrameKind, MemoryFiles, Reject, RejectCode, SessionAccept, SessionHello,
@@ -20,7 +21,7 @@ use std::time::Instant;
 pub(crate) fn accept_session(
     listener: &Listener,
     config: &IncomingConfig,
-    log: &(dyn Fn(String) + Sync),
+    log: &(dyn Fn(&IncomingEvent) + Sync),
 ) -> Result<(SessionHello, Stream), IncomingError> {
     let ch = ChannelName::Incoming;
     let decide = |mut s: Stream, first: Result<Vec<u8>, ChannelError>| {
@@ -44,7 +45,9 @@ pub(crate) fn accept_session(
                 plain_refusal(e, config.handshake_timeout),
             ),
         };
-        log(format!("refused a connection: {}", refused.reason));
+        log(&IncomingEvent::ConnectionRefused {
+            reason: refused.reason.clone(),
+        });
         framed::send_reject(&mut s, ch, &refused);
         None
     };
@@ -83,7 +86,7 @@ fn handshakes<R>(
     cancel: Option<&CancelToken>,
     abandoned: &dyn Fn() -> Option<IncomingError>,
     config: &IncomingConfig,
-    log: &(dyn Fn(String) + Sync),
+    log: &(dyn Fn(&IncomingEvent) + Sync),
     unexpected: impl Fn(FrameKind) -> Option<String> + Sync,
     mut decide: impl FnMut(Stream, Result<Vec<u8>, ChannelError>) -> Option<R>,
 ) -> Result<R, IncomingError> {
@@ -152,7 +155,9 @@ fn handshakes<R>(
                         "{MAX_HANDSHAKES} connections are handshaking already (each is given {:?}); try again",
                         config.handshake_timeout
                     );
-                    log(format!("refused a connection: {why}"));
+                    log(&IncomingEvent::ConnectionRefused {
+                        reason: why.clone(),
+                    });
                     // A fresh socket's buffer takes a small frame without blocking.
                     let mut s = s;
                     let _ = s.set_write_timeout(Some(std::time::Duration::from_millis(100)));
@@ -240,7 +245,7 @@ fn first_frame(
     s: Stream,
     config: &IncomingConfig,
     cancel: Option<&CancelToken>,
-    log: &(dyn Fn(String) + Sync),
+    log: &(dyn Fn(&IncomingEvent) + Sync),
     unexpected: &(dyn Fn(FrameKind) -> Option<String> + Sync),
 ) -> Option<(Stream, Result<Vec<u8>, ChannelError>)> {
     let ch = ChannelName::Incoming;
@@ -266,7 +271,7 @@ fn secure(
     s: Stream,
     config: &IncomingConfig,
     cancel: Option<&CancelToken>,
-    log: &(dyn Fn(String) + Sync),
+    log: &(dyn Fn(&IncomingEvent) + Sync),
 ) -> Result<Option<Stream>, IncomingError> {
     let Some(tls) = &config.tls else {
         return Ok(Some(s));
@@ -275,7 +280,9 @@ fn secure(
         Ok(s) => Ok(Some(s)),
         Err(_) if cancel.is_some_and(CancelToken::is_cancelled) => Err(IncomingError::Cancelled),
         Err(e) => {
-            log(format!("refused a connection: {e}"));
+            log(&IncomingEvent::ConnectionRefused {
+                reason: e.to_string(),
+            });
             Ok(None)
         }
     }
@@ -422,7 +429,7 @@ pub(crate) fn accept_channels(
     main: &Stream,
     hello: &SessionHello,
     config: &IncomingConfig,
-    log: &(dyn Fn(String) + Sync),
+    log: &(dyn Fn(&IncomingEvent) + Sync),
 ) -> Result<Vec<Stream>, IncomingError> {
     let deadline = Instant::now() + config.setup_timeout;
     let mut slots: Vec<Option<Stream>> = (0..hello.channels).map(|_| None).collect();
@@ -473,9 +480,10 @@ pub(crate) fn accept_channels(
                         FrameKind::ChannelAccept,
                         &[],
                     ) {
-                        log(format!(
-                            "data channel {index} left during its handshake: {e}"
-                        ));
+                        log(&IncomingEvent::DataChannelLeft {
+                            index,
+                            error: e.to_string(),
+                        });
                         return None;
                     }
                     let _ = s.set_read_timeout(None);
@@ -483,7 +491,9 @@ pub(crate) fn accept_channels(
                     slots[index as usize] = Some(s);
                 }
                 Err(reject) => {
-                    log(format!("refused a data channel: {}", reject.reason));
+                    log(&IncomingEvent::DataChannelRefused {
+                        reason: reject.reason.clone(),
+                    });
                     framed::send_reject(&mut s, ch, &reject);
                 }
             }
