@@ -335,9 +335,10 @@ unsafe fn crc_zeros(mut crc: u64, words: usize) -> u32 {
 unsafe fn page_crc_sse42(p: *const u8) -> u32 {
     use std::arch::x86_64::_mm_crc32_u64;
     let words = p.cast::<u64>();
-    // SAFETY (every load below): inside the page the caller vouches for; page addresses are
-    // 8-aligned. Three independent streams keep the CRC32 unit busy (1 per cycle) instead
-    // of waiting out one stream's 3-cycle latency: about 3x the single-stream rate.
+    // Three independent streams keep the CRC32 unit busy (1 per cycle) instead of waiting out
+    // one stream's 3-cycle latency: about 3x the single-stream rate.
+    // SAFETY: every load is inside the page the caller vouches for, and page addresses are
+    // 8-aligned.
     let load = |i: usize| unsafe { std::ptr::read_volatile(words.add(i)) };
     let (mut a, mut b, mut c) = (!0u64, 0u64, 0u64);
     for i in 0..LANE_WORDS {
@@ -454,12 +455,14 @@ mod tests {
         let p = &mut buf[off..off + PAGE_SIZE];
         // SAFETY: p is a whole page-aligned page owned here.
         assert!(unsafe { page_is_zero(p.as_ptr()) });
+        // SAFETY: as above.
         assert_eq!(unsafe { page_crc(p.as_ptr()) }, crc32c::crc32c(p));
         for (i, b) in p.iter_mut().enumerate() {
             *b = (i * 7 + 3) as u8;
         }
         // SAFETY: as above.
         assert!(!unsafe { page_is_zero(p.as_ptr()) });
+        // SAFETY: as above.
         assert_eq!(unsafe { page_crc(p.as_ptr()) }, crc32c::crc32c(p));
         // A single set bit anywhere is found, by the first-word check and by every lane of
         // the wide one.

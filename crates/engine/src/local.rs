@@ -161,10 +161,8 @@ mod tests {
         f.set_len(len).unwrap();
         if seals != 0 {
             // SAFETY: F_ADD_SEALS on a descriptor owned here.
-            assert_eq!(
-                unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) },
-                0
-            );
+            let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+            assert_eq!(r, 0);
         }
         f
     }

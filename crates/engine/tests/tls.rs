@@ -246,6 +246,7 @@ fn readv_on_the_raw_descriptor_reads_plaintext() {
             skip -= v[first].iov_len;
             first += 1;
         }
+        // SAFETY: skip is less than this iovec's length, so the pointer stays in its buffer.
         v[first].iov_base = unsafe { (v[first].iov_base as *mut u8).add(skip) }.cast();
         v[first].iov_len -= skip;
         // SAFETY: the iovecs point into live buffers of their lengths.
