@@ -176,31 +176,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     }
     let failed = rows.iter().any(|r| r.failure.is_some());
 
-    let settings = format!(
-        "Both tools: capabilities `multifd` and `events` on, `multifd-channels` N, \
-         `max-bandwidth` {MAX_BANDWIDTH} bytes/s (no cap in practice; QEMU's default is 128 MiB/s), \
-         `downtime-limit` {DOWNTIME_LIMIT_MS} ms, nothing else changed from each tool's defaults \
-         (livemig keeps its page checksums). Each process runs on its own, on loopback TCP, driven \
-         over QMP; the source's `query-migrate` is polled every 10 ms until `completed`. Guest: \
-         {boot_how}, command line `{}` (dirtying rows; idle rows ws=0 rate=0), booted by QEMU with \
-         `-accel kvm -cpu host,-arch-capabilities -nodefaults` and by `livemig run`; the source \
-         waits for the guest's ready line (filled) before `migrate`. Destination cold: QEMU \
-         `-incoming defer`, livemig `incoming --qmp` without `--memory`; prepared: QEMU \
-         `-mem-prealloc`, livemig `incoming --memory SIZE`. Times: `total-time`, `downtime`, \
-         `setup-time` of the source's `query-migrate`. Destination CPU s: utime + stime of the \
-         destination process (`/proc/PID/stat`, threads that ended included) from `migrate` \
-         issued to the guest running there, its vCPU threads' time left out (the spinning guest \
-         runs there from resume on). Peak RSS: the destination's `VmHWM` once the guest runs. \
-         Pages checked on the destination after every migration: by the guest's own `verify` on \
-         its console (guest), or by livemig's QMP `x-livemig-verify` (QMP) where livemig's \
-         console cannot be reached. Each figure is the median of {repeat} runs (total time: with the \
-         smallest and largest), QEMU and livemig interleaved, each run started {} ms after the \
-         previous one ended (`--settle-ms`: memory freed on this host goes back to the hypervisor \
-         within seconds, and touching it again costs far more than touching memory freed just \
-         now, so every run starts from the same host state). Peer: {peer_how}.",
-        p.guest(&RowSpec::parse("cold-dirtying-4ch").expect("a row")).append(),
-        p.settle_ms,
-    );
+    let settings = settings(p, &boot_how, &peer_how, repeat);
     let load_end = how::load_average();
     let mut md = String::new();
     let _ = writeln!(md, "# livemig beside QEMU\n");
@@ -235,15 +211,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         "rows": rows.iter().map(RowResult::json).collect::<Vec<_>>(),
     });
     if let Some(dir) = &a.suite.out {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        std::fs::write(dir.join("bench.md"), &md)
-            .with_context(|| format!("cannot write {}", dir.join("bench.md").display()))?;
-        std::fs::write(dir.join("bench.json"), serde_json::to_string_pretty(&doc)?)
-            .with_context(|| format!("cannot write {}", dir.join("bench.json").display()))?;
-        eprintln!(
-            "bench: wrote {0}/bench.md and {0}/bench.json",
-            dir.display()
-        );
+        write_out(dir, &md, &doc)?;
     }
     if a.json {
         crate::emit(&doc);
@@ -255,6 +223,49 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How both tools were set up and measured, for under the table.
+fn settings(p: &PeerArgs, boot_how: &str, peer_how: &str, repeat: usize) -> String {
+    format!(
+        "Both tools: capabilities `multifd` and `events` on, `multifd-channels` N, \
+         `max-bandwidth` {MAX_BANDWIDTH} bytes/s (no cap in practice; QEMU's default is 128 MiB/s), \
+         `downtime-limit` {DOWNTIME_LIMIT_MS} ms, nothing else changed from each tool's defaults \
+         (livemig keeps its page checksums). Each process runs on its own, on loopback TCP, driven \
+         over QMP; the source's `query-migrate` is polled every 10 ms until `completed`. Guest: \
+         {boot_how}, command line `{}` (dirtying rows; idle rows ws=0 rate=0), booted by QEMU with \
+         `-accel kvm -cpu host,-arch-capabilities -nodefaults` and by `livemig run`; the source \
+         waits for the guest's ready line (filled) before `migrate`. Destination cold: QEMU \
+         `-incoming defer`, livemig `incoming --qmp` without `--memory`; prepared: QEMU \
+         `-mem-prealloc`, livemig `incoming --memory SIZE`. Times: `total-time`, `downtime`, \
+         `setup-time` of the source's `query-migrate`. Destination CPU s: utime + stime of the \
+         destination process (`/proc/PID/stat`, threads that ended included) from `migrate` \
+         issued to the guest running there, its vCPU threads' time left out (the spinning guest \
+         runs there from resume on). Peak RSS: the destination's `VmHWM` once the guest runs. \
+         Pages checked on the destination after every migration: by the guest's own `verify` on \
+         its console (guest), or by livemig's QMP `x-livemig-verify` (QMP) where livemig's \
+         console cannot be reached. Each figure is the median of {repeat} runs (total time: with the \
+         smallest and largest), QEMU and livemig interleaved, each run started {} ms after the \
+         previous one ended (`--settle-ms`: memory freed on this host goes back to the hypervisor \
+         within seconds, and touching it again costs far more than touching memory freed just \
+         now, so every run starts from the same host state). Peer: {peer_how}.",
+        p.guest(&RowSpec::parse("cold-dirtying-4ch").expect("a row")).append(),
+        p.settle_ms,
+    )
+}
+/// Writes `DIR/bench.md` and `DIR/bench.json`.
+fn write_out(dir: &Path, md: &str, doc: &serde_json::Value) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let (md_path, json_path) = (dir.join("bench.md"), dir.join("bench.json"));
+    std::fs::write(&md_path, md).with_context(|| format!("cannot write {}", md_path.display()))?;
+    std::fs::write(&json_path, serde_json::to_string_pretty(doc)?)
+        .with_context(|| format!("cannot write {}", json_path.display()))?;
+    eprintln!(
+        "bench: wrote {} and {}",
+        md_path.display(),
+        json_path.display()
+    );
+    Ok(())
 }
 
 /// One row: QEMU, livemig, QEMU, livemig, ... `repeat` times; stops at the first failure.
