@@ -73,10 +73,10 @@ pub struct MigrationArgs {
     /// (reporting the expected downtime) or `cancel` the migration (the guest runs on here).
     #[arg(long, value_enum, default_value_t = OnNoConvergence::Force)]
     pub on_no_convergence: OnNoConvergence,
-    /// Give every page sent its CRC32C, checked on arrival. `false` trusts the transport
-    /// (TCP's checksum, TLS's authentication), as QEMU does, and saves a pass over every page
-    /// on each side.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    /// Give every page sent its CRC32C, checked on arrival, so a page corrupted on the way is
+    /// caught. Off by default: the transport is trusted (TCP's checksum, TLS's
+    /// authentication), as QEMU does, which saves a pass over every page on each side.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub page_checksums: bool,
     /// Compress RAM pages: `zstd` for links slower than the CPU can compress (a packet goes
     /// compressed only when that makes it smaller), `none` to send them as they are.

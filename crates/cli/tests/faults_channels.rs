@@ -322,7 +322,8 @@ fn wire_fault(name: &str, rule: Rule, src_words: &[&str], dst_words: &[&str]) ->
     let mut a = start(
         name,
         &[],
-        json!({"max-bandwidth": 64 << 20}),
+        // Page CRCs on (they are off by default): the corrupted page must be caught.
+        json!({"max-bandwidth": 64 << 20, "x-page-checksums": true}),
         vec![rule.clone()],
     );
     a.source_failed(src_words, name);
@@ -381,10 +382,10 @@ fn a_wrong_magic_in_the_middle_of_a_data_channel_is_refused() {
 #[test]
 fn a_wrong_version_in_the_middle_of_a_data_channel_is_refused() {
     let _s = serial(&SERIAL);
-    // Version 2 becomes 0 in data channel 0's first RamPages frame header.
+    // Version 3 becomes 0 in data channel 0's first RamPages frame header.
     let a = wire_fault(
         "wrong-version",
-        Rule::flip_at(Which::Nth(1), Dir::Up, channel_hello_len() + 4, 0x02),
+        Rule::flip_at(Which::Nth(1), Dir::Up, channel_hello_len() + 4, 0x03),
         &["version 0", "data channel 0"],
         &["version 0", "data channel 0"],
     );
@@ -394,11 +395,11 @@ fn a_wrong_version_in_the_middle_of_a_data_channel_is_refused() {
 #[test]
 fn a_corrupted_answer_of_the_destination_fails_the_attempt() {
     let _s = serial(&SERIAL);
-    // The main channel back to the source: SessionAccept (16 + 12 bytes), then the first
+    // The main channel back to the source: SessionAccept (16 + 16 bytes), then the first
     // RoundAck, whose payload byte is flipped.
     let a = wire_fault(
         "corrupt-answer",
-        Rule::flip_at(Which::Nth(0), Dir::Down, 28 + 16, 0x01),
+        Rule::flip_at(Which::Nth(0), Dir::Down, 32 + 16, 0x01),
         &["main channel", "CRC32C mismatch", "RoundAck"],
         &["main channel", "CRC32C mismatch"],
     );

@@ -311,7 +311,7 @@ mod tests {
         let mut p = Parameters::default();
         assert_eq!(p.query()["multifd-compression"], "none");
         let c = p.migration_config(&Capabilities::default());
-        assert_eq!((c.compress, c.page_checksums), (None, true));
+        assert_eq!((c.compress, c.page_checksums), (None, false));
         let e = p
             .set(json!({"multifd-compression": "zlib"}).as_object().unwrap())
             .unwrap_err();
@@ -321,14 +321,14 @@ mod tests {
             .unwrap_err();
         assert!(e.desc.contains("multifd-zstd-level"), "{e}");
         p.set(
-            json!({"multifd-compression": "zstd", "multifd-zstd-level": 3, "x-page-checksums": false})
+            json!({"multifd-compression": "zstd", "multifd-zstd-level": 3, "x-page-checksums": true})
                 .as_object()
                 .unwrap(),
         )
         .unwrap();
         let c = p.migration_config(&Capabilities::default());
-        assert_eq!((c.compress, c.page_checksums), (Some(3), false));
-        assert_eq!(p.query()["x-page-checksums"], false);
+        assert_eq!((c.compress, c.page_checksums), (Some(3), true));
+        assert_eq!(p.query()["x-page-checksums"], true);
     }
 
     #[test]
