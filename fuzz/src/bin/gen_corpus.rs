@@ -3,6 +3,8 @@
 //! `cargo run --manifest-path fuzz/Cargo.toml --bin gen_corpus` (any toolchain).
 
 use livemig_vmm::devices::VfioSimConfig;
+use livemig_vmm::kvm::state::VcpuState;
+use livemig_vmm::kvm::KvmState;
 use livemig_vmm::synthetic::{SyntheticState, Workload};
 use livemig_wire::*;
 use std::path::Path;
@@ -143,5 +145,13 @@ fn main() {
         "vfio_config",
         &VfioSimConfig::with_size(4096).encode(),
     );
+    // A KVM guest state with one vCPU, every part present (zeroed kernel structures, no MSRs):
+    // without it the fuzzer must find a whole multi-kilobyte blob by itself.
+    let kvm = KvmState {
+        memory_bytes: 1 << 20,
+        vcpus: vec![VcpuState::default()],
+        ..Default::default()
+    };
+    write("guest_state", "kvm_one_vcpu", &kvm.encode());
     println!("corpus written under fuzz/corpus/");
 }
