@@ -88,6 +88,8 @@ pub(super) struct Sample {
     pub(super) counter: u64,
     /// The source's `ram` section of `query-migrate` at completion, as the tool reports it.
     pub(super) ram: Value,
+    /// livemig's `x-page-checksums` on the source, left at its default (QEMU has none).
+    pub(super) page_checksums: Option<bool>,
 }
 
 /// Runs one migration and checks it; any failure (a check included) is an error.
@@ -132,6 +134,12 @@ pub(super) fn run(s: &Setup) -> anyhow::Result<Sample> {
     for vm in [&mut src, &mut dst] {
         configure(vm, s.channels)?;
     }
+    let page_checksums = match s.tool {
+        Tool::Livemig => {
+            src.execute("query-migrate-parameters", json!({}))?["x-page-checksums"].as_bool()
+        }
+        Tool::Qemu => None,
+    };
     let port = free_port()?;
     let uri = format!("tcp:127.0.0.1:{port}");
     dst.execute("migrate-incoming", json!({ "uri": uri }))?;
@@ -155,6 +163,7 @@ pub(super) fn run(s: &Setup) -> anyhow::Result<Sample> {
         pages_checked,
         counter,
         ram: done["ram"].clone(),
+        page_checksums,
     };
     src.quit();
     dst.quit();

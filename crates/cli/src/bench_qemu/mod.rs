@@ -176,7 +176,20 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     }
     let failed = rows.iter().any(|r| r.failure.is_some());
 
-    let settings = settings(p, &boot_how, &peer_how, repeat);
+    let checksums: Vec<Option<bool>> = rows
+        .iter()
+        .flat_map(|r| r.livemig.iter().map(|s| s.page_checksums))
+        .collect();
+    let checksums = if checksums.is_empty() {
+        "not known: no livemig run completed"
+    } else if checksums.iter().all(|c| *c == Some(true)) {
+        "on: every page carries its CRC32C"
+    } else if checksums.iter().all(|c| *c == Some(false)) {
+        "off: the transport is trusted, as QEMU does"
+    } else {
+        "as each run's JSON says"
+    };
+    let settings = settings(p, &boot_how, &peer_how, repeat, checksums);
     let load_end = how::load_average();
     let mut md = String::new();
     let _ = writeln!(md, "# livemig beside QEMU\n");
@@ -226,12 +239,19 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// How both tools were set up and measured, for under the table.
-fn settings(p: &PeerArgs, boot_how: &str, peer_how: &str, repeat: usize) -> String {
+fn settings(
+    p: &PeerArgs,
+    boot_how: &str,
+    peer_how: &str,
+    repeat: usize,
+    checksums: &str,
+) -> String {
     format!(
         "Both tools: capabilities `multifd` and `events` on, `multifd-channels` N, \
          `max-bandwidth` {MAX_BANDWIDTH} bytes/s (no cap in practice; QEMU's default is 128 MiB/s), \
          `downtime-limit` {DOWNTIME_LIMIT_MS} ms, nothing else changed from each tool's defaults \
-         (livemig keeps its page checksums). Each process runs on its own, on loopback TCP, driven \
+         (livemig's page checksums \
+         at its default, {checksums}). Each process runs on its own, on loopback TCP, driven \
          over QMP; the source's `query-migrate` is polled every 10 ms until `completed`. Guest: \
          {boot_how}, command line `{}` (dirtying rows; idle rows ws=0 rate=0), booted by QEMU with \
          `-accel kvm -cpu host,-arch-capabilities -nodefaults` and by `livemig run`; the source \
