@@ -198,8 +198,9 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         md,
         "This host's first touch of fresh memory (one thread faulting in 512 MiB, measured at \
          the start): {:.2} CPU-s per GiB after the settle, {:.2} CPU-s per GiB right after \
-         freeing the same amount. A cold destination pays it for every page it receives, \
-         whichever tool it is.\n",
+         freeing the same amount. A cold destination pays the first touch for every page it \
+         receives, whichever tool it is; what it costs depends on what the host has taken back \
+         at that moment, so this figure is an indication, not the destinations' cost.\n",
         touch.settled_s_per_gib, touch.warm_s_per_gib
     );
     let _ = writeln!(md, "{}\n", table::markdown(&rows));
