@@ -219,7 +219,11 @@ fn the_suite_writes_every_section_as_markdown_and_json() {
     want.sort();
     assert_eq!(seen, want, "device rows");
     for r in dev {
-        assert!(f(r, "downtime_ms") > 0.0 && f(r, "ideal_downtime_ms") > 0.0);
+        // Without devices the ideal is the RAM left for the last round over the raw link,
+        // which the rounds run below the limit (they go on while they halve it) can make 0.
+        let none = r["devices"] == 0;
+        assert!(f(r, "downtime_ms") > 0.0 && (none || f(r, "ideal_downtime_ms") > 0.0));
+        assert!(f(r, "ideal_downtime_ms") >= 0.0);
         assert_eq!(r["cap_held"], true, "{r:#}");
     }
 

@@ -359,11 +359,12 @@ fn a_link_with_25_ms_each_way_carries_a_migration_exact() {
         ],
     );
     let report = completes(&mut src, &mut dest, 16384, "25 ms each way");
-    // Set-up is a round trip for the session and one per data channel (4).
+    // Set-up is a round trip for the session and one for the data channels, whose hellos
+    // all go out before any answer is awaited (it was one round trip per channel: 5 in all).
     let setup = report["setup_ms"].as_f64().unwrap();
     assert!(
-        setup >= 5.0 * 50.0,
-        "set-up of {setup} ms over a 50 ms round trip"
+        (2.0 * 50.0..4.0 * 50.0).contains(&setup),
+        "set-up of {setup} ms over a 50 ms round trip: two round trips expected"
     );
     assert_eq!(proxy.connections(), 5);
     assert!(proxy.fired().is_empty());
