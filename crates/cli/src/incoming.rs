@@ -88,6 +88,9 @@ pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
     let Some(listen) = &a.listen else {
         anyhow::bail!("--listen is needed without --qmp");
     };
+    // The VM is built before anyone connects, as QEMU's destination has its VM: the source's
+    // set-up then waits only for the guest's memory slots and vCPUs.
+    livemig_vmm::kvm::prepare_vm();
     let listener =
         Listener::bind(listen).map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_endpoint()?;

@@ -446,6 +446,9 @@ impl Machine {
             self.vm = None;
             self.run = RunState::InMigrate;
         }
+        // The VM is built now, before the source is told to come (QEMU's destination has its
+        // VM too): its set-up then waits only for the guest's memory slots and vCPUs.
+        livemig_vmm::kvm::prepare_vm();
         let cancel = CancelToken::new();
         let mut config = IncomingConfig {
             verify: self.limits.verify,
@@ -476,6 +479,9 @@ impl Machine {
                 };
                 let r = receive_vm(&listener, factories, &config, &log);
                 drop(listener);
+                // A VM built ahead and not taken (a failed or non-KVM session) goes with the
+                // wait it was built for.
+                livemig_vmm::kvm::forget_prepared_vm();
                 let _ = tx.send(Msg::IncomingDone(Box::new(r)));
             })
             .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;

@@ -70,6 +70,20 @@ mod vcpu;
 mod verify;
 mod vm;
 
+/// Builds a VM ahead of an incoming migration (a destination calls it before it listens), so
+/// the guest that arrives costs only its memory slots and vCPUs. Does nothing where KVM is not
+/// usable; errors are left for the guest's creation to report.
+pub fn prepare_vm() {
+    if kvm_usable() {
+        vm::prepare();
+    }
+}
+
+/// Drops the VM [`prepare_vm`] built if no guest took it (its descriptors are freed).
+pub fn forget_prepared_vm() {
+    vm::forget();
+}
+
 pub use error::KvmError;
 pub use image::{GuestImage, ImageError, DEFAULT_IMAGE};
 pub use state::{KvmState, StateError, VERSION as STATE_VERSION};

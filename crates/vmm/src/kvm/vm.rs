@@ -12,7 +12,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use livemig_engine::GuestMemory;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// KVM_CAP_DEBUGREGS (not in kvm-ioctls' `Cap`).
@@ -66,10 +66,34 @@ fn setup(op: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> KvmErro
     move |source| KvmError::VmSetup { op, source }
 }
 
-impl Vm {
-    /// Opens /dev/kvm and creates a VM with an irqchip, a PIT, and `memory` registered with
-    /// dirty logging in manual-protect mode.
-    pub fn create(memory: &GuestMemory) -> Result<Self, KvmError> {
+/// A VM without memory or vCPUs yet: everything that does not depend on the guest.
+struct Shell {
+    fd: VmFd,
+    cpuid: CpuId,
+    msr_indices: Vec<u32>,
+}
+
+/// A shell built ahead by [`prepare`], taken by the next [`Vm::create`].
+static PREPARED: Mutex<Option<Shell>> = Mutex::new(None);
+
+/// Builds a VM shell now (the VM fd, irqchip, PIT, CPUID and the MSR list), so that a guest
+/// arriving later costs only its memory slots and vCPUs: a destination calls this before it
+/// listens, as QEMU's destination has its VM before `migrate-incoming`. Creating the PIT and
+/// probing the MSRs take about 5 ms here, on the set-up's critical path otherwise. Errors are
+/// left for `Vm::create` to report.
+pub fn prepare() {
+    if let Ok(shell) = Shell::new() {
+        *PREPARED.lock().unwrap_or_else(|p| p.into_inner()) = Some(shell);
+    }
+}
+
+/// Drops the shell [`prepare`] built, if no VM took it.
+pub fn forget() {
+    PREPARED.lock().unwrap_or_else(|p| p.into_inner()).take();
+}
+
+impl Shell {
+    fn new() -> Result<Self, KvmError> {
         let kvm = Kvm::new().map_err(KvmError::Open)?;
         check_caps(&kvm)?;
         let fd = kvm.create_vm().map_err(KvmError::CreateVm)?;
@@ -90,6 +114,31 @@ impl Vm {
             ..Default::default()
         })
         .map_err(setup("create PIT"))?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(setup("get supported CPUID"))?;
+        let msr_indices = msr_indices(&kvm)?;
+        Ok(Shell {
+            fd,
+            cpuid,
+            msr_indices,
+        })
+    }
+}
+
+impl Vm {
+    /// A VM with an irqchip, a PIT, and `memory` registered with dirty logging in
+    /// manual-protect mode; on the shell [`prepare`] built, if there is one.
+    pub fn create(memory: &GuestMemory) -> Result<Self, KvmError> {
+        let prepared = PREPARED.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Shell {
+            fd,
+            cpuid,
+            msr_indices,
+        } = match prepared {
+            Some(shell) => shell,
+            None => Shell::new()?,
+        };
         let mut slots = Vec::new();
         for (i, region) in memory.iter().enumerate() {
             let slot = Slot {
@@ -120,10 +169,6 @@ impl Vm {
             })?;
             slots.push(slot);
         }
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(setup("get supported CPUID"))?;
-        let msr_indices = msr_indices(&kvm)?;
         Ok(Vm {
             fd,
             slots,
