@@ -22,7 +22,7 @@ pub mod json;
 pub mod message;
 pub mod server;
 pub mod split;
-pub mod unix_path;
+pub use livemig_sockpath as unix_path;
 
 pub use args::Args;
 pub use client::{Client, ClientError};

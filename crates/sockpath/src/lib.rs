@@ -1,7 +1,8 @@
-//! The QMP socket's path: what may be replaced when binding (nothing, or a stale socket:
-//! one nobody accepts on), and what may be removed after (the path, only while it is still
-//! the socket this server bound). The same rules as the engine's `unix:` listeners
-//! (`livemig_engine::transport::unix_path`), which this crate does not depend on.
+//! Unix socket paths, the same rules wherever livemig listens (`unix:` migration listeners
+//! in the engine, QMP sockets): what may be replaced when binding (nothing, or a stale socket:
+//! one nobody accepts on; never a file that is not a socket, nor a socket in use), and what
+//! may be removed after (the path, only while it is still the socket this process bound,
+//! compared by device and inode).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
