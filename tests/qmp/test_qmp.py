@@ -431,6 +431,9 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         await dst.cmd("migrate-incoming", {"uri": uri})
         await src.cmd("migrate", {"uri": uri})
         self.assertEqual((await src.wait_migration())["status"], "completed")
+        # The source completes when told the guest runs there; the destination's own status
+        # follows a moment later (as QEMU's), and a check waits for it.
+        self.assertEqual((await dst.wait_migration())["status"], "completed")
         self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
 
     async def test_bad_requests_and_wrong_states_keep_the_server_serving(self):

@@ -479,9 +479,6 @@ impl Machine {
                 };
                 let r = receive_vm(&listener, factories, &config, &log);
                 drop(listener);
-                // A VM built ahead and not taken (a failed or non-KVM session) goes with the
-                // wait it was built for.
-                livemig_vmm::kvm::forget_prepared_vm();
                 let _ = tx.send(Msg::IncomingDone(Box::new(r)));
             })
             .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;
@@ -571,6 +568,10 @@ impl Machine {
                         });
                     }
                 }
+                // A VM built ahead and not taken (a failed or non-KVM session) goes with the
+                // wait it was built for: after the outcome is told (tearing a VM down takes a
+                // few ms), and on this thread, before any next migrate-incoming builds anew.
+                livemig_vmm::kvm::forget_prepared_vm();
             }
             Msg::Command(..) | Msg::Quit => {}
         }
