@@ -453,7 +453,11 @@ impl Machine {
         let mut config = IncomingConfig {
             verify: self.limits.verify,
             credit_window: self.params.credit_window,
-            buffer_cap: self.params.buffer_cap,
+            // 0 (the parameter's default) is the destination's own cap, not "unbounded".
+            buffer_cap: match self.params.buffer_cap {
+                0 => livemig_engine::config::DEFAULT_BUFFER_CAP,
+                cap => cap,
+            },
             peer_timeout: self.params.peer_timeout(self.limits.peer_timeout),
             tls: self.limits.tls.clone(),
             cancel: cancel.clone(),

@@ -83,6 +83,8 @@ pub struct Parameters {
     pub device_state_transfer: DeviceTransfer,
     /// Milliseconds a silent peer is given; 0: the process's default.
     pub peer_timeout_ms: u64,
+    /// Milliseconds the guest may stay paused for the switchover at most.
+    pub switchover_timeout_ms: u64,
     /// `multifd-compression`: pages compressed with zstd.
     pub zstd: bool,
     /// `multifd-zstd-level`.
@@ -103,6 +105,7 @@ impl Default for Parameters {
             buffer_cap: d.buffer_cap,
             device_state_transfer: d.device_transfer,
             peer_timeout_ms: 0,
+            switchover_timeout_ms: d.switchover_timeout.as_millis() as u64,
             zstd: d.compress.is_some(),
             zstd_level: 1,
             page_checksums: d.page_checksums,
@@ -120,6 +123,7 @@ pub const NAMES: &[&str] = &[
     "x-buffer-cap",
     "x-device-state-transfer",
     "x-peer-timeout",
+    "x-switchover-timeout",
     "multifd-compression",
     "multifd-zstd-level",
     "x-page-checksums",
@@ -149,6 +153,7 @@ impl Parameters {
                 DeviceTransfer::Main => "main",
             },
             "x-peer-timeout": self.peer_timeout_ms,
+            "x-switchover-timeout": self.switchover_timeout_ms,
             "multifd-compression": if self.zstd { "zstd" } else { "none" },
             "multifd-zstd-level": self.zstd_level,
             "x-page-checksums": self.page_checksums,
@@ -213,6 +218,12 @@ impl Parameters {
             }
             next.peer_timeout_ms = ms;
         }
+        if let Some(ms) = a.opt_u64("x-switchover-timeout")? {
+            if ms == 0 {
+                return Err(range_err("x-switchover-timeout", "at least 1 ms"));
+            }
+            next.switchover_timeout_ms = ms;
+        }
         if let Some(c) = a.opt_str("multifd-compression")? {
             next.zstd = match c {
                 "none" => false,
@@ -260,6 +271,7 @@ impl Parameters {
             buffer_cap: self.buffer_cap,
             device_transfer: self.device_state_transfer,
             peer_timeout: self.peer_timeout(livemig_engine::config::DEFAULT_PEER_TIMEOUT),
+            switchover_timeout: Duration::from_millis(self.switchover_timeout_ms),
             auto_converge: caps.auto_converge,
             compress: self.zstd.then_some(self.zstd_level as i32),
             page_checksums: self.page_checksums,
@@ -304,6 +316,20 @@ mod tests {
             local: false,
         };
         assert_eq!(p.migration_config(&single).channels, 1);
+    }
+
+    #[test]
+    fn the_switchover_timeout_reaches_the_migration_and_zero_is_refused() {
+        let mut p = Parameters::default();
+        assert_eq!(p.query()["x-switchover-timeout"], 30_000);
+        let e = p
+            .set(json!({"x-switchover-timeout": 0}).as_object().unwrap())
+            .unwrap_err();
+        assert!(e.desc.contains("x-switchover-timeout"), "{e}");
+        p.set(json!({"x-switchover-timeout": 1500}).as_object().unwrap())
+            .unwrap();
+        let c = p.migration_config(&Capabilities::default());
+        assert_eq!(c.switchover_timeout, Duration::from_millis(1500));
     }
 
     #[test]
