@@ -23,6 +23,7 @@ use crate::bench::{report_run, BenchArgs, Run};
 use crate::guest::GuestChoice;
 use crate::pair::run_pair;
 use crate::raw_tcp;
+use crate::run_facts;
 use anyhow::Context;
 use clap::Args;
 use serde_json::{json, Value};
@@ -204,63 +205,23 @@ struct HowRun {
 
 impl HowRun {
     fn collect(guest: GuestChoice) -> HowRun {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let cpu_model = cpuinfo
-            .lines()
-            .find(|l| l.starts_with("model name"))
-            .and_then(|l| l.split_once(':'))
-            .map_or("unknown".into(), |(_, v)| v.trim().to_string());
-        let cpus = cpuinfo
-            .lines()
-            .filter(|l| l.starts_with("processor"))
-            .count()
-            .max(std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let memory_gib = meminfo
-            .lines()
-            .find(|l| l.starts_with("MemTotal:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|k| k.parse::<f64>().ok())
-            .map_or(0.0, |k| k * 1024.0 / GIB);
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .map_or("unknown".into(), |s| s.trim().to_string());
-        let git = |args: &[&str]| {
-            std::process::Command::new("git")
-                .args(["-C", env!("CARGO_MANIFEST_DIR")])
-                .args(args)
-                .stderr(std::process::Stdio::null())
-                .output()
-                .ok()
-                .filter(|o| o.status.success())
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        };
-        let commit = match git(&["rev-parse", "--short", "HEAD"]) {
-            None => "unknown".into(),
-            Some(c) => match git(&["status", "--porcelain", "--untracked-files=no"]) {
-                Some(changes) if !changes.is_empty() => format!("{c} + uncommitted changes"),
-                _ => c,
-            },
-        };
+        let host = run_facts::Host::read();
         HowRun {
-            command: command_line(),
+            command: run_facts::command_line(),
             guest: guest.name(),
             guest_why: match (guest, guest.resolve()) {
                 (GuestChoice::Auto, GuestChoice::Kvm) => "auto: /dev/kvm is usable",
                 (GuestChoice::Auto, _) => "auto: no usable /dev/kvm",
                 _ => "chosen with --guest",
             },
-            cpu_model,
-            cpus,
-            memory_gib,
-            kernel,
-            date: utc_now(),
-            commit,
-            build: if cfg!(debug_assertions) {
-                "debug build"
-            } else {
-                "release build"
-            },
-            load_start: load_average(),
+            cpu_model: host.cpu_model,
+            cpus: host.cpus,
+            memory_gib: host.memory_gib,
+            kernel: host.kernel,
+            date: run_facts::utc_now(),
+            commit: run_facts::commit(),
+            build: run_facts::build(),
+            load_start: run_facts::load_average(),
         }
     }
 
@@ -298,53 +259,6 @@ impl HowRun {
             "load_average_start": self.load_start,
         })
     }
-}
-
-/// This process's command line, quoted for a POSIX shell, the program as `livemig`.
-fn command_line() -> String {
-    let quote = |s: &str| {
-        if !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_=.,:/+@%".contains(c))
-        {
-            s.to_string()
-        } else {
-            format!("'{}'", s.replace('\'', r"'\''"))
-        }
-    };
-    std::iter::once("livemig".to_string())
-        .chain(std::env::args().skip(1).map(|a| quote(&a)))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-/// Now, in UTC, as `YYYY-MM-DD HH:MM UTC`.
-fn utc_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Days since 1970-01-01 to a civil date (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60
-    )
 }
 
 // ---- Running migrations ----
@@ -877,7 +791,7 @@ fn num(v: &Value, k: &str) -> f64 {
 fn finish(a: &BenchArgs, plan: &Plan, how: &HowRun, res: &Results) -> anyhow::Result<ExitCode> {
     let raw = res.raw();
     let run_line = how.line();
-    let load_end = load_average();
+    let load_end = run_facts::load_average();
     let mut md = String::new();
     let _ = writeln!(md, "# livemig benchmark suite\n");
     let _ = writeln!(md, "{run_line}\n");

@@ -27,6 +27,7 @@ mod pair;
 mod progress;
 mod raw_tcp;
 mod run;
+mod run_facts;
 mod status;
 mod tls;
 

@@ -1,7 +1,7 @@
 //! How a run was made: the facts at the head of the table (command, commit, build, CPU,
-//! kernel, date, load). The same facts as `bench --mode suite` prints; its helpers are private
-//! to that module, so these are this module's own.
+//! kernel, date, load), read by `run_facts` as `bench --mode suite` reads them.
 
+use crate::run_facts;
 use serde_json::{json, Value};
 
 /// The facts a reader needs to repeat a run.
@@ -19,35 +19,17 @@ pub(super) struct HowRun {
 
 impl HowRun {
     pub(super) fn collect() -> HowRun {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let cpu_model = cpuinfo
-            .lines()
-            .find(|l| l.starts_with("model name"))
-            .and_then(|l| l.split_once(':'))
-            .map_or("unknown CPU".into(), |(_, v)| v.trim().to_string());
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let memory_gib = std::fs::read_to_string("/proc/meminfo")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-            .map_or(0.0, |kib| kib / (1u64 << 20) as f64);
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .map_or("unknown".into(), |s| s.trim().to_string());
+        let host = run_facts::Host::read();
         HowRun {
-            command: command_line(),
-            build: if cfg!(debug_assertions) {
-                "debug build"
-            } else {
-                "release build"
-            },
-            commit: commit(),
-            cpu_model,
-            cpus,
-            memory_gib,
-            kernel,
-            date: utc_now(),
-            load_start: load_average(),
+            command: run_facts::command_line(),
+            build: run_facts::build(),
+            commit: run_facts::commit(),
+            cpu_model: host.cpu_model,
+            cpus: host.cpus,
+            memory_gib: host.memory_gib,
+            kernel: host.kernel,
+            date: run_facts::utc_now(),
+            load_start: run_facts::load_average(),
         }
     }
 
@@ -81,73 +63,4 @@ impl HowRun {
             "load_average_start": self.load_start,
         })
     }
-}
-
-/// This process's command line, quoted for a POSIX shell, the program as `livemig`.
-fn command_line() -> String {
-    let quote = |s: &str| {
-        if !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_=.,:/+@%".contains(c))
-        {
-            s.to_string()
-        } else {
-            format!("'{}'", s.replace('\'', r"'\''"))
-        }
-    };
-    std::iter::once("livemig".to_string())
-        .chain(std::env::args().skip(1).map(|a| quote(&a)))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// The commit this was built from, and whether the tree had changes.
-fn commit() -> String {
-    let git = |args: &[&str]| {
-        std::process::Command::new("git")
-            .args(["-C", env!("CARGO_MANIFEST_DIR")])
-            .args(args)
-            .stderr(std::process::Stdio::null())
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    match git(&["rev-parse", "--short", "HEAD"]) {
-        None => "unknown".into(),
-        Some(c) => match git(&["status", "--porcelain", "--untracked-files=no"]) {
-            Some(changes) if !changes.is_empty() => format!("{c} + uncommitted changes"),
-            _ => c,
-        },
-    }
-}
-
-/// The 1, 5 and 15 minute load averages.
-pub(super) fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-/// Now, in UTC, as `YYYY-MM-DD HH:MM UTC`.
-fn utc_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Days since 1970-01-01 to a civil date (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60
-    )
 }

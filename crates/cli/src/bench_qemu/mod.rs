@@ -190,7 +190,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         "as each run's JSON says"
     };
     let settings = settings(p, &boot_how, &peer_how, repeat, checksums);
-    let load_end = how::load_average();
+    let load_end = crate::run_facts::load_average();
     let mut md = String::new();
     let _ = writeln!(md, "# livemig beside QEMU\n");
     let _ = writeln!(md, "{}\n", how.line());
