@@ -201,7 +201,7 @@ fn handshakes<R>(
 /// A connection still handshaking.
 struct Pending {
     id: u64,
-    /// The accepted socket (under TLS, if any), to cut the handshake short.
+    /// A clone of the accepted socket, taken before any TLS, to cut the handshake short.
     cut: Stream,
     /// Its handshake timeout, from its accept.
     deadline: Instant,
@@ -211,6 +211,7 @@ struct Pending {
 
 impl Pending {
     /// Shuts the read half: the handshake's read ends, a refusal can still be written.
+    /// (`cut` is the plain socket; a TLS stream, should one ever stand here, is shut whole.)
     fn cut_read(&self) {
         let _ = match &self.cut {
             Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Read),
