@@ -35,7 +35,7 @@ impl GuestError {
 
 /// The result of checking every page of a guest for exactness (a test instrument: guests
 /// whose memory follows a known pattern can tell whether each page holds what it must).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VerifyReport {
     pub pages_checked: u64,
     pub pages_mismatched: u64,

@@ -2,10 +2,10 @@
 //! Everything here serializes to the JSON that `livemig --json` prints.
 
 use crate::guest::VerifyReport;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One precopy round (or the switchover round) as the source saw it.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RoundReport {
     pub round: u32,
     pub pages: u64,
@@ -23,7 +23,7 @@ pub struct RoundReport {
 }
 
 /// Where the guest's pause went, source and destination together.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DowntimeBreakdown {
     /// Stopping the guest's vCPUs (or dirtying threads).
     pub pause_ms: f64,
@@ -49,7 +49,7 @@ pub struct DowntimeBreakdown {
 }
 
 /// The source's account of a completed migration.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct MigrationReport {
     pub session: String,
     pub channels: u16,
@@ -83,7 +83,7 @@ pub struct MigrationReport {
 }
 
 /// One streamed device in a migration.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DeviceReport {
     pub name: String,
     /// Bytes of state loaded on the destination.
@@ -98,7 +98,7 @@ pub struct DeviceReport {
 }
 
 /// The destination's account of a completed incoming migration.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct IncomingReport {
     pub session: String,
     pub channels: u16,
@@ -123,7 +123,7 @@ pub struct IncomingReport {
 }
 
 /// Events a running migration reports as it goes.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Progress {
     /// All channels are connected.
