@@ -49,6 +49,19 @@ impl CancelToken {
     pub fn waiter(&self) -> &Receiver<()> {
         &self.inner.rx
     }
+
+    /// Sleeps for `d`, waking at once on cancel. True if the whole time passed, false if the
+    /// token was (or became) cancelled. Threads that pace themselves sleep through this, never
+    /// through `thread::sleep`, so a cancel is prompt.
+    pub fn sleep(&self, d: std::time::Duration) -> bool {
+        if self.is_cancelled() {
+            return false;
+        }
+        crossbeam_channel::select! {
+            recv(self.inner.rx) -> _ => false,
+            default(d) => !self.is_cancelled(),
+        }
+    }
 }
 
 impl Default for CancelToken {

@@ -199,32 +199,129 @@ pub const THROTTLE_INITIAL: u8 = 20;
 pub const THROTTLE_STEP: u8 = 10;
 pub const THROTTLE_MAX: u8 = 99;
 
-/// Test-only: the order in which the source sends a device's chunks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum ChunkOrder {
-    /// In stream order, each to whichever channel is free.
-    #[default]
-    Natural,
-    /// Each credit window's chunks back to front: the chunk the loader needs arrives last,
-    /// so the destination must buffer a whole window before it can load anything.
-    Reverse,
-    /// Data channel 0 waits this long before sending each chunk, so chunks overtake it.
-    DelayChannel0(Duration),
-}
+/// Fault injection for tests: arrival orders made adversarial, the engine broken on purpose
+/// to prove the tests catch it. Compiled in only with the `test-hooks` cargo feature (the
+/// cli's tests turn it on through a dev-dependency), so a release build's hot paths carry
+/// none of it; a process takes them from [`TEST_HOOKS_ENV`].
+pub mod test_hooks {
+    use std::time::Duration;
 
-/// Test-only switches of the source that make arrival orders adversarial.
-#[derive(Debug, Clone, Default)]
-pub struct SourceTestHooks {
-    pub chunk_order: ChunkOrder,
-}
+    /// The environment variable a process reads its test hooks from: a comma-separated list
+    /// of `chunk-order=natural|reverse|delay-channel` and `break-round-order`.
+    pub const TEST_HOOKS_ENV: &str = "LIVEMIG_TEST_HOOKS";
 
-/// Test-only switches that break the engine on purpose, to prove the tests can catch it.
-#[derive(Debug, Clone, Default)]
-pub struct TestHooks {
-    /// Destination: skip the end-of-round sync between data channels and apply data channel
-    /// 0's pages late, newest first, so older copies of a page land after newer ones.
-    pub break_round_order: bool,
+    /// The order in which the source sends a device's chunks.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub enum ChunkOrder {
+        /// In stream order, each to whichever channel is free.
+        #[default]
+        Natural,
+        /// Each credit window's chunks back to front: the chunk the loader needs arrives
+        /// last, so the destination must buffer a whole window before it can load anything.
+        Reverse,
+        /// Data channel 0 waits this long before sending each chunk, so chunks overtake it.
+        DelayChannel0(Duration),
+    }
+
+    /// The source's hooks.
+    #[derive(Debug, Clone, Default)]
+    pub struct SourceTestHooks {
+        /// The order of device chunks.
+        #[cfg(feature = "test-hooks")]
+        pub chunk_order: ChunkOrder,
+    }
+
+    /// The destination's hooks.
+    #[derive(Debug, Clone, Default)]
+    pub struct TestHooks {
+        /// Skip the end-of-round sync between data channels and apply data channel 0's
+        /// pages late, newest first, so older copies of a page land after newer ones.
+        #[cfg(feature = "test-hooks")]
+        pub break_round_order: bool,
+    }
+
+    impl SourceTestHooks {
+        /// How long data channel `index` waits before each device chunk (never, without the
+        /// feature).
+        #[inline]
+        pub fn chunk_delay(&self, index: u16) -> Option<Duration> {
+            #[cfg(feature = "test-hooks")]
+            if let (ChunkOrder::DelayChannel0(d), 0) = (self.chunk_order, index) {
+                return Some(d);
+            }
+            let _ = index;
+            None
+        }
+
+        /// Whether device chunks go out back to front, window by window.
+        #[inline]
+        pub fn reverse_chunks(&self) -> bool {
+            #[cfg(feature = "test-hooks")]
+            return self.chunk_order == ChunkOrder::Reverse;
+            #[cfg(not(feature = "test-hooks"))]
+            false
+        }
+    }
+
+    impl TestHooks {
+        /// Whether the destination breaks round order on purpose (a constant false without
+        /// the feature, so the receive loop's branches fold away).
+        #[inline]
+        pub fn break_round_order(&self) -> bool {
+            #[cfg(feature = "test-hooks")]
+            return self.break_round_order;
+            #[cfg(not(feature = "test-hooks"))]
+            false
+        }
+    }
+
+    /// Both sides' hooks as [`TEST_HOOKS_ENV`] spells them.
+    #[derive(Debug, Clone, Default)]
+    pub struct Hooks {
+        /// The source's.
+        pub source: SourceTestHooks,
+        /// The destination's.
+        pub destination: TestHooks,
+    }
+
+    impl Hooks {
+        /// The hooks [`TEST_HOOKS_ENV`] asks for (none when it is unset). Set in a build
+        /// without the `test-hooks` feature, or naming an unknown hook, it is an error.
+        pub fn from_env() -> Result<Hooks, String> {
+            match std::env::var(TEST_HOOKS_ENV) {
+                Ok(spec) if !spec.is_empty() => Hooks::parse(&spec),
+                _ => Ok(Hooks::default()),
+            }
+        }
+
+        #[cfg(not(feature = "test-hooks"))]
+        fn parse(_spec: &str) -> Result<Hooks, String> {
+            Err(format!(
+                "{TEST_HOOKS_ENV} is set, but this build has no test hooks (the engine's \
+                 `test-hooks` feature is off)"
+            ))
+        }
+
+        #[cfg(feature = "test-hooks")]
+        fn parse(spec: &str) -> Result<Hooks, String> {
+            let mut hooks = Hooks::default();
+            for item in spec.split(',').map(str::trim) {
+                match item {
+                    "break-round-order" => hooks.destination.break_round_order = true,
+                    "chunk-order=natural" => hooks.source.chunk_order = ChunkOrder::Natural,
+                    "chunk-order=reverse" => hooks.source.chunk_order = ChunkOrder::Reverse,
+                    "chunk-order=delay-channel" => {
+                        hooks.source.chunk_order =
+                            ChunkOrder::DelayChannel0(Duration::from_millis(5))
+                    }
+                    other => return Err(format!("{TEST_HOOKS_ENV}: unknown hook '{other}'")),
+                }
+            }
+            Ok(hooks)
+        }
+    }
 }
+pub use test_hooks::{ChunkOrder, SourceTestHooks, TestHooks};
 
 /// Destination side.
 #[derive(Debug, Clone)]

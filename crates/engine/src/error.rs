@@ -86,8 +86,8 @@ pub enum MigrationError {
     Cancelled,
     #[error("cannot start a migration thread: {0}")]
     Spawn(#[source] io::Error),
-    #[error("a migration job failed: {0}")]
-    Job(#[source] crate::pool::PoolError),
+    #[error("a migration thread failed: {0}")]
+    Job(#[source] crate::runtime::ThreadError),
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
     #[error("handover outcome unknown: the destination did not confirm it resumed ({0}); the source guest stays paused")]
@@ -119,8 +119,8 @@ pub enum IncomingError {
     NoHandover(String),
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
-    #[error("a migration job failed: {0}")]
-    Job(#[source] crate::pool::PoolError),
+    #[error("a migration thread failed: {0}")]
+    Job(#[source] crate::runtime::ThreadError),
     #[error("cannot start a migration thread: {0}")]
     Spawn(#[source] io::Error),
     #[error("incoming migration cancelled before a source connected")]

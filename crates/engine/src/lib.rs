@@ -22,6 +22,7 @@ pub mod local;
 pub mod pool;
 pub mod prefault;
 pub mod report;
+pub mod runtime;
 pub mod source;
 pub mod stats;
 pub mod tls;

@@ -84,7 +84,7 @@ impl ChannelReceiver<'_> {
         let mut round = 0u32;
         // The test hook's late pages (see `TestHooks::break_round_order`).
         let mut late: Vec<Vec<u8>> = Vec::new();
-        let broken = self.hooks.break_round_order;
+        let broken = self.hooks.break_round_order();
         let wire = |source| ChannelError::Wire { channel, source };
         loop {
             let h = framed::recv_header(&mut self.stream, channel, &self.limits)?;

@@ -38,7 +38,7 @@ mod sender;
 pub mod watchdog;
 
 use crate::cancel::CancelToken;
-use crate::config::{ChunkOrder, MigrationConfig, NoConvergence};
+use crate::config::{MigrationConfig, NoConvergence};
 use crate::device::{Device, DeviceError, VmState};
 use crate::dirty::DirtyBitmap;
 use crate::error::{panic_message, ChannelError, ChannelName, MigrationError};
@@ -496,10 +496,7 @@ fn run_session(
                 pages_per_packet: config.pages_per_packet as usize,
                 page_checksums: config.page_checksums,
                 compress: config.compress,
-                chunk_delay: match config.test_hooks.chunk_order {
-                    ChunkOrder::DelayChannel0(d) if i == 0 => Some(d),
-                    _ => None,
-                },
+                chunk_delay: config.test_hooks.chunk_delay(i as u16),
             };
             spawned(
                 &mut channel_threads,
@@ -530,7 +527,7 @@ fn run_session(
             for (i, device) in vm.devices.iter().enumerate() {
                 let job = SaveJob {
                     index: i as u16,
-                    reverse: config.test_hooks.chunk_order == ChunkOrder::Reverse,
+                    reverse: config.test_hooks.reverse_chunks(),
                     device: *device,
                     chunk_size: config.chunk_size as usize,
                     dispatch: dispatch.clone(),
