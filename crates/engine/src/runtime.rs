@@ -164,8 +164,13 @@ impl<'scope, 'env: 'scope> Runtime<'scope, 'env> {
 
     /// Keeps a clone of `stream` to shut down at teardown (or when the attempt is cut).
     pub fn add_socket(&self, stream: &Stream) -> std::io::Result<()> {
-        lock(&self.sockets).push(stream.try_clone()?);
+        self.keep_socket(stream.try_clone()?);
         Ok(())
+    }
+
+    /// Keeps `clone` (a clone made beforehand) to shut down at teardown.
+    pub fn keep_socket(&self, clone: Stream) {
+        lock(&self.sockets).push(clone);
     }
 
     /// Clones of every socket added so far, for a watcher that must be able to cut them.
@@ -459,13 +464,13 @@ mod tests {
     #[test]
     fn a_cancelled_runtime_starts_nothing_and_a_failure_cancels_the_attempt() {
         let token = CancelToken::new();
+        let ran = AtomicBool::new(false);
         std::thread::scope(|s| {
             let rt = Runtime::new(s, "tref", token.clone());
             rt.submit("bad", || Err("no".into()));
             let done = rt.completions().recv().expect("done");
             assert!(matches!(done.result, Err(ThreadError::Failed { .. })));
             assert!(token.is_cancelled());
-            let ran = AtomicBool::new(false);
             let ran_ref = &ran;
             rt.spawn("late", move || ran_ref.store(true, Ordering::SeqCst));
             assert!(matches!(

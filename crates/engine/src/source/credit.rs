@@ -45,6 +45,7 @@ impl CreditTable {
     }
 
     /// The device's current credit limit: chunks idx < up_to may be sent.
+    #[cfg(feature = "test-hooks")]
     pub fn up_to(&self, device: usize) -> u32 {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).up_to[device]
     }

@@ -35,14 +35,6 @@ impl Switchover {
         self.cv.notify_all();
     }
 
-    pub fn started(&self) -> bool {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .0
-            .is_some()
-    }
-
     /// Waits up to `d`; returns when switchover started, if it has.
     fn wait(&self, d: Duration) -> Option<Instant> {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -92,6 +84,7 @@ impl From<DeviceError> for SaveError {
 pub(crate) struct SaveJob<'a> {
     pub index: u16,
     /// Test hook: send each credit window back to front.
+    #[cfg(feature = "test-hooks")]
     pub reverse: bool,
     pub device: &'a dyn Device,
     pub chunk_size: usize,
@@ -137,8 +130,8 @@ impl SaveJob<'_> {
         }
     }
 
-    /// Numbers the next chunk and sends it, or with the reverse hook holds it until its
-    /// credit window is full.
+    /// Numbers the next chunk and sends it (with the reverse hook, holds it until its credit
+    /// window is full).
     fn push(
         &self,
         out: &mut Outbox,
@@ -150,9 +143,22 @@ impl SaveJob<'_> {
         stats.chunks += 1;
         let idx = out.next;
         out.next += 1;
-        if !self.reverse {
-            return self.send(idx, data, last, &out.spare_tx);
+        #[cfg(feature = "test-hooks")]
+        if self.reverse {
+            return self.hold_back(out, idx, data, last);
         }
+        self.send(idx, data, last, &out.spare_tx)
+    }
+
+    /// The reverse hook: holds the chunk back until its credit window is full.
+    #[cfg(feature = "test-hooks")]
+    fn hold_back(
+        &self,
+        out: &mut Outbox,
+        idx: u32,
+        data: Vec<u8>,
+        last: bool,
+    ) -> Result<(), SaveError> {
         out.held.push((idx, data, last));
         let first = out.held[0].0;
         if idx + 1 >= self.credits.up_to(self.index as usize).max(first + 1) {
@@ -161,11 +167,13 @@ impl SaveJob<'_> {
         Ok(())
     }
 
-    /// Sends every held chunk, last first.
+    /// Sends every chunk the reverse hook held, last first (none is held without it).
     fn flush(&self, out: &mut Outbox) -> Result<(), SaveError> {
+        #[cfg(feature = "test-hooks")]
         while let Some((idx, data, last)) = out.held.pop() {
             self.send(idx, data, last, &out.spare_tx)?;
         }
+        let _ = out;
         Ok(())
     }
 
@@ -195,6 +203,7 @@ impl SaveJob<'_> {
 /// fresh memory costs page faults, which on these hosts cost more than moving the bytes.
 struct Outbox {
     next: u32,
+    #[cfg(feature = "test-hooks")]
     held: Vec<(u32, Vec<u8>, bool)>,
     spare_tx: crossbeam_channel::Sender<Vec<u8>>,
     spare_rx: crossbeam_channel::Receiver<Vec<u8>>,
@@ -205,6 +214,7 @@ impl Outbox {
         let (spare_tx, spare_rx) = crossbeam_channel::bounded(8);
         Outbox {
             next: 0,
+            #[cfg(feature = "test-hooks")]
             held: Vec::new(),
             spare_tx,
             spare_rx,

@@ -128,6 +128,7 @@ pub(crate) struct ChannelSender<'a> {
     /// Compress pages with zstd at this level.
     pub compress: Option<i32>,
     /// Test hook: wait this long before sending each device chunk.
+    #[cfg(feature = "test-hooks")]
     pub chunk_delay: Option<std::time::Duration>,
 }
 
@@ -143,18 +144,7 @@ impl ChannelSender<'_> {
     fn serve(&mut self) -> Result<(), ChannelError> {
         let channel = ChannelName::Data(self.index);
         let mut scratch = Scratch::new(self.pages_per_packet);
-        let mut compressor = match self.compress {
-            Some(level) => Some(Compression {
-                z: zstd::bulk::Compressor::new(level).map_err(|source| ChannelError::Io {
-                    channel,
-                    op: "set up zstd",
-                    source,
-                })?,
-                skip: 0,
-                backoff: 1,
-            }),
-            None => None,
-        };
+        let mut compressor = self.compressor()?;
         for _ in 0..PIPELINE {
             if self.ready.send(self.index).is_err() {
                 return Ok(());
@@ -168,31 +158,11 @@ impl ChannelSender<'_> {
                     framed::send_ping(&mut self.stream, channel)?;
                     continue;
                 }
-                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
             };
             match job {
                 Job::Pages { round, addrs } => {
-                    let s = &mut scratch;
-                    self.classify(&addrs, s)?;
-                    let worth_a_try = !s.normal.is_empty()
-                        && compressor
-                            .as_mut()
-                            .is_some_and(Compression::try_this_packet);
-                    let len = match compressor.as_mut() {
-                        Some(c) if worth_a_try => self.send_compressed(round, s, c)?,
-                        _ => self.send_from_memory(round, s)?,
-                    };
-                    let (normal, zero) = (&s.normal, &s.zero);
-                    let c = self.counters;
-                    c.bytes
-                        .fetch_add((livemig_wire::HEADER_LEN + len) as u64, Relaxed);
-                    c.ram_bytes
-                        .fetch_add((livemig_wire::HEADER_LEN + len) as u64, Relaxed);
-                    c.normal_pages.fetch_add(normal.len() as u64, Relaxed);
-                    c.zero_pages.fetch_add(zero.len() as u64, Relaxed);
-                    if self.ready.send(self.index).is_err() {
-                        return Ok(());
-                    }
+                    self.send_batch(round, &addrs, &mut scratch, compressor.as_mut())?
                 }
                 Job::Chunk {
                     device,
@@ -201,26 +171,9 @@ impl ChannelSender<'_> {
                     data,
                     recycle,
                 } => {
-                    if let Some(d) = self.chunk_delay {
-                        std::thread::sleep(d);
-                    }
-                    let header = ChunkHeader { device, idx, last }.encode();
-                    framed::send_parts(
-                        &mut self.stream,
-                        channel,
-                        FrameKind::DeviceChunk,
-                        &[&header, &data],
-                    )?;
-                    let c = self.counters;
-                    c.bytes.fetch_add(
-                        (livemig_wire::HEADER_LEN + header.len() + data.len()) as u64,
-                        Relaxed,
-                    );
-                    c.device_bytes.fetch_add(data.len() as u64, Relaxed);
+                    let header = ChunkHeader { device, idx, last };
+                    self.send_chunk(header, &data)?;
                     let _ = recycle.try_send(data);
-                    if self.ready.send(self.index).is_err() {
-                        return Ok(());
-                    }
                 }
                 Job::RoundEnd(end) => {
                     framed::send(
@@ -232,9 +185,81 @@ impl ChannelSender<'_> {
                     if self.events.send(Event::RoundSent(end.round)).is_err() {
                         return Ok(());
                     }
+                    continue;
                 }
             }
+            // Ready for the next job once this one is on the wire.
+            if self.ready.send(self.index).is_err() {
+                return Ok(());
+            }
         }
+    }
+
+    /// zstd's compressor, when pages are compressed.
+    fn compressor(&self) -> Result<Option<Compression>, ChannelError> {
+        let Some(level) = self.compress else {
+            return Ok(None);
+        };
+        let z = zstd::bulk::Compressor::new(level).map_err(|source| ChannelError::Io {
+            channel: ChannelName::Data(self.index),
+            op: "set up zstd",
+            source,
+        })?;
+        Ok(Some(Compression {
+            z,
+            skip: 0,
+            backoff: 1,
+        }))
+    }
+
+    /// One batch of pages: sorted into zero and normal pages, sent (compressed when it pays).
+    fn send_batch(
+        &mut self,
+        round: u32,
+        addrs: &[u64],
+        s: &mut Scratch,
+        compressor: Option<&mut Compression>,
+    ) -> Result<(), ChannelError> {
+        self.classify(addrs, s)?;
+        let len = match compressor {
+            Some(c) if !s.normal.is_empty() => {
+                if c.try_this_packet() {
+                    self.send_compressed(round, s, c)?
+                } else {
+                    self.send_from_memory(round, s)?
+                }
+            }
+            _ => self.send_from_memory(round, s)?,
+        };
+        let c = self.counters;
+        c.bytes
+            .fetch_add((livemig_wire::HEADER_LEN + len) as u64, Relaxed);
+        c.ram_bytes
+            .fetch_add((livemig_wire::HEADER_LEN + len) as u64, Relaxed);
+        c.normal_pages.fetch_add(s.normal.len() as u64, Relaxed);
+        c.zero_pages.fetch_add(s.zero.len() as u64, Relaxed);
+        Ok(())
+    }
+
+    /// One device chunk.
+    fn send_chunk(&mut self, header: ChunkHeader, data: &[u8]) -> Result<(), ChannelError> {
+        #[cfg(feature = "test-hooks")]
+        if let Some(d) = self.chunk_delay {
+            std::thread::sleep(d);
+        }
+        let header = header.encode();
+        framed::send_parts(
+            &mut self.stream,
+            ChannelName::Data(self.index),
+            FrameKind::DeviceChunk,
+            &[&header, data],
+        )?;
+        let c = self.counters;
+        c.bytes.fetch_add(
+            (livemig_wire::HEADER_LEN + header.len() + data.len()) as u64,
+            Relaxed,
+        );
+        c.device_bytes.fetch_add(data.len() as u64, Relaxed);
         Ok(())
     }
 }

@@ -1,0 +1,295 @@
+//! Set-up: the main channel and every data channel opened, each with its handshake, under a
+//! watchdog that bounds the whole of it.
+
+use super::watchdog::{Awaited, Watchdog};
+use super::Vm;
+use crate::cancel::CancelToken;
+use crate::config::MigrationConfig;
+use crate::error::{ChannelError, ChannelName, MigrationError};
+use crate::framed;
+use crate::transport::{Endpoint, Stream};
+use livemig_wire::{
+    ChannelHello, DeviceSetup, FrameKind, Limits, RamTransfer, SessionAccept, SessionHello,
+    SessionId, WireDevice,
+};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A session whose every channel is open and bound to it.
+pub(super) struct Connected {
+    pub session: SessionId,
+    pub main: Stream,
+    pub data: Vec<Stream>,
+    pub accept: SessionAccept,
+    /// When the migration started, and how long set-up took.
+    pub start: Instant,
+    pub setup: Duration,
+}
+
+/// What local mode needs before anything is opened: a `unix:` address (the memory files go
+/// over it), no TLS (nothing leaves the host), and guest memory backed by files.
+pub(super) fn check_local(
+    vm: Vm<'_>,
+    to: &Endpoint,
+    config: &MigrationConfig,
+) -> Result<(), MigrationError> {
+    if !matches!(to, Endpoint::Unix(_)) {
+        return Err(MigrationError::Config(format!(
+            "local mode hands guest memory over a Unix socket: '{to}' is not a unix: address"
+        )));
+    }
+    if config.tls.is_some() {
+        return Err(MigrationError::Config(
+            "local mode and TLS do not go together: nothing leaves the host".into(),
+        ));
+    }
+    crate::local::memory_files(vm.guest.memory())
+        .map(drop)
+        .map_err(|e| MigrationError::Config(e.to_string()))
+}
+
+/// Opens every channel of a new session under a watchdog (`lm-src-watch`) that shuts down
+/// every socket opened so far on cancel, or when set-up has not finished `connect_timeout`
+/// after the main channel opened: a destination that accepts and then says nothing, or
+/// trickles its answers, cannot hold the source in its set-up.
+pub(super) fn connect(
+    vm: Vm<'_>,
+    to: &Endpoint,
+    config: &MigrationConfig,
+) -> Result<Connected, MigrationError> {
+    let start = Instant::now();
+    let session = SessionId(*uuid::Uuid::new_v4().as_bytes());
+    let open: Mutex<Vec<Stream>> = Mutex::new(Vec::new());
+    let watchdog = Watchdog::new();
+    let attempt = CancelToken::new();
+    let result = std::thread::scope(|scope| {
+        let (open, watchdog, attempt) = (&open, &watchdog, &attempt);
+        let watcher = std::thread::Builder::new()
+            .name("lm-src-watch".into())
+            .spawn_scoped(scope, move || {
+                watchdog.run(&config.cancel, attempt, || {
+                    open.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .for_each(Stream::shutdown)
+                })
+            })
+            .map_err(MigrationError::Spawn)?;
+        let opener = Opener {
+            to,
+            config,
+            open,
+            attempt,
+        };
+        let r = opener.session(vm, session, watchdog);
+        // Ends the watch (a no-op if it already cancelled).
+        attempt.cancel();
+        let _ = watcher.join();
+        r
+    });
+    let (main, data, accept) = result.map_err(|e| {
+        if config.cancel.is_cancelled() {
+            MigrationError::Cancelled
+        } else if let Some(x) = watchdog.expired() {
+            MigrationError::Deadline(x)
+        } else {
+            e
+        }
+    })?;
+    Ok(Connected {
+        session,
+        main,
+        data,
+        accept,
+        start,
+        setup: start.elapsed(),
+    })
+}
+
+/// Opens sockets for one set-up attempt. Each socket is put in `open` as soon as it exists;
+/// once the main channel is open, the rest must be done within `connect_timeout` (the
+/// watchdog's deadline; `attempt` is cancelled when it passes).
+struct Opener<'a> {
+    to: &'a Endpoint,
+    config: &'a MigrationConfig,
+    open: &'a Mutex<Vec<Stream>>,
+    attempt: &'a CancelToken,
+}
+
+impl Opener<'_> {
+    fn connect_err(&self, source: std::io::Error) -> MigrationError {
+        MigrationError::Connect {
+            to: self.to.to_string(),
+            source,
+        }
+    }
+
+    fn tls_err(&self, e: crate::tls::TlsError) -> MigrationError {
+        match e {
+            crate::tls::TlsError::Cancelled => MigrationError::Cancelled,
+            e => self.connect_err(std::io::Error::other(e)),
+        }
+    }
+
+    /// Registers `s` for the watchdog to shut.
+    fn register(&self, s: &Stream) -> Result<(), MigrationError> {
+        let clone = s.try_clone().map_err(|e| self.connect_err(e))?;
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(clone);
+        // Registered after the watcher may have run: look again.
+        if self.attempt.is_cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        Ok(())
+    }
+
+    /// One connection, with TLS when configured.
+    fn stream(&self) -> Result<Stream, MigrationError> {
+        let timeout = self.config.connect_timeout;
+        let s = Stream::connect_cancellable(self.to, timeout, Some(self.attempt))
+            .map_err(|e| self.connect_err(e))?;
+        // The network socket first: a cancel during the TLS handshake shuts it.
+        self.register(&s)?;
+        let s = match &self.config.tls {
+            None => s,
+            Some(tls) => {
+                let s = tls
+                    .connect(s, self.to, timeout, Some(self.attempt))
+                    .map_err(|e| self.tls_err(e))?;
+                self.register(&s)?;
+                s
+            }
+        };
+        let _ = s.set_read_timeout(Some(timeout));
+        Ok(s)
+    }
+
+    /// The whole set-up: main channel and hello, then every data channel.
+    fn session(
+        &self,
+        vm: Vm<'_>,
+        session: SessionId,
+        watchdog: &Watchdog,
+    ) -> Result<(Stream, Vec<Stream>, SessionAccept), MigrationError> {
+        if let Some(tls) = &self.config.tls {
+            // A unix: address without a server name fails here, before anything is opened.
+            tls.server_name(self.to).map_err(|e| self.tls_err(e))?;
+        }
+        let mut main = self.stream()?;
+        watchdog.arm(Awaited::SetUp, self.config.connect_timeout);
+        let accept = self.hello(vm, session, &mut main)?;
+        let data = self.data_channels(session)?;
+        let peer_timeout = accept.peer_timeout();
+        for s in data.iter().chain([&main]) {
+            let _ = s.set_read_timeout(None);
+            s.arm_peer_timeout(peer_timeout).map_err(|source| {
+                MigrationError::Channel(ChannelError::Io {
+                    channel: ChannelName::Main,
+                    op: "arm the peer timeout",
+                    source,
+                })
+            })?;
+        }
+        // The return path hears from the destination at least every ping interval.
+        let _ = main.set_read_timeout(Some(peer_timeout));
+        Ok((main, data, accept))
+    }
+
+    /// The session's hello on the main channel (and local mode's memory files), and the
+    /// destination's answer.
+    fn hello(
+        &self,
+        vm: Vm<'_>,
+        session: SessionId,
+        main: &mut Stream,
+    ) -> Result<SessionAccept, MigrationError> {
+        let config = self.config;
+        let hello = SessionHello {
+            session,
+            channels: config.channels,
+            pages_per_packet: config.pages_per_packet,
+            guest: vm.guest.descriptor(),
+            devices: wire_devices(vm, config),
+            ram: config.ram,
+            peer_timeout_ms: crate::config::wire_ms(config.peer_timeout),
+        };
+        let ch = ChannelName::Main;
+        framed::send(main, ch, FrameKind::SessionHello, &hello.encode())?;
+        if config.ram == RamTransfer::Local {
+            let (fds, layout) = crate::local::memory_files(vm.guest.memory())
+                .map_err(|e| MigrationError::Config(e.to_string()))?;
+            framed::send_with_fds(main, ch, FrameKind::MemoryFiles, &layout.encode(), &fds)?;
+        }
+        let mut buf = Vec::new();
+        framed::recv_expect(
+            main,
+            ch,
+            &Limits::default(),
+            &mut buf,
+            FrameKind::SessionAccept,
+        )?;
+        let accept = SessionAccept::decode(&buf).map_err(|source| ChannelError::Wire {
+            channel: ch,
+            source,
+        })?;
+        if accept.peer_timeout_ms > hello.peer_timeout_ms {
+            // The agreed timeout is the shorter of the two: a longer one is not an agreement.
+            return Err(ChannelError::Protocol {
+                channel: ch,
+                detail: format!(
+                    "the destination answered a peer timeout of {} ms to the source's {} ms",
+                    accept.peer_timeout_ms, hello.peer_timeout_ms
+                ),
+            }
+            .into());
+        }
+        Ok(accept)
+    }
+
+    /// Every data channel's hello goes out before any answer is awaited: the destination
+    /// handshakes them side by side, so set-up costs one round trip, not one per channel.
+    fn data_channels(&self, session: SessionId) -> Result<Vec<Stream>, MigrationError> {
+        let mut data = Vec::with_capacity(self.config.channels as usize);
+        for index in 0..self.config.channels {
+            let mut s = self.stream()?;
+            framed::send(
+                &mut s,
+                ChannelName::Data(index),
+                FrameKind::ChannelHello,
+                &ChannelHello { session, index }.encode(),
+            )?;
+            data.push(s);
+        }
+        let mut buf = Vec::new();
+        for (index, s) in data.iter_mut().enumerate() {
+            let ch = ChannelName::Data(index as u16);
+            framed::recv_expect(
+                s,
+                ch,
+                &Limits::default(),
+                &mut buf,
+                FrameKind::ChannelAccept,
+            )?;
+        }
+        Ok(data)
+    }
+}
+
+/// The devices as the hello describes them.
+fn wire_devices(vm: Vm<'_>, config: &MigrationConfig) -> DeviceSetup {
+    let conv = |d: crate::device::DeviceDescriptor| WireDevice {
+        kind: d.kind,
+        name: d.name,
+        config: d.config,
+    };
+    DeviceSetup {
+        transfer: config.device_transfer,
+        chunk_size: config.chunk_size,
+        window: config.credit_window,
+        buffer_cap: config.buffer_cap,
+        devices: vm.devices.iter().map(|d| conv(d.descriptor())).collect(),
+        vmstates: vm.vmstates.iter().map(|d| conv(d.descriptor())).collect(),
+    }
+}

@@ -1,0 +1,258 @@
+//! Precopy: rounds of pages while the guest runs, each ended by a marker on every channel
+//! and the destination's acknowledgement, until the rest fits the downtime limit (or a
+//! bound is hit).
+
+use super::convergence::{switch_now, AutoConverge};
+use super::coordinator::{unexpected, Coordinator, Event, Phase};
+use super::dispatch::Dispatcher;
+use super::pacer::Pacer;
+use super::sender::Job;
+use super::watchdog::Awaited;
+use crate::config::NoConvergence;
+use crate::dirty::DirtyBitmap;
+use crate::error::{ChannelName, MigrationError};
+use crate::framed;
+use crate::report::{ms, Progress, RoundReport};
+use livemig_wire::{FrameKind, RamTransfer, RoundEnd, RoundStart, PAGE_SIZE};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+/// Precopy's state across rounds.
+pub(super) struct Precopy {
+    /// Pages to send in the next round (every page before round 0).
+    pub dirty: DirtyBitmap,
+    /// False in local mode: the destination maps the very memory the guest writes, no page
+    /// is sent, nothing is tracked, and precopy is one empty round (devices still stream).
+    pub copy_ram: bool,
+    /// The round being sent (or, at switchover, the final round's number).
+    pub round: u32,
+    /// Every round so far, the switchover round last once it is done.
+    pub rounds: Vec<RoundReport>,
+    pub converge: AutoConverge,
+    /// Rounds run past the point where the rest fit the limit.
+    pub polish: u32,
+    pub start: Instant,
+}
+
+impl Precopy {
+    pub fn new(dirty: DirtyBitmap, copy_ram: bool, auto_converge: bool) -> Self {
+        Precopy {
+            dirty,
+            copy_ram,
+            round: 0,
+            rounds: Vec::new(),
+            converge: AutoConverge::new(auto_converge),
+            polish: 0,
+            start: Instant::now(),
+        }
+    }
+}
+
+/// Counters at the start of a round.
+pub(super) struct RoundStartCounters {
+    bytes: u64,
+    normal: u64,
+    zero: u64,
+    pages: u64,
+}
+
+/// A precopy round on its way.
+pub(super) struct RoundInFlight {
+    round: u32,
+    before: RoundStartCounters,
+    t0: Instant,
+    /// Channels that have sent their RoundEnd marker.
+    sent: usize,
+    acked: bool,
+}
+
+impl Coordinator<'_> {
+    /// Starts tracking dirty pages and sends round 0: every page.
+    pub(super) fn begin(&mut self) -> Result<Phase, MigrationError> {
+        let guest = self.vm.guest;
+        self.precopy.copy_ram = self.config.ram == RamTransfer::Copy;
+        if self.precopy.copy_ram {
+            guest.start_dirty_log()?;
+            self.precopy.dirty.set_all();
+        }
+        (self.progress)(&Progress::Connected {
+            session: self.parts.session.to_string(),
+            channels: self.config.channels,
+            setup_ms: ms(self.parts.setup),
+            total_pages: self.precopy.dirty.count(),
+            devices: self.vm.devices.len(),
+        });
+        self.precopy.start = Instant::now();
+        self.start_round()
+    }
+
+    /// Sends every dirty page as the next round, then a RoundEnd on every channel.
+    fn start_round(&mut self) -> Result<Phase, MigrationError> {
+        let t0 = Instant::now();
+        let round = self.precopy.round;
+        let before = self.send_pages(round)?;
+        self.end_marker(round, false)?;
+        Ok(Phase::Precopy(RoundInFlight {
+            round,
+            before,
+            t0,
+            sent: 0,
+            acked: false,
+        }))
+    }
+
+    /// Precopy's events: a channel's marker sent, the destination's ack. Once both are in,
+    /// the round is over: nothing of it is in flight, so its rate is the end-to-end rate.
+    pub(super) fn on_round_event(
+        &mut self,
+        mut r: RoundInFlight,
+        ev: Event,
+    ) -> Result<Phase, MigrationError> {
+        let channels = self.dispatch.channels();
+        match ev {
+            Event::RoundSent(n) if n == r.round => {
+                r.sent += 1;
+                if r.sent == channels && !r.acked {
+                    // All of the round is on its way: a live destination that reads
+                    // acknowledges it within the peer timeout, pings or not.
+                    self.watchdog
+                        .arm(Awaited::RoundAck(r.round), self.accept.peer_timeout());
+                }
+            }
+            Event::RoundAck(n) if n == r.round => r.acked = true,
+            other => return Err(unexpected(other)),
+        }
+        if r.sent < channels || !r.acked {
+            return Ok(Phase::Precopy(r));
+        }
+        self.watchdog.disarm();
+        let report = self.round_report(r.round, &r.before, r.t0);
+        self.end_round(report)
+    }
+
+    /// After a round: what is dirty now, whether to switch over, the throttle.
+    fn end_round(&mut self, mut report: RoundReport) -> Result<Phase, MigrationError> {
+        let p = &mut self.precopy;
+        report.throttle_percent = p.converge.throttle;
+        p.dirty.clear();
+        if p.copy_ram {
+            self.vm.guest.sync_dirty_log(&mut p.dirty)?;
+        }
+        report.dirty_after = p.dirty.count();
+        report.expected_downtime_ms =
+            1e3 * (report.dirty_after * PAGE_SIZE as u64) as f64 / report.bytes_per_s.max(1.0);
+        (self.progress)(&Progress::RoundDone(report.clone()));
+        let limit_ms = ms(self.config.downtime_limit);
+        let converged = switch_now(&report, limit_ms, &mut p.polish);
+        let next_throttle = p.converge.after_round(&report);
+        let expected_downtime_ms = report.expected_downtime_ms;
+        p.rounds.push(report);
+        p.round += 1;
+        if converged {
+            return self.enter_switchover(false);
+        }
+        if p.round >= self.config.max_rounds || p.start.elapsed() >= self.config.max_precopy_time {
+            if self.config.on_no_convergence == NoConvergence::Cancel {
+                return Err(MigrationError::NotConverged {
+                    rounds: p.round,
+                    expected_downtime_ms,
+                    limit_ms,
+                    throttle_percent: p.converge.throttle,
+                });
+            }
+            return self.enter_switchover(true);
+        }
+        if let Some(t) = next_throttle {
+            // A guest that cannot be throttled migrates on without it.
+            if self.vm.guest.set_throttle(t).is_err() {
+                p.converge.enabled = false;
+            } else {
+                p.converge.throttle = t;
+            }
+        }
+        self.start_round()
+    }
+
+    /// Sends every page of the dirty bitmap as round `round`; returns the counters before,
+    /// for the round's report.
+    pub(super) fn send_pages(&mut self, round: u32) -> Result<RoundStartCounters, MigrationError> {
+        let c = self.counters;
+        let before = RoundStartCounters {
+            bytes: c.ram_bytes.load(Relaxed),
+            normal: c.normal_pages.load(Relaxed),
+            zero: c.zero_pages.load(Relaxed),
+            pages: self.precopy.dirty.count(),
+        };
+        let start = RoundStart {
+            round,
+            pages: before.pages,
+        };
+        framed::send(
+            &mut self.main,
+            ChannelName::Main,
+            FrameKind::RoundStart,
+            &start.encode(),
+        )?;
+        (self.progress)(&Progress::RoundStarted {
+            round,
+            pages: before.pages,
+        });
+        let per = self.config.pages_per_packet as usize;
+        let mut batch = Vec::with_capacity(per);
+        for addr in self.precopy.dirty.addrs() {
+            batch.push(addr);
+            if batch.len() == per {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(per));
+                if !hand_out(&mut self.pacer, &self.dispatch, round, full) {
+                    return Err(self.failure_cause());
+                }
+            }
+        }
+        if !batch.is_empty() && !hand_out(&mut self.pacer, &self.dispatch, round, batch) {
+            return Err(self.failure_cause());
+        }
+        Ok(before)
+    }
+
+    /// A RoundEnd on every channel (`last` for the switchover round, after which a channel
+    /// carries nothing more).
+    pub(super) fn end_marker(&mut self, round: u32, last: bool) -> Result<(), MigrationError> {
+        if self
+            .dispatch
+            .broadcast(|| Job::RoundEnd(RoundEnd { round, last }))
+            .is_err()
+        {
+            return Err(self.failure_cause());
+        }
+        Ok(())
+    }
+
+    /// A round's report from the counters now and at its start.
+    pub(super) fn round_report(
+        &self,
+        round: u32,
+        before: &RoundStartCounters,
+        t0: Instant,
+    ) -> RoundReport {
+        let c = self.counters;
+        let elapsed = t0.elapsed();
+        let bytes = c.ram_bytes.load(Relaxed) - before.bytes;
+        RoundReport {
+            round,
+            pages: before.pages,
+            normal_pages: c.normal_pages.load(Relaxed) - before.normal,
+            zero_pages: c.zero_pages.load(Relaxed) - before.zero,
+            bytes,
+            ms: ms(elapsed),
+            bytes_per_s: bytes as f64 / elapsed.as_secs_f64().max(1e-9),
+            ..Default::default()
+        }
+    }
+}
+
+/// Hands a batch to the first free data channel, within the bandwidth limit. False if the
+/// channels have stopped.
+fn hand_out(pacer: &mut Pacer, dispatch: &Dispatcher, round: u32, addrs: Vec<u64>) -> bool {
+    pacer.admit((addrs.len() * PAGE_SIZE) as u64);
+    dispatch.send(Job::Pages { round, addrs }).is_ok()
+}

@@ -1,0 +1,241 @@
+//! One connected session on the source: its threads started on the migration's runtime,
+//! the coordinator run, and the one teardown whatever the outcome.
+//!
+//! Threads (all `lm-src-*`, all joined before this returns): `watch` (cancel and deadlines
+//! cut the sockets), `return` (the destination's acks, credit and answers), `ch{i}` per data
+//! channel, and the jobs `state` (the guest's and small devices' state at switchover) and
+//! `dev{i}` per streamed device.
+
+use super::connect::Connected;
+use super::coordinator::{Coordinator, Event};
+use super::credit::CreditTable;
+use super::devices::{SaveError, SaveJob, Switchover};
+use super::dispatch::Dispatcher;
+use super::pacer::Pacer;
+use super::precopy::Precopy;
+use super::report::ReportParts;
+use super::sender::ChannelSender;
+use super::switchover::save_state;
+use super::watchdog::Watchdog;
+use super::{return_path, GuestState, Vm};
+use crate::cancel::CancelToken;
+use crate::config::MigrationConfig;
+use crate::dirty::DirtyBitmap;
+use crate::error::{ChannelError, ChannelName, MigrationError};
+use crate::framed;
+use crate::report::{MigrationReport, Progress};
+use crate::runtime::{JobCancelled, JobError, Runtime};
+use crate::stats::Counters;
+use crate::transport::Stream;
+use crossbeam_channel::Sender;
+use livemig_wire::{DeviceTransfer, Reject, RejectCode};
+use std::time::Duration;
+
+/// What every thread of the session shares.
+struct Shared<'a> {
+    vm: Vm<'a>,
+    config: &'a MigrationConfig,
+    counters: &'a Counters,
+    credits: CreditTable,
+    switchover: Switchover,
+    watchdog: Watchdog,
+}
+
+/// Runs a connected session to its end; `state` says where the guest is when it fails.
+pub(super) fn run(
+    vm: Vm<'_>,
+    config: &MigrationConfig,
+    c: Connected,
+    progress: &(dyn Fn(&Progress) + Sync),
+    state: &mut GuestState,
+) -> Result<MigrationReport, MigrationError> {
+    // Clones kept to shut the sockets down, which wakes any thread blocked on them.
+    let clone = |s: &Stream, ch| {
+        s.try_clone().map_err(|source| {
+            MigrationError::Channel(ChannelError::Io {
+                channel: ch,
+                op: "clone socket",
+                source,
+            })
+        })
+    };
+    let mut sockets = vec![clone(&c.main, ChannelName::Main)?];
+    for (i, s) in c.data.iter().enumerate() {
+        sockets.push(clone(s, ChannelName::Data(i as u16))?);
+    }
+    let return_stream = clone(&c.main, ChannelName::Main)?;
+    config.stats.reset();
+    let shared = Shared {
+        vm,
+        config,
+        counters: config.stats.counters(),
+        credits: CreditTable::new(vm.devices.len(), c.accept.window.max(1)),
+        switchover: Switchover::default(),
+        watchdog: Watchdog::new(),
+    };
+    // This attempt's own token: failures cancel it without touching the caller's, which
+    // only ever cancels into it (through the watcher), so a retry starts afresh.
+    let cancel = CancelToken::new();
+    std::thread::scope(|scope| {
+        let rt = Runtime::new(scope, "lm-src", cancel.clone());
+        sockets.into_iter().for_each(|s| rt.keep_socket(s));
+        let (events_tx, events_rx) = crossbeam_channel::unbounded();
+        start_watch(&rt, &shared);
+        let rp = (events_tx.clone(), &shared.credits);
+        rt.spawn("return", move || {
+            return_path::run(return_stream, rp.0, rp.1)
+        });
+        let dispatch = start_channels(&rt, &shared, c.data, &c.accept, &events_tx);
+        start_jobs(&rt, &shared, &dispatch, &events_tx);
+        drop(events_tx);
+
+        let dirty = DirtyBitmap::new(&vm.guest.descriptor().ranges);
+        let mut co = Coordinator {
+            vm,
+            config,
+            main: c.main,
+            events: events_rx,
+            threads: rt.completions(),
+            dispatch,
+            counters: shared.counters,
+            pacer: Pacer::new(config.max_bandwidth),
+            progress,
+            state,
+            cancel: cancel.clone(),
+            switchover: &shared.switchover,
+            watchdog: &shared.watchdog,
+            accept: c.accept,
+            precopy: Precopy::new(dirty, true, config.auto_converge),
+            parts: ReportParts::new(c.session, c.start, c.setup),
+        };
+        let outcome = match rt.failure() {
+            Some(e) => Err(MigrationError::Job(e)),
+            None => co.run(),
+        };
+        finish(rt, &shared, co, outcome)
+    })
+}
+
+/// The one teardown, whatever the outcome: on failure the destination is told why (the
+/// credit table and the switchover signal aborted first, waking the jobs); then the attempt
+/// is cancelled (ending the watcher), the job queues close (the channel threads' loops end),
+/// and the runtime shuts every socket and joins every thread.
+fn finish(
+    rt: Runtime<'_, '_>,
+    shared: &Shared<'_>,
+    co: Coordinator<'_>,
+    outcome: Result<MigrationReport, MigrationError>,
+) -> Result<MigrationReport, MigrationError> {
+    let Coordinator {
+        dispatch, mut main, ..
+    } = co;
+    if let Err(e) = &outcome {
+        shared.credits.abort();
+        shared.switchover.abort();
+        let why = Reject::new(
+            RejectCode::Other,
+            format!("source aborted the migration: {e}"),
+        );
+        // Best effort, and never stuck behind a peer that stopped reading.
+        let _ = main.set_write_timeout(Some(Duration::from_secs(1)));
+        framed::send_reject(&mut main, ChannelName::Main, &why);
+    }
+    rt.cancel();
+    drop(dispatch);
+    match (outcome, rt.teardown(false)) {
+        (Err(e), _) => Err(e),
+        (Ok(_), Some(t)) => Err(MigrationError::ThreadPanicked(t.to_string())),
+        (Ok(r), None) => Ok(r),
+    }
+}
+
+/// The watcher: a cancel from outside, or a deadline passing, shuts the sockets down, so a
+/// coordinator blocked writing to a destination that stopped reading is freed too.
+fn start_watch<'scope>(rt: &Runtime<'scope, '_>, shared: &'scope Shared<'_>) {
+    let cut = rt.socket_clones();
+    let (outer, attempt) = (&shared.config.cancel, rt.cancel_token().clone());
+    let dog = &shared.watchdog;
+    rt.spawn("watch", move || {
+        dog.run(outer, &attempt, || cut.iter().for_each(Stream::shutdown))
+    });
+}
+
+/// One sender thread per data channel; the dispatcher hands work to whichever is free.
+fn start_channels<'scope>(
+    rt: &Runtime<'scope, '_>,
+    shared: &'scope Shared<'_>,
+    data: Vec<Stream>,
+    accept: &livemig_wire::SessionAccept,
+    events: &Sender<Event>,
+) -> Dispatcher {
+    let config = shared.config;
+    let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
+    let mut queues = Vec::new();
+    for (i, stream) in data.into_iter().enumerate() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        queues.push(tx);
+        let sender = ChannelSender {
+            index: i as u16,
+            stream,
+            memory: shared.vm.guest.memory(),
+            jobs: rx,
+            ready: ready_tx.clone(),
+            events: events.clone(),
+            cancel: rt.cancel_token().clone(),
+            counters: shared.counters,
+            ping_every: crate::config::ping_interval(accept.peer_timeout()),
+            pages_per_packet: config.pages_per_packet as usize,
+            page_checksums: config.page_checksums,
+            compress: config.compress,
+            #[cfg(feature = "test-hooks")]
+            chunk_delay: config.test_hooks.chunk_delay(i as u16),
+        };
+        rt.spawn(&format!("ch{i}"), move || sender.run());
+    }
+    Dispatcher::new(ready_rx, queues, rt.cancel_token().clone())
+}
+
+/// The migration's jobs: the state save, and every streamed device's save.
+fn start_jobs<'scope>(
+    rt: &Runtime<'scope, '_>,
+    shared: &'scope Shared<'_>,
+    dispatch: &Dispatcher,
+    events: &Sender<Event>,
+) {
+    let (vm, config) = (shared.vm, shared.config);
+    let state_events = events.clone();
+    let sw = &shared.switchover;
+    rt.submit("state", move || {
+        // Waits for the pause, then saves the guest and the small devices.
+        if sw.wait_started().is_some() {
+            let _ = state_events.send(Event::StateSaved(save_state(vm)));
+        }
+        Ok(())
+    });
+    if config.device_transfer != DeviceTransfer::Multifd {
+        return;
+    }
+    for (i, device) in vm.devices.iter().enumerate() {
+        let job = SaveJob {
+            index: i as u16,
+            #[cfg(feature = "test-hooks")]
+            reverse: config.test_hooks.reverse_chunks(),
+            device: *device,
+            chunk_size: config.chunk_size as usize,
+            dispatch: dispatch.clone(),
+            credits: &shared.credits,
+            switchover: &shared.switchover,
+        };
+        let tx = events.clone();
+        rt.submit(&format!("dev{i}"), move || {
+            let r = job.run();
+            let outcome: Result<(), JobError> = match &r {
+                Ok(_) => Ok(()),
+                Err(SaveError::Device(e)) => Err(Box::new(e.clone())),
+                Err(SaveError::Stopped) => Err(Box::new(JobCancelled)),
+            };
+            let _ = tx.send(Event::DeviceDone(i as u16, r));
+            outcome
+        });
+    }
+}
