@@ -122,7 +122,7 @@ impl<'a> Inbox<'a> {
 
     /// The error a thread's failed ending is: a job that failed said why on the events
     /// channel before it ended, and that (typed) reason is preferred.
-    fn thread_failed(&self, e: ThreadError) -> Option<IncomingError> {
+    pub fn thread_failed(&self, e: ThreadError) -> Option<IncomingError> {
         match e {
             ThreadError::Cancelled => None,
             e @ (ThreadError::Panicked { .. } | ThreadError::Spawn { .. }) => {

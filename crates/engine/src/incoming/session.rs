@@ -115,14 +115,14 @@ impl Session<'_> {
             let mut main = main;
             let outcome = self
                 .start_threads(&rt, &main, main_reader, data, &shared, tx)
-                .and_then(|()| match rt.failure() {
+                .and_then(|()| {
+                    let inbox = Inbox::new(&rx, rt.completions(), &self.accept);
                     // A thread that could not be started fails the migration, but never
                     // skips the teardown: every thread already started is woken and joined.
-                    Some(e) => Err(IncomingError::Job(e)),
-                    None => {
-                        let inbox = Inbox::new(&rx, rt.completions(), &self.accept);
-                        coordinator::coordinate(self, &shared, &mut main, &inbox)
-                            .map_err(|e| prefer_peer_reason(e, &rx))
+                    match rt.failure().and_then(|e| inbox.thread_failed(e)) {
+                        Some(e) => Err(e),
+                        None => coordinator::coordinate(self, &shared, &mut main, &inbox)
+                            .map_err(|e| prefer_peer_reason(e, &rx)),
                     }
                 });
             if let Err(e) = &outcome {
