@@ -5,12 +5,12 @@
 //! each device's stream in order on a loader thread of its own (started at setup, so precopy
 //! device data loads while the guest still runs on the source), then applies the small
 //! devices' blobs in list order, the guest's state last, and resumes the guest only once the
-//! source has handed it over. Every thread belongs to the session's
-//! [`Runtime`](crate::runtime::Runtime) and is joined before `receive` returns; after any
+//! source has handed it over. Every thread belongs to the session's `Runtime`
+//! (`crate::runtime`) and is joined before `receive` returns; after any
 //! failure the guest is dropped, never resumed.
 //!
 //! Setting up (`setup.rs`, `session.rs`) is straight-line; the session's coordinator then
-//! runs the phases of [`coordinator::Phase`], one file each, every transition consuming the
+//! runs the phases of `coordinator::Phase`, one file each, every transition consuming the
 //! phase it leaves:
 //!
 //! ```text
