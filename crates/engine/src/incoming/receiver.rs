@@ -3,7 +3,7 @@
 
 use super::barrier::{Aborted, RoundBarrier};
 use super::streams::Streams;
-use super::Event;
+use super::{Event, Failure, Heard};
 use crate::config::TestHooks;
 use crate::error::{ChannelError, ChannelName};
 use crate::framed;
@@ -12,12 +12,10 @@ use crate::hostmem::{self, PageClaims, Populated, TornPages};
 use crate::transport::Stream;
 use crossbeam_channel::Sender;
 use livemig_wire::{
-    ram, ChunkHeader, FrameHeader, FrameKind, Limits, RamPacket, RamPrefix, RoundEnd, CHUNK_PREFIX,
-    PAGE_SIZE,
+    ram, ChunkHeader, FrameHeader, FrameKind, Limits, RamPrefix, RoundEnd, CHUNK_PREFIX, PAGE_SIZE,
 };
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use vm_memory::{Bytes, GuestAddress};
 
 /// Totals over all data channels.
 #[derive(Default)]
@@ -33,7 +31,7 @@ pub(crate) struct ChannelReceiver<'a> {
     pub memory: &'a GuestMemory,
     pub barrier: &'a RoundBarrier,
     pub limits: Limits,
-    pub events: Sender<Event>,
+    pub events: Sender<Heard>,
     pub counters: &'a Counters,
     pub claims: &'a PageClaims,
     /// Pages that hold received data (zero pages elsewhere need no write).
@@ -65,12 +63,12 @@ impl ChannelReceiver<'_> {
     pub fn run(mut self) {
         match self.serve() {
             Ok(rounds) => {
-                let _ = self.events.send(Event::ChannelDone(rounds));
+                let _ = self.events.send(Ok(Event::ChannelDone(rounds)));
             }
             Err(e) => {
                 // This channel's own error first: the coordinator reports the first failure
                 // it hears of, and aborting the barrier makes the others fail too.
-                let _ = self.events.send(Event::ChannelFailed(e));
+                let _ = self.events.send(Err(Failure::Channel(e)));
                 self.barrier.abort();
             }
         }
@@ -83,103 +81,87 @@ impl ChannelReceiver<'_> {
         let mut scratch = PageScratch::default();
         let mut round = 0u32;
         // The test hook's late pages (see `TestHooks::break_round_order`).
-        let mut late: Vec<Vec<u8>> = Vec::new();
-        let broken = self.hooks.break_round_order();
-        let wire = |source| ChannelError::Wire { channel, source };
+        #[cfg(feature = "test-hooks")]
+        let mut late = super::late_pages::LatePages::default();
         loop {
             let h = framed::recv_header(&mut self.stream, channel, &self.limits)?;
             self.counters
                 .bytes
                 .fetch_add(livemig_wire::HEADER_LEN as u64 + h.len as u64, Relaxed);
-            if h.kind == FrameKind::RamPages && self.local {
-                // Refused before anything is read: the source's guest still runs on this memory.
-                return Err(ChannelError::Protocol {
-                    channel,
-                    detail: "a RamPages frame in local mode, where the destination maps the \
-                             source's memory and takes no pages"
-                        .into(),
-                });
-            }
-            if h.kind == FrameKind::RamPages && !broken {
-                self.receive_pages(&h, round, &mut buf, &mut scratch)?;
-                continue;
-            }
-            if h.kind == FrameKind::DeviceChunk {
-                receive_chunk(&mut self.stream, channel, &h, self.streams, false)?;
-                continue;
-            }
-            if !matches!(
-                h.kind,
-                FrameKind::RamPages | FrameKind::RoundEnd | FrameKind::Reject
-            ) {
-                // Refused before its payload is read: a data channel carries nothing else.
-                return Err(ChannelError::Protocol {
-                    channel,
-                    detail: format!("unexpected {} frame on a data channel", h.kind.name()),
-                });
-            }
-            framed::recv_payload(&mut self.stream, channel, &h, &mut buf)?;
             match h.kind {
-                FrameKind::RamPages => {
-                    let pkt = RamPacket::decode(&buf, &self.limits).map_err(wire)?;
-                    check_round(channel, pkt.round, round)?;
-                    if self.index == 0 {
-                        late.push(buf.clone());
-                    } else {
-                        self.apply(&pkt, true)?;
-                    }
+                // Refused before anything is read: the source's guest still runs on this memory.
+                FrameKind::RamPages if self.local => return Err(local_pages(channel)),
+                #[cfg(feature = "test-hooks")]
+                FrameKind::RamPages if self.hooks.break_round_order() => {
+                    late.receive(self, &h, round, &mut buf)?
+                }
+                FrameKind::RamPages => self.receive_pages(&h, round, &mut buf, &mut scratch)?,
+                FrameKind::DeviceChunk => {
+                    receive_chunk(&mut self.stream, channel, &h, self.streams, false)?
                 }
                 FrameKind::RoundEnd => {
-                    let end = RoundEnd::decode(&buf).map_err(wire)?;
-                    if end.round != round {
-                        return Err(ChannelError::Protocol {
-                            channel,
-                            detail: format!(
-                                "RoundEnd for round {} during round {round}",
-                                end.round
-                            ),
-                        });
+                    let end = self.read_round_end(&h, round, &mut buf)?;
+                    #[cfg(feature = "test-hooks")]
+                    if end.last && self.hooks.break_round_order() {
+                        late.apply_all(self)?;
                     }
-                    if end.last && broken {
-                        for payload in late.iter().rev() {
-                            // Stale on purpose: their torn state says nothing of the page now.
-                            let pkt = RamPacket::decode(payload, &self.limits).map_err(wire)?;
-                            self.apply(&pkt, false)?;
-                        }
-                    }
-                    let leader = if broken {
-                        self.index == 0
-                    } else {
-                        self.barrier
-                            .wait(end.last, || self.claims.clear())
-                            .map_err(|why| ChannelError::Protocol {
-                                channel,
-                                detail: match why {
-                                    Aborted::Disagree => format!(
-                                        "the data channels disagree whether round {round} is the last"
-                                    ),
-                                    Aborted::Aborted => {
-                                        "aborted: another part of the migration failed".into()
-                                    }
-                                },
-                            })?
-                    };
+                    let leader = self.end_round(end.last, round)?;
                     if leader && !end.last {
-                        let _ = self.events.send(Event::RoundApplied(round));
+                        let _ = self.events.send(Ok(Event::RoundApplied(round)));
                     }
                     round += 1;
                     if end.last {
                         return Ok(round);
                     }
                 }
-                other => {
-                    return Err(ChannelError::Protocol {
-                        channel,
-                        detail: format!("unexpected {} frame on a data channel", other.name()),
-                    })
+                FrameKind::Reject => {
+                    // A Reject is the source's reason, which the payload carries.
+                    framed::recv_payload(&mut self.stream, channel, &h, &mut buf)?;
+                    return Err(unexpected(channel, h.kind));
                 }
+                // Refused before its payload is read: a data channel carries nothing else.
+                other => return Err(unexpected(channel, other)),
             }
         }
+    }
+
+    /// Reads a RoundEnd's payload: the end of the round under way.
+    fn read_round_end(
+        &mut self,
+        h: &FrameHeader,
+        round: u32,
+        buf: &mut Vec<u8>,
+    ) -> Result<RoundEnd, ChannelError> {
+        let channel = ChannelName::Data(self.index);
+        framed::recv_payload(&mut self.stream, channel, h, buf)?;
+        let end = RoundEnd::decode(buf).map_err(|source| ChannelError::Wire { channel, source })?;
+        if end.round != round {
+            return Err(ChannelError::Protocol {
+                channel,
+                detail: format!("RoundEnd for round {} during round {round}", end.round),
+            });
+        }
+        Ok(end)
+    }
+
+    /// Meets the other channels at the end of `round` (the last one clears the round's page
+    /// claims); whether this channel is the round's leader, which reports it applied.
+    fn end_round(&self, last: bool, round: u32) -> Result<bool, ChannelError> {
+        if self.hooks.break_round_order() {
+            // The hook skips the sync on purpose; channel 0 reports.
+            return Ok(self.index == 0);
+        }
+        self.barrier
+            .wait(last, || self.claims.clear())
+            .map_err(|why| ChannelError::Protocol {
+                channel: ChannelName::Data(self.index),
+                detail: match why {
+                    Aborted::Disagree => {
+                        format!("the data channels disagree whether round {round} is the last")
+                    }
+                    Aborted::Aborted => "aborted: another part of the migration failed".into(),
+                },
+            })
     }
 
     /// Receives a RamPages payload with its page data read straight into guest memory (or
@@ -190,19 +172,54 @@ impl ChannelReceiver<'_> {
         &mut self,
         h: &FrameHeader,
         round: u32,
-        scratch: &mut Vec<u8>,
+        offsets: &mut Vec<u8>,
         ptrs: &mut PageScratch,
     ) -> Result<(), ChannelError> {
+        let prefix = self.read_prefix(h, round, offsets)?;
+        self.claim_pages(&prefix, offsets, round, ptrs)?;
+        if prefix.compressed {
+            self.receive_compressed(&prefix, ptrs)?;
+        } else {
+            // SAFETY: every pointer is a whole page inside guest memory (page_ptr checked
+            // it), which stays mapped for the session, and this thread claimed each page for
+            // this round, so no other thread touches it until the round barrier.
+            unsafe { hostmem::read_pages(self.stream.as_raw_fd(), &ptrs.pages, &mut ptrs.iov) }
+                .map_err(|source| ChannelError::Io {
+                    channel: ChannelName::Data(self.index),
+                    op: "receive pages",
+                    source,
+                })?;
+        }
+        self.check_pages(&prefix, offsets, ptrs)?;
+        for &p in &ptrs.zeros {
+            // SAFETY: as above, a claimed page of guest memory, which held received data.
+            unsafe { std::ptr::write_bytes(p, 0, PAGE_SIZE) };
+        }
+        let c = self.counters;
+        c.normal_pages.fetch_add(prefix.normal as u64, Relaxed);
+        c.zero_pages.fetch_add(prefix.zero as u64, Relaxed);
+        Ok(())
+    }
+
+    /// Reads a RamPages packet's prefix and page offsets (into `offsets`), the frame's CRC
+    /// checked over both.
+    #[inline]
+    fn read_prefix(
+        &mut self,
+        h: &FrameHeader,
+        round: u32,
+        offsets: &mut Vec<u8>,
+    ) -> Result<RamPrefix, ChannelError> {
         let channel = ChannelName::Data(self.index);
         let wire = |source| ChannelError::Wire { channel, source };
         let mut fixed = [0u8; ram::PREFIX_FIXED];
         framed::read_exact(&mut self.stream, channel, &mut fixed, false)?;
         let prefix = RamPrefix::decode(&fixed, h.len, &self.limits).map_err(wire)?;
         check_round(channel, prefix.round, round)?;
-        scratch.resize(prefix.offsets_len(), 0);
-        framed::read_exact(&mut self.stream, channel, scratch, false)?;
+        offsets.resize(prefix.offsets_len(), 0);
+        framed::read_exact(&mut self.stream, channel, offsets, false)?;
         // The frame's CRC covers the prefix; each page has its own.
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&fixed), scratch);
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&fixed), offsets);
         if crc != h.crc {
             return Err(wire(livemig_wire::WireError::BadCrc {
                 kind: "RamPages",
@@ -210,12 +227,24 @@ impl ChannelReceiver<'_> {
                 found: crc,
             }));
         }
-        let offsets = &scratch[..];
+        Ok(prefix)
+    }
 
+    /// Validates and claims each page of the packet for this round, and gathers the host
+    /// addresses to fill (`ptrs.pages`) and to clear (`ptrs.zeros`).
+    #[inline]
+    fn claim_pages(
+        &self,
+        prefix: &RamPrefix,
+        offsets: &[u8],
+        round: u32,
+        ptrs: &mut PageScratch,
+    ) -> Result<(), ChannelError> {
+        let channel = ChannelName::Data(self.index);
         ptrs.pages.clear();
         ptrs.zeros.clear();
         for (i, addr) in ram::decode_offsets(offsets).enumerate() {
-            let addr = addr.map_err(wire)?;
+            let addr = addr.map_err(|source| ChannelError::Wire { channel, source })?;
             let ptr = hostmem::page_ptr(self.memory, addr).ok_or_else(|| outside(channel, addr))?;
             if !self.claims.insert(addr) {
                 return Err(ChannelError::Protocol {
@@ -233,47 +262,40 @@ impl ChannelReceiver<'_> {
                 ptrs.zeros.push(ptr);
             }
         }
-        if prefix.compressed {
-            self.receive_compressed(&prefix, ptrs)?;
-        } else {
-            // SAFETY: every pointer is a whole page inside guest memory (page_ptr checked
-            // it), which stays mapped for the session, and this thread claimed each page for
-            // this round, so no other thread touches it until the round barrier.
-            unsafe { hostmem::read_pages(self.stream.as_raw_fd(), &ptrs.pages, &mut ptrs.iov) }
-                .map_err(|source| ChannelError::Io {
-                    channel,
-                    op: "receive pages",
-                    source,
-                })?;
-        }
-        if prefix.checked {
-            ptrs.trailer.resize(prefix.trailer_len(), 0);
-            framed::read_exact(&mut self.stream, channel, &mut ptrs.trailer, false)?;
-            for ((&p, expected), addr) in ptrs
-                .pages
-                .iter()
-                .zip(ram::decode_page_crcs(&ptrs.trailer))
-                .zip(ram::decode_offsets(offsets))
-            {
-                // SAFETY: as above; the page was just filled by this thread (the same
-                // three-stream CRC as the source's, on a page fresh in the cache).
-                let crc = unsafe { hostmem::page_crc(p) };
-                // A torn page must come again intact before the end (see `TornPages`).
-                self.torn.arrived(addr.map_err(wire)?, crc == expected);
-            }
-        } else {
+        Ok(())
+    }
+
+    /// Checks each filled page against the packet's trailer of CRCs, when it has one; a
+    /// torn page must come again intact before the end (see `TornPages`).
+    #[inline]
+    fn check_pages(
+        &mut self,
+        prefix: &RamPrefix,
+        offsets: &[u8],
+        ptrs: &mut PageScratch,
+    ) -> Result<(), ChannelError> {
+        let channel = ChannelName::Data(self.index);
+        let wire = |source| ChannelError::Wire { channel, source };
+        if !prefix.checked {
             // The source trusts the transport: each page counts as intact.
             for addr in ram::decode_offsets(offsets).take(prefix.normal as usize) {
                 self.torn.arrived(addr.map_err(wire)?, true);
             }
+            return Ok(());
         }
-        for &p in &ptrs.zeros {
-            // SAFETY: as above, a claimed page of guest memory, which held received data.
-            unsafe { std::ptr::write_bytes(p, 0, PAGE_SIZE) };
+        ptrs.trailer.resize(prefix.trailer_len(), 0);
+        framed::read_exact(&mut self.stream, channel, &mut ptrs.trailer, false)?;
+        for ((&p, expected), addr) in ptrs
+            .pages
+            .iter()
+            .zip(ram::decode_page_crcs(&ptrs.trailer))
+            .zip(ram::decode_offsets(offsets))
+        {
+            // SAFETY: as in receive_pages; the page was just filled by this thread (the same
+            // three-stream CRC as the source's, on a page fresh in the cache).
+            let crc = unsafe { hostmem::page_crc(p) };
+            self.torn.arrived(addr.map_err(wire)?, crc == expected);
         }
-        let c = self.counters;
-        c.normal_pages.fetch_add(prefix.normal as u64, Relaxed);
-        c.zero_pages.fetch_add(prefix.zero as u64, Relaxed);
         Ok(())
     }
 
@@ -324,47 +346,29 @@ impl ChannelReceiver<'_> {
         }
         Ok(())
     }
+}
 
-    /// Writes a packet's pages (the test hook's path); `track_torn` records torn arrivals.
-    fn apply(&self, pkt: &RamPacket<'_>, track_torn: bool) -> Result<(), ChannelError> {
-        let channel = ChannelName::Data(self.index);
-        if pkt.compressed_data().is_some() {
-            return Err(ChannelError::Protocol {
-                channel,
-                detail: "the break-round-order test hook takes no compressed packets".into(),
-            });
-        }
-        let outside = |addr| outside(channel, addr);
-        for (addr, data, intact) in pkt.checked_pages() {
-            self.memory
-                .write_slice(data, GuestAddress(addr))
-                .map_err(|_| outside(addr))?;
-            self.populated.mark(addr);
-            if track_torn {
-                self.torn.arrived(addr, intact);
-            }
-        }
-        let page = [0u8; PAGE_SIZE];
-        for addr in pkt.zero_addrs() {
-            hostmem::page_ptr(self.memory, addr).ok_or_else(|| outside(addr))?;
-            // A page that never held data reads as zero already (see `Populated`).
-            if self.populated.holds_data(addr) {
-                self.memory
-                    .write_slice(&page, GuestAddress(addr))
-                    .map_err(|_| outside(addr))?;
-            }
-        }
-        self.counters
-            .normal_pages
-            .fetch_add(pkt.normal_count() as u64, Relaxed);
-        self.counters
-            .zero_pages
-            .fetch_add(pkt.zero_count() as u64, Relaxed);
-        Ok(())
+fn unexpected(channel: ChannelName, kind: FrameKind) -> ChannelError {
+    ChannelError::Protocol {
+        channel,
+        detail: format!("unexpected {} frame on a data channel", kind.name()),
     }
 }
 
-fn check_round(channel: ChannelName, found: u32, round: u32) -> Result<(), ChannelError> {
+fn local_pages(channel: ChannelName) -> ChannelError {
+    ChannelError::Protocol {
+        channel,
+        detail: "a RamPages frame in local mode, where the destination maps the \
+                 source's memory and takes no pages"
+            .into(),
+    }
+}
+
+pub(super) fn check_round(
+    channel: ChannelName,
+    found: u32,
+    round: u32,
+) -> Result<(), ChannelError> {
     if found == round {
         Ok(())
     } else {
@@ -375,7 +379,7 @@ fn check_round(channel: ChannelName, found: u32, round: u32) -> Result<(), Chann
     }
 }
 
-fn outside(channel: ChannelName, addr: u64) -> ChannelError {
+pub(super) fn outside(channel: ChannelName, addr: u64) -> ChannelError {
     ChannelError::Protocol {
         channel,
         detail: format!("page 0x{addr:x} lies outside guest memory"),

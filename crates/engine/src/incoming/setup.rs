@@ -90,10 +90,8 @@ fn handshakes<R>(
     unexpected: impl Fn(FrameKind) -> Option<String> + Sync,
     mut decide: impl FnMut(Stream, Result<Vec<u8>, ChannelError>) -> Option<R>,
 ) -> Result<R, IncomingError> {
-    type Done = (u64, Option<(Stream, Result<Vec<u8>, ChannelError>)>);
-    let (tx, rx) = crossbeam_channel::unbounded::<Done>();
-    let pending: Mutex<Vec<Pending>> = Mutex::new(Vec::new());
-    let lock = || pending.lock().unwrap_or_else(|p| p.into_inner());
+    let (tx, rx) = crossbeam_channel::unbounded::<Handshaken>();
+    let pending = PendingSet::default();
     std::thread::scope(|scope| {
         let result = (|| {
             let mut next_id = 0u64;
@@ -101,83 +99,21 @@ fn handshakes<R>(
                 if let Some(e) = abandoned() {
                     return Err(e);
                 }
-                while let Ok((id, done)) = rx.try_recv() {
-                    let mut expired = false;
-                    lock().retain(|p| {
-                        expired |= p.id == id && p.expired;
-                        p.id != id
-                    });
-                    if let Some((s, first)) = done {
-                        // Cut at its deadline: say so, not what the cut made of the read.
-                        let first = if expired {
-                            Err(handshake_expired())
-                        } else {
-                            first
-                        };
-                        if let Some(r) = decide(s, first) {
-                            return Ok(r);
-                        }
-                    }
+                if let Some(r) = pending.take_finished(&rx, &mut decide) {
+                    return Ok(r);
                 }
-                // The handshake timeout is a deadline per connection, from its accept: a
-                // peer trickling bytes (or pings) keeps no slot past it. Its read half is
-                // shut, so its thread ends at once and the refusal can still be written.
-                let now = Instant::now();
-                for p in lock()
-                    .iter_mut()
-                    .filter(|p| !p.expired && now >= p.deadline)
-                {
-                    p.expired = true;
-                    p.cut_read();
-                }
-                // While a handshake is under way its answer is looked for every millisecond:
-                // a source opens its channels one after another, each waiting for its accept.
-                let poll = if lock().is_empty() {
-                    HANDSHAKE_POLL
-                } else {
-                    HANDSHAKE_PENDING_POLL
+                pending.expire_overdue();
+                let Some(s) = accept_next(listener, deadline, cancel, pending.poll())? else {
+                    continue;
                 };
-                let slice = Instant::now() + poll;
-                let until = deadline.map_or(slice, |d| d.min(slice));
-                let s = match listener.accept_cancellable(Some(until), cancel) {
-                    Ok(s) => s,
-                    Err(_) if cancel.is_some_and(CancelToken::is_cancelled) => {
-                        return Err(IncomingError::Cancelled)
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => match deadline {
-                        Some(d) if Instant::now() >= d => return Err(IncomingError::Accept(e)),
-                        _ => continue,
-                    },
-                    Err(e) => return Err(IncomingError::Accept(e)),
-                };
-                if lock().len() >= MAX_HANDSHAKES {
-                    let why = format!(
-                        "{MAX_HANDSHAKES} connections are handshaking already (each is given {:?}); try again",
-                        config.handshake_timeout
-                    );
-                    log(&IncomingEvent::ConnectionRefused {
-                        reason: why.clone(),
-                    });
-                    // A fresh socket's buffer takes a small frame without blocking.
-                    let mut s = s;
-                    let _ = s.set_write_timeout(Some(std::time::Duration::from_millis(100)));
-                    framed::send_reject(
-                        &mut s,
-                        ChannelName::Incoming,
-                        &Reject::new(RejectCode::Other, why),
-                    );
-                    s.shutdown();
+                if pending.len() >= MAX_HANDSHAKES {
+                    refuse_busy(s, config, log);
                     continue;
                 }
                 let Ok(cut) = s.try_clone() else { continue };
                 let id = next_id;
                 next_id += 1;
-                lock().push(Pending {
-                    id,
-                    cut,
-                    deadline: Instant::now() + config.handshake_timeout,
-                    expired: false,
-                });
+                pending.add(id, cut, config.handshake_timeout);
                 let (tx, unexpected) = (tx.clone(), &unexpected);
                 let started = std::thread::Builder::new()
                     .name("lm-dst-hs".into())
@@ -186,16 +122,145 @@ fn handshakes<R>(
                         let _ = tx.send((id, done));
                     });
                 if started.is_err() {
-                    lock().retain(|p| p.id != id);
+                    pending.remove(id);
                 }
             }
         })();
         // Cut short whatever still handshakes, so the scope's joins are immediate.
-        for p in lock().drain(..) {
-            p.cut.shutdown();
-        }
+        pending.cut_all();
         result
     })
+}
+
+/// A handshake's end: its id, and its connection with its first frame (`None`: nothing
+/// more to say to it).
+type Handshaken = (u64, Option<(Stream, Result<Vec<u8>, ChannelError>)>);
+
+/// Waits for the next connection until the poll slice or the deadline; `None` when the
+/// slice passed with none.
+fn accept_next(
+    listener: &Listener,
+    deadline: Option<Instant>,
+    cancel: Option<&CancelToken>,
+    poll: std::time::Duration,
+) -> Result<Option<Stream>, IncomingError> {
+    let slice = Instant::now() + poll;
+    let until = deadline.map_or(slice, |d| d.min(slice));
+    match listener.accept_cancellable(Some(until), cancel) {
+        Ok(s) => Ok(Some(s)),
+        Err(_) if cancel.is_some_and(CancelToken::is_cancelled) => Err(IncomingError::Cancelled),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => match deadline {
+            Some(d) if Instant::now() >= d => Err(IncomingError::Accept(e)),
+            _ => Ok(None),
+        },
+        Err(e) => Err(IncomingError::Accept(e)),
+    }
+}
+
+/// Closes a connection beyond [`MAX_HANDSHAKES`], saying why.
+fn refuse_busy(mut s: Stream, config: &IncomingConfig, log: &(dyn Fn(&IncomingEvent) + Sync)) {
+    let why = format!(
+        "{MAX_HANDSHAKES} connections are handshaking already (each is given {:?}); try again",
+        config.handshake_timeout
+    );
+    log(&IncomingEvent::ConnectionRefused {
+        reason: why.clone(),
+    });
+    // A fresh socket's buffer takes a small frame without blocking.
+    let _ = s.set_write_timeout(Some(std::time::Duration::from_millis(100)));
+    framed::send_reject(
+        &mut s,
+        ChannelName::Incoming,
+        &Reject::new(RejectCode::Other, why),
+    );
+    s.shutdown();
+}
+
+/// The connections still handshaking.
+#[derive(Default)]
+struct PendingSet(Mutex<Vec<Pending>>);
+
+impl PendingSet {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pending>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn add(&self, id: u64, cut: Stream, timeout: std::time::Duration) {
+        self.lock().push(Pending {
+            id,
+            cut,
+            deadline: Instant::now() + timeout,
+            expired: false,
+        });
+    }
+
+    /// Forgets `id`; whether it had been cut at its deadline.
+    fn remove(&self, id: u64) -> bool {
+        let mut expired = false;
+        self.lock().retain(|p| {
+            expired |= p.id == id && p.expired;
+            p.id != id
+        });
+        expired
+    }
+
+    /// Hands every finished handshake to `decide`, until it returns a result.
+    fn take_finished<R>(
+        &self,
+        rx: &crossbeam_channel::Receiver<Handshaken>,
+        decide: &mut impl FnMut(Stream, Result<Vec<u8>, ChannelError>) -> Option<R>,
+    ) -> Option<R> {
+        while let Ok((id, done)) = rx.try_recv() {
+            let expired = self.remove(id);
+            if let Some((s, first)) = done {
+                // Cut at its deadline: say so, not what the cut made of the read.
+                let first = if expired {
+                    Err(handshake_expired())
+                } else {
+                    first
+                };
+                if let Some(r) = decide(s, first) {
+                    return Some(r);
+                }
+            }
+        }
+        None
+    }
+
+    /// The handshake timeout is a deadline per connection, from its accept: a peer
+    /// trickling bytes (or pings) keeps no slot past it. Its read half is shut, so its
+    /// thread ends at once and the refusal can still be written.
+    fn expire_overdue(&self) {
+        let now = Instant::now();
+        for p in self
+            .lock()
+            .iter_mut()
+            .filter(|p| !p.expired && now >= p.deadline)
+        {
+            p.expired = true;
+            p.cut_read();
+        }
+    }
+
+    /// While a handshake is under way its answer is looked for every millisecond: a source
+    /// opens its channels one after another, each waiting for its accept.
+    fn poll(&self) -> std::time::Duration {
+        if self.lock().is_empty() {
+            HANDSHAKE_POLL
+        } else {
+            HANDSHAKE_PENDING_POLL
+        }
+    }
+
+    fn cut_all(&self) {
+        for p in self.lock().drain(..) {
+            p.cut.shutdown();
+        }
+    }
 }
 
 /// A connection still handshaking.
@@ -434,7 +499,6 @@ pub(crate) fn accept_channels(
 ) -> Result<Vec<Stream>, IncomingError> {
     let deadline = Instant::now() + config.setup_timeout;
     let mut slots: Vec<Option<Stream>> = (0..hello.channels).map(|_| None).collect();
-    let ch = ChannelName::Incoming;
     let unexpected = |kind: FrameKind| {
         (kind != FrameKind::ChannelHello)
             .then(|| format!("expected ChannelHello, got a {} frame", kind.name()))
@@ -456,47 +520,10 @@ pub(crate) fn accept_channels(
         config,
         log,
         unexpected,
-        |mut s, first| {
-            let verdict = match first {
-                Ok(buf) => match ChannelHello::decode(&buf) {
-                    Ok(c) => check_channel(&c, hello, &slots),
-                    Err(e) => Err(Reject::new(
-                        RejectCode::Protocol,
-                        format!("bad ChannelHello: {e}"),
-                    )),
-                },
-                Err(ChannelError::Protocol { detail, .. }) => {
-                    Err(Reject::new(RejectCode::Protocol, detail))
-                }
-                Err(e) => Err(Reject::new(
-                    RejectCode::Protocol,
-                    plain_refusal(e, config.handshake_timeout),
-                )),
-            };
-            match verdict {
-                Ok(index) => {
-                    if let Err(e) = framed::send(
-                        &mut s,
-                        ChannelName::Data(index),
-                        FrameKind::ChannelAccept,
-                        &[],
-                    ) {
-                        log(&IncomingEvent::DataChannelLeft {
-                            index,
-                            error: e.to_string(),
-                        });
-                        return None;
-                    }
-                    let _ = s.set_read_timeout(None);
-                    let _ = s.set_write_timeout(None);
-                    slots[index as usize] = Some(s);
-                }
-                Err(reject) => {
-                    log(&IncomingEvent::DataChannelRefused {
-                        reason: reject.reason.clone(),
-                    });
-                    framed::send_reject(&mut s, ch, &reject);
-                }
+        |s, first| {
+            let verdict = channel_verdict(first, hello, &slots, config);
+            if let Some((index, s)) = join_channel(s, verdict, log) {
+                slots[index as usize] = Some(s);
             }
             slots.iter().all(Option::is_some).then_some(())
         },
@@ -511,6 +538,66 @@ pub(crate) fn accept_channels(
             )))
         }
         Err(e) => Err(e),
+    }
+}
+
+/// What to answer a data channel's first frame: the index it joins, or why it is refused.
+fn channel_verdict(
+    first: Result<Vec<u8>, ChannelError>,
+    hello: &SessionHello,
+    slots: &[Option<Stream>],
+    config: &IncomingConfig,
+) -> Result<u16, Reject> {
+    match first {
+        Ok(buf) => match ChannelHello::decode(&buf) {
+            Ok(c) => check_channel(&c, hello, slots),
+            Err(e) => Err(Reject::new(
+                RejectCode::Protocol,
+                format!("bad ChannelHello: {e}"),
+            )),
+        },
+        Err(ChannelError::Protocol { detail, .. }) => {
+            Err(Reject::new(RejectCode::Protocol, detail))
+        }
+        Err(e) => Err(Reject::new(
+            RejectCode::Protocol,
+            plain_refusal(e, config.handshake_timeout),
+        )),
+    }
+}
+
+/// Accepts a data channel into its slot (`Some`, ready to receive), or refuses it; one whose
+/// accept cannot be written has left, and is logged.
+fn join_channel(
+    mut s: Stream,
+    verdict: Result<u16, Reject>,
+    log: &(dyn Fn(&IncomingEvent) + Sync),
+) -> Option<(u16, Stream)> {
+    match verdict {
+        Ok(index) => {
+            if let Err(e) = framed::send(
+                &mut s,
+                ChannelName::Data(index),
+                FrameKind::ChannelAccept,
+                &[],
+            ) {
+                log(&IncomingEvent::DataChannelLeft {
+                    index,
+                    error: e.to_string(),
+                });
+                return None;
+            }
+            let _ = s.set_read_timeout(None);
+            let _ = s.set_write_timeout(None);
+            Some((index, s))
+        }
+        Err(reject) => {
+            log(&IncomingEvent::DataChannelRefused {
+                reason: reject.reason.clone(),
+            });
+            framed::send_reject(&mut s, ChannelName::Incoming, &reject);
+            None
+        }
     }
 }
 
