@@ -24,6 +24,8 @@
 //! namespace (its accepting thread enters it; sockets stay in the namespace they were made
 //! in), so it can sit between two namespaces joined by a veth pair.
 
+#![warn(missing_docs)]
+
 mod conn;
 mod pipe;
 mod proxy;

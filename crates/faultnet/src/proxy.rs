@@ -35,6 +35,8 @@ impl ProxyBuilder {
         self.latency = d;
         self
     }
+    /// Adds a fault to inject; of two that stop a direction at the same byte, the one added
+    /// first fires.
     pub fn rule(mut self, r: Rule) -> Self {
         self.rules.push(r);
         self

@@ -34,7 +34,9 @@ impl Dir {
 /// Which connections a rule applies to, by accept order (0 is the first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Which {
+    /// Only the connection accepted `n`th (0 is the first).
     Nth(usize),
+    /// Every connection.
     Every,
 }
 
@@ -74,13 +76,18 @@ pub enum Fault {
 /// One fault to inject.
 #[derive(Debug, Clone)]
 pub struct Rule {
+    /// The connections it applies to.
     pub conn: Which,
+    /// The direction whose bytes it counts (and, for a flip, changes).
     pub dir: Dir,
+    /// When it fires.
     pub trigger: Trigger,
+    /// What goes wrong then.
     pub fault: Fault,
 }
 
 impl Rule {
+    /// `fault` on the connections `conn`, when `trigger` is reached in `dir`.
     pub fn new(conn: Which, dir: Dir, trigger: Trigger, fault: Fault) -> Rule {
         Rule {
             conn,
@@ -121,5 +128,6 @@ pub struct Fired {
     pub dir: Option<Dir>,
     /// The offset in that direction (for `None`: bytes forwarded up so far).
     pub at: u64,
+    /// What went wrong.
     pub fault: Fault,
 }
