@@ -2,7 +2,12 @@
 //! each checks at its end that every thread the proxy started (named `fnet*`) is gone.
 
 use super::*;
-use std::net::TcpListener;
+use crate::conn::set_linger_zero;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 

@@ -1,27 +1,30 @@
-//! The numbers the pictures show, taken from a source report's JSON (`MigrationReport` in
-//! `livemig-engine`). A missing field, `null`, a negative value or a non-number reads as 0,
-//! so odd input draws an odd picture, never a panic or a NaN.
+//! The numbers the pictures show, taken from a source report (`MigrationReport` in
+//! `livemig-engine`). A negative or non-finite number reads as 0, so an odd report draws an
+//! odd picture, never a panic or a NaN.
 
+use livemig_engine::report::{DowntimeBreakdown, MigrationReport};
 use serde::Serialize;
-use serde_json::Value;
 
 /// Bytes per guest page.
 pub const PAGE_SIZE: f64 = 4096.0;
 
-/// A field as a finite, non-negative number (0 otherwise).
-fn num(v: &Value, key: &str) -> f64 {
-    v.get(key)
-        .and_then(Value::as_f64)
-        .filter(|x| x.is_finite() && *x >= 0.0)
-        .unwrap_or(0.0)
+/// A number as plotted: itself if finite and non-negative, 0 otherwise.
+fn clean(x: f64) -> f64 {
+    if x.is_finite() && x >= 0.0 {
+        x
+    } else {
+        0.0
+    }
 }
 
 /// One round as plotted.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RoundPoint {
+    /// The round's number as the source counted it (0 is the first precopy round).
     pub round: u64,
-    /// When the round started and ended, in ms since the migration started.
+    /// When the round started, in ms since the migration started.
     pub start_ms: f64,
+    /// When the round ended, in ms since the migration started.
     pub end_ms: f64,
     /// The round's `bytes_per_s`.
     pub throughput_bytes_per_s: f64,
@@ -44,36 +47,32 @@ pub struct Timeline {
     pub paused_until_ms: f64,
     /// The migration's whole duration as the source measured it.
     pub total_ms: f64,
+    /// Every round in the order sent, the switchover round last.
     pub rounds: Vec<RoundPoint>,
 }
 
 impl Timeline {
     /// The timeline of a source report. Precopy rounds follow each other from the end of
     /// setup; the switchover round starts after the pause and the last dirty pass.
-    pub fn from_report(rep: &Value) -> Timeline {
-        let setup = num(rep, "setup_ms");
-        let precopy = num(rep, "precopy_ms");
-        let down = &rep["downtime"];
-        let rounds: &[Value] = rep
-            .get("rounds")
-            .and_then(Value::as_array)
-            .map_or(&[], Vec::as_slice);
-        let mut points = Vec::with_capacity(rounds.len());
+    pub fn from_report(rep: &MigrationReport) -> Timeline {
+        let setup = clean(rep.setup_ms);
+        let down = &rep.downtime;
+        let mut points = Vec::with_capacity(rep.rounds.len());
         let mut t = setup;
-        let mut paused_from = setup + precopy;
-        for (i, r) in rounds.iter().enumerate() {
-            let ms = num(r, "ms");
-            let switchover = i + 1 == rounds.len();
+        let mut paused_from = setup + clean(rep.precopy_ms);
+        for (i, r) in rep.rounds.iter().enumerate() {
+            let ms = clean(r.ms);
+            let switchover = i + 1 == rep.rounds.len();
             if switchover {
                 paused_from = paused_from.max(t);
-                t = paused_from + num(down, "pause_ms") + num(down, "last_dirty_pass_ms");
+                t = paused_from + clean(down.pause_ms) + clean(down.last_dirty_pass_ms);
             }
-            let dirty_after = num(r, "dirty_after");
+            let dirty_after = r.dirty_after as f64;
             points.push(RoundPoint {
-                round: r.get("round").and_then(Value::as_u64).unwrap_or(i as u64),
+                round: u64::from(r.round),
                 start_ms: t,
                 end_ms: t + ms,
-                throughput_bytes_per_s: num(r, "bytes_per_s"),
+                throughput_bytes_per_s: clean(r.bytes_per_s),
                 remaining_bytes: dirty_after * PAGE_SIZE,
                 dirty_pages_per_s: if ms > 0.0 {
                     dirty_after / (ms / 1e3)
@@ -84,16 +83,16 @@ impl Timeline {
             });
             t += ms;
         }
-        let paused_until = if rounds.is_empty() {
+        let paused_until = if rep.rounds.is_empty() {
             paused_from
         } else {
-            paused_from + num(rep, "downtime_ms") + num(down, "dest_verify_ms")
+            paused_from + clean(rep.downtime_ms) + clean(down.dest_verify_ms)
         };
         Timeline {
             setup_ms: setup,
             paused_from_ms: paused_from,
             paused_until_ms: paused_until,
-            total_ms: num(rep, "total_ms"),
+            total_ms: clean(rep.total_ms),
             rounds: points,
         }
     }
@@ -112,8 +111,11 @@ impl Timeline {
 pub struct Part {
     /// The report's field without `_ms`, e.g. `last_dirty_pass`; `other` for the rest.
     pub key: &'static str,
+    /// What the picture calls it.
     pub label: &'static str,
+    /// When it started, in ms since the guest paused.
     pub start_ms: f64,
+    /// How long it took.
     pub ms: f64,
 }
 
@@ -121,6 +123,7 @@ pub struct Part {
 /// and the saves that ran at the same time inside one of them.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Downtime {
+    /// The guest's pause as the source measured it as a whole.
     pub downtime_ms: f64,
     /// What precopy expected at the moment of switchover.
     pub expected_ms: f64,
@@ -140,96 +143,36 @@ pub struct Downtime {
     pub streamed_devices: usize,
 }
 
+/// A part's time in the report's downtime breakdown.
+type Field = fn(&DowntimeBreakdown) -> f64;
+
+/// The parts of the downtime that follow each other, in order: key, label and the field each
+/// is read from.
+const SEQUENTIAL: [(&str, &str, Field); 5] = [
+    ("pause", "pause", |d| d.pause_ms),
+    ("last_dirty_pass", "last dirty pass", |d| {
+        d.last_dirty_pass_ms
+    }),
+    ("transfer", "send until destination has all", |d| {
+        d.transfer_ms
+    }),
+    ("dest_restore", "destination restore", |d| d.dest_restore_ms),
+    ("resume", "handover + resume", |d| d.resume_ms),
+];
+
 impl Downtime {
-    pub fn from_report(rep: &Value) -> Downtime {
-        let d = &rep["downtime"];
-        let downtime_ms = num(rep, "downtime_ms");
-        let mut sequential = Vec::with_capacity(6);
-        let mut t = 0.0;
-        for (key, label) in [
-            ("pause", "pause"),
-            ("last_dirty_pass", "last dirty pass"),
-            ("transfer", "send until destination has all"),
-            ("dest_restore", "destination restore"),
-            ("resume", "handover + resume"),
-        ] {
-            let ms = num(d, &format!("{key}_ms"));
-            sequential.push(Part {
-                key,
-                label,
-                start_ms: t,
-                ms,
-            });
-            t += ms;
-        }
-        // The parts are timed one by one; the downtime as a whole. A rest worth seeing is
-        // shown, not hidden in another part.
-        let rest = downtime_ms - t;
-        if rest > 0.01_f64.max(downtime_ms * 1e-3) {
-            sequential.push(Part {
-                key: "other",
-                label: "not in a part",
-                start_ms: t,
-                ms: rest,
-            });
-        }
-        let pause = num(d, "pause_ms");
-        let ldp = num(d, "last_dirty_pass_ms");
-        let ram = num(d, "ram_final_ms");
-        let state = num(d, "state_save_ms");
-        let device_transfer = rep
-            .get("device_transfer")
-            .and_then(Value::as_str)
-            .unwrap_or("multifd")
-            .to_string();
-        // Device jobs and the state save start at the pause; the RAM's last pages after the
-        // last dirty pass. Serial device state goes on the main channel once the RAM's
-        // switchover round is done (and the state saved).
-        let switchover_round_ms = rep
-            .get("rounds")
-            .and_then(Value::as_array)
-            .and_then(|r| r.last())
-            .map_or(0.0, |r| num(r, "ms"));
-        let device_start = if device_transfer == "main" {
-            (pause + ldp + ram.max(switchover_round_ms)).max(pause + state)
-        } else {
-            pause
-        };
-        let concurrent = vec![
-            Part {
-                key: "device_save",
-                label: if device_transfer == "main" {
-                    "device state (serial, main channel)"
-                } else {
-                    "device saves (slowest)"
-                },
-                start_ms: device_start,
-                ms: num(d, "device_save_ms"),
-            },
-            Part {
-                key: "state_save",
-                label: "vCPU/VM state save",
-                start_ms: pause,
-                ms: state,
-            },
-            Part {
-                key: "ram_final",
-                label: "RAM last pages handed out",
-                start_ms: pause + ldp,
-                ms: ram,
-            },
-        ];
+    /// The downtime of a source report: the sequential parts from the pause on, and the
+    /// saves that ran inside the send placed where they started.
+    pub fn from_report(rep: &MigrationReport) -> Downtime {
+        let downtime_ms = clean(rep.downtime_ms);
         Downtime {
             downtime_ms,
-            expected_ms: num(rep, "expected_downtime_ms"),
-            sequential,
-            concurrent,
-            dest_verify_ms: num(d, "dest_verify_ms"),
-            device_transfer,
-            streamed_devices: rep
-                .get("devices")
-                .and_then(Value::as_array)
-                .map_or(0, Vec::len),
+            expected_ms: clean(rep.expected_downtime_ms),
+            sequential: sequential_parts(&rep.downtime, downtime_ms),
+            concurrent: concurrent_parts(rep),
+            dest_verify_ms: clean(rep.downtime.dest_verify_ms),
+            device_transfer: rep.device_transfer.clone(),
+            streamed_devices: rep.devices.len(),
         }
     }
 
@@ -248,13 +191,109 @@ impl Downtime {
     }
 }
 
+/// The parts that follow each other from the pause, and `other` for a rest of the
+/// downtime worth seeing.
+fn sequential_parts(d: &DowntimeBreakdown, downtime_ms: f64) -> Vec<Part> {
+    let mut sequential = Vec::with_capacity(SEQUENTIAL.len() + 1);
+    let mut t = 0.0;
+    for (key, label, field) in SEQUENTIAL {
+        let ms = clean(field(d));
+        sequential.push(Part {
+            key,
+            label,
+            start_ms: t,
+            ms,
+        });
+        t += ms;
+    }
+    // The parts are timed one by one; the downtime as a whole. A rest worth seeing is
+    // shown, not hidden in another part.
+    let rest = downtime_ms - t;
+    if rest > 0.01_f64.max(downtime_ms * 1e-3) {
+        sequential.push(Part {
+            key: "other",
+            label: "not in a part",
+            start_ms: t,
+            ms: rest,
+        });
+    }
+    sequential
+}
+
+/// The saves that ran at the same time inside the send: device saves, state save, the
+/// RAM's last pages.
+fn concurrent_parts(rep: &MigrationReport) -> Vec<Part> {
+    let d = &rep.downtime;
+    let pause = clean(d.pause_ms);
+    let ldp = clean(d.last_dirty_pass_ms);
+    let ram = clean(d.ram_final_ms);
+    let state = clean(d.state_save_ms);
+    let serial = rep.device_transfer == "main";
+    // Device jobs and the state save start at the pause; the RAM's last pages after the
+    // last dirty pass. Serial device state goes on the main channel once the RAM's
+    // switchover round is done (and the state saved).
+    let switchover_round_ms = rep.rounds.last().map_or(0.0, |r| clean(r.ms));
+    let device_start = if serial {
+        (pause + ldp + ram.max(switchover_round_ms)).max(pause + state)
+    } else {
+        pause
+    };
+    vec![
+        Part {
+            key: "device_save",
+            label: if serial {
+                "device state (serial, main channel)"
+            } else {
+                "device saves (slowest)"
+            },
+            start_ms: device_start,
+            ms: clean(d.device_save_ms),
+        },
+        Part {
+            key: "state_save",
+            label: "vCPU/VM state save",
+            start_ms: pause,
+            ms: state,
+        },
+        Part {
+            key: "ram_final",
+            label: "RAM last pages handed out",
+            start_ms: pause + ldp,
+            ms: ram,
+        },
+    ]
+}
+
+/// A report for tests, written as JSON with only the fields that matter: the fields left
+/// out, in the report, its downtime and each round, take their `Default`.
+#[cfg(test)]
+pub(crate) fn fixture(v: serde_json::Value) -> MigrationReport {
+    use livemig_engine::report::RoundReport;
+    use serde_json::Value;
+    fn over<T: Default + Serialize>(v: Value) -> Value {
+        let mut base = serde_json::to_value(T::default()).unwrap();
+        if let (Value::Object(b), Value::Object(o)) = (&mut base, v) {
+            b.extend(o);
+        }
+        base
+    }
+    let mut v = over::<MigrationReport>(v);
+    v["downtime"] = over::<DowntimeBreakdown>(v["downtime"].take());
+    if let Some(rounds) = v["rounds"].as_array_mut() {
+        for r in rounds {
+            *r = over::<RoundReport>(r.take());
+        }
+    }
+    serde_json::from_value(v).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
-    fn sample() -> Value {
-        json!({
+    fn sample() -> MigrationReport {
+        fixture(json!({
             "setup_ms": 2.0, "precopy_ms": 500.0, "total_ms": 700.0,
             "downtime_ms": 133.0, "expected_downtime_ms": 58.0, "device_transfer": "multifd",
             "downtime": {"pause_ms": 0.5, "last_dirty_pass_ms": 0.5, "state_save_ms": 1.6,
@@ -264,7 +303,7 @@ mod tests {
                 {"round": 0, "ms": 490.0, "bytes_per_s": 1.1e9, "dirty_after": 16384},
                 {"round": 1, "ms": 130.0, "bytes_per_s": 5.1e8, "dirty_after": 0},
             ]
-        })
+        }))
     }
 
     #[test]
@@ -300,7 +339,7 @@ mod tests {
         assert_eq!(d.dest_verify_ms, 73.0);
         // What the parts miss shows as its own part.
         let mut v = sample();
-        v["downtime_ms"] = json!(140.0);
+        v.downtime_ms = 140.0;
         let d = Downtime::from_report(&v);
         let other = d.sequential.last().unwrap();
         assert_eq!((other.key, other.start_ms, other.ms), ("other", 133.0, 7.0));
@@ -308,35 +347,44 @@ mod tests {
 
     #[test]
     fn odd_input_reads_as_zeros() {
+        // Input that is not a report at all is refused where JSON comes in (`write_report`);
+        // a report's odd numbers read as 0 here.
         for v in [
-            json!(null),
-            json!({}),
-            json!({"rounds": "no"}),
-            json!({"rounds": [{"ms": 0, "dirty_after": 5}, {"ms": -1, "bytes_per_s": null}]}),
-            json!({"downtime_ms": "x", "downtime": [1, 2], "total_ms": -5}),
+            fixture(json!({})),
+            fixture(json!({"rounds": [{"ms": 0, "dirty_after": 5}, {"ms": -1}]})),
+            fixture(json!({"downtime_ms": -1.0, "total_ms": -5})),
         ] {
-            let t = Timeline::from_report(&v);
-            for r in &t.rounds {
-                for x in [r.start_ms, r.end_ms, r.remaining_bytes, r.dirty_pages_per_s] {
-                    assert!(x.is_finite() && x >= 0.0, "{v}: {t:?}");
-                }
+            let mut odd = v.clone();
+            odd.downtime_ms = f64::NAN;
+            odd.setup_ms = f64::INFINITY;
+            for r in &mut odd.rounds {
+                r.bytes_per_s = f64::NAN;
             }
-            assert!(t.end_ms().is_finite());
-            let d = Downtime::from_report(&v);
-            assert!(d.end_ms().is_finite() && d.end_ms() >= 0.0);
+            for v in [v, odd] {
+                let t = Timeline::from_report(&v);
+                for r in &t.rounds {
+                    for x in [r.start_ms, r.end_ms, r.remaining_bytes, r.dirty_pages_per_s] {
+                        assert!(x.is_finite() && x >= 0.0, "{v:?}: {t:?}");
+                    }
+                }
+                assert!(t.end_ms().is_finite());
+                let d = Downtime::from_report(&v);
+                assert!(d.end_ms().is_finite() && d.end_ms() >= 0.0);
+            }
         }
         assert_eq!(
-            Timeline::from_report(&json!({"rounds": [{"ms": 0, "dirty_after": 5}]})).rounds[0]
+            Timeline::from_report(&fixture(json!({"rounds": [{"ms": 0, "dirty_after": 5}]})))
+                .rounds[0]
                 .dirty_pages_per_s,
             0.0
         );
-        assert!(Downtime::from_report(&json!({})).is_empty());
+        assert!(Downtime::from_report(&fixture(json!({}))).is_empty());
     }
 
     #[test]
     fn serial_device_state_starts_after_the_ram() {
         let mut v = sample();
-        v["device_transfer"] = json!("main");
+        v.device_transfer = "main".into();
         let d = Downtime::from_report(&v);
         let dev = d
             .concurrent

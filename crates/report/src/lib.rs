@@ -21,24 +21,34 @@
 //! the viewer). The output is deterministic, so the tests check the drawing itself: one
 //! point per round, values inside the plot area, one bar segment per non-zero part.
 //!
-//! Odd input never panics: a missing field, `null`, a negative or non-number value reads as
-//! 0, a 0 ms round has dirty rate 0, and a report without rounds or downtime draws a picture
-//! that says so.
+//! The reports are the engine's types ([`MigrationReport`], [`IncomingReport`]), given as
+//! such to [`write_report_typed`] or as their JSON to [`write_report`], which reads the JSON
+//! into the types first: JSON that is not such a report (a missing field, a string where a
+//! number goes) is a [`ReportError::Parse`] naming the field, not a picture of zeros. Odd
+//! numbers never panic: a negative or non-finite value draws as 0, a 0 ms round has dirty
+//! rate 0, and a report without rounds or downtime draws a picture that says so.
 //!
 //! ```
-//! let report = serde_json::json!({
-//!     "setup_ms": 2.0, "precopy_ms": 466.0, "total_ms": 676.0, "downtime_ms": 133.0,
-//!     "downtime": {"pause_ms": 0.01, "transfer_ms": 132.0, "resume_ms": 0.3},
-//!     "rounds": [
-//!         {"round": 0, "ms": 466.0, "bytes_per_s": 1.15e9, "dirty_after": 16384},
-//!         {"round": 1, "ms": 130.6, "bytes_per_s": 5.1e8, "dirty_after": 0}
-//!     ]
-//! });
+//! use livemig_engine::report::{DowntimeBreakdown, MigrationReport, RoundReport};
+//! let report = MigrationReport {
+//!     setup_ms: 2.0, precopy_ms: 466.0, total_ms: 676.0, downtime_ms: 133.0,
+//!     downtime: DowntimeBreakdown {
+//!         pause_ms: 0.01, transfer_ms: 132.0, resume_ms: 0.3, ..Default::default()
+//!     },
+//!     rounds: vec![
+//!         RoundReport { round: 0, ms: 466.0, bytes_per_s: 1.15e9, dirty_after: 16384,
+//!             ..Default::default() },
+//!         RoundReport { round: 1, ms: 130.6, bytes_per_s: 5.1e8, ..Default::default() },
+//!     ],
+//!     ..Default::default()
+//! };
 //! let dir = std::env::temp_dir().join(format!("livemig-report-doc-{}", std::process::id()));
-//! let files = livemig_report::write_report(&dir, &report, None).unwrap();
+//! let files = livemig_report::write_report_typed(&dir, &report, None).unwrap();
 //! assert_eq!(files.len(), 3);
 //! # std::fs::remove_dir_all(&dir).unwrap();
 //! ```
+
+#![warn(missing_docs)]
 
 mod data;
 mod downtime;
@@ -47,24 +57,43 @@ mod timeline;
 
 pub use data::{Downtime, Part, RoundPoint, Timeline, PAGE_SIZE};
 pub use downtime::downtime_svg;
+pub use livemig_engine::report::{IncomingReport, MigrationReport};
 pub use timeline::timeline_svg;
 
+use serde::Deserialize;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
 /// Writing the pictures failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
+    /// A report given as JSON is not the report it should be (`side` is "source" for a
+    /// [`MigrationReport`], "destination" for an [`IncomingReport`]); `source` names the
+    /// field.
+    #[error("the {side}'s report is not a livemig {side} report")]
+    Parse {
+        /// Whose report: "source" or "destination".
+        side: &'static str,
+        /// What in the JSON did not fit the type.
+        source: serde_json::Error,
+    },
+    /// The directory for the pictures could not be created.
     #[error("cannot create the report directory {dir}")]
     CreateDir {
+        /// The directory.
         dir: PathBuf,
+        /// Why not.
         source: std::io::Error,
     },
+    /// A picture or `report.json` could not be written.
     #[error("cannot write {path}")]
     Write {
+        /// The file.
         path: PathBuf,
+        /// Why not.
         source: std::io::Error,
     },
+    /// The numbers for `report.json` could not be turned into JSON.
     #[error("cannot serialize the report's numbers")]
     Serialize(#[from] serde_json::Error),
 }
@@ -72,15 +101,45 @@ pub enum ReportError {
 /// The file names [`write_report`] writes, in the order it returns them.
 pub const FILES: [&str; 3] = ["timeline.svg", "downtime.svg", "report.json"];
 
-/// The raw numbers behind the pictures: both reports as given and what was plotted.
-pub fn report_json(source_report: &Value, dest_report: Option<&Value>) -> Value {
-    let timeline = Timeline::from_report(source_report);
-    let downtime = Downtime::from_report(source_report);
+/// Reads a source report (`MigrationReport` as JSON) and, if there is one, the destination's
+/// (`IncomingReport`) into their types.
+fn parse(
+    source_report: &Value,
+    dest_report: Option<&Value>,
+) -> Result<(MigrationReport, Option<IncomingReport>), ReportError> {
+    let source =
+        MigrationReport::deserialize(source_report).map_err(|source| ReportError::Parse {
+            side: "source",
+            source,
+        })?;
+    let dest = dest_report
+        .map(IncomingReport::deserialize)
+        .transpose()
+        .map_err(|source| ReportError::Parse {
+            side: "destination",
+            source,
+        })?;
+    Ok((source, dest))
+}
+
+/// The raw numbers behind the pictures: both reports as given and what was plotted. An
+/// error if a report is not what it should be ([`ReportError::Parse`]).
+pub fn report_json(
+    source_report: &Value,
+    dest_report: Option<&Value>,
+) -> Result<Value, ReportError> {
+    let (source, _) = parse(source_report, dest_report)?;
+    Ok(numbers(&source, source_report, dest_report))
+}
+
+/// `report.json`: the reports as JSON (`source_json`, `dest_json`) and what was plotted
+/// from `source`.
+fn numbers(source: &MigrationReport, source_json: &Value, dest_json: Option<&Value>) -> Value {
     json!({
-        "source": source_report,
-        "dest": dest_report,
-        "timeline": timeline,
-        "downtime": downtime,
+        "source": source_json,
+        "dest": dest_json,
+        "timeline": Timeline::from_report(source),
+        "downtime": Downtime::from_report(source),
         "units": {
             "time": "ms (timeline: since the migration started; downtime: since the guest paused)",
             "throughput_bytes_per_s": "bytes per second",
@@ -92,20 +151,49 @@ pub fn report_json(source_report: &Value, dest_report: Option<&Value>) -> Value 
 
 /// Writes `timeline.svg`, `downtime.svg` and `report.json` into `dir` (created if needed)
 /// from a source report (`MigrationReport` as JSON) and, if there is one, the destination's
-/// (`IncomingReport`). Returns the paths written.
+/// (`IncomingReport`). `report.json` keeps both as given. Returns the paths written.
+///
+/// JSON that is not such a report is a [`ReportError::Parse`], and nothing is written.
 pub fn write_report(
     dir: &Path,
     source_report: &Value,
     dest_report: Option<&Value>,
+) -> Result<Vec<PathBuf>, ReportError> {
+    let (source, _) = parse(source_report, dest_report)?;
+    write_files(dir, &source, source_report, dest_report)
+}
+
+/// [`write_report`] for reports at hand as types.
+pub fn write_report_typed(
+    dir: &Path,
+    source: &MigrationReport,
+    dest: Option<&IncomingReport>,
+) -> Result<Vec<PathBuf>, ReportError> {
+    let dest_json = dest.map(serde_json::to_value).transpose()?;
+    write_files(
+        dir,
+        source,
+        &serde_json::to_value(source)?,
+        dest_json.as_ref(),
+    )
+}
+
+/// Draws `source` and writes the three files, with `source_json` and `dest_json` as the
+/// reports in `report.json`.
+fn write_files(
+    dir: &Path,
+    source: &MigrationReport,
+    source_json: &Value,
+    dest_json: Option<&Value>,
 ) -> Result<Vec<PathBuf>, ReportError> {
     std::fs::create_dir_all(dir).map_err(|source| ReportError::CreateDir {
         dir: dir.to_path_buf(),
         source,
     })?;
     let contents = [
-        timeline_svg(&Timeline::from_report(source_report)),
-        downtime_svg(&Downtime::from_report(source_report)),
-        serde_json::to_string_pretty(&report_json(source_report, dest_report))? + "\n",
+        timeline_svg(&Timeline::from_report(source)),
+        downtime_svg(&Downtime::from_report(source)),
+        serde_json::to_string_pretty(&numbers(source, source_json, dest_json))? + "\n",
     ];
     let mut written = Vec::with_capacity(FILES.len());
     for (name, text) in FILES.iter().zip(contents) {
@@ -126,8 +214,15 @@ mod tests {
     #[test]
     fn writes_three_files_with_the_rounds() {
         let dir = std::env::temp_dir().join(format!("livemig-report-test-{}", std::process::id()));
-        let src = json!({"rounds": [{"round": 0, "ms": 10.0}, {"round": 1, "ms": 1.0}]});
-        let dest = json!({"rounds": 2});
+        let src = serde_json::to_value(data::fixture(
+            json!({"rounds": [{"round": 0, "ms": 10.0}, {"round": 1, "ms": 1.0}]}),
+        ))
+        .unwrap();
+        let dest = serde_json::to_value(IncomingReport {
+            rounds: 2,
+            ..Default::default()
+        })
+        .unwrap();
         let files = write_report(&dir, &src, Some(&dest)).unwrap();
         assert_eq!(files.len(), 3);
         let j: Value =
@@ -146,9 +241,65 @@ mod tests {
     fn an_unwritable_directory_is_an_error_naming_it() {
         let file = std::env::temp_dir().join(format!("livemig-report-file-{}", std::process::id()));
         std::fs::write(&file, "x").unwrap();
-        let err = write_report(&file.join("sub"), &json!({}), None).unwrap_err();
+        let report = serde_json::to_value(MigrationReport::default()).unwrap();
+        let err = write_report(&file.join("sub"), &report, None).unwrap_err();
         assert!(matches!(err, ReportError::CreateDir { .. }), "{err}");
         assert!(err.to_string().contains("livemig-report-file"));
         std::fs::remove_file(&file).unwrap();
+    }
+
+    #[test]
+    fn json_that_is_not_a_report_is_an_error_naming_the_field() {
+        let dir = std::env::temp_dir().join(format!("livemig-report-bad-{}", std::process::id()));
+        for (v, field) in [
+            (json!(null), "struct MigrationReport"),
+            (json!({}), "missing field"),
+            (json!({"rounds": "no"}), "invalid type"),
+            (
+                json!({"downtime_ms": "x", "downtime": [1, 2], "total_ms": -5}),
+                "DowntimeBreakdown",
+            ),
+        ] {
+            let err = write_report(&dir, &v, None).unwrap_err();
+            let ReportError::Parse { side, source } = &err else {
+                panic!("{v}: {err}");
+            };
+            assert_eq!(*side, "source");
+            assert!(source.to_string().contains(field), "{v}: {source}");
+            assert!(report_json(&v, None).is_err());
+        }
+        assert!(!dir.exists(), "nothing is written");
+        let src = serde_json::to_value(MigrationReport::default()).unwrap();
+        let err = write_report(&dir, &src, Some(&json!({"rounds": 2}))).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ReportError::Parse {
+                    side: "destination",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(!dir.exists(), "nothing is written");
+    }
+
+    #[test]
+    fn typed_reports_draw_what_their_json_draws() {
+        let base =
+            std::env::temp_dir().join(format!("livemig-report-typed-{}", std::process::id()));
+        let rep = data::fixture(json!({"downtime_ms": 3.0, "rounds": [{"ms": 4.0}, {"ms": 1.0}]}));
+        let json = serde_json::to_value(&rep).unwrap();
+        let typed = write_report_typed(&base.join("t"), &rep, None).unwrap();
+        let raw = write_report(&base.join("j"), &json, None).unwrap();
+        for (a, b) in typed.iter().zip(&raw) {
+            assert_eq!(
+                std::fs::read(a).unwrap(),
+                std::fs::read(b).unwrap(),
+                "{}",
+                a.display()
+            );
+        }
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -231,37 +231,13 @@ fn bands(s: &mut Svg, t: &Timeline, x_of: &dyn Fn(f64) -> f64) {
 
 /// One panel: its frame, y axis, title, the series' line and points, values where they fit.
 fn panel(s: &mut Svg, t: &Timeline, series: &Series, top: f64, x_of: &dyn Fn(f64) -> f64) {
-    let pw = W - LEFT - RIGHT;
     let values: Vec<f64> = t.rounds.iter().map(series.value).collect();
     let max = values.iter().copied().fold(0.0, f64::max);
     let unit = pick_unit(max, series.units);
     // Headroom above the largest value for its label.
     let ya = Axis::covering(1.1 * max / unit.div, 4);
     let y_of = |v: f64| top + PANEL_H * (1.0 - ya.frac(v / unit.div));
-
-    for v in ya.ticks() {
-        let y = top + PANEL_H * (1.0 - ya.frac(v));
-        s.line(LEFT, y, LEFT + pw, y, "#c8c8c8", "stroke-width=\"0.6\"");
-        s.line(LEFT - 4.0, y, LEFT, y, "#333333", "");
-        s.text(LEFT - 7.0, y + 4.0, 11.0, Anchor::End, &ya.label(v), "");
-    }
-    s.rect(
-        LEFT,
-        top,
-        pw,
-        PANEL_H,
-        "none",
-        "stroke=\"#555555\" stroke-width=\"1\"",
-    );
-    let all_zero = if max > 0.0 { "" } else { " (all 0)" };
-    s.text(
-        LEFT,
-        top - 10.0,
-        13.0,
-        Anchor::Start,
-        &format!("{}, {}{all_zero}", series.title, unit.name),
-        &format!("font-weight=\"bold\" fill=\"{}\"", series.color),
-    );
+    frame(s, series, top, &ya, unit, max);
 
     let pts: Vec<(f64, f64)> = t
         .rounds
@@ -292,8 +268,52 @@ fn panel(s: &mut Svg, t: &Timeline, series: &Series, top: f64, x_of: &dyn Fn(f64
         list.join(" "),
         series.color
     ));
+    points(s, t, series, top, unit, &values, &pts);
+}
+
+/// A panel's horizontal grid, y axis, frame and title.
+fn frame(s: &mut Svg, series: &Series, top: f64, ya: &Axis, unit: Unit, max: f64) {
+    let pw = W - LEFT - RIGHT;
+    for v in ya.ticks() {
+        let y = top + PANEL_H * (1.0 - ya.frac(v));
+        s.line(LEFT, y, LEFT + pw, y, "#c8c8c8", "stroke-width=\"0.6\"");
+        s.line(LEFT - 4.0, y, LEFT, y, "#333333", "");
+        s.text(LEFT - 7.0, y + 4.0, 11.0, Anchor::End, &ya.label(v), "");
+    }
+    s.rect(
+        LEFT,
+        top,
+        pw,
+        PANEL_H,
+        "none",
+        "stroke=\"#555555\" stroke-width=\"1\"",
+    );
+    let all_zero = if max > 0.0 { "" } else { " (all 0)" };
+    s.text(
+        LEFT,
+        top - 10.0,
+        13.0,
+        Anchor::Start,
+        &format!("{}, {}{all_zero}", series.title, unit.name),
+        &format!("font-weight=\"bold\" fill=\"{}\"", series.color),
+    );
+}
+
+/// A panel's points (at `pts`, one per round, with the value as a tooltip), and the value
+/// over each point where the neighbouring points and the previous label leave room: crowded
+/// rounds are read from the axis (and the tooltips).
+fn points(
+    s: &mut Svg,
+    t: &Timeline,
+    series: &Series,
+    top: f64,
+    unit: Unit,
+    values: &[f64],
+    pts: &[(f64, f64)],
+) {
+    let pw = W - LEFT - RIGHT;
     let mut free_from = f64::NEG_INFINITY;
-    for (i, ((r, v), &(x, y))) in t.rounds.iter().zip(&values).zip(&pts).enumerate() {
+    for (i, ((r, v), &(x, y))) in t.rounds.iter().zip(values).zip(pts).enumerate() {
         let shown = format!("{} {}", val(v / unit.div), unit.name);
         s.raw(&format!(
             "<circle class=\"pt {}\" cx=\"{}\" cy=\"{}\" r=\"3.5\" fill=\"{}\" stroke=\"#ffffff\" stroke-width=\"1\"><title>round {}: {}</title></circle>\n",
@@ -304,8 +324,6 @@ fn panel(s: &mut Svg, t: &Timeline, series: &Series, top: f64, x_of: &dyn Fn(f64
             r.round,
             esc(&shown)
         ));
-        // The value over its point, only where the neighbouring points and the previous
-        // label leave room: crowded rounds are read from the axis (and the tooltips).
         let label = val(v / unit.div);
         let w = text_width(&label, 10.0);
         let prev = i.checked_sub(1).map_or(f64::INFINITY, |p| x - pts[p].0);
@@ -329,17 +347,21 @@ fn panel(s: &mut Svg, t: &Timeline, series: &Series, top: f64, x_of: &dyn Fn(f64
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::fixture;
+    use livemig_engine::report::MigrationReport;
     use serde_json::{json, Value};
 
-    fn report(rounds: usize) -> Value {
+    fn report(rounds: usize) -> MigrationReport {
         let rs: Vec<Value> = (0..rounds)
             .map(|i| {
                 json!({"round": i, "ms": 400.0 / (i + 1) as f64, "bytes_per_s": 1e9 + i as f64 * 1e7,
                        "dirty_after": if i + 1 == rounds { 0 } else { 16384 / (i + 1) }})
             })
             .collect();
-        json!({"setup_ms": 2.0, "precopy_ms": 900.0, "total_ms": 1100.0, "downtime_ms": 100.0,
-               "downtime": {"pause_ms": 0.1}, "rounds": rs})
+        fixture(
+            json!({"setup_ms": 2.0, "precopy_ms": 900.0, "total_ms": 1100.0, "downtime_ms": 100.0,
+               "downtime": {"pause_ms": 0.1}, "rounds": rs}),
+        )
     }
 
     fn count(s: &str, pat: &str) -> usize {
@@ -403,8 +425,8 @@ mod tests {
 
     #[test]
     fn no_rounds_draws_a_clear_empty_picture() {
-        for v in [json!({}), json!({"rounds": []}), json!(null)] {
-            let svg = timeline_svg(&Timeline::from_report(&v));
+        for v in [json!({}), json!({"rounds": []})] {
+            let svg = timeline_svg(&Timeline::from_report(&fixture(v)));
             assert!(svg.starts_with("<svg"));
             assert!(svg.contains("no rounds in this report"));
             assert_eq!(count(&svg, "class=\"pt "), 0);
@@ -413,7 +435,7 @@ mod tests {
 
     #[test]
     fn zero_length_rounds_and_zero_values_stay_finite() {
-        let v = json!({"rounds": [{"ms": 0.0}, {"ms": 0.0, "dirty_after": 3}]});
+        let v = fixture(json!({"rounds": [{"ms": 0.0}, {"ms": 0.0, "dirty_after": 3}]}));
         let svg = timeline_svg(&Timeline::from_report(&v));
         assert_eq!(count(&svg, "class=\"pt throughput\""), 2);
         assert!(svg.contains("(all 0)"));

@@ -21,17 +21,21 @@ use crate::WireError;
 /// Sent on every data channel after the channel's last page of a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoundEnd {
+    /// The round that ended on this channel (0 is the first precopy round).
     pub round: u32,
     /// The switchover round: the channel carries nothing after it.
     pub last: bool,
 }
 
 impl RoundEnd {
+    /// The payload of a `RoundEnd` frame: round u32, last u8 (0 or 1).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         Writer::new(&mut out).u32(self.round).u8(self.last as u8);
         out
     }
+
+    /// Reads a `RoundEnd` payload; a `last` byte other than 0 or 1 is an error.
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf, "RoundEnd");
         let round = r.u32()?;
@@ -54,16 +58,21 @@ impl RoundEnd {
 /// Main channel: a precopy round begins (informational, for the destination's log).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoundStart {
+    /// The round that begins.
     pub round: u32,
+    /// Pages the source will send in it.
     pub pages: u64,
 }
 
 impl RoundStart {
+    /// The payload of a `RoundStart` frame: round u32, pages u64.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         Writer::new(&mut out).u32(self.round).u64(self.pages);
         out
     }
+
+    /// Reads a `RoundStart` payload.
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf, "RoundStart");
         let v = RoundStart {
@@ -79,15 +88,19 @@ impl RoundStart {
 /// round's rate up to this point, so pages still in socket buffers never count as sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoundAck {
+    /// The round whose pages are all applied.
     pub round: u32,
 }
 
 impl RoundAck {
+    /// The payload of a `RoundAck` frame: round u32.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         Writer::new(&mut out).u32(self.round);
         out
     }
+
+    /// Reads a `RoundAck` payload.
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf, "RoundAck");
         let v = RoundAck { round: r.u32()? };
@@ -104,11 +117,14 @@ pub struct Complete {
 }
 
 impl Complete {
+    /// The payload of a `Complete` frame: rounds u32.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         Writer::new(&mut out).u32(self.rounds);
         out
     }
+
+    /// Reads a `Complete` payload.
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf, "Complete");
         let v = Complete { rounds: r.u32()? };
@@ -126,13 +142,18 @@ pub struct Loaded {
     pub restore_us: u64,
     /// Checking every page (only when the destination was asked to verify).
     pub verify_us: u64,
+    /// Pages the check looked at (0 without a check): a guest whose memory follows a known
+    /// pattern tells whether each page holds what it must.
     pub pages_checked: u64,
+    /// Of which did not hold what they must: the migration did not copy them exactly.
     pub pages_mismatched: u64,
     /// Per streamed device, in session order.
     pub devices: Vec<DeviceLoadStats>,
 }
 
 impl Loaded {
+    /// The payload of a `Loaded` frame: the five u64 above in order, then a device count
+    /// u16 and each device's [`DeviceLoadStats`].
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         let mut w = Writer::new(&mut out);
@@ -147,6 +168,9 @@ impl Loaded {
         }
         out
     }
+
+    /// Reads a `Loaded` payload; more than [`MAX_DEVICES`] devices is an error, found before
+    /// any is read.
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf, "Loaded");
         let v = Loaded {
@@ -177,15 +201,19 @@ impl Loaded {
 /// Return path: the guest runs on the destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Resumed {
+    /// From Handover until the guest ran on the destination, microseconds.
     pub resume_us: u64,
 }
 
 impl Resumed {
+    /// The payload of a `Resumed` frame: resume time u64 (microseconds).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         Writer::new(&mut out).u64(self.resume_us);
         out
     }
+
+    /// Reads a `Resumed` payload.
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf, "Resumed");
         let v = Resumed {

@@ -16,6 +16,7 @@ impl<'a> Reader<'a> {
         Reader { buf, what }
     }
 
+    /// The next `n` bytes, or [`WireError::Truncated`] if fewer are left.
     pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], WireError> {
         if self.buf.len() < n {
             return Err(WireError::Truncated {
@@ -28,21 +29,26 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
+    /// The next `N` bytes as an array (a session id, a fixed-size field).
     pub fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
         let mut out = [0u8; N];
         out.copy_from_slice(self.bytes(N)?);
         Ok(out)
     }
 
+    /// The next byte.
     pub fn u8(&mut self) -> Result<u8, WireError> {
         Ok(self.array::<1>()?[0])
     }
+    /// The next 2 bytes as a little-endian u16.
     pub fn u16(&mut self) -> Result<u16, WireError> {
         Ok(u16::from_le_bytes(self.array()?))
     }
+    /// The next 4 bytes as a little-endian u32.
     pub fn u32(&mut self) -> Result<u32, WireError> {
         Ok(u32::from_le_bytes(self.array()?))
     }
+    /// The next 8 bytes as a little-endian u64.
     pub fn u64(&mut self) -> Result<u64, WireError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
@@ -61,6 +67,7 @@ impl<'a> Reader<'a> {
         String::from_utf8(raw.to_vec()).map_err(|_| WireError::BadUtf8 { field })
     }
 
+    /// How many bytes are left to read.
     pub fn remaining(&self) -> usize {
         self.buf.len()
     }
@@ -89,22 +96,28 @@ pub struct Writer<'a> {
 }
 
 impl<'a> Writer<'a> {
+    /// A writer appending to `out`.
     pub fn new(out: &'a mut Vec<u8>) -> Self {
         Writer { out }
     }
+    /// Appends `b` as it is.
     pub fn bytes(&mut self, b: &[u8]) -> &mut Self {
         self.out.extend_from_slice(b);
         self
     }
+    /// Appends one byte.
     pub fn u8(&mut self, v: u8) -> &mut Self {
         self.bytes(&[v])
     }
+    /// Appends a u16, little-endian.
     pub fn u16(&mut self, v: u16) -> &mut Self {
         self.bytes(&v.to_le_bytes())
     }
+    /// Appends a u32, little-endian.
     pub fn u32(&mut self, v: u32) -> &mut Self {
         self.bytes(&v.to_le_bytes())
     }
+    /// Appends a u64, little-endian.
     pub fn u64(&mut self, v: u64) -> &mut Self {
         self.bytes(&v.to_le_bytes())
     }

@@ -32,8 +32,12 @@ const MAX_NAME: usize = 64;
 /// A device as the source describes it in the session hello.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WireDevice {
+    /// What the destination must build to receive it, e.g. "vfio-sim" (at most 64 bytes).
     pub kind: String,
+    /// A name unique within the VM, for messages (at most 64 bytes).
     pub name: String,
+    /// The device's configuration as its kind defines it, for the destination to build
+    /// the same device (at most [`MAX_DEVICE_CONFIG`] bytes).
     pub config: Vec<u8>,
 }
 
@@ -49,6 +53,7 @@ pub enum DeviceTransfer {
 /// The device part of a session hello.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSetup {
+    /// How the streamed devices' state travels (a byte: 0 multifd, 1 main).
     pub transfer: DeviceTransfer,
     /// Bytes per chunk, 1..=MAX_CHUNK_SIZE.
     pub chunk_size: u32,
@@ -154,14 +159,20 @@ impl DeviceSetup {
 /// The header of a DeviceChunk payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkHeader {
+    /// The device's index in the hello's streamed devices.
     pub device: u16,
+    /// The chunk's place in its device's stream, from 0: the destination loads chunks in
+    /// this order whatever channel brought them.
     pub idx: u32,
+    /// The device's stream ends with this chunk (flags bit 0).
     pub last: bool,
 }
 
 const FLAG_LAST: u16 = 1;
 
 impl ChunkHeader {
+    /// The first [`CHUNK_PREFIX`] bytes of a DeviceChunk payload: device u16, flags u16,
+    /// idx u32.
     pub fn encode(&self) -> [u8; CHUNK_PREFIX] {
         let mut v = Vec::with_capacity(CHUNK_PREFIX);
         Writer::new(&mut v)
@@ -173,6 +184,7 @@ impl ChunkHeader {
         out
     }
 
+    /// Reads a DeviceChunk payload's prefix; flags other than bit 0 are an error.
     pub fn decode(raw: &[u8; CHUNK_PREFIX]) -> Result<Self, WireError> {
         let mut r = Reader::new(raw, "DeviceChunk");
         let device = r.u16()?;
@@ -196,17 +208,21 @@ impl ChunkHeader {
 /// Return path: credit for one device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Credit {
+    /// The device's index in the hello's streamed devices.
     pub device: u16,
     /// The source may send chunks with idx < up_to.
     pub up_to: u32,
 }
 
 impl Credit {
+    /// The payload of a `Credit` frame: device u16, up_to u32.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         Writer::new(&mut out).u16(self.device).u32(self.up_to);
         out
     }
+
+    /// Reads a `Credit` payload.
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf, "Credit");
         let v = Credit {
@@ -221,10 +237,13 @@ impl Credit {
 /// Main channel at switchover: the blob of every non-iterable device, in list order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmStates {
+    /// One state blob per non-iterable device of the hello, in its order.
     pub blobs: Vec<Vec<u8>>,
 }
 
 impl VmStates {
+    /// The payload of a `VmStates` frame: count u16, then each blob as length u32 and
+    /// bytes.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         let mut w = Writer::new(&mut out);
@@ -258,7 +277,9 @@ impl VmStates {
 /// The destination's figures for one streamed device, returned in Loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DeviceLoadStats {
+    /// Bytes of state the destination loaded into the device.
     pub bytes: u64,
+    /// Chunks it came in.
     pub chunks: u32,
     /// The most bytes of this device's chunks held in its reorder buffer at once.
     pub peak_buffered: u64,

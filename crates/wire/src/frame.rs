@@ -32,6 +32,8 @@ macro_rules! frame_kinds {
         }
 
         impl FrameKind {
+            /// The kind a header's kind field names; an unknown value is
+            /// [`WireError::UnknownKind`].
             pub fn from_u16(v: u16) -> Result<Self, WireError> {
                 match v {
                     $($val => Ok(FrameKind::$name),)*
@@ -128,8 +130,12 @@ impl Default for Limits {
 /// The fixed header in front of every payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
+    /// What the payload is.
     pub kind: FrameKind,
+    /// The payload's length in bytes, at most its kind's limit.
     pub len: u32,
+    /// CRC32C (Castagnoli) of the payload (for `RamPages`, of its prefix only: each page
+    /// carries a CRC of its own).
     pub crc: u32,
 }
 
@@ -143,6 +149,7 @@ impl FrameHeader {
         }
     }
 
+    /// The header's 16 bytes: magic u32, version u16, kind u16, len u32, crc u32.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut v = Vec::with_capacity(HEADER_LEN);
         Writer::new(&mut v)

@@ -9,6 +9,8 @@
 //! read, so a peer can never make the receiver allocate more than its [`Limits`] allow.
 //! `docs/protocol.md` in the repository describes the whole protocol.
 
+#![warn(missing_docs)]
+
 mod control;
 mod cursor;
 pub mod device;

@@ -165,8 +165,11 @@ pub fn encode_trailer(page_crcs: &[u32], out: &mut Vec<u8>) {
 /// offsets, then the data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RamPrefix {
+    /// The round the pages belong to.
     pub round: u32,
+    /// Pages sent with their 4096 bytes.
     pub normal: u32,
+    /// Pages sent as their address only: they read as zeros.
     pub zero: u32,
     /// Whether page CRCs follow the page data.
     pub checked: bool,
@@ -273,6 +276,7 @@ pub fn decode_offsets(raw: &[u8]) -> impl Iterator<Item = Result<u64, WireError>
 /// A decoded, validated RamPages payload borrowing the received bytes.
 #[derive(Debug, Clone, Copy)]
 pub struct RamPacket<'a> {
+    /// The round the pages belong to.
     pub round: u32,
     normal_offsets: &'a [u8],
     zero_offsets: &'a [u8],
@@ -322,9 +326,11 @@ impl<'a> RamPacket<'a> {
         Ok(pkt)
     }
 
+    /// How many pages came with their data.
     pub fn normal_count(&self) -> usize {
         self.normal_offsets.len() / 8
     }
+    /// How many pages came as their address only (zero pages).
     pub fn zero_count(&self) -> usize {
         self.zero_offsets.len() / 8
     }
@@ -334,9 +340,11 @@ impl<'a> RamPacket<'a> {
             .map(|c| u64::from_le_bytes(c.try_into().expect("chunks_exact(8)")))
     }
 
+    /// The normal pages' guest addresses, in the order their data follows.
     pub fn normal_addrs(&self) -> impl Iterator<Item = u64> + 'a {
         Self::addrs(self.normal_offsets)
     }
+    /// The zero pages' guest addresses.
     pub fn zero_addrs(&self) -> impl Iterator<Item = u64> + 'a {
         Self::addrs(self.zero_offsets)
     }

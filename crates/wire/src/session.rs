@@ -26,7 +26,8 @@ pub const MAX_VCPUS: u16 = 256;
 const MAX_NAME: usize = 64;
 const MAX_REASON: usize = 4096;
 
-/// A migration session's random identifier.
+/// A migration session's random identifier: 16 bytes the source draws for each migration
+/// (shown as a UUID) and repeats in every data channel's hello to join that session.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SessionId(pub [u8; 16]);
 
@@ -51,7 +52,9 @@ impl fmt::Debug for SessionId {
 /// One contiguous range of guest-physical memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryRange {
+    /// The guest-physical address the range starts at (page-aligned).
     pub guest_addr: u64,
+    /// Its length in bytes (page-aligned, not 0).
     pub size: u64,
 }
 
@@ -60,25 +63,115 @@ pub struct MemoryRange {
 pub struct GuestDescriptor {
     /// The guest's kind, e.g. "synthetic" or "kvm".
     pub kind: String,
+    /// The guest's vCPUs (at most [`MAX_VCPUS`]).
     pub vcpus: u16,
+    /// The page size pages are sent in: always 4096 ([`crate::PAGE_SIZE`]).
     pub page_size: u32,
+    /// The guest's RAM: 1 to [`MAX_REGIONS`] ranges, sorted, not overlapping.
     pub ranges: Vec<MemoryRange>,
 }
 
 impl GuestDescriptor {
+    /// The guest's RAM in bytes: the ranges' sizes added up.
     pub fn memory_bytes(&self) -> u64 {
         self.ranges.iter().map(|r| r.size).sum()
     }
+
+    fn write(&self, w: &mut Writer<'_>) {
+        w.string(&self.kind)
+            .u16(self.vcpus)
+            .u32(self.page_size)
+            .u16(self.ranges.len() as u16);
+        for r in &self.ranges {
+            w.u64(r.guest_addr).u64(r.size);
+        }
+    }
+
+    /// Reads the guest's kind, vCPUs and page size, then its memory ranges, each checked
+    /// against the limits before the next is read.
+    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        let kind = r.string("guest kind", MAX_NAME)?;
+        let vcpus = r.u16()?;
+        if vcpus > MAX_VCPUS {
+            return Err(WireError::OutOfRange {
+                field: "vcpus",
+                value: vcpus as u64,
+                reason: "at most 256",
+            });
+        }
+        let page_size = r.u32()?;
+        if page_size != crate::PAGE_SIZE as u32 {
+            return Err(WireError::OutOfRange {
+                field: "page_size",
+                value: page_size as u64,
+                reason: "only 4096-byte pages are supported",
+            });
+        }
+        Ok(GuestDescriptor {
+            kind,
+            vcpus,
+            page_size,
+            ranges: read_ranges(r)?,
+        })
+    }
+}
+
+/// The memory ranges of a guest description: a count (1 to [`MAX_REGIONS`]), then each
+/// range's address and size, page-aligned, non-empty, sorted and not overlapping.
+fn read_ranges(r: &mut Reader<'_>) -> Result<Vec<MemoryRange>, WireError> {
+    let n = r.u16()? as usize;
+    if n == 0 || n > MAX_REGIONS {
+        return Err(WireError::OutOfRange {
+            field: "memory ranges",
+            value: n as u64,
+            reason: "must be 1..=64",
+        });
+    }
+    let mut ranges = Vec::with_capacity(n);
+    let mut end_prev = 0u64;
+    for _ in 0..n {
+        let guest_addr = r.u64()?;
+        let size = r.u64()?;
+        let aligned = guest_addr % crate::PAGE_SIZE as u64 == 0
+            && size % crate::PAGE_SIZE as u64 == 0
+            && size > 0;
+        if !aligned {
+            return Err(WireError::OutOfRange {
+                field: "memory range",
+                value: guest_addr,
+                reason: "ranges must be page-aligned and non-empty",
+            });
+        }
+        let end = guest_addr.checked_add(size).ok_or(WireError::OutOfRange {
+            field: "memory range size",
+            value: size,
+            reason: "range overflows the address space",
+        })?;
+        if guest_addr < end_prev {
+            return Err(WireError::OutOfRange {
+                field: "memory range",
+                value: guest_addr,
+                reason: "ranges must be sorted and must not overlap",
+            });
+        }
+        end_prev = end;
+        ranges.push(MemoryRange { guest_addr, size });
+    }
+    Ok(ranges)
 }
 
 /// Opens a session on the main channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionHello {
+    /// The new session's id, which each data channel's [`ChannelHello`] repeats.
     pub session: SessionId,
+    /// How many data channels will join (1 to [`MAX_CHANNELS`]).
     pub channels: u16,
     /// Pages per RamPages packet the source will send (at most).
     pub pages_per_packet: u32,
+    /// The guest the destination must build.
     pub guest: GuestDescriptor,
+    /// The streamed devices and how their state travels.
     pub devices: DeviceSetup,
     /// How guest RAM reaches the destination.
     pub ram: RamTransfer,
@@ -115,29 +208,46 @@ pub enum RamTransfer {
     Local,
 }
 
+impl RamTransfer {
+    /// The byte that stands for it on the wire.
+    fn code(self) -> u8 {
+        match self {
+            RamTransfer::Copy => 0,
+            RamTransfer::Local => 1,
+        }
+    }
+
+    fn from_code(code: u8) -> Result<Self, WireError> {
+        match code {
+            0 => Ok(RamTransfer::Copy),
+            1 => Ok(RamTransfer::Local),
+            other => Err(WireError::OutOfRange {
+                field: "ram transfer",
+                value: other as u64,
+                reason: "0 (copy) or 1 (local)",
+            }),
+        }
+    }
+}
+
 impl SessionHello {
+    /// The payload of a `SessionHello` frame: session id, channels, pages per packet, the
+    /// guest description, the device setup, the RAM transfer byte and the peer timeout.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         let mut w = Writer::new(&mut out);
         w.bytes(&self.session.0)
             .u16(self.channels)
-            .u32(self.pages_per_packet)
-            .string(&self.guest.kind)
-            .u16(self.guest.vcpus)
-            .u32(self.guest.page_size)
-            .u16(self.guest.ranges.len() as u16);
-        for r in &self.guest.ranges {
-            w.u64(r.guest_addr).u64(r.size);
-        }
+            .u32(self.pages_per_packet);
+        self.guest.write(&mut w);
         self.devices.write(&mut w);
-        w.u8(match self.ram {
-            RamTransfer::Copy => 0,
-            RamTransfer::Local => 1,
-        })
-        .u32(self.peer_timeout_ms);
+        w.u8(self.ram.code()).u32(self.peer_timeout_ms);
         out
     }
 
+    /// Reads a `SessionHello` payload, refusing any count or size outside the limits
+    /// (channels, pages per packet, vCPUs, page size, memory ranges, devices, peer timeout)
+    /// before it sizes anything by it.
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf, "SessionHello");
         let session = SessionId(r.array()?);
@@ -157,85 +267,16 @@ impl SessionHello {
                 reason: "must be 1..=1024",
             });
         }
-        let kind = r.string("guest kind", MAX_NAME)?;
-        let vcpus = r.u16()?;
-        if vcpus > MAX_VCPUS {
-            return Err(WireError::OutOfRange {
-                field: "vcpus",
-                value: vcpus as u64,
-                reason: "at most 256",
-            });
-        }
-        let page_size = r.u32()?;
-        if page_size != crate::PAGE_SIZE as u32 {
-            return Err(WireError::OutOfRange {
-                field: "page_size",
-                value: page_size as u64,
-                reason: "only 4096-byte pages are supported",
-            });
-        }
-        let n = r.u16()? as usize;
-        if n == 0 || n > MAX_REGIONS {
-            return Err(WireError::OutOfRange {
-                field: "memory ranges",
-                value: n as u64,
-                reason: "must be 1..=64",
-            });
-        }
-        let mut ranges = Vec::with_capacity(n);
-        let mut end_prev = 0u64;
-        for _ in 0..n {
-            let guest_addr = r.u64()?;
-            let size = r.u64()?;
-            let aligned = guest_addr % crate::PAGE_SIZE as u64 == 0
-                && size % crate::PAGE_SIZE as u64 == 0
-                && size > 0;
-            if !aligned {
-                return Err(WireError::OutOfRange {
-                    field: "memory range",
-                    value: guest_addr,
-                    reason: "ranges must be page-aligned and non-empty",
-                });
-            }
-            let end = guest_addr.checked_add(size).ok_or(WireError::OutOfRange {
-                field: "memory range size",
-                value: size,
-                reason: "range overflows the address space",
-            })?;
-            if guest_addr < end_prev {
-                return Err(WireError::OutOfRange {
-                    field: "memory range",
-                    value: guest_addr,
-                    reason: "ranges must be sorted and must not overlap",
-                });
-            }
-            end_prev = end;
-            ranges.push(MemoryRange { guest_addr, size });
-        }
+        let guest = GuestDescriptor::read(&mut r)?;
         let devices = DeviceSetup::read(&mut r)?;
-        let ram = match r.u8()? {
-            0 => RamTransfer::Copy,
-            1 => RamTransfer::Local,
-            other => {
-                return Err(WireError::OutOfRange {
-                    field: "ram transfer",
-                    value: other as u64,
-                    reason: "0 (copy) or 1 (local)",
-                })
-            }
-        };
+        let ram = RamTransfer::from_code(r.u8()?)?;
         let peer_timeout_ms = check_peer_timeout(r.u32()?)?;
         r.finish()?;
         Ok(SessionHello {
             session,
             channels,
             pages_per_packet,
-            guest: GuestDescriptor {
-                kind,
-                vcpus,
-                page_size,
-                ranges,
-            },
+            guest,
             devices,
             ram,
             peer_timeout_ms,
@@ -258,6 +299,7 @@ pub struct SessionAccept {
 }
 
 impl SessionAccept {
+    /// The payload of a `SessionAccept` frame: window u32, buffer cap u64, peer timeout u32.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         Writer::new(&mut out)
@@ -266,6 +308,9 @@ impl SessionAccept {
             .u32(self.peer_timeout_ms);
         out
     }
+
+    /// Reads a `SessionAccept` payload; a peer timeout outside [`PEER_TIMEOUT_MS`] is an
+    /// error.
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf, "SessionAccept");
         let v = SessionAccept {
@@ -286,17 +331,23 @@ impl SessionAccept {
 /// Binds a data channel to a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChannelHello {
+    /// The session it joins, as the main channel's hello named it.
     pub session: SessionId,
+    /// Which of the session's data channels this is (0 to channels - 1); the destination
+    /// refuses an index out of range or already joined.
     pub index: u16,
 }
 
 impl ChannelHello {
+    /// The payload of a `ChannelHello` frame: session id (16 bytes), index u16.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         Writer::new(&mut out).bytes(&self.session.0).u16(self.index);
         out
     }
 
+    /// Reads a `ChannelHello` payload (the index is checked by the destination, which
+    /// knows the session's channel count).
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf, "ChannelHello");
         let session = SessionId(r.array()?);
@@ -317,6 +368,8 @@ pub struct MemoryFiles {
 }
 
 impl MemoryFiles {
+    /// The payload of a `MemoryFiles` frame: count u16, then each offset u64 (the file
+    /// descriptors travel beside it, not in it).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         let mut w = Writer::new(&mut out);
@@ -361,13 +414,22 @@ impl MemoryFiles {
 pub enum RejectCode {
     /// Anything not covered below.
     Other = 1,
+    /// A data channel named a session this destination is not running.
     UnknownSession = 2,
+    /// A data channel's index had already joined the session.
     DuplicateChannel = 3,
+    /// A data channel's index is not below the session's channel count.
     BadChannelIndex = 4,
+    /// The destination cannot serve what was asked: a guest kind, device or mode it does
+    /// not have, or (local mode) memory files it cannot map.
     Unsupported = 5,
+    /// Over one of the destination's limits: guest memory, pages per packet, devices.
     TooLarge = 6,
+    /// A frame that should not be there, or that does not decode.
     Protocol = 7,
+    /// The destination could not load the guest's state or a device's.
     LoadFailed = 8,
+    /// The peer's user or VMM cancelled the migration.
     Cancelled = 9,
 }
 
@@ -390,11 +452,14 @@ impl RejectCode {
 /// A refusal or an abort, with a reason a person can read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reject {
+    /// What kind of refusal, for a program to act on.
     pub code: RejectCode,
+    /// Why, for a person; cut to 4096 bytes when sent.
     pub reason: String,
 }
 
 impl Reject {
+    /// A refusal with its code and reason.
     pub fn new(code: RejectCode, reason: impl Into<String>) -> Self {
         Reject {
             code,
@@ -402,6 +467,8 @@ impl Reject {
         }
     }
 
+    /// The payload of a `Reject` frame: code u16, then the reason as a string of at most
+    /// 4096 bytes (cut at a character boundary).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         let mut end = self.reason.len().min(MAX_REASON);
@@ -414,6 +481,8 @@ impl Reject {
         out
     }
 
+    /// Reads a `Reject` payload; an unknown code reads as [`RejectCode::Other`], so a newer
+    /// peer's refusal still reaches the user with its reason.
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf, "Reject");
         let code = RejectCode::from_u16(r.u16()?);

@@ -91,32 +91,19 @@ impl StreamLoader {
     }
     /// Consumes `data` at the stream position in `l`; the error names the offset.
     fn load_into(&mut self, mut data: &[u8]) -> Result<(), String> {
-        let corrupt = "chunks out of order or corrupt";
         while !data.is_empty() {
             let start = self.section_start;
             match &mut self.phase {
                 LoadPhase::Header { buf, have } => {
-                    let t = (HEADER_LEN - *have).min(data.len());
-                    buf[*have..*have + t].copy_from_slice(&data[..t]);
-                    *have += t;
-                    data = &data[t..];
-                    if *have < HEADER_LEN {
-                        continue;
+                    data = fill(buf, have, data);
+                    if *have == HEADER_LEN {
+                        let hdr = SectionHeader::decode(buf).map_err(|why| {
+                            format!(
+                                "section header at stream byte {start} is wrong ({why}): {CORRUPT}"
+                            )
+                        })?;
+                        self.begin_payload(hdr, start)?;
                     }
-                    let hdr = SectionHeader::decode(buf).map_err(|why| {
-                        format!("section header at stream byte {start} is wrong ({why}): {corrupt}")
-                    })?;
-                    self.check_header(&hdr, start)?;
-                    check_fail_load(self.cfg.fail_load_at, &hdr, 0, HEADER_LEN)?;
-                    let crc = crc32c::crc32c(&hdr.encode());
-                    self.last_gen = Some(hdr.generation);
-                    let pattern = Pattern::new(self.cfg.seed, hdr.kind, hdr.generation);
-                    self.phase = LoadPhase::Payload {
-                        hdr,
-                        pattern,
-                        done: 0,
-                        crc,
-                    };
                 }
                 LoadPhase::Payload {
                     hdr,
@@ -128,18 +115,7 @@ impl StreamLoader {
                         .unwrap_or(usize::MAX)
                         .min(data.len());
                     let piece = &data[..t];
-                    let at = HEADER_LEN as u64 + *done;
-                    check_fail_load(self.cfg.fail_load_at, hdr, at, t)?;
-                    if let Some((i, want)) = pattern.first_mismatch(*done, piece) {
-                        return Err(format!(
-                            "byte {} of the {} (stream byte {}) is wrong: {corrupt} \
-                             (expected 0x{want:02x}, got 0x{:02x})",
-                            at + i as u64,
-                            hdr.kind.describe(),
-                            start + at + i as u64,
-                            piece[i]
-                        ));
-                    }
+                    check_piece(self.cfg.fail_load_at, start, hdr, pattern, *done, piece)?;
                     *crc = crc32c::crc32c_append(*crc, piece);
                     *done += t as u64;
                     data = &data[t..];
@@ -160,37 +136,13 @@ impl StreamLoader {
                     crc,
                 } => {
                     let t = (TRAILER_LEN - *have).min(data.len());
-                    check_fail_load(
-                        self.cfg.fail_load_at,
-                        hdr,
-                        HEADER_LEN as u64 + hdr.len + *have as u64,
-                        t,
-                    )?;
-                    buf[*have..*have + t].copy_from_slice(&data[..t]);
-                    *have += t;
-                    data = &data[t..];
-                    if *have < TRAILER_LEN {
-                        continue;
+                    let at = HEADER_LEN as u64 + hdr.len + *have as u64;
+                    check_fail_load(self.cfg.fail_load_at, hdr, at, t)?;
+                    data = fill(buf, have, data);
+                    if *have == TRAILER_LEN {
+                        let (hdr, got, crc) = (*hdr, u32::from_le_bytes(*buf), *crc);
+                        self.end_section(hdr, got, crc)?;
                     }
-                    let got = u32::from_le_bytes(*buf);
-                    if got != *crc {
-                        return Err(format!(
-                            "digest of the {} does not match (computed 0x{:08x}, trailer \
-                             0x{got:08x} at stream byte {}): {corrupt}",
-                            hdr.kind.describe(),
-                            *crc,
-                            start + HEADER_LEN as u64 + hdr.len
-                        ));
-                    }
-                    let kind = hdr.kind;
-                    self.section_start += section_total(hdr.len);
-                    self.phase = match kind {
-                        SectionKind::Precopy => LoadPhase::Header {
-                            buf: [0; HEADER_LEN],
-                            have: 0,
-                        },
-                        SectionKind::Final => LoadPhase::Done,
-                    };
                 }
                 LoadPhase::Done => {
                     return Err(format!(
@@ -201,6 +153,45 @@ impl StreamLoader {
                 LoadPhase::Failed(e) => return Err(e.clone()),
             }
         }
+        Ok(())
+    }
+
+    /// A whole header arrived: checked, and its payload is next.
+    fn begin_payload(&mut self, hdr: SectionHeader, start: u64) -> Result<(), String> {
+        self.check_header(&hdr, start)?;
+        check_fail_load(self.cfg.fail_load_at, &hdr, 0, HEADER_LEN)?;
+        let crc = crc32c::crc32c(&hdr.encode());
+        self.last_gen = Some(hdr.generation);
+        let pattern = Pattern::new(self.cfg.seed, hdr.kind, hdr.generation);
+        self.phase = LoadPhase::Payload {
+            hdr,
+            pattern,
+            done: 0,
+            crc,
+        };
+        Ok(())
+    }
+
+    /// A whole trailer arrived: the section's digest `got` must be the `crc` computed; a
+    /// precopy section is followed by another section, the final one ends the stream.
+    fn end_section(&mut self, hdr: SectionHeader, got: u32, crc: u32) -> Result<(), String> {
+        let start = self.section_start;
+        if got != crc {
+            return Err(format!(
+                "digest of the {} does not match (computed 0x{crc:08x}, trailer \
+                 0x{got:08x} at stream byte {}): {CORRUPT}",
+                hdr.kind.describe(),
+                start + HEADER_LEN as u64 + hdr.len
+            ));
+        }
+        self.section_start += section_total(hdr.len);
+        self.phase = match hdr.kind {
+            SectionKind::Precopy => LoadPhase::Header {
+                buf: [0; HEADER_LEN],
+                have: 0,
+            },
+            SectionKind::Final => LoadPhase::Done,
+        };
         Ok(())
     }
 
@@ -226,6 +217,43 @@ impl StreamLoader {
         }
         Ok(())
     }
+}
+
+/// What every wrong byte of a stream is, as the loader sees it.
+const CORRUPT: &str = "chunks out of order or corrupt";
+
+/// Copies from `data` into `buf` after its first `have` bytes, as much as fits; returns
+/// the rest of `data`.
+fn fill<'d, const N: usize>(buf: &mut [u8; N], have: &mut usize, data: &'d [u8]) -> &'d [u8] {
+    let t = (N - *have).min(data.len());
+    buf[*have..*have + t].copy_from_slice(&data[..t]);
+    *have += t;
+    &data[t..]
+}
+
+/// Checks a piece of a section's payload, `done` bytes into it (the section starting at
+/// stream byte `start`): the configured load failure, and every byte against the pattern.
+fn check_piece(
+    fail_load_at: Option<u64>,
+    start: u64,
+    hdr: &SectionHeader,
+    pattern: &Pattern,
+    done: u64,
+    piece: &[u8],
+) -> Result<(), String> {
+    let at = HEADER_LEN as u64 + done;
+    check_fail_load(fail_load_at, hdr, at, piece.len())?;
+    if let Some((i, want)) = pattern.first_mismatch(done, piece) {
+        return Err(format!(
+            "byte {} of the {} (stream byte {}) is wrong: {CORRUPT} \
+             (expected 0x{want:02x}, got 0x{:02x})",
+            at + i as u64,
+            hdr.kind.describe(),
+            start + at + i as u64,
+            piece[i]
+        ));
+    }
+    Ok(())
 }
 
 /// The `fail_load_at` test hook, for `len` bytes at `at` of a section.

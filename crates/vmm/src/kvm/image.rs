@@ -117,6 +117,103 @@ fn notes(data: &[u8]) -> Vec<(&[u8], u32, &[u8])> {
     out
 }
 
+/// An x86-64 ELF file's program header table: its offset and its entry count, checked to
+/// lie inside the file.
+fn program_header_table(bytes: &[u8]) -> Result<(u64, u16), ImageError> {
+    if bytes.len() < ELF_HEADER || bytes[..4] != *b"\x7fELF" {
+        return Err(ImageError::NotElf);
+    }
+    let (class, data, machine) = (bytes[4], bytes[5], u16_at(bytes, 18));
+    if class != 2 || data != 1 || machine != EM_X86_64 {
+        return Err(ImageError::NotX86_64 {
+            class,
+            data,
+            machine,
+        });
+    }
+    let (phoff, phentsize, phnum) = (
+        u64_at(bytes, 32),
+        u16_at(bytes, 54) as usize,
+        u16_at(bytes, 56),
+    );
+    let table_end = (phnum as u64)
+        .checked_mul(PHDR as u64)
+        .and_then(|n| n.checked_add(phoff));
+    if phentsize != PHDR || table_end.is_none_or(|e| e > bytes.len() as u64) {
+        return Err(ImageError::BadProgramHeaders {
+            offset: phoff,
+            count: phnum,
+        });
+    }
+    Ok((phoff, phnum))
+}
+
+/// What the program headers say: the entry points from the notes, and the loadable
+/// segments (guest address, size).
+#[derive(Default)]
+struct ProgramHeaders {
+    pvh_entry: Option<u64>,
+    ap_entry: Option<u64>,
+    segments: Vec<(u64, u64)>,
+}
+
+/// Reads the `phnum` program headers at `phoff`: each must lie inside the file, each
+/// segment inside the image's area; the notes give the entry points.
+fn read_program_headers(
+    bytes: &[u8],
+    phoff: u64,
+    phnum: u16,
+) -> Result<ProgramHeaders, ImageError> {
+    let mut found = ProgramHeaders::default();
+    for i in 0..phnum as usize {
+        let h = phoff as usize + i * PHDR;
+        let (kind, offset, paddr, filesz, memsz) = (
+            u32_at(bytes, h),
+            u64_at(bytes, h + 8),
+            u64_at(bytes, h + 24),
+            u64_at(bytes, h + 32),
+            u64_at(bytes, h + 40),
+        );
+        let in_file = offset
+            .checked_add(filesz)
+            .is_some_and(|e| e <= bytes.len() as u64);
+        if !in_file {
+            return Err(ImageError::BadProgramHeaders {
+                offset: phoff,
+                count: phnum,
+            });
+        }
+        match kind {
+            PT_LOAD => {
+                let end = paddr.checked_add(memsz);
+                if paddr < IMAGE_ADDR || end.is_none_or(|e| e > IMAGE_ADDR + IMAGE_MAX) {
+                    return Err(ImageError::SegmentOutside {
+                        addr: paddr,
+                        size: memsz,
+                    });
+                }
+                found.segments.push((paddr, memsz));
+            }
+            PT_NOTE => {
+                let data = &bytes[offset as usize..(offset + filesz) as usize];
+                for (name, kind, desc) in notes(data) {
+                    match (name, kind) {
+                        (b"Xen", 18) if desc.len() >= 4 => {
+                            found.pvh_entry = Some(u32_at(desc, 0) as u64)
+                        }
+                        (b"livemig", NOTE_AP_ENTRY) if desc.len() >= 8 => {
+                            found.ap_entry = Some(u64_at(desc, 0))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(found)
+}
+
 impl GuestImage {
     /// livemig's own image.
     pub fn default_image() -> Self {
@@ -128,80 +225,11 @@ impl GuestImage {
         if bytes.len() > MAX_IMAGE_FILE {
             return Err(ImageError::FileTooBig(bytes.len()));
         }
-        if bytes.len() < ELF_HEADER || bytes[..4] != *b"\x7fELF" {
-            return Err(ImageError::NotElf);
-        }
-        let (class, data, machine) = (bytes[4], bytes[5], u16_at(&bytes, 18));
-        if class != 2 || data != 1 || machine != EM_X86_64 {
-            return Err(ImageError::NotX86_64 {
-                class,
-                data,
-                machine,
-            });
-        }
-        let (phoff, phentsize, phnum) = (
-            u64_at(&bytes, 32),
-            u16_at(&bytes, 54) as usize,
-            u16_at(&bytes, 56),
-        );
-        let table_end = (phnum as u64)
-            .checked_mul(PHDR as u64)
-            .and_then(|n| n.checked_add(phoff));
-        if phentsize != PHDR || table_end.is_none_or(|e| e > bytes.len() as u64) {
-            return Err(ImageError::BadProgramHeaders {
-                offset: phoff,
-                count: phnum,
-            });
-        }
-        let (mut pvh_entry, mut ap_entry, mut segments) = (None, None, Vec::new());
-        for i in 0..phnum as usize {
-            let h = phoff as usize + i * PHDR;
-            let (kind, offset, paddr, filesz, memsz) = (
-                u32_at(&bytes, h),
-                u64_at(&bytes, h + 8),
-                u64_at(&bytes, h + 24),
-                u64_at(&bytes, h + 32),
-                u64_at(&bytes, h + 40),
-            );
-            let in_file = offset
-                .checked_add(filesz)
-                .is_some_and(|e| e <= bytes.len() as u64);
-            if !in_file {
-                return Err(ImageError::BadProgramHeaders {
-                    offset: phoff,
-                    count: phnum,
-                });
-            }
-            match kind {
-                PT_LOAD => {
-                    let end = paddr.checked_add(memsz);
-                    if paddr < IMAGE_ADDR || end.is_none_or(|e| e > IMAGE_ADDR + IMAGE_MAX) {
-                        return Err(ImageError::SegmentOutside {
-                            addr: paddr,
-                            size: memsz,
-                        });
-                    }
-                    segments.push((paddr, memsz));
-                }
-                PT_NOTE => {
-                    let data = &bytes[offset as usize..(offset + filesz) as usize];
-                    for (name, kind, desc) in notes(data) {
-                        match (name, kind) {
-                            (b"Xen", 18) if desc.len() >= 4 => {
-                                pvh_entry = Some(u32_at(desc, 0) as u64)
-                            }
-                            (b"livemig", NOTE_AP_ENTRY) if desc.len() >= 8 => {
-                                ap_entry = Some(u64_at(desc, 0))
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        let pvh_entry = pvh_entry.ok_or(ImageError::MissingPvhNote)?;
-        let ap_entry = ap_entry.ok_or(ImageError::MissingApNote)?;
+        let (phoff, phnum) = program_header_table(&bytes)?;
+        let found = read_program_headers(&bytes, phoff, phnum)?;
+        let pvh_entry = found.pvh_entry.ok_or(ImageError::MissingPvhNote)?;
+        let ap_entry = found.ap_entry.ok_or(ImageError::MissingApNote)?;
+        let segments = found.segments;
         if segments.is_empty() {
             return Err(ImageError::NoSegment);
         }

@@ -76,16 +76,7 @@ pub fn verify(
     let slots: Vec<SlotView> = (0..vcpus)
         .map(|v| read_slot(mem, v))
         .collect::<Result<_, _>>()?;
-    let mut gens_raw = vec![0u8; 4 * l.pages() as usize];
-    mem.read_slice(&mut gens_raw, GuestAddress(GEN_TABLE_ADDR))
-        .map_err(|e| KvmError::Memory {
-            op: "read generation table",
-            detail: e.to_string(),
-        })?;
-    let gens: Vec<u32> = gens_raw
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let gens = read_generations(mem, l)?;
 
     check_system(mem, l, &gens, loaded, &mut report);
 
@@ -96,40 +87,12 @@ pub fn verify(
         .map(|s| (s.page, *s))
         .collect();
     let first = l.first_data_page;
-    let pages = l.pages();
     let parts: Vec<VerifyReport> = std::thread::scope(|sc| {
         let handles: Vec<_> = (0..2u64)
             .map(|part| {
                 let (gens, busy) = (&gens, &busy);
-                sc.spawn(move || {
-                    let mut r = VerifyReport::default();
-                    let mut buf = [0u8; PAGE_SIZE];
-                    for p in (first + part..pages).step_by(2) {
-                        r.pages_checked += 1;
-                        let gen = gens[p as usize];
-                        if !read_page(mem, p, &mut buf) {
-                            note(&mut r, format!("page {p}: unreadable"));
-                            continue;
-                        }
-                        match busy.get(&p) {
-                            Some(s) if gen.wrapping_add(1) == s.gen => {
-                                if !check_torn(&buf, p, s.gen) {
-                                    note(&mut r, format!("page {p} (being written, gen {} -> {}): neither old nor new", gen, s.gen));
-                                }
-                            }
-                            Some(s) if gen != s.gen => note(
-                                &mut r,
-                                format!("page {p}: table says gen {gen}, the vCPU writing it says {}", s.gen),
-                            ),
-                            _ => {
-                                if let Err(m) = pattern::check(&buf, p, gen) {
-                                    note(&mut r, format!("page {p} (0x{:x}): {m:?}", p * PAGE_SIZE as u64));
-                                }
-                            }
-                        }
-                    }
-                    r
-                })
+                let pages = (first + part..l.pages()).step_by(2);
+                sc.spawn(move || check_data_pages(mem, pages, gens, busy))
             })
             .collect();
         handles
@@ -151,6 +114,69 @@ pub fn verify(
     );
     report.examples.truncate(EXAMPLES);
     Ok(report)
+}
+
+/// The generation table: each page's generation, by page number.
+fn read_generations(mem: &GuestMemory, l: &Layout) -> Result<Vec<u32>, KvmError> {
+    let mut gens_raw = vec![0u8; 4 * l.pages() as usize];
+    mem.read_slice(&mut gens_raw, GuestAddress(GEN_TABLE_ADDR))
+        .map_err(|e| KvmError::Memory {
+            op: "read generation table",
+            detail: e.to_string(),
+        })?;
+    Ok(gens_raw
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// Checks the data pages `pages` against their generations in `gens`; `busy` are the pages
+/// vCPUs were writing when they stopped.
+fn check_data_pages(
+    mem: &GuestMemory,
+    pages: impl Iterator<Item = u64>,
+    gens: &[u32],
+    busy: &HashMap<u64, SlotView>,
+) -> VerifyReport {
+    let mut r = VerifyReport::default();
+    let mut buf = [0u8; PAGE_SIZE];
+    for p in pages {
+        r.pages_checked += 1;
+        let gen = gens[p as usize];
+        if !read_page(mem, p, &mut buf) {
+            note(&mut r, format!("page {p}: unreadable"));
+            continue;
+        }
+        match busy.get(&p) {
+            Some(s) if gen.wrapping_add(1) == s.gen => {
+                if !check_torn(&buf, p, s.gen) {
+                    note(
+                        &mut r,
+                        format!(
+                            "page {p} (being written, gen {} -> {}): neither old nor new",
+                            gen, s.gen
+                        ),
+                    );
+                }
+            }
+            Some(s) if gen != s.gen => note(
+                &mut r,
+                format!(
+                    "page {p}: table says gen {gen}, the vCPU writing it says {}",
+                    s.gen
+                ),
+            ),
+            _ => {
+                if let Err(m) = pattern::check(&buf, p, gen) {
+                    note(
+                        &mut r,
+                        format!("page {p} (0x{:x}): {m:?}", p * PAGE_SIZE as u64),
+                    );
+                }
+            }
+        }
+    }
+    r
 }
 
 /// The system area: built pages exact, dynamic pages skipped, everything else zero.
