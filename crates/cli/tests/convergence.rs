@@ -8,22 +8,19 @@ use common::*;
 /// 128 MiB synthetic guest dirtying 32 MiB at 100k pages/s over a 100 MB/s link: ~24k
 /// pages/s would be the most the link can outrun.
 fn fast_dirtier(addr: &str, extra: &[&str]) -> Proc {
-    let to = format!("--to={addr}");
-    let mut args = vec![
-        "migrate",
-        "--json",
-        &to,
-        "--guest=synthetic",
-        "--memory=128M",
-        "--working-set=32M",
-        "--dirty-rate=100k",
-        "--warmup-ms=50",
-        "--max-bandwidth=100M",
-        "--downtime-limit-ms=100",
-        "--on-no-convergence=cancel",
-    ];
-    args.extend_from_slice(extra);
-    Proc::spawn(&args)
+    synthetic_source(
+        addr,
+        &[
+            "--memory=128M",
+            "--working-set=32M",
+            "--dirty-rate=100k",
+            "--warmup-ms=50",
+            "--max-bandwidth=100M",
+            "--downtime-limit-ms=100",
+            "--on-no-convergence=cancel",
+        ],
+        extra,
+    )
 }
 
 #[test]

@@ -15,20 +15,17 @@ fn signal(p: &Proc, sig: libc::c_int) {
 
 /// A source guest of 128 MiB sent at 40 MB/s: round 0 takes about 3 s.
 fn slow_source(to: &str, extra: &[&str]) -> Proc {
-    let to = format!("--to={to}");
-    let mut args = vec![
-        "migrate",
-        "--json",
-        &to,
-        "--guest=synthetic",
-        "--memory=128M",
-        "--working-set=8M",
-        "--dirty-rate=20k",
-        "--warmup-ms=50",
-        "--peer-timeout-ms=1000",
-    ];
-    args.extend_from_slice(extra);
-    Proc::spawn(&args)
+    synthetic_source(
+        to,
+        &[
+            "--memory=128M",
+            "--working-set=8M",
+            "--dirty-rate=20k",
+            "--warmup-ms=50",
+            "--peer-timeout-ms=1000",
+        ],
+        extra,
+    )
 }
 
 fn assert_source_intact(failed: &serde_json::Value) {

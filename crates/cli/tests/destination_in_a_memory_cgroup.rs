@@ -119,13 +119,8 @@ fn destination_within_guest_plus_cap_plus_slack_is_never_oom_killed() {
         .unwrap()
         .to_string();
 
-    let to = format!("--to={addr}");
     let dev = "--device=vfio-sim,size=32M,rate=200M,precopy=4M";
-    let mut src = Proc::spawn(&[
-        "migrate",
-        "--json",
-        &to,
-        "--guest=synthetic",
+    let options = [
         "--memory=128M",
         "--working-set=8M",
         "--warmup-ms=50",
@@ -135,7 +130,8 @@ fn destination_within_guest_plus_cap_plus_slack_is_never_oom_killed() {
         "--device=vfio-sim,size=32M,rate=200M,seed=3",
         "--device=vmstate-sim",
         "--test-chunk-order=reverse",
-    ]);
+    ];
+    let mut src = synthetic_source(&addr, &options, &[]);
     let done = src.wait_for(&["completed"]);
     let status = cg.dest().wait_exit();
     let peak = cg.read_u64("memory.max_usage_in_bytes");

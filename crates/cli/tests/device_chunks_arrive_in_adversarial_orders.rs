@@ -18,21 +18,14 @@ const MIB: u64 = 1 << 20;
 /// destination's report after checking both ended well.
 fn migrate(devices: &[&str], extra: &[&str]) -> (Value, Value) {
     let (mut dest, addr) = Proc::incoming(&["--verify"]);
-    let to = format!("--to={addr}");
-    let mut args = vec![
-        "migrate",
-        "--json",
-        &to,
-        "--guest=synthetic",
+    let options = [
         "--memory=64M",
         "--working-set=8M",
         "--warmup-ms=50",
         "--device=vmstate-sim",
     ];
     let specs: Vec<String> = devices.iter().map(|d| format!("--device={d}")).collect();
-    args.extend(specs.iter().map(String::as_str));
-    args.extend_from_slice(extra);
-    let mut src = Proc::spawn(&args);
+    let mut src = synthetic_source(&addr, &[&options[..], &strs(&specs)].concat(), extra);
     let done = src
         .wait_for(&["completed"])
         .unwrap_or_else(|e| panic!("migration did not complete ({e}): {:#?}", src.seen));

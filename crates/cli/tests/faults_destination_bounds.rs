@@ -15,34 +15,17 @@
 mod common;
 mod faults_common;
 
-use common::raw::synthetic_hello;
+use common::raw::{host_port, recv_frame, synthetic_hello};
 use common::*;
 use faults_common::*;
 use livemig_wire::*;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn host_port(addr: &str) -> &str {
-    addr.strip_prefix("tcp:").unwrap()
-}
-
-fn read_frame(s: &mut TcpStream) -> Option<(FrameHeader, Vec<u8>)> {
-    loop {
-        let mut h = [0u8; HEADER_LEN];
-        s.read_exact(&mut h).ok()?;
-        let h = FrameHeader::decode(&h, &Limits::default()).ok()?;
-        let mut p = vec![0u8; h.len as usize];
-        s.read_exact(&mut p).ok()?;
-        if h.kind != FrameKind::Ping {
-            return Some((h, p));
-        }
-    }
-}
 
 fn a_hello() -> Vec<u8> {
     encode_frame(
@@ -83,7 +66,7 @@ fn a_trickled_first_frame_is_refused_at_the_handshake_deadline() {
         }
     });
     let t = Instant::now();
-    let (h, p) = read_frame(&mut s).expect("a refusal, not silence");
+    let (h, p) = recv_frame(&mut s).expect("a refusal, not silence");
     stop.store(true, Ordering::SeqCst);
     let took = t.elapsed();
     assert_eq!(h.kind, FrameKind::Reject);
@@ -110,22 +93,14 @@ fn a_full_handshake_table_refuses_by_name_and_frees_at_the_deadlines() {
     extra
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let (h, p) = read_frame(&mut extra).expect("a refusal naming the full table");
+    let (h, p) = recv_frame(&mut extra).expect("a refusal naming the full table");
     assert_eq!(h.kind, FrameKind::Reject);
     let r = Reject::decode(&p).unwrap();
     println!("65th connection: {r}");
     assert_mentions(&r.reason, &["64 connections", "handshaking"], "the refusal");
     // Past the slow connections' deadline (they are still trickling) a real source gets in.
     std::thread::sleep(Duration::from_millis(2500));
-    let to = format!("--to={addr}");
-    let mut src = Proc::spawn(&[
-        "migrate",
-        "--json",
-        &to,
-        "--guest=synthetic",
-        "--memory=32M",
-        "--working-set=0",
-    ]);
+    let mut src = synthetic_source(&addr, &["--memory=32M", "--working-set=0"], &[]);
     let end = src
         .wait_within(&["completed", "attempt_failed"], Duration::from_secs(60))
         .unwrap();
@@ -167,7 +142,7 @@ fn a_hello_asking_for_huge_device_buffering_gets_the_destinations_cap() {
     hello.channels = 24;
     s.write_all(&encode_frame(FrameKind::SessionHello, &hello.encode()))
         .unwrap();
-    let (h, p) = read_frame(&mut s).expect("an answer");
+    let (h, p) = recv_frame(&mut s).expect("an answer");
     if h.kind == FrameKind::Reject {
         // Refusing is within the bound too, if it says why.
         let r = Reject::decode(&p).unwrap();
@@ -190,19 +165,18 @@ fn a_short_peer_timeout_on_the_source_is_agreed_with_a_destination_on_the_defaul
     let _s = serial(&SERIAL);
     // The destination on the default (30 s: pings every 7.5 s unless agreed otherwise).
     let (mut dest, addr) = Proc::incoming(&["--verify"]);
-    let to = format!("--to={addr}");
     // About 6 s of precopy at 4 MB/s: longer than the source's 3 s timeout, so the source
     // hears the destination's pings on the main channel or gives up.
-    let mut src = Proc::spawn(&[
-        "migrate",
-        "--json",
-        &to,
-        "--guest=synthetic",
-        "--memory=24M",
-        "--working-set=0",
-        "--max-bandwidth=4M",
-        "--peer-timeout-ms=3000",
-    ]);
+    let mut src = synthetic_source(
+        &addr,
+        &[
+            "--memory=24M",
+            "--working-set=0",
+            "--max-bandwidth=4M",
+            "--peer-timeout-ms=3000",
+        ],
+        &[],
+    );
     let end = src
         .wait_within(&["completed", "attempt_failed"], Duration::from_secs(60))
         .unwrap();

@@ -16,7 +16,7 @@
 mod common;
 mod faults_common;
 
-use common::raw::{connect, send};
+use common::raw::{connect, host_port, recv_frame, send};
 use common::*;
 use faults_common::*;
 use livemig_wire::*;
@@ -28,22 +28,6 @@ use std::time::{Duration, Instant};
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const END: Duration = Duration::from_secs(60);
-
-/// The next frame that is not a Ping, checked; `None` if the peer closed or said nothing
-/// within the socket's read timeout.
-fn recv_frame(s: &mut TcpStream) -> Option<(FrameHeader, Vec<u8>)> {
-    loop {
-        let mut h = [0u8; HEADER_LEN];
-        s.read_exact(&mut h).ok()?;
-        let h = FrameHeader::decode(&h, &Limits::default()).unwrap();
-        let mut p = vec![0u8; h.len as usize];
-        s.read_exact(&mut p).ok()?;
-        verify_payload(&h, &p).unwrap();
-        if h.kind != FrameKind::Ping {
-            return Some((h, p));
-        }
-    }
-}
 
 fn expect_reject(s: &mut TcpStream, code: RejectCode, words: &[&str], what: &str) -> Reject {
     let (h, p) = recv_frame(s).unwrap_or_else(|| panic!("{what}: no answer"));
@@ -59,25 +43,18 @@ fn hello(session: SessionId, devices: DeviceSetup) -> SessionHello {
     common::raw::synthetic_hello(session, devices)
 }
 
-fn host_port(addr: &str) -> &str {
-    addr.strip_prefix("tcp:").unwrap()
-}
-
 /// A real source of 64 MiB to `addr`, with `extra` options.
 fn real_source(addr: &str, extra: &[&str]) -> Proc {
-    let to = format!("--to={addr}");
-    let mut args = vec![
-        "migrate",
-        "--json",
-        &to,
-        "--guest=synthetic",
-        "--memory=64M",
-        "--working-set=8M",
-        "--dirty-rate=20k",
-        "--warmup-ms=50",
-    ];
-    args.extend_from_slice(extra);
-    Proc::spawn(&args)
+    synthetic_source(
+        addr,
+        &[
+            "--memory=64M",
+            "--working-set=8M",
+            "--dirty-rate=20k",
+            "--warmup-ms=50",
+        ],
+        extra,
+    )
 }
 
 /// The real source completes and the destination received the guest exact.

@@ -183,20 +183,15 @@ fn destination(link: &Link) -> (Proc, String) {
 
 /// A source in `link.a` migrating a guest of `memory` to `to`.
 fn source(link: &Link, to: &str, memory: &str, extra: &[&str]) -> Proc {
-    let to = format!("--to={to}");
     let memory = format!("--memory={memory}");
-    let mut args = vec![
-        "migrate",
-        "--json",
-        &to,
-        "--guest=synthetic",
+    let options = [
         &memory,
         "--working-set=8M",
         "--dirty-rate=5k",
         "--warmup-ms=50",
     ];
-    args.extend_from_slice(extra);
-    spawn_in(Some(&link.a), &args)
+    let args = synthetic_source_args(to, &options);
+    spawn_in(Some(&link.a), &[&strs(&args)[..], extra].concat())
 }
 
 /// The migration completed and every one of `pages` was checked, none wrong; returns the

@@ -15,11 +15,12 @@
 mod common;
 mod faults_common;
 
+use common::raw::{try_recv as read_frame, try_send as send};
 use common::*;
 use faults_common::*;
 use livemig_wire::*;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
+use std::net::TcpListener;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -35,19 +36,6 @@ enum Misbehaviour {
 }
 
 const PING_EVERY: Duration = Duration::from_millis(100);
-
-fn read_frame(s: &mut TcpStream) -> Option<(FrameHeader, Vec<u8>)> {
-    let mut h = [0u8; HEADER_LEN];
-    s.read_exact(&mut h).ok()?;
-    let h = FrameHeader::decode(&h, &Limits::default()).ok()?;
-    let mut p = vec![0u8; h.len as usize];
-    s.read_exact(&mut p).ok()?;
-    Some((h, p))
-}
-
-fn send(s: &mut TcpStream, kind: FrameKind, payload: &[u8]) -> bool {
-    s.write_all(&encode_frame(kind, payload)).is_ok()
-}
 
 /// Serves one session on `listener` the way `how` says, until the source goes away.
 fn fake_destination(listener: TcpListener, how: Misbehaviour) {
@@ -137,21 +125,18 @@ fn start_fake(how: Misbehaviour) -> (String, std::thread::JoinHandle<()>) {
 
 /// A real source of a small synthetic guest to `addr` with `extra` options.
 fn source(addr: &str, extra: &[&str]) -> Proc {
-    let to = format!("--to={addr}");
-    let mut args = vec![
-        "migrate",
-        "--json",
-        &to,
-        "--guest=synthetic",
-        "--memory=16M",
-        "--working-set=1M",
-        "--dirty-rate=2k",
-        "--channels=2",
-        "--peer-timeout-ms=1000",
-        "--switchover-timeout-ms=1500",
-    ];
-    args.extend_from_slice(extra);
-    Proc::spawn(&args)
+    synthetic_source(
+        addr,
+        &[
+            "--memory=16M",
+            "--working-set=1M",
+            "--dirty-rate=2k",
+            "--channels=2",
+            "--peer-timeout-ms=1000",
+            "--switchover-timeout-ms=1500",
+        ],
+        extra,
+    )
 }
 
 /// The source's failed attempt, checked: the error names `words`, the guest ran on exact.
@@ -249,15 +234,7 @@ fn a_session_answer_trickled_a_byte_at_a_time_fails_set_up_after_the_connect_tim
             std::thread::sleep(Duration::from_millis(300));
         }
     });
-    let to = format!("--to={addr}");
-    let mut src = Proc::spawn(&[
-        "migrate",
-        "--json",
-        &to,
-        "--guest=synthetic",
-        "--memory=16M",
-        "--connect-timeout-ms=2000",
-    ]);
+    let mut src = synthetic_source(&addr, &["--memory=16M", "--connect-timeout-ms=2000"], &[]);
     let t = Instant::now();
     let failed = src
         .wait_within(&["attempt_failed", "connected"], Duration::from_secs(20))

@@ -12,19 +12,18 @@ fn migrates_exact_over_a_unix_socket() {
     let l = dest.expect_event("listening");
     let addr = l["addr"].as_str().unwrap().to_string();
     assert!(addr.starts_with("unix:"), "{addr}");
-    let to = format!("--to={addr}");
-    let mut src = Proc::spawn(&[
-        "migrate",
-        "--json",
-        &to,
-        "--guest=synthetic",
-        "--memory=64M",
-        "--working-set=4M",
-        "--dirty-rate=20k",
-        "--warmup-ms=50",
-        "--channels=3",
-        "--device=vfio-sim,size=8M,rate=200M",
-    ]);
+    let mut src = synthetic_source(
+        &addr,
+        &[
+            "--memory=64M",
+            "--working-set=4M",
+            "--dirty-rate=20k",
+            "--warmup-ms=50",
+            "--channels=3",
+            "--device=vfio-sim,size=8M,rate=200M",
+        ],
+        &[],
+    );
     let done = src.expect_event("completed");
     assert_eq!(u64_at(&done["report"], &["pages_mismatched"]), 0);
     assert_eq!(done["report"]["devices"].as_array().unwrap().len(), 1);

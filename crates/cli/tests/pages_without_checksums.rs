@@ -9,20 +9,19 @@ use common::*;
 #[test]
 fn pages_without_checksums_still_arrive_exact_under_dirtying() {
     let (mut dest, addr) = Proc::incoming(&["--verify"]);
-    let to = format!("--to={addr}");
-    let mut src = Proc::spawn(&[
-        "migrate",
-        "--json",
-        &to,
-        "--guest=synthetic",
-        "--memory=64M",
-        "--working-set=16M",
-        "--dirty-rate=0",
-        "--vcpus=2",
-        "--warmup-ms=50",
-        "--channels=3",
-        "--page-checksums=false",
-    ]);
+    let mut src = synthetic_source(
+        &addr,
+        &[
+            "--memory=64M",
+            "--working-set=16M",
+            "--dirty-rate=0",
+            "--vcpus=2",
+            "--warmup-ms=50",
+            "--channels=3",
+            "--page-checksums=false",
+        ],
+        &[],
+    );
     let done = src.expect_event("completed");
     assert!(src.wait_exit().success());
     let rep = &done["report"];

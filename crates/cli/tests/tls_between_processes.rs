@@ -7,7 +7,7 @@
 //! migration is over (in the destination process, and in-process for both sides).
 
 mod common;
-use common::{u64_at, Proc};
+use common::{strs, synthetic_source, u64_at, Proc};
 use livemig_engine::{
     migrate, receive, Endpoint, IncomingConfig, Listener, MigrationConfig, TlsConfig,
 };
@@ -96,18 +96,9 @@ impl Drop for Certs {
     }
 }
 
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
 /// A source process migrating a small synthetic guest with a device to `addr`.
 fn source(addr: &str, extra: &[String]) -> Proc {
-    let to = format!("--to={addr}");
-    let mut args = vec![
-        "migrate",
-        &to,
-        "--json",
-        "--guest=synthetic",
+    let options = [
         "--memory=64M",
         "--working-set=4M",
         "--dirty-rate=20k",
@@ -115,8 +106,7 @@ fn source(addr: &str, extra: &[String]) -> Proc {
         "--channels=4",
         "--device=vfio-sim,size=8M,rate=400M",
     ];
-    args.extend(strs(extra));
-    Proc::spawn(&args)
+    synthetic_source(addr, &options, &strs(extra))
 }
 
 /// The `lm-tls` threads of process `pid`.

@@ -1,9 +1,17 @@
 //! Frames on a socket: header and payload out with one vectored write, and in with the
 //! header checked before the payload is read into a buffer whose size the header bounded.
+//!
+//! Also the TLS entry points [`TlsConfig::connect`] and [`TlsConfig::accept`]: the TLS
+//! layer under the frames runs the handshake, and the frames a peer speaking plain livemig
+//! is answered in come from here ([`PlainLivemig`]).
 
+use crate::cancel::CancelToken;
 use crate::error::{ChannelError, ChannelName};
-use crate::transport::Stream;
-use livemig_wire::{verify_payload, FrameHeader, FrameKind, Limits, Reject, HEADER_LEN};
+use crate::tls::{PlainPeer, TlsConfig, TlsError};
+use crate::transport::{Endpoint, Stream};
+use livemig_wire::{
+    verify_payload, FrameHeader, FrameKind, Limits, Reject, RejectCode, HEADER_LEN, MAGIC,
+};
 use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::{BorrowedFd, OwnedFd};
 
@@ -203,4 +211,67 @@ pub fn read_exact(
 /// Best effort: tells the peer why we stop. Errors are ignored, the peer may be gone.
 pub fn send_reject(stream: &mut Stream, channel: ChannelName, reject: &Reject) {
     let _ = send(stream, channel, FrameKind::Reject, &reject.encode());
+}
+
+/// A peer that speaks plain livemig where TLS was expected, told so in livemig frames. The
+/// TLS handshake recognises it by its first byte and hands it the socket, blocking again.
+struct PlainLivemig;
+
+impl PlainPeer for PlainLivemig {
+    fn is_plain(&self, first: u8) -> bool {
+        // A frame starts with the magic ("LMIG"); a TLS record with its type (0x16).
+        first == MAGIC.to_le_bytes()[0]
+    }
+
+    fn refuse(&self, net: &mut Stream) {
+        let mut buf = Vec::new();
+        let _ = recv(net, ChannelName::Incoming, &Limits::default(), &mut buf);
+        send_reject(
+            net,
+            ChannelName::Incoming,
+            &Reject::new(
+                RejectCode::Unsupported,
+                "this destination requires TLS (TLS 1.3 with client certificates): give the source --tls-cert, --tls-key and --tls-ca",
+            ),
+        );
+    }
+
+    fn answer(&self, net: &mut Stream) -> String {
+        let mut buf = Vec::new();
+        match recv(net, ChannelName::Main, &Limits::default(), &mut buf) {
+            Err(ChannelError::Rejected { reject, .. }) => {
+                format!("it refused: {}", reject.reason)
+            }
+            Ok(h) => format!("it sent a {} frame", h.kind.name()),
+            Err(e) => e.to_string(),
+        }
+    }
+}
+
+/// TLS on a livemig connection.
+impl TlsConfig {
+    /// The source's side: runs the TLS handshake on `net`, just connected to `to`, within
+    /// `timeout` (or until `cancel`), and returns the plaintext stream.
+    pub fn connect(
+        &self,
+        net: Stream,
+        to: &Endpoint,
+        timeout: std::time::Duration,
+        cancel: Option<&CancelToken>,
+    ) -> Result<Stream, TlsError> {
+        self.connect_with(net, to, timeout, cancel, &PlainLivemig)
+    }
+
+    /// The destination's side: runs the TLS handshake on `net`, just accepted, within
+    /// `timeout` (or until `cancel`), and returns the plaintext stream. A peer that fails
+    /// (no certificate, one from another CA, not TLS at all) is refused: it gets an alert,
+    /// or a plain livemig `Reject` if it spoke plain livemig, and the error says why.
+    pub fn accept(
+        &self,
+        net: Stream,
+        timeout: std::time::Duration,
+        cancel: Option<&CancelToken>,
+    ) -> Result<Stream, TlsError> {
+        self.accept_with(net, timeout, cancel, &PlainLivemig)
+    }
 }

@@ -2,6 +2,7 @@
 //! listeners for both kinds behind one type.
 
 use crate::cancel::CancelToken;
+use crate::tls::{NetSocket, TlsStream};
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
@@ -57,7 +58,7 @@ impl fmt::Display for Endpoint {
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
-    Tls(crate::tls::TlsStream),
+    Tls(TlsStream),
 }
 
 fn not_unix() -> io::Error {
@@ -171,13 +172,14 @@ impl Stream {
     /// stuck is found by the application's pings (`FrameKind::Ping`) and read timeouts.
     pub fn arm_peer_timeout(&self, timeout: Duration) -> io::Result<()> {
         self.set_write_timeout(Some(timeout))?;
-        let net = match self {
+        let tcp = match self {
+            Stream::Tcp(s) => Some(s.as_raw_fd()),
+            Stream::Unix(_) => None,
             // The engine's end bounds the engine's writes (the pump stops taking bytes when
             // the network does); the network socket gets the keepalive.
-            Stream::Tls(t) => t.network(),
-            s => s,
+            Stream::Tls(t) => t.network().is_tcp().then(|| t.network().as_raw_fd()),
         };
-        if let Stream::Tcp(_) = net {
+        if let Some(fd) = tcp {
             let secs = |d: Duration| d.as_secs().clamp(1, i32::MAX as u64) as i32;
             let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
             for (level, opt, value) in [
@@ -191,7 +193,7 @@ impl Stream {
                 // its size.
                 let r = unsafe {
                     libc::setsockopt(
-                        net.as_raw_fd(),
+                        fd,
                         level,
                         opt,
                         (&value as *const i32).cast(),
@@ -226,38 +228,6 @@ impl Stream {
         };
     }
 
-    /// Shuts down the sending direction (the peer reads an end of stream).
-    pub(crate) fn shutdown_write(&self) {
-        let _ = match self {
-            Stream::Tcp(s) => s.shutdown(Shutdown::Write),
-            Stream::Unix(s) => s.shutdown(Shutdown::Write),
-            Stream::Tls(s) => {
-                s.shutdown();
-                Ok(())
-            }
-        };
-    }
-
-    pub(crate) fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.set_nonblocking(on),
-            Stream::Unix(s) => s.set_nonblocking(on),
-            Stream::Tls(_) => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "a TLS stream stays blocking",
-            )),
-        }
-    }
-
-    /// The socket's pending error (SO_ERROR), if any.
-    pub(crate) fn take_error(&self) -> io::Result<Option<io::Error>> {
-        match self {
-            Stream::Tcp(s) => s.take_error(),
-            Stream::Unix(s) => s.take_error(),
-            Stream::Tls(s) => s.network().take_error(),
-        }
-    }
-
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(t),
@@ -285,6 +255,31 @@ impl Stream {
             }
         }
         Ok(())
+    }
+}
+
+/// The plain socket back from under TLS (for a peer that turned out to speak plain livemig).
+impl From<NetSocket> for Stream {
+    fn from(net: NetSocket) -> Stream {
+        match net {
+            NetSocket::Tcp(s) => Stream::Tcp(s),
+            NetSocket::Unix(s) => Stream::Unix(s),
+        }
+    }
+}
+
+/// The plain socket to run TLS over; a stream that is TLS already is refused.
+impl TryFrom<Stream> for NetSocket {
+    type Error = io::Error;
+    fn try_from(s: Stream) -> io::Result<NetSocket> {
+        match s {
+            Stream::Tcp(s) => Ok(NetSocket::Tcp(s)),
+            Stream::Unix(s) => Ok(NetSocket::Unix(s)),
+            Stream::Tls(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the stream is TLS already",
+            )),
+        }
     }
 }
 

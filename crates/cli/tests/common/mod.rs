@@ -2,6 +2,10 @@
 #![allow(dead_code)]
 
 pub mod raw;
+pub mod synthetic;
+
+#[allow(unused_imports)]
+pub use synthetic::{strs, synthetic_source, synthetic_source_args};
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};

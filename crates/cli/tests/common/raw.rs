@@ -3,9 +3,9 @@
 
 use livemig_wire::{
     encode_frame, verify_payload, DeviceSetup, FrameHeader, FrameKind, GuestDescriptor, Limits,
-    MemoryRange, RamTransfer, SessionHello, SessionId, HEADER_LEN,
+    MemoryRange, RamTransfer, SessionHello, SessionId, WireError, HEADER_LEN,
 };
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -23,6 +23,51 @@ pub fn recv(s: &mut TcpStream) -> (FrameHeader, Vec<u8>) {
     s.read_exact(&mut p).unwrap();
     verify_payload(&h, &p).unwrap();
     (h, p)
+}
+
+/// Sends one whole frame; false if the peer is gone.
+#[allow(dead_code)]
+pub fn try_send(s: &mut TcpStream, kind: FrameKind, payload: &[u8]) -> bool {
+    s.write_all(&encode_frame(kind, payload)).is_ok()
+}
+
+/// Reads one frame: the I/O error if the peer closed or said nothing within the socket's
+/// read timeout; the wire's error if what came is not a valid frame (header or CRC).
+fn read_one(s: &mut TcpStream) -> io::Result<Result<(FrameHeader, Vec<u8>), WireError>> {
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h)?;
+    let h = match FrameHeader::decode(&h, &Limits::default()) {
+        Ok(h) => h,
+        Err(e) => return Ok(Err(e)),
+    };
+    let mut p = vec![0u8; h.len as usize];
+    s.read_exact(&mut p)?;
+    Ok(verify_payload(&h, &p).map(|()| (h, p)))
+}
+
+/// Receives one frame (a Ping too); `None` if the peer closed, said nothing within the
+/// socket's read timeout, or sent what is not a valid frame.
+#[allow(dead_code)]
+pub fn try_recv(s: &mut TcpStream) -> Option<(FrameHeader, Vec<u8>)> {
+    read_one(s).ok()?.ok()
+}
+
+/// The next frame that is not a Ping, checked (one that is not valid fails the test);
+/// `None` if the peer closed or said nothing within the socket's read timeout.
+#[allow(dead_code)]
+pub fn recv_frame(s: &mut TcpStream) -> Option<(FrameHeader, Vec<u8>)> {
+    loop {
+        let (h, p) = read_one(s).ok()?.unwrap();
+        if h.kind != FrameKind::Ping {
+            return Some((h, p));
+        }
+    }
+}
+
+/// `HOST:PORT` of a `tcp:HOST:PORT` address.
+#[allow(dead_code)]
+pub fn host_port(addr: &str) -> &str {
+    addr.strip_prefix("tcp:").unwrap()
 }
 
 /// Connects, with a read timeout so a test fails instead of hanging.

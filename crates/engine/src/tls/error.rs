@@ -1,0 +1,124 @@
+//! What goes wrong with TLS, and rustls' errors as a person should read them.
+
+use rustls::{AlertDescription, CertificateError};
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+/// Which TLS file a problem is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFile {
+    Certificate,
+    Key,
+    Ca,
+}
+
+impl fmt::Display for TlsFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsFile::Certificate => "certificate",
+            TlsFile::Key => "private key",
+            TlsFile::Ca => "CA certificate",
+        })
+    }
+}
+
+/// What went wrong with TLS: a file that cannot be used, or a connection refused at the TLS
+/// layer (by either side).
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read the TLS {what} file {}: {source}", path.display())]
+    Read {
+        what: TlsFile,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the TLS {what} file {} is not valid PEM: {detail}", path.display())]
+    Pem {
+        what: TlsFile,
+        path: PathBuf,
+        detail: String,
+    },
+    #[error("the TLS {what} file {} holds no {what} (expected {expected})", path.display())]
+    Empty {
+        what: TlsFile,
+        path: PathBuf,
+        expected: &'static str,
+    },
+    #[error("the TLS CA file {} cannot be used: {detail}", path.display())]
+    Ca { path: PathBuf, detail: String },
+    #[error("the TLS key {} cannot be used with the certificate {}: {detail}", key.display(), cert.display())]
+    Key {
+        cert: PathBuf,
+        key: PathBuf,
+        detail: String,
+    },
+    #[error("'{name}' is not a valid TLS server name: {detail}")]
+    ServerName { name: String, detail: String },
+    #[error("TLS to {to}: a unix: address has no host name to check the destination's certificate against; give the name in its certificate (--tls-server-name)")]
+    NoServerName { to: String },
+    /// The handshake failed: the text says why and whose fault it looks like.
+    #[error("TLS: {0}")]
+    Handshake(String),
+    /// The peer speaks plain livemig, not TLS.
+    #[error("TLS: {0}")]
+    NotTls(String),
+    #[error("TLS handshake cancelled")]
+    Cancelled,
+    #[error("TLS: cannot start the connection's lm-tls thread: {0}")]
+    Spawn(#[source] io::Error),
+}
+
+/// Who is at the other end, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Peer {
+    Source,
+    Destination,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Peer::Source => "source",
+            Peer::Destination => "destination",
+        })
+    }
+}
+
+/// A rustls error as a person should read it.
+pub(super) fn describe(e: &rustls::Error, peer: Peer) -> String {
+    use rustls::Error as E;
+    match e {
+        E::AlertReceived(AlertDescription::CertificateRequired) => format!(
+            "the {peer} requires a certificate and this side presented none (alert: certificate required)"
+        ),
+        E::AlertReceived(
+            a @ (AlertDescription::BadCertificate
+            | AlertDescription::UnknownCA
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::CertificateExpired
+            | AlertDescription::CertificateRevoked
+            | AlertDescription::AccessDenied),
+        ) => format!("the {peer} refused this side's certificate (alert: {a:?})"),
+        E::AlertReceived(a) => format!("the {peer} sent a fatal alert: {a:?}"),
+        E::NoCertificatesPresented => format!("the {peer} presented no certificate"),
+        E::InvalidCertificate(c) => match c {
+            CertificateError::UnknownIssuer => format!(
+                "the {peer}'s certificate is not signed by the CA in this side's CA file (unknown issuer)"
+            ),
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                format!("the {peer}'s certificate is not valid for the name it was reached by ({e}); name the right one with --tls-server-name")
+            }
+            c => format!("the {peer}'s certificate is not valid: {c:?}"),
+        },
+        E::InvalidMessage(_)
+        | E::InappropriateMessage { .. }
+        | E::InappropriateHandshakeMessage { .. } => {
+            format!("the {peer} does not speak TLS 1.3 ({e})")
+        }
+        E::PeerIncompatible(p) => format!("the {peer} cannot do TLS 1.3 as configured here ({p:?})"),
+        e => format!("with the {peer}: {e}"),
+    }
+}
