@@ -7,7 +7,7 @@
 //!
 //! The tests of this file run one at a time (they count the process's threads).
 
-use livemig_engine::pool::{thread_count, thread_count_named};
+use livemig_engine::runtime::{thread_count, thread_count_named};
 use livemig_engine::{
     migrate_vm, receive_vm, CancelToken, Device, Factories, Guest, Incoming, IncomingConfig,
     IncomingError, Listener, MigrationConfig, MigrationError, MigrationReport, Progress, Vm,

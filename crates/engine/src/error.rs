@@ -121,8 +121,6 @@ pub enum IncomingError {
     Device(#[from] crate::device::DeviceError),
     #[error("a migration thread failed: {0}")]
     Job(#[source] crate::runtime::ThreadError),
-    #[error("cannot start a migration thread: {0}")]
-    Spawn(#[source] io::Error),
     #[error("incoming migration cancelled before a source connected")]
     Cancelled,
 }

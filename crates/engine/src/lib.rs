@@ -19,7 +19,6 @@ pub mod guest;
 mod hostmem;
 pub mod incoming;
 pub mod local;
-pub mod pool;
 pub mod prefault;
 pub mod report;
 pub mod runtime;
