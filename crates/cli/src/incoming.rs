@@ -126,12 +126,12 @@ pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
         guest: &Factory,
         devices: &DeviceModels,
     };
-    let cpu = crate::bench_suite::CpuMark::now();
+    let cpu = crate::procstat::CpuMark::now();
     match receive_vm(&listener, factories, &config, &log) {
         Ok(inc) => {
             if json {
                 emit(&json!({"event": "received", "report": inc.report,
-                    "peak_rss_bytes": crate::bench_suite::peak_rss_bytes(), "cpu": cpu.report()}));
+                    "peak_rss_bytes": crate::procstat::own_peak_rss(), "cpu": cpu.usage()}));
             } else {
                 eprintln!(
                     "livemig: guest received in {:.0} ms and resumed ({} rounds, {} MiB)",

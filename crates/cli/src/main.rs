@@ -11,11 +11,6 @@
 
 mod args;
 mod bench;
-mod bench_compress;
-mod bench_devices;
-mod bench_qemu;
-mod bench_suite;
-mod bench_tls;
 mod demo;
 mod devices;
 mod guest;
@@ -24,10 +19,9 @@ mod incoming;
 mod machine;
 mod migrate;
 mod pair;
+mod procstat;
 mod progress;
-mod raw_tcp;
 mod run;
-mod run_facts;
 mod status;
 mod tls;
 

@@ -62,7 +62,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
             );
         }
     };
-    let cpu = crate::bench_suite::CpuMark::now();
+    let cpu = crate::procstat::CpuMark::now();
     for (attempt, to) in a.to.iter().enumerate() {
         match migrate_vm(vm, to, &config, &progress) {
             Ok(report) => {
@@ -72,7 +72,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
                     emit(&json!({
                         "event": "completed", "to": to.to_string(), "guest": kind,
                         "counter_at_pause": counter, "report": report,
-                        "peak_rss_bytes": crate::bench_suite::peak_rss_bytes(), "cpu": cpu.report(),
+                        "peak_rss_bytes": crate::procstat::own_peak_rss(), "cpu": cpu.usage(),
                     }));
                 } else {
                     eprintln!(

@@ -5,7 +5,7 @@
 //! page; quit both. Whatever fails, both processes are killed and their files removed.
 
 use super::livemig;
-use super::measure::{peak_rss, Cpu};
+use crate::procstat::{peak_rss, Cpu};
 use super::proc::WorkDir;
 use super::qemu::Qemu;
 use super::serial;

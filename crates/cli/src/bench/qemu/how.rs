@@ -1,7 +1,7 @@
 //! How a run was made: the facts at the head of the table (command, commit, build, CPU,
 //! kernel, date, load), read by `run_facts` as `bench --mode suite` reads them.
 
-use crate::run_facts;
+use super::super::run_facts;
 use serde_json::{json, Value};
 
 /// The facts a reader needs to repeat a run.

@@ -2,7 +2,7 @@
 //! state on the data channels with credit (parallel) against each device in turn on the main
 //! channel (serial, as before multifd device state), beside the ideal for the same run.
 
-use crate::bench::{BenchArgs, Run};
+use super::{BenchArgs, Run};
 use crate::pair::run_pair;
 use serde_json::{json, Value};
 

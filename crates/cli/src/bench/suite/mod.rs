@@ -16,14 +16,14 @@
 //!    destination's peak buffered device bytes, and CPU seconds per GiB moved on each side.
 //!
 //! The peak RSS and CPU figures come from the two processes themselves: `livemig migrate` and
-//! `livemig incoming` print them in their final JSON lines ([`peak_rss_bytes`], [`CpuMark`]).
+//! `livemig incoming` print them in their final JSON lines (see [`crate::procstat`]).
 
 use crate::args::{parse_count, parse_size};
-use crate::bench::{report_run, BenchArgs, Run};
+use super::{report_run, BenchArgs, Run};
 use crate::guest::GuestChoice;
 use crate::pair::run_pair;
-use crate::raw_tcp;
-use crate::run_facts;
+use super::raw_tcp;
+use super::run_facts;
 use anyhow::Context;
 use clap::Args;
 use serde_json::{json, Value};
@@ -105,84 +105,6 @@ fn rate_label(r: u64) -> String {
         "max".into()
     } else {
         r.to_string()
-    }
-}
-
-// ---- What `migrate` and `incoming` report about themselves ----
-
-/// This process's peak resident set size (VmHWM), in bytes.
-pub(crate) fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// User and system CPU seconds of this whole process, every thread that ever ran included.
-fn process_cpu_s() -> f64 {
-    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage writes one rusage into the buffer it is given, which is large enough.
-    let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) } == 0;
-    if !ok {
-        return 0.0;
-    }
-    // SAFETY: zero-initialized and, on success, filled in by the kernel.
-    let ru = unsafe { ru.assume_init() };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(ru.ru_utime) + tv(ru.ru_stime)
-}
-
-/// CPU seconds of the guest's own live threads (KVM vCPUs `kvm-vcpuN`, the synthetic guest's
-/// dirtying threads `synthetic-vcpuN`): the guest's work, not the migration's.
-fn guest_threads_cpu_s() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0.0;
-    };
-    let mut ticks = 0u64;
-    for t in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        if !stat[open + 1..close].contains("vcpu") {
-            continue;
-        }
-        // After the name: state (field 3), ..., utime (14), stime (15).
-        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-        ticks += n(11) + n(12);
-    }
-    ticks as f64 / tick
-}
-
-/// CPU time at one moment, to report what a migration cost from then on.
-pub(crate) struct CpuMark {
-    process_s: f64,
-    guest_s: f64,
-}
-
-impl CpuMark {
-    pub(crate) fn now() -> CpuMark {
-        CpuMark {
-            process_s: process_cpu_s(),
-            guest_s: guest_threads_cpu_s(),
-        }
-    }
-
-    /// `process_s`: the whole process so far; `migration_s`: since the mark, without the
-    /// guest's threads; `guest_s`: the guest's threads since the mark.
-    pub(crate) fn report(&self) -> Value {
-        let process = process_cpu_s();
-        let guest = (guest_threads_cpu_s() - self.guest_s).max(0.0);
-        json!({
-            "process_s": process,
-            "migration_s": (process - self.process_s - guest).max(0.0),
-            "guest_s": guest,
-        })
     }
 }
 
@@ -703,7 +625,7 @@ pub fn run(mut a: BenchArgs) -> anyhow::Result<ExitCode> {
         let bytes = if a.suite.quick { 8 << 20 } else { 64 << 20 };
         for kind in ["pattern", "text"] {
             for level in [1, 3] {
-                let row = crate::bench_compress::measure(kind, level, bytes)?;
+                let row = super::compress::measure(kind, level, bytes)?;
                 eprintln!(
                     "bench suite: zstd {level} on {kind} pages: {:.0} MB/s, ratio {:.2}",
                     row["compress_bytes_per_s"].as_f64().unwrap_or(0.0) / 1e6,
@@ -737,7 +659,7 @@ pub fn run(mut a: BenchArgs) -> anyhow::Result<ExitCode> {
             let modes: &[bool] = if n == 0 { &[true] } else { &[true, false] };
             for &parallel in modes {
                 let run = median(a.repeat, "downtime_ms", || {
-                    crate::bench_devices::row(&a, n, parallel, raw0)
+                    super::devices::row(&a, n, parallel, raw0)
                 })?;
                 let say = format!(
                     "downtime {:.1} ms",
@@ -1159,7 +1081,7 @@ fn finish(a: &BenchArgs, plan: &Plan, how: &HowRun, res: &Results) -> anyhow::Re
             a.device_size >> 20,
             a.device_rate / 1_000_000,
         );
-        md.push_str(&crate::bench_devices::table(&res.devices, raw, &dev_how));
+        md.push_str(&super::devices::table(&res.devices, raw, &dev_how));
         md.push('\n');
     }
 

@@ -2,10 +2,18 @@
 //! idle and on a dirtying guest, beside the raw loopback TCP throughput measured in the same
 //! run. Prints a Markdown table, or with `--json` one JSON object.
 
+mod compress;
+mod devices;
+mod qemu;
+mod raw_tcp;
+mod run_facts;
+mod suite;
+mod tls;
+
 use crate::args::parse_size;
 use crate::guest::GuestChoice;
 use crate::pair::run_pair;
-use crate::raw_tcp;
+
 use clap::Args;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -79,9 +87,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "DIR")]
     pub report: Option<PathBuf>,
     #[command(flatten)]
-    pub suite: crate::bench_suite::SuiteArgs,
+    pub suite: suite::SuiteArgs,
     #[command(flatten)]
-    pub peer: crate::bench_qemu::PeerArgs,
+    pub peer: qemu::PeerArgs,
 }
 
 /// One measured run: the row for the table and the two sides' final JSON lines.
@@ -107,10 +115,10 @@ pub(crate) fn report_run(a: &BenchArgs, name: &str, run: &mut Run) -> anyhow::Re
 
 pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     if a.peer.peer.is_some() {
-        return crate::bench_qemu::run(&a);
+        return qemu::run(&a);
     }
     if a.tls {
-        return crate::bench_tls::run(&a);
+        return tls::run(&a);
     }
     if let Some(dir) = &a.report {
         crate::demo::prepare_report_dir(dir)?;
@@ -119,7 +127,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         return run_devices(&a);
     }
     if a.mode == Mode::Suite {
-        return crate::bench_suite::run(a);
+        return suite::run(a);
     }
     let (raw, raw_how) = raw_tcp::measure(a.memory)?;
     let raw_mem = raw_tcp::measure_memory(a.memory)?;
@@ -247,7 +255,7 @@ fn run_devices(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     let mut rows = Vec::new();
     for &n in a.device_counts.as_deref().unwrap_or(&[1, 2, 4, 8]) {
         for parallel in [true, false] {
-            let mut run = crate::bench_devices::row(a, n, parallel, raw)?;
+            let mut run = devices::row(a, n, parallel, raw)?;
             let name = format!(
                 "devices-{n}-{}",
                 if parallel { "parallel" } else { "serial" }
@@ -283,7 +291,7 @@ fn run_devices(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             &json!({"guest": a.guest.name(), "mode": "devices", "how": how, "raw_tcp_bytes_per_s": raw, "rows": rows}),
         );
     } else {
-        println!("{}", crate::bench_devices::table(&rows, raw, &how));
+        println!("{}", devices::table(&rows, raw, &how));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -3,9 +3,9 @@
 //! mutual authentication (throwaway certificates made for the run), alternating so both see
 //! the same machine; the table puts them side by side.
 
-use crate::bench::BenchArgs;
+use super::BenchArgs;
 use crate::pair::run_pair;
-use crate::raw_tcp;
+use super::raw_tcp;
 use crate::tls::TlsArgs;
 use serde_json::{json, Value};
 use std::process::ExitCode;

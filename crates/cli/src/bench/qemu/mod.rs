@@ -11,14 +11,13 @@
 //! - [`work`]: the rows and the guest's work;
 //! - [`qemu`], [`livemig`]: each tool's command lines;
 //! - [`vm`], [`proc`], [`serial`]: a VMM process, its QMP connection and guest console;
-//! - [`migration`]: one migration, driven and measured; [`measure`]: /proc;
+//! - [`migration`]: one migration, driven and measured (/proc through [`crate::procstat`]);
 //! - [`table`], [`how`]: the results as Markdown and JSON; [`host`]: what touching fresh
 //!   memory costs on this host, measured in the run.
 
 mod host;
 mod how;
 mod livemig;
-mod measure;
 mod migration;
 mod proc;
 mod qemu;
@@ -28,7 +27,7 @@ mod vm;
 mod work;
 
 use crate::args::{parse_count, parse_size};
-use crate::bench::BenchArgs;
+use super::BenchArgs;
 use anyhow::Context;
 use clap::Args;
 use migration::{Setup, Tool, DOWNTIME_LIMIT_MS, MAX_BANDWIDTH};
@@ -190,7 +189,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         "as each run's JSON says"
     };
     let settings = settings(p, &boot_how, &peer_how, repeat, checksums);
-    let load_end = crate::run_facts::load_average();
+    let load_end = super::run_facts::load_average();
     let mut md = String::new();
     let _ = writeln!(md, "# livemig beside QEMU\n");
     let _ = writeln!(md, "{}\n", how.line());
