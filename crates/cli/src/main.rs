@@ -16,6 +16,7 @@ mod devices;
 mod guest;
 mod guest_image;
 mod incoming;
+mod lines;
 mod machine;
 mod migrate;
 mod pair;

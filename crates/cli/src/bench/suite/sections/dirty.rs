@@ -1,0 +1,32 @@
+//! Downtime, rounds and total time against the guest's dirty rate.
+
+use super::super::migration::{migrate_once, Spec};
+use super::super::plan::Plan;
+use super::super::rate_label;
+use super::super::results::Results;
+use crate::bench::run::median;
+use crate::bench::BenchArgs;
+
+pub(super) fn measure(a: &BenchArgs, plan: &Plan, res: &mut Results) -> anyhow::Result<()> {
+    for &rate in &plan.dirty_rates {
+        let spec = Spec {
+            working_set: if rate == 0 { 0 } else { plan.working_set },
+            dirty_rate: rate,
+            warm_destination: true,
+            ..Spec::new(plan.memory)
+        };
+        let run = median(
+            a.repeat,
+            || migrate_once(a, plan, &spec),
+            |r| r.row.figures.downtime_ms,
+        )?;
+        let say = format!(
+            "downtime {:.1} ms, {} rounds",
+            run.row.figures.downtime_ms, run.row.figures.rounds
+        );
+        let name = format!("dirty-{}", rate_label(rate));
+        let row = res.keep(a, &name, run, say)?;
+        res.dirty.push(row);
+    }
+    Ok(())
+}
