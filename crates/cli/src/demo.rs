@@ -3,6 +3,7 @@
 //! whether every page arrived exact.
 
 use crate::args::{GuestArgs, MigrationArgs};
+use crate::child_args::ToArgs;
 use crate::pair::{run_pair, PairResult};
 use crate::progress::MigrationBar;
 use anyhow::Context;

@@ -12,6 +12,7 @@
 mod args;
 mod bench;
 mod demo;
+mod child_args;
 mod devices;
 mod guest;
 mod guest_image;

@@ -7,6 +7,7 @@ use super::args::BenchArgs;
 use super::raw_tcp;
 use super::run::{filled_guest_args, Figures};
 use crate::pair::run_pair;
+use crate::child_args::ToArgs;
 use crate::tls::TlsArgs;
 use serde::Serialize;
 use serde_json::json;
