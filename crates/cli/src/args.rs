@@ -1,7 +1,7 @@
 //! Options shared by several commands, and size/rate parsing ("1G", "64M", "500k").
 
-use crate::guest::GuestChoice;
 use crate::child_args::{self, value_enum, ToArgs};
+use crate::guest::GuestChoice;
 use clap::Args;
 use livemig_engine::config::{ChunkOrder, NoConvergence, SourceTestHooks};
 use livemig_engine::MigrationConfig;

@@ -32,8 +32,7 @@ pub fn to_args<T: Serialize + clap::Args>(x: &T) -> Vec<String> {
     };
     let mut out = Vec::new();
     for arg in cmd.get_arguments() {
-        let (Some(value), Some(long)) = (fields.get(arg.get_id().as_str()), arg.get_long())
-        else {
+        let (Some(value), Some(long)) = (fields.get(arg.get_id().as_str()), arg.get_long()) else {
             continue;
         };
         match value {
@@ -42,7 +41,9 @@ pub fn to_args<T: Serialize + clap::Args>(x: &T) -> Vec<String> {
                 out.push(format!("--{long}"))
             }
             Value::Bool(false) if matches!(arg.get_action(), ArgAction::SetTrue) => {}
-            Value::Array(items) => out.extend(items.iter().map(|v| format!("--{long}={}", text(v)))),
+            Value::Array(items) => {
+                out.extend(items.iter().map(|v| format!("--{long}={}", text(v))))
+            }
             v => out.push(format!("--{long}={}", text(v))),
         }
     }

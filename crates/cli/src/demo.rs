@@ -227,7 +227,11 @@ fn print_summary(a: &DemoArgs, r: &PairResult, c: &Checks, pictures: &Pictures) 
         c.counter_at_pause,
         c.counter_at_arrival,
         c.counter_after_run,
-        if c.counter_ok { "continued" } else { "DID NOT CONTINUE" }
+        if c.counter_ok {
+            "continued"
+        } else {
+            "DID NOT CONTINUE"
+        }
     );
     if let Some(v) = &c.after {
         println!(

@@ -11,8 +11,8 @@
 
 mod args;
 mod bench;
-mod demo;
 mod child_args;
+mod demo;
 mod devices;
 mod guest;
 mod guest_image;

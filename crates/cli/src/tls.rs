@@ -3,8 +3,8 @@
 
 use anyhow::Context;
 use clap::Args;
-use serde::Serialize;
 use livemig_engine::TlsConfig;
+use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

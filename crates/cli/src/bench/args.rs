@@ -75,5 +75,5 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub suite: super::suite::SuiteArgs,
     #[command(flatten)]
-    pub peer: super::qemu::PeerArgs,
+    pub peer: super::peer::PeerArgs,
 }

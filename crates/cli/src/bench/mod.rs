@@ -6,7 +6,7 @@
 //!   serial device state;
 //! - [`tls`] (`--tls`): every RAM row over plain TCP and over TLS;
 //! - [`suite`] (`--mode suite`): every benchmark in one run, as Markdown and JSON;
-//! - [`qemu`] (`--peer qemu`): livemig beside QEMU on the same guest and work.
+//! - [`peer`] (`--peer qemu`): livemig beside QEMU on the same guest and work.
 //!
 //! Shared: the options ([`args`]), one measured run and its typed row ([`run`]), and the
 //! facts at the head of a table ([`run_facts`]). The modes depend on these, never on each
@@ -16,7 +16,7 @@
 mod args;
 mod compress;
 mod devices;
-mod qemu;
+mod peer;
 mod ram;
 mod raw_tcp;
 mod run;
@@ -30,7 +30,7 @@ use std::process::ExitCode;
 
 pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     if a.peer.peer.is_some() {
-        return qemu::run(&a);
+        return peer::run(&a);
     }
     if a.tls {
         return tls::run(&a);

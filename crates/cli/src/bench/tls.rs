@@ -6,8 +6,8 @@
 use super::args::BenchArgs;
 use super::raw_tcp;
 use super::run::{filled_guest_args, Figures};
-use crate::pair::run_pair;
 use crate::child_args::ToArgs;
+use crate::pair::run_pair;
 use crate::tls::TlsArgs;
 use serde::Serialize;
 use serde_json::json;
@@ -94,7 +94,12 @@ fn median(mut v: Vec<Figures>) -> Figures {
 }
 
 /// One migration between two processes, with TLS on both sides when given.
-fn one(a: &BenchArgs, channels: u16, dirty: bool, tls: Option<&TlsArgs>) -> anyhow::Result<Figures> {
+fn one(
+    a: &BenchArgs,
+    channels: u16,
+    dirty: bool,
+    tls: Option<&TlsArgs>,
+) -> anyhow::Result<Figures> {
     let ws = if dirty { a.working_set } else { 0 };
     let mut src = filled_guest_args(a, a.memory, ws, a.dirty_rate, 200, channels);
     let mut dst = vec![format!("--memory={}", a.memory)];

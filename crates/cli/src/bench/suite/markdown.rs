@@ -139,10 +139,7 @@ fn channels(md: &mut String, d: &Doc) {
     }
     md.push('\n');
     let four = d.res.channels.iter().map(|k| &k.row);
-    if let Some(r) = four
-        .clone()
-        .find(|r| r.channels == 4 && r.page_checksums)
-    {
+    if let Some(r) = four.clone().find(|r| r.channels == 4 && r.page_checksums) {
         let ratio = r.figures.bytes_per_s / raw;
         let _ = writeln!(
             md,
@@ -233,18 +230,21 @@ fn size_target(md: &mut String, d: &Doc) {
         return;
     };
     let ratio = ratios(t).total_over_raw;
-    let others: String = [(true, true, "prepared"), (true, false, "prepared, no page CRCs")]
-        .iter()
-        .filter_map(|&(w, c, what)| {
-            idle_1g(w, c).map(|r| {
-                let x = ratios(r);
-                format!(
-                    "; {:.2} ({what}; {:.2} of the raw memory copy)",
-                    x.total_over_raw, x.total_over_raw_memory
-                )
-            })
+    let others: String = [
+        (true, true, "prepared"),
+        (true, false, "prepared, no page CRCs"),
+    ]
+    .iter()
+    .filter_map(|&(w, c, what)| {
+        idle_1g(w, c).map(|r| {
+            let x = ratios(r);
+            format!(
+                "; {:.2} ({what}; {:.2} of the raw memory copy)",
+                x.total_over_raw, x.total_over_raw_memory
+            )
         })
-        .collect();
+    })
+    .collect();
     let _ = writeln!(
         md,
         "Target (issue 6): total / raw ≤ 1.3 for a filled idle 1 GiB guest, set-up and \

@@ -78,4 +78,3 @@ impl Plan {
         self.sections.contains(&s)
     }
 }
-

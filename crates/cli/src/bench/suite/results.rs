@@ -1,8 +1,8 @@
 //! Everything the suite measured: the raw limits and the typed rows of every section, each
 //! migration kept with its name and [`Usage`].
 
-use crate::bench::compress::CompressRate;
 use super::migration::{MigrationRow, Usage};
+use crate::bench::compress::CompressRate;
 use crate::bench::devices::DeviceRow;
 use crate::bench::run::{report_run, Run};
 use crate::bench::BenchArgs;

@@ -26,7 +26,12 @@ pub(super) fn measure(a: &BenchArgs, plan: &Plan, res: &mut Results) -> anyhow::
             if n == 0 {
                 // No device to read or send: the ideal is the RAM remainder over the raw
                 // link alone.
-                let last = run.source.report.rounds.last().map_or(0.0, |r| r.bytes as f64);
+                let last = run
+                    .source
+                    .report
+                    .rounds
+                    .last()
+                    .map_or(0.0, |r| r.bytes as f64);
                 run.row.ideal_downtime_ms = 1e3 * last / raw0;
                 run.row.mode = "none";
             }

@@ -27,9 +27,9 @@ mod table;
 mod vm;
 mod work;
 
-pub use args::PeerArgs;
 use super::args::BenchArgs;
 use anyhow::Context;
+pub use args::PeerArgs;
 use migration::{Setup, Tool, DOWNTIME_LIMIT_MS, MAX_BANDWIDTH};
 use proc::WorkDir;
 use qemu::Qemu;
@@ -109,39 +109,9 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     }
     let failed = rows.iter().any(|r| r.failure.is_some());
 
-    let checksums: Vec<Option<bool>> = rows
-        .iter()
-        .flat_map(|r| r.livemig.iter().map(|s| s.page_checksums))
-        .collect();
-    let checksums = if checksums.is_empty() {
-        "not known: no livemig run completed"
-    } else if checksums.iter().all(|c| *c == Some(true)) {
-        "on: every page carries its CRC32C"
-    } else if checksums.iter().all(|c| *c == Some(false)) {
-        "off: the transport is trusted, as QEMU does"
-    } else {
-        "as each run's JSON says"
-    };
-    let settings = settings(p, &boot_how, &peer_how, repeat, checksums);
+    let settings = settings(p, &boot_how, &peer_how, repeat, checksums(&rows));
     let load_end = super::run_facts::load_average();
-    let mut md = String::new();
-    let _ = writeln!(md, "# livemig beside QEMU\n");
-    let _ = writeln!(md, "{}\n", how.line(""));
-    let _ = writeln!(
-        md,
-        "This host's first touch of fresh memory (one thread faulting in 512 MiB, measured at \
-         the start): {:.2} CPU-s per GiB after the settle, {:.2} CPU-s per GiB right after \
-         freeing the same amount. A cold destination pays the first touch for every page it \
-         receives, whichever tool it is; what it costs depends on what the host has taken back \
-         at that moment, so this figure is an indication, not the destinations' cost.\n",
-        touch.settled_s_per_gib, touch.warm_s_per_gib
-    );
-    let _ = writeln!(md, "{}\n", table::markdown(&rows));
-    let _ = writeln!(md, "{settings} Load average at the end: {load_end}.\n");
-    let targets = table::targets(&rows);
-    if !targets.is_empty() {
-        let _ = writeln!(md, "Against issue 12's targets:\n\n{targets}");
-    }
+    let md = markdown(&how, &touch, &rows, &settings, &load_end);
     let mut how_json = how.json();
     how_json["load_average_end"] = json!(load_end);
     let doc = json!({
@@ -170,6 +140,52 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether livemig's runs carried page checksums, as their JSON says.
+fn checksums(rows: &[RowResult]) -> &'static str {
+    let checksums: Vec<Option<bool>> = rows
+        .iter()
+        .flat_map(|r| r.livemig.iter().map(|s| s.page_checksums))
+        .collect();
+    if checksums.is_empty() {
+        "not known: no livemig run completed"
+    } else if checksums.iter().all(|c| *c == Some(true)) {
+        "on: every page carries its CRC32C"
+    } else if checksums.iter().all(|c| *c == Some(false)) {
+        "off: the transport is trusted, as QEMU does"
+    } else {
+        "as each run's JSON says"
+    }
+}
+
+/// The document printed and written to bench.md.
+fn markdown(
+    how: &super::run_facts::RunFacts,
+    touch: &host::FirstTouch,
+    rows: &[RowResult],
+    settings: &str,
+    load_end: &str,
+) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# livemig beside QEMU\n");
+    let _ = writeln!(md, "{}\n", how.line(""));
+    let _ = writeln!(
+        md,
+        "This host's first touch of fresh memory (one thread faulting in 512 MiB, measured at \
+         the start): {:.2} CPU-s per GiB after the settle, {:.2} CPU-s per GiB right after \
+         freeing the same amount. A cold destination pays the first touch for every page it \
+         receives, whichever tool it is; what it costs depends on what the host has taken back \
+         at that moment, so this figure is an indication, not the destinations' cost.\n",
+        touch.settled_s_per_gib, touch.warm_s_per_gib
+    );
+    let _ = writeln!(md, "{}\n", table::markdown(rows));
+    let _ = writeln!(md, "{settings} Load average at the end: {load_end}.\n");
+    let targets = table::targets(rows);
+    if !targets.is_empty() {
+        let _ = writeln!(md, "Against issue 12's targets:\n\n{targets}");
+    }
+    md
 }
 
 /// How both tools were set up and measured, for under the table.
