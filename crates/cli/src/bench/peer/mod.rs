@@ -128,7 +128,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         "rows": rows.iter().map(RowResult::json).collect::<Vec<_>>(),
     });
     if let Some(dir) = &a.suite.out {
-        write_out(dir, &md, &doc)?;
+        super::out::write_out(dir, &md, &doc, "bench")?;
     }
     if a.json {
         crate::emit(&doc);
@@ -222,20 +222,6 @@ fn settings(
         p.guest(&RowSpec::parse("cold-dirtying-4ch").expect("a row")).append(),
         p.settle_ms,
     )
-}
-/// Writes `DIR/bench.md` and `DIR/bench.json`.
-fn write_out(dir: &Path, md: &str, doc: &serde_json::Value) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let (md_path, json_path) = (dir.join("bench.md"), dir.join("bench.json"));
-    std::fs::write(&md_path, md).with_context(|| format!("cannot write {}", md_path.display()))?;
-    std::fs::write(&json_path, serde_json::to_string_pretty(doc)?)
-        .with_context(|| format!("cannot write {}", json_path.display()))?;
-    eprintln!(
-        "bench: wrote {} and {}",
-        md_path.display(),
-        json_path.display()
-    );
-    Ok(())
 }
 
 /// One row: QEMU, livemig, QEMU, livemig, ... `repeat` times; stops at the first failure.

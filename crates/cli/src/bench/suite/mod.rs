@@ -142,7 +142,7 @@ pub fn run(mut a: BenchArgs) -> anyhow::Result<ExitCode> {
     let md = markdown::render(&doc);
     let out = json::document(&doc);
     if let Some(dir) = &a.suite.out {
-        write_out(dir, &md, &out)?;
+        super::out::write_out(dir, &md, &out, "bench suite")?;
     }
     if a.json {
         crate::emit(&out);
@@ -150,19 +150,4 @@ pub fn run(mut a: BenchArgs) -> anyhow::Result<ExitCode> {
         print!("{md}");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Writes DIR/bench.md and DIR/bench.json.
-fn write_out(dir: &std::path::Path, md: &str, out: &serde_json::Value) -> anyhow::Result<()> {
-    let md_path = dir.join("bench.md");
-    let json_path = dir.join("bench.json");
-    std::fs::write(&md_path, md).with_context(|| format!("cannot write {}", md_path.display()))?;
-    std::fs::write(&json_path, serde_json::to_string_pretty(out)?)
-        .with_context(|| format!("cannot write {}", json_path.display()))?;
-    eprintln!(
-        "bench suite: wrote {} and {}",
-        md_path.display(),
-        json_path.display()
-    );
-    Ok(())
 }

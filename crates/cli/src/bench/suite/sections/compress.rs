@@ -1,10 +1,9 @@
 //! What `--compress zstd` costs: one core's compression and decompression rate and ratio on
 //! pattern and text-like pages, and a migration with and without it.
 
-use super::super::migration::{migrate_once, Spec};
+use super::super::migration::Spec;
 use super::super::plan::Plan;
 use super::super::results::Results;
-use crate::bench::run::median;
 use crate::bench::BenchArgs;
 
 pub(super) fn measure(a: &BenchArgs, plan: &Plan, res: &mut Results) -> anyhow::Result<()> {
@@ -26,12 +25,8 @@ pub(super) fn measure(a: &BenchArgs, plan: &Plan, res: &mut Results) -> anyhow::
             compress,
             ..Spec::new(plan.memory)
         };
-        let run = median(
-            a.repeat,
-            || migrate_once(a, plan, &spec),
-            |r| r.row.figures.total_ms,
-        )?;
-        let say = format!("{:.0} MB/s", run.row.figures.bytes_per_s / 1e6);
+        let run = super::migrate(a, plan, &spec, super::By::TotalMs)?;
+        let say = super::rate(&run);
         let name = match compress {
             None => "compress-none".to_string(),
             Some(l) => format!("compress-zstd-{l}"),

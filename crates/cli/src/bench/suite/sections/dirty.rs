@@ -1,10 +1,9 @@
 //! Downtime, rounds and total time against the guest's dirty rate.
 
-use super::super::migration::{migrate_once, Spec};
+use super::super::migration::Spec;
 use super::super::plan::Plan;
 use super::super::rate_label;
 use super::super::results::Results;
-use crate::bench::run::median;
 use crate::bench::BenchArgs;
 
 pub(super) fn measure(a: &BenchArgs, plan: &Plan, res: &mut Results) -> anyhow::Result<()> {
@@ -15,11 +14,7 @@ pub(super) fn measure(a: &BenchArgs, plan: &Plan, res: &mut Results) -> anyhow::
             warm_destination: true,
             ..Spec::new(plan.memory)
         };
-        let run = median(
-            a.repeat,
-            || migrate_once(a, plan, &spec),
-            |r| r.row.figures.downtime_ms,
-        )?;
+        let run = super::migrate(a, plan, &spec, super::By::DowntimeMs)?;
         let say = format!(
             "downtime {:.1} ms, {} rounds",
             run.row.figures.downtime_ms, run.row.figures.rounds

@@ -6,10 +6,9 @@
 //! migration (how the 1.3 x target is put). Last, the target's guest to a prepared
 //! destination without page CRCs.
 
-use super::super::migration::{migrate_once, Spec};
+use super::super::migration::Spec;
 use super::super::plan::{Plan, GIB};
 use super::super::results::{Kept, Results, SizeRow};
-use crate::bench::run::median;
 use crate::bench::BenchArgs;
 
 /// The migrations of the section, each with whether its guest dirties memory.
@@ -50,15 +49,8 @@ fn specs(a: &BenchArgs, plan: &Plan) -> Vec<(bool, Spec)> {
 pub(super) fn measure(a: &BenchArgs, plan: &Plan, res: &mut Results) -> anyhow::Result<()> {
     for (dirty, spec) in specs(a, plan) {
         let size = spec.memory;
-        let run = median(
-            a.repeat,
-            || migrate_once(a, plan, &spec),
-            |r| r.row.figures.total_ms,
-        )?;
-        let say = format!(
-            "total {:.0} ms, downtime {:.1} ms",
-            run.row.figures.total_ms, run.row.figures.downtime_ms
-        );
+        let run = super::migrate(a, plan, &spec, super::By::TotalMs)?;
+        let say = super::times(&run);
         let name = format!(
             "size-{}M-{}{}{}",
             size >> 20,
