@@ -1,8 +1,8 @@
 //! One two-process migration of a filled guest, as the suite's sections ask for it, and its
 //! typed row; what each of its processes used ([`Usage`]).
 
+use super::args::{rate_label, MAX_RATE};
 use super::plan::{Plan, CHANNELS, GIB};
-use super::{rate_label, MAX_RATE};
 use crate::bench::run::{filled_guest_args, Figures, Run};
 use crate::bench::BenchArgs;
 use crate::pair::run_pair;

@@ -1,6 +1,6 @@
 //! What the suite measures with, once the defaults and `--quick` are applied.
 
-use super::{Section, MAX_RATE};
+use super::args::{Section, MAX_RATE};
 use crate::bench::BenchArgs;
 
 pub(super) const MIB: u64 = 1 << 20;

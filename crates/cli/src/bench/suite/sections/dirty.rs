@@ -1,8 +1,8 @@
 //! Downtime, rounds and total time against the guest's dirty rate.
 
+use super::super::args::rate_label;
 use super::super::migration::Spec;
 use super::super::plan::Plan;
-use super::super::rate_label;
 use super::super::results::Results;
 use crate::bench::BenchArgs;
 

@@ -8,10 +8,10 @@ mod dirty;
 mod local;
 mod size;
 
+use super::args::Section;
 use super::migration::{migrate_once, MigrationRow, Spec};
 use super::plan::Plan;
 use super::results::Results;
-use super::Section;
 use crate::bench::run::{median, Run};
 use crate::bench::BenchArgs;
 
