@@ -1,5 +1,6 @@
 //! Options shared by several commands, and size/rate parsing ("1G", "64M", "500k").
 
+use crate::child_args::{self, value_enum, ToArgs};
 use crate::guest::GuestChoice;
 use clap::Args;
 use livemig_engine::config::{ChunkOrder, NoConvergence, SourceTestHooks};
@@ -8,6 +9,7 @@ use livemig_vmm::devices::DeviceSpec;
 use livemig_vmm::memory::Backing;
 use livemig_vmm::synthetic::{SyntheticConfig, Workload};
 use livemig_wire::{DeviceTransfer, RamTransfer};
+use serde::Serialize;
 use std::time::Duration;
 
 /// Parses a size with an optional binary suffix: 4096, 64K, 256M, 1G.
@@ -47,8 +49,8 @@ pub fn parse_count(s: &str) -> Result<u64, String> {
     Ok((v * mult) as u64)
 }
 
-/// How the source migrates.
-#[derive(Debug, Clone, Args)]
+/// How the source migrates. Handed on to a child process by [`ToArgs`].
+#[derive(Debug, Clone, Args, Serialize)]
 pub struct MigrationArgs {
     /// Data channels (1 to 64).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -72,6 +74,7 @@ pub struct MigrationArgs {
     /// When the round or time bound is hit before convergence: `force` the switchover
     /// (reporting the expected downtime) or `cancel` the migration (the guest runs on here).
     #[arg(long, value_enum, default_value_t = OnNoConvergence::Force)]
+    #[serde(serialize_with = "value_enum")]
     pub on_no_convergence: OnNoConvergence,
     /// Give every page sent its CRC32C, checked on arrival, so a page corrupted on the way is
     /// caught. Off by default: the transport is trusted (TCP's checksum, TLS's
@@ -81,6 +84,7 @@ pub struct MigrationArgs {
     /// Compress RAM pages: `zstd` for links slower than the CPU can compress (a packet goes
     /// compressed only when that makes it smaller), `none` to send them as they are.
     #[arg(long, value_enum, default_value_t = Compress::None)]
+    #[serde(serialize_with = "value_enum")]
     pub compress: Compress,
     /// zstd level with `--compress zstd` (1 is fastest; negative levels are faster still).
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
@@ -91,6 +95,7 @@ pub struct MigrationArgs {
     /// How device state travels: `multifd` (chunks on the data channels, with credit) or
     /// `main` (each device in turn on the main channel at switchover, the old way).
     #[arg(long, value_enum, default_value_t = TransferMode::Multifd)]
+    #[serde(serialize_with = "value_enum")]
     pub device_state_transfer: TransferMode,
     /// Bytes per device state chunk.
     #[arg(long, default_value = "1M", value_parser = parse_size)]
@@ -122,8 +127,10 @@ pub struct MigrationArgs {
     pub local: bool,
     /// TEST ONLY: send device chunks in an adversarial order.
     #[arg(long, value_enum, hide = true, default_value_t = TestChunkOrder::Natural)]
+    #[serde(skip)]
     pub test_chunk_order: TestChunkOrder,
     #[command(flatten)]
+    #[serde(flatten)]
     pub tls: crate::tls::TlsArgs,
 }
 
@@ -202,49 +209,11 @@ impl MigrationArgs {
             ..MigrationConfig::default()
         })
     }
+}
 
-    /// The same options as command-line arguments, to hand to a child process.
-    pub fn to_args(&self) -> Vec<String> {
-        let mut v = vec![
-            format!("--channels={}", self.channels),
-            format!("--downtime-limit-ms={}", self.downtime_limit_ms),
-            format!("--max-rounds={}", self.max_rounds),
-            format!("--max-precopy-secs={}", self.max_precopy_secs),
-            format!("--pages-per-packet={}", self.pages_per_packet),
-            format!("--auto-converge={}", self.auto_converge),
-            format!("--page-checksums={}", self.page_checksums),
-            format!(
-                "--compress={}",
-                match self.compress {
-                    Compress::None => "none",
-                    Compress::Zstd => "zstd",
-                }
-            ),
-            format!("--compress-level={}", self.compress_level),
-            format!(
-                "--on-no-convergence={}",
-                match self.on_no_convergence {
-                    OnNoConvergence::Force => "force",
-                    OnNoConvergence::Cancel => "cancel",
-                }
-            ),
-            format!("--chunk-size={}", self.chunk_size),
-            format!("--credit-window={}", self.credit_window),
-            format!("--buffer-cap={}", self.buffer_cap),
-            format!("--peer-timeout-ms={}", self.peer_timeout_ms),
-            format!("--switchover-timeout-ms={}", self.switchover_timeout_ms),
-            format!("--connect-timeout-ms={}", self.connect_timeout_ms),
-            format!(
-                "--device-state-transfer={}",
-                match self.device_state_transfer {
-                    TransferMode::Multifd => "multifd",
-                    TransferMode::Main => "main",
-                }
-            ),
-        ];
-        if self.local {
-            v.push("--local".into());
-        }
+impl ToArgs for MigrationArgs {
+    fn to_args(&self) -> Vec<String> {
+        let mut v = child_args::to_args(self);
         if self.test_chunk_order != TestChunkOrder::Natural {
             v.push(format!(
                 "--test-chunk-order={}",
@@ -254,19 +223,16 @@ impl MigrationArgs {
                 }
             ));
         }
-        if let Some(b) = self.max_bandwidth {
-            v.push(format!("--max-bandwidth={b}"));
-        }
-        v.extend(self.tls.to_args());
         v
     }
 }
 
-/// The guest the source runs.
-#[derive(Debug, Clone, Args)]
+/// The guest the source runs. Handed on to a child process by [`ToArgs`].
+#[derive(Debug, Clone, Args, Serialize)]
 pub struct GuestArgs {
     /// Which guest: the KVM micro-VM when /dev/kvm is usable (auto), or the synthetic one.
     #[arg(long, value_enum, default_value_t = GuestChoice::Auto)]
+    #[serde(serialize_with = "resolved")]
     pub guest: GuestChoice,
     /// Guest memory size.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
@@ -293,6 +259,7 @@ pub struct GuestArgs {
     /// KVM guest: boot this PVH kernel image instead of livemig's own (it must follow
     /// livemig's guest protocol: docs/guest-image.md; `livemig guest-image` writes livemig's).
     #[arg(long)]
+    #[serde(serialize_with = "child_args::path")]
     pub kernel: Option<std::path::PathBuf>,
     /// KVM guest: the kernel command line, e.g. "fill=256M ws=16M rate=10000" (default:
     /// derived from --fill, --working-set and --dirty-rate; livemig adds `vcpus=` and
@@ -319,27 +286,13 @@ impl GuestArgs {
             backing,
         }
     }
+}
 
-    pub fn to_args(&self) -> Vec<String> {
-        vec![
-            format!("--guest={}", self.guest.name()),
-            format!("--memory={}", self.memory),
-            format!("--fill={}", self.fill),
-            format!("--working-set={}", self.working_set),
-            format!("--dirty-rate={}", self.dirty_rate),
-            format!("--vcpus={}", self.vcpus),
-            format!("--warmup-ms={}", self.warmup_ms),
-        ]
-        .into_iter()
-        .chain(self.devices.iter().map(|d| format!("--device={d}")))
-        .chain(
-            self.kernel
-                .iter()
-                .map(|k| format!("--kernel={}", k.display())),
-        )
-        .chain(self.append.iter().map(|c| format!("--append={c}")))
-        .collect()
-    }
+impl ToArgs for GuestArgs {}
+
+/// A child runs the guest this process would: `auto` is resolved here.
+fn resolved<S: serde::Serializer>(g: &GuestChoice, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(g.name())
 }
 
 #[cfg(test)]

@@ -4,10 +4,11 @@ use crate::args::parse_size;
 use crate::args::MigrationArgs;
 use crate::emit;
 use crate::machine::{self, IncomingLimits};
+use crate::procstat::CpuMark;
 use clap::Args;
 use livemig_engine::{
-    migrate, receive_vm, Endpoint, Factories, Guest, IncomingConfig, IncomingEvent, Listener,
-    Progress, TestHooks,
+    migrate, receive_vm, Endpoint, Factories, Guest, Incoming, IncomingConfig, IncomingEvent,
+    Listener, Progress, TestHooks,
 };
 use livemig_vmm::devices::DeviceModels;
 use livemig_vmm::{memory, Factory};
@@ -76,14 +77,7 @@ pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
         memory::prepare(&[range])?;
     }
     if let Some(path) = &a.qmp {
-        let limits = IncomingLimits {
-            verify: a.verify,
-            max_guest_memory: a.max_guest_memory,
-            peer_timeout: Duration::from_millis(a.onward.peer_timeout_ms),
-            tls: a.onward.tls.config()?,
-        };
-        machine::serve(path, None, limits, a.listen.as_ref())?;
-        return Ok(ExitCode::SUCCESS);
+        return serve_qmp(&a, path);
     }
     let Some(listen) = &a.listen else {
         anyhow::bail!("--listen is needed without --qmp");
@@ -100,6 +94,44 @@ pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
     } else {
         eprintln!("livemig: waiting for a migration on {addr}");
     }
+    let config = incoming_config(&a)?;
+    let log = move |ev: &IncomingEvent| {
+        if json {
+            emit(&json!({"event": "log", "msg": ev.to_string()}));
+        } else {
+            eprintln!("livemig: {ev}");
+        }
+    };
+    let factories = Factories {
+        guest: &Factory,
+        devices: &DeviceModels,
+    };
+    let cpu = CpuMark::now();
+    match receive_vm(&listener, factories, &config, &log) {
+        Ok(inc) => received(&a, inc, &cpu),
+        Err(e) => {
+            if json {
+                emit(&json!({"event": "failed", "error": e.to_string()}));
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// `--qmp`: serves QMP, receiving on `migrate-incoming` (or at once on `--listen`).
+fn serve_qmp(a: &IncomingArgs, path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let limits = IncomingLimits {
+        verify: a.verify,
+        max_guest_memory: a.max_guest_memory,
+        peer_timeout: Duration::from_millis(a.onward.peer_timeout_ms),
+        tls: a.onward.tls.config()?,
+    };
+    machine::serve(path, None, limits, a.listen.as_ref())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The engine's configuration from the options.
+fn incoming_config(a: &IncomingArgs) -> anyhow::Result<IncomingConfig> {
     let mut config = IncomingConfig {
         verify: a.verify,
         credit_window: a.max_credit_window,
@@ -115,57 +147,42 @@ pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
     if let Some(m) = a.max_guest_memory {
         config.max_guest_memory = m;
     }
-    let log = move |ev: &IncomingEvent| {
-        if json {
-            emit(&json!({"event": "log", "msg": ev.to_string()}));
-        } else {
-            eprintln!("livemig: {ev}");
-        }
-    };
-    let factories = Factories {
-        guest: &Factory,
-        devices: &DeviceModels,
-    };
-    let cpu = crate::bench_suite::CpuMark::now();
-    match receive_vm(&listener, factories, &config, &log) {
-        Ok(inc) => {
-            if json {
-                emit(&json!({"event": "received", "report": inc.report,
-                    "peak_rss_bytes": crate::bench_suite::peak_rss_bytes(), "cpu": cpu.report()}));
-            } else {
-                eprintln!(
-                    "livemig: guest received in {:.0} ms and resumed ({} rounds, {} MiB)",
-                    inc.report.total_ms,
-                    inc.report.rounds,
-                    inc.report.received_bytes >> 20
-                );
-            }
-            if a.run_after_ms > 0 {
-                std::thread::sleep(Duration::from_millis(a.run_after_ms));
-                inc.guest.pause()?;
-                let v = inc.guest.verify()?;
-                if json {
-                    emit(&json!({"event": "after_run", "verify": v}));
-                } else {
-                    eprintln!(
-                        "livemig: after {} ms running here: {} pages checked, {} wrong",
-                        a.run_after_ms, v.pages_checked, v.pages_mismatched
-                    );
-                }
-                inc.guest.resume()?;
-            }
-            if let Some(to) = &a.then_migrate_to {
-                return forward(&*inc.guest, to, &a.onward, json);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(e) => {
-            if json {
-                emit(&json!({"event": "failed", "error": e.to_string()}));
-            }
-            Err(e.into())
-        }
+    Ok(config)
+}
+
+/// A guest arrived: says so, lets it run (`--run-after-ms`) and checks it, and migrates it
+/// on (`--then-migrate-to`).
+fn received(a: &IncomingArgs, inc: Incoming, cpu: &CpuMark) -> anyhow::Result<ExitCode> {
+    let json = a.json;
+    if json {
+        emit(&json!({"event": "received", "report": inc.report,
+            "peak_rss_bytes": crate::procstat::own_peak_rss(), "cpu": cpu.usage()}));
+    } else {
+        eprintln!(
+            "livemig: guest received in {:.0} ms and resumed ({} rounds, {} MiB)",
+            inc.report.total_ms,
+            inc.report.rounds,
+            inc.report.received_bytes >> 20
+        );
     }
+    if a.run_after_ms > 0 {
+        std::thread::sleep(Duration::from_millis(a.run_after_ms));
+        inc.guest.pause()?;
+        let v = inc.guest.verify()?;
+        if json {
+            emit(&json!({"event": "after_run", "verify": v}));
+        } else {
+            eprintln!(
+                "livemig: after {} ms running here: {} pages checked, {} wrong",
+                a.run_after_ms, v.pages_checked, v.pages_mismatched
+            );
+        }
+        inc.guest.resume()?;
+    }
+    if let Some(to) = &a.then_migrate_to {
+        return forward(&*inc.guest, to, &a.onward, json);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Migrates the received guest on to `to`.

@@ -11,23 +11,19 @@
 
 mod args;
 mod bench;
-mod bench_compress;
-mod bench_devices;
-mod bench_qemu;
-mod bench_suite;
-mod bench_tls;
+mod child_args;
 mod demo;
 mod devices;
 mod guest;
 mod guest_image;
 mod incoming;
+mod lines;
 mod machine;
 mod migrate;
 mod pair;
+mod procstat;
 mod progress;
-mod raw_tcp;
 mod run;
-mod run_facts;
 mod status;
 mod tls;
 

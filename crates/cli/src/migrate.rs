@@ -48,21 +48,8 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     }
     std::thread::sleep(Duration::from_millis(a.guest.warmup_ms));
     let config = a.migration.config()?;
-    let progress = move |p: &Progress| {
-        if json {
-            emit(&serde_json::to_value(p).unwrap_or_default());
-        } else if let Progress::RoundDone(r) = p {
-            eprintln!(
-                "livemig: round {}: {} pages in {:.0} ms ({:.0} MB/s), {} dirtied meanwhile",
-                r.round,
-                r.pages,
-                r.ms,
-                r.bytes_per_s / 1e6,
-                r.dirty_after
-            );
-        }
-    };
-    let cpu = crate::bench_suite::CpuMark::now();
+    let progress = move |p: &Progress| say_progress(p, json);
+    let cpu = crate::procstat::CpuMark::now();
     for (attempt, to) in a.to.iter().enumerate() {
         match migrate_vm(vm, to, &config, &progress) {
             Ok(report) => {
@@ -72,7 +59,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
                     emit(&json!({
                         "event": "completed", "to": to.to_string(), "guest": kind,
                         "counter_at_pause": counter, "report": report,
-                        "peak_rss_bytes": crate::bench_suite::peak_rss_bytes(), "cpu": cpu.report(),
+                        "peak_rss_bytes": crate::procstat::own_peak_rss(), "cpu": cpu.usage(),
                     }));
                 } else {
                     eprintln!(
@@ -82,31 +69,59 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            Err(e) => {
-                // The engine resumed the guest here; check that nothing was lost.
-                guest.pause()?;
-                let v = guest.verify()?;
-                let counter = source.counter();
-                let devices_intact = devices.check_intact();
-                guest.resume()?;
-                if json {
-                    emit(&json!({
-                        "event": "attempt_failed", "attempt": attempt, "to": to.to_string(),
-                        "error": e.to_string(), "source_verify": v, "counter": counter,
-                        "devices_intact": devices_intact.is_ok(),
-                        "devices_error": devices_intact.err(),
-                    }));
-                } else {
-                    eprintln!(
-                        "livemig: migration to {to} failed: {e}\nlivemig: the guest runs on here; {} pages checked, {} wrong",
-                        v.pages_checked, v.pages_mismatched
-                    );
-                }
-            }
+            Err(e) => attempt_failed(&source, &devices, attempt, to, &e, json)?,
         }
     }
     if json {
         emit(&json!({"event": "failed", "error": "every destination failed"}));
     }
     Ok(ExitCode::FAILURE)
+}
+
+/// A progress line with `--json`, else a line a round.
+fn say_progress(p: &Progress, json: bool) {
+    if json {
+        emit(&serde_json::to_value(p).unwrap_or_default());
+    } else if let Progress::RoundDone(r) = p {
+        eprintln!(
+            "livemig: round {}: {} pages in {:.0} ms ({:.0} MB/s), {} dirtied meanwhile",
+            r.round,
+            r.pages,
+            r.ms,
+            r.bytes_per_s / 1e6,
+            r.dirty_after
+        );
+    }
+}
+
+/// After a failed attempt: the engine resumed the guest here; checks that nothing was lost
+/// and says so.
+fn attempt_failed(
+    source: &SourceGuest,
+    devices: &SourceDevices,
+    attempt: usize,
+    to: &Endpoint,
+    e: &dyn std::fmt::Display,
+    json: bool,
+) -> anyhow::Result<()> {
+    let guest = source.guest();
+    guest.pause()?;
+    let v = guest.verify()?;
+    let counter = source.counter();
+    let devices_intact = devices.check_intact();
+    guest.resume()?;
+    if json {
+        emit(&json!({
+            "event": "attempt_failed", "attempt": attempt, "to": to.to_string(),
+            "error": e.to_string(), "source_verify": v, "counter": counter,
+            "devices_intact": devices_intact.is_ok(),
+            "devices_error": devices_intact.err(),
+        }));
+    } else {
+        eprintln!(
+                        "livemig: migration to {to} failed: {e}\nlivemig: the guest runs on here; {} pages checked, {} wrong",
+                        v.pages_checked, v.pages_mismatched
+                    );
+    }
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! Runs a destination and a source as two child processes of this one, and collects the
 //! JSON lines they print. Used by `demo` and `bench`.
 
+use crate::lines::{AfterRun, Completed, Received};
 use anyhow::{anyhow, bail, Context};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -89,11 +90,16 @@ pub fn event_of(v: &Value) -> &str {
 /// The outcome of one two-process migration.
 pub struct PairResult {
     /// The source's report (`completed` line).
-    pub source: Value,
+    pub source: Completed,
     /// The destination's report (`received` line).
-    pub dest: Value,
+    pub dest: Received,
     /// The destination's check after running the guest (`after_run` line), if asked for.
-    pub after_run: Option<Value>,
+    pub after_run: Option<AfterRun>,
+}
+
+/// One of the lines of [`crate::lines`], read as its type.
+fn parse<T: serde::de::DeserializeOwned>(what: &str, v: Value) -> anyhow::Result<T> {
+    serde_json::from_value(v).with_context(|| format!("cannot read the {what} line"))
 }
 
 /// A Unix socket path of its own for a destination this process starts (local mode).
@@ -165,8 +171,8 @@ pub fn run_pair(
         .ok();
     dest.finish()?;
     Ok(PairResult {
-        source: source_report,
-        dest: received,
-        after_run,
+        source: parse("source's completed", source_report)?,
+        dest: parse("destination's received", received)?,
+        after_run: after_run.map(|v| parse("after_run", v)).transpose()?,
     })
 }

@@ -45,26 +45,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     // The guest's console lines (a KVM guest's COM1) go to stderr, after its boot.
     let g = SourceGuest::start_echoing(&a.guest, backing, Some("livemig: guest: ".into()))?;
     if let Some(path) = &a.qmp {
-        let (devices, vmstates) = SourceDevices::build(&a.guest.devices)?.into_shared();
-        eprintln!(
-            "livemig: {} guest running: {} MiB, {} vCPU(s) writing {} MiB",
-            g.kind(),
-            a.guest.memory >> 20,
-            a.guest.vcpus,
-            a.guest.working_set >> 20
-        );
-        let vm = VmParts {
-            kind: g.kind().to_string(),
-            guest: g.into_shared(),
-            devices,
-            vmstates,
-        };
-        let limits = IncomingLimits {
-            tls: a.tls.config()?,
-            ..IncomingLimits::default()
-        };
-        machine::serve(path, Some(vm), limits, None)?;
-        return Ok(ExitCode::SUCCESS);
+        return serve_qmp(&a, g, path);
     }
     if a.json {
         emit(&json!({"event": "guest_started", "guest": g.kind(), "memory": a.guest.memory}));
@@ -76,30 +57,9 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             a.guest.vcpus
         );
     } else {
-        eprintln!(
-            "livemig: {} guest running: {} MiB, {} vCPU(s) writing {} MiB",
-            g.kind(),
-            a.guest.memory >> 20,
-            a.guest.vcpus,
-            a.guest.working_set >> 20
-        );
+        say_running(&g, &a);
     }
-    let start = Instant::now();
-    let mut last = (Instant::now(), g.counter());
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-        let (now, c) = (Instant::now(), g.counter());
-        let rate = (c - last.1) as f64 / (now - last.0).as_secs_f64();
-        last = (now, c);
-        if a.json {
-            emit(&json!({"event": "tick", "counter": c, "pages_per_s": rate}));
-        } else {
-            eprintln!("livemig: counter {c}, {rate:.0} page writes/s");
-        }
-        if a.duration_secs > 0 && start.elapsed() >= Duration::from_secs(a.duration_secs) {
-            break;
-        }
-    }
+    watch(&a, &g);
     if a.verify {
         g.guest().pause()?;
         let v = g.guest().verify()?;
@@ -116,4 +76,52 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn say_running(g: &SourceGuest, a: &RunArgs) {
+    eprintln!(
+        "livemig: {} guest running: {} MiB, {} vCPU(s) writing {} MiB",
+        g.kind(),
+        a.guest.memory >> 20,
+        a.guest.vcpus,
+        a.guest.working_set >> 20
+    );
+}
+
+/// Serves QMP for the running guest until `quit`.
+fn serve_qmp(a: &RunArgs, g: SourceGuest, path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let (devices, vmstates) = SourceDevices::build(&a.guest.devices)?.into_shared();
+    say_running(&g, a);
+    let vm = VmParts {
+        kind: g.kind().to_string(),
+        guest: g.into_shared(),
+        devices,
+        vmstates,
+    };
+    let limits = IncomingLimits {
+        tls: a.tls.config()?,
+        ..IncomingLimits::default()
+    };
+    machine::serve(path, Some(vm), limits, None)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reports the guest's counter every second, for `--duration-secs` (0: for ever).
+fn watch(a: &RunArgs, g: &SourceGuest) {
+    let start = Instant::now();
+    let mut last = (Instant::now(), g.counter());
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let (now, c) = (Instant::now(), g.counter());
+        let rate = (c - last.1) as f64 / (now - last.0).as_secs_f64();
+        last = (now, c);
+        if a.json {
+            emit(&json!({"event": "tick", "counter": c, "pages_per_s": rate}));
+        } else {
+            eprintln!("livemig: counter {c}, {rate:.0} page writes/s");
+        }
+        if a.duration_secs > 0 && start.elapsed() >= Duration::from_secs(a.duration_secs) {
+            break;
+        }
+    }
 }

@@ -4,21 +4,25 @@
 use anyhow::Context;
 use clap::Args;
 use livemig_engine::TlsConfig;
+use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// TLS 1.3 with mutual authentication on every channel. Give all three files or none.
-#[derive(Debug, Clone, Default, Args)]
+#[derive(Debug, Clone, Default, Args, Serialize)]
 pub struct TlsArgs {
     /// TLS: this side's certificate (PEM, leaf first). It must be signed by the --tls-ca
     /// CA, allow TLS client and server use, and name the host peers connect to.
     #[arg(long, value_name = "PATH", requires_all = ["tls_key", "tls_ca"])]
+    #[serde(serialize_with = "crate::child_args::path")]
     pub tls_cert: Option<PathBuf>,
     /// TLS: this side's private key (PEM: PKCS#8, PKCS#1 or SEC1).
     #[arg(long, value_name = "PATH", requires_all = ["tls_cert", "tls_ca"])]
+    #[serde(serialize_with = "crate::child_args::path")]
     pub tls_key: Option<PathBuf>,
     /// TLS: the CA certificate(s) (PEM) every peer's certificate must be signed by.
     #[arg(long, value_name = "PATH", requires_all = ["tls_cert", "tls_key"])]
+    #[serde(serialize_with = "crate::child_args::path")]
     pub tls_ca: Option<PathBuf>,
     /// TLS: check the destination's certificate against this name instead of the host in
     /// tcp:HOST:PORT (needed for unix: addresses).
@@ -28,6 +32,9 @@ pub struct TlsArgs {
     #[arg(long, hide = true, requires = "tls_cert")]
     pub test_tls_no_client_cert: bool,
 }
+
+/// Handed on to a child process as its flags.
+impl crate::child_args::ToArgs for TlsArgs {}
 
 impl TlsArgs {
     /// The engine's TLS configuration, with the files loaded; `None` without TLS.
@@ -44,26 +51,6 @@ impl TlsArgs {
             c = c.without_client_certificate();
         }
         Ok(Some(Arc::new(c)))
-    }
-
-    /// The same options as command-line arguments, to hand to a child process.
-    pub fn to_args(&self) -> Vec<String> {
-        let mut v = Vec::new();
-        let path = |flag: &str, p: &Option<PathBuf>, v: &mut Vec<String>| {
-            if let Some(p) = p {
-                v.push(format!("--{flag}={}", p.display()));
-            }
-        };
-        path("tls-cert", &self.tls_cert, &mut v);
-        path("tls-key", &self.tls_key, &mut v);
-        path("tls-ca", &self.tls_ca, &mut v);
-        if let Some(n) = &self.tls_server_name {
-            v.push(format!("--tls-server-name={n}"));
-        }
-        if self.test_tls_no_client_cert {
-            v.push("--test-tls-no-client-cert".into());
-        }
-        v
     }
 
     /// Makes a throwaway CA and one certificate for 127.0.0.1 and localhost (client and

@@ -164,6 +164,16 @@ impl Parameters {
     pub fn set(&mut self, args: &serde_json::Map<String, Value>) -> Result<(), QmpError> {
         let a = Args::new(args, NAMES)?;
         let mut next = self.clone();
+        next.set_ram(&a)?;
+        next.set_devices(&a)?;
+        next.set_timeouts(&a)?;
+        next.set_compression(&a)?;
+        *self = next;
+        Ok(())
+    }
+
+    /// The channels, downtime limit and bandwidth of `a`.
+    fn set_ram(&mut self, a: &Args) -> Result<(), QmpError> {
         if let Some(n) = a.opt_u64("multifd-channels")? {
             if n == 0 || n > MAX_CHANNELS as u64 {
                 return Err(range_err(
@@ -171,7 +181,7 @@ impl Parameters {
                     &format!("a value between 1 and {MAX_CHANNELS}"),
                 ));
             }
-            next.multifd_channels = n as u16;
+            self.multifd_channels = n as u16;
         }
         if let Some(ms) = a.opt_u64("downtime-limit")? {
             if ms > MAX_DOWNTIME_MS {
@@ -180,11 +190,16 @@ impl Parameters {
                     &format!("an integer in the range of 0 to {MAX_DOWNTIME_MS} ms"),
                 ));
             }
-            next.downtime_limit_ms = ms;
+            self.downtime_limit_ms = ms;
         }
         if let Some(b) = a.opt_u64("max-bandwidth")? {
-            next.max_bandwidth = b;
+            self.max_bandwidth = b;
         }
+        Ok(())
+    }
+
+    /// How device state travels: chunk size, credit, buffer cap, channel.
+    fn set_devices(&mut self, a: &Args) -> Result<(), QmpError> {
         if let Some(c) = a.opt_u64("x-device-chunk-size")? {
             if c == 0 || c > MAX_CHUNK_SIZE as u64 {
                 return Err(range_err(
@@ -192,22 +207,27 @@ impl Parameters {
                     &format!("1 byte to {} MiB", MAX_CHUNK_SIZE >> 20),
                 ));
             }
-            next.chunk_size = c as u32;
+            self.chunk_size = c as u32;
         }
         if let Some(w) = a.opt_u64("x-credit-window")? {
-            next.credit_window = u32::try_from(w)
+            self.credit_window = u32::try_from(w)
                 .map_err(|_| range_err("x-credit-window", "a 32-bit count of chunks"))?;
         }
         if let Some(b) = a.opt_u64("x-buffer-cap")? {
-            next.buffer_cap = b;
+            self.buffer_cap = b;
         }
         if let Some(t) = a.opt_str("x-device-state-transfer")? {
-            next.device_state_transfer = match t {
+            self.device_state_transfer = match t {
                 "multifd" => DeviceTransfer::Multifd,
                 "main" => DeviceTransfer::Main,
                 _ => return Err(range_err("x-device-state-transfer", "'multifd' or 'main'")),
             };
         }
+        Ok(())
+    }
+
+    /// The peer and switchover timeouts.
+    fn set_timeouts(&mut self, a: &Args) -> Result<(), QmpError> {
         if let Some(ms) = a.opt_u64("x-peer-timeout")? {
             let min = livemig_engine::config::MIN_PEER_TIMEOUT.as_millis() as u64;
             if ms != 0 && ms < min {
@@ -216,16 +236,21 @@ impl Parameters {
                     &format!("0 (the default) or at least {min} ms"),
                 ));
             }
-            next.peer_timeout_ms = ms;
+            self.peer_timeout_ms = ms;
         }
         if let Some(ms) = a.opt_u64("x-switchover-timeout")? {
             if ms == 0 {
                 return Err(range_err("x-switchover-timeout", "at least 1 ms"));
             }
-            next.switchover_timeout_ms = ms;
+            self.switchover_timeout_ms = ms;
         }
+        Ok(())
+    }
+
+    /// Compression and page checksums.
+    fn set_compression(&mut self, a: &Args) -> Result<(), QmpError> {
         if let Some(c) = a.opt_str("multifd-compression")? {
-            next.zstd = match c {
+            self.zstd = match c {
                 "none" => false,
                 "zstd" => true,
                 _ => return Err(range_err("multifd-compression", "'none' or 'zstd'")),
@@ -238,12 +263,11 @@ impl Parameters {
                     &format!("an integer in the range of 0 to {MAX_ZSTD_LEVEL}"),
                 ));
             }
-            next.zstd_level = l;
+            self.zstd_level = l;
         }
         if let Some(b) = a.opt_bool("x-page-checksums")? {
-            next.page_checksums = b;
+            self.page_checksums = b;
         }
-        *self = next;
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 //! livemig's device-state section and downtime breakdown.
 
 use super::state::MigStatus;
-use livemig_engine::{IncomingReport, LiveStats, MigrationReport, RoundReport};
+use livemig_engine::{IncomingReport, LiveStats, MigrationReport, RoundReport, StatsSnapshot};
 use livemig_wire::PAGE_SIZE;
 use serde_json::{json, Map, Value};
 use std::time::Instant;
@@ -77,6 +77,19 @@ impl Outgoing {
             m.insert("setup-time".into(), json!(s as u64));
         }
         let s = self.stats.snapshot();
+        m.insert("ram".into(), self.ram(&s));
+        if let Some(r) = &self.last_round {
+            m.insert("cpu-throttle-percentage".into(), json!(r.throttle_percent));
+        }
+        self.insert_devices(&mut m, status, &s);
+        if let Some(e) = &self.error {
+            m.insert("error-desc".into(), json!(e));
+        }
+        Value::Object(m)
+    }
+
+    /// `query-migrate`'s `ram` object.
+    fn ram(&self, s: &StatsSnapshot) -> Value {
         let page = PAGE_SIZE as u64;
         let sent = s.normal_pages + s.zero_pages;
         let (mbps, pps, dirty_rate) = match &self.last_round {
@@ -93,9 +106,7 @@ impl Outgoing {
             self.round_pages
                 .saturating_sub(sent.saturating_sub(self.round_start_sent))
         };
-        m.insert(
-            "ram".into(),
-            json!({
+        json!({
                 "transferred": s.ram_bytes,
                 "remaining": remaining_pages * page,
                 "total": self.total_pages * page,
@@ -108,11 +119,12 @@ impl Outgoing {
                 "pages-per-second": pps as u64,
                 "page-size": page,
                 "multifd-bytes": s.ram_bytes,
-            }),
-        );
-        if let Some(r) = &self.last_round {
-            m.insert("cpu-throttle-percentage".into(), json!(r.throttle_percent));
-        }
+        })
+    }
+
+    /// The downtime and device state once done, the expected downtime and device names
+    /// before.
+    fn insert_devices(&self, m: &mut Map<String, Value>, status: MigStatus, s: &StatsSnapshot) {
         match &self.report {
             Some(r) => {
                 m.insert("downtime".into(), json!(r.downtime_ms.round() as u64));
@@ -158,10 +170,6 @@ impl Outgoing {
                 m.insert("x-device-bytes".into(), json!(s.device_bytes));
             }
         }
-        if let Some(e) = &self.error {
-            m.insert("error-desc".into(), json!(e));
-        }
-        Value::Object(m)
     }
 }
 

@@ -3,11 +3,14 @@
 //! mutual authentication (throwaway certificates made for the run), alternating so both see
 //! the same machine; the table puts them side by side.
 
-use crate::bench::BenchArgs;
+use super::args::BenchArgs;
+use super::raw_tcp;
+use super::run::{filled_guest_args, Figures};
+use crate::child_args::ToArgs;
 use crate::pair::run_pair;
-use crate::raw_tcp;
 use crate::tls::TlsArgs;
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::json;
 use std::process::ExitCode;
 
 pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
@@ -38,7 +41,18 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-type Measured = (Vec<Value>, f64, String);
+/// One row: the same migration over plain TCP and over TLS.
+#[derive(Serialize)]
+struct Row {
+    channels: u16,
+    dirty: bool,
+    plain: Figures,
+    tls: Figures,
+    tls_to_plain: f64,
+    raw_tcp_bytes_per_s: f64,
+}
+
+type Measured = (Vec<Row>, f64, String);
 
 fn measure_all(a: &BenchArgs, tls: &TlsArgs) -> anyhow::Result<Measured> {
     let (raw, raw_how) = raw_tcp::measure(a.memory)?;
@@ -51,88 +65,70 @@ fn measure_all(a: &BenchArgs, tls: &TlsArgs) -> anyhow::Result<Measured> {
                 secure.push(one(a, ch, dirty, Some(tls))?);
             }
             let (plain, secure) = (median(plain), median(secure));
-            let rate = |v: &Value| v["bytes_per_s"].as_f64().unwrap_or(0.0);
-            let ratio = rate(&secure) / rate(&plain).max(1.0);
+            let ratio = secure.bytes_per_s / plain.bytes_per_s.max(1.0);
             if !a.json {
                 eprintln!(
                     "bench: {ch} channels, {}: plain {:.0} MB/s, TLS {:.0} MB/s ({:.2})",
                     if dirty { "dirtying" } else { "idle" },
-                    rate(&plain) / 1e6,
-                    rate(&secure) / 1e6,
+                    plain.bytes_per_s / 1e6,
+                    secure.bytes_per_s / 1e6,
                     ratio
                 );
             }
-            rows.push(json!({
-                "channels": ch, "dirty": dirty, "plain": plain, "tls": secure,
-                "tls_to_plain": ratio, "raw_tcp_bytes_per_s": raw,
-            }));
+            rows.push(Row {
+                channels: ch,
+                dirty,
+                plain,
+                tls: secure,
+                tls_to_plain: ratio,
+                raw_tcp_bytes_per_s: raw,
+            });
         }
     }
     Ok((rows, raw, raw_how))
 }
 
-fn median(mut v: Vec<Value>) -> Value {
-    v.sort_by(|x, y| {
-        let r = |v: &Value| v["bytes_per_s"].as_f64().unwrap_or(0.0);
-        r(x).total_cmp(&r(y))
-    });
+fn median(mut v: Vec<Figures>) -> Figures {
+    v.sort_by(|x, y| x.bytes_per_s.total_cmp(&y.bytes_per_s));
     v.swap_remove(v.len() / 2)
 }
 
 /// One migration between two processes, with TLS on both sides when given.
-fn one(a: &BenchArgs, channels: u16, dirty: bool, tls: Option<&TlsArgs>) -> anyhow::Result<Value> {
-    let mut src = vec![
-        format!("--memory={}", a.memory),
-        format!("--guest={}", a.guest.name()),
-        "--fill=1".into(),
-        format!("--working-set={}", if dirty { a.working_set } else { 0 }),
-        format!("--dirty-rate={}", a.dirty_rate),
-        "--warmup-ms=200".into(),
-        format!("--channels={channels}"),
-    ];
+fn one(
+    a: &BenchArgs,
+    channels: u16,
+    dirty: bool,
+    tls: Option<&TlsArgs>,
+) -> anyhow::Result<Figures> {
+    let ws = if dirty { a.working_set } else { 0 };
+    let mut src = filled_guest_args(a, a.memory, ws, a.dirty_rate, 200, channels);
     let mut dst = vec![format!("--memory={}", a.memory)];
     if let Some(t) = tls {
         src.extend(t.to_args());
         dst.extend(t.to_args());
     }
     let r = run_pair(&dst, &src, |_| {})?;
-    let rep = &r.source["report"];
-    let f = |k: &str| rep.get(k).and_then(Value::as_f64).unwrap_or(0.0);
-    let rounds = rep["rounds"].as_array().cloned().unwrap_or_default();
-    Ok(json!({
-        "total_ms": f("total_ms"),
-        "setup_ms": f("setup_ms"),
-        "downtime_ms": f("downtime_ms"),
-        "transferred_bytes": rep["transferred_bytes"],
-        "bytes_per_s": f("bytes_per_s"),
-        "first_round_bytes_per_s": rounds.first().and_then(|r| r["bytes_per_s"].as_f64()).unwrap_or(0.0),
-        "rounds": rounds.len(),
-    }))
+    Ok(Figures::of(&r.source.report))
 }
 
-fn table(rows: &[Value], raw: f64, how: &str) -> String {
+fn table(rows: &[Row], raw: f64, how: &str) -> String {
     let mut s = format!("Raw loopback TCP (same run): {:.0} MB/s\n\n", raw / 1e6);
     s.push_str(
         "| channels | guest | plain MB/s | TLS MB/s | TLS / plain | plain setup ms | TLS setup ms | plain downtime ms | TLS downtime ms |\n",
     );
     s.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
-        let f = |side: &str, k: &str| r[side][k].as_f64().unwrap_or(0.0);
         s.push_str(&format!(
             "| {} | {} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
-            r["channels"],
-            if r["dirty"].as_bool().unwrap_or(false) {
-                "dirtying"
-            } else {
-                "idle"
-            },
-            f("plain", "bytes_per_s") / 1e6,
-            f("tls", "bytes_per_s") / 1e6,
-            r["tls_to_plain"].as_f64().unwrap_or(0.0),
-            f("plain", "setup_ms"),
-            f("tls", "setup_ms"),
-            f("plain", "downtime_ms"),
-            f("tls", "downtime_ms"),
+            r.channels,
+            if r.dirty { "dirtying" } else { "idle" },
+            r.plain.bytes_per_s / 1e6,
+            r.tls.bytes_per_s / 1e6,
+            r.tls_to_plain,
+            r.plain.setup_ms,
+            r.tls.setup_ms,
+            r.plain.downtime_ms,
+            r.tls.downtime_ms,
         ));
     }
     s.push_str(&format!("\nHow: {how}\n"));

@@ -5,12 +5,12 @@
 //! page; quit both. Whatever fails, both processes are killed and their files removed.
 
 use super::livemig;
-use super::measure::{peak_rss, Cpu};
 use super::proc::WorkDir;
 use super::qemu::Qemu;
 use super::serial;
 use super::vm::Vm;
 use super::work::{Boot, Dest, GuestWork};
+use crate::procstat::{peak_rss, Cpu};
 use anyhow::{bail, Context};
 use serde::Serialize;
 use serde_json::{json, Value};

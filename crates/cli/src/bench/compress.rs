@@ -5,7 +5,7 @@
 //! migrations of the suite's compression rows this tells for which links compression pays.
 
 use livemig_wire::PAGE_SIZE;
-use serde_json::{json, Value};
+use serde::Serialize;
 use std::time::Instant;
 
 /// Pages per packet, as the data channels send them.
@@ -28,9 +28,26 @@ fn memory(kind: &str, bytes: usize) -> Vec<u8> {
     out
 }
 
+/// One row: how fast one core compresses and decompresses a kind of memory at a level.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct CompressRate {
+    /// "pattern" or "text".
+    pub pages: &'static str,
+    pub level: i32,
+    pub bytes: usize,
+    pub compressed_bytes: usize,
+    pub ratio: f64,
+    pub compress_bytes_per_s: f64,
+    pub decompress_bytes_per_s: f64,
+}
+
 /// One row: compress and decompress `bytes` of `kind` memory at `level`, packet by packet,
 /// on this thread.
-pub fn measure(kind: &str, level: i32, bytes: usize) -> anyhow::Result<Value> {
+pub(crate) fn measure(
+    kind: &'static str,
+    level: i32,
+    bytes: usize,
+) -> anyhow::Result<CompressRate> {
     let data = memory(kind, bytes);
     let mut z = zstd::bulk::Compressor::new(level)?;
     let mut d = zstd::bulk::Decompressor::new()?;
@@ -48,13 +65,13 @@ pub fn measure(kind: &str, level: i32, bytes: usize) -> anyhow::Result<Value> {
         anyhow::ensure!(out[..n] == *packet, "zstd round trip changed the pages");
     }
     let decompress_s = t.elapsed().as_secs_f64();
-    Ok(json!({
-        "pages": kind,
-        "level": level,
-        "bytes": bytes,
-        "compressed_bytes": packed,
-        "ratio": bytes as f64 / packed.max(1) as f64,
-        "compress_bytes_per_s": bytes as f64 / compress_s,
-        "decompress_bytes_per_s": bytes as f64 / decompress_s,
-    }))
+    Ok(CompressRate {
+        pages: kind,
+        level,
+        bytes,
+        compressed_bytes: packed,
+        ratio: bytes as f64 / packed.max(1) as f64,
+        compress_bytes_per_s: bytes as f64 / compress_s,
+        decompress_bytes_per_s: bytes as f64 / decompress_s,
+    })
 }

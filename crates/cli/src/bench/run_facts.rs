@@ -2,6 +2,63 @@
 //! command, the build and commit, the host (CPU, memory, kernel), the date and the load. One
 //! place for `bench --mode suite` and `bench --peer qemu`.
 
+use serde_json::{json, Value};
+
+/// The facts a reader needs to repeat a run.
+pub(crate) struct RunFacts {
+    command: String,
+    build: &'static str,
+    commit: String,
+    host: Host,
+    date: String,
+    load_start: String,
+}
+
+impl RunFacts {
+    pub(crate) fn collect() -> RunFacts {
+        RunFacts {
+            command: command_line(),
+            build: build(),
+            commit: commit(),
+            host: Host::read(),
+            date: utc_now(),
+            load_start: load_average(),
+        }
+    }
+
+    /// One paragraph for the head of a table, `extra` (empty, or ending in "; ") said just
+    /// before the load average.
+    pub(crate) fn line(&self, extra: &str) -> String {
+        format!(
+            "Run: `{}` ({}, commit {}) on {}, {} logical CPUs, {:.0} GiB RAM, Linux {}, {}; \
+             {extra}load average at the start {}.",
+            self.command,
+            self.build,
+            self.commit,
+            self.host.cpu_model,
+            self.host.cpus,
+            self.host.memory_gib,
+            self.host.kernel,
+            self.date,
+            self.load_start,
+        )
+    }
+
+    pub(crate) fn json(&self) -> Value {
+        json!({
+            "command": self.command,
+            "build": self.build,
+            "commit": self.commit,
+            "cpu_model": self.host.cpu_model,
+            "logical_cpus": self.host.cpus,
+            "memory_gib": self.host.memory_gib,
+            "kernel": self.host.kernel,
+            "date": self.date,
+            "load_average_start": self.load_start,
+        })
+    }
+}
+
 /// The host a run was made on.
 pub(crate) struct Host {
     pub cpu_model: String,

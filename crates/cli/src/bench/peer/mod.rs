@@ -11,14 +11,14 @@
 //! - [`work`]: the rows and the guest's work;
 //! - [`qemu`], [`livemig`]: each tool's command lines;
 //! - [`vm`], [`proc`], [`serial`]: a VMM process, its QMP connection and guest console;
-//! - [`migration`]: one migration, driven and measured; [`measure`]: /proc;
-//! - [`table`], [`how`]: the results as Markdown and JSON; [`host`]: what touching fresh
-//!   memory costs on this host, measured in the run.
+//! - [`migration`]: one migration, driven and measured (/proc through [`crate::procstat`]);
+//! - [`table`]: the results as Markdown and JSON (the run's facts from `run_facts`);
+//! - [`host`]: what touching fresh memory costs on this host, measured in the run;
+//! - [`args`]: the options.
 
+mod args;
 mod host;
-mod how;
 mod livemig;
-mod measure;
 mod migration;
 mod proc;
 mod qemu;
@@ -27,86 +27,19 @@ mod table;
 mod vm;
 mod work;
 
-use crate::args::{parse_count, parse_size};
-use crate::bench::BenchArgs;
+use super::args::BenchArgs;
 use anyhow::Context;
-use clap::Args;
+pub use args::PeerArgs;
 use migration::{Setup, Tool, DOWNTIME_LIMIT_MS, MAX_BANDWIDTH};
 use proc::WorkDir;
 use qemu::Qemu;
 use serde_json::json;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 use table::RowResult;
-use work::{Boot, GuestWork, Load, RowSpec};
-
-/// A VMM to compare livemig with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Peer {
-    /// QEMU (`qemu-system-x86_64`, or the program `LIVEMIG_QEMU` names) with KVM.
-    Qemu,
-}
-
-/// The options of `bench --peer` (flattened into `bench`'s own).
-#[derive(Debug, Args)]
-pub struct PeerArgs {
-    /// Compare livemig with another VMM on the same guest image and work, interleaved, both
-    /// driven over QMP (`--repeat` defaults to 3 then). Writes DIR/bench.md and
-    /// DIR/bench.json with `--out DIR`.
-    #[arg(long, value_enum)]
-    pub peer: Option<Peer>,
-    /// Peer: the rows to run, e.g. `cold-idle-2ch,prepared-dirtying-4ch,sparse`
-    /// [default: cold and prepared x idle and dirtying x 2 and 4 channels, then sparse].
-    #[arg(long, value_delimiter = ',', value_parser = RowSpec::parse)]
-    rows: Option<Vec<RowSpec>>,
-    /// Peer: guest memory of every row but the sparse one.
-    #[arg(long, default_value = "1536M", value_parser = parse_size)]
-    peer_memory: u64,
-    /// Peer: memory the guest fills with data before migrating (the rest stays zero).
-    #[arg(long, default_value = "1G", value_parser = parse_size)]
-    peer_fill: u64,
-    /// Peer: guest memory of the sparse row (filled as much as the others).
-    #[arg(long, default_value = "4G", value_parser = parse_size)]
-    sparse_memory: u64,
-    /// Peer: working set of the dirtying rows.
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
-    peer_working_set: u64,
-    /// Peer: page writes per second of the dirtying rows (65536 = 256 MiB/s).
-    #[arg(long, default_value = "65536", value_parser = parse_count)]
-    peer_dirty_rate: u64,
-    /// Peer: wait this long before each migration. On this host, memory a process frees is
-    /// handed back to the hypervisor within seconds (virtio-balloon free page reporting), and
-    /// the next first touch of it costs several times more than touching memory freed just
-    /// now; waiting the same time before every run gives both tools the same host state.
-    #[arg(long, default_value_t = 4000)]
-    settle_ms: u64,
-    /// Peer: the guest image both tools boot [default: the one `livemig guest-image` writes].
-    #[arg(long, value_name = "PATH")]
-    image: Option<PathBuf>,
-}
-
-impl PeerArgs {
-    fn guest(&self, spec: &RowSpec) -> GuestWork {
-        GuestWork {
-            memory: if spec.sparse {
-                self.sparse_memory
-            } else {
-                self.peer_memory
-            },
-            fill: self.peer_fill,
-            working_set: match spec.load {
-                Load::Idle => 0,
-                Load::Dirtying => self.peer_working_set,
-            },
-            rate: match spec.load {
-                Load::Idle => 0,
-                Load::Dirtying => self.peer_dirty_rate,
-            },
-        }
-    }
-}
+use work::{Boot, RowSpec};
 
 /// The guest image: `--image`, or the one `livemig guest-image` writes into `dir`. Without
 /// one, livemig runs its built-in guest and QEMU cannot run; the text says why.
@@ -145,7 +78,7 @@ fn guest_image(exe: &Path, p: &PeerArgs, dir: &WorkDir) -> (Boot, String) {
 
 pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     let p = &a.peer;
-    let how = how::HowRun::collect();
+    let how = super::run_facts::RunFacts::collect();
     let exe = std::env::current_exe().context("cannot find the livemig binary")?;
     let image_dir = WorkDir::new("image")?;
     let (boot, boot_how) = guest_image(&exe, p, &image_dir);
@@ -176,39 +109,9 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     }
     let failed = rows.iter().any(|r| r.failure.is_some());
 
-    let checksums: Vec<Option<bool>> = rows
-        .iter()
-        .flat_map(|r| r.livemig.iter().map(|s| s.page_checksums))
-        .collect();
-    let checksums = if checksums.is_empty() {
-        "not known: no livemig run completed"
-    } else if checksums.iter().all(|c| *c == Some(true)) {
-        "on: every page carries its CRC32C"
-    } else if checksums.iter().all(|c| *c == Some(false)) {
-        "off: the transport is trusted, as QEMU does"
-    } else {
-        "as each run's JSON says"
-    };
-    let settings = settings(p, &boot_how, &peer_how, repeat, checksums);
-    let load_end = crate::run_facts::load_average();
-    let mut md = String::new();
-    let _ = writeln!(md, "# livemig beside QEMU\n");
-    let _ = writeln!(md, "{}\n", how.line());
-    let _ = writeln!(
-        md,
-        "This host's first touch of fresh memory (one thread faulting in 512 MiB, measured at \
-         the start): {:.2} CPU-s per GiB after the settle, {:.2} CPU-s per GiB right after \
-         freeing the same amount. A cold destination pays the first touch for every page it \
-         receives, whichever tool it is; what it costs depends on what the host has taken back \
-         at that moment, so this figure is an indication, not the destinations' cost.\n",
-        touch.settled_s_per_gib, touch.warm_s_per_gib
-    );
-    let _ = writeln!(md, "{}\n", table::markdown(&rows));
-    let _ = writeln!(md, "{settings} Load average at the end: {load_end}.\n");
-    let targets = table::targets(&rows);
-    if !targets.is_empty() {
-        let _ = writeln!(md, "Against issue 12's targets:\n\n{targets}");
-    }
+    let settings = settings(p, &boot_how, &peer_how, repeat, checksums(&rows));
+    let load_end = super::run_facts::load_average();
+    let md = markdown(&how, &touch, &rows, &settings, &load_end);
     let mut how_json = how.json();
     how_json["load_average_end"] = json!(load_end);
     let doc = json!({
@@ -225,7 +128,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         "rows": rows.iter().map(RowResult::json).collect::<Vec<_>>(),
     });
     if let Some(dir) = &a.suite.out {
-        write_out(dir, &md, &doc)?;
+        super::out::write_out(dir, &md, &doc, "bench")?;
     }
     if a.json {
         crate::emit(&doc);
@@ -237,6 +140,52 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether livemig's runs carried page checksums, as their JSON says.
+fn checksums(rows: &[RowResult]) -> &'static str {
+    let checksums: Vec<Option<bool>> = rows
+        .iter()
+        .flat_map(|r| r.livemig.iter().map(|s| s.page_checksums))
+        .collect();
+    if checksums.is_empty() {
+        "not known: no livemig run completed"
+    } else if checksums.iter().all(|c| *c == Some(true)) {
+        "on: every page carries its CRC32C"
+    } else if checksums.iter().all(|c| *c == Some(false)) {
+        "off: the transport is trusted, as QEMU does"
+    } else {
+        "as each run's JSON says"
+    }
+}
+
+/// The document printed and written to bench.md.
+fn markdown(
+    how: &super::run_facts::RunFacts,
+    touch: &host::FirstTouch,
+    rows: &[RowResult],
+    settings: &str,
+    load_end: &str,
+) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# livemig beside QEMU\n");
+    let _ = writeln!(md, "{}\n", how.line(""));
+    let _ = writeln!(
+        md,
+        "This host's first touch of fresh memory (one thread faulting in 512 MiB, measured at \
+         the start): {:.2} CPU-s per GiB after the settle, {:.2} CPU-s per GiB right after \
+         freeing the same amount. A cold destination pays the first touch for every page it \
+         receives, whichever tool it is; what it costs depends on what the host has taken back \
+         at that moment, so this figure is an indication, not the destinations' cost.\n",
+        touch.settled_s_per_gib, touch.warm_s_per_gib
+    );
+    let _ = writeln!(md, "{}\n", table::markdown(rows));
+    let _ = writeln!(md, "{settings} Load average at the end: {load_end}.\n");
+    let targets = table::targets(rows);
+    if !targets.is_empty() {
+        let _ = writeln!(md, "Against issue 12's targets:\n\n{targets}");
+    }
+    md
 }
 
 /// How both tools were set up and measured, for under the table.
@@ -273,20 +222,6 @@ fn settings(
         p.guest(&RowSpec::parse("cold-dirtying-4ch").expect("a row")).append(),
         p.settle_ms,
     )
-}
-/// Writes `DIR/bench.md` and `DIR/bench.json`.
-fn write_out(dir: &Path, md: &str, doc: &serde_json::Value) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let (md_path, json_path) = (dir.join("bench.md"), dir.join("bench.json"));
-    std::fs::write(&md_path, md).with_context(|| format!("cannot write {}", md_path.display()))?;
-    std::fs::write(&json_path, serde_json::to_string_pretty(doc)?)
-        .with_context(|| format!("cannot write {}", json_path.display()))?;
-    eprintln!(
-        "bench: wrote {} and {}",
-        md_path.display(),
-        json_path.display()
-    );
-    Ok(())
 }
 
 /// One row: QEMU, livemig, QEMU, livemig, ... `repeat` times; stops at the first failure.
