@@ -3,7 +3,7 @@
 use crate::child_args::{self, value_enum, ToArgs};
 use crate::guest::GuestChoice;
 use clap::Args;
-use livemig_engine::config::{ChunkOrder, NoConvergence, SourceTestHooks};
+use livemig_engine::config::NoConvergence;
 use livemig_engine::MigrationConfig;
 use livemig_vmm::devices::DeviceSpec;
 use livemig_vmm::memory::Backing;
@@ -125,10 +125,6 @@ pub struct MigrationArgs {
     /// state move. The source guest's memory is then memfd-backed.
     #[arg(long)]
     pub local: bool,
-    /// TEST ONLY: send device chunks in an adversarial order.
-    #[arg(long, value_enum, hide = true, default_value_t = TestChunkOrder::Natural)]
-    #[serde(skip)]
-    pub test_chunk_order: TestChunkOrder,
     #[command(flatten)]
     #[serde(flatten)]
     pub tls: crate::tls::TlsArgs,
@@ -153,16 +149,6 @@ pub enum OnNoConvergence {
 pub enum TransferMode {
     Multifd,
     Main,
-}
-
-/// Test-only arrival orders of device chunks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum TestChunkOrder {
-    Natural,
-    /// Each credit window back to front.
-    Reverse,
-    /// Data channel 0 waits 5 ms before each chunk.
-    DelayChannel,
 }
 
 impl MigrationArgs {
@@ -197,35 +183,14 @@ impl MigrationArgs {
                 RamTransfer::Copy
             },
             tls: self.tls.config()?,
-            test_hooks: SourceTestHooks {
-                chunk_order: match self.test_chunk_order {
-                    TestChunkOrder::Natural => ChunkOrder::Natural,
-                    TestChunkOrder::Reverse => ChunkOrder::Reverse,
-                    TestChunkOrder::DelayChannel => {
-                        ChunkOrder::DelayChannel0(Duration::from_millis(5))
-                    }
-                },
-            },
+            test_hooks: crate::test_hooks()?.source,
             ..MigrationConfig::default()
         })
     }
 }
 
-impl ToArgs for MigrationArgs {
-    fn to_args(&self) -> Vec<String> {
-        let mut v = child_args::to_args(self);
-        if self.test_chunk_order != TestChunkOrder::Natural {
-            v.push(format!(
-                "--test-chunk-order={}",
-                match self.test_chunk_order {
-                    TestChunkOrder::Reverse => "reverse",
-                    _ => "delay-channel",
-                }
-            ));
-        }
-        v
-    }
-}
+/// Handed on to a child process as its flags (test hooks go by the environment).
+impl ToArgs for MigrationArgs {}
 
 /// The guest the source runs. Handed on to a child process by [`ToArgs`].
 #[derive(Debug, Clone, Args, Serialize)]

@@ -147,16 +147,14 @@ mod tests {
                 "--switchover-timeout-ms=2345",
                 "--connect-timeout-ms=3456",
                 "--local",
-                "--test-chunk-order=delay-channel",
                 "--tls-cert=/c.pem",
                 "--tls-key=/k.pem",
                 "--tls-ca=/ca.pem",
                 "--tls-server-name=peer",
-                "--test-tls-no-client-cert",
             ],
             m,
         );
-        round_trip(&["--test-chunk-order=reverse", "--compress=none"], m);
+        round_trip(&["--compress=none"], m);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use crate::procstat::CpuMark;
 use clap::Args;
 use livemig_engine::{
     migrate, receive_vm, Endpoint, Factories, Guest, Incoming, IncomingConfig, IncomingEvent,
-    Listener, Progress, TestHooks,
+    Listener, Progress,
 };
 use livemig_vmm::devices::DeviceModels;
 use livemig_vmm::{memory, Factory};
@@ -63,9 +63,6 @@ pub struct IncomingArgs {
     /// How the onward migration runs (with --then-migrate-to).
     #[command(flatten)]
     pub onward: MigrationArgs,
-    /// TEST ONLY: break the ordering of rounds across channels, to prove the checks catch it.
-    #[arg(long, hide = true)]
-    pub test_break_round_order: bool,
 }
 
 pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
@@ -139,9 +136,7 @@ fn incoming_config(a: &IncomingArgs) -> anyhow::Result<IncomingConfig> {
         peer_timeout: Duration::from_millis(a.onward.peer_timeout_ms),
         handshake_timeout: Duration::from_millis(a.handshake_timeout_ms),
         tls: a.onward.tls.config()?,
-        test_hooks: TestHooks {
-            break_round_order: a.test_break_round_order,
-        },
+        test_hooks: crate::test_hooks()?.destination,
         ..IncomingConfig::default()
     };
     if let Some(m) = a.max_guest_memory {

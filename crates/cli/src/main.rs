@@ -93,6 +93,12 @@ fn error_chain(e: &anyhow::Error) -> String {
     msg
 }
 
+/// The test hooks this process was started with (`LIVEMIG_TEST_HOOKS`; none in a release
+/// build, where setting it is an error).
+fn test_hooks() -> anyhow::Result<livemig_engine::config::test_hooks::Hooks> {
+    livemig_engine::config::test_hooks::Hooks::from_env().map_err(anyhow::Error::msg)
+}
+
 /// Prints one JSON object as a line on stdout.
 fn emit(v: &serde_json::Value) {
     use std::io::Write;

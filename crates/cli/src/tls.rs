@@ -28,9 +28,6 @@ pub struct TlsArgs {
     /// tcp:HOST:PORT (needed for unix: addresses).
     #[arg(long, value_name = "NAME", requires = "tls_cert")]
     pub tls_server_name: Option<String>,
-    /// TEST ONLY: present no client certificate (to show a destination refuses that).
-    #[arg(long, hide = true, requires = "tls_cert")]
-    pub test_tls_no_client_cert: bool,
 }
 
 /// Handed on to a child process as its flags.
@@ -47,7 +44,7 @@ impl TlsArgs {
         if let Some(name) = &self.tls_server_name {
             c = c.with_server_name(name)?;
         }
-        if self.test_tls_no_client_cert {
+        if crate::test_hooks()?.tls_no_client_cert {
             c = c.without_client_certificate();
         }
         Ok(Some(Arc::new(c)))

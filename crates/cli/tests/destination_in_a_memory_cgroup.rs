@@ -129,9 +129,8 @@ fn destination_within_guest_plus_cap_plus_slack_is_never_oom_killed() {
         dev,
         "--device=vfio-sim,size=32M,rate=200M,seed=3",
         "--device=vmstate-sim",
-        "--test-chunk-order=reverse",
     ];
-    let mut src = synthetic_source(&addr, &options, &[]);
+    let mut src = synthetic_source_hooked(&addr, &options, &[], "chunk-order=reverse");
     let done = src.wait_for(&["completed"]);
     let status = cg.dest().wait_exit();
     let peak = cg.read_u64("memory.max_usage_in_bytes");

@@ -16,7 +16,7 @@ const MIB: u64 = 1 << 20;
 /// Runs one migration of a 64 MiB synthetic guest with `devices` (vfio-sim specs) and a
 /// vmstate-sim, plus `extra` migrate options; returns the source's report and the
 /// destination's report after checking both ended well.
-fn migrate(devices: &[&str], extra: &[&str]) -> (Value, Value) {
+fn migrate(devices: &[&str], extra: &[&str], hooks: &str) -> (Value, Value) {
     let (mut dest, addr) = Proc::incoming(&["--verify"]);
     let options = [
         "--memory=64M",
@@ -25,7 +25,8 @@ fn migrate(devices: &[&str], extra: &[&str]) -> (Value, Value) {
         "--device=vmstate-sim",
     ];
     let specs: Vec<String> = devices.iter().map(|d| format!("--device={d}")).collect();
-    let mut src = synthetic_source(&addr, &[&options[..], &strs(&specs)].concat(), extra);
+    let options = [&options[..], &strs(&specs)].concat();
+    let mut src = synthetic_source_hooked(&addr, &options, extra, hooks);
     let done = src
         .wait_for(&["completed"])
         .unwrap_or_else(|e| panic!("migration did not complete ({e}): {:#?}", src.seen));
@@ -96,12 +97,8 @@ fn reversed_windows_load_in_order_within_a_tight_cap() {
     // asks for 3, the cap lowers it).
     let (report, recv) = migrate(
         &devices,
-        &[
-            "--chunk-size=1M",
-            "--credit-window=3",
-            "--buffer-cap=8M",
-            "--test-chunk-order=reverse",
-        ],
+        &["--chunk-size=1M", "--credit-window=3", "--buffer-cap=8M"],
+        "chunk-order=reverse",
     );
     assert_eq!(u64_at(&report, &["buffer_cap_bytes"]), 8 * MIB);
     assert_eq!(u64_at(&report, &["credit_window"]), 2);
@@ -123,7 +120,7 @@ fn reversed_default_windows_fill_and_never_overflow() {
     ];
     // Defaults: window 2 x 4 channels = 8 chunks per device, within the destination's own
     // cap of 256 MiB (which holds every full window).
-    let (report, recv) = migrate(&devices, &["--test-chunk-order=reverse"]);
+    let (report, recv) = migrate(&devices, &[], "chunk-order=reverse");
     assert_eq!(u64_at(&report, &["credit_window"]), 8);
     assert_eq!(u64_at(&report, &["buffer_cap_bytes"]), 256 * MIB);
     let peaks = check_bounds(&report, &recv, &devices, MIB);
@@ -145,11 +142,8 @@ fn a_delayed_channel_is_overtaken_and_order_holds() {
     // Small chunks, so channel 0's 5 ms delay per chunk is overtaken many times.
     let (report, recv) = migrate(
         &devices,
-        &[
-            "--chunk-size=256K",
-            "--credit-window=6",
-            "--test-chunk-order=delay-channel",
-        ],
+        &["--chunk-size=256K", "--credit-window=6"],
+        "chunk-order=delay-channel",
     );
     assert_eq!(u64_at(&report, &["credit_window"]), 6);
     check_bounds(&report, &recv, &devices, 256 << 10);
@@ -161,7 +155,7 @@ fn natural_order_on_two_channels() {
         "vfio-sim,size=32M,rate=200M,precopy=4M",
         "vfio-sim,size=32M,rate=200M",
     ];
-    let (report, recv) = migrate(&devices, &["--channels=2", "--test-chunk-order=natural"]);
+    let (report, recv) = migrate(&devices, &["--channels=2"], "chunk-order=natural");
     assert_eq!(u64_at(&report, &["credit_window"]), 4);
     check_bounds(&report, &recv, &devices, MIB);
 }
@@ -172,7 +166,7 @@ fn serial_baseline_on_the_main_channel_completes() {
         "vfio-sim,size=32M,rate=200M,precopy=4M",
         "vfio-sim,size=16M,rate=200M",
     ];
-    let (report, recv) = migrate(&devices, &["--device-state-transfer=main"]);
+    let (report, recv) = migrate(&devices, &["--device-state-transfer=main"], "");
     assert_eq!(report["device_transfer"].as_str(), Some("main"));
     check_bounds(&report, &recv, &devices, MIB);
 }

@@ -65,7 +65,7 @@ fn every_page_exact_after_heavy_dirtying() {
 /// newer ones, and the destination must refuse to resume the guest.
 #[test]
 fn a_stale_page_landing_late_is_caught() {
-    let (mut dest, addr) = Proc::incoming(&["--verify", "--test-break-round-order"]);
+    let (mut dest, addr) = Proc::incoming_hooked(&["--verify"], "break-round-order");
     let to = format!("--to={addr}");
     let mut args = vec!["migrate", "--json", to.as_str()];
     args.extend_from_slice(SOURCE);

@@ -7,7 +7,7 @@
 //! migration is over (in the destination process, and in-process for both sides).
 
 mod common;
-use common::{strs, synthetic_source, u64_at, Proc};
+use common::{strs, synthetic_source_hooked, u64_at, Proc};
 use livemig_engine::{
     migrate, receive, Endpoint, IncomingConfig, Listener, MigrationConfig, TlsConfig,
 };
@@ -98,6 +98,11 @@ impl Drop for Certs {
 
 /// A source process migrating a small synthetic guest with a device to `addr`.
 fn source(addr: &str, extra: &[String]) -> Proc {
+    source_hooked(addr, extra, "")
+}
+
+/// [`source`] with test hooks (see `Proc::spawn_hooked`).
+fn source_hooked(addr: &str, extra: &[String], hooks: &str) -> Proc {
     let options = [
         "--memory=64M",
         "--working-set=4M",
@@ -106,7 +111,7 @@ fn source(addr: &str, extra: &[String]) -> Proc {
         "--channels=4",
         "--device=vfio-sim,size=8M,rate=400M",
     ];
-    synthetic_source(addr, &options, &strs(extra))
+    synthetic_source_hooked(addr, &options, &strs(extra), hooks)
 }
 
 /// The `lm-tls` threads of process `pid`.
@@ -156,9 +161,7 @@ fn a_migration_over_tls_completes_exact_and_strangers_are_refused() {
     let (mut dest, addr) = Proc::incoming(&strs(&dargs));
 
     // (2) No client certificate.
-    let mut no_cert = src_tls.clone();
-    no_cert.push("--test-tls-no-client-cert".into());
-    let e = refused_source(source(&addr, &no_cert));
+    let e = refused_source(source_hooked(&addr, &src_tls, "tls-no-client-cert"));
     assert!(e.contains("requires a certificate"), "{e}");
 
     // (3) A certificate from another CA (the stranger trusts the real CA, so it would

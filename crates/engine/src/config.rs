@@ -207,7 +207,8 @@ pub mod test_hooks {
     use std::time::Duration;
 
     /// The environment variable a process reads its test hooks from: a comma-separated list
-    /// of `chunk-order=natural|reverse|delay-channel` and `break-round-order`.
+    /// of `chunk-order=natural|reverse|delay-channel`, `break-round-order` and
+    /// `tls-no-client-cert`. A process hands it on to the processes it starts.
     pub const TEST_HOOKS_ENV: &str = "LIVEMIG_TEST_HOOKS";
 
     /// The order in which the source sends a device's chunks.
@@ -282,6 +283,8 @@ pub mod test_hooks {
         pub source: SourceTestHooks,
         /// The destination's.
         pub destination: TestHooks,
+        /// A TLS client that presents no certificate (to show a destination refuses it).
+        pub tls_no_client_cert: bool,
     }
 
     impl Hooks {
@@ -308,6 +311,7 @@ pub mod test_hooks {
             for item in spec.split(',').map(str::trim) {
                 match item {
                     "break-round-order" => hooks.destination.break_round_order = true,
+                    "tls-no-client-cert" => hooks.tls_no_client_cert = true,
                     "chunk-order=natural" => hooks.source.chunk_order = ChunkOrder::Natural,
                     "chunk-order=reverse" => hooks.source.chunk_order = ChunkOrder::Reverse,
                     "chunk-order=delay-channel" => {

@@ -78,8 +78,8 @@ pub enum MigrationError {
     Channel(#[from] ChannelError),
     #[error(transparent)]
     Guest(#[from] GuestError),
-    #[error("a migration thread panicked: {0}")]
-    ThreadPanicked(String),
+    #[error("every migration thread exited before the migration ended")]
+    ThreadsGone,
     #[error("gave up waiting for {}: it did not finish within {:?}", .0.awaited, .0.limit)]
     Deadline(crate::source::watchdog::Expired),
     #[error("migration cancelled")]
@@ -91,7 +91,7 @@ pub enum MigrationError {
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
     #[error("handover outcome unknown: the destination did not confirm it resumed ({0}); the source guest stays paused")]
-    HandoverUnknown(String),
+    HandoverUnknown(#[source] Box<MigrationError>),
 }
 
 /// Why an incoming migration failed. The destination never resumes a guest after one.
@@ -113,10 +113,10 @@ pub enum IncomingError {
         mismatched: u64,
         example: String,
     },
-    #[error("a migration thread panicked: {0}")]
-    ThreadPanicked(String),
+    #[error("every migration thread exited before the migration ended")]
+    ThreadsGone,
     #[error("source did not hand over the guest: {0}")]
-    NoHandover(String),
+    NoHandover(#[source] Box<IncomingError>),
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
     #[error("a migration thread failed: {0}")]

@@ -5,7 +5,7 @@ pub mod raw;
 pub mod synthetic;
 
 #[allow(unused_imports)]
-pub use synthetic::{strs, synthetic_source, synthetic_source_args};
+pub use synthetic::{strs, synthetic_source, synthetic_source_args, synthetic_source_hooked};
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -24,8 +24,17 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(args: &[&str]) -> Proc {
+        Proc::spawn_hooked(args, "")
+    }
+
+    /// [`Proc::spawn`] with the engine's test hooks (fault injection) set for the process:
+    /// `hooks` as `LIVEMIG_TEST_HOOKS` spells them, e.g. `chunk-order=reverse`.
+    pub fn spawn_hooked(args: &[&str], hooks: &str) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_livemig"));
         cmd.args(args);
+        if !hooks.is_empty() {
+            cmd.env(livemig_engine::config::test_hooks::TEST_HOOKS_ENV, hooks);
+        }
         Proc::start(cmd)
     }
 
@@ -57,9 +66,14 @@ impl Proc {
 
     /// A destination listening on a free loopback port; returns it and its address.
     pub fn incoming(extra: &[&str]) -> (Proc, String) {
+        Proc::incoming_hooked(extra, "")
+    }
+
+    /// [`Proc::incoming`] with test hooks (see [`Proc::spawn_hooked`]).
+    pub fn incoming_hooked(extra: &[&str], hooks: &str) -> (Proc, String) {
         let mut args = vec!["incoming", "--listen=tcp:127.0.0.1:0", "--json"];
         args.extend_from_slice(extra);
-        let mut p = Proc::spawn(&args);
+        let mut p = Proc::spawn_hooked(&args, hooks);
         let l = p.expect_event("listening");
         let addr = l["addr"].as_str().unwrap().to_string();
         (p, addr)

@@ -15,9 +15,14 @@ pub fn synthetic_source_args(to: &str, options: &[&str]) -> Vec<String> {
 
 /// A source process migrating a synthetic guest to `to`, with `options` then `extra`.
 pub fn synthetic_source(to: &str, options: &[&str], extra: &[&str]) -> Proc {
+    synthetic_source_hooked(to, options, extra, "")
+}
+
+/// [`synthetic_source`] with test hooks (see [`Proc::spawn_hooked`]).
+pub fn synthetic_source_hooked(to: &str, options: &[&str], extra: &[&str], hooks: &str) -> Proc {
     let mut args = synthetic_source_args(to, options);
     args.extend(extra.iter().map(|e| e.to_string()));
-    Proc::spawn(&strs(&args))
+    Proc::spawn_hooked(&strs(&args), hooks)
 }
 
 /// The `&str`s of `v`, for a command line.

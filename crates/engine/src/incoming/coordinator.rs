@@ -48,7 +48,7 @@ pub(super) fn coordinate(
             Phase::AwaitingHandover(a) => {
                 let ev = inbox
                     .next(main, Some(a.deadline()))
-                    .map_err(|e| IncomingError::NoHandover(e.to_string()))?;
+                    .map_err(|e| IncomingError::NoHandover(Box::new(e)))?;
                 a.step(ev)?
             }
             Phase::Running(r) => return r.resume(s, shared, main),
@@ -113,9 +113,7 @@ impl<'a> Inbox<'a> {
             return match heard {
                 Ok(Ok(ev)) => Ok(ev),
                 Ok(Err(failure)) => Err(failure.into()),
-                Err(_) => Err(IncomingError::ThreadPanicked(
-                    "every migration thread exited".into(),
-                )),
+                Err(_) => Err(IncomingError::ThreadsGone),
             };
         }
     }

@@ -138,7 +138,7 @@ impl Session<'_> {
             let failed = outcome.is_err();
             match (outcome, rt.teardown(failed)) {
                 (Err(e), _) => Err(e),
-                (Ok(_), Some(e)) => Err(IncomingError::ThreadPanicked(e.to_string())),
+                (Ok(_), Some(e)) => Err(IncomingError::Job(e)),
                 (Ok(r), None) => Ok(r),
             }
         })

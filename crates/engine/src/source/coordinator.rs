@@ -101,7 +101,7 @@ impl Coordinator<'_> {
                 Phase::AwaitResumed(h) => {
                     self.next_event()
                         .and_then(|ev| self.on_resumed(h, ev))
-                        .map_err(|e| MigrationError::HandoverUnknown(e.to_string()))?
+                        .map_err(|e| MigrationError::HandoverUnknown(Box::new(e)))?
                 }
                 phase => {
                     let ev = self.next_event()?;
@@ -165,9 +165,7 @@ impl Coordinator<'_> {
     fn next_event(&mut self) -> Result<Event, MigrationError> {
         loop {
             let ev = select! {
-                recv(self.events) -> ev => ev.map_err(|_| {
-                    MigrationError::ThreadPanicked("every migration thread exited".into())
-                })?,
+                recv(self.events) -> ev => ev.map_err(|_| MigrationError::ThreadsGone)?,
                 recv(self.threads) -> done => {
                     thread_failure(done)?;
                     continue;

@@ -144,7 +144,7 @@ fn finish(
     drop(dispatch);
     match (outcome, rt.teardown(false)) {
         (Err(e), _) => Err(e),
-        (Ok(_), Some(t)) => Err(MigrationError::ThreadPanicked(t.to_string())),
+        (Ok(_), Some(t)) => Err(MigrationError::Job(t)),
         (Ok(r), None) => Ok(r),
     }
 }
