@@ -8,6 +8,8 @@
 //! The engine knows guests only through the [`guest::Guest`] trait. `docs/threading.md` and
 //! `docs/state-machines.md` in the repository describe the threads and states.
 
+#![warn(missing_docs)]
+
 pub mod cancel;
 pub mod config;
 pub mod device;
