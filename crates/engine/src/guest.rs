@@ -83,8 +83,10 @@ pub struct VerifyReport {
 /// methods from the coordinator (the caller's thread of [`crate::migrate_vm`] or
 /// [`crate::receive_vm`]) and `save_state` from a job thread of its own, while its data
 /// channel threads read (source) or write (destination) [`Guest::memory`] at the same time.
-/// The engine never calls two control methods of one guest at once. The module docs list
-/// the order of the calls.
+/// Control methods are not called concurrently with one another, with one exception: at
+/// switchover, `save_state` (on its job thread) runs at the same time as the coordinator's
+/// last `sync_dirty_log` and `stop_dirty_log`, the guest paused. The module docs list the
+/// order of the calls.
 ///
 /// Any `Err` fails the migration with [`crate::MigrationError::Guest`] or
 /// [`crate::IncomingError::Guest`], naming [`GuestError::op`].
@@ -129,8 +131,10 @@ pub trait Guest: Send + Sync {
 
     /// The guest's non-memory state (vCPUs, interrupt controller, ...), versioned so the
     /// destination's `restore_state` can refuse a blob it does not understand. Only called
-    /// on the source while paused, on a job thread of the migration; it travels on the main
-    /// channel, so it should stay small (well under the wire's frame limit).
+    /// on the source while paused, on a job thread of the migration, possibly while the
+    /// coordinator takes the last dirty pass. It travels on the main channel during the
+    /// downtime, so it should stay small; the destination refuses a blob over its
+    /// [`livemig_wire::Limits::max_state_bytes`] (64 MiB by default).
     fn save_state(&self) -> Result<Vec<u8>, GuestError>;
 
     /// Loads state saved by `save_state`, on the destination, with the guest not yet
