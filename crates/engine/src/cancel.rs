@@ -19,6 +19,8 @@ struct Inner {
 }
 
 impl CancelToken {
+    /// A token not cancelled. A cancel is final: a token never becomes uncancelled, so use
+    /// a new one for each attempt.
     pub fn new() -> Self {
         let (tx, rx) = crossbeam_channel::bounded(0);
         CancelToken {
@@ -40,6 +42,7 @@ impl CancelToken {
             .take();
     }
 
+    /// Whether [`Self::cancel`] has been called on this token or a clone.
     pub fn is_cancelled(&self) -> bool {
         self.inner.flag.load(Ordering::Acquire)
     }

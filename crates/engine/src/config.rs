@@ -1,4 +1,9 @@
 //! Knobs of a migration, with the defaults a user gets when saying nothing.
+//!
+//! [`MigrationConfig`] is the source's, [`IncomingConfig`] the destination's; both are
+//! built with `..Default::default()` and only the fields that matter changed. Where the two
+//! sides must agree (peer timeout, credit window, buffer cap) the source asks in its hello
+//! and the destination decides, never granting more than its own configuration allows.
 
 use crate::cancel::CancelToken;
 use crate::error::MigrationError;
@@ -11,15 +16,17 @@ use livemig_wire::{
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long a silent peer is given by default before it is taken for dead.
+/// How long a silent peer is given by default before it is taken for dead (both sides).
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Device state a destination buffers at most by default, across devices. With 1 MiB
 /// chunks that is a window of 64 chunks for 4 devices; a hello asking for more (many
 /// devices, large chunks, wide windows) gets narrower windows, never more memory.
 pub const DEFAULT_BUFFER_CAP: u64 = 256 << 20;
-/// The longest a guest stays paused for a switchover by default.
+/// The longest a guest stays paused for a switchover by default
+/// ([`MigrationConfig::switchover_timeout`]).
 pub const DEFAULT_SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(30);
-/// The shortest peer timeout allowed (pings go out every quarter of it).
+/// The shortest peer timeout [`MigrationConfig::validate`] allows (pings go out every
+/// quarter of it).
 pub const MIN_PEER_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// A peer timeout in whole milliseconds for the hello and the accept, within what the wire
@@ -32,30 +39,47 @@ pub(crate) fn wire_ms(d: Duration) -> u32 {
     )
 }
 
-/// How often an idle channel pings when the peer timeout is `t`.
+/// How often an idle channel pings when the peer timeout is `t`: a quarter of it.
 pub fn ping_interval(t: Duration) -> Duration {
     t / 4
 }
 
-/// Source side.
+/// The source's configuration of one outgoing migration ([`crate::migrate_vm`]).
+///
+/// [`MigrationConfig::validate`] checks it before anything is opened; an invalid one is
+/// [`MigrationError::Config`]. Cloning shares the [`CancelToken`], the [`LiveStats`] and
+/// the TLS configuration.
 #[derive(Debug, Clone)]
 pub struct MigrationConfig {
-    /// Data channels, 1..=64.
+    /// Data channels (TCP or Unix connections besides the main one), 1 to
+    /// [`MAX_CHANNELS`] (64). Default 4.
     pub channels: u16,
-    /// Switch over once the remaining dirty memory would move within this time.
+    /// Switch over once the remaining dirty memory would move within this time at the last
+    /// round's rate (more rounds may run while each still halves the rest, at most 8).
+    /// Default 300 ms.
     pub downtime_limit: Duration,
-    /// Cap on the bytes per second the data channels send, if any.
+    /// Cap on the bytes per second of guest RAM the data channels send, if any (device state
+    /// is not paced). `Some(0)` is invalid. Default `None`: no cap.
     pub max_bandwidth: Option<u64>,
-    /// Switch over after this many precopy rounds even if not converged.
+    /// Switch over after this many precopy rounds (round 0 included) even if not
+    /// converged, or fail, as [`Self::on_no_convergence`] says. Default 30.
     pub max_rounds: u32,
-    /// Switch over after this much precopy time even if not converged.
+    /// Switch over after this much precopy time even if not converged, or fail, as
+    /// [`Self::on_no_convergence`] says (checked at the end of each round). Default 120 s.
     pub max_precopy_time: Duration,
-    /// What happens when a round or time bound is hit before convergence.
+    /// What happens when a round or time bound is hit before convergence. Default
+    /// [`NoConvergence::Force`].
     pub on_no_convergence: NoConvergence,
-    /// Throttle the guest's vCPUs progressively (20%, then +10% a round, up to 99%) while
-    /// rounds stop shrinking: QEMU's auto-converge.
+    /// Throttle the guest's vCPUs progressively while rounds stop shrinking (QEMU's
+    /// auto-converge): after two rounds in a row that each saw at least half as many pages
+    /// dirtied as they sent, the throttle goes to [`THROTTLE_INITIAL`] (20%), and up by
+    /// [`THROTTLE_STEP`] (10 points) after every further two such rounds, to at most
+    /// [`THROTTLE_MAX`] (99%). A guest whose [`crate::Guest::set_throttle`] fails migrates
+    /// on unthrottled. Default on.
     pub auto_converge: bool,
-    /// Pages per RamPages packet.
+    /// Pages (4 KiB) per RamPages packet, 1 to [`MAX_PAGES_PER_PACKET`]; the destination
+    /// refuses a session asking for more than its [`Limits`] allow. Default
+    /// [`DEFAULT_PAGES_PER_PACKET`].
     pub pages_per_packet: u32,
     /// Each page sent carries its CRC32C, checked by the destination. Off by default: the
     /// source trusts the transport, as QEMU, Cloud Hypervisor and Firecracker do (TCP's
@@ -65,42 +89,56 @@ pub struct MigrationConfig {
     pub page_checksums: bool,
     /// Compress RAM pages with zstd at this level (`None`: send them as they are, the
     /// default). For links slower than the CPU can compress; a packet goes compressed only
-    /// when that makes it smaller.
+    /// when that makes it smaller. The level must be in zstd's range.
     pub compress: Option<i32>,
     /// How long to keep retrying a refused connection while the destination starts; once the
     /// main channel is open, the most the rest of set-up may take (a deadline, however the
-    /// destination trickles its answers).
+    /// destination trickles its answers). Default 10 s.
     pub connect_timeout: Duration,
     /// The longest the guest may stay paused for the switchover: from its pause until the
     /// destination has loaded everything (its last pages, every device's last state within
     /// the destination's credit, the vCPU and VM state). Past it the attempt is torn down and
     /// the guest runs on here. The destination's `Resumed` after the handover is then awaited
-    /// for the peer timeout.
+    /// for the peer timeout. Must not be 0. Default [`DEFAULT_SWITCHOVER_TIMEOUT`] (30 s).
     pub switchover_timeout: Duration,
     /// Device state on the data channels with credit (the default), or each device in turn
-    /// on the main channel at switchover (the baseline livemig is compared with).
+    /// on the main channel at switchover (the baseline livemig is compared with). See
+    /// [`crate::device`] for the calls each makes.
     pub device_transfer: DeviceTransfer,
     /// Guest RAM copied over the data channels (the default), or, in local mode, the files
     /// backing it handed to a destination on the same host (`unix:` address and memfd-backed
     /// guest memory needed; see `local`).
     pub ram: RamTransfer,
-    /// Bytes per device chunk.
+    /// Bytes per device chunk: the `max` handed to [`crate::Device::save_precopy`] and
+    /// [`crate::Device::save_final`], 1 byte to [`MAX_CHUNK_SIZE`]. Default 1 MiB.
     pub chunk_size: u32,
-    /// Chunks of credit per device to ask the destination for (0: its default, 2 x channels).
+    /// Chunks of credit per device to ask the destination for (0, the default: whatever the
+    /// destination's [`IncomingConfig::credit_window`] gives). The destination may grant
+    /// fewer; the report says what it granted.
     pub credit_window: u32,
-    /// Bytes of device chunks to ask the destination to buffer at most (0: its default).
+    /// Bytes of device chunks to ask the destination to buffer at most (0, the default: the
+    /// destination's [`IncomingConfig::buffer_cap`]). The destination may grant less, and
+    /// refuses the session if the cap cannot hold one chunk per device.
     pub buffer_cap: u64,
     /// A destination silent this long (no frame, not even a ping) or not reading for this
     /// long is taken for dead: the migration fails and the guest runs on here. Idle data
-    /// channels ping every quarter of it. TCP keepalive and user timeout follow it too.
+    /// channels ping every quarter of it. TCP keepalive and user timeout follow it too. The
+    /// shorter of the two sides' timeouts governs both. At least [`MIN_PEER_TIMEOUT`];
+    /// default [`DEFAULT_PEER_TIMEOUT`] (30 s).
     pub peer_timeout: Duration,
-    /// TLS 1.3 with mutual authentication on every channel (none: plain sockets). The
-    /// destination must use TLS too.
+    /// TLS 1.3 with mutual authentication on every channel (none: plain sockets, the
+    /// default). The destination must use TLS too. Not with local mode.
     pub tls: Option<Arc<TlsConfig>>,
-    /// Cancels the migration from outside; the guest then runs on here.
+    /// Cancels the migration from outside ([`CancelToken::cancel`] from any thread); the
+    /// migration then fails with [`MigrationError::Cancelled`] and the guest runs on here,
+    /// unless it was already handed over. A token already cancelled fails the next
+    /// migration that uses it at once: use a fresh token per attempt.
     pub cancel: CancelToken,
-    /// The live counters, for watching the migration from outside.
+    /// The live counters, for watching the migration from outside (reset when an attempt's
+    /// session starts).
     pub stats: LiveStats,
+    /// Fault injection for tests; empty without the `test-hooks` feature. Leave it at its
+    /// default.
     pub test_hooks: SourceTestHooks,
 }
 
@@ -134,6 +172,9 @@ impl Default for MigrationConfig {
 }
 
 impl MigrationConfig {
+    /// Checks every field against its range (channels, pages per packet, chunk size, peer
+    /// timeout, switchover timeout, zstd level, bandwidth); [`crate::migrate_vm`] calls it
+    /// first. An error names the field and its allowed range.
     pub fn validate(&self) -> Result<(), MigrationError> {
         if self.channels == 0 || self.channels > MAX_CHANNELS {
             return Err(MigrationError::Config(format!(
@@ -194,15 +235,18 @@ pub enum NoConvergence {
     Cancel,
 }
 
-/// Auto-converge's first throttle, step per round and ceiling (QEMU's defaults).
+/// Auto-converge's first throttle, percent (QEMU's default).
 pub const THROTTLE_INITIAL: u8 = 20;
+/// Auto-converge's step, percentage points added after every two rounds that do not shrink
+/// (QEMU's default).
 pub const THROTTLE_STEP: u8 = 10;
+/// Auto-converge's ceiling, percent (QEMU's default).
 pub const THROTTLE_MAX: u8 = 99;
 
 /// Fault injection for tests: arrival orders made adversarial, the engine broken on purpose
 /// to prove the tests catch it. Compiled in only with the `test-hooks` cargo feature (the
 /// cli's tests turn it on through a dev-dependency), so a release build's hot paths carry
-/// none of it; a process takes them from [`TEST_HOOKS_ENV`].
+/// none of it; a process takes them from [`test_hooks::TEST_HOOKS_ENV`].
 pub mod test_hooks {
     use std::time::Duration;
 
@@ -327,21 +371,29 @@ pub mod test_hooks {
 }
 pub use test_hooks::{ChunkOrder, SourceTestHooks, TestHooks};
 
-/// Destination side.
+/// The destination's configuration ([`crate::receive_vm`]).
 #[derive(Debug, Clone)]
 pub struct IncomingConfig {
-    /// Bounds on what a peer may make this side allocate.
+    /// Bounds on what a peer may make this side allocate (frame sizes, pages per packet):
+    /// every length a peer sends is checked against them before anything is allocated.
+    /// Default [`Limits::default`].
     pub limits: Limits,
-    /// The largest guest memory a source may ask this side to allocate.
+    /// The largest guest memory, in bytes, a source may ask this side to allocate; a
+    /// session asking for more is refused (and the wait goes on). Default: this host's
+    /// total RAM ([`host_memory_bytes`]), or 16 GiB if `/proc/meminfo` cannot be read.
     pub max_guest_memory: u64,
-    /// Time for all data channels to join once the session is opened.
+    /// Time for all data channels to join once the session is accepted; past it the
+    /// session fails with [`crate::IncomingError::Setup`]. Default 10 s.
     pub setup_timeout: Duration,
-    /// Time for a new connection to say who it is.
+    /// Time for a new connection, from its accept, to complete its TLS handshake (if any)
+    /// and send its first frame; a connection that does not is refused and the wait goes on.
+    /// Default 5 s.
     pub handshake_timeout: Duration,
-    /// Check every page of the loaded guest before resuming it (a test instrument).
+    /// Check every page of the loaded guest ([`crate::Guest::verify`]) before resuming it,
+    /// failing the session on any wrong page (a test instrument). Default off.
     pub verify: bool,
-    /// Chunks of credit each device gets at most (0: 2 x the session's channels). A source
-    /// may ask for less.
+    /// Chunks of credit each device gets at most (0, the default: 2 x the session's data
+    /// channels). A source may ask for less; the buffer cap may narrow it further.
     pub credit_window: u32,
     /// Bytes of device chunks buffered at most across devices (default 256 MiB; 0: every
     /// device's full window, as large as the hello makes it). A source may ask for less,
@@ -350,14 +402,19 @@ pub struct IncomingConfig {
     /// A source silent this long on a data channel (no frame, not even a ping), not reading
     /// for this long, or this late with `Complete` or `Handover` once due, is taken for dead:
     /// the session fails and the guest is dropped, never resumed. The main channel pings the
-    /// source every quarter of it.
+    /// source every quarter of it. The shorter of the two sides' timeouts governs both.
+    /// Default [`DEFAULT_PEER_TIMEOUT`] (30 s).
     pub peer_timeout: Duration,
     /// TLS 1.3 with mutual authentication on every channel (none: plain sockets): a
-    /// connection without a valid client certificate is refused at the TLS layer.
+    /// connection without a valid client certificate is refused at the TLS layer. Default
+    /// none.
     pub tls: Option<Arc<TlsConfig>>,
     /// Stops waiting for a source (a session already under way runs to its end: cancel it
-    /// on the source).
+    /// on the source). [`crate::receive_vm`] then fails with
+    /// [`crate::IncomingError::Cancelled`].
     pub cancel: CancelToken,
+    /// Fault injection for tests; empty without the `test-hooks` feature. Leave it at its
+    /// default.
     pub test_hooks: TestHooks,
 }
 

@@ -16,9 +16,21 @@
 //! destination:  load* (precopy bytes, then final bytes, in saved order) ─► load_complete
 //! ```
 //!
+//! With [`livemig_wire::DeviceTransfer::Multifd`] (the default) each device has a save job
+//! (`lm-src-dev{i}`) from the start of precopy: `begin_save`, then `save_precopy` polled
+//! while the guest runs (every 20 ms while it returns 0), then, from the guest's pause,
+//! `save_final` until it returns 0. With [`livemig_wire::DeviceTransfer::Main`] (the serial
+//! baseline) the coordinator does it all at switchover, device after device, the guest
+//! already paused: `begin_save`, `save_precopy` until it returns 0, `save_final` until it
+//! returns 0. `abort_save` is called on the caller's thread after every migration thread
+//! has been joined.
+//!
 //! Small devices whose whole state is one blob saved while paused implement [`VmState`]
 //! instead; their blobs travel on the main channel and are applied in a defined order (the
 //! order of the device list) after every streamed device has completed loading.
+//!
+//! Devices are matched by position: the destination builds the twin of the source's i-th
+//! device as its i-th device, and [`crate::Incoming::devices`] keeps that order.
 
 use std::fmt;
 
@@ -26,12 +38,16 @@ use std::fmt;
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("device {device}: {op} failed: {detail}")]
 pub struct DeviceError {
+    /// The device's name ([`DeviceDescriptor::name`]).
     pub device: String,
+    /// The operation that failed, e.g. `"save"`, `"load"` or `"create"`.
     pub op: &'static str,
+    /// What went wrong, for a person.
     pub detail: String,
 }
 
 impl DeviceError {
+    /// An error of `op` on `device`, described by `detail`.
     pub fn new(device: impl Into<String>, op: &'static str, detail: impl fmt::Display) -> Self {
         DeviceError {
             device: device.into(),
@@ -45,56 +61,103 @@ impl DeviceError {
 /// configuration blob (bounded by the wire format).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceDescriptor {
-    /// e.g. "vfio-sim".
+    /// What the [`DeviceFactory`] builds, e.g. "vfio-sim"; a kind the destination does not
+    /// know makes its factory refuse the session.
     pub kind: String,
-    /// A name unique within the VM, for messages.
+    /// A name unique within the VM, for messages and reports.
     pub name: String,
+    /// Kind-specific configuration the twin is built from (opaque to the engine; its size is
+    /// bounded by the wire format).
     pub config: Vec<u8>,
 }
 
 /// A device with a streamed, strictly ordered migration state (VFIO-like).
 ///
-/// Methods take `&self`: the engine calls the save methods from a worker thread of the
-/// migration's pool and the load methods from the device's loader thread, never two at once
-/// for the same device.
+/// Methods take `&self`: the engine calls the save methods from the device's save job thread
+/// (`lm-src-dev{i}`; in serial mode the caller's thread) and the load methods from the
+/// device's loader thread (`lm-dst-load{i}`), never two at once for the same device. The
+/// device's vCPU-side work goes on meanwhile: the save job runs concurrently with the guest
+/// until the pause.
+///
+/// Any `Err` fails the migration ([`crate::MigrationError::Device`] on the source, where
+/// the guest and every device then run on; [`crate::IncomingError::Device`] on the
+/// destination, where the twin is dropped).
 pub trait Device: Send + Sync {
-    /// How the destination builds this device's twin.
+    /// How the destination builds this device's twin. Called on the source at set-up and
+    /// for the report; must not change during a migration.
     fn descriptor(&self) -> DeviceDescriptor;
 
     /// A migration begins: start the state stream from its beginning. Called on the source
-    /// before any other save method, again for every new attempt after a failed one.
+    /// before any other save method, again for every new attempt after a failed one (after
+    /// that attempt's `abort_save`).
     fn begin_save(&self) -> Result<(), DeviceError>;
 
     /// While the guest runs: appends at most `max` bytes of precopy data to `out` and returns
-    /// how many; 0 when the device has nothing to send now.
+    /// how many; 0 when the device has nothing to send now. `out` is empty on entry; what is
+    /// appended is sent as one chunk, so the count returned must be `out.len()`. `max` is
+    /// [`crate::MigrationConfig::chunk_size`].
+    ///
+    /// Returning 0 does not end precopy in the default (multifd) mode: the device is asked
+    /// again 20 ms later, until the guest pauses. In serial mode
+    /// ([`livemig_wire::DeviceTransfer::Main`]) it is called with the guest already paused,
+    /// and its first 0 moves on to `save_final`.
     fn save_precopy(&self, out: &mut Vec<u8>, max: usize) -> Result<usize, DeviceError>;
 
     /// While the guest is paused: appends the next at most `max` bytes of the final state to
-    /// `out`, at the device's own pace, and returns how many; 0 at the end of the stream.
+    /// `out`, at the device's own pace, and returns how many; 0 at the end of the stream, and
+    /// then it is not called again. `out` is empty on entry and the count must be
+    /// `out.len()`. The time from the pause to this device's end is its
+    /// [`crate::DeviceReport::final_save_ms`], part of the downtime: all devices save in
+    /// parallel, and the slowest counts.
     fn save_final(&self, out: &mut Vec<u8>, max: usize) -> Result<usize, DeviceError>;
 
     /// The migration failed or was cancelled: the device runs on as before (whatever a
     /// final save froze is thawed), with its state intact. Called before the guest resumes,
-    /// also when the attempt failed before `begin_save` (then it has nothing to undo).
+    /// also when the attempt failed before `begin_save` (then it has nothing to undo), after
+    /// every migration thread has stopped. Not called after a successful migration, nor
+    /// after a failure past the handover (the destination may run the guest). An error here
+    /// is returned as [`crate::MigrationError::Device`] in place of the migration's own.
     fn abort_save(&self) -> Result<(), DeviceError>;
 
     /// Destination: loads the next piece of the stream. Pieces arrive strictly in saved
-    /// order, precopy data first.
+    /// order, precopy data first, each exactly one chunk the source's save returned (the
+    /// stream's end is an empty piece, just before `load_complete`). Called while the guest
+    /// still runs on the source, as precopy data arrives; each return grants the source
+    /// credit for another chunk.
     fn load(&self, data: &[u8]) -> Result<(), DeviceError>;
 
-    /// Destination: the stream has ended; check it is whole and apply it.
+    /// Destination: the stream has ended; check it is whole and apply it. Called once, on
+    /// the loader thread, after the last `load`; the small devices' blobs and the guest's
+    /// state are loaded only after every device's `load_complete` has returned.
     fn load_complete(&self) -> Result<(), DeviceError>;
 }
 
 /// A small device whose state is one blob, saved while the guest is paused.
+///
+/// The blobs travel together on the main channel in one frame, so they should stay small;
+/// use [`Device`] for state that is large or can be sent while the guest runs.
 pub trait VmState: Send + Sync {
+    /// How the destination builds this device's twin ([`DeviceFactory::create_vmstate`]).
     fn descriptor(&self) -> DeviceDescriptor;
+    /// Source, guest paused: the device's whole state. Called on the state-save job thread
+    /// (`lm-src-state`) right after [`crate::Guest::save_state`], in list order. There is
+    /// no abort call: a failed migration resumes the guest and the device simply runs on,
+    /// so saving must not change the device.
     fn save(&self) -> Result<Vec<u8>, DeviceError>;
+    /// Destination, guest not yet running: applies a blob `save` made. Called on the
+    /// coordinator in list order, after every streamed device has completed loading and
+    /// before [`crate::Guest::restore_state`].
     fn load(&self, blob: &[u8]) -> Result<(), DeviceError>;
 }
 
 /// Builds, on the destination, the twin of a device a source described.
+///
+/// Called on [`crate::receive_vm`]'s thread for each device of a session offered, in list
+/// order, after the guest is built. An `Err` (an unknown kind, a bad config) refuses the
+/// whole session with the error's text, and the destination waits for the next one.
 pub trait DeviceFactory: Sync {
+    /// The twin of a streamed device ([`Device`]), ready to [`Device::load`].
     fn create_device(&self, desc: &DeviceDescriptor) -> Result<Box<dyn Device>, DeviceError>;
+    /// The twin of a small device ([`VmState`]), ready to [`VmState::load`].
     fn create_vmstate(&self, desc: &DeviceDescriptor) -> Result<Box<dyn VmState>, DeviceError>;
 }

@@ -10,6 +10,8 @@ pub struct DirtyBitmap {
 }
 
 impl DirtyBitmap {
+    /// A bitmap with every page clean, one bit per whole 4 KiB page of each of `ranges` (the
+    /// guest's, from [`crate::Guest::descriptor`]).
     pub fn new(ranges: &[MemoryRange]) -> Self {
         let words = ranges
             .iter()
@@ -21,6 +23,7 @@ impl DirtyBitmap {
         }
     }
 
+    /// The memory ranges the bitmap covers, in the order given to [`Self::new`].
     pub fn ranges(&self) -> &[MemoryRange] {
         &self.ranges
     }
@@ -38,6 +41,7 @@ impl DirtyBitmap {
         }
     }
 
+    /// Marks every page clean.
     pub fn clear(&mut self) {
         self.words.iter_mut().flatten().for_each(|x| *x = 0);
     }
@@ -76,6 +80,7 @@ impl DirtyBitmap {
         }
     }
 
+    /// How many pages are dirty.
     pub fn count(&self) -> u64 {
         self.words
             .iter()

@@ -7,6 +7,53 @@
 //!
 //! The engine knows guests only through the [`guest::Guest`] trait. `docs/threading.md` and
 //! `docs/state-machines.md` in the repository describe the threads and states.
+//!
+//! # Embedding
+//!
+//! A VMM implements [`Guest`] for its VM (and [`Device`] or [`VmState`] for each device
+//! whose state must move), and on the destination a [`GuestFactory`] and a
+//! [`DeviceFactory`] that build their twins from what the source describes. The traits'
+//! docs say when each method is called, on which thread, and what it must guarantee. The
+//! source then calls [`migrate_vm`]; the destination [`receive_vm`]:
+//!
+//! ```no_run
+//! use livemig_engine::{
+//!     migrate_vm, receive_vm, DeviceFactory, Factories, GuestFactory, IncomingConfig,
+//!     Listener, MigrationConfig, MigrationError, Vm,
+//! };
+//!
+//! // Source: on success the guest runs on the destination and stays paused here.
+//! fn send(vm: Vm<'_>) -> Result<(), Box<dyn std::error::Error>> {
+//!     let config = MigrationConfig {
+//!         channels: 4,
+//!         ..Default::default()
+//!     };
+//!     match migrate_vm(vm, &"tcp:10.0.0.2:4444".parse()?, &config, &|p| eprintln!("{p:?}")) {
+//!         Ok(report) => println!("downtime {:.1} ms", report.downtime_ms),
+//!         // The destination may or may not run the guest: ask it before anything else.
+//!         Err(e @ MigrationError::HandoverUnknown(_)) => return Err(e.into()),
+//!         // Any other error: the guest runs on here, as before.
+//!         Err(e) => eprintln!("migration failed, the guest runs on here: {e}"),
+//!     }
+//!     Ok(())
+//! }
+//!
+//! // Destination: on success the guest was resumed here and is the caller's.
+//! fn serve(
+//!     guest: &dyn GuestFactory,
+//!     devices: &dyn DeviceFactory,
+//! ) -> Result<(), Box<dyn std::error::Error>> {
+//!     let listener = Listener::bind(&"tcp:0.0.0.0:4444".parse()?)?;
+//!     let factories = Factories { guest, devices };
+//!     let config = IncomingConfig::default();
+//!     let incoming = receive_vm(&listener, factories, &config, &|e| eprintln!("{e}"))?;
+//!     println!("received in {:.0} ms", incoming.report.total_ms);
+//!     // A real VMM keeps `incoming.guest` and its devices: they are the running VM now.
+//!     Ok(())
+//! }
+//! ```
+
+#![warn(missing_docs)]
 
 pub mod cancel;
 pub mod config;

@@ -25,31 +25,60 @@ pub const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW 
 /// Why local mode cannot go ahead, naming the range or file at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
+    /// Source: a region of guest memory is not backed by a file, so it cannot be handed
+    /// over. Back the guest's memory with memfds (or migrate with RAM copied).
     #[error("local mode needs guest memory backed by files (start the guest with shared memory); range {index} at {guest_addr:#x} is anonymous")]
-    Anonymous { index: usize, guest_addr: u64 },
+    Anonymous {
+        /// The region's index.
+        index: usize,
+        /// Its first guest-physical address.
+        guest_addr: u64,
+    },
+    /// Destination: the source handed over a number of files (or offsets) other than its
+    /// number of memory ranges.
     #[error("{files} memory files for {ranges} memory ranges")]
-    FileCount { files: usize, ranges: usize },
+    FileCount {
+        /// Files received. (A layout whose offsets do not match the ranges is reported here
+        /// too, and then `files` may equal `ranges`.)
+        files: usize,
+        /// Memory ranges the guest has.
+        ranges: usize,
+    },
+    /// Destination: a file's size or seals could not be read.
     #[error("memory file {index}: cannot read its size or seals: {source}")]
     Stat {
+        /// The file's index (that of its range).
         index: usize,
+        /// The system's error.
         #[source]
         source: std::io::Error,
     },
+    /// Destination: a file is too short for the range mapped from it.
     #[error(
         "memory file {index} holds {len} bytes, too few for {need} bytes from offset {offset}"
     )]
     TooShort {
+        /// The file's index.
         index: usize,
+        /// The file's length, bytes.
         len: u64,
+        /// Where the range starts in the file.
         offset: u64,
+        /// The range's size, bytes.
         need: u64,
     },
+    /// Destination: a file lacks some of [`REQUIRED_SEALS`]; the source must seal its
+    /// memfds (`F_ADD_SEALS`) before migrating in local mode.
     #[error("memory file {index} lacks the seals {missing} (it has {seals:#x}): a source that could resize it could fault this process")]
     Unsealed {
+        /// The file's index.
         index: usize,
+        /// The seals it has (`F_GET_SEALS`).
         seals: libc::c_int,
+        /// The names of the seals it lacks.
         missing: String,
     },
+    /// Destination: mapping the files as guest memory failed.
     #[error("cannot map the memory files: {0}")]
     Map(String),
 }

@@ -1,5 +1,10 @@
 //! What a migration reports: per round, the downtime split into its parts, and totals.
 //! Everything here serializes to the JSON that `livemig --json` prints.
+//!
+//! Times are in milliseconds (`f64`, from [`std::time::Instant`]s on the side that measured
+//! them), sizes in bytes, pages are 4 KiB. The source's [`MigrationReport`] includes what
+//! the destination measured (sent back in its `Loaded`); the destination's
+//! [`IncomingReport`] is its own view.
 
 use crate::guest::VerifyReport;
 use serde::{Deserialize, Serialize};
@@ -7,22 +12,34 @@ use serde::{Deserialize, Serialize};
 /// One precopy round (or the switchover round) as the source saw it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RoundReport {
+    /// The round's number, from 0 (round 0 sends every page).
     pub round: u32,
+    /// Pages the round had to send: those dirty when it started.
     pub pages: u64,
+    /// Of those, pages sent with their contents.
     pub normal_pages: u64,
+    /// Of those, pages sent as zero.
     pub zero_pages: u64,
+    /// Bytes of RamPages frames the round sent, headers included.
     pub bytes: u64,
+    /// From the round's start until every channel had sent its end marker and the
+    /// destination had acknowledged it (for the switchover round: until its last pages were
+    /// handed out and every save was in).
     pub ms: f64,
+    /// `bytes` over `ms`: the end-to-end rate the next round's expected downtime is based on.
     pub bytes_per_s: f64,
-    /// Pages dirtied while this round was sent.
+    /// Pages dirtied while this round was sent (0 for the switchover round).
     pub dirty_after: u64,
-    /// Time to send `dirty_after` pages at this round's rate.
+    /// Time to send `dirty_after` pages at this round's rate, milliseconds: what the
+    /// switchover decision compares with the downtime limit.
     pub expected_downtime_ms: f64,
     /// Auto-converge's throttle on the guest's vCPUs during this round (percent).
     pub throttle_percent: u8,
 }
 
-/// Where the guest's pause went, source and destination together.
+/// Where the guest's pause went, source and destination together, in milliseconds. The
+/// parts overlap (the state save, the RAM's last pass and the device saves run at the same
+/// time), so they need not add up to [`MigrationReport::downtime_ms`].
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DowntimeBreakdown {
     /// Stopping the guest's vCPUs (or dirtying threads).
@@ -51,17 +68,28 @@ pub struct DowntimeBreakdown {
 /// The source's account of a completed migration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct MigrationReport {
+    /// The session's id, as a UUID (the destination's report and log name the same).
     pub session: String,
+    /// Data channels used.
     pub channels: u16,
+    /// From the call until the destination confirmed it runs the guest.
     pub total_ms: f64,
+    /// Opening the main and data channels, handshakes (and TLS) included.
     pub setup_ms: f64,
+    /// From the first round until the guest was paused.
     pub precopy_ms: f64,
     /// Guest paused on the source until it ran on the destination, without verification.
     pub downtime_ms: f64,
+    /// The downtime split into its parts.
     pub downtime: DowntimeBreakdown,
+    /// Bytes sent on the data channels, frame headers included (see
+    /// [`crate::StatsSnapshot::bytes`]).
     pub transferred_bytes: u64,
+    /// RAM pages sent with their contents, over all rounds.
     pub normal_pages: u64,
+    /// RAM pages sent as zero, over all rounds.
     pub zero_pages: u64,
+    /// `transferred_bytes` over the time after set-up.
     pub bytes_per_s: f64,
     /// Every round, the switchover round last.
     pub rounds: Vec<RoundReport>,
@@ -69,7 +97,9 @@ pub struct MigrationReport {
     pub forced_switchover: bool,
     /// Expected downtime at the moment of switchover.
     pub expected_downtime_ms: f64,
+    /// Pages the destination verified (0 without [`crate::IncomingConfig::verify`]).
     pub pages_checked: u64,
+    /// Pages the destination found wrong (always 0 in a report: any fails the migration).
     pub pages_mismatched: u64,
     /// Device state bytes sent.
     pub device_bytes: u64,
@@ -79,19 +109,23 @@ pub struct MigrationReport {
     pub credit_window: u32,
     /// Bytes of device chunks the destination buffers at most.
     pub buffer_cap_bytes: u64,
+    /// Every streamed device, in the VM's order.
     pub devices: Vec<DeviceReport>,
 }
 
 /// One streamed device in a migration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DeviceReport {
+    /// The device's name ([`crate::DeviceDescriptor::name`]).
     pub name: String,
     /// Bytes of state loaded on the destination.
     pub bytes: u64,
+    /// Chunks loaded on the destination, the empty end-of-stream chunk included.
     pub chunks: u32,
     /// Of which precopy data, sent while the guest ran.
     pub precopy_bytes: u64,
-    /// From the pause until the device's last chunk was handed to a channel.
+    /// From the pause until the device's last chunk was handed to a channel (0 in serial
+    /// mode, where [`DowntimeBreakdown::device_save_ms`] covers every device).
     pub final_save_ms: f64,
     /// The most bytes of its chunks the destination held in the reorder buffer at once.
     pub peak_buffered_bytes: u64,
@@ -100,21 +134,37 @@ pub struct DeviceReport {
 /// The destination's account of a completed incoming migration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct IncomingReport {
+    /// The session's id, as a UUID (the source's report names the same).
     pub session: String,
+    /// Data channels used.
     pub channels: u16,
+    /// The guest's kind, as the source described it.
     pub guest_kind: String,
+    /// The guest's RAM, bytes.
     pub memory_bytes: u64,
+    /// From the session's acceptance until the guest was resumed here.
     pub total_ms: f64,
+    /// Bytes received on the data channels.
     pub received_bytes: u64,
+    /// RAM pages received with their contents.
     pub normal_pages: u64,
+    /// RAM pages received as zero.
     pub zero_pages: u64,
+    /// Rounds received, the switchover round included.
     pub rounds: u32,
+    /// From the source's `Complete` until the last pages, state and device loads were in.
     pub drain_ms: f64,
+    /// Applying the small devices' blobs and the guest's state.
     pub restore_ms: f64,
+    /// Checking every page ([`crate::IncomingConfig::verify`]; about 0 without it).
     pub verify_ms: f64,
+    /// [`crate::Guest::resume`] here.
     pub resume_ms: f64,
+    /// The page check's result, when asked for.
     pub verify: Option<VerifyReport>,
+    /// Chunks of credit per device granted to the source.
     pub credit_window: u32,
+    /// Bytes of device chunks this side buffered at most, as granted.
     pub buffer_cap_bytes: u64,
     /// Per streamed device, the most bytes its reorder buffer held at once.
     pub device_peak_buffered_bytes: Vec<u64>,
@@ -126,22 +176,35 @@ pub struct IncomingReport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Progress {
-    /// All channels are connected.
+    /// All channels are connected and precopy begins.
     Connected {
+        /// The session's id, as a UUID.
         session: String,
+        /// Data channels.
         channels: u16,
+        /// Set-up's time, milliseconds.
         setup_ms: f64,
+        /// Pages round 0 will send (every page; 0 in local mode).
         total_pages: u64,
+        /// Streamed devices.
         devices: usize,
     },
     /// A round is starting.
-    RoundStarted { round: u32, pages: u64 },
+    RoundStarted {
+        /// The round's number (the switchover round is the last).
+        round: u32,
+        /// Pages it will send.
+        pages: u64,
+    },
     /// A precopy round has been sent.
     RoundDone(RoundReport),
     /// The guest is paused for switchover.
     Switchover {
+        /// Pages dirty at the pause's start, before the last dirty pass.
         remaining_pages: u64,
+        /// The last round's predicted downtime, milliseconds.
         expected_downtime_ms: f64,
+        /// A round or time bound forced the switchover (it did not converge).
         forced: bool,
     },
 }
@@ -153,24 +216,55 @@ pub enum Progress {
 pub enum IncomingEvent {
     /// A session was accepted and its guest built; data channels join next.
     SessionAccepted {
+        /// The session's id, as a UUID.
         session: String,
+        /// The guest's kind.
         guest_kind: String,
+        /// The guest's RAM, bytes.
         memory_bytes: u64,
+        /// Data channels the session will open.
         channels: u16,
+        /// Devices, streamed and small together.
         devices: usize,
     },
     /// A session this side cannot serve was refused; the wait goes on.
-    SessionRefused { session: String, reason: String },
+    SessionRefused {
+        /// The refused session's id.
+        session: String,
+        /// Why, as sent to the source.
+        reason: String,
+    },
     /// A connection was refused before it opened a session or joined one.
-    ConnectionRefused { reason: String },
+    ConnectionRefused {
+        /// Why.
+        reason: String,
+    },
     /// A data channel that was not the session's was refused.
-    DataChannelRefused { reason: String },
+    DataChannelRefused {
+        /// Why.
+        reason: String,
+    },
     /// A data channel left during its handshake.
-    DataChannelLeft { index: u16, error: String },
+    DataChannelLeft {
+        /// Its index.
+        index: u16,
+        /// What happened to it.
+        error: String,
+    },
     /// The source started a round.
-    RoundStarted { round: u32, pages: u64 },
-    /// The guest was resumed here, but the source could not be told (its copy stays paused).
-    ResumedUntold { error: String },
+    RoundStarted {
+        /// The round's number.
+        round: u32,
+        /// Pages it will send.
+        pages: u64,
+    },
+    /// The guest was resumed here, but the source could not be told (its copy stays paused,
+    /// and its migration ends in [`crate::MigrationError::HandoverUnknown`]). The guest runs
+    /// here all the same, and [`crate::receive_vm`] returns it.
+    ResumedUntold {
+        /// Why the source could not be told.
+        error: String,
+    },
 }
 
 impl std::fmt::Display for IncomingEvent {

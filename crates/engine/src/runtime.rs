@@ -1,11 +1,11 @@
 //! The migration runtime: every thread of one migration attempt, on either side.
 //!
-//! Both sides run a migration the same way. A [`Runtime`] is made inside a
+//! Both sides run a migration the same way. A `Runtime` is made inside a
 //! [`std::thread::scope`] for one attempt and owns:
 //!
 //! - every named thread of the attempt: the channel threads and pumps started with
-//!   [`Runtime::spawn`], and the jobs (device saves and loads, the state save) started with
-//!   [`Runtime::submit`]. Threads are named `{prefix}-{name}` (`lm-src-ch0`, `lm-dst-load1`);
+//!   `Runtime::spawn`, and the jobs (device saves and loads, the state save) started with
+//!   `Runtime::submit`. Threads are named `{prefix}-{name}` (`lm-src-ch0`, `lm-dst-load1`);
 //!   Linux shows the first 15 bytes, so names are short. A job starts at once on a thread of
 //!   its own (QEMU's `thread_pool_submit_immediate`): one job never waits for another.
 //!   Devices never make threads; the migration does, here.
@@ -13,11 +13,11 @@
 //!   thread that could not start cancels it, so every part of the attempt sees one signal.
 //! - the first failure (an `Err` of a job, a panic, a failed spawn), recorded before the
 //!   attempt is cancelled. Every ending is also sent as a [`ThreadDone`] on
-//!   [`Runtime::completions`], so a coordinator can `select!` on it beside its other inputs
+//!   `Runtime::completions`, so a coordinator can `select!` on it beside its other inputs
 //!   and hears of a panic at once, not at the join.
-//! - the shutdown handles of the attempt's sockets ([`Runtime::add_socket`]).
+//! - the shutdown handles of the attempt's sockets (`Runtime::add_socket`).
 //!
-//! [`Runtime::teardown`] is the one way an attempt ends: it cancels (when the attempt
+//! `Runtime::teardown` is the one way an attempt ends: it cancels (when the attempt
 //! failed), shuts every socket down (which wakes any thread blocked on one), joins every
 //! thread whatever happened, and returns the first failure. A runtime dropped without it
 //! does the same, so no thread outlives its migration.
@@ -28,6 +28,11 @@
 //!                         └─► JobCancelled ──────────► ThreadDone(Err(Cancelled))
 //! teardown: cancel if failed ─► shut sockets ─► join all ─► first Failed / Panicked / Spawn
 //! ```
+//!
+//! `Runtime` itself is internal. An embedder meets this module through [`ThreadError`]
+//! (inside [`crate::MigrationError::Job`] and [`crate::IncomingError::Job`]) and through
+//! [`thread_count`] and [`thread_count_named`], which let a test or a health check see that
+//! no `lm-*` thread outlives its migration.
 
 use std::error::Error as StdError;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -90,7 +95,7 @@ impl ThreadError {
     }
 }
 
-/// One thread of the migration ended (sent on [`Runtime::completions`]).
+/// One thread of the migration ended (sent on `Runtime::completions`).
 #[derive(Debug, Clone)]
 pub struct ThreadDone {
     /// The thread's name, without the prefix.

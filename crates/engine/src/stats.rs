@@ -8,9 +8,12 @@ use std::sync::Arc;
 /// Totals over all data channels, updated as frames are sent.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Bytes of every frame sent on the data channels, headers included.
+    /// Bytes of every frame sent on the data channels, headers included (in serial device
+    /// mode, plus the device state sent on the main channel).
     pub bytes: AtomicU64,
+    /// RAM pages sent with their contents.
     pub normal_pages: AtomicU64,
+    /// RAM pages sent as zero (a flag, no contents).
     pub zero_pages: AtomicU64,
     /// Bytes of device state sent.
     pub device_bytes: AtomicU64,
@@ -23,17 +26,25 @@ pub struct Counters {
 #[derive(Debug, Clone, Default)]
 pub struct LiveStats(Arc<Counters>);
 
-/// The counters at one moment.
+/// The counters at one moment (see [`Counters`] for each).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct StatsSnapshot {
+    /// Bytes of every frame sent on the data channels, headers included (in serial device
+    /// mode, plus the device state sent on the main channel).
     pub bytes: u64,
+    /// RAM pages sent with their contents (a page sent in several rounds counts each time).
     pub normal_pages: u64,
+    /// RAM pages sent as zero.
     pub zero_pages: u64,
+    /// Bytes of device state sent.
     pub device_bytes: u64,
+    /// Bytes of RamPages frames, headers included.
     pub ram_bytes: u64,
 }
 
 impl LiveStats {
+    /// Counters at zero, not yet shared with a migration: put (a clone of) it in
+    /// [`crate::MigrationConfig::stats`].
     pub fn new() -> Self {
         Self::default()
     }

@@ -13,7 +13,7 @@
 //! this kernel has no kTLS to hand one to. So once the handshake is done, one thread per
 //! connection (`lm-tls`, the *pump*) owns the rustls connection and the network socket and
 //! bridges them to one end of a `UnixStream::pair()`; the engine gets the other end as
-//! [`Stream::Tls`], plaintext, and everything it does to a socket works on it unchanged.
+//! [`Stream::Tls`](crate::transport::Stream::Tls), plaintext, and everything it does to a socket works on it unchanged.
 //!
 //! The pump never buffers without bound: it reads from one side only when what it read
 //! before has gone out on the other (at most 128 KiB each way, plus rustls' own records), so
@@ -42,7 +42,7 @@
 //! The byte streams (`transport::Stream`, plain or TLS) are the lowest layer and know
 //! nothing of livemig's frames: [`TlsStream`] and its pump use only the socket under them.
 //! The one place TLS meets livemig's frames is a peer that speaks plain livemig where TLS
-//! was expected; the handshake then hands the socket to a [`PlainPeer`] it is given, and
+//! was expected; the handshake then hands the socket to a `PlainPeer` it is given, and
 //! the framing layer above supplies that (`framed`'s `TlsConfig::connect` and
 //! `TlsConfig::accept`, the entry points the source and destination call).
 

@@ -12,7 +12,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-/// A migration address.
+/// A migration address, parsed from `tcp:HOST:PORT` or `unix:PATH` ([`FromStr`]) and shown
+/// the same way ([`fmt::Display`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
     /// `tcp:HOST:PORT`
@@ -56,8 +57,11 @@ impl fmt::Display for Endpoint {
 /// plaintext on a Unix socket bridged to the network by the connection's `lm-tls` thread.
 #[derive(Debug)]
 pub enum Stream {
+    /// A plain TCP connection.
     Tcp(TcpStream),
+    /// A plain Unix stream socket (the only kind that can pass file descriptors).
     Unix(UnixStream),
+    /// TLS over either kind, seen as plaintext.
     Tls(TlsStream),
 }
 
@@ -208,6 +212,8 @@ impl Stream {
         Ok(())
     }
 
+    /// Another handle on the same connection (`dup`), e.g. for a second thread or to shut
+    /// it down from elsewhere.
     pub fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
@@ -228,6 +234,7 @@ impl Stream {
         };
     }
 
+    /// How long a write may block before it fails (`None`: forever).
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(t),
@@ -236,6 +243,7 @@ impl Stream {
         }
     }
 
+    /// How long a read may block before it fails (`None`: forever).
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
@@ -360,6 +368,7 @@ pub const CANCEL_POLL: Duration = Duration::from_millis(50);
 /// A listening socket of either kind.
 #[derive(Debug)]
 pub enum Listener {
+    /// A TCP listener.
     Tcp(TcpListener),
     /// The socket and its path, removed when dropped if the path is still this socket.
     Unix(UnixListener, unix_path::Bound),

@@ -100,18 +100,25 @@ impl From<Failure> for IncomingError {
     }
 }
 
-/// Builds what a source describes.
+/// Builds what a source describes: the destination's half of the embedding contract.
 #[derive(Clone, Copy)]
 pub struct Factories<'a> {
+    /// Builds the guest ([`GuestFactory::create`], or [`GuestFactory::create_on`] in local
+    /// mode).
     pub guest: &'a dyn GuestFactory,
+    /// Builds each device's twin.
     pub devices: &'a dyn DeviceFactory,
 }
 
-/// A VM received, loaded and running on this side.
+/// A VM received, loaded and running on this side: the embedder now owns it.
 pub struct Incoming {
+    /// The guest, resumed: it runs here, and the source's copy stays paused for good.
     pub guest: Box<dyn Guest>,
+    /// The streamed devices' twins, loaded, in the source's order.
     pub devices: Vec<Box<dyn Device>>,
+    /// The small devices' twins, loaded, in the source's order.
     pub vmstates: Vec<Box<dyn VmState>>,
+    /// How the migration went on this side.
     pub report: IncomingReport,
 }
 
@@ -141,7 +148,9 @@ impl DeviceFactory for NoDevices {
     }
 }
 
-/// Waits for one incoming migration of a guest without devices and runs it to the end.
+/// Waits for one incoming migration of a guest without devices and runs it to the end:
+/// [`receive_vm`] with a device factory that refuses every device (a session with devices
+/// is refused, and the wait goes on).
 pub fn receive(
     listener: &Listener,
     factory: &dyn GuestFactory,
@@ -204,6 +213,17 @@ fn build_session(
 }
 
 /// Waits for one incoming migration on `listener` and runs it to the end.
+///
+/// Runs on the caller's thread and blocks: first for a source, with no time limit (stop it
+/// with [`IncomingConfig::cancel`]); sessions this side cannot build (too much memory, an
+/// unknown guest or device kind, more buffering than allowed) are refused with the reason
+/// and the wait goes on. Once a session is accepted it runs to its end; every thread it
+/// starts (`lm-dst-*`) is joined before this returns. `log` is called on the caller's
+/// thread with what happens ([`IncomingEvent`]); it should return quickly.
+///
+/// On `Ok` the guest has been resumed here, after the source handed it over. On `Err`
+/// nothing runs here (see [`IncomingError`]) and `listener` can be passed again for the
+/// next attempt.
 pub fn receive_vm(
     listener: &Listener,
     factories: Factories<'_>,

@@ -28,7 +28,7 @@
 //! ```
 //!
 //! Batches of page addresses and device chunks go to whichever data channel is free (see
-//! [`dispatch`]). Every device has a save job of its own from the start of precopy: it sends
+//! `dispatch.rs`). Every device has a save job of its own from the start of precopy: it sends
 //! the device's precopy data while the guest runs and its final state from the moment the
 //! guest pauses, never outside the destination's credit. At switchover the device jobs, the
 //! RAM's last dirty pass (on the coordinator) and the guest/VM state save (on a worker of its
@@ -63,11 +63,17 @@ use crate::transport::Endpoint;
 use livemig_wire::RamTransfer;
 
 /// A VM as the engine migrates it: guest memory and state, streamed devices, and small
-/// devices whose state is one blob.
+/// devices whose state is one blob. Borrowed for the migration: the embedder keeps
+/// ownership and decides what to do with the (paused or running) VM afterwards.
 #[derive(Clone, Copy)]
 pub struct Vm<'a> {
+    /// The guest: memory, dirty log, pause and resume, vCPU state.
     pub guest: &'a dyn Guest,
+    /// Streamed devices, at most [`livemig_wire::MAX_DEVICES`]; the destination builds
+    /// their twins in this order.
     pub devices: &'a [&'a dyn Device],
+    /// Small devices, at most [`livemig_wire::MAX_DEVICES`]; saved at switchover and loaded
+    /// on the destination in this order.
     pub vmstates: &'a [&'a dyn VmState],
 }
 
@@ -79,7 +85,8 @@ pub(crate) enum GuestState {
     HandedOver,
 }
 
-/// Migrates `guest` (without devices) to the destination listening at `to`.
+/// Migrates `guest` (without devices) to the destination listening at `to`: [`migrate_vm`]
+/// with no devices.
 pub fn migrate(
     guest: &dyn Guest,
     to: &Endpoint,
@@ -101,6 +108,21 @@ pub fn migrate(
 /// Migrates `vm` to the destination listening at `to`. On success the guest runs on the
 /// destination and stays paused here; on failure or cancel before handover it runs here
 /// again, memory and devices intact.
+///
+/// Runs on the caller's thread and blocks until the end; every thread it starts
+/// (`lm-src-*`) is joined before it returns. `to` must be a destination in
+/// [`crate::receive_vm`] (a refused connection is retried for
+/// [`MigrationConfig::connect_timeout`] while it starts). `progress` is called on the
+/// caller's thread at each step ([`Progress`]); it should return quickly, as the migration
+/// waits for it. To cancel from another thread, keep a clone of
+/// [`MigrationConfig::cancel`]; to watch the bytes move, a clone of
+/// [`MigrationConfig::stats`].
+///
+/// On success the source guest is paused with its dirty log stopped, and must never run
+/// again: the embedder tears it down (its devices' saves are complete). Errors, and where
+/// the guest is after each, are described at [`MigrationError`]; only
+/// [`MigrationError::HandoverUnknown`] (and a thread failure found after the handover) leave
+/// the guest paused here.
 pub fn migrate_vm(
     vm: Vm<'_>,
     to: &Endpoint,

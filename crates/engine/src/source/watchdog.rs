@@ -50,7 +50,9 @@ impl fmt::Display for Awaited {
 /// A deadline that passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Expired {
+    /// What did not happen in time.
     pub awaited: Awaited,
+    /// The deadline it had, measured from the start of the wait.
     pub limit: Duration,
 }
 

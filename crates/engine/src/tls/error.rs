@@ -8,8 +8,11 @@ use std::path::PathBuf;
 /// Which TLS file a problem is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsFile {
+    /// This side's certificate chain (PEM).
     Certificate,
+    /// This side's private key (PEM).
     Key,
+    /// The CA certificate the peer's certificate must be signed by (PEM).
     Ca,
 }
 
@@ -27,45 +30,81 @@ impl fmt::Display for TlsFile {
 /// layer (by either side).
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// A file could not be read.
     #[error("cannot read the TLS {what} file {}: {source}", path.display())]
     Read {
+        /// Which file.
         what: TlsFile,
+        /// Its path.
         path: PathBuf,
+        /// The system's error.
         #[source]
         source: io::Error,
     },
+    /// A file is not valid PEM.
     #[error("the TLS {what} file {} is not valid PEM: {detail}", path.display())]
     Pem {
+        /// Which file.
         what: TlsFile,
+        /// Its path.
         path: PathBuf,
+        /// What the parser found.
         detail: String,
     },
+    /// A file holds no item of the kind expected (e.g. a key file with no key).
     #[error("the TLS {what} file {} holds no {what} (expected {expected})", path.display())]
     Empty {
+        /// Which file.
         what: TlsFile,
+        /// Its path.
         path: PathBuf,
+        /// The PEM item(s) looked for.
         expected: &'static str,
     },
+    /// The CA file's certificates cannot be used as trust anchors.
     #[error("the TLS CA file {} cannot be used: {detail}", path.display())]
-    Ca { path: PathBuf, detail: String },
-    #[error("the TLS key {} cannot be used with the certificate {}: {detail}", key.display(), cert.display())]
-    Key {
-        cert: PathBuf,
-        key: PathBuf,
+    Ca {
+        /// Its path.
+        path: PathBuf,
+        /// Why.
         detail: String,
     },
+    /// The key does not go with the certificate, or rustls cannot use the pair.
+    #[error("the TLS key {} cannot be used with the certificate {}: {detail}", key.display(), cert.display())]
+    Key {
+        /// The certificate's path.
+        cert: PathBuf,
+        /// The key's path.
+        key: PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// The name given to check the destination's certificate against is not a valid DNS
+    /// name or IP address.
     #[error("'{name}' is not a valid TLS server name: {detail}")]
-    ServerName { name: String, detail: String },
+    ServerName {
+        /// The name given.
+        name: String,
+        /// Why it is not valid.
+        detail: String,
+    },
+    /// TLS to a `unix:` address without a server name: give one with
+    /// [`TlsConfig::with_server_name`](crate::TlsConfig::with_server_name).
     #[error("TLS to {to}: a unix: address has no host name to check the destination's certificate against; give the name in its certificate (--tls-server-name)")]
-    NoServerName { to: String },
+    NoServerName {
+        /// The address.
+        to: String,
+    },
     /// The handshake failed: the text says why and whose fault it looks like.
     #[error("TLS: {0}")]
     Handshake(String),
     /// The peer speaks plain livemig, not TLS.
     #[error("TLS: {0}")]
     NotTls(String),
+    /// The handshake was stopped by a cancel (the migration's, or the destination's wait).
     #[error("TLS handshake cancelled")]
     Cancelled,
+    /// The connection's `lm-tls` pump thread could not be started.
     #[error("TLS: cannot start the connection's lm-tls thread: {0}")]
     Spawn(#[source] io::Error),
 }

@@ -13,11 +13,14 @@ use std::time::Duration;
 /// The network socket under a TLS connection: TCP or Unix.
 #[derive(Debug)]
 pub enum NetSocket {
+    /// A TCP connection.
     Tcp(TcpStream),
+    /// A Unix stream socket.
     Unix(UnixStream),
 }
 
 impl NetSocket {
+    /// Another handle on the same socket (`dup`).
     pub fn try_clone(&self) -> io::Result<NetSocket> {
         Ok(match self {
             NetSocket::Tcp(s) => NetSocket::Tcp(s.try_clone()?),

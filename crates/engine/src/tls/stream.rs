@@ -104,6 +104,7 @@ impl TlsStream {
         })
     }
 
+    /// Another handle on the same connection (the engine's end `dup`ed, the pump shared).
     pub fn try_clone(&self) -> io::Result<TlsStream> {
         Ok(TlsStream {
             plain: self.plain.try_clone()?,
@@ -116,10 +117,13 @@ impl TlsStream {
         let _ = self.plain.shutdown(Shutdown::Both);
     }
 
+    /// The read timeout of the engine's end (`None`: block forever).
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.plain.set_read_timeout(t)
     }
 
+    /// The write timeout of the engine's end (`None`: block forever). Since the pump stops
+    /// taking bytes when the network does, it bounds writes to a peer that stopped reading.
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.plain.set_write_timeout(t)
     }
