@@ -239,10 +239,26 @@ fn prefer_peer_reason(e: IncomingError, events: &Receiver<Heard>) -> IncomingErr
     ) {
         return e;
     }
+    let from_data = matches!(
+        e,
+        IncomingError::Channel(
+            ChannelError::Io {
+                channel: ChannelName::Data(_),
+                ..
+            } | ChannelError::Closed {
+                channel: ChannelName::Data(_)
+            }
+        )
+    );
     let deadline = Instant::now() + Duration::from_millis(500);
     while let Ok(heard) = events.recv_deadline(deadline) {
-        if let Err(Failure::Main(r @ ChannelError::Rejected { .. })) = heard {
-            return r.into();
+        match heard {
+            Err(Failure::Main(r @ ChannelError::Rejected { .. })) => return r.into(),
+            // A data channel that ended is often the echo of what happened to the main
+            // channel (the source tears down every channel when it loses the main one):
+            // the main channel's fate is the cause to report.
+            Err(Failure::Main(m)) if from_data => return m.into(),
+            _ => {}
         }
     }
     e

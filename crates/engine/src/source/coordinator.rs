@@ -161,8 +161,17 @@ impl Coordinator<'_> {
     }
 
     /// The next event; failures of any thread or job, a cancel and a deadline passing (which
-    /// cancels the attempt) become errors.
+    /// cancels the attempt) become errors. A deadline that passed cut the sockets: whatever
+    /// failure follows (a broken return path, a channel) is its doing, and it is the cause.
     fn next_event(&mut self) -> Result<Event, MigrationError> {
+        self.next_event_or_failure()
+            .map_err(|e| match self.watchdog.expired() {
+                Some(x) => MigrationError::Deadline(x),
+                None => e,
+            })
+    }
+
+    fn next_event_or_failure(&mut self) -> Result<Event, MigrationError> {
         loop {
             let ev = select! {
                 recv(self.events) -> ev => ev.map_err(|_| MigrationError::ThreadsGone)?,
