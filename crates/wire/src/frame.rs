@@ -79,6 +79,8 @@ frame_kinds! {
     RamPages = 16, |l: &Limits| crate::ram::payload_len(l.max_pages_per_packet, 0, true);
     /// Data channel: every page of a round has been sent on this channel.
     RoundEnd = 17, |_| SMALL;
+    /// Data channel and preempt channel, during postcopy: this channel carries no more pages.
+    PostcopyDone = 19, |_| SMALL;
     /// Data channel (main channel in serial mode): a chunk of a device's state stream.
     DeviceChunk = 18, |_| crate::device::CHUNK_PREFIX as u64 + crate::device::MAX_CHUNK_SIZE as u64;
     /// Main channel: the guest's non-memory state (vCPUs, VM, workload).
@@ -102,6 +104,15 @@ frame_kinds! {
     /// Any channel, either way, after the handshake: nothing to say, but alive. Sent when a
     /// channel has been idle for a quarter of the peer timeout; skipped by every reader.
     Ping = 41, |_| 0;
+    /// Main channel, once, with the guest paused: the switch to postcopy, listing the pages
+    /// the destination must discard and then receive. Its limit holds the bitmaps of a guest
+    /// of [`Limits::max_guest_memory`]; the exact length follows from the session's ranges
+    /// ([`crate::PostcopyStart::payload_len`]).
+    PostcopyStart = 42, |l: &Limits| crate::postcopy::max_payload_len(l.max_guest_memory);
+    /// Main channel, return path, during postcopy: pages faulting vCPUs wait for.
+    PageRequest = 43, |_| SMALL;
+    /// Main channel, return path: every page is installed; the source may drop its copy.
+    PostcopyComplete = 44, |_| SMALL;
 }
 
 /// Receiver-side bounds. A frame longer than these is refused before anything is allocated.
@@ -111,7 +122,14 @@ pub struct Limits {
     pub max_pages_per_packet: u32,
     /// Largest GuestState payload accepted.
     pub max_state_bytes: u64,
+    /// Largest guest memory, in bytes, whose postcopy bitmaps (a `PostcopyStart` frame: one
+    /// bit per page, 1/32768 of the guest) are accepted. A destination sets it to the largest
+    /// guest it accepts.
+    pub max_guest_memory: u64,
 }
+
+/// [`Limits::max_guest_memory`] by default: 16 TiB, whose postcopy bitmaps take 512 MiB.
+pub const DEFAULT_MAX_GUEST_MEMORY: u64 = 16 << 40;
 
 /// Pages per packet by default: 128 x 4 KiB = 512 KiB, as QEMU's multifd.
 pub const DEFAULT_PAGES_PER_PACKET: u32 = 128;
@@ -123,6 +141,7 @@ impl Default for Limits {
         Limits {
             max_pages_per_packet: MAX_PAGES_PER_PACKET,
             max_state_bytes: 64 << 20,
+            max_guest_memory: DEFAULT_MAX_GUEST_MEMORY,
         }
     }
 }

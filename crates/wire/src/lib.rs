@@ -16,6 +16,7 @@ mod cursor;
 pub mod device;
 mod error;
 mod frame;
+mod postcopy;
 pub mod ram;
 mod session;
 
@@ -28,8 +29,10 @@ pub use device::{
 pub use error::WireError;
 pub use frame::{
     decode_frame, encode_frame, verify_payload, FrameHeader, FrameKind, Limits,
-    DEFAULT_PAGES_PER_PACKET, HEADER_LEN, MAGIC, MAX_PAGES_PER_PACKET, PROTOCOL_VERSION,
+    DEFAULT_MAX_GUEST_MEMORY, DEFAULT_PAGES_PER_PACKET, HEADER_LEN, MAGIC, MAX_PAGES_PER_PACKET,
+    PROTOCOL_VERSION,
 };
+pub use postcopy::{PageRequest, PostcopyComplete, PostcopyDone, PostcopyStart, MAX_PAGE_REQUEST};
 pub use ram::{RamFlags, RamPacket, RamPrefix};
 pub use session::{
     ChannelHello, GuestDescriptor, MemoryFiles, MemoryRange, RamTransfer, Reject, RejectCode,

@@ -24,6 +24,11 @@ proptest! {
         let _ = Loaded::decode(&bytes);
         let _ = Resumed::decode(&bytes);
         let _ = RamPacket::decode(&bytes, &l);
+        let ranges = [MemoryRange { guest_addr: 0, size: 1 << 20 }, MemoryRange { guest_addr: 1 << 32, size: 100 * 4096 }];
+        let _ = PostcopyStart::decode(&bytes, &ranges);
+        let _ = PageRequest::decode(&bytes);
+        let _ = PostcopyDone::decode(&bytes);
+        let _ = PostcopyComplete::decode(&bytes);
         if bytes.len() >= HEADER_LEN {
             let _ = FrameHeader::decode(bytes[..HEADER_LEN].try_into().unwrap(), &l);
         }
