@@ -153,5 +153,49 @@ fn main() {
         ..Default::default()
     };
     write("guest_state", "kvm_one_vcpu", &kvm.encode());
+    // The fuzz target's guest (fuzz_targets/postcopy.rs): three ranges.
+    let pc_ranges = [
+        MemoryRange {
+            guest_addr: 0,
+            size: 1 << 20,
+        },
+        MemoryRange {
+            guest_addr: (1 << 20) + (64 << 10),
+            size: 100 * PAGE_SIZE as u64,
+        },
+        MemoryRange {
+            guest_addr: 1 << 32,
+            size: PAGE_SIZE as u64,
+        },
+    ];
+    let mut start = PostcopyStart::new(4, &pc_ranges);
+    for a in [0, 4096, 255 * 4096, (1 << 20) + (64 << 10) + 99 * 4096, 1 << 32] {
+        start.insert(a);
+    }
+    write("postcopy", "start", &start.encode());
+    write(
+        "postcopy",
+        "page_request",
+        &PageRequest {
+            addrs: vec![0, 4096, 1 << 32],
+        }
+        .encode(),
+    );
+    write("postcopy", "done", &PostcopyDone { pages: 9 }.encode());
+    write(
+        "postcopy",
+        "complete",
+        &PostcopyComplete {
+            pages: 5,
+            requested: 2,
+            blocked_us: 300,
+        }
+        .encode(),
+    );
+    write(
+        "frame",
+        "postcopy_start",
+        &encode_frame(FrameKind::PostcopyStart, &start.encode()),
+    );
     println!("corpus written under fuzz/corpus/");
 }
