@@ -52,20 +52,24 @@
 //! ```
 //!
 //! One fault thread reads faults (several may: reads are atomic per event); any number of
-//! receivers install concurrently (all methods take `&self`). The install that answers a
+//! receivers install concurrently (all methods take `&self`). A page can be reported more
+//! than once (two vCPUs on it, or one kicked out of `KVM_RUN` that faults again), so the
+//! fault thread remembers what it requested and asks the source for a page once. The install that answers a
 //! fault need not come from the fault thread: the push may win, and its install wakes the
 //! vCPU just the same. [`PostcopyMemory::latency`] records, per fault, the time from
 //! `next_fault` reading it to the page's install ([`FaultLatency`]), whoever installed it.
 //!
 //! # Teardown
 //!
-//! A vCPU waiting on a fault is in the kernel, inside `KVM_RUN`'s `get_user_pages`, and only
-//! an install or unregistering the memory gets it out for sure (recent kernels also let a
-//! signal interrupt KVM's x86 fault path, which the vCPU kick may rely on: not tested here). [`PostcopyMemory::unregister`] (and drop) wakes every waiter for good, but a
-//! page still missing then reads as zeros: that is for a guest that will never run again (a
-//! failed destination) or for the end of a completed postcopy (nothing missing). A broken link
-//! mid-postcopy is neither: the memory stays registered and the vCPUs stay blocked until a
-//! new connection resumes the transfer (postcopy recovery).
+//! A vCPU waiting on a fault is in the kernel, inside `KVM_RUN`'s `get_user_pages`. An
+//! install lets it go on. A signal (the vCPU kick) makes `KVM_RUN` return `EINTR`, so a
+//! guest can be paused while pages are missing; re-entering `KVM_RUN` faults on the same page
+//! again, a second report of it (both seen on Linux 6.18 with a real vCPU).
+//! [`PostcopyMemory::unregister`] (and drop) wakes every waiter for good, but a page still
+//! missing then reads as zeros: that is for a guest that will never run again (a failed
+//! destination) or for the end of a completed postcopy (nothing missing). A broken link
+//! mid-postcopy is neither: the memory stays registered and the vCPUs stay blocked (or
+//! paused) until a new connection resumes the transfer (postcopy recovery).
 //!
 //! Pages installed here are 4 KiB: a missing-mode fault in a transparent-huge-page region is
 //! answered one 4 KiB page at a time, and khugepaged does not collapse a 2 MiB range under

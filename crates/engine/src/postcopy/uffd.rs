@@ -186,7 +186,8 @@ pub struct PostcopyMemory<'m> {
 impl<'m> PostcopyMemory<'m> {
     /// Creates a userfaultfd (non-blocking, close-on-exec, handling kernel-mode faults too:
     /// KVM reaches guest memory from the kernel, through `get_user_pages`, and a user-mode-only
-    /// userfaultfd would fail those accesses with `EFAULT` instead of reporting them) and
+    /// userfaultfd fails those accesses instead of reporting them; KVM then turns the guest's
+    /// access into an MMIO exit at that address, silently, as seen on Linux 6.18) and
     /// registers every region of `memory` in missing mode. Pages already present stay as they
     /// are; every missing page faults from now on.
     pub fn new(memory: &'m GuestMemory) -> Result<Self, PostcopyError> {
@@ -226,8 +227,8 @@ impl<'m> PostcopyMemory<'m> {
             latency: FaultLatency::default(),
             _memory: PhantomData,
         };
-        // On an error below, dropping `this` unregisters what was registered (unregistering a
-        // range never registered is a no-op) and closes the userfaultfd.
+        // On an error below, dropping `this` unregisters every region (errors ignored, for
+        // those not registered yet) and closes the userfaultfd.
         let needed = IoctlFlags::COPY | IoctlFlags::ZEROPAGE | IoctlFlags::WAKE;
         for r in &this.regions {
             let ioctls = this
@@ -375,7 +376,9 @@ impl<'m> PostcopyMemory<'m> {
     /// the install that answers it records the wait in [`PostcopyMemory::latency`].
     ///
     /// A fault is read once: the reader must get the page installed, or its vCPU waits
-    /// until the memory is unregistered.
+    /// until the memory is unregistered. One page may be reported more than once: by two
+    /// vCPUs, or by one that a signal took out of `KVM_RUN` while it waited and that faults
+    /// again on re-entering; the caller asks the source for a page once.
     pub fn next_fault(&self, timeout: Duration) -> Result<Option<Fault>, PostcopyError> {
         let deadline = Instant::now() + timeout;
         loop {
