@@ -1,0 +1,181 @@
+//! Fault latency: how long a faulting vCPU waited, from the fault thread reading its fault to
+//! the page being installed (the `postcopy-blocktime` figures and the report's histogram).
+//!
+//! Two lock-free parts: [`FaultStamps`], one slot per guest page holding when its first
+//! unanswered fault was read, and [`FaultLatency`], a histogram of log2 buckets in
+//! microseconds. The fault thread stamps; whichever thread installs the page takes the stamp
+//! and records the wait. Neither blocks the fault path: a stamp is one compare-and-swap, a
+//! record three atomic adds and a `fetch_max`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Buckets of the histogram: bucket 0 holds waits under 1 us, bucket `i` (`i >= 1`) waits in
+/// `[2^(i-1), 2^i)` us; the last also holds anything longer (2^38 us is over three days).
+pub const BUCKETS: usize = 40;
+
+/// A histogram of fault latencies, shared by every thread that installs pages.
+#[derive(Debug)]
+pub struct FaultLatency {
+    buckets: [AtomicU64; BUCKETS],
+    count: AtomicU64,
+    total_us: AtomicU64,
+    max_us: AtomicU64,
+}
+
+/// The histogram read at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatencySnapshot {
+    /// Faults answered (waits recorded).
+    pub count: u64,
+    /// The sum of every wait (QEMU's `postcopy-blocktime` total, counted per fault).
+    pub total: Duration,
+    /// The median wait, as its bucket's upper bound (so within a factor of 2 above the true
+    /// value), never above `max`.
+    pub p50: Duration,
+    /// The 99th percentile wait, as `p50`.
+    pub p99: Duration,
+    /// The longest wait, exact to the microsecond.
+    pub max: Duration,
+    /// The buckets' counts (see [`BUCKETS`]).
+    pub buckets: [u64; BUCKETS],
+}
+
+impl Default for FaultLatency {
+    fn default() -> Self {
+        FaultLatency {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            total_us: AtomicU64::new(0),
+            max_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl FaultLatency {
+    /// Records one wait.
+    pub fn record(&self, wait: Duration) {
+        let us = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX);
+        let bucket = (u64::BITS - us.leading_zeros()) as usize;
+        self.buckets[bucket.min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.total_us.fetch_add(us, Ordering::Relaxed);
+        self.max_us.fetch_max(us, Ordering::Relaxed);
+    }
+
+    /// The histogram now. Taken while waits are recorded, its fields may disagree by the
+    /// few records in flight (a count one ahead of the buckets); each is exact on its own.
+    pub fn snapshot(&self) -> LatencySnapshot {
+        let buckets: [u64; BUCKETS] =
+            std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed));
+        let max_us = self.max_us.load(Ordering::Relaxed);
+        let seen: u64 = buckets.iter().sum();
+        let quantile = |q: f64| {
+            // The rank of the q-quantile among `seen` waits, 1-based.
+            let rank = ((q * seen as f64).ceil() as u64).max(1);
+            let mut below = 0;
+            for (i, n) in buckets.iter().enumerate() {
+                below += n;
+                if below >= rank {
+                    let upper_us = if i == 0 { 1 } else { 1u64 << i };
+                    return Duration::from_micros(upper_us.min(max_us));
+                }
+            }
+            Duration::from_micros(max_us)
+        };
+        LatencySnapshot {
+            count: self.count.load(Ordering::Relaxed),
+            total: Duration::from_micros(self.total_us.load(Ordering::Relaxed)),
+            p50: if seen == 0 {
+                Duration::ZERO
+            } else {
+                quantile(0.50)
+            },
+            p99: if seen == 0 {
+                Duration::ZERO
+            } else {
+                quantile(0.99)
+            },
+            max: Duration::from_micros(max_us),
+            buckets,
+        }
+    }
+}
+
+/// When each guest page's pending fault was read: one slot per page (8 bytes per 4 KiB, 2 MiB
+/// per GiB of guest), 0 for none, else nanoseconds since `epoch` plus one.
+#[derive(Debug)]
+pub(crate) struct FaultStamps {
+    epoch: Instant,
+    slots: Vec<AtomicU64>,
+}
+
+impl FaultStamps {
+    pub fn new(pages: usize) -> Self {
+        FaultStamps {
+            epoch: Instant::now(),
+            slots: (0..pages).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Stamps page `index` as faulting now, unless a fault of it is already pending (two
+    /// vCPUs faulting on one page wait from the first fault).
+    pub fn stamp(&self, index: usize) {
+        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1) + 1;
+        let _ = self.slots[index].compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Takes page `index`'s stamp: how long ago its fault was read, if one was pending.
+    pub fn take(&self, index: usize) -> Option<Duration> {
+        match self.slots[index].swap(0, Ordering::Relaxed) {
+            0 => None,
+            stamp => {
+                let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                Some(Duration::from_nanos(now.saturating_sub(stamp - 1)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_are_bucket_upper_bounds_capped_by_max() {
+        let h = FaultLatency::default();
+        assert_eq!(h.snapshot().p99, Duration::ZERO);
+        // 98 waits of 50 us (bucket [32, 64)), one of 700 us, one of 3 ms.
+        for _ in 0..98 {
+            h.record(Duration::from_micros(50));
+        }
+        h.record(Duration::from_micros(700));
+        h.record(Duration::from_millis(3));
+        let s = h.snapshot();
+        assert_eq!(s.count, 100);
+        assert_eq!(s.p50, Duration::from_micros(64));
+        assert_eq!(s.p99, Duration::from_micros(1024));
+        assert_eq!(s.max, Duration::from_micros(3000));
+        assert_eq!(s.total, Duration::from_micros(98 * 50 + 700 + 3000));
+        assert_eq!(s.buckets[6], 98);
+
+        let one = FaultLatency::default();
+        one.record(Duration::from_micros(5));
+        // Bucket [4, 8), capped by the max.
+        assert_eq!(one.snapshot().p50, Duration::from_micros(5));
+        one.record(Duration::from_nanos(300));
+        assert_eq!(one.snapshot().buckets[0], 1);
+    }
+
+    #[test]
+    fn a_stamp_is_taken_once_and_the_first_fault_counts() {
+        let s = FaultStamps::new(4);
+        assert_eq!(s.take(2), None);
+        s.stamp(2);
+        std::thread::sleep(Duration::from_millis(2));
+        s.stamp(2);
+        let waited = s.take(2).unwrap();
+        assert!(waited >= Duration::from_millis(2), "{waited:?}");
+        assert_eq!(s.take(2), None);
+    }
+}
