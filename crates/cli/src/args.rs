@@ -76,6 +76,16 @@ pub struct MigrationArgs {
     #[arg(long, value_enum, default_value_t = OnNoConvergence::Force)]
     #[serde(serialize_with = "value_enum")]
     pub on_no_convergence: OnNoConvergence,
+    /// Allow postcopy: the session can switch to running the guest on the destination
+    /// before all its memory has arrived (pages it touches are fetched on demand over an
+    /// urgent channel, the rest pushed in the background). Once switched, neither side may
+    /// give up alone.
+    #[arg(long)]
+    pub postcopy: bool,
+    /// With --postcopy: switch after this many precopy rounds unless precopy converged
+    /// first (otherwise only on --on-no-convergence=postcopy).
+    #[arg(long, requires = "postcopy", value_parser = clap::value_parser!(u32).range(1..))]
+    pub postcopy_after_rounds: Option<u32>,
     /// Give every page sent its CRC32C, checked on arrival, so a page corrupted on the way is
     /// caught. Off by default: the transport is trusted (TCP's checksum, TLS's
     /// authentication), as QEMU does, which saves a pass over every page on each side.
@@ -142,6 +152,8 @@ pub enum Compress {
 pub enum OnNoConvergence {
     Force,
     Cancel,
+    /// Switch to postcopy (needs --postcopy).
+    Postcopy,
 }
 
 /// How device state travels.
@@ -166,6 +178,11 @@ impl MigrationArgs {
             on_no_convergence: match self.on_no_convergence {
                 OnNoConvergence::Force => NoConvergence::Force,
                 OnNoConvergence::Cancel => NoConvergence::Cancel,
+                OnNoConvergence::Postcopy => NoConvergence::Postcopy,
+            },
+            postcopy: livemig_engine::config::PostcopyPolicy {
+                allowed: self.postcopy,
+                after_rounds: self.postcopy_after_rounds,
             },
             device_transfer: match self.device_state_transfer {
                 TransferMode::Multifd => DeviceTransfer::Multifd,

@@ -70,6 +70,10 @@ pub struct MigrationConfig {
     /// What happens when a round or time bound is hit before convergence. Default
     /// [`NoConvergence::Force`].
     pub on_no_convergence: NoConvergence,
+    /// Whether (and when) the migration may switch to postcopy: the guest runs on the
+    /// destination before all its memory has arrived, pages it touches are fetched on
+    /// demand. Default: never.
+    pub postcopy: PostcopyPolicy,
     /// Throttle the guest's vCPUs progressively while rounds stop shrinking (QEMU's
     /// auto-converge): after two rounds in a row that each saw at least half as many pages
     /// dirtied as they sent, the throttle goes to [`THROTTLE_INITIAL`] (20%), and up by
@@ -151,6 +155,7 @@ impl Default for MigrationConfig {
             max_rounds: 30,
             max_precopy_time: Duration::from_secs(120),
             on_no_convergence: NoConvergence::Force,
+            postcopy: PostcopyPolicy::default(),
             auto_converge: true,
             pages_per_packet: DEFAULT_PAGES_PER_PACKET,
             connect_timeout: Duration::from_secs(10),
@@ -216,6 +221,21 @@ impl MigrationConfig {
                 )));
             }
         }
+        if self.on_no_convergence == NoConvergence::Postcopy && !self.postcopy.allowed {
+            return Err(MigrationError::Config(
+                "on no convergence 'postcopy' needs postcopy allowed".into(),
+            ));
+        }
+        if self.postcopy.allowed && self.ram == RamTransfer::Local {
+            return Err(MigrationError::Config(
+                "postcopy and local mode do not go together: local mode moves no page".into(),
+            ));
+        }
+        if self.postcopy.allowed && self.compress.is_some() {
+            return Err(MigrationError::Config(
+                "postcopy does not take compressed pages yet: leave compression off".into(),
+            ));
+        }
         if self.max_bandwidth == Some(0) {
             return Err(MigrationError::Config(
                 "max bandwidth 0 would never finish; leave it unset for no cap".into(),
@@ -233,6 +253,26 @@ pub enum NoConvergence {
     Force,
     /// Give up: the migration fails with the expected downtime, the guest runs on here.
     Cancel,
+    /// Switch to postcopy (needs [`PostcopyPolicy::allowed`]).
+    Postcopy,
+}
+
+/// When a migration may switch to postcopy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PostcopyPolicy {
+    /// The session is set up so that it can switch (an urgent channel for requested pages,
+    /// data channels kept open after precopy). Off by default.
+    pub allowed: bool,
+    /// Switch after this many precopy rounds (round 0 included) unless precopy converged
+    /// first; `None`: only on [`NoConvergence::Postcopy`] (or a command).
+    pub after_rounds: Option<u32>,
+}
+
+impl PostcopyPolicy {
+    /// Whether postcopy may happen at all.
+    pub fn allowed(&self) -> bool {
+        self.allowed
+    }
 }
 
 /// Auto-converge's first throttle, percent (QEMU's default).

@@ -164,6 +164,11 @@ pub enum MigrationError {
     /// resuming or destroying the source guest.
     #[error("handover outcome unknown: the destination did not confirm it resumed ({0}); the source guest stays paused")]
     HandoverUnknown(#[source] Box<MigrationError>),
+    /// Postcopy broke after the switch: the guest's memory is split between the two hosts, so
+    /// the source keeps its copy paused (and its memory) and must not resume it. Recovering
+    /// over a new connection is not built yet.
+    #[error("postcopy broke after the switch ({0}); the guest's memory is split between the hosts, the source keeps its copy paused")]
+    PostcopyBroken(#[source] Box<MigrationError>),
 }
 
 /// Why an incoming migration ([`crate::receive_vm`]) failed.
@@ -216,6 +221,10 @@ pub enum IncomingError {
     /// A migration thread failed, panicked or could not be started.
     #[error("a migration thread failed: {0}")]
     Job(#[source] crate::runtime::ThreadError),
+    /// Postcopy's userfaultfd side failed (registering guest memory, installing a page,
+    /// reading faults).
+    #[error(transparent)]
+    Postcopy(#[from] crate::postcopy::PostcopyError),
     /// [`crate::IncomingConfig::cancel`] was cancelled while waiting for a source (a
     /// session already under way is not cancelled from this side).
     #[error("incoming migration cancelled before a source connected")]

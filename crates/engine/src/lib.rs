@@ -66,7 +66,7 @@ pub mod guest;
 mod hostmem;
 pub mod incoming;
 pub mod local;
-pub(crate) mod postcopy;
+pub mod postcopy;
 pub mod prefault;
 pub mod report;
 pub mod runtime;

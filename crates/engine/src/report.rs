@@ -111,6 +111,24 @@ pub struct MigrationReport {
     pub buffer_cap_bytes: u64,
     /// Every streamed device, in the VM's order.
     pub devices: Vec<DeviceReport>,
+    /// The postcopy phase, when the migration switched to it.
+    #[serde(default)]
+    pub postcopy: Option<PostcopyReport>,
+}
+
+/// What the postcopy phase of a migration moved and cost.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PostcopyReport {
+    /// Pages the destination did not hold at the switch, all sent after it.
+    pub pages: u64,
+    /// Pages the destination asked for (the source's count of requested pages).
+    pub requested: u64,
+    /// Pages the destination's faults asked for (its own count).
+    pub dest_requested: u64,
+    /// Total time the destination's vCPUs waited on missing pages, milliseconds.
+    pub blocked_ms: f64,
+    /// From the switch until the destination had every page, milliseconds.
+    pub ms: f64,
 }
 
 /// One streamed device in a migration.
@@ -170,6 +188,9 @@ pub struct IncomingReport {
     pub device_peak_buffered_bytes: Vec<u64>,
     /// Pages that arrived torn (written by the guest while sent) and came again intact.
     pub torn_pages: u64,
+    /// From the switch to postcopy until every page was in, milliseconds (0: no postcopy).
+    #[serde(default)]
+    pub postcopy_ms: f64,
 }
 
 /// Events a running migration reports as it goes.

@@ -18,7 +18,7 @@ use crate::WireError;
 /// "LMIG" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"LMIG");
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 16;
 

@@ -178,6 +178,10 @@ pub struct SessionHello {
     /// The source's peer timeout, milliseconds: how long it lets the destination be silent.
     /// The destination answers with the timeout both sides then use (see [`SessionAccept`]).
     pub peer_timeout_ms: u32,
+    /// The source may switch this session to postcopy: the destination then takes one more
+    /// data channel, index `channels`, the urgent ("preempt") channel for requested pages,
+    /// and keeps every data channel open after the last precopy round for postcopy pages.
+    pub postcopy: bool,
 }
 
 /// Peer timeouts a hello or an accept may state, milliseconds: from 200 ms (pings every 50
@@ -232,7 +236,8 @@ impl RamTransfer {
 
 impl SessionHello {
     /// The payload of a `SessionHello` frame: session id, channels, pages per packet, the
-    /// guest description, the device setup, the RAM transfer byte and the peer timeout.
+    /// guest description, the device setup, the RAM transfer byte, the peer timeout and the
+    /// postcopy byte.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         let mut w = Writer::new(&mut out);
@@ -241,7 +246,9 @@ impl SessionHello {
             .u32(self.pages_per_packet);
         self.guest.write(&mut w);
         self.devices.write(&mut w);
-        w.u8(self.ram.code()).u32(self.peer_timeout_ms);
+        w.u8(self.ram.code())
+            .u32(self.peer_timeout_ms)
+            .u8(self.postcopy as u8);
         out
     }
 
@@ -271,6 +278,17 @@ impl SessionHello {
         let devices = DeviceSetup::read(&mut r)?;
         let ram = RamTransfer::from_code(r.u8()?)?;
         let peer_timeout_ms = check_peer_timeout(r.u32()?)?;
+        let postcopy = match r.u8()? {
+            0 => false,
+            1 => true,
+            other => {
+                return Err(WireError::OutOfRange {
+                    field: "postcopy",
+                    value: other as u64,
+                    reason: "0 (precopy only) or 1 (may switch to postcopy)",
+                })
+            }
+        };
         r.finish()?;
         Ok(SessionHello {
             session,
@@ -280,6 +298,7 @@ impl SessionHello {
             devices,
             ram,
             peer_timeout_ms,
+            postcopy,
         })
     }
 }
@@ -525,6 +544,7 @@ mod tests {
             devices: DeviceSetup::default(),
             ram: RamTransfer::Copy,
             peer_timeout_ms: 30_000,
+            postcopy: false,
         }
     }
 

@@ -41,6 +41,7 @@ fn main() {
         },
         ram: RamTransfer::Copy,
         peer_timeout_ms: 30_000,
+        postcopy: true,
     };
     write("session", "hello", &hello.encode());
     write(

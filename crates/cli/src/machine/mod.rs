@@ -73,7 +73,7 @@ enum Msg {
     Command(Request, Sender<Result<Value, QmpError>>),
     Quit,
     Progress(Progress),
-    SourceDone(Result<MigrationReport, MigrationError>),
+    SourceDone(Box<Result<MigrationReport, MigrationError>>),
     IncomingSession,
     IncomingDone(Box<Result<Incoming, IncomingError>>),
 }
@@ -412,7 +412,7 @@ impl Machine {
                     let _ = progress_tx.send(Msg::Progress(p.clone()));
                 };
                 let r = migrate_vm(vm, &to, &config, &progress);
-                let _ = tx.send(Msg::SourceDone(r));
+                let _ = tx.send(Msg::SourceDone(Box::new(r)));
             })
             .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;
         self.thread = Some((thread, cancel));
@@ -520,6 +520,7 @@ impl Machine {
         match msg {
             Msg::Progress(p) => self.progress(p),
             Msg::SourceDone(r) => {
+                let r = *r;
                 self.join_thread();
                 let cancelled = self.status == MigStatus::Cancelling;
                 let Job::Out(o) = &mut self.job else { return };

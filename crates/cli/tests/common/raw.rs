@@ -97,5 +97,6 @@ pub fn synthetic_hello(session: SessionId, devices: DeviceSetup) -> SessionHello
         devices,
         ram: RamTransfer::Copy,
         peer_timeout_ms: 30_000,
+        postcopy: false,
     }
 }

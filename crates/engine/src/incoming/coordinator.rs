@@ -24,6 +24,8 @@ pub(super) enum Phase {
     AwaitingHandover(AwaitingHandover),
     /// Handed over: the guest is resumed here.
     Running(Running),
+    /// Postcopy: the guest runs here while its last pages come.
+    Postcopy(super::postcopy::Running),
 }
 
 /// Runs the phases from Receiving to the guest running here, and returns the report.
@@ -44,7 +46,18 @@ pub(super) fn coordinate(
                 let ev = inbox.next(main, r.deadline())?;
                 r.step(ev, s, shared, main)?
             }
+            Phase::Loading(received) if received.postcopy.is_some() => {
+                super::postcopy::start(s, shared, main, received)?
+            }
             Phase::Loading(received) => loading::load(s, main, received)?,
+            // The guest runs here on memory still arriving: a failure loses it.
+            Phase::Postcopy(run) => {
+                let ev = inbox.next(main, None)?;
+                match run.step(ev, s, shared, main)? {
+                    Ok(run) => Phase::Postcopy(run),
+                    Err(report) => return Ok(report),
+                }
+            }
             Phase::AwaitingHandover(a) => {
                 let ev = inbox
                     .next(main, Some(a.deadline()))

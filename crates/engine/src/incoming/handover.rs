@@ -55,7 +55,10 @@ impl AwaitingHandover {
             | Event::VmStates(_)
             | Event::RoundStart(_)
             | Event::Complete(_)
-            | Event::LoaderDone(..) => Err(protocol("expected Handover")),
+            | Event::LoaderDone(..)
+            | Event::PostcopyStart(_)
+            | Event::PageWanted(_)
+            | Event::PostcopyChannelDone => Err(protocol("expected Handover")),
         }
     }
 }
@@ -91,7 +94,7 @@ impl Running {
 }
 
 /// The session's report, from each phase's part.
-fn report(
+pub(super) fn report(
     s: &Session<'_>,
     shared: &Shared,
     received: Received,
@@ -123,5 +126,6 @@ fn report(
             .map(|d| d.peak_buffered)
             .collect(),
         torn_pages: shared.torn.total(),
+        postcopy_ms: 0.0,
     }
 }

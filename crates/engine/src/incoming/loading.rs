@@ -54,7 +54,7 @@ pub(super) fn load(
 
 /// Applies state in a defined order: every streamed device has loaded (in Receiving), then
 /// the small devices in list order, then the guest's own state. Returns the time it took.
-fn restore(s: &Session<'_>, received: &Received) -> Result<Duration, IncomingError> {
+pub(super) fn restore(s: &Session<'_>, received: &Received) -> Result<Duration, IncomingError> {
     let t = Instant::now();
     let blobs = VmStates::decode(&received.vmstates, s.vmstates.len()).map_err(|source| {
         IncomingError::Channel(ChannelError::Wire {
@@ -70,7 +70,7 @@ fn restore(s: &Session<'_>, received: &Received) -> Result<Duration, IncomingErr
 }
 
 /// Checks guest memory, when the configuration asks for it: any wrong page fails.
-fn verify(s: &Session<'_>) -> Result<Option<VerifyReport>, IncomingError> {
+pub(super) fn verify(s: &Session<'_>) -> Result<Option<VerifyReport>, IncomingError> {
     if !s.config.verify {
         return Ok(None);
     }

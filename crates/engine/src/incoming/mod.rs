@@ -41,6 +41,7 @@ mod handover;
 mod late_pages;
 mod loading;
 mod main_reader;
+mod postcopy;
 mod receiver;
 mod receiving;
 mod session;
@@ -76,6 +77,12 @@ pub(crate) enum Event {
     /// A device's loader consumed a chunk: the source may send up to `up_to`.
     Credit(u16, u32),
     LoaderDone(u16, DeviceLoadStats),
+    /// The source switches to postcopy: the pages it will still send.
+    PostcopyStart(livemig_wire::PostcopyStart),
+    /// Postcopy: a vCPU waits for this page, which has not been asked for yet.
+    PageWanted(u64),
+    /// Postcopy: a data channel has sent its last page.
+    PostcopyChannelDone,
 }
 
 /// A thread's failure, sent to the coordinator before the thread ends.
@@ -86,6 +93,8 @@ pub(crate) enum Failure {
     Main(ChannelError),
     /// A device loader's.
     Loader(DeviceError),
+    /// Postcopy's fault thread's.
+    Postcopy(crate::postcopy::PostcopyError),
 }
 
 /// One message from a thread to the coordinator.
@@ -96,6 +105,7 @@ impl From<Failure> for IncomingError {
         match f {
             Failure::Channel(e) | Failure::Main(e) => e.into(),
             Failure::Loader(e) => e.into(),
+            Failure::Postcopy(e) => e.into(),
         }
     }
 }

@@ -42,6 +42,11 @@ pub(crate) struct ChannelReceiver<'a> {
     pub hooks: TestHooks,
     /// Local mode: guest memory is the source's, mapped; no page may be written here.
     pub local: bool,
+    /// A session that may switch to postcopy: after the last precopy round the channel
+    /// carries postcopy pages until `PostcopyDone`.
+    pub postcopy: Option<&'a dyn super::postcopy::PostcopyPages>,
+    /// The urgent channel: postcopy pages only, no precopy round.
+    pub urgent: bool,
 }
 
 /// Scratch for one packet: its pages' host addresses, and their I/O vectors. Lives on the
@@ -61,16 +66,35 @@ struct PageScratch {
 
 impl ChannelReceiver<'_> {
     pub fn run(mut self) {
-        match self.serve() {
-            Ok(rounds) => {
-                let _ = self.events.send(Ok(Event::ChannelDone(rounds)));
+        if !self.urgent {
+            match self.serve() {
+                Ok(rounds) => {
+                    let _ = self.events.send(Ok(Event::ChannelDone(rounds)));
+                }
+                Err(e) => {
+                    // This channel's own error first: the coordinator reports the first
+                    // failure it hears of, and aborting the barrier makes the others fail too.
+                    let _ = self.events.send(Err(Failure::Channel(e)));
+                    self.barrier.abort();
+                    return;
+                }
             }
-            Err(e) => {
-                // This channel's own error first: the coordinator reports the first failure
-                // it hears of, and aborting the barrier makes the others fail too.
+        }
+        let Some(dest) = self.postcopy else {
+            return;
+        };
+        match super::postcopy::receive(&mut self, dest) {
+            // The urgent channel carries what was asked for; the data channels' ends count.
+            Ok(()) if !self.urgent => {
+                let _ = self.events.send(Ok(Event::PostcopyChannelDone));
+            }
+            Ok(()) => {}
+            // Without a switch to postcopy the session ends with these channels open: their
+            // end then is no failure.
+            Err(e) if dest.is_armed() => {
                 let _ = self.events.send(Err(Failure::Channel(e)));
-                self.barrier.abort();
             }
+            Err(_) => {}
         }
     }
 

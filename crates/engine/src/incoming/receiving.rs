@@ -19,8 +19,8 @@ pub(super) struct Receiving {
     peer_timeout: Duration,
     state: Option<Vec<u8>>,
     vmstates: Option<Vec<u8>>,
-    /// Complete, and when it came.
-    complete: Option<(Complete, Instant)>,
+    /// Complete (or, in postcopy, PostcopyStart), and when it came.
+    complete: Option<(End, Instant)>,
     channels_done: usize,
     /// The rounds the data channels carried.
     rounds: u32,
@@ -29,8 +29,26 @@ pub(super) struct Receiving {
     complete_due: Option<Instant>,
 }
 
+/// How the source ended the stream: every page sent (Complete), or a switch to postcopy
+/// with the pages it will still send.
+pub(super) enum End {
+    Complete(Complete),
+    Postcopy(livemig_wire::PostcopyStart),
+}
+
+impl End {
+    fn rounds(&self) -> u32 {
+        match self {
+            End::Complete(c) => c.rounds,
+            End::Postcopy(p) => p.rounds,
+        }
+    }
+}
+
 /// Everything received, checked against what the source says it sent.
 pub(super) struct Received {
+    /// Postcopy: the pages still to come.
+    pub postcopy: Option<livemig_wire::PostcopyStart>,
     /// The guest's own state.
     pub state: Vec<u8>,
     /// The small devices' blobs, encoded.
@@ -44,7 +62,7 @@ pub(super) struct Received {
 
 /// Every part in (what [`Receiving::finish`] takes), not yet checked.
 struct Gathered {
-    complete: Complete,
+    complete: End,
     drain: Duration,
     state: Option<Vec<u8>>,
     vmstates: Option<Vec<u8>>,
@@ -119,8 +137,12 @@ impl Receiving {
                 round: r.round,
                 pages: r.pages,
             }),
-            Event::Complete(c) => self.complete = Some((c, Instant::now())),
+            Event::Complete(c) => self.complete = Some((End::Complete(c), Instant::now())),
+            Event::PostcopyStart(p) => self.complete = Some((End::Postcopy(p), Instant::now())),
             Event::Handover => return Err(protocol("Handover before Loaded")),
+            Event::PageWanted(_) | Event::PostcopyChannelDone => {
+                return Err(protocol("postcopy traffic before PostcopyStart"))
+            }
         }
         Ok(())
     }
@@ -163,13 +185,18 @@ impl Gathered {
                 ),
             }));
         }
-        if self.complete.rounds != self.rounds {
+        if self.complete.rounds() != self.rounds {
             return Err(protocol(&format!(
                 "source sent {} rounds, data channels carried {}",
-                self.complete.rounds, self.rounds
+                self.complete.rounds(),
+                self.rounds
             )));
         }
         Ok(Received {
+            postcopy: match self.complete {
+                End::Postcopy(p) => Some(p),
+                End::Complete(_) => None,
+            },
             state: self
                 .state
                 .ok_or_else(|| protocol("Complete without GuestState"))?,

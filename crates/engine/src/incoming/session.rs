@@ -5,6 +5,7 @@
 use super::barrier::RoundBarrier;
 use super::coordinator::{self, Inbox};
 use super::main_reader::read_main;
+use super::postcopy::{self, PostcopyDest};
 use super::receiver::{ChannelReceiver, Counters};
 use super::streams::{LoadError, Streams};
 use super::{Event, Failure, Heard};
@@ -36,13 +37,15 @@ pub(super) struct Session<'a> {
 
 /// What the session's threads share: the round barrier, page bookkeeping, device streams
 /// and counters.
-pub(super) struct Shared {
+pub(super) struct Shared<'m> {
     pub barrier: RoundBarrier,
     pub claims: PageClaims,
     pub populated: Populated,
     pub torn: TornPages,
     pub streams: Streams,
     pub counters: Counters,
+    /// A session that may switch to postcopy: the userfaultfd side of guest memory.
+    pub postcopy: Option<PostcopyDest<'m>>,
 }
 
 /// Dead-peer detection: every write is bounded, and a data channel hears from the source
@@ -97,7 +100,7 @@ impl Session<'_> {
         let main_reader = clone_socket(&main, ChannelName::Main)?;
         let memory = self.guest.memory();
         let shared = Shared {
-            barrier: RoundBarrier::new(data.len()),
+            barrier: RoundBarrier::new(self.hello.channels as usize),
             claims: PageClaims::new(memory),
             populated: Populated::new(memory),
             torn: TornPages::new(memory),
@@ -107,6 +110,7 @@ impl Session<'_> {
                 self.accept.window,
             ),
             counters: Counters::default(),
+            postcopy: self.hello.postcopy.then(|| PostcopyDest::new(memory)),
         };
         let (tx, rx) = crossbeam_channel::unbounded();
         std::thread::scope(|scope| {
@@ -125,6 +129,10 @@ impl Session<'_> {
                             .map_err(|e| prefer_peer_reason(e, &rx)),
                     }
                 });
+            // Threads waiting for a switch to postcopy that did not come (or failed) go.
+            if let Some(p) = &shared.postcopy {
+                p.abort();
+            }
             if let Err(e) = &outcome {
                 shared.barrier.abort();
                 shared.streams.abort();
@@ -162,9 +170,14 @@ impl Session<'_> {
         let (limits, streams) = (self.config.limits, &shared.streams);
         let serial = self.hello.devices.transfer == DeviceTransfer::Main;
         let main_tx = tx.clone();
+        let ranges = self.hello.postcopy.then_some(&self.hello.guest.ranges[..]);
         rt.spawn("main", move || {
-            read_main(main_reader, limits, main_tx, streams, serial)
+            read_main(main_reader, limits, main_tx, streams, serial, ranges)
         });
+        if let Some(dest) = &shared.postcopy {
+            let (tx, cancel) = (tx.clone(), rt.cancel_token().clone());
+            rt.spawn("fault", move || postcopy::serve_faults(dest, tx, &cancel));
+        }
         for i in 0..self.devices.len() {
             let tx = tx.clone();
             rt.submit(&format!("load{i}"), move || {
@@ -173,7 +186,13 @@ impl Session<'_> {
         }
         for (i, stream) in data.into_iter().enumerate() {
             let r = self.receiver(i as u16, stream, shared, tx.clone());
-            rt.spawn(&format!("ch{i}"), move || r.run());
+            // The urgent channel (postcopy's requested pages) is the last.
+            let name = if i == self.hello.channels as usize {
+                "urgent".to_string()
+            } else {
+                format!("ch{i}")
+            };
+            rt.spawn(&name, move || r.run());
         }
         Ok(())
     }
@@ -226,6 +245,11 @@ impl Session<'_> {
             streams: &shared.streams,
             hooks: self.config.test_hooks.clone(),
             local: self.hello.ram == RamTransfer::Local,
+            postcopy: shared
+                .postcopy
+                .as_ref()
+                .map(|p| p as &dyn postcopy::PostcopyPages),
+            urgent: index == self.hello.channels,
         }
     }
 }

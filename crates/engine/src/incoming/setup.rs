@@ -498,7 +498,9 @@ pub(crate) fn accept_channels(
     log: &(dyn Fn(&IncomingEvent) + Sync),
 ) -> Result<Vec<Stream>, IncomingError> {
     let deadline = Instant::now() + config.setup_timeout;
-    let mut slots: Vec<Option<Stream>> = (0..hello.channels).map(|_| None).collect();
+    // A postcopy session has one more: the urgent channel, index `channels`.
+    let count = hello.channels + hello.postcopy as u16;
+    let mut slots: Vec<Option<Stream>> = (0..count).map(|_| None).collect();
     let unexpected = |kind: FrameKind| {
         (kind != FrameKind::ChannelHello)
             .then(|| format!("expected ChannelHello, got a {} frame", kind.name()))

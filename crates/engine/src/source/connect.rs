@@ -20,6 +20,9 @@ pub(super) struct Connected {
     pub session: SessionId,
     pub main: Stream,
     pub data: Vec<Stream>,
+    /// The urgent channel for postcopy's requested pages (index `channels`), when the
+    /// session may switch to postcopy.
+    pub urgent: Option<Stream>,
     pub accept: SessionAccept,
     /// When the migration started, and how long set-up took.
     pub start: Instant,
@@ -87,7 +90,7 @@ pub(super) fn connect(
         let _ = watcher.join();
         r
     });
-    let (main, data, accept) = result.map_err(|e| {
+    let (main, mut data, accept) = result.map_err(|e| {
         if config.cancel.is_cancelled() {
             MigrationError::Cancelled
         } else if let Some(x) = watchdog.expired() {
@@ -96,10 +99,16 @@ pub(super) fn connect(
             e
         }
     })?;
+    let urgent = if config.postcopy.allowed() {
+        data.pop()
+    } else {
+        None
+    };
     Ok(Connected {
         session,
         main,
         data,
+        urgent,
         accept,
         start,
         setup: start.elapsed(),
@@ -214,6 +223,7 @@ impl Opener<'_> {
             devices: wire_devices(vm, config),
             ram: config.ram,
             peer_timeout_ms: crate::config::wire_ms(config.peer_timeout),
+            postcopy: config.postcopy.allowed(),
         };
         let ch = ChannelName::Main;
         framed::send(main, ch, FrameKind::SessionHello, &hello.encode())?;
@@ -250,9 +260,11 @@ impl Opener<'_> {
 
     /// Every data channel's hello goes out before any answer is awaited: the destination
     /// handshakes them side by side, so set-up costs one round trip, not one per channel.
+    /// A postcopy session has one more, the urgent channel (index `channels`).
     fn data_channels(&self, session: SessionId) -> Result<Vec<Stream>, MigrationError> {
-        let mut data = Vec::with_capacity(self.config.channels as usize);
-        for index in 0..self.config.channels {
+        let count = self.config.channels + self.config.postcopy.allowed() as u16;
+        let mut data = Vec::with_capacity(count as usize);
+        for index in 0..count {
             let mut s = self.stream()?;
             framed::send(
                 &mut s,

@@ -16,8 +16,10 @@ use super::devices::{SaveError, SaveStats, Switchover};
 use super::dispatch::Dispatcher;
 use super::handover::HandedOver;
 use super::pacer::Pacer;
+use super::postcopy::PostcopyRun;
 use super::precopy::{Precopy, RoundInFlight};
 use super::report::ReportParts;
+use super::session::PostcopyShared;
 use super::switchover::{SavedState, Saving};
 use super::watchdog::Watchdog;
 use super::{GuestState, Vm};
@@ -50,6 +52,8 @@ pub(crate) enum Event {
     DeviceDone(u16, Result<SaveStats, SaveError>),
     /// The state-save worker ended.
     StateSaved(Result<SavedState, MigrationError>),
+    /// Postcopy: the destination has installed every page.
+    PostcopyComplete(livemig_wire::PostcopyComplete),
 }
 
 /// Where the migration is.
@@ -63,6 +67,9 @@ pub(super) enum Phase {
     AwaitLoaded,
     /// Handover sent: waiting for the destination's Resumed.
     AwaitResumed(HandedOver),
+    /// Postcopy: the destination runs (or is about to run) the guest while its last pages
+    /// come; waiting for its Resumed, then its PostcopyComplete.
+    Postcopy(PostcopyRun),
     /// The guest runs on the destination.
     Done(Box<MigrationReport>),
 }
@@ -86,6 +93,8 @@ pub(super) struct Coordinator<'a> {
     pub watchdog: &'a Watchdog,
     pub accept: SessionAccept,
     pub precopy: Precopy,
+    /// Shared with the return path for postcopy's requests.
+    pub postcopy: &'a PostcopyShared,
     pub parts: ReportParts,
 }
 
@@ -103,6 +112,11 @@ impl Coordinator<'_> {
                         .and_then(|ev| self.on_resumed(h, ev))
                         .map_err(|e| MigrationError::HandoverUnknown(Box::new(e)))?
                 }
+                // The guest's memory is split between the hosts: neither may give up alone.
+                Phase::Postcopy(run) => self
+                    .next_event()
+                    .and_then(|ev| self.on_postcopy_event(run, ev))
+                    .map_err(|e| MigrationError::PostcopyBroken(Box::new(e)))?,
                 phase => {
                     let ev = self.next_event()?;
                     self.step(phase, ev)?
@@ -118,6 +132,7 @@ impl Coordinator<'_> {
             Phase::Saving(saving) => self.on_save_event(saving, ev),
             Phase::AwaitLoaded => self.on_loaded(ev),
             Phase::AwaitResumed(h) => self.on_resumed(h, ev),
+            Phase::Postcopy(run) => self.on_postcopy_event(run, ev),
             Phase::Done(_) => Err(unexpected(ev)),
         }
     }
@@ -242,5 +257,6 @@ fn event_name(ev: &Event) -> &'static str {
         Event::DeviceDone(..) => "a device save ending",
         Event::StateSaved(_) => "the state saved",
         Event::Failed(_) | Event::PeerFailed(_) => "a failure",
+        Event::PostcopyComplete(_) => "PostcopyComplete",
     }
 }

@@ -44,6 +44,7 @@ mod devices;
 mod dispatch;
 mod handover;
 mod pacer;
+mod postcopy;
 mod precopy;
 mod report;
 mod return_path;
@@ -146,7 +147,7 @@ pub fn migrate_vm(
     // A cancel from outside shuts the sockets down, so threads see broken channels: the
     // cause is still the cancel (unless the guest was already handed over).
     let result = result.map_err(|e| match e {
-        MigrationError::HandoverUnknown(_) => e,
+        MigrationError::HandoverUnknown(_) | MigrationError::PostcopyBroken(_) => e,
         _ if config.cancel.is_cancelled() => MigrationError::Cancelled,
         e => e,
     });

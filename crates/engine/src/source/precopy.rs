@@ -151,16 +151,23 @@ impl Coordinator<'_> {
         if converged {
             return self.enter_switchover(false);
         }
+        let policy = self.config.postcopy;
+        if policy.allowed && policy.after_rounds.is_some_and(|n| p.round >= n) {
+            return self.enter_postcopy();
+        }
         if p.round >= self.config.max_rounds || p.start.elapsed() >= self.config.max_precopy_time {
-            if self.config.on_no_convergence == NoConvergence::Cancel {
-                return Err(MigrationError::NotConverged {
-                    rounds: p.round,
-                    expected_downtime_ms,
-                    limit_ms,
-                    throttle_percent: p.converge.throttle,
-                });
+            match self.config.on_no_convergence {
+                NoConvergence::Cancel => {
+                    return Err(MigrationError::NotConverged {
+                        rounds: p.round,
+                        expected_downtime_ms,
+                        limit_ms,
+                        throttle_percent: p.converge.throttle,
+                    })
+                }
+                NoConvergence::Postcopy => return self.enter_postcopy(),
+                NoConvergence::Force => return self.enter_switchover(true),
             }
-            return self.enter_switchover(true);
         }
         if let Some(t) = next_throttle {
             // A guest that cannot be throttled migrates on without it.

@@ -3,7 +3,7 @@
 
 use super::coordinator::Coordinator;
 use super::devices::SaveStats;
-use crate::report::{ms, DeviceReport, DowntimeBreakdown, MigrationReport};
+use crate::report::{ms, DeviceReport, DowntimeBreakdown, MigrationReport, PostcopyReport};
 use livemig_wire::{DeviceTransfer, Loaded, SessionId};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -27,6 +27,11 @@ pub(super) struct ReportParts {
     pub down: DowntimeBreakdown,
     /// Every streamed device's save (multifd mode).
     pub device_stats: Vec<SaveStats>,
+    /// Postcopy: when `PostcopyStart` went out, when the destination said it runs the
+    /// guest, and what postcopy moved.
+    pub postcopy_started: Option<Instant>,
+    pub resumed_at: Option<Instant>,
+    pub postcopy: Option<PostcopyReport>,
 }
 
 impl ReportParts {
@@ -42,6 +47,9 @@ impl ReportParts {
             transfer_started: start,
             down: DowntimeBreakdown::default(),
             device_stats: Vec::new(),
+            postcopy_started: None,
+            resumed_at: None,
+            postcopy: None,
         }
     }
 }
@@ -59,7 +67,9 @@ impl Coordinator<'_> {
             total_ms: ms(total),
             setup_ms: ms(p.setup),
             precopy_ms: ms(p.precopy),
-            downtime_ms: ms(p.paused_at.elapsed()) - p.down.dest_verify_ms,
+            // In postcopy the pause ends when the destination runs the guest.
+            downtime_ms: ms(p.resumed_at.unwrap_or_else(Instant::now) - p.paused_at)
+                - p.down.dest_verify_ms,
             downtime: p.down.clone(),
             transferred_bytes: bytes,
             normal_pages: c.normal_pages.load(Relaxed),
@@ -79,6 +89,7 @@ impl Coordinator<'_> {
             credit_window: self.accept.window,
             buffer_cap_bytes: self.accept.buffer_cap,
             devices: self.device_reports(loaded),
+            postcopy: p.postcopy.clone(),
         }
     }
 

@@ -29,6 +29,8 @@ pub(crate) enum Job {
         addrs: Vec<u64>,
     },
     RoundEnd(RoundEnd),
+    /// Postcopy: no more pages on this channel.
+    PostcopyDone,
     /// A chunk of a device's state stream.
     Chunk {
         device: u16,
@@ -145,6 +147,7 @@ impl ChannelSender<'_> {
         let channel = ChannelName::Data(self.index);
         let mut scratch = Scratch::new(self.pages_per_packet);
         let mut compressor = self.compressor()?;
+        let mut postcopy_from: Option<u64> = None;
         for _ in 0..PIPELINE {
             if self.ready.send(self.index).is_err() {
                 return Ok(());
@@ -182,9 +185,24 @@ impl ChannelSender<'_> {
                         FrameKind::RoundEnd,
                         &end.encode(),
                     )?;
+                    postcopy_from = end.last.then_some(self.counters.normal_pages.load(Relaxed));
                     if self.events.send(Event::RoundSent(end.round)).is_err() {
                         return Ok(());
                     }
+                    continue;
+                }
+                Job::PostcopyDone => {
+                    // The pages every channel sent since precopy ended: a figure for the
+                    // destination's report, not a count it checks.
+                    let pages = postcopy_from
+                        .map_or(0, |from| self.counters.normal_pages.load(Relaxed) - from);
+                    let done = livemig_wire::PostcopyDone { pages };
+                    framed::send(
+                        &mut self.stream,
+                        channel,
+                        FrameKind::PostcopyDone,
+                        &done.encode(),
+                    )?;
                     continue;
                 }
             }

@@ -29,6 +29,7 @@ use crate::stats::Counters;
 use crate::transport::Stream;
 use crossbeam_channel::Sender;
 use livemig_wire::{DeviceTransfer, Reject, RejectCode};
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::Duration;
 
 /// What every thread of the session shares.
@@ -39,6 +40,16 @@ struct Shared<'a> {
     credits: CreditTable,
     switchover: Switchover,
     watchdog: Watchdog,
+    postcopy: PostcopyShared,
+}
+
+/// What the return path and the coordinator share in a postcopy session.
+#[derive(Default)]
+pub(super) struct PostcopyShared {
+    /// The round number postcopy pages carry (set at the switch).
+    pub round: AtomicU32,
+    /// Pages the destination asked for.
+    pub requested: AtomicU64,
 }
 
 /// Runs a connected session to its end; `state` says where the guest is when it fails.
@@ -49,21 +60,7 @@ pub(super) fn run(
     progress: &(dyn Fn(&Progress) + Sync),
     state: &mut GuestState,
 ) -> Result<MigrationReport, MigrationError> {
-    // Clones kept to shut the sockets down, which wakes any thread blocked on them.
-    let clone = |s: &Stream, ch| {
-        s.try_clone().map_err(|source| {
-            MigrationError::Channel(ChannelError::Io {
-                channel: ch,
-                op: "clone socket",
-                source,
-            })
-        })
-    };
-    let mut sockets = vec![clone(&c.main, ChannelName::Main)?];
-    for (i, s) in c.data.iter().enumerate() {
-        sockets.push(clone(s, ChannelName::Data(i as u16))?);
-    }
-    let return_stream = clone(&c.main, ChannelName::Main)?;
+    let (sockets, return_stream) = clones(&c)?;
     config.stats.reset();
     let shared = Shared {
         vm,
@@ -72,6 +69,7 @@ pub(super) fn run(
         credits: CreditTable::new(vm.devices.len(), c.accept.window.max(1)),
         switchover: Switchover::default(),
         watchdog: Watchdog::new(),
+        postcopy: PostcopyShared::default(),
     };
     // This attempt's own token: failures cancel it without touching the caller's, which
     // only ever cancels into it (through the watcher), so a retry starts afresh.
@@ -81,9 +79,15 @@ pub(super) fn run(
         sockets.into_iter().for_each(|s| rt.keep_socket(s));
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
         start_watch(&rt, &shared);
+        // Its queue is the return path's: no readiness to wait for, so its ready queue is
+        // kept but never read.
+        let (urgent_ready, _never_read) = crossbeam_channel::unbounded();
+        let urgent = c
+            .urgent
+            .map(|stream| start_urgent(&rt, &shared, stream, urgent_ready, &c.accept, &events_tx));
         let rp = (events_tx.clone(), &shared.credits);
         rt.spawn("return", move || {
-            return_path::run(return_stream, rp.0, rp.1)
+            return_path::run(return_stream, rp.0, rp.1, urgent)
         });
         let dispatch = start_channels(&rt, &shared, c.data, &c.accept, &events_tx);
         start_jobs(&rt, &shared, &dispatch, &events_tx);
@@ -106,6 +110,7 @@ pub(super) fn run(
             watchdog: &shared.watchdog,
             accept: c.accept,
             precopy: Precopy::new(dirty, true, config.auto_converge),
+            postcopy: &shared.postcopy,
             parts: ReportParts::new(c.session, c.start, c.setup),
         };
         let outcome = match rt.failure() {
@@ -149,6 +154,27 @@ fn finish(
     outcome
 }
 
+/// Clones of every socket, kept to shut them down (which wakes any thread blocked on one),
+/// and the main channel's for the return path.
+fn clones(c: &Connected) -> Result<(Vec<Stream>, Stream), MigrationError> {
+    // Clones kept to shut the sockets down, which wakes any thread blocked on them.
+    let clone = |s: &Stream, ch| {
+        s.try_clone().map_err(|source| {
+            MigrationError::Channel(ChannelError::Io {
+                channel: ch,
+                op: "clone socket",
+                source,
+            })
+        })
+    };
+    let mut sockets = vec![clone(&c.main, ChannelName::Main)?];
+    for (i, s) in c.data.iter().chain(c.urgent.iter()).enumerate() {
+        sockets.push(clone(s, ChannelName::Data(i as u16))?);
+    }
+    let return_stream = clone(&c.main, ChannelName::Main)?;
+    Ok((sockets, return_stream))
+}
+
 /// The watcher: a cancel from outside, or a deadline passing, shuts the sockets down, so a
 /// coordinator blocked writing to a destination that stopped reading is freed too.
 fn start_watch<'scope>(rt: &Runtime<'scope, '_>, shared: &'scope Shared<'_>) {
@@ -168,31 +194,76 @@ fn start_channels<'scope>(
     accept: &livemig_wire::SessionAccept,
     events: &Sender<Event>,
 ) -> Dispatcher {
-    let config = shared.config;
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
     let mut queues = Vec::new();
     for (i, stream) in data.into_iter().enumerate() {
         let (tx, rx) = crossbeam_channel::unbounded();
         queues.push(tx);
-        let sender = ChannelSender {
-            index: i as u16,
+        let sender = channel_sender(
+            rt,
+            shared,
             stream,
-            memory: shared.vm.guest.memory(),
-            jobs: rx,
-            ready: ready_tx.clone(),
-            events: events.clone(),
-            cancel: rt.cancel_token().clone(),
-            counters: shared.counters,
-            ping_every: crate::config::ping_interval(accept.peer_timeout()),
-            pages_per_packet: config.pages_per_packet as usize,
-            page_checksums: config.page_checksums,
-            compress: config.compress,
-            #[cfg(feature = "test-hooks")]
-            chunk_delay: config.test_hooks.chunk_delay(i as u16),
-        };
+            i as u16,
+            rx,
+            ready_tx.clone(),
+            accept,
+            events,
+        );
         rt.spawn(&format!("ch{i}"), move || sender.run());
     }
     Dispatcher::new(ready_rx, queues, rt.cancel_token().clone())
+}
+
+/// Postcopy's urgent channel: a sender whose queue the return path fills with the pages the
+/// destination asks for.
+fn start_urgent<'scope>(
+    rt: &Runtime<'scope, '_>,
+    shared: &'scope Shared<'_>,
+    stream: Stream,
+    ready: Sender<u16>,
+    accept: &livemig_wire::SessionAccept,
+    events: &Sender<Event>,
+) -> return_path::Urgent<'scope> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let index = shared.config.channels;
+    let sender = channel_sender(rt, shared, stream, index, rx, ready, accept, events);
+    rt.spawn("urgent", move || sender.run());
+    return_path::Urgent {
+        queue: tx,
+        round: &shared.postcopy.round,
+        requested: &shared.postcopy.requested,
+    }
+}
+
+/// The sender of data channel `index` (or the urgent channel), taking jobs from `jobs`.
+#[allow(clippy::too_many_arguments)]
+fn channel_sender<'scope>(
+    rt: &Runtime<'scope, '_>,
+    shared: &'scope Shared<'_>,
+    stream: Stream,
+    index: u16,
+    jobs: crossbeam_channel::Receiver<super::sender::Job>,
+    ready: Sender<u16>,
+    accept: &livemig_wire::SessionAccept,
+    events: &Sender<Event>,
+) -> ChannelSender<'scope> {
+    let config = shared.config;
+    ChannelSender {
+        index,
+        stream,
+        memory: shared.vm.guest.memory(),
+        jobs,
+        ready,
+        events: events.clone(),
+        cancel: rt.cancel_token().clone(),
+        counters: shared.counters,
+        ping_every: crate::config::ping_interval(accept.peer_timeout()),
+        pages_per_packet: config.pages_per_packet as usize,
+        page_checksums: config.page_checksums,
+        compress: config.compress,
+        #[cfg(feature = "test-hooks")]
+        chunk_delay: config.test_hooks.chunk_delay(index),
+    }
 }
 
 /// The migration's jobs: the state save, and every streamed device's save.

@@ -19,7 +19,15 @@ use std::time::Instant;
 pub(crate) struct SavedState {
     guest: Vec<u8>,
     vmstates: Vec<Vec<u8>>,
-    ms: f64,
+    /// How long the save took, milliseconds.
+    pub(super) ms: f64,
+}
+
+impl SavedState {
+    /// The guest's state and the small devices' blobs.
+    pub(super) fn into_parts(self) -> (Vec<u8>, Vec<Vec<u8>>) {
+        (self.guest, self.vmstates)
+    }
 }
 
 /// The state-save worker's work: the guest's state, then every small device's blob.
@@ -40,8 +48,10 @@ pub(super) fn save_state(vm: Vm<'_>) -> Result<SavedState, MigrationError> {
 
 /// The guest is paused; the saves are under way.
 pub(super) struct Saving {
-    /// Counters when the final round started.
-    before: RoundStartCounters,
+    /// Counters when the final round started (no final round before postcopy).
+    before: Option<RoundStartCounters>,
+    /// The saves lead to postcopy, not to the end of a switchover.
+    postcopy: bool,
     /// Per streamed device (multifd), its save once it ended.
     devices: Vec<Option<SaveStats>>,
     state: Option<SavedState>,
@@ -49,18 +59,42 @@ pub(super) struct Saving {
 
 impl Saving {
     /// Every save, once all are in; otherwise the wait goes on.
-    fn done(self) -> Result<(SavedState, Vec<SaveStats>, RoundStartCounters), Saving> {
-        match self {
-            Saving {
-                state: Some(state),
-                devices,
-                before,
-            } if devices.iter().all(Option::is_some) => {
-                Ok((state, devices.into_iter().flatten().collect(), before))
-            }
-            waiting => Err(waiting),
+    fn done(&mut self) -> Option<Saved> {
+        if self.devices.iter().any(Option::is_none) {
+            return None;
+        }
+        Some(Saved {
+            state: self.state.take()?,
+            devices: std::mem::take(&mut self.devices)
+                .into_iter()
+                .flatten()
+                .collect(),
+            before: self.before.take(),
+            postcopy: self.postcopy,
+        })
+    }
+
+    /// The saves to wait for, as the configuration streams devices.
+    pub(super) fn new(co: &Coordinator<'_>, postcopy: bool) -> Saving {
+        let streamed = match co.config.device_transfer {
+            DeviceTransfer::Multifd => co.vm.devices.len(),
+            DeviceTransfer::Main => 0,
+        };
+        Saving {
+            before: None,
+            postcopy,
+            devices: vec![None; streamed],
+            state: None,
         }
     }
+}
+
+/// Every save of a switchover.
+struct Saved {
+    state: SavedState,
+    devices: Vec<SaveStats>,
+    before: Option<RoundStartCounters>,
+    postcopy: bool,
 }
 
 impl Coordinator<'_> {
@@ -99,15 +133,9 @@ impl Coordinator<'_> {
         parts.transfer_started = Instant::now();
         let before = self.send_pages(self.precopy.round)?;
         self.parts.down.ram_final_ms = ms(self.parts.transfer_started.elapsed());
-        let streamed = match self.config.device_transfer {
-            DeviceTransfer::Multifd => self.vm.devices.len(),
-            DeviceTransfer::Main => 0,
-        };
-        Ok(Phase::Saving(Saving {
-            before,
-            devices: vec![None; streamed],
-            state: None,
-        }))
+        let mut saving = Saving::new(self, false);
+        saving.before = Some(before);
+        Ok(Phase::Saving(saving))
     }
 
     /// The saves' endings; a channel's marker or ack of the round before may still come.
@@ -127,8 +155,25 @@ impl Coordinator<'_> {
             other => return Err(unexpected(other)),
         }
         match s.done() {
-            Ok((state, devices, before)) => self.finish_switchover(state, devices, before),
-            Err(waiting) => Ok(Phase::Saving(waiting)),
+            Some(Saved {
+                state,
+                devices,
+                postcopy: true,
+                ..
+            }) => self.start_postcopy(state, devices),
+            Some(Saved {
+                state,
+                devices,
+                before: Some(before),
+                ..
+            }) => self.finish_switchover(state, devices, before),
+            Some(Saved { before: None, .. }) => Err(MigrationError::Channel(
+                crate::error::ChannelError::Protocol {
+                    channel: ChannelName::Main,
+                    detail: "a switchover without its final round".into(),
+                },
+            )),
+            None => Ok(Phase::Saving(s)),
         }
     }
 
@@ -150,13 +195,7 @@ impl Coordinator<'_> {
         let mut last = self.round_report(round, &before, self.parts.transfer_started);
         last.throttle_percent = self.precopy.converge.throttle;
         self.precopy.rounds.push(last);
-        if self.config.device_transfer == DeviceTransfer::Main {
-            let t = Instant::now();
-            for (i, d) in self.vm.devices.iter().enumerate() {
-                self.send_device_on_main(i as u16, *d)?;
-            }
-            self.parts.down.device_save_ms = ms(t.elapsed());
-        }
+        self.send_serial_devices()?;
         let main = ChannelName::Main;
         framed::send(&mut self.main, main, FrameKind::GuestState, &saved.guest)?;
         let vmstates = VmStates {
@@ -176,6 +215,20 @@ impl Coordinator<'_> {
             &complete.encode(),
         )?;
         Ok(Phase::AwaitLoaded)
+    }
+
+    /// The serial baseline, when configured: each device's whole stream in turn on the main
+    /// channel.
+    pub(super) fn send_serial_devices(&mut self) -> Result<(), MigrationError> {
+        if self.config.device_transfer != DeviceTransfer::Main {
+            return Ok(());
+        }
+        let t = Instant::now();
+        for (i, d) in self.vm.devices.iter().enumerate() {
+            self.send_device_on_main(i as u16, *d)?;
+        }
+        self.parts.down.device_save_ms = ms(t.elapsed());
+        Ok(())
     }
 
     /// The serial baseline: a device's whole stream on the main channel.

@@ -1,0 +1,145 @@
+//! Postcopy between real processes: after precopy the guest runs on the destination before
+//! all its memory has arrived; the pages it touches are fetched on demand (userfaultfd on the
+//! destination, requests on the return path, answers on the urgent channel), the rest pushed
+//! in the background. Every page is checked exact on the destination once all are in, and
+//! the guest's write counter continues from where it paused.
+
+mod common;
+use common::*;
+
+use livemig_vmm::kvm::usable_or_skip;
+use serde_json::Value;
+
+/// Runs a postcopy migration of the guest `guest` with the source options `extra`; returns
+/// the source's `completed` line and the destination's `received` line.
+fn postcopy(guest: &[&str], extra: &[&str]) -> (Value, Value) {
+    let (mut dest, addr) = Proc::incoming(&["--verify"]);
+    let to = format!("--to={addr}");
+    let mut args = vec!["migrate", "--json", to.as_str(), "--postcopy"];
+    args.extend_from_slice(guest);
+    args.extend_from_slice(extra);
+    let mut src = Proc::spawn(&args);
+    let done = src
+        .wait_for(&["completed"])
+        .unwrap_or_else(|e| panic!("postcopy did not complete ({e}): {:#?}", src.seen));
+    assert!(src.wait_exit().success());
+    let received = dest.expect_event("received");
+    assert!(dest.wait_exit().success());
+    let r = &done["report"];
+    let pc = &r["postcopy"];
+    assert!(
+        pc.is_object(),
+        "the migration must have switched to postcopy: {r:#}"
+    );
+    assert!(u64_at(pc, &["pages"]) > 0, "postcopy moved no page: {r:#}");
+    let recv = &received["report"];
+    assert_eq!(
+        u64_at(&recv["verify"], &["pages_mismatched"]),
+        0,
+        "{recv:#}"
+    );
+    assert!(u64_at(&recv["verify"], &["pages_checked"]) > 0, "{recv:#}");
+    assert!(
+        recv["postcopy_ms"].as_f64().unwrap_or(0.0) > 0.0,
+        "the destination saw no postcopy phase: {recv:#}"
+    );
+    // The guest ran on the destination: its counter went on from where it paused.
+    let paused_at = u64_at(&done, &["counter_at_pause"]);
+    let counter = u64_at(&recv["verify"], &["counter"]);
+    assert!(
+        counter >= paused_at,
+        "counter {counter} went back from {paused_at}"
+    );
+    (done, received)
+}
+
+const SYNTHETIC: &[&str] = &[
+    "--guest=synthetic",
+    "--memory=256M",
+    "--working-set=32M",
+    "--dirty-rate=50k",
+    "--warmup-ms=200",
+];
+
+#[test]
+fn a_dirtying_guest_switched_after_one_round_arrives_exact() {
+    let (done, _) = postcopy(SYNTHETIC, &["--postcopy-after-rounds=1"]);
+    // One precopy round, then postcopy: no switchover round.
+    assert_eq!(done["report"]["rounds"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn on_a_slow_link_touched_pages_are_requested_and_arrive_exact() {
+    // The background push paced to 20 MB/s: 32 MiB of working set take over a second, so
+    // the guest's writes fault and the pages they wait for are requested.
+    let (done, _) = postcopy(
+        SYNTHETIC,
+        &["--postcopy-after-rounds=1", "--max-bandwidth=20M"],
+    );
+    let pc = &done["report"]["postcopy"];
+    assert!(
+        u64_at(pc, &["requested"]) > 0,
+        "no page was requested: {pc:#}"
+    );
+    assert!(u64_at(pc, &["dest_requested"]) > 0, "{pc:#}");
+}
+
+#[test]
+fn a_guest_that_does_not_converge_switches_to_postcopy_at_the_bound() {
+    // Round 0 leaves the working set dirty (tens of ms against a 1 ms limit), and the bound
+    // is one round.
+    let (done, _) = postcopy(
+        SYNTHETIC,
+        &[
+            "--downtime-limit-ms=1",
+            "--max-rounds=1",
+            "--auto-converge=false",
+            "--on-no-convergence=postcopy",
+        ],
+    );
+    let r = &done["report"];
+    assert_eq!(r["rounds"].as_array().unwrap().len(), 1, "{r:#}");
+    assert!(!r["forced_switchover"].as_bool().unwrap_or(true));
+}
+
+#[test]
+fn the_kvm_guest_runs_on_the_destination_before_its_memory_has_arrived() {
+    if !usable_or_skip() {
+        return;
+    }
+    postcopy(
+        &[
+            "--guest=kvm",
+            "--memory=256M",
+            "--working-set=32M",
+            "--dirty-rate=200k",
+            "--warmup-ms=300",
+        ],
+        &["--postcopy-after-rounds=1", "--max-bandwidth=50M"],
+    );
+}
+
+#[test]
+fn postcopy_needs_to_be_allowed() {
+    let (_dest, addr) = Proc::incoming(&[]);
+    let to = format!("--to={addr}");
+    let mut src = Proc::spawn(&[
+        "migrate",
+        "--json",
+        to.as_str(),
+        "--guest=synthetic",
+        "--memory=64M",
+        "--on-no-convergence=postcopy",
+    ]);
+    src.expect_event("failed");
+    assert!(!src.wait_exit().success());
+    let errors: Vec<&str> = src
+        .seen
+        .iter()
+        .filter_map(|l| l["error"].as_str())
+        .collect();
+    assert!(
+        errors.iter().any(|e| e.contains("needs postcopy allowed")),
+        "{errors:?}"
+    );
+}

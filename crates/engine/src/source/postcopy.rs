@@ -1,0 +1,187 @@
+//! Postcopy on the source: the guest is paused, its devices' streams and state go out as at
+//! a switchover, then `PostcopyStart` lists the pages the destination does not hold in their
+//! final version, and the destination runs the guest at once. Those pages follow: requested
+//! ones on the urgent channel (the return path hands requests straight to it), the rest
+//! pushed in the background on the data channels. From `PostcopyStart` on the guest's
+//! memory is split between the hosts: the source never resumes its copy, and keeps it until
+//! the destination says every page is installed (`PostcopyComplete`).
+
+use super::coordinator::{unexpected, Coordinator, Event, Phase};
+use super::devices::SaveStats;
+use super::sender::Job;
+use super::switchover::{SavedState, Saving};
+use super::watchdog::Awaited;
+use super::GuestState;
+use crate::error::{ChannelName, MigrationError};
+use crate::framed;
+use crate::report::{ms, Progress};
+use livemig_wire::{FrameKind, PostcopyComplete, PostcopyStart, VmStates, PAGE_SIZE};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+/// Postcopy under way.
+pub(super) struct PostcopyRun {
+    /// Pages the destination was told it must receive.
+    pending: u64,
+    resumed: bool,
+}
+
+impl Coordinator<'_> {
+    /// Pauses the guest for the switch to postcopy: the last dirty pass makes the list of
+    /// pages still to send; the device and state saves run as at a switchover.
+    pub(super) fn enter_postcopy(&mut self) -> Result<Phase, MigrationError> {
+        let guest = self.vm.guest;
+        let parts = &mut self.parts;
+        parts.precopy = self.precopy.start.elapsed();
+        parts.expected_downtime_ms = self
+            .precopy
+            .rounds
+            .last()
+            .map_or(0.0, |r| r.expected_downtime_ms);
+        (self.progress)(&Progress::Switchover {
+            remaining_pages: self.precopy.dirty.count(),
+            expected_downtime_ms: parts.expected_downtime_ms,
+            forced: false,
+        });
+        // Paused until the destination runs the guest: no longer than the switchover bound.
+        self.watchdog
+            .arm(Awaited::Switchover, self.config.switchover_timeout);
+        parts.paused_at = Instant::now();
+        guest.pause()?;
+        *self.state = GuestState::Paused;
+        self.switchover.start();
+        parts.down.pause_ms = ms(parts.paused_at.elapsed());
+        let t = Instant::now();
+        if self.precopy.copy_ram {
+            guest.sync_dirty_log(&mut self.precopy.dirty)?;
+            guest.stop_dirty_log()?;
+        }
+        self.parts.down.last_dirty_pass_ms = ms(t.elapsed());
+        self.parts.transfer_started = Instant::now();
+        Ok(Phase::Saving(Saving::new(self, true)))
+    }
+
+    /// Every save is in: the last precopy markers, the state, `PostcopyStart`; then every
+    /// listed page is handed to the data channels, and each ends with `PostcopyDone`.
+    pub(super) fn start_postcopy(
+        &mut self,
+        saved: SavedState,
+        devices: Vec<SaveStats>,
+    ) -> Result<Phase, MigrationError> {
+        self.parts.down.state_save_ms = saved.ms;
+        self.parts.down.device_save_ms = devices.iter().map(|s| s.final_ms).fold(0.0, f64::max);
+        self.parts.device_stats = devices;
+        let round = self.precopy.round;
+        self.end_marker(round, true)?;
+        self.send_serial_devices()?;
+        let (guest_state, vmstates) = saved.into_parts();
+        let main = ChannelName::Main;
+        framed::send(&mut self.main, main, FrameKind::GuestState, &guest_state)?;
+        let blobs = VmStates { blobs: vmstates };
+        framed::send(&mut self.main, main, FrameKind::VmStates, &blobs.encode())?;
+        let mut start = PostcopyStart::new(round + 1, self.precopy.dirty.ranges());
+        for addr in self.precopy.dirty.addrs() {
+            start.insert(addr);
+        }
+        let pending = start.count();
+        self.postcopy.round.store(round + 1, Relaxed);
+        framed::send(
+            &mut self.main,
+            main,
+            FrameKind::PostcopyStart,
+            &start.encode(),
+        )?;
+        // From here the destination may run the guest: this copy must never run again.
+        *self.state = GuestState::HandedOver;
+        self.parts.postcopy_started = Some(Instant::now());
+        self.push_background(round + 1)?;
+        Ok(Phase::Postcopy(PostcopyRun {
+            pending,
+            resumed: false,
+        }))
+    }
+
+    /// Every page still to send, to whichever data channel is free, then each channel's end.
+    fn push_background(&mut self, round: u32) -> Result<(), MigrationError> {
+        let per = self.config.pages_per_packet as usize;
+        let mut batch = Vec::with_capacity(per);
+        let addrs: Vec<u64> = self.precopy.dirty.addrs().collect();
+        for addr in addrs {
+            batch.push(addr);
+            if batch.len() == per {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(per));
+                self.pacer.admit((full.len() * PAGE_SIZE) as u64);
+                if self
+                    .dispatch
+                    .send(Job::Pages { round, addrs: full })
+                    .is_err()
+                {
+                    return Err(self.failure_cause());
+                }
+            }
+        }
+        if !batch.is_empty()
+            && self
+                .dispatch
+                .send(Job::Pages {
+                    round,
+                    addrs: batch,
+                })
+                .is_err()
+        {
+            return Err(self.failure_cause());
+        }
+        if self.dispatch.broadcast(|| Job::PostcopyDone).is_err() {
+            return Err(self.failure_cause());
+        }
+        Ok(())
+    }
+
+    /// Postcopy's events: the destination runs the guest (`Resumed`), then has every page.
+    pub(super) fn on_postcopy_event(
+        &mut self,
+        mut run: PostcopyRun,
+        ev: Event,
+    ) -> Result<Phase, MigrationError> {
+        match ev {
+            Event::RoundSent(_) | Event::RoundAck(_) => Ok(Phase::Postcopy(run)),
+            Event::Resumed if !run.resumed => {
+                self.watchdog.disarm();
+                run.resumed = true;
+                let down = &mut self.parts.down;
+                down.resume_ms = ms(self.parts.transfer_started.elapsed());
+                self.parts.resumed_at = Some(Instant::now());
+                Ok(Phase::Postcopy(run))
+            }
+            Event::PostcopyComplete(c) if run.resumed => self.finish_postcopy(&run, c),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn finish_postcopy(
+        &mut self,
+        run: &PostcopyRun,
+        c: PostcopyComplete,
+    ) -> Result<Phase, MigrationError> {
+        if c.pages != run.pending {
+            return Err(MigrationError::Channel(
+                crate::error::ChannelError::Protocol {
+                    channel: ChannelName::Main,
+                    detail: format!(
+                        "the destination installed {} pages of the {} postcopy listed",
+                        c.pages, run.pending
+                    ),
+                },
+            ));
+        }
+        self.parts.postcopy = Some(crate::report::PostcopyReport {
+            pages: run.pending,
+            requested: self.postcopy.requested.load(Relaxed),
+            dest_requested: c.requested,
+            blocked_ms: c.blocked_us as f64 / 1e3,
+            ms: self.parts.postcopy_started.map_or(0.0, |t| ms(t.elapsed())),
+        });
+        let loaded = livemig_wire::Loaded::default();
+        Ok(Phase::Done(Box::new(self.report(&loaded))))
+    }
+}
