@@ -382,10 +382,15 @@ fn a_wrong_magic_in_the_middle_of_a_data_channel_is_refused() {
 #[test]
 fn a_wrong_version_in_the_middle_of_a_data_channel_is_refused() {
     let _s = serial(&SERIAL);
-    // Version 3 becomes 0 in data channel 0's first RamPages frame header.
+    // The version becomes 0 in data channel 0's first RamPages frame header.
     let a = wire_fault(
         "wrong-version",
-        Rule::flip_at(Which::Nth(1), Dir::Up, channel_hello_len() + 4, 0x03),
+        Rule::flip_at(
+            Which::Nth(1),
+            Dir::Up,
+            channel_hello_len() + 4,
+            livemig_wire::PROTOCOL_VERSION as u8,
+        ),
         &["version 0", "data channel 0"],
         &["version 0", "data channel 0"],
     );

@@ -558,12 +558,24 @@ mod tests {
         };
         assert_eq!(SessionHello::decode(&local.encode()).unwrap(), local);
         let mut bad = local.encode();
-        let at = bad.len() - 5;
+        // The RAM transfer byte, then the peer timeout (4 bytes), then the postcopy byte.
+        let at = bad.len() - 6;
         bad[at] = 7;
         assert!(SessionHello::decode(&bad)
             .unwrap_err()
             .to_string()
             .contains("ram transfer"));
+        let postcopy = SessionHello {
+            postcopy: true,
+            ..hello()
+        };
+        assert_eq!(SessionHello::decode(&postcopy.encode()).unwrap(), postcopy);
+        let mut bad = postcopy.encode();
+        *bad.last_mut().unwrap() = 2;
+        assert!(SessionHello::decode(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("postcopy"));
     }
 
     #[test]
