@@ -10,11 +10,10 @@ use super::coordinator::{unexpected, Coordinator, Event, Phase};
 use super::devices::SaveStats;
 use super::sender::Job;
 use super::switchover::{SavedState, Saving};
-use super::watchdog::Awaited;
 use super::GuestState;
 use crate::error::{ChannelName, MigrationError};
 use crate::framed;
-use crate::report::{ms, Progress};
+use crate::report::ms;
 use livemig_wire::{FrameKind, PostcopyComplete, PostcopyStart, VmStates, PAGE_SIZE};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
@@ -30,34 +29,7 @@ impl Coordinator<'_> {
     /// Pauses the guest for the switch to postcopy: the last dirty pass makes the list of
     /// pages still to send; the device and state saves run as at a switchover.
     pub(super) fn enter_postcopy(&mut self) -> Result<Phase, MigrationError> {
-        let guest = self.vm.guest;
-        let parts = &mut self.parts;
-        parts.precopy = self.precopy.start.elapsed();
-        parts.expected_downtime_ms = self
-            .precopy
-            .rounds
-            .last()
-            .map_or(0.0, |r| r.expected_downtime_ms);
-        (self.progress)(&Progress::Switchover {
-            remaining_pages: self.precopy.dirty.count(),
-            expected_downtime_ms: parts.expected_downtime_ms,
-            forced: false,
-        });
-        // Paused until the destination runs the guest: no longer than the switchover bound.
-        self.watchdog
-            .arm(Awaited::Switchover, self.config.switchover_timeout);
-        parts.paused_at = Instant::now();
-        guest.pause()?;
-        *self.state = GuestState::Paused;
-        self.switchover.start();
-        parts.down.pause_ms = ms(parts.paused_at.elapsed());
-        let t = Instant::now();
-        if self.precopy.copy_ram {
-            guest.sync_dirty_log(&mut self.precopy.dirty)?;
-            guest.stop_dirty_log()?;
-        }
-        self.parts.down.last_dirty_pass_ms = ms(t.elapsed());
-        self.parts.transfer_started = Instant::now();
+        self.pause_guest(false)?;
         Ok(Phase::Saving(Saving::new(self, true)))
     }
 

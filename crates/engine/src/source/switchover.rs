@@ -101,6 +101,19 @@ impl Coordinator<'_> {
     /// Pauses the guest, takes the last dirty pass and hands the rest of the RAM out; the
     /// device and state saves, released by the pause, run meanwhile.
     pub(super) fn enter_switchover(&mut self, forced: bool) -> Result<Phase, MigrationError> {
+        self.pause_guest(forced)?;
+        let before = self.send_pages(self.precopy.round)?;
+        self.parts.down.ram_final_ms = ms(self.parts.transfer_started.elapsed());
+        let mut saving = Saving::new(self, false);
+        saving.before = Some(before);
+        Ok(Phase::Saving(saving))
+    }
+
+    /// The pause, for a switchover or the switch to postcopy: the guest's vCPUs stopped, the
+    /// saves released, the dirty log read one last time (the pages still to send) and
+    /// stopped. The guest is never paused longer than the switchover bound: past it, the
+    /// attempt is torn down (and, before the handover, the guest runs on here).
+    pub(super) fn pause_guest(&mut self, forced: bool) -> Result<(), MigrationError> {
         let guest = self.vm.guest;
         let parts = &mut self.parts;
         parts.precopy = self.precopy.start.elapsed();
@@ -115,8 +128,6 @@ impl Coordinator<'_> {
             expected_downtime_ms: parts.expected_downtime_ms,
             forced,
         });
-        // The guest is never paused longer than this: past it, the attempt is torn down and
-        // the guest runs on here.
         self.watchdog
             .arm(Awaited::Switchover, self.config.switchover_timeout);
         parts.paused_at = Instant::now();
@@ -131,11 +142,7 @@ impl Coordinator<'_> {
         }
         parts.down.last_dirty_pass_ms = ms(t.elapsed());
         parts.transfer_started = Instant::now();
-        let before = self.send_pages(self.precopy.round)?;
-        self.parts.down.ram_final_ms = ms(self.parts.transfer_started.elapsed());
-        let mut saving = Saving::new(self, false);
-        saving.before = Some(before);
-        Ok(Phase::Saving(saving))
+        Ok(())
     }
 
     /// The saves' endings; a channel's marker or ack of the round before may still come.
