@@ -74,6 +74,9 @@ pub struct MigrationConfig {
     /// destination before all its memory has arrived, pages it touches are fetched on
     /// demand. Default: never.
     pub postcopy: PostcopyPolicy,
+    /// Fired from outside (QMP's `migrate-start-postcopy`), switches a migration that may
+    /// switch to postcopy at the end of the round under way.
+    pub postcopy_trigger: PostcopyTrigger,
     /// Throttle the guest's vCPUs progressively while rounds stop shrinking (QEMU's
     /// auto-converge): after two rounds in a row that each saw at least half as many pages
     /// dirtied as they sent, the throttle goes to [`THROTTLE_INITIAL`] (20%), and up by
@@ -156,6 +159,7 @@ impl Default for MigrationConfig {
             max_precopy_time: Duration::from_secs(120),
             on_no_convergence: NoConvergence::Force,
             postcopy: PostcopyPolicy::default(),
+            postcopy_trigger: PostcopyTrigger::default(),
             auto_converge: true,
             pages_per_packet: DEFAULT_PAGES_PER_PACKET,
             connect_timeout: Duration::from_secs(10),
@@ -266,6 +270,22 @@ pub struct PostcopyPolicy {
     /// Switch after this many precopy rounds (round 0 included) unless precopy converged
     /// first; `None`: only on [`NoConvergence::Postcopy`] (or a command).
     pub after_rounds: Option<u32>,
+}
+
+/// A switch to postcopy asked for from outside; clones share it.
+#[derive(Debug, Clone, Default)]
+pub struct PostcopyTrigger(Arc<std::sync::atomic::AtomicBool>);
+
+impl PostcopyTrigger {
+    /// Asks the migration to switch to postcopy at the end of its round under way.
+    pub fn fire(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the switch was asked for.
+    pub fn fired(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl PostcopyPolicy {

@@ -152,7 +152,9 @@ impl Coordinator<'_> {
             return self.enter_switchover(false);
         }
         let policy = self.config.postcopy;
-        if policy.allowed && policy.after_rounds.is_some_and(|n| p.round >= n) {
+        let asked = policy.after_rounds.is_some_and(|n| p.round >= n)
+            || self.config.postcopy_trigger.fired();
+        if policy.allowed && asked {
             return self.enter_postcopy();
         }
         if p.round >= self.config.max_rounds || p.start.elapsed() >= self.config.max_precopy_time {
