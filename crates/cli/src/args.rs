@@ -86,6 +86,10 @@ pub struct MigrationArgs {
     /// first (otherwise only on --on-no-convergence=postcopy).
     #[arg(long, requires = "postcopy", value_parser = clap::value_parser!(u32).range(1..))]
     pub postcopy_after_rounds: Option<u32>,
+    /// With --postcopy: cap on the background push's rate in postcopy, bytes per second
+    /// (requested pages are never paced); --max-bandwidth by default.
+    #[arg(long, requires = "postcopy", value_parser = parse_size)]
+    pub max_postcopy_bandwidth: Option<u64>,
     /// Give every page sent its CRC32C, checked on arrival, so a page corrupted on the way is
     /// caught. Off by default: the transport is trusted (TCP's checksum, TLS's
     /// authentication), as QEMU does, which saves a pass over every page on each side.
@@ -169,6 +173,7 @@ impl MigrationArgs {
             channels: self.channels,
             downtime_limit: Duration::from_millis(self.downtime_limit_ms),
             max_bandwidth: self.max_bandwidth,
+            max_postcopy_bandwidth: self.max_postcopy_bandwidth,
             max_rounds: self.max_rounds,
             max_precopy_time: Duration::from_secs(self.max_precopy_secs),
             pages_per_packet: self.pages_per_packet,

@@ -5,7 +5,7 @@ use crate::devices::SourceDevices;
 use crate::emit;
 use crate::guest::SourceGuest;
 use clap::Args;
-use livemig_engine::{migrate_vm, Endpoint, Progress, Vm};
+use livemig_engine::{migrate_vm, Endpoint, MigrationError, Progress, Vm};
 use livemig_vmm::memory::Backing;
 use serde_json::json;
 use std::process::ExitCode;
@@ -68,6 +68,19 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
                     );
                 }
                 return Ok(ExitCode::SUCCESS);
+            }
+            // The destination may run the guest (or, in postcopy, holds part of its
+            // memory): this copy stays paused for good, and no other destination is tried.
+            Err(e @ (MigrationError::HandoverUnknown(_) | MigrationError::PostcopyBroken(_))) => {
+                if json {
+                    emit(&json!({
+                        "event": "failed", "to": to.to_string(), "error": e.to_string(),
+                        "guest_paused": true,
+                    }));
+                } else {
+                    eprintln!("livemig: migration to {to} failed: {e}");
+                }
+                return Ok(ExitCode::FAILURE);
             }
             Err(e) => attempt_failed(&source, &devices, attempt, to, &e, json)?,
         }

@@ -175,12 +175,16 @@ fn migrate_and_cancel(
         ..base.clone()
     };
     let (fire_tx, fire_rx) = std::sync::mpsc::sync_channel::<()>(1);
+    let (ack_tx, ack_rx) = crossbeam_channel::bounded::<()>(1);
     let fired = AtomicBool::new(false);
     let finished = AtomicBool::new(false);
     let names = Mutex::new(Vec::new());
     let progress = |p: &Progress| {
-        if when(p) {
-            let _ = fire_tx.try_send(());
+        if when(p) && fire_tx.try_send(()).is_ok() && delay.is_zero() {
+            // A cancel "at" the point: the progress callback runs on the coordinator, held
+            // here until the cancel is given, so on a loaded machine the migration cannot
+            // run past the point before the canceller thread is scheduled.
+            let _ = ack_rx.recv_timeout(Duration::from_secs(10));
         }
     };
     let (src, dst) = std::thread::scope(|s| {
@@ -193,6 +197,7 @@ fn migrate_and_cancel(
                 fired.store(true, SeqCst);
                 cancel.cancel();
             }
+            let _ = ack_tx.try_send(());
         });
         let out = migrate_once(g, devices, &config, &progress);
         // Wakes the canceller if the cancel point never came; it then does nothing.

@@ -71,10 +71,10 @@ fn a_dirtying_guest_switched_after_one_round_arrives_exact() {
 #[test]
 fn on_a_slow_link_touched_pages_are_requested_and_arrive_exact() {
     // The background push paced to 20 MB/s: 32 MiB of working set take over a second, so
-    // the guest's writes fault and the pages they wait for are requested.
+    // the guest's writes fault and the pages they wait for are requested (never paced).
     let (done, _) = postcopy(
         SYNTHETIC,
-        &["--postcopy-after-rounds=1", "--max-bandwidth=20M"],
+        &["--postcopy-after-rounds=1", "--max-postcopy-bandwidth=20M"],
     );
     let pc = &done["report"]["postcopy"];
     assert!(
@@ -115,7 +115,7 @@ fn the_kvm_guest_runs_on_the_destination_before_its_memory_has_arrived() {
             "--dirty-rate=200k",
             "--warmup-ms=300",
         ],
-        &["--postcopy-after-rounds=1", "--max-bandwidth=50M"],
+        &["--postcopy-after-rounds=1", "--max-postcopy-bandwidth=50M"],
     );
 }
 
@@ -142,4 +142,53 @@ fn postcopy_needs_to_be_allowed() {
         errors.iter().any(|e| e.contains("needs postcopy allowed")),
         "{errors:?}"
     );
+}
+
+#[test]
+fn a_streamed_device_completes_before_the_guest_runs_on_the_destination() {
+    // VFIO-like devices cannot be postcopied: their streams complete (with credit) before
+    // the switch, and the destination loads them before it resumes the guest.
+    let mut guest = SYNTHETIC.to_vec();
+    guest.extend_from_slice(&[
+        "--device=vfio-sim,size=32M,rate=400M,precopy=8M",
+        "--device=vmstate-sim",
+    ]);
+    let (done, received) = postcopy(&guest, &["--postcopy-after-rounds=1"]);
+    let devices = done["report"]["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 1, "{devices:#?}");
+    assert!(u64_at(&devices[0], &["precopy_bytes"]) > 0, "{devices:#?}");
+    // Loaded (its stream checked in order) on the destination before the guest ran there.
+    let recv = &received["report"];
+    assert_eq!(
+        recv["device_peak_buffered_bytes"].as_array().map(Vec::len),
+        Some(1),
+        "{recv:#}"
+    );
+}
+
+#[test]
+fn a_destination_killed_in_postcopy_leaves_the_source_paused_with_every_page() {
+    let (mut dest, addr) = Proc::incoming(&["--verify"]);
+    let to = format!("--to={addr}");
+    let mut args = vec!["migrate", "--json", to.as_str(), "--postcopy"];
+    args.extend_from_slice(SYNTHETIC);
+    // A push paced to 2 MB/s: the postcopy phase lasts many seconds.
+    args.extend_from_slice(&["--postcopy-after-rounds=1", "--max-postcopy-bandwidth=2M"]);
+    let mut src = Proc::spawn(&args);
+    src.expect_event("switchover");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    dest.child.kill().unwrap();
+    let _ = dest.child.wait();
+    let failed = src.expect_event("failed");
+    let e = failed["error"].as_str().unwrap_or_default();
+    assert!(e.contains("postcopy broke"), "{e}");
+    assert!(e.contains("keeps its copy paused"), "{e}");
+    assert_eq!(failed["guest_paused"], Value::Bool(true), "{failed:#}");
+    // Never resumed here, and no other attempt.
+    assert!(
+        !src.seen.iter().any(|l| l["event"] == "attempt_failed"),
+        "{:#?}",
+        src.seen
+    );
+    assert!(!src.wait_exit().success());
 }

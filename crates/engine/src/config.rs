@@ -74,6 +74,10 @@ pub struct MigrationConfig {
     /// destination before all its memory has arrived, pages it touches are fetched on
     /// demand. Default: never.
     pub postcopy: PostcopyPolicy,
+    /// Cap on the bytes per second of postcopy's background push (QEMU's
+    /// `max-postcopy-bandwidth`); `None`: [`Self::max_bandwidth`]. Requested pages are
+    /// never paced. `Some(0)` is invalid.
+    pub max_postcopy_bandwidth: Option<u64>,
     /// Fired from outside (QMP's `migrate-start-postcopy`), switches a migration that may
     /// switch to postcopy at the end of the round under way.
     pub postcopy_trigger: PostcopyTrigger,
@@ -160,6 +164,7 @@ impl Default for MigrationConfig {
             on_no_convergence: NoConvergence::Force,
             postcopy: PostcopyPolicy::default(),
             postcopy_trigger: PostcopyTrigger::default(),
+            max_postcopy_bandwidth: None,
             auto_converge: true,
             pages_per_packet: DEFAULT_PAGES_PER_PACKET,
             connect_timeout: Duration::from_secs(10),
@@ -238,6 +243,11 @@ impl MigrationConfig {
         if self.postcopy.allowed && self.compress.is_some() {
             return Err(MigrationError::Config(
                 "postcopy does not take compressed pages yet: leave compression off".into(),
+            ));
+        }
+        if self.max_postcopy_bandwidth == Some(0) {
+            return Err(MigrationError::Config(
+                "max postcopy bandwidth 0 would never finish; leave it unset for no cap".into(),
             ));
         }
         if self.max_bandwidth == Some(0) {

@@ -8,15 +8,19 @@
 
 use super::coordinator::{unexpected, Coordinator, Event, Phase};
 use super::devices::SaveStats;
+use super::dispatch::Dispatcher;
 use super::sender::Job;
 use super::switchover::{SavedState, Saving};
 use super::GuestState;
+use crate::cancel::CancelToken;
+use crate::config::MigrationConfig;
 use crate::error::{ChannelName, MigrationError};
 use crate::framed;
 use crate::report::ms;
+use crossbeam_channel::Receiver;
 use livemig_wire::{FrameKind, PostcopyComplete, PostcopyStart, VmStates, PAGE_SIZE};
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Postcopy under way.
 pub(super) struct PostcopyRun {
@@ -66,47 +70,20 @@ impl Coordinator<'_> {
         // From here the destination may run the guest: this copy must never run again.
         *self.state = GuestState::HandedOver;
         self.parts.postcopy_started = Some(Instant::now());
-        self.push_background(round + 1)?;
+        // The background push runs on its own thread (`lm-src-push`): the coordinator stays
+        // free for the destination's Resumed and PostcopyComplete.
+        let addrs: Vec<u64> = self.precopy.dirty.addrs().collect();
+        let sent = self
+            .push
+            .as_ref()
+            .is_some_and(|push| push.send((round + 1, addrs)).is_ok());
+        if !sent {
+            return Err(self.failure_cause());
+        }
         Ok(Phase::Postcopy(PostcopyRun {
             pending,
             resumed: false,
         }))
-    }
-
-    /// Every page still to send, to whichever data channel is free, then each channel's end.
-    fn push_background(&mut self, round: u32) -> Result<(), MigrationError> {
-        let per = self.config.pages_per_packet as usize;
-        let mut batch = Vec::with_capacity(per);
-        let addrs: Vec<u64> = self.precopy.dirty.addrs().collect();
-        for addr in addrs {
-            batch.push(addr);
-            if batch.len() == per {
-                let full = std::mem::replace(&mut batch, Vec::with_capacity(per));
-                self.pacer.admit((full.len() * PAGE_SIZE) as u64);
-                if self
-                    .dispatch
-                    .send(Job::Pages { round, addrs: full })
-                    .is_err()
-                {
-                    return Err(self.failure_cause());
-                }
-            }
-        }
-        if !batch.is_empty()
-            && self
-                .dispatch
-                .send(Job::Pages {
-                    round,
-                    addrs: batch,
-                })
-                .is_err()
-        {
-            return Err(self.failure_cause());
-        }
-        if self.dispatch.broadcast(|| Job::PostcopyDone).is_err() {
-            return Err(self.failure_cause());
-        }
-        Ok(())
     }
 
     /// Postcopy's events: the destination runs the guest (`Resumed`), then has every page.
@@ -156,4 +133,40 @@ impl Coordinator<'_> {
         let loaded = livemig_wire::Loaded::default();
         Ok(Phase::Done(Box::new(self.report(&loaded))))
     }
+}
+
+/// The background push (`lm-src-push`, started with a postcopy session): waits for the
+/// switch's list of pages, hands them to whichever data channel is free (paced to the
+/// postcopy bandwidth), then ends every data channel with `PostcopyDone`. Ends at once when
+/// the session ends without a switch, or when the channels stop.
+pub(super) fn push(
+    pages: Receiver<(u32, Vec<u64>)>,
+    dispatch: Dispatcher,
+    config: &MigrationConfig,
+    cancel: &CancelToken,
+) {
+    let Ok((round, addrs)) = pages.recv() else {
+        return;
+    };
+    let rate = config.max_postcopy_bandwidth.or(config.max_bandwidth);
+    let start = Instant::now();
+    let mut sent = 0u64;
+    for batch in addrs.chunks(config.pages_per_packet as usize) {
+        if let Some(rate) = rate {
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            let elapsed = start.elapsed();
+            if due > elapsed && !cancel.sleep(due - elapsed) {
+                return;
+            }
+        }
+        sent += (batch.len() * PAGE_SIZE) as u64;
+        let job = Job::Pages {
+            round,
+            addrs: batch.to_vec(),
+        };
+        if dispatch.send(job).is_err() {
+            return;
+        }
+    }
+    let _ = dispatch.broadcast(|| Job::PostcopyDone);
 }

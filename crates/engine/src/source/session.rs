@@ -91,6 +91,14 @@ pub(super) fn run(
         });
         let dispatch = start_channels(&rt, &shared, c.data, &c.accept, &events_tx);
         start_jobs(&rt, &shared, &dispatch, &events_tx);
+        let push = config.postcopy.allowed().then(|| {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let (dispatch, cancel) = (dispatch.clone(), rt.cancel_token().clone());
+            rt.spawn("push", move || {
+                super::postcopy::push(rx, dispatch, config, &cancel)
+            });
+            tx
+        });
         drop(events_tx);
 
         let dirty = DirtyBitmap::new(&vm.guest.descriptor().ranges);
@@ -111,6 +119,7 @@ pub(super) fn run(
             accept: c.accept,
             precopy: Precopy::new(dirty, true, config.auto_converge),
             postcopy: &shared.postcopy,
+            push,
             parts: ReportParts::new(c.session, c.start, c.setup),
         };
         let outcome = match rt.failure() {
