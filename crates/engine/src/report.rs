@@ -131,6 +131,23 @@ pub struct PostcopyReport {
     pub ms: f64,
 }
 
+/// How long faulting vCPUs waited in postcopy, from the fault read to its page installed
+/// (requested pages, pages the push brought first, and pages that never held data, which
+/// are zero-filled at once). Percentiles are log2 buckets' upper bounds, never above `max`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FaultLatencyReport {
+    /// Faults answered.
+    pub faults: u64,
+    /// Median wait, microseconds.
+    pub p50_us: u64,
+    /// 99th percentile wait, microseconds.
+    pub p99_us: u64,
+    /// Longest wait, microseconds.
+    pub max_us: u64,
+    /// Every wait added up, microseconds (QEMU's postcopy blocktime).
+    pub total_us: u64,
+}
+
 /// One streamed device in a migration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DeviceReport {
@@ -191,6 +208,9 @@ pub struct IncomingReport {
     /// From the switch to postcopy until every page was in, milliseconds (0: no postcopy).
     #[serde(default)]
     pub postcopy_ms: f64,
+    /// Postcopy's faults: how long the vCPUs waited for missing pages.
+    #[serde(default)]
+    pub postcopy_faults: Option<FaultLatencyReport>,
 }
 
 /// Events a running migration reports as it goes.

@@ -127,5 +127,6 @@ pub(super) fn report(
             .collect(),
         torn_pages: shared.torn.total(),
         postcopy_ms: 0.0,
+        postcopy_faults: None,
     }
 }

@@ -209,6 +209,19 @@ impl PostcopyDest<'_> {
         (self.requested.load(Relaxed), blocked)
     }
 
+    /// The faults' waits so far.
+    fn latency(&self) -> Option<crate::report::FaultLatencyReport> {
+        let l = self.armed.get()?.latency().snapshot();
+        let us = |d: Duration| d.as_micros() as u64;
+        Some(crate::report::FaultLatencyReport {
+            faults: l.count,
+            p50_us: us(l.p50),
+            p99_us: us(l.p99),
+            max_us: us(l.max),
+            total_us: us(l.total),
+        })
+    }
+
     /// Every page is in: nothing can fault any more.
     fn release(&self) -> Result<(), IncomingError> {
         if let Some(pm) = self.armed.get() {
@@ -362,6 +375,7 @@ impl Running {
         };
         let mut r = super::handover::report(s, shared, self.received, times, self.resume);
         r.postcopy_ms = postcopy_ms;
+        r.postcopy_faults = dest.latency();
         Ok(Err(r))
     }
 }
