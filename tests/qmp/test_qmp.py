@@ -530,6 +530,53 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(await src.threads_settle(), [])
         self.assertEqual(await dst.threads_settle(), [])
 
+    async def test_a_broken_postcopy_keeps_the_source_paused(self):
+        """The destination killed after the switch: the guest's memory is split between the
+        hosts, so the source fails the migration and keeps its copy paused for good."""
+        src = await Vm(self.dir, "src", ["run", "--guest", "synthetic", "--memory", "64M",
+                                         "--working-set", "32M", "--dirty-rate", "50k",
+                                         "--warmup-ms", "200"]).start()
+        self.vms.append(src)
+        dst = await self.destination()
+        await self.enable_events(src)
+        await src.cmd("migrate-set-capabilities", {"capabilities": [
+            {"capability": "postcopy-ram", "state": True}]})
+        # Paced so that the postcopy push of the working set takes seconds.
+        await src.cmd("migrate-set-parameters", {"max-bandwidth": 12 << 20,
+                                                 "downtime-limit": 50})
+        uri = self.uri("broken")
+        with src.qmp.listener("MIGRATION") as ev:
+            await dst.cmd("migrate-incoming", {"uri": uri})
+            await src.cmd("migrate", {"uri": uri})
+            await src.wait_status("active")
+            await src.cmd("migrate-start-postcopy")
+            await src.wait_status("postcopy-active", timeout=60)
+            # Past the pause: pages go out after the switch (the destination runs the guest).
+            for _ in range(500):
+                q = await src.cmd("query-migrate")
+                if q["ram"]["postcopy-bytes"] > 0:
+                    break
+                await asyncio.sleep(0.01)
+            self.assertEqual(q["status"], "postcopy-active", q)
+            self.assertGreater(q["ram"]["postcopy-bytes"], 0, q)
+            dst.proc.kill()
+            dst.proc.wait(10)
+            self.vms.remove(dst)
+            await dst.qmp.disconnect()
+            dst.log.close()
+            q = await src.wait_migration(timeout=60)
+            statuses = [e["data"]["status"] for e in await drain(ev)]
+        self.assertEqual(q["status"], "failed", q)
+        self.assertIn("postcopy broke after the switch", q["error-desc"])
+        self.assertEqual(statuses[-2:], ["postcopy-active", "failed"], statuses)
+        self.assertEqual(await src.status(), "postmigrate")
+        for cmd, args in (("cont", None), ("migrate-incoming", {"uri": self.uri("again")})):
+            with self.assertRaises(ExecuteError, msg=cmd) as e:
+                await src.cmd(cmd, args)
+            self.assertIn("split between this host and the destination", str(e.exception))
+        self.assertEqual(await src.status(), "postmigrate", "never resumed")
+        self.assertEqual(await src.threads_settle(), [])
+
     async def test_bad_requests_and_wrong_states_keep_the_server_serving(self):
         src = await self.source()
         dst = await self.destination()

@@ -606,7 +606,7 @@ impl Machine {
                 // A switch the events left undecided is told by the outcome.
                 let postcopy = match &r {
                     Ok(report) => report.postcopy.is_some(),
-                    Err(e) => matches!(e, MigrationError::PostcopyBroken(_)),
+                    Err(e) => matches!(e, MigrationError::PostcopyBroken(_)) || o.pushed_postcopy(),
                 };
                 if postcopy && o.postcopy.switch == Switch::Undecided {
                     let s = o.stats.snapshot();
@@ -625,8 +625,16 @@ impl Machine {
                         self.set_status(MigStatus::Completed);
                     }
                     Err(e) => {
-                        let broken = matches!(e, MigrationError::PostcopyBroken(_));
+                        // The engine returns a failure while it hands the background push
+                        // out (after PostcopyStart) unwrapped: pages sent after the switch
+                        // say the destination was told to run the guest all the same.
+                        let broken = postcopy;
                         let handed_over = broken || matches!(e, MigrationError::HandoverUnknown(_));
+                        let e = match e {
+                            MigrationError::PostcopyBroken(_) => e,
+                            e if broken => MigrationError::PostcopyBroken(Box::new(e)),
+                            e => e,
+                        };
                         o.error = Some(e.to_string());
                         eprintln!("livemig: migration to {} failed: {e}", o.to);
                         if broken {

@@ -133,6 +133,19 @@ impl Outgoing {
         }
     }
 
+    /// Pages went out after the switch to postcopy: the engine sends none between the pause
+    /// and `PostcopyStart` (from which the destination may run the guest), so the guest's
+    /// memory is split between the hosts whatever error the migration ends with.
+    pub fn pushed_postcopy(&self) -> bool {
+        match self.postcopy.switch {
+            Switch::Postcopy { sent_at, .. } => {
+                let s = self.stats.snapshot();
+                s.normal_pages + s.zero_pages > sent_at
+            }
+            _ => false,
+        }
+    }
+
     /// `query-migrate`'s answer for this migration in `status`.
     pub fn query(&self, status: MigStatus) -> Value {
         let mut m = Map::new();
