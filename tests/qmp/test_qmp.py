@@ -192,7 +192,8 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
                 self.assertEqual(got[k], v)
         caps = {c["capability"]: c["state"] for c in await src.cmd("query-migrate-capabilities")}
         self.assertEqual(caps, {"multifd": True, "events": True, "auto-converge": True,
-                                "x-local": False})
+                                "x-local": False, "postcopy-ram": False,
+                                "postcopy-preempt": False, "postcopy-blocktime": False})
         self.assertEqual(await src.cmd("query-migrate"), {}, "no migration yet")
 
         uri = self.uri("m1")
@@ -435,6 +436,146 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         # follows a moment later (as QEMU's), and a check waits for it.
         self.assertEqual((await dst.wait_migration())["status"], "completed")
         self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
+
+    async def test_postcopy_like_a_qemu_user(self):
+        """postcopy-ram, migrate-start-postcopy during precopy: postcopy-active on both
+        sides, then completed; the source may not cancel meanwhile; the guest arrives exact
+        with its pages fetched on demand."""
+        # A guest that keeps a 32 MiB working set dirty; a link paced to 32 MB/s so that
+        # precopy's first round takes seconds and the postcopy push about one, while the
+        # guest's writes fault on the destination.
+        src = await Vm(self.dir, "src", ["run", "--guest", "synthetic", "--memory", "128M",
+                                         "--working-set", "32M", "--dirty-rate", "50k",
+                                         "--warmup-ms", "200"]).start()
+        self.vms.append(src)
+        dst = await self.destination()
+        await self.enable_events(src, dst)
+
+        # Refused with QEMU's words: without the capability, and before any migration.
+        with self.assertRaises(ExecuteError) as e:
+            await src.cmd("migrate-start-postcopy")
+        self.assertIn("Enable postcopy with migrate_set_capability", str(e.exception))
+        with self.assertRaises(ExecuteError) as e:
+            await src.cmd("migrate-set-capabilities", {"capabilities": [
+                {"capability": "postcopy-preempt", "state": True}]})
+        self.assertIn("Postcopy preempt requires postcopy-ram", str(e.exception))
+        await src.cmd("migrate-set-capabilities", {"capabilities": [
+            {"capability": "postcopy-ram", "state": True},
+            {"capability": "postcopy-preempt", "state": True},
+            {"capability": "postcopy-blocktime", "state": True}]})
+        with self.assertRaises(ExecuteError) as e:
+            await src.cmd("migrate-start-postcopy")
+        self.assertIn("Postcopy must be started after migration has been started",
+                      str(e.exception))
+        # Postcopy takes no compressed pages yet: refused by the command, not a failure.
+        await src.cmd("migrate-set-parameters", {"multifd-compression": "zstd"})
+        with self.assertRaises(ExecuteError) as e:
+            await src.cmd("migrate", {"uri": self.uri("zstd")})
+        self.assertIn("compress", str(e.exception))
+        await src.cmd("migrate-set-parameters", {"multifd-compression": "none",
+                                                 "max-bandwidth": 32 << 20,
+                                                 "downtime-limit": 50})
+
+        uri = self.uri("pc")
+        with src.qmp.listener() as src_ev, dst.qmp.listener() as dst_ev, \
+                src.qmp.listener("MIGRATION_PASS") as passes:
+            await dst.cmd("migrate-incoming", {"uri": uri})
+            await src.cmd("migrate", {"uri": uri})
+            await next_event(passes, "MIGRATION_PASS")
+            q = await src.cmd("query-migrate")
+            self.assertEqual(q["status"], "active", q)
+            self.assertGreater(q["ram"]["remaining"], 0, "precopy's first round under way")
+            with self.assertRaises(ExecuteError):
+                await src.cmd("migrate-set-capabilities", {"capabilities": [
+                    {"capability": "postcopy-ram", "state": False}]})
+            await src.cmd("migrate-start-postcopy")
+            # The switch comes at the end of the round under way.
+            q = await src.wait_status("postcopy-active", timeout=60)
+            self.assertEqual(await src.status(), "finish-migrate")
+            with self.assertRaises(ExecuteError) as e:
+                await src.cmd("migrate_cancel")
+            self.assertIn("Postcopy migration in progress, cannot cancel", str(e.exception))
+            with self.assertRaises(ExecuteError) as e:
+                await src.cmd("cont")
+            self.assertIn("postcopy", str(e.exception))
+            q = await src.wait_migration()
+            self.assertEqual(q["status"], "completed", q)
+            dq = await dst.wait_migration()
+            self.assertEqual(dq["status"], "completed", dq)
+            await asyncio.sleep(0.2)
+            src_events = await drain(src_ev)
+            dst_events = await drain(dst_ev)
+
+        statuses = [e["data"]["status"] for e in src_events if e["event"] == "MIGRATION"]
+        self.assertEqual(statuses, ["setup", "active", "postcopy-active", "completed"],
+                         src_events)
+        dst_statuses = [e["data"]["status"] for e in dst_events if e["event"] == "MIGRATION"]
+        self.assertEqual(dst_statuses[-2:], ["postcopy-active", "completed"], dst_events)
+        ram = q["ram"]
+        self.assertGreater(ram["postcopy-bytes"], 0, q)
+        self.assertEqual(ram["postcopy-bytes"] % 4096, 0, q)
+        self.assertGreater(ram["postcopy-requests"], 0, q)
+        self.assertIn("postcopy-blocktime", q)
+        self.assertNotIn("postcopy-vcpu-blocktime", q, "not counted per vCPU")
+        self.assertEqual(ram["remaining"], 0)
+
+        # The source keeps its copy paused for good; the guest runs on, exact, there.
+        self.assertEqual(await src.status(), "postmigrate")
+        at_pause = (await src.cmd("x-livemig-verify"))["counter"]
+        self.assertEqual(await dst.status(), "running")
+        v = await dst.cmd("x-livemig-verify")
+        self.assertEqual(v["pages-mismatched"], 0, v)
+        self.assertEqual(v["pages-checked"], 32768)
+        self.assertGreaterEqual(v["counter"], at_pause)
+        self.assertEqual(await src.threads_settle(), [])
+        self.assertEqual(await dst.threads_settle(), [])
+
+    async def test_a_broken_postcopy_keeps_the_source_paused(self):
+        """The destination killed after the switch: the guest's memory is split between the
+        hosts, so the source fails the migration and keeps its copy paused for good."""
+        src = await Vm(self.dir, "src", ["run", "--guest", "synthetic", "--memory", "64M",
+                                         "--working-set", "32M", "--dirty-rate", "50k",
+                                         "--warmup-ms", "200"]).start()
+        self.vms.append(src)
+        dst = await self.destination()
+        await self.enable_events(src)
+        await src.cmd("migrate-set-capabilities", {"capabilities": [
+            {"capability": "postcopy-ram", "state": True}]})
+        # Paced so that the postcopy push of the working set takes seconds.
+        await src.cmd("migrate-set-parameters", {"max-bandwidth": 12 << 20,
+                                                 "downtime-limit": 50})
+        uri = self.uri("broken")
+        with src.qmp.listener("MIGRATION") as ev:
+            await dst.cmd("migrate-incoming", {"uri": uri})
+            await src.cmd("migrate", {"uri": uri})
+            await src.wait_status("active")
+            await src.cmd("migrate-start-postcopy")
+            await src.wait_status("postcopy-active", timeout=60)
+            # Past the pause: pages go out after the switch (the destination runs the guest).
+            for _ in range(500):
+                q = await src.cmd("query-migrate")
+                if q["ram"]["postcopy-bytes"] > 0:
+                    break
+                await asyncio.sleep(0.01)
+            self.assertEqual(q["status"], "postcopy-active", q)
+            self.assertGreater(q["ram"]["postcopy-bytes"], 0, q)
+            dst.proc.kill()
+            dst.proc.wait(10)
+            self.vms.remove(dst)
+            await dst.qmp.disconnect()
+            dst.log.close()
+            q = await src.wait_migration(timeout=60)
+            statuses = [e["data"]["status"] for e in await drain(ev)]
+        self.assertEqual(q["status"], "failed", q)
+        self.assertIn("postcopy broke after the switch", q["error-desc"])
+        self.assertEqual(statuses[-2:], ["postcopy-active", "failed"], statuses)
+        self.assertEqual(await src.status(), "postmigrate")
+        for cmd, args in (("cont", None), ("migrate-incoming", {"uri": self.uri("again")})):
+            with self.assertRaises(ExecuteError, msg=cmd) as e:
+                await src.cmd(cmd, args)
+            self.assertIn("split between this host and the destination", str(e.exception))
+        self.assertEqual(await src.status(), "postmigrate", "never resumed")
+        self.assertEqual(await src.threads_settle(), [])
 
     async def test_bad_requests_and_wrong_states_keep_the_server_serving(self):
         src = await self.source()

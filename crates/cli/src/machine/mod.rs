@@ -21,7 +21,7 @@ use livemig_qmp::{Args, Events, Handler, QmpError, Request};
 use livemig_vmm::devices::DeviceModels;
 use livemig_vmm::Factory;
 use params::{Capabilities, Parameters};
-use query::{IncomingJob, Outgoing};
+use query::{IncomingJob, Outgoing, PostcopyWatch, Switch};
 use serde_json::{json, Value};
 use state::{MigStatus, RunState};
 use std::sync::Arc;
@@ -97,6 +97,9 @@ struct Machine {
     limits: IncomingLimits,
     events: Events,
     tx: Sender<Msg>,
+    /// Postcopy broke after the switch: the guest's memory is split between this host and
+    /// the destination, and this paused copy is kept (never resumed, not replaced).
+    split: bool,
 }
 
 /// The QMP side of the machine: runs each command on `lm-vm` and waits for its answer.
@@ -113,6 +116,7 @@ const COMMANDS: &[&str] = &[
     "migrate",
     "migrate-incoming",
     "migrate_cancel",
+    "migrate-start-postcopy",
     "query-migrate",
     "migrate-set-capabilities",
     "query-migrate-capabilities",
@@ -165,6 +169,7 @@ pub fn start(
         limits,
         events,
         tx: tx.clone(),
+        split: false,
     };
     let h = std::thread::Builder::new()
         .name("lm-vm".into())
@@ -259,6 +264,10 @@ impl Machine {
                 none()?;
                 self.cancel()
             }
+            "migrate-start-postcopy" => {
+                none()?;
+                self.start_postcopy()
+            }
             "query-migrate" => {
                 none()?;
                 Ok(match &self.job {
@@ -328,9 +337,13 @@ impl Machine {
                 self.set_run(RunState::Running);
                 Ok(json!({}))
             }
+            RunState::FinishMigrate if self.in_postcopy() => Err(QmpError::generic(
+                "the guest runs on the destination in postcopy; it never runs here again",
+            )),
             RunState::FinishMigrate => Err(QmpError::generic(
                 "the guest is paused for switchover; it runs here again only if the migration fails or is cancelled",
             )),
+            RunState::PostMigrate if self.split => Err(QmpError::generic(SPLIT)),
             RunState::PostMigrate => Err(QmpError::generic(
                 "the guest was migrated and runs on the destination; livemig does not run it here again",
             )),
@@ -393,6 +406,19 @@ impl Machine {
         let vm = self.vm.as_ref().ok_or_else(no_guest)?;
         let mut config = self.params.migration_config(&self.caps);
         config.tls = self.limits.tls.clone();
+        if config.postcopy.allowed {
+            // What postcopy does not go with (compression) is refused now, not as a failed
+            // migration.
+            config
+                .validate()
+                .map_err(|e| QmpError::generic(e.to_string()))?;
+        }
+        let watch = PostcopyWatch {
+            allowed: config.postcopy.allowed,
+            trigger: config.postcopy_trigger.clone(),
+            downtime_limit_ms: self.params.downtime_limit_ms as f64,
+            switch: Switch::Precopy,
+        };
         let (guest, devices, vmstates) =
             (vm.guest.clone(), vm.devices.clone(), vm.vmstates.clone());
         let names = devices.iter().map(|d| d.descriptor().name).collect();
@@ -416,7 +442,13 @@ impl Machine {
             })
             .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;
         self.thread = Some((thread, cancel));
-        self.job = Job::Out(Box::new(Outgoing::new(uri.to_string(), stats, names)));
+        self.job = Job::Out(Box::new(Outgoing::new(
+            uri.to_string(),
+            stats,
+            names,
+            watch,
+            self.caps.postcopy_blocktime,
+        )));
         self.set_status(MigStatus::Setup);
         Ok(json!({}))
     }
@@ -431,6 +463,9 @@ impl Machine {
             ));
         }
         // A VM whose guest was migrated away may take a guest in again (ping-pong).
+        if self.split {
+            return Err(QmpError::generic(SPLIT));
+        }
         if !matches!(self.run, RunState::InMigrate | RunState::PostMigrate) {
             return Err(QmpError::generic(
                 "this VM has a guest already: migrate-incoming needs a VM started with --incoming or one whose guest was migrated away",
@@ -502,6 +537,13 @@ impl Machine {
         if !self.status.in_progress() {
             return Ok(json!({}));
         }
+        // QEMU's rule and words: the guest runs on the destination, and its memory is split
+        // between the hosts, so there is nothing to go back to.
+        if self.in_postcopy() {
+            return Err(QmpError::generic(
+                "Postcopy migration in progress, cannot cancel.",
+            ));
+        }
         if let Job::In(_) = self.job {
             if self.status == MigStatus::Active {
                 return Err(QmpError::generic(
@@ -516,6 +558,42 @@ impl Machine {
         Ok(json!({}))
     }
 
+    /// The outgoing migration under way has switched to postcopy, or may have (the guest
+    /// paused for a switch that `migrate-start-postcopy` asked for and not told apart from a
+    /// switchover yet).
+    fn in_postcopy(&self) -> bool {
+        match &self.job {
+            Job::Out(o) => self.status.in_progress() && o.postcopy.started(),
+            _ => false,
+        }
+    }
+
+    /// `migrate-start-postcopy`, with QEMU's checks and words. As QEMU, a migration that
+    /// has ended meanwhile is no error (that would race with the command); the switch
+    /// happens at the end of the round under way.
+    fn start_postcopy(&mut self) -> Result<Value, QmpError> {
+        if !self.caps.postcopy_ram {
+            return Err(QmpError::generic(
+                "Enable postcopy with migrate_set_capability before the start of migration",
+            ));
+        }
+        match &self.job {
+            Job::Out(o) if o.postcopy.allowed => {
+                o.postcopy.trigger.fire();
+                Ok(json!({}))
+            }
+            // Capabilities cannot change while a migration runs, so this one ended before
+            // postcopy-ram was set.
+            Job::Out(_) if !self.status.in_progress() => Ok(json!({})),
+            Job::Out(_) => Err(QmpError::generic(
+                "Enable postcopy with migrate_set_capability before the start of migration",
+            )),
+            _ => Err(QmpError::generic(
+                "Postcopy must be started after migration has been started",
+            )),
+        }
+    }
+
     fn migration_event(&mut self, msg: Msg) {
         match msg {
             Msg::Progress(p) => self.progress(p),
@@ -525,16 +603,46 @@ impl Machine {
                 let cancelled = self.status == MigStatus::Cancelling;
                 let Job::Out(o) = &mut self.job else { return };
                 o.end = Some(Instant::now());
+                // A switch the events left undecided is told by the outcome.
+                let postcopy = match &r {
+                    Ok(report) => report.postcopy.is_some(),
+                    Err(e) => matches!(e, MigrationError::PostcopyBroken(_)) || o.pushed_postcopy(),
+                };
+                if postcopy && o.postcopy.switch == Switch::Undecided {
+                    let s = o.stats.snapshot();
+                    o.postcopy.switch = Switch::Postcopy {
+                        sent_at: s.normal_pages + s.zero_pages,
+                        remaining_at: 0,
+                    };
+                }
                 match r {
                     Ok(report) => {
                         o.report = Some(report);
                         self.set_run(RunState::PostMigrate);
+                        if postcopy {
+                            self.set_status(MigStatus::PostcopyActive);
+                        }
                         self.set_status(MigStatus::Completed);
                     }
                     Err(e) => {
-                        let handed_over = matches!(e, MigrationError::HandoverUnknown(_));
+                        // The engine returns a failure while it hands the background push
+                        // out (after PostcopyStart) unwrapped: pages sent after the switch
+                        // say the destination was told to run the guest all the same.
+                        let broken = postcopy;
+                        let handed_over = broken || matches!(e, MigrationError::HandoverUnknown(_));
+                        let e = match e {
+                            MigrationError::PostcopyBroken(_) => e,
+                            e if broken => MigrationError::PostcopyBroken(Box::new(e)),
+                            e => e,
+                        };
                         o.error = Some(e.to_string());
                         eprintln!("livemig: migration to {} failed: {e}", o.to);
+                        if broken {
+                            // QEMU would go to postcopy-paused and wait for a recovery;
+                            // livemig has none yet: the copy stays paused, kept, for good.
+                            self.split = true;
+                            self.set_status(MigStatus::PostcopyActive);
+                        }
                         if handed_over {
                             // The destination may run the guest: never here again.
                             self.set_run(RunState::PostMigrate);
@@ -558,9 +666,15 @@ impl Machine {
                 j.end = Some(Instant::now());
                 match *r {
                     Ok(inc) => {
+                        let postcopy = inc.report.postcopy_ms > 0.0;
                         j.report = Some(inc.report.clone());
                         self.vm = Some(VmParts::from_incoming(inc));
                         self.set_run(RunState::Running);
+                        if postcopy {
+                            // The engine tells the destination's switch only at the end
+                            // (receive_vm returns once every page is in).
+                            self.set_status(MigStatus::PostcopyActive);
+                        }
                         self.set_status(MigStatus::Completed);
                     }
                     Err(e) => {
@@ -586,6 +700,7 @@ impl Machine {
         let Job::Out(o) = &mut self.job else { return };
         let mut pass = None;
         let mut switchover = false;
+        let mut postcopy = false;
         match p {
             Progress::Connected {
                 setup_ms,
@@ -596,6 +711,10 @@ impl Machine {
                 o.total_pages = total_pages;
             }
             Progress::RoundStarted { pages, .. } => {
+                // After the pause, a round is a plain switchover's last: not postcopy.
+                if o.postcopy.switch == Switch::Undecided {
+                    o.postcopy.switch = Switch::Precopy;
+                }
                 let s = o.stats.snapshot();
                 o.dirty_syncs += 1;
                 o.round_pages = pages;
@@ -608,10 +727,19 @@ impl Machine {
             }
             Progress::Switchover {
                 expected_downtime_ms,
-                ..
+                forced,
+                remaining_pages,
             } => {
                 o.expected_downtime_ms = expected_downtime_ms;
                 switchover = true;
+                let s = o.stats.snapshot();
+                o.postcopy.switch = o.postcopy.at_pause(
+                    forced,
+                    expected_downtime_ms,
+                    s.normal_pages + s.zero_pages,
+                    remaining_pages,
+                );
+                postcopy = matches!(o.postcopy.switch, Switch::Postcopy { .. });
             }
         }
         if self.status == MigStatus::Setup {
@@ -625,8 +753,14 @@ impl Machine {
         if switchover && self.run == RunState::Running {
             self.set_run(RunState::FinishMigrate);
         }
+        if postcopy {
+            self.set_status(MigStatus::PostcopyActive);
+        }
     }
 }
+
+/// Why a copy left by a broken postcopy neither runs nor gives way.
+const SPLIT: &str = "postcopy broke after the switch: the guest's memory is split between this host and the destination, so this copy stays paused and is kept (recovery, QEMU's postcopy-paused and migrate-recover, is not built yet); 'quit' discards it";
 
 fn no_guest() -> QmpError {
     QmpError::generic("no guest here yet: it arrives with 'migrate-incoming'")

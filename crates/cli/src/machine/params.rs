@@ -1,6 +1,7 @@
 //! Migration capabilities and parameters, set and queried over QMP with QEMU's names
 //! (livemig's own parameters carry the `x-` prefix QAPI uses for extensions).
 
+use livemig_engine::config::PostcopyPolicy;
 use livemig_engine::MigrationConfig;
 use livemig_qmp::{Args, QmpError};
 use livemig_wire::{DeviceTransfer, MAX_CHANNELS, MAX_CHUNK_SIZE};
@@ -19,6 +20,14 @@ pub struct Capabilities {
     /// Local mode: hand guest memory (memfds) to a destination on this host over a `unix:`
     /// URI instead of copying it (the guest must run with `--shared-memory`).
     pub local: bool,
+    /// `postcopy-ram`: the migration may switch to postcopy (on `migrate-start-postcopy`).
+    pub postcopy_ram: bool,
+    /// `postcopy-preempt`: accepted for QEMU's scripts; livemig always sends requested pages
+    /// on an urgent channel of their own when postcopy is allowed, so it changes nothing.
+    pub postcopy_preempt: bool,
+    /// `postcopy-blocktime`: `query-migrate` reports the time the destination's vCPUs
+    /// waited on missing pages.
+    pub postcopy_blocktime: bool,
 }
 
 impl Default for Capabilities {
@@ -29,6 +38,9 @@ impl Default for Capabilities {
             events: false,
             auto_converge: true,
             local: false,
+            postcopy_ram: false,
+            postcopy_preempt: false,
+            postcopy_blocktime: false,
         }
     }
 }
@@ -40,6 +52,9 @@ impl Capabilities {
             {"capability": "events", "state": self.events},
             {"capability": "auto-converge", "state": self.auto_converge},
             {"capability": "x-local", "state": self.local},
+            {"capability": "postcopy-ram", "state": self.postcopy_ram},
+            {"capability": "postcopy-preempt", "state": self.postcopy_preempt},
+            {"capability": "postcopy-blocktime", "state": self.postcopy_blocktime},
         ])
     }
 
@@ -58,12 +73,24 @@ impl Capabilities {
                 "events" => next.events = state,
                 "auto-converge" => next.auto_converge = state,
                 "x-local" => next.local = state,
+                "postcopy-ram" => next.postcopy_ram = state,
+                "postcopy-preempt" => next.postcopy_preempt = state,
+                "postcopy-blocktime" => next.postcopy_blocktime = state,
                 other => {
                     return Err(QmpError::generic(format!(
-                        "Capability '{other}' is not supported by livemig (it knows multifd, events, auto-converge and x-local)"
+                        "Capability '{other}' is not supported by livemig (it knows multifd, events, auto-converge, x-local, postcopy-ram, postcopy-preempt and postcopy-blocktime)"
                     )))
                 }
             }
+        }
+        // QEMU's checks (migrate_caps_check), with QEMU's wording.
+        if next.postcopy_preempt && !next.postcopy_ram {
+            return Err(QmpError::generic("Postcopy preempt requires postcopy-ram"));
+        }
+        if next.postcopy_ram && next.local {
+            return Err(QmpError::generic(
+                "Postcopy is not compatible with x-local: local mode moves no page",
+            ));
         }
         *self = next;
         Ok(())
@@ -304,6 +331,11 @@ impl Parameters {
             } else {
                 livemig_wire::RamTransfer::Copy
             },
+            // QEMU's postcopy switches only on `migrate-start-postcopy`: no round bound.
+            postcopy: PostcopyPolicy {
+                allowed: caps.postcopy_ram,
+                after_rounds: None,
+            },
             ..MigrationConfig::default()
         }
     }
@@ -336,8 +368,7 @@ mod tests {
         let single = Capabilities {
             multifd: false,
             events: true,
-            auto_converge: true,
-            local: false,
+            ..Capabilities::default()
         };
         assert_eq!(p.migration_config(&single).channels, 1);
     }
@@ -395,5 +426,47 @@ mod tests {
             .unwrap();
         let config = Parameters::default().migration_config(&c);
         assert_eq!(config.ram, livemig_wire::RamTransfer::Local);
+    }
+
+    #[test]
+    fn postcopy_capabilities_follow_qemus_rules() {
+        let mut c = Capabilities::default();
+        assert!(!Parameters::default().migration_config(&c).postcopy.allowed);
+        let e = c
+            .set(&[json!({"capability": "postcopy-preempt", "state": true})])
+            .unwrap_err();
+        assert_eq!(e.desc, "Postcopy preempt requires postcopy-ram");
+        assert!(!c.postcopy_preempt, "nothing applied");
+        c.set(&[
+            json!({"capability": "postcopy-ram", "state": true}),
+            json!({"capability": "postcopy-preempt", "state": true}),
+            json!({"capability": "postcopy-blocktime", "state": true}),
+        ])
+        .unwrap();
+        let config = Parameters::default().migration_config(&c);
+        assert!(config.postcopy.allowed);
+        assert_eq!(config.postcopy.after_rounds, None);
+        let e = c
+            .set(&[json!({"capability": "x-local", "state": true})])
+            .unwrap_err();
+        assert!(e.desc.contains("x-local"), "{e}");
+        let q = c.query();
+        let on: Vec<_> = q
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["state"] == true)
+            .map(|x| x["capability"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            on,
+            [
+                "multifd",
+                "auto-converge",
+                "postcopy-ram",
+                "postcopy-preempt",
+                "postcopy-blocktime"
+            ]
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! livemig's device-state section and downtime breakdown.
 
 use super::state::MigStatus;
+use livemig_engine::config::PostcopyTrigger;
 use livemig_engine::{IncomingReport, LiveStats, MigrationReport, RoundReport, StatsSnapshot};
 use livemig_wire::PAGE_SIZE;
 use serde_json::{json, Map, Value};
@@ -25,6 +26,68 @@ pub struct Outgoing {
     pub devices: Vec<String>,
     pub report: Option<MigrationReport>,
     pub error: Option<String>,
+    /// Postcopy: whether it may happen, the switch asked for, and where it stands.
+    pub postcopy: PostcopyWatch,
+    /// `postcopy-blocktime`: report the destination's time blocked on faults.
+    pub blocktime: bool,
+}
+
+/// Where an outgoing migration stands with respect to postcopy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Switch {
+    /// Precopy (or a plain switchover).
+    Precopy,
+    /// Paused for a switch that may be to postcopy or a plain switchover: precopy converged
+    /// in the round `migrate-start-postcopy` asked to end with. A plain switchover sends its
+    /// last round next (`RoundStarted`); a postcopy switch sends no round.
+    Undecided,
+    /// Switched to postcopy, with the pages sent and still dirty at the switch.
+    Postcopy { sent_at: u64, remaining_at: u64 },
+}
+
+/// What tells the switch to postcopy apart from a plain switchover on the source.
+pub struct PostcopyWatch {
+    /// The `postcopy-ram` capability was on when the migration started.
+    pub allowed: bool,
+    /// A clone of the migration's trigger (`migrate-start-postcopy` fires it).
+    pub trigger: PostcopyTrigger,
+    /// The migration's downtime limit, ms: a switch while the last round predicted more
+    /// cannot be a convergence.
+    pub downtime_limit_ms: f64,
+    pub switch: Switch,
+}
+
+impl PostcopyWatch {
+    /// What the guest's pause (`Progress::Switchover`) is: `forced` switchovers and those of
+    /// a migration not allowed to switch are plain; a pause while the last round predicted
+    /// more than the downtime limit is the switch to postcopy (precopy cannot have
+    /// converged, and only a forced switchover goes over the limit); otherwise, once
+    /// `migrate-start-postcopy` fired, it is undecided until the next event tells.
+    pub fn at_pause(
+        &self,
+        forced: bool,
+        expected_downtime_ms: f64,
+        sent: u64,
+        dirty: u64,
+    ) -> Switch {
+        if !self.allowed || forced {
+            Switch::Precopy
+        } else if expected_downtime_ms > self.downtime_limit_ms {
+            Switch::Postcopy {
+                sent_at: sent,
+                remaining_at: dirty,
+            }
+        } else if self.trigger.fired() {
+            Switch::Undecided
+        } else {
+            Switch::Precopy
+        }
+    }
+
+    /// The switch to postcopy has happened, or may have.
+    pub fn started(&self) -> bool {
+        self.switch != Switch::Precopy
+    }
 }
 
 /// What the machine keeps of an incoming migration.
@@ -43,7 +106,13 @@ fn ms_since(start: Instant, end: Option<Instant>) -> u64 {
 }
 
 impl Outgoing {
-    pub fn new(to: String, stats: LiveStats, devices: Vec<String>) -> Self {
+    pub fn new(
+        to: String,
+        stats: LiveStats,
+        devices: Vec<String>,
+        postcopy: PostcopyWatch,
+        blocktime: bool,
+    ) -> Self {
         Outgoing {
             to,
             start: Instant::now(),
@@ -59,6 +128,21 @@ impl Outgoing {
             devices,
             report: None,
             error: None,
+            postcopy,
+            blocktime,
+        }
+    }
+
+    /// Pages went out after the switch to postcopy: the engine sends none between the pause
+    /// and `PostcopyStart` (from which the destination may run the guest), so the guest's
+    /// memory is split between the hosts whatever error the migration ends with.
+    pub fn pushed_postcopy(&self) -> bool {
+        match self.postcopy.switch {
+            Switch::Postcopy { sent_at, .. } => {
+                let s = self.stats.snapshot();
+                s.normal_pages + s.zero_pages > sent_at
+            }
+            _ => false,
         }
     }
 
@@ -82,6 +166,16 @@ impl Outgoing {
             m.insert("cpu-throttle-percentage".into(), json!(r.throttle_percent));
         }
         self.insert_devices(&mut m, status, &s);
+        if self.blocktime {
+            if let Some(pc) = self.report.as_ref().and_then(|r| r.postcopy.as_ref()) {
+                // The total only: livemig does not count per vCPU (no
+                // `postcopy-vcpu-blocktime`).
+                m.insert(
+                    "postcopy-blocktime".into(),
+                    json!(pc.blocked_ms.round() as u64),
+                );
+            }
+        }
         if let Some(e) = &self.error {
             m.insert("error-desc".into(), json!(e));
         }
@@ -100,12 +194,31 @@ impl Outgoing {
             ),
             _ => (0.0, 0.0, 0.0),
         };
-        let remaining_pages = if self.report.is_some() {
-            0
-        } else {
-            self.round_pages
-                .saturating_sub(sent.saturating_sub(self.round_start_sent))
+        let (remaining_pages, postcopy_pages) = match (&self.report, self.postcopy.switch) {
+            (Some(r), _) => (0, r.postcopy.as_ref().map_or(0, |p| p.pages)),
+            // Live, the pages sent since the switch (the report counts those listed).
+            (
+                None,
+                Switch::Postcopy {
+                    sent_at,
+                    remaining_at,
+                },
+            ) => {
+                let since = sent.saturating_sub(sent_at);
+                (remaining_at.saturating_sub(since), since)
+            }
+            (None, _) => (
+                self.round_pages
+                    .saturating_sub(sent.saturating_sub(self.round_start_sent)),
+                0,
+            ),
         };
+        // The source's count of requests is known once the migration ends.
+        let requests = self
+            .report
+            .as_ref()
+            .and_then(|r| r.postcopy.as_ref())
+            .map_or(0, |p| p.requested);
         json!({
                 "transferred": s.ram_bytes,
                 "remaining": remaining_pages * page,
@@ -119,6 +232,8 @@ impl Outgoing {
                 "pages-per-second": pps as u64,
                 "page-size": page,
                 "multifd-bytes": s.ram_bytes,
+                "postcopy-requests": requests,
+                "postcopy-bytes": postcopy_pages * page,
         })
     }
 
@@ -213,5 +328,38 @@ impl IncomingJob {
             m.insert("error-desc".into(), json!(e));
         }
         Value::Object(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch(allowed: bool) -> PostcopyWatch {
+        PostcopyWatch {
+            allowed,
+            trigger: PostcopyTrigger::default(),
+            downtime_limit_ms: 300.0,
+            switch: Switch::Precopy,
+        }
+    }
+
+    #[test]
+    fn the_pause_is_told_apart_from_a_switchover() {
+        let post = Switch::Postcopy {
+            sent_at: 10,
+            remaining_at: 5,
+        };
+        // Not allowed, or forced by a bound: a switchover, whatever the prediction.
+        assert_eq!(watch(false).at_pause(false, 900.0, 10, 5), Switch::Precopy);
+        assert_eq!(watch(true).at_pause(true, 900.0, 10, 5), Switch::Precopy);
+        // Over the limit and not forced: only the switch to postcopy pauses there.
+        assert_eq!(watch(true).at_pause(false, 900.0, 10, 5), post);
+        // Within the limit: a convergence, unless the switch was asked for (then undecided).
+        let w = watch(true);
+        assert_eq!(w.at_pause(false, 100.0, 10, 5), Switch::Precopy);
+        w.trigger.fire();
+        assert_eq!(w.at_pause(false, 100.0, 10, 5), Switch::Undecided);
+        assert_eq!(w.at_pause(false, 900.0, 10, 5), post);
     }
 }

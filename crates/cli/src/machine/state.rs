@@ -36,6 +36,8 @@ pub enum MigStatus {
     None,
     Setup,
     Active,
+    /// Switched to postcopy: the guest runs on the destination, its last pages follow.
+    PostcopyActive,
     Cancelling,
     Cancelled,
     Completed,
@@ -48,6 +50,7 @@ impl MigStatus {
             MigStatus::None => "none",
             MigStatus::Setup => "setup",
             MigStatus::Active => "active",
+            MigStatus::PostcopyActive => "postcopy-active",
             MigStatus::Cancelling => "cancelling",
             MigStatus::Cancelled => "cancelled",
             MigStatus::Completed => "completed",
@@ -59,7 +62,10 @@ impl MigStatus {
     pub fn in_progress(self) -> bool {
         matches!(
             self,
-            MigStatus::Setup | MigStatus::Active | MigStatus::Cancelling
+            MigStatus::Setup
+                | MigStatus::Active
+                | MigStatus::PostcopyActive
+                | MigStatus::Cancelling
         )
     }
 }
