@@ -27,7 +27,7 @@ pub struct StatusArgs {
 fn in_progress(q: &Value) -> bool {
     matches!(
         q["status"].as_str(),
-        Some("setup" | "active" | "cancelling")
+        Some("setup" | "active" | "postcopy-active" | "cancelling")
     )
 }
 

@@ -247,6 +247,10 @@ pub enum Progress {
         expected_downtime_ms: f64,
         /// A round or time bound forced the switchover (it did not converge).
         forced: bool,
+        /// The pause is the switch to postcopy (the guest will run on the destination
+        /// before `remaining_pages` have arrived), not a switchover.
+        #[serde(default)]
+        postcopy: bool,
     },
 }
 

@@ -416,7 +416,6 @@ impl Machine {
         let watch = PostcopyWatch {
             allowed: config.postcopy.allowed,
             trigger: config.postcopy_trigger.clone(),
-            downtime_limit_ms: self.params.downtime_limit_ms as f64,
             switch: Switch::Precopy,
         };
         let (guest, devices, vmstates) =
@@ -603,18 +602,10 @@ impl Machine {
                 let cancelled = self.status == MigStatus::Cancelling;
                 let Job::Out(o) = &mut self.job else { return };
                 o.end = Some(Instant::now());
-                // A switch the events left undecided is told by the outcome.
                 let postcopy = match &r {
                     Ok(report) => report.postcopy.is_some(),
-                    Err(e) => matches!(e, MigrationError::PostcopyBroken(_)) || o.pushed_postcopy(),
+                    Err(e) => matches!(e, MigrationError::PostcopyBroken(_)),
                 };
-                if postcopy && o.postcopy.switch == Switch::Undecided {
-                    let s = o.stats.snapshot();
-                    o.postcopy.switch = Switch::Postcopy {
-                        sent_at: s.normal_pages + s.zero_pages,
-                        remaining_at: 0,
-                    };
-                }
                 match r {
                     Ok(report) => {
                         o.report = Some(report);
@@ -625,16 +616,10 @@ impl Machine {
                         self.set_status(MigStatus::Completed);
                     }
                     Err(e) => {
-                        // The engine returns a failure while it hands the background push
-                        // out (after PostcopyStart) unwrapped: pages sent after the switch
-                        // say the destination was told to run the guest all the same.
+                        // After PostcopyStart the engine reports every failure as
+                        // PostcopyBroken: the guest's memory is split between the hosts.
                         let broken = postcopy;
                         let handed_over = broken || matches!(e, MigrationError::HandoverUnknown(_));
-                        let e = match e {
-                            MigrationError::PostcopyBroken(_) => e,
-                            e if broken => MigrationError::PostcopyBroken(Box::new(e)),
-                            e => e,
-                        };
                         o.error = Some(e.to_string());
                         eprintln!("livemig: migration to {} failed: {e}", o.to);
                         if broken {
@@ -711,10 +696,6 @@ impl Machine {
                 o.total_pages = total_pages;
             }
             Progress::RoundStarted { pages, .. } => {
-                // After the pause, a round is a plain switchover's last: not postcopy.
-                if o.postcopy.switch == Switch::Undecided {
-                    o.postcopy.switch = Switch::Precopy;
-                }
                 let s = o.stats.snapshot();
                 o.dirty_syncs += 1;
                 o.round_pages = pages;
@@ -727,15 +708,15 @@ impl Machine {
             }
             Progress::Switchover {
                 expected_downtime_ms,
-                forced,
                 remaining_pages,
+                postcopy: to_postcopy,
+                ..
             } => {
                 o.expected_downtime_ms = expected_downtime_ms;
                 switchover = true;
                 let s = o.stats.snapshot();
                 o.postcopy.switch = o.postcopy.at_pause(
-                    forced,
-                    expected_downtime_ms,
+                    to_postcopy,
                     s.normal_pages + s.zero_pages,
                     remaining_pages,
                 );

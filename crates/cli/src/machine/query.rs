@@ -37,10 +37,6 @@ pub struct Outgoing {
 pub enum Switch {
     /// Precopy (or a plain switchover).
     Precopy,
-    /// Paused for a switch that may be to postcopy or a plain switchover: precopy converged
-    /// in the round `migrate-start-postcopy` asked to end with. A plain switchover sends its
-    /// last round next (`RoundStarted`); a postcopy switch sends no round.
-    Undecided,
     /// Switched to postcopy, with the pages sent and still dirty at the switch.
     Postcopy { sent_at: u64, remaining_at: u64 },
 }
@@ -51,34 +47,18 @@ pub struct PostcopyWatch {
     pub allowed: bool,
     /// A clone of the migration's trigger (`migrate-start-postcopy` fires it).
     pub trigger: PostcopyTrigger,
-    /// The migration's downtime limit, ms: a switch while the last round predicted more
-    /// cannot be a convergence.
-    pub downtime_limit_ms: f64,
     pub switch: Switch,
 }
 
 impl PostcopyWatch {
-    /// What the guest's pause (`Progress::Switchover`) is: `forced` switchovers and those of
-    /// a migration not allowed to switch are plain; a pause while the last round predicted
-    /// more than the downtime limit is the switch to postcopy (precopy cannot have
-    /// converged, and only a forced switchover goes over the limit); otherwise, once
-    /// `migrate-start-postcopy` fired, it is undecided until the next event tells.
-    pub fn at_pause(
-        &self,
-        forced: bool,
-        expected_downtime_ms: f64,
-        sent: u64,
-        dirty: u64,
-    ) -> Switch {
-        if !self.allowed || forced {
-            Switch::Precopy
-        } else if expected_downtime_ms > self.downtime_limit_ms {
+    /// What the guest's pause (`Progress::Switchover`) is: the engine says whether it is
+    /// the switch to postcopy.
+    pub fn at_pause(&self, postcopy: bool, sent: u64, dirty: u64) -> Switch {
+        if self.allowed && postcopy {
             Switch::Postcopy {
                 sent_at: sent,
                 remaining_at: dirty,
             }
-        } else if self.trigger.fired() {
-            Switch::Undecided
         } else {
             Switch::Precopy
         }
@@ -130,19 +110,6 @@ impl Outgoing {
             error: None,
             postcopy,
             blocktime,
-        }
-    }
-
-    /// Pages went out after the switch to postcopy: the engine sends none between the pause
-    /// and `PostcopyStart` (from which the destination may run the guest), so the guest's
-    /// memory is split between the hosts whatever error the migration ends with.
-    pub fn pushed_postcopy(&self) -> bool {
-        match self.postcopy.switch {
-            Switch::Postcopy { sent_at, .. } => {
-                let s = self.stats.snapshot();
-                s.normal_pages + s.zero_pages > sent_at
-            }
-            _ => false,
         }
     }
 
@@ -339,27 +306,18 @@ mod tests {
         PostcopyWatch {
             allowed,
             trigger: PostcopyTrigger::default(),
-            downtime_limit_ms: 300.0,
             switch: Switch::Precopy,
         }
     }
 
     #[test]
-    fn the_pause_is_told_apart_from_a_switchover() {
+    fn the_pause_is_what_the_engine_says() {
         let post = Switch::Postcopy {
             sent_at: 10,
             remaining_at: 5,
         };
-        // Not allowed, or forced by a bound: a switchover, whatever the prediction.
-        assert_eq!(watch(false).at_pause(false, 900.0, 10, 5), Switch::Precopy);
-        assert_eq!(watch(true).at_pause(true, 900.0, 10, 5), Switch::Precopy);
-        // Over the limit and not forced: only the switch to postcopy pauses there.
-        assert_eq!(watch(true).at_pause(false, 900.0, 10, 5), post);
-        // Within the limit: a convergence, unless the switch was asked for (then undecided).
-        let w = watch(true);
-        assert_eq!(w.at_pause(false, 100.0, 10, 5), Switch::Precopy);
-        w.trigger.fire();
-        assert_eq!(w.at_pause(false, 100.0, 10, 5), Switch::Undecided);
-        assert_eq!(w.at_pause(false, 900.0, 10, 5), post);
+        assert_eq!(watch(false).at_pause(true, 10, 5), Switch::Precopy);
+        assert_eq!(watch(true).at_pause(false, 10, 5), Switch::Precopy);
+        assert_eq!(watch(true).at_pause(true, 10, 5), post);
     }
 }

@@ -103,6 +103,18 @@ pub(super) struct Coordinator<'a> {
 impl Coordinator<'_> {
     /// Runs the migration to its end: the guest runs on the destination, or an error.
     pub fn run(&mut self) -> Result<MigrationReport, MigrationError> {
+        self.run_phases().map_err(|e| match e {
+            // Once PostcopyStart went out the guest's memory is split between the hosts,
+            // whichever phase the failure came in.
+            MigrationError::PostcopyBroken(_) | MigrationError::HandoverUnknown(_) => e,
+            e if self.parts.postcopy_started.is_some() => {
+                MigrationError::PostcopyBroken(Box::new(e))
+            }
+            e => e,
+        })
+    }
+
+    fn run_phases(&mut self) -> Result<MigrationReport, MigrationError> {
         let mut phase = self.begin()?;
         loop {
             phase = match phase {

@@ -33,7 +33,7 @@ impl Coordinator<'_> {
     /// Pauses the guest for the switch to postcopy: the last dirty pass makes the list of
     /// pages still to send; the device and state saves run as at a switchover.
     pub(super) fn enter_postcopy(&mut self) -> Result<Phase, MigrationError> {
-        self.pause_guest(false)?;
+        self.pause_guest(false, true)?;
         Ok(Phase::Saving(Saving::new(self, true)))
     }
 

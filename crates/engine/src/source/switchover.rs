@@ -101,7 +101,7 @@ impl Coordinator<'_> {
     /// Pauses the guest, takes the last dirty pass and hands the rest of the RAM out; the
     /// device and state saves, released by the pause, run meanwhile.
     pub(super) fn enter_switchover(&mut self, forced: bool) -> Result<Phase, MigrationError> {
-        self.pause_guest(forced)?;
+        self.pause_guest(forced, false)?;
         let before = self.send_pages(self.precopy.round)?;
         self.parts.down.ram_final_ms = ms(self.parts.transfer_started.elapsed());
         let mut saving = Saving::new(self, false);
@@ -113,7 +113,11 @@ impl Coordinator<'_> {
     /// saves released, the dirty log read one last time (the pages still to send) and
     /// stopped. The guest is never paused longer than the switchover bound: past it, the
     /// attempt is torn down (and, before the handover, the guest runs on here).
-    pub(super) fn pause_guest(&mut self, forced: bool) -> Result<(), MigrationError> {
+    pub(super) fn pause_guest(
+        &mut self,
+        forced: bool,
+        postcopy: bool,
+    ) -> Result<(), MigrationError> {
         let guest = self.vm.guest;
         let parts = &mut self.parts;
         parts.precopy = self.precopy.start.elapsed();
@@ -127,6 +131,7 @@ impl Coordinator<'_> {
             remaining_pages: self.precopy.dirty.count(),
             expected_downtime_ms: parts.expected_downtime_ms,
             forced,
+            postcopy,
         });
         self.watchdog
             .arm(Awaited::Switchover, self.config.switchover_timeout);
