@@ -310,6 +310,12 @@ pub enum IncomingEvent {
         /// Why the source could not be told.
         error: String,
     },
+    /// The session switched to postcopy: the guest runs here while `pages` are still to
+    /// come ([`crate::receive_vm`] returns once all are in).
+    PostcopyStarted {
+        /// Pages the source still sends.
+        pages: u64,
+    },
 }
 
 impl std::fmt::Display for IncomingEvent {
@@ -344,6 +350,10 @@ impl std::fmt::Display for IncomingEvent {
             IncomingEvent::ResumedUntold { error } => write!(
                 f,
                 "the guest runs here, but the source could not be told so ({error}); its copy stays paused"
+            ),
+            IncomingEvent::PostcopyStarted { pages } => write!(
+                f,
+                "postcopy: the guest runs here, {pages} pages still to come"
             ),
         }
     }

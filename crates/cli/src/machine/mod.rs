@@ -75,6 +75,8 @@ enum Msg {
     Progress(Progress),
     SourceDone(Box<Result<MigrationReport, MigrationError>>),
     IncomingSession,
+    /// The incoming session switched to postcopy.
+    IncomingPostcopy,
     IncomingDone(Box<Result<Incoming, IncomingError>>),
 }
 
@@ -506,8 +508,14 @@ impl Machine {
             .spawn(move || {
                 let log_tx = tx.clone();
                 let log = move |ev: &IncomingEvent| {
-                    if let IncomingEvent::SessionAccepted { .. } = ev {
-                        let _ = log_tx.send(Msg::IncomingSession);
+                    match ev {
+                        IncomingEvent::SessionAccepted { .. } => {
+                            let _ = log_tx.send(Msg::IncomingSession);
+                        }
+                        IncomingEvent::PostcopyStarted { .. } => {
+                            let _ = log_tx.send(Msg::IncomingPostcopy);
+                        }
+                        _ => {}
                     }
                     eprintln!("livemig: {ev}");
                 };
@@ -645,6 +653,9 @@ impl Machine {
                 }
             }
             Msg::IncomingSession => self.set_status(MigStatus::Active),
+            // The guest runs on this side from the switch; the VM is this machine's once
+            // every page is in.
+            Msg::IncomingPostcopy => self.set_status(MigStatus::PostcopyActive),
             Msg::IncomingDone(r) => {
                 self.join_thread();
                 let Job::In(j) = &mut self.job else { return };
@@ -655,9 +666,7 @@ impl Machine {
                         j.report = Some(inc.report.clone());
                         self.vm = Some(VmParts::from_incoming(inc));
                         self.set_run(RunState::Running);
-                        if postcopy {
-                            // The engine tells the destination's switch only at the end
-                            // (receive_vm returns once every page is in).
+                        if postcopy && self.status != MigStatus::PostcopyActive {
                             self.set_status(MigStatus::PostcopyActive);
                         }
                         self.set_status(MigStatus::Completed);

@@ -298,6 +298,9 @@ pub(super) fn start(
         FrameKind::Resumed,
         &resumed.encode(),
     )?;
+    (s.log)(&crate::report::IncomingEvent::PostcopyStarted {
+        pages: start.count(),
+    });
     Ok(Phase::Postcopy(Running {
         received,
         restore,
