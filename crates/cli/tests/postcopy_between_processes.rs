@@ -192,3 +192,35 @@ fn a_destination_killed_in_postcopy_leaves_the_source_paused_with_every_page() {
     );
     assert!(!src.wait_exit().success());
 }
+
+#[test]
+fn a_session_allowed_postcopy_that_converges_ends_as_precopy() {
+    // The urgent channel, the push thread and the fault thread wait for a switch that never
+    // comes: the migration must still end, and the destination must not wait for pages.
+    let (mut dest, addr) = Proc::incoming(&["--verify"]);
+    let to = format!("--to={addr}");
+    let mut src = Proc::spawn(&[
+        "migrate",
+        "--json",
+        to.as_str(),
+        "--postcopy",
+        "--postcopy-after-rounds=5",
+        "--guest=synthetic",
+        "--memory=64M",
+        "--working-set=1M",
+        "--dirty-rate=1k",
+        "--warmup-ms=100",
+    ]);
+    let done = src.expect_event("completed");
+    assert!(src.wait_exit().success());
+    assert!(done["report"]["postcopy"].is_null(), "{:#}", done["report"]);
+    let received = dest.expect_event("received");
+    assert!(dest.wait_exit().success());
+    let recv = &received["report"];
+    assert_eq!(
+        u64_at(&recv["verify"], &["pages_mismatched"]),
+        0,
+        "{recv:#}"
+    );
+    assert_eq!(recv["postcopy_ms"].as_f64(), Some(0.0), "{recv:#}");
+}

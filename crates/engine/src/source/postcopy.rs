@@ -145,8 +145,12 @@ pub(super) fn push(
     config: &MigrationConfig,
     cancel: &CancelToken,
 ) {
-    let Ok((round, addrs)) = pages.recv() else {
-        return;
+    let (round, addrs) = crossbeam_channel::select! {
+        recv(pages) -> m => match m {
+            Ok(m) => m,
+            Err(_) => return,
+        },
+        recv(cancel.waiter()) -> _ => return,
     };
     let rate = config.max_postcopy_bandwidth.or(config.max_bandwidth);
     let start = Instant::now();

@@ -140,9 +140,15 @@ fn finish(
     co: Coordinator<'_>,
     outcome: Result<MigrationReport, MigrationError>,
 ) -> Result<MigrationReport, MigrationError> {
+    // Everything the coordinator holds of the threads goes now: the push's queue (a push
+    // still waiting for a switch that did not come ends), the job queues.
     let Coordinator {
-        dispatch, mut main, ..
+        dispatch,
+        mut main,
+        push,
+        ..
     } = co;
+    drop(push);
     if let Err(e) = &outcome {
         shared.credits.abort();
         shared.switchover.abort();
