@@ -178,7 +178,9 @@ impl NetLink {
 
 impl Drop for NetLink {
     fn drop(&mut self) {
-        for ns in [&self.a, &self.b] {
+        // Those made only (`ip netns add` names them under /run/netns).
+        let made = [&self.a, &self.b].map(|ns| (ns, Path::new("/run/netns").join(ns).exists()));
+        for ns in made.iter().filter(|(_, m)| *m).map(|(ns, _)| ns) {
             if let Err(e) = run(&self.ip, &["netns", "del", ns]) {
                 eprintln!("removing network namespace {ns}: {e}");
             }
