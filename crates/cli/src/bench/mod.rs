@@ -16,6 +16,7 @@
 mod args;
 mod compress;
 mod devices;
+mod netlink;
 mod out;
 mod peer;
 mod ram;

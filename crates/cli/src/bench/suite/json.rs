@@ -101,6 +101,13 @@ pub(super) fn document(d: &Doc) -> Value {
             "channels": a.device_channels,
             "rows": res.devices,
         },
+        "postcopy": {
+            "memory_bytes": super::sections::postcopy_sizes(a).0,
+            "working_set_bytes": super::sections::postcopy_sizes(a).1,
+            "channels": CHANNELS,
+            "rows": res.postcopy,
+            "netns_skipped": res.postcopy_netns_skipped,
+        },
         "resources": res.resources.iter().map(|(name, usage)| Resource { name, usage }).collect::<Vec<_>>(),
     })
 }

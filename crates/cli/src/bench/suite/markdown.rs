@@ -64,6 +64,9 @@ pub(super) fn render(d: &Doc) -> String {
     if !res.devices.is_empty() {
         devices(&mut md, d);
     }
+    if !res.postcopy.is_empty() {
+        postcopy(&mut md, d);
+    }
     if !res.resources.is_empty() {
         resources(&mut md, d);
     }
@@ -416,6 +419,124 @@ fn devices(md: &mut String, d: &Doc) {
     );
     let rows: Vec<_> = d.res.devices.iter().map(|k| &k.row).collect();
     md.push_str(&crate::bench::devices::table(&rows, d.raw, &dev_how));
+    md.push('\n');
+}
+
+fn postcopy(md: &mut String, d: &Doc) {
+    let (memory, ws) = super::sections::postcopy_sizes(d.a);
+    let _ = writeln!(
+        md,
+        "## Postcopy beside precopy with auto-converge\n\n{}\n",
+        d.run_line
+    );
+    let _ = writeln!(
+        md,
+        "How: a filled {} {} guest writing a {} MiB working set as fast as it can \
+         (--dirty-rate=0), {CHANNELS} channels over loopback TCP, then over a link of 1 Gbit/s \
+         (two network namespaces joined by a veth pair, a tc tbf bucket on the source's \
+         side), cold destination. Postcopy \
+         rows: --postcopy --postcopy-after-rounds=1 (the guest runs on the destination after \
+         one precopy round; what it touches is fetched on demand, the rest pushed), the second \
+         with the push capped (--max-postcopy-bandwidth) so faults wait behind it. Precopy \
+         row: no --postcopy, auto-converge on (livemig's default). Postcopy ms = from the \
+         switch until the destination had every page (source's report); pages requested = \
+         pages the destination asked for (the source's count); fault waits = from the fault read to its \
+         page installed (log2 buckets' upper bounds, capped at the max). Throttled = the time \
+         of the rounds auto-converge ran throttled, and its highest throttle.\n",
+        size_label(memory),
+        d.how.guest,
+        ws >> 20
+    );
+    md.push_str("| mode | link | total ms | downtime ms | rounds | postcopy ms | pages in postcopy | pages requested | faults | fault p50 us | fault p99 us | fault max us | throttled ms (max %) |\n");
+    md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let dash = || "-".to_string();
+    for r in d.res.postcopy.iter().map(|k| &k.row) {
+        let f = &r.figures;
+        let pc = r.postcopy.as_ref();
+        let fl = r.postcopy_faults.as_ref();
+        let throttled = if r.throttled_rounds > 0 {
+            format!("{:.0} ({}%)", r.throttled_ms, r.max_throttle_percent)
+        } else {
+            "0".into()
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.0} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.mode,
+            r.link,
+            f.total_ms,
+            f.downtime_ms,
+            f.rounds,
+            pc.map_or_else(dash, |p| format!("{:.0}", p.ms)),
+            pc.map_or_else(dash, |p| p.pages.to_string()),
+            pc.map_or_else(dash, |p| p.requested.to_string()),
+            fl.map_or_else(dash, |l| l.faults.to_string()),
+            fl.map_or_else(dash, |l| l.p50_us.to_string()),
+            fl.map_or_else(dash, |l| l.p99_us.to_string()),
+            fl.map_or_else(dash, |l| l.max_us.to_string()),
+            throttled,
+        );
+    }
+    if let Some(why) = &d.res.postcopy_netns_skipped {
+        for mode in super::sections::POSTCOPY_NETNS_SPECS {
+            let _ = writeln!(
+                md,
+                "| {mode} | {} | SKIPPED ({}) | | | | | | | | | | |",
+                super::sections::POSTCOPY_NETNS_LINK,
+                why.replace('|', "/")
+            );
+        }
+    }
+    if let Some(fl) = d
+        .res
+        .postcopy
+        .iter()
+        .find(|k| {
+            k.row.postcopy.is_some()
+                && k.row.max_postcopy_bandwidth.is_none()
+                && k.row.link == "loopback"
+        })
+        .and_then(|k| k.row.postcopy_faults.as_ref())
+    {
+        if fl.faults == 0 {
+            let _ = writeln!(
+                md,
+                "\nLoopback targets (uncapped row): not measurable, no fault in this run."
+            );
+        } else {
+            let _ = writeln!(
+                md,
+                "\nLoopback targets (uncapped row): fault p50 <= 100 us: {} ({} us); p99 <= 1 \
+                 ms: {} ({} us; {} faults).",
+                met(fl.p50_us <= 100),
+                fl.p50_us,
+                met(fl.p99_us <= 1000),
+                fl.p99_us,
+                fl.faults,
+            );
+        }
+    }
+    if let Some(k) = d
+        .res
+        .postcopy
+        .iter()
+        .find(|k| k.row.postcopy.is_some() && k.row.link != "loopback")
+    {
+        let r = &k.row;
+        let bound_ms = 1.3 * 1e3 * r.memory_bytes as f64 / 125e6;
+        let p99 = r.postcopy_faults.as_ref().map_or(0, |f| f.p99_us);
+        let _ = writeln!(
+            md,
+            "\n1 Gbit/s targets (postcopy row): total <= 1.3 x guest memory / link rate \
+             ({bound_ms:.0} ms): {} ({:.0} ms); downtime <= 50 ms: {} ({:.1} ms); fault p99 \
+             <= 5 ms: {} ({p99} us).",
+            met(r.figures.total_ms <= bound_ms),
+            r.figures.total_ms,
+            met(r.figures.downtime_ms <= 50.0),
+            r.figures.downtime_ms,
+            met(p99 <= 5000),
+        );
+    }
     md.push('\n');
 }
 

@@ -12,7 +12,11 @@
 //!    size, idle;
 //! 6. compress: what `--compress zstd` costs: one core's compression and decompression rate
 //!    and ratio on pattern and text-like pages, and a migration with and without it;
-//! 7. resources, for every migration above: each process's peak RSS (VmHWM), the
+//! 7. postcopy (opt-in: `--sections postcopy`, about 90 s): postcopy, plain and with its push
+//!    capped, beside precopy with auto-converge, a 1 GiB guest writing 256 MiB as fast as it
+//!    can, over loopback and over a 1 Gbit/s link between network namespaces (SKIPPED
+//!    where those cannot be made);
+//! 8. resources, for every migration above: each process's peak RSS (VmHWM), the
 //!    destination's peak buffered device bytes, and CPU seconds per GiB moved on each side.
 //!
 //! The peak RSS and CPU figures come from the two processes themselves: `livemig migrate` and

@@ -2,6 +2,7 @@
 //! migration kept with its name and [`Usage`].
 
 use super::migration::{MigrationRow, Usage};
+use super::sections::PostcopyRow;
 use crate::bench::compress::CompressRate;
 use crate::bench::devices::DeviceRow;
 use crate::bench::run::{report_run, Run};
@@ -43,6 +44,10 @@ pub(super) struct Results {
     /// The compression rates (no migration), then the migrations with and without it.
     pub compress_rates: Vec<CompressRate>,
     pub compress: Vec<Kept<MigrationRow>>,
+    /// Postcopy, plain and with its push capped, and precopy with auto-converge.
+    pub postcopy: Vec<Kept<PostcopyRow>>,
+    /// Why the postcopy section's 1 Gbit/s netns rows were not measured, if they were not.
+    pub postcopy_netns_skipped: Option<String>,
     /// Every migration: its name and usage.
     pub resources: Vec<(String, Usage)>,
 }
@@ -60,6 +65,8 @@ impl Results {
             local: Vec::new(),
             compress_rates: Vec::new(),
             compress: Vec::new(),
+            postcopy: Vec::new(),
+            postcopy_netns_skipped: None,
             resources: Vec::new(),
         }
     }

@@ -6,6 +6,7 @@ mod compress;
 mod devices;
 mod dirty;
 mod local;
+mod postcopy;
 mod size;
 
 use super::args::Section;
@@ -14,6 +15,10 @@ use super::plan::Plan;
 use super::results::Results;
 use crate::bench::run::{median, Run};
 use crate::bench::BenchArgs;
+pub(super) use postcopy::{
+    sizes as postcopy_sizes, PostcopyRow, NETNS_LINK as POSTCOPY_NETNS_LINK,
+    NETNS_SPECS as POSTCOPY_NETNS_SPECS,
+};
 
 /// Runs every section the plan holds, in the suite's order.
 pub(super) fn measure(a: &BenchArgs, plan: &Plan, res: &mut Results) -> anyhow::Result<()> {
@@ -34,6 +39,9 @@ pub(super) fn measure(a: &BenchArgs, plan: &Plan, res: &mut Results) -> anyhow::
     }
     if plan.has(Section::Devices) {
         devices::measure(a, plan, res)?;
+    }
+    if plan.has(Section::Postcopy) {
+        postcopy::measure(a, plan, res)?;
     }
     Ok(())
 }
