@@ -454,6 +454,27 @@ impl Machine {
         Ok(json!({}))
     }
 
+    /// The destination's configuration from the parameters and the process's limits.
+    fn incoming_config(&self, cancel: &CancelToken) -> IncomingConfig {
+        let mut config = IncomingConfig {
+            verify: self.limits.verify,
+            credit_window: self.params.credit_window,
+            // 0 (the parameter's default) is the destination's own cap, not "unbounded".
+            buffer_cap: match self.params.buffer_cap {
+                0 => livemig_engine::config::DEFAULT_BUFFER_CAP,
+                cap => cap,
+            },
+            peer_timeout: self.params.peer_timeout(self.limits.peer_timeout),
+            tls: self.limits.tls.clone(),
+            cancel: cancel.clone(),
+            ..IncomingConfig::default()
+        };
+        if let Some(m) = self.limits.max_guest_memory {
+            config.max_guest_memory = m;
+        }
+        config
+    }
+
     fn migrate_incoming(&mut self, req: &Request) -> Result<Value, QmpError> {
         let a = Args::new(&req.arguments, &["uri", "exit-on-error"])?;
         let uri = a.str("uri")?;
@@ -486,47 +507,11 @@ impl Machine {
         // VM too): its set-up then waits only for the guest's memory slots and vCPUs.
         livemig_vmm::kvm::prepare_vm();
         let cancel = CancelToken::new();
-        let mut config = IncomingConfig {
-            verify: self.limits.verify,
-            credit_window: self.params.credit_window,
-            // 0 (the parameter's default) is the destination's own cap, not "unbounded".
-            buffer_cap: match self.params.buffer_cap {
-                0 => livemig_engine::config::DEFAULT_BUFFER_CAP,
-                cap => cap,
-            },
-            peer_timeout: self.params.peer_timeout(self.limits.peer_timeout),
-            tls: self.limits.tls.clone(),
-            cancel: cancel.clone(),
-            ..IncomingConfig::default()
-        };
-        if let Some(m) = self.limits.max_guest_memory {
-            config.max_guest_memory = m;
-        }
+        let config = self.incoming_config(&cancel);
         let tx = self.tx.clone();
         let thread = std::thread::Builder::new()
             .name("lm-vm-incoming".into())
-            .spawn(move || {
-                let log_tx = tx.clone();
-                let log = move |ev: &IncomingEvent| {
-                    match ev {
-                        IncomingEvent::SessionAccepted { .. } => {
-                            let _ = log_tx.send(Msg::IncomingSession);
-                        }
-                        IncomingEvent::PostcopyStarted { .. } => {
-                            let _ = log_tx.send(Msg::IncomingPostcopy);
-                        }
-                        _ => {}
-                    }
-                    eprintln!("livemig: {ev}");
-                };
-                let factories = Factories {
-                    guest: &Factory,
-                    devices: &DeviceModels,
-                };
-                let r = receive_vm(&listener, factories, &config, &log);
-                drop(listener);
-                let _ = tx.send(Msg::IncomingDone(Box::new(r)));
-            })
+            .spawn(move || receive_on(listener, config, tx))
             .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;
         self.thread = Some((thread, cancel));
         self.job = Job::In(Box::new(IncomingJob {
@@ -604,90 +589,97 @@ impl Machine {
     fn migration_event(&mut self, msg: Msg) {
         match msg {
             Msg::Progress(p) => self.progress(p),
-            Msg::SourceDone(r) => {
-                let r = *r;
-                self.join_thread();
-                let cancelled = self.status == MigStatus::Cancelling;
-                let Job::Out(o) = &mut self.job else { return };
-                o.end = Some(Instant::now());
-                let postcopy = match &r {
-                    Ok(report) => report.postcopy.is_some(),
-                    Err(e) => matches!(e, MigrationError::PostcopyBroken(_)),
-                };
-                match r {
-                    Ok(report) => {
-                        o.report = Some(report);
-                        self.set_run(RunState::PostMigrate);
-                        if postcopy {
-                            self.set_status(MigStatus::PostcopyActive);
-                        }
-                        self.set_status(MigStatus::Completed);
-                    }
-                    Err(e) => {
-                        // After PostcopyStart the engine reports every failure as
-                        // PostcopyBroken: the guest's memory is split between the hosts.
-                        let broken = postcopy;
-                        let handed_over = broken || matches!(e, MigrationError::HandoverUnknown(_));
-                        o.error = Some(e.to_string());
-                        eprintln!("livemig: migration to {} failed: {e}", o.to);
-                        if broken {
-                            // QEMU would go to postcopy-paused and wait for a recovery;
-                            // livemig has none yet: the copy stays paused, kept, for good.
-                            self.split = true;
-                            self.set_status(MigStatus::PostcopyActive);
-                        }
-                        if handed_over {
-                            // The destination may run the guest: never here again.
-                            self.set_run(RunState::PostMigrate);
-                        } else {
-                            // The engine has resumed the guest if it had paused it.
-                            self.set_run(RunState::Running);
-                        }
-                        let cancelled = cancelled || matches!(e, MigrationError::Cancelled);
-                        self.set_status(if cancelled {
-                            MigStatus::Cancelled
-                        } else {
-                            MigStatus::Failed
-                        });
-                    }
-                }
-            }
+            Msg::SourceDone(r) => self.source_done(*r),
             Msg::IncomingSession => self.set_status(MigStatus::Active),
             // The guest runs on this side from the switch; the VM is this machine's once
             // every page is in.
             Msg::IncomingPostcopy => self.set_status(MigStatus::PostcopyActive),
-            Msg::IncomingDone(r) => {
-                self.join_thread();
-                let Job::In(j) = &mut self.job else { return };
-                j.end = Some(Instant::now());
-                match *r {
-                    Ok(inc) => {
-                        let postcopy = inc.report.postcopy_ms > 0.0;
-                        j.report = Some(inc.report.clone());
-                        self.vm = Some(VmParts::from_incoming(inc));
-                        self.set_run(RunState::Running);
-                        if postcopy && self.status != MigStatus::PostcopyActive {
-                            self.set_status(MigStatus::PostcopyActive);
-                        }
-                        self.set_status(MigStatus::Completed);
-                    }
-                    Err(e) => {
-                        j.error = Some(e.to_string());
-                        eprintln!("livemig: incoming migration on {} failed: {e}", j.uri);
-                        self.set_status(if matches!(e, IncomingError::Cancelled) {
-                            MigStatus::Cancelled
-                        } else {
-                            MigStatus::Failed
-                        });
-                    }
-                }
-                // A VM built ahead and not taken (a failed or non-KVM session) goes with the
-                // wait it was built for: after the outcome is told (tearing a VM down takes a
-                // few ms), and on this thread, before any next migrate-incoming builds anew.
-                livemig_vmm::kvm::forget_prepared_vm();
-            }
+            Msg::IncomingDone(r) => self.incoming_done(*r),
             Msg::Command(..) | Msg::Quit => {}
         }
+    }
+
+    /// The outgoing migration ended.
+    fn source_done(&mut self, r: Result<MigrationReport, MigrationError>) {
+        self.join_thread();
+        let cancelled = self.status == MigStatus::Cancelling;
+        let Job::Out(o) = &mut self.job else { return };
+        o.end = Some(Instant::now());
+        let postcopy = match &r {
+            Ok(report) => report.postcopy.is_some(),
+            Err(e) => matches!(e, MigrationError::PostcopyBroken(_)),
+        };
+        match r {
+            Ok(report) => {
+                o.report = Some(report);
+                self.set_run(RunState::PostMigrate);
+                if postcopy && self.status != MigStatus::PostcopyActive {
+                    self.set_status(MigStatus::PostcopyActive);
+                }
+                self.set_status(MigStatus::Completed);
+            }
+            Err(e) => {
+                // After PostcopyStart the engine reports every failure as
+                // PostcopyBroken: the guest's memory is split between the hosts.
+                let broken = postcopy;
+                let handed_over = broken || matches!(e, MigrationError::HandoverUnknown(_));
+                o.error = Some(e.to_string());
+                eprintln!("livemig: migration to {} failed: {e}", o.to);
+                if broken {
+                    // QEMU would go to postcopy-paused and wait for a recovery;
+                    // livemig has none yet: the copy stays paused, kept, for good.
+                    self.split = true;
+                    if self.status != MigStatus::PostcopyActive {
+                        self.set_status(MigStatus::PostcopyActive);
+                    }
+                }
+                if handed_over {
+                    // The destination may run the guest: never here again.
+                    self.set_run(RunState::PostMigrate);
+                } else {
+                    // The engine has resumed the guest if it had paused it.
+                    self.set_run(RunState::Running);
+                }
+                let cancelled = cancelled || matches!(e, MigrationError::Cancelled);
+                self.set_status(if cancelled {
+                    MigStatus::Cancelled
+                } else {
+                    MigStatus::Failed
+                });
+            }
+        }
+    }
+
+    /// The incoming migration ended.
+    fn incoming_done(&mut self, r: Result<Incoming, IncomingError>) {
+        self.join_thread();
+        let Job::In(j) = &mut self.job else { return };
+        j.end = Some(Instant::now());
+        match r {
+            Ok(inc) => {
+                let postcopy = inc.report.postcopy_ms > 0.0;
+                j.report = Some(inc.report.clone());
+                self.vm = Some(VmParts::from_incoming(inc));
+                self.set_run(RunState::Running);
+                if postcopy && self.status != MigStatus::PostcopyActive {
+                    self.set_status(MigStatus::PostcopyActive);
+                }
+                self.set_status(MigStatus::Completed);
+            }
+            Err(e) => {
+                j.error = Some(e.to_string());
+                eprintln!("livemig: incoming migration on {} failed: {e}", j.uri);
+                self.set_status(if matches!(e, IncomingError::Cancelled) {
+                    MigStatus::Cancelled
+                } else {
+                    MigStatus::Failed
+                });
+            }
+        }
+        // A VM built ahead and not taken (a failed or non-KVM session) goes with the
+        // wait it was built for: after the outcome is told (tearing a VM down takes a
+        // few ms), and on this thread, before any next migrate-incoming builds anew.
+        livemig_vmm::kvm::forget_prepared_vm();
     }
 
     fn progress(&mut self, p: Progress) {
@@ -747,6 +739,31 @@ impl Machine {
             self.set_status(MigStatus::PostcopyActive);
         }
     }
+}
+
+/// The incoming migration's thread (`lm-vm-incoming`): receives one VM on `listener`,
+/// telling the machine of the session's start, of a switch to postcopy, and of the end.
+fn receive_on(listener: Listener, config: IncomingConfig, tx: Sender<Msg>) {
+    let log_tx = tx.clone();
+    let log = move |ev: &IncomingEvent| {
+        match ev {
+            IncomingEvent::SessionAccepted { .. } => {
+                let _ = log_tx.send(Msg::IncomingSession);
+            }
+            IncomingEvent::PostcopyStarted { .. } => {
+                let _ = log_tx.send(Msg::IncomingPostcopy);
+            }
+            _ => {}
+        }
+        eprintln!("livemig: {ev}");
+    };
+    let factories = Factories {
+        guest: &Factory,
+        devices: &DeviceModels,
+    };
+    let r = receive_vm(&listener, factories, &config, &log);
+    drop(listener);
+    let _ = tx.send(Msg::IncomingDone(Box::new(r)));
 }
 
 /// Why a copy left by a broken postcopy neither runs nor gives way.
