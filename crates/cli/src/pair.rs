@@ -18,13 +18,19 @@ pub struct JsonChild {
 
 impl JsonChild {
     pub fn spawn(args: &[String]) -> anyhow::Result<JsonChild> {
-        let exe = std::env::current_exe().context("cannot find the livemig executable")?;
-        let mut child = Command::new(exe)
-            .args(args)
+        let mut cmd = Command::new(livemig_exe()?);
+        cmd.args(args);
+        JsonChild::start(cmd, &format!("livemig {}", args.join(" ")))
+    }
+
+    /// Starts `cmd` (a livemig command line, maybe wrapped, e.g. in `ip netns exec`), its
+    /// stdout read as JSON lines; `what` names it in errors.
+    pub fn start(mut cmd: Command, what: &str) -> anyhow::Result<JsonChild> {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .with_context(|| format!("cannot start livemig {}", args.join(" ")))?;
+            .with_context(|| format!("cannot start {what}"))?;
         let out = child
             .stdout
             .take()
@@ -83,6 +89,11 @@ impl Drop for JsonChild {
     }
 }
 
+/// This executable, which the children run.
+pub fn livemig_exe() -> anyhow::Result<std::path::PathBuf> {
+    std::env::current_exe().context("cannot find the livemig executable")
+}
+
 pub fn event_of(v: &Value) -> &str {
     v.get("event").and_then(Value::as_str).unwrap_or("")
 }
@@ -98,7 +109,7 @@ pub struct PairResult {
 }
 
 /// One of the lines of [`crate::lines`], read as its type.
-fn parse<T: serde::de::DeserializeOwned>(what: &str, v: Value) -> anyhow::Result<T> {
+pub fn parse<T: serde::de::DeserializeOwned>(what: &str, v: Value) -> anyhow::Result<T> {
     serde_json::from_value(v).with_context(|| format!("cannot read the {what} line"))
 }
 

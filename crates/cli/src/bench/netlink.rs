@@ -4,14 +4,11 @@
 //! builds its links. Needs root, `ip`, `tc` and network namespaces; [`NetLink::new`] says why
 //! not when it cannot.
 
-use crate::pair::{event_of, PairResult};
-use anyhow::{anyhow, bail, Context};
-use serde_json::Value;
-use std::io::{BufRead, BufReader};
+use crate::pair::{event_of, livemig_exe, parse, JsonChild, PairResult};
+use anyhow::bail;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 /// The full path of `tool`, from PATH or the sbin directories.
 fn tool(name: &str) -> Option<PathBuf> {
@@ -99,34 +96,14 @@ impl NetLink {
         Ok(link)
     }
 
-    /// `livemig ARGS` inside namespace `ns`, its JSON lines read.
-    fn spawn(&self, ns: &str, args: &[String]) -> anyhow::Result<NsChild> {
-        let exe = std::env::current_exe().context("cannot find the livemig executable")?;
-        let mut child = Command::new(&self.ip)
-            .args(["netns", "exec", ns])
-            .arg(exe)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("cannot start livemig {} in {ns}", args.join(" ")))?;
-        let out = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow!("child has no stdout"))?;
-        let (tx, lines) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("lm-ns-reader".into())
-            .spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                        if tx.send(v).is_err() {
-                            return;
-                        }
-                    }
-                }
-            })?;
-        Ok(NsChild { child, lines })
+    /// `livemig ARGS` inside namespace `ns` (`ip netns exec` runs it in its own place: the
+    /// pid is livemig's), its JSON lines read.
+    fn spawn(&self, ns: &str, args: &[String]) -> anyhow::Result<JsonChild> {
+        let mut cmd = Command::new(&self.ip);
+        cmd.args(["netns", "exec", ns])
+            .arg(livemig_exe()?)
+            .args(args);
+        JsonChild::start(cmd, &format!("livemig {} in {ns}", args.join(" ")))
     }
 
     /// A destination in `b` (with `dest_args`), then a source in `a` migrating to it (with
@@ -142,7 +119,7 @@ impl NetLink {
             format!("--listen=tcp:{}:0", self.addr_b),
         ];
         dargs.extend_from_slice(dest_args);
-        let mut dest = self.spawn(&self.b, &dargs)?;
+        let dest = self.spawn(&self.b, &dargs)?;
         let listening = dest.wait_event(&["listening"], Duration::from_secs(30))?;
         let addr = listening["addr"].as_str().unwrap_or_default().to_string();
         let mut sargs = vec![
@@ -151,7 +128,7 @@ impl NetLink {
             "--json".into(),
         ];
         sargs.extend_from_slice(source_args);
-        let mut source = self.spawn(&self.a, &sargs)?;
+        let source = self.spawn(&self.a, &sargs)?;
         let done = source.wait_event(
             &["completed", "failed", "attempt_failed"],
             Duration::from_secs(600),
@@ -159,7 +136,7 @@ impl NetLink {
         if event_of(&done) != "completed" {
             bail!("{}", done["error"].as_str().unwrap_or("migration failed"));
         }
-        source.child.wait()?;
+        source.finish()?;
         let received = dest.wait_event(&["received", "failed"], Duration::from_secs(60))?;
         if event_of(&received) == "failed" {
             bail!(
@@ -167,10 +144,10 @@ impl NetLink {
                 received["error"].as_str().unwrap_or("failed")
             );
         }
-        dest.child.wait()?;
+        dest.finish()?;
         Ok(PairResult {
-            source: serde_json::from_value(done).context("cannot read the completed line")?,
-            dest: serde_json::from_value(received).context("cannot read the received line")?,
+            source: parse("completed", done)?,
+            dest: parse("received", received)?,
             after_run: None,
         })
     }
@@ -184,39 +161,6 @@ impl Drop for NetLink {
             if let Err(e) = run(&self.ip, &["netns", "del", ns]) {
                 eprintln!("removing network namespace {ns}: {e}");
             }
-        }
-    }
-}
-
-/// A livemig process in a namespace (`ip netns exec` runs it in its own place: the pid is
-/// livemig's), killed if still running when dropped.
-struct NsChild {
-    child: Child,
-    lines: Receiver<Value>,
-}
-
-impl NsChild {
-    fn wait_event(&mut self, events: &[&str], timeout: Duration) -> anyhow::Result<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(v) if events.contains(&event_of(&v)) => return Ok(v),
-                Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) => bail!("no {events:?} within {timeout:?}"),
-                Err(RecvTimeoutError::Disconnected) => {
-                    bail!("the child process ended before reporting {events:?}")
-                }
-            }
-        }
-    }
-}
-
-impl Drop for NsChild {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
     }
 }
