@@ -9,6 +9,7 @@
 use super::coordinator::{unexpected, Coordinator, Event, Phase};
 use super::devices::SaveStats;
 use super::dispatch::Dispatcher;
+use super::recover::ResumePoint;
 use super::sender::Job;
 use super::switchover::{SavedState, Saving};
 use super::GuestState;
@@ -24,8 +25,7 @@ use std::time::{Duration, Instant};
 
 /// Postcopy under way.
 pub(super) struct PostcopyRun {
-    /// Pages the destination was told it must receive.
-    pending: u64,
+    /// The destination said it runs the guest.
     resumed: bool,
 }
 
@@ -59,7 +59,7 @@ impl Coordinator<'_> {
         for addr in self.precopy.dirty.addrs() {
             start.insert(addr);
         }
-        let pending = start.count();
+        self.parts.postcopy_pages = start.count();
         self.postcopy.round.store(round + 1, Relaxed);
         framed::send(
             &mut self.main,
@@ -70,20 +70,38 @@ impl Coordinator<'_> {
         // From here the destination may run the guest: this copy must never run again.
         *self.state = GuestState::HandedOver;
         self.parts.postcopy_started = Some(Instant::now());
-        // The background push runs on its own thread (`lm-src-push`): the coordinator stays
-        // free for the destination's Resumed and PostcopyComplete.
         let addrs: Vec<u64> = self.precopy.dirty.addrs().collect();
+        self.push_pages(round + 1, addrs)?;
+        Ok(Phase::Postcopy(PostcopyRun { resumed: false }))
+    }
+
+    /// A session resuming a broken postcopy (`recover.rs`): the guest runs on the
+    /// destination already; the pages it still misses are pushed, its requests answered.
+    pub(super) fn resume_postcopy(
+        &mut self,
+        point: ResumePoint,
+        missing: PostcopyStart,
+    ) -> Result<Phase, MigrationError> {
+        self.parts = point.parts;
+        self.parts.postcopy_recoveries += 1;
+        self.precopy.rounds = point.rounds;
+        *self.state = GuestState::HandedOver;
+        self.push_pages(point.round, missing.addrs().collect())?;
+        Ok(Phase::Postcopy(PostcopyRun { resumed: true }))
+    }
+
+    /// Hands the pages to the background push, which runs on its own thread
+    /// (`lm-src-push`): the coordinator stays free for the destination's Resumed and
+    /// PostcopyComplete.
+    fn push_pages(&mut self, round: u32, addrs: Vec<u64>) -> Result<(), MigrationError> {
         let sent = self
             .push
             .as_ref()
-            .is_some_and(|push| push.send((round + 1, addrs)).is_ok());
+            .is_some_and(|push| push.send((round, addrs)).is_ok());
         if !sent {
             return Err(self.failure_cause());
         }
-        Ok(Phase::Postcopy(PostcopyRun {
-            pending,
-            resumed: false,
-        }))
+        Ok(())
     }
 
     /// Postcopy's events: the destination runs the guest (`Resumed`), then has every page.
@@ -102,33 +120,31 @@ impl Coordinator<'_> {
                 self.parts.resumed_at = Some(Instant::now());
                 Ok(Phase::Postcopy(run))
             }
-            Event::PostcopyComplete(c) if run.resumed => self.finish_postcopy(&run, c),
+            Event::PostcopyComplete(c) if run.resumed => self.finish_postcopy(c),
             other => Err(unexpected(other)),
         }
     }
 
-    fn finish_postcopy(
-        &mut self,
-        run: &PostcopyRun,
-        c: PostcopyComplete,
-    ) -> Result<Phase, MigrationError> {
-        if c.pages != run.pending {
+    fn finish_postcopy(&mut self, c: PostcopyComplete) -> Result<Phase, MigrationError> {
+        let pending = self.parts.postcopy_pages;
+        if c.pages != pending {
             return Err(MigrationError::Channel(
                 crate::error::ChannelError::Protocol {
                     channel: ChannelName::Main,
                     detail: format!(
                         "the destination installed {} pages of the {} postcopy listed",
-                        c.pages, run.pending
+                        c.pages, pending
                     ),
                 },
             ));
         }
         self.parts.postcopy = Some(crate::report::PostcopyReport {
-            pages: run.pending,
+            pages: pending,
             requested: self.postcopy.requested.load(Relaxed),
             dest_requested: c.requested,
             blocked_ms: c.blocked_us as f64 / 1e3,
             ms: self.parts.postcopy_started.map_or(0.0, |t| ms(t.elapsed())),
+            recoveries: self.parts.postcopy_recoveries,
         });
         let loaded = livemig_wire::Loaded::default();
         Ok(Phase::Done(Box::new(self.report(&loaded))))
