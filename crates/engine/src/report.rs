@@ -30,6 +30,11 @@ pub struct RoundReport {
     pub bytes_per_s: f64,
     /// Pages dirtied while this round was sent (0 for the switchover round).
     pub dirty_after: u64,
+    /// Of `pages`, those not sent because the guest wrote them again before their turn (seen
+    /// by a dirty-log pass in the middle of the round): they go in the next round instead,
+    /// so a page the guest keeps writing is not sent twice in a row.
+    #[serde(default)]
+    pub skipped_pages: u64,
     /// Time to send `dirty_after` pages at this round's rate, milliseconds: what the
     /// switchover decision compares with the downtime limit.
     pub expected_downtime_ms: f64,
