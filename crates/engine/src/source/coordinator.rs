@@ -96,7 +96,7 @@ pub(super) struct Coordinator<'a> {
     /// Shared with the return path for postcopy's requests.
     pub postcopy: &'a PostcopyShared,
     /// The background push's queue, in a session that may switch to postcopy.
-    pub push: Option<crossbeam_channel::Sender<(u32, Vec<u64>)>>,
+    pub push: Option<crossbeam_channel::Sender<super::postcopy::PushOrder>>,
     pub parts: ReportParts,
 }
 

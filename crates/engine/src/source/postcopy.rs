@@ -94,10 +94,15 @@ impl Coordinator<'_> {
     /// (`lm-src-push`): the coordinator stays free for the destination's Resumed and
     /// PostcopyComplete.
     fn push_pages(&mut self, round: u32, addrs: Vec<u64>) -> Result<(), MigrationError> {
+        let order = PushOrder {
+            round,
+            addrs,
+            measured: self.precopy.rounds.last().map(|r| r.bytes_per_s),
+        };
         let sent = self
             .push
             .as_ref()
-            .is_some_and(|push| push.send((round, addrs)).is_ok());
+            .is_some_and(|push| push.send(order).is_ok());
         if !sent {
             return Err(self.failure_cause());
         }
@@ -151,27 +156,57 @@ impl Coordinator<'_> {
     }
 }
 
+/// What the background push is handed at the switch (or at a resume): the round postcopy
+/// pages carry, the pages, and the rate precopy measured end to end (bytes per second), if
+/// a round ran.
+pub(super) struct PushOrder {
+    pub round: u32,
+    pub addrs: Vec<u64>,
+    pub measured: Option<f64>,
+}
+
+/// The share of precopy's measured rate the push keeps to when no bandwidth is configured:
+/// a push at the link's full rate fills the link's queue, and every requested page (on the
+/// urgent channel, through the same link) would wait behind it.
+const PUSH_HEADROOM: f64 = 0.9;
+
+/// Pages per packet of a push paced to the measured rate: what a channel writes at once
+/// queues on the link at once, so a requested page waits behind at most this much (128 KiB,
+/// 1 ms at 1 Gbit/s).
+const PACED_PUSH_PAGES: usize = 32;
+
 /// The background push (`lm-src-push`, started with a postcopy session): waits for the
 /// switch's list of pages, hands them to whichever data channel is free (paced to the
-/// postcopy bandwidth), then ends every data channel with `PostcopyDone`. Ends at once when
-/// the session ends without a switch, or when the channels stop.
+/// postcopy bandwidth, or, with none configured, a little below the rate precopy measured,
+/// in small packets, so requested pages find the link's queue short), then ends every data
+/// channel with `PostcopyDone`. Ends at once when the session ends without a switch, or
+/// when the channels stop.
 pub(super) fn push(
-    pages: Receiver<(u32, Vec<u64>)>,
+    orders: Receiver<PushOrder>,
     dispatch: Dispatcher,
     config: &MigrationConfig,
     cancel: &CancelToken,
 ) {
-    let (round, addrs) = crossbeam_channel::select! {
-        recv(pages) -> m => match m {
+    let order = crossbeam_channel::select! {
+        recv(orders) -> m => match m {
             Ok(m) => m,
             Err(_) => return,
         },
         recv(cancel.waiter()) -> _ => return,
     };
-    let rate = config.max_postcopy_bandwidth.or(config.max_bandwidth);
+    let configured = config.max_postcopy_bandwidth.or(config.max_bandwidth);
+    let headroom = order
+        .measured
+        .filter(|r| *r > 0.0)
+        .map(|r| (r * PUSH_HEADROOM) as u64);
+    let rate = configured.or(headroom);
+    let per = match (configured, headroom) {
+        (None, Some(_)) => PACED_PUSH_PAGES.min(config.pages_per_packet as usize),
+        _ => config.pages_per_packet as usize,
+    };
     let start = Instant::now();
     let mut sent = 0u64;
-    for batch in addrs.chunks(config.pages_per_packet as usize) {
+    for batch in order.addrs.chunks(per) {
         if let Some(rate) = rate {
             let due = Duration::from_secs_f64(sent as f64 / rate as f64);
             let elapsed = start.elapsed();
@@ -181,7 +216,7 @@ pub(super) fn push(
         }
         sent += (batch.len() * PAGE_SIZE) as u64;
         let job = Job::Pages {
-            round,
+            round: order.round,
             addrs: batch.to_vec(),
         };
         if dispatch.send(job).is_err() {
