@@ -141,7 +141,7 @@ pub struct PostcopyReport {
 
 /// How long faulting vCPUs waited in postcopy, from the fault read to its page installed
 /// (requested pages, pages the push brought first, and pages that never held data, which
-/// are zero-filled at once). Percentiles are log2 buckets' upper bounds, never above `max`.
+/// are zero-filled at once). Percentiles are upper bounds of buckets an eighth of a power of two wide (at most 12.5 % high), never above `max`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct FaultLatencyReport {
     /// Faults answered.

@@ -200,7 +200,7 @@ impl Session<'_> {
         }
         if let Some(dest) = shared.postcopy {
             let (tx, cancel) = (tx.clone(), rt.cancel_token().clone());
-            rt.spawn("fault", move || postcopy::serve_faults(dest, tx, &cancel));
+            rt.spawn_favoured("fault", move || postcopy::serve_faults(dest, tx, &cancel));
         }
         let loaders = if resuming { 0 } else { self.devices.len() };
         for i in 0..loaders {
@@ -213,12 +213,11 @@ impl Session<'_> {
             let mut r = self.receiver(i as u16, stream, shared, tx.clone());
             r.resumed = resuming;
             // The urgent channel (postcopy's requested pages) is the last.
-            let name = if i == self.hello.channels as usize {
-                "urgent".to_string()
+            if i == self.hello.channels as usize {
+                rt.spawn_favoured("urgent", move || r.run());
             } else {
-                format!("ch{i}")
-            };
-            rt.spawn(&name, move || r.run());
+                rt.spawn(&format!("ch{i}"), move || r.run());
+            }
         }
         Ok(())
     }

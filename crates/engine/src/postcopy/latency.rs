@@ -2,17 +2,43 @@
 //! the page being installed (the `postcopy-blocktime` figures and the report's histogram).
 //!
 //! Two lock-free parts: [`FaultStamps`], one slot per guest page holding when its first
-//! unanswered fault was read, and [`FaultLatency`], a histogram of log2 buckets in
-//! microseconds. The fault thread stamps; whichever thread installs the page takes the stamp
+//! unanswered fault was read, and [`FaultLatency`], a histogram of log-linear buckets in
+//! microseconds (eight per power of two, so a percentile is within 12.5 % of the truth). The fault thread stamps; whichever thread installs the page takes the stamp
 //! and records the wait. Neither blocks the fault path: a stamp is one compare-and-swap, a
 //! record three atomic adds and a `fetch_max`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Buckets of the histogram: bucket 0 holds waits under 1 us, bucket `i` (`i >= 1`) waits in
-/// `[2^(i-1), 2^i)` us; the last also holds anything longer (2^38 us is over three days).
-pub const BUCKETS: usize = 40;
+/// Sub-buckets per power of two.
+const SUB: u64 = 8;
+
+/// Buckets of the histogram: waits under 8 us one bucket per microsecond, then eight buckets
+/// per power of two ([`bucket_of`]); the last also holds anything longer (2^40 us is over
+/// twelve days).
+pub const BUCKETS: usize = 8 * 38;
+
+/// The bucket of a wait of `us` microseconds: `us` itself below 8; else, with `e` the power
+/// of two at or below `us`, one of eight equal parts of `[2^e, 2^(e+1))`.
+fn bucket_of(us: u64) -> usize {
+    if us < SUB {
+        return us as usize;
+    }
+    let e = (u64::BITS - 1 - us.leading_zeros()) as u64;
+    let mantissa = us >> (e - 3);
+    (((e - 3) * SUB + mantissa) as usize).min(BUCKETS - 1)
+}
+
+/// The first wait, in microseconds, above bucket `i` (its exclusive upper bound).
+fn upper_bound_us(i: usize) -> u64 {
+    let i = i as u64;
+    if i < SUB {
+        return i + 1;
+    }
+    let e = i / SUB + 2;
+    let mantissa = i % SUB + SUB;
+    (mantissa + 1) << (e - 3)
+}
 
 /// A histogram of fault latencies, shared by every thread that installs pages.
 #[derive(Debug)]
@@ -30,7 +56,7 @@ pub struct LatencySnapshot {
     pub count: u64,
     /// The sum of every wait (QEMU's `postcopy-blocktime` total, counted per fault).
     pub total: Duration,
-    /// The median wait, as its bucket's upper bound (so within a factor of 2 above the true
+    /// The median wait, as its bucket's upper bound (so at most 12.5 % above the true
     /// value), never above `max`.
     pub p50: Duration,
     /// The 99th percentile wait, as `p50`.
@@ -56,8 +82,7 @@ impl FaultLatency {
     /// Records one wait.
     pub fn record(&self, wait: Duration) {
         let us = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX);
-        let bucket = (u64::BITS - us.leading_zeros()) as usize;
-        self.buckets[bucket.min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+        self.buckets[bucket_of(us)].fetch_add(1, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
         self.total_us.fetch_add(us, Ordering::Relaxed);
         self.max_us.fetch_max(us, Ordering::Relaxed);
@@ -77,8 +102,7 @@ impl FaultLatency {
             for (i, n) in buckets.iter().enumerate() {
                 below += n;
                 if below >= rank {
-                    let upper_us = if i == 0 { 1 } else { 1u64 << i };
-                    return Duration::from_micros(upper_us.min(max_us));
+                    return Duration::from_micros(upper_bound_us(i).min(max_us));
                 }
             }
             Duration::from_micros(max_us)
@@ -142,10 +166,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn buckets_tile_the_microseconds_eight_per_power_of_two() {
+        let mut last = 0;
+        for us in 0..1 << 20u64 {
+            let b = bucket_of(us);
+            assert!(
+                b == last || b == last + 1,
+                "{us} us: bucket {b} after {last}"
+            );
+            assert!(us < upper_bound_us(b), "{us} us in bucket {b}");
+            if b > 0 {
+                assert!(us >= upper_bound_us(b - 1), "{us} us in bucket {b}");
+            }
+            last = b;
+        }
+        // Within 12.5 %: [1024, 1152) is one bucket.
+        assert_eq!(bucket_of(1024), bucket_of(1151));
+        assert_ne!(bucket_of(1151), bucket_of(1152));
+        assert_eq!(upper_bound_us(bucket_of(1024)), 1152);
+        assert_eq!(bucket_of(u64::MAX), BUCKETS - 1);
+    }
+
+    #[test]
     fn quantiles_are_bucket_upper_bounds_capped_by_max() {
         let h = FaultLatency::default();
         assert_eq!(h.snapshot().p99, Duration::ZERO);
-        // 98 waits of 50 us (bucket [32, 64)), one of 700 us, one of 3 ms.
+        // 98 waits of 50 us (bucket [48, 52)), one of 700 us, one of 3 ms.
         for _ in 0..98 {
             h.record(Duration::from_micros(50));
         }
@@ -153,15 +199,16 @@ mod tests {
         h.record(Duration::from_millis(3));
         let s = h.snapshot();
         assert_eq!(s.count, 100);
-        assert_eq!(s.p50, Duration::from_micros(64));
-        assert_eq!(s.p99, Duration::from_micros(1024));
+        assert_eq!(s.p50, Duration::from_micros(52));
+        // 700 us lies in [640, 704).
+        assert_eq!(s.p99, Duration::from_micros(704));
         assert_eq!(s.max, Duration::from_micros(3000));
         assert_eq!(s.total, Duration::from_micros(98 * 50 + 700 + 3000));
-        assert_eq!(s.buckets[6], 98);
+        assert_eq!(s.buckets[bucket_of(50)], 98);
 
         let one = FaultLatency::default();
         one.record(Duration::from_micros(5));
-        // Bucket [4, 8), capped by the max.
+        // Bucket [5, 6), capped by the max.
         assert_eq!(one.snapshot().p50, Duration::from_micros(5));
         one.record(Duration::from_nanos(300));
         assert_eq!(one.snapshot().buckets[0], 1);

@@ -168,7 +168,7 @@ pub(super) struct PushOrder {
 /// The share of precopy's measured rate the push keeps to when no bandwidth is configured:
 /// a push at the link's full rate fills the link's queue, and every requested page (on the
 /// urgent channel, through the same link) would wait behind it.
-const PUSH_HEADROOM: f64 = 0.9;
+const PUSH_HEADROOM: f64 = 0.95;
 
 /// Pages per packet of a push paced to the measured rate: what a channel writes at once
 /// queues on the link at once, so a requested page waits behind at most this much (128 KiB,

@@ -106,7 +106,7 @@ pub(super) fn run(
             .urgent
             .map(|stream| start_urgent(&rt, &shared, stream, urgent_ready, &c.accept, &events_tx));
         let rp = (events_tx.clone(), &shared.credits);
-        rt.spawn("return", move || {
+        rt.spawn_favoured("return", move || {
             return_path::run(return_stream, rp.0, rp.1, urgent)
         });
         let dispatch = start_channels(&rt, &shared, c.data, &c.accept, &events_tx);
@@ -283,7 +283,7 @@ fn start_urgent<'scope>(
     let (tx, rx) = crossbeam_channel::unbounded();
     let index = shared.config.channels;
     let sender = channel_sender(rt, shared, stream, index, rx, ready, accept, events);
-    rt.spawn("urgent", move || sender.run());
+    rt.spawn_favoured("urgent", move || sender.run());
     return_path::Urgent {
         queue: tx,
         round: &shared.postcopy.round,

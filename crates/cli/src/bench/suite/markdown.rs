@@ -441,7 +441,7 @@ fn postcopy(md: &mut String, d: &Doc) {
          row: no --postcopy, auto-converge on (livemig's default). Postcopy ms = from the \
          switch until the destination had every page (source's report); pages requested = \
          pages the destination asked for (the source's count); fault waits = from the fault read to its \
-         page installed (log2 buckets' upper bounds, capped at the max). Throttled = the time \
+         page installed (upper bounds of buckets an eighth of a power of two wide, at most 12.5 % high, capped at the max). Throttled = the time \
          of the rounds auto-converge ran throttled, and its highest throttle.\n",
         size_label(memory),
         d.how.guest,
