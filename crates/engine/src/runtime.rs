@@ -348,6 +348,19 @@ pub fn thread_count_named(prefix: &str) -> usize {
         .count()
 }
 
+/// Nice value of the threads on postcopy's request path.
+const FAVOURED_NICE: libc::c_int = -10;
+
+/// Raises the calling thread's priority to [`FAVOURED_NICE`]. Best effort: without
+/// `CAP_SYS_NICE` (and a low enough `RLIMIT_NICE`) the thread keeps its priority.
+fn favour_current_thread() {
+    // SAFETY: gettid has no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority on PRIO_PROCESS with this thread's own id changes only this
+    // thread's nice value; it takes no pointers.
+    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, FAVOURED_NICE) };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -547,17 +560,4 @@ mod tests {
         assert!(seen_alive.iter().all(|&n| n >= 4), "{seen_alive:?}");
         assert_eq!(settle_named("tcnt"), 0);
     }
-}
-
-/// Nice value of the threads on postcopy's request path.
-const FAVOURED_NICE: libc::c_int = -10;
-
-/// Raises the calling thread's priority to [`FAVOURED_NICE`]. Best effort: without
-/// `CAP_SYS_NICE` (and a low enough `RLIMIT_NICE`) the thread keeps its priority.
-fn favour_current_thread() {
-    // SAFETY: gettid has no arguments and cannot fail.
-    let tid = unsafe { libc::gettid() };
-    // SAFETY: setpriority on PRIO_PROCESS with this thread's own id changes only this
-    // thread's nice value; it takes no pointers.
-    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, FAVOURED_NICE) };
 }
