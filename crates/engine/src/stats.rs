@@ -19,6 +19,8 @@ pub struct Counters {
     pub device_bytes: AtomicU64,
     /// Bytes of RamPages frames (headers included): what a round's rate is measured on.
     pub ram_bytes: AtomicU64,
+    /// Postcopy: pages the destination asked for (across resumed sessions).
+    pub postcopy_requests: AtomicU64,
 }
 
 /// A handle on a migration's counters. Clones share them; the source resets them when an
@@ -40,6 +42,8 @@ pub struct StatsSnapshot {
     pub device_bytes: u64,
     /// Bytes of RamPages frames, headers included.
     pub ram_bytes: u64,
+    /// Postcopy: pages the destination asked for.
+    pub postcopy_requests: u64,
 }
 
 impl LiveStats {
@@ -61,6 +65,7 @@ impl LiveStats {
             &c.zero_pages,
             &c.device_bytes,
             &c.ram_bytes,
+            &c.postcopy_requests,
         ] {
             a.store(0, Relaxed);
         }
@@ -75,6 +80,7 @@ impl LiveStats {
             zero_pages: c.zero_pages.load(Relaxed),
             device_bytes: c.device_bytes.load(Relaxed),
             ram_bytes: c.ram_bytes.load(Relaxed),
+            postcopy_requests: c.postcopy_requests.load(Relaxed),
         }
     }
 }

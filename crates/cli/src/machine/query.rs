@@ -180,12 +180,7 @@ impl Outgoing {
                 0,
             ),
         };
-        // The source's count of requests is known once the migration ends.
-        let requests = self
-            .report
-            .as_ref()
-            .and_then(|r| r.postcopy.as_ref())
-            .map_or(0, |p| p.requested);
+        let requests = s.postcopy_requests;
         json!({
                 "transferred": s.ram_bytes,
                 "remaining": remaining_pages * page,

@@ -145,7 +145,7 @@ impl Coordinator<'_> {
         }
         self.parts.postcopy = Some(crate::report::PostcopyReport {
             pages: pending,
-            requested: self.postcopy.requested.load(Relaxed),
+            requested: self.counters.postcopy_requests.load(Relaxed),
             dest_requested: c.requested,
             blocked_ms: c.blocked_us as f64 / 1e3,
             ms: self.parts.postcopy_started.map_or(0.0, |t| ms(t.elapsed())),

@@ -30,8 +30,6 @@ pub(super) struct ResumePoint {
     pub rounds: Vec<RoundReport>,
     /// The round number postcopy pages carry.
     pub round: u32,
-    /// Pages the destination asked for so far.
-    pub requested: u64,
 }
 
 /// Pause between two attempts to reconnect by ourselves.

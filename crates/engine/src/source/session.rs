@@ -30,7 +30,7 @@ use crate::stats::Counters;
 use crate::transport::Stream;
 use crossbeam_channel::Sender;
 use livemig_wire::{DeviceTransfer, PostcopyStart, Reject, RejectCode};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::time::Duration;
 
 /// What every thread of the session shares.
@@ -49,8 +49,6 @@ struct Shared<'a> {
 pub(super) struct PostcopyShared {
     /// The round number postcopy pages carry (set at the switch).
     pub round: AtomicU32,
-    /// Pages the destination asked for.
-    pub requested: AtomicU64,
 }
 
 /// Where a session starts.
@@ -87,7 +85,6 @@ pub(super) fn run(
             Start::Fresh => PostcopyShared::default(),
             Start::Resume(point, _) => PostcopyShared {
                 round: AtomicU32::new(point.round),
-                requested: AtomicU64::new(point.requested),
             },
         },
     };
@@ -187,7 +184,6 @@ fn finish(
                 parts,
                 rounds: precopy.rounds,
                 round: shared.postcopy.round.load(Relaxed),
-                requested: shared.postcopy.requested.load(Relaxed),
             }));
         }
         Err(e) => {
@@ -287,7 +283,7 @@ fn start_urgent<'scope>(
     return_path::Urgent {
         queue: tx,
         round: &shared.postcopy.round,
-        requested: &shared.postcopy.requested,
+        requested: &shared.counters.postcopy_requests,
     }
 }
 
