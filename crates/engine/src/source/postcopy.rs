@@ -152,7 +152,7 @@ pub(super) fn push(
         },
         recv(cancel.waiter()) -> _ => return,
     };
-    let rate = config.max_postcopy_bandwidth.or(config.max_bandwidth);
+    let rate = config.max_postcopy_bandwidth.or(config.max_bandwidth_now());
     let start = Instant::now();
     let mut sent = 0u64;
     for batch in addrs.chunks(config.pages_per_packet as usize) {
