@@ -2,7 +2,7 @@
 //! (livemig's own parameters carry the `x-` prefix QAPI uses for extensions).
 
 use livemig_engine::config::PostcopyPolicy;
-use livemig_engine::MigrationConfig;
+use livemig_engine::{LiveParams, MigrationConfig};
 use livemig_qmp::{Args, QmpError};
 use livemig_wire::{DeviceTransfer, MAX_CHANNELS, MAX_CHUNK_SIZE};
 use serde_json::{json, Value};
@@ -118,6 +118,9 @@ pub struct Parameters {
     pub zstd_level: u64,
     /// Each page carries its CRC32C.
     pub page_checksums: bool,
+    /// The live handle every migration started from these parameters shares: it mirrors
+    /// `downtime-limit` and `max-bandwidth`, so setting them reaches a migration under way.
+    live: LiveParams,
 }
 
 impl Default for Parameters {
@@ -136,6 +139,7 @@ impl Default for Parameters {
             zstd: d.compress.is_some(),
             zstd_level: 1,
             page_checksums: d.page_checksums,
+            live: LiveParams::new(),
         }
     }
 }
@@ -155,6 +159,11 @@ pub const NAMES: &[&str] = &[
     "multifd-zstd-level",
     "x-page-checksums",
 ];
+
+/// The parameters a migration under way takes (QEMU takes them live too; libvirt's
+/// `migrate-setmaxdowntime` and `migrate-setspeed` set them when a migration does not
+/// converge). The rest are refused while a migration runs.
+pub const LIVE: &[&str] = &["downtime-limit", "max-bandwidth"];
 
 /// QEMU's bound on `multifd-zstd-level`.
 const MAX_ZSTD_LEVEL: u64 = 20;
@@ -196,7 +205,32 @@ impl Parameters {
         next.set_timeouts(&a)?;
         next.set_compression(&a)?;
         *self = next;
+        self.publish();
         Ok(())
+    }
+
+    /// `migrate-set-parameters` while a migration may run (`running`): then only [`LIVE`]
+    /// parameters are taken (with QEMU's refusal for the rest), and they reach the
+    /// migration under way within one round.
+    pub fn set_while(
+        &mut self,
+        args: &serde_json::Map<String, Value>,
+        running: bool,
+    ) -> Result<(), QmpError> {
+        if running && args.keys().any(|k| !LIVE.contains(&k.as_str())) {
+            // Unknown names get their own error first, as when nothing runs.
+            Args::new(args, NAMES)?;
+            return Err(super::busy());
+        }
+        self.set(args)
+    }
+
+    /// The live values into the handle migrations share (only once a set is whole).
+    fn publish(&self) {
+        self.live
+            .set_downtime_limit(Duration::from_millis(self.downtime_limit_ms));
+        self.live
+            .set_max_bandwidth(std::num::NonZeroU64::new(self.max_bandwidth));
     }
 
     /// The channels, downtime limit and bandwidth of `a`.
@@ -317,6 +351,7 @@ impl Parameters {
             },
             downtime_limit: Duration::from_millis(self.downtime_limit_ms),
             max_bandwidth: (self.max_bandwidth > 0).then_some(self.max_bandwidth),
+            live: self.live.clone(),
             chunk_size: self.chunk_size,
             credit_window: self.credit_window,
             buffer_cap: self.buffer_cap,
@@ -468,5 +503,39 @@ mod tests {
                 "postcopy-blocktime"
             ]
         );
+    }
+    #[test]
+    fn downtime_limit_and_bandwidth_reach_a_migration_under_way_and_nothing_else_does() {
+        let mut p = Parameters::default();
+        let c = p.migration_config(&Capabilities::default());
+        let set = |p: &mut Parameters, v: Value| p.set_while(v.as_object().unwrap(), true);
+        set(
+            &mut p,
+            json!({"downtime-limit": 1000, "max-bandwidth": 1 << 20}),
+        )
+        .unwrap();
+        assert_eq!(c.downtime_limit_now(), Duration::from_millis(1000));
+        assert_eq!(c.max_bandwidth_now(), Some(1 << 20));
+        assert_eq!(p.query()["downtime-limit"], 1000);
+        set(&mut p, json!({"max-bandwidth": 0})).unwrap();
+        assert_eq!(c.max_bandwidth_now(), None, "0 lifts the cap");
+        let e = set(&mut p, json!({"downtime-limit": 50, "multifd-channels": 2})).unwrap_err();
+        assert_eq!(e.desc, "There's a migration process in progress");
+        assert_eq!(
+            c.downtime_limit_now(),
+            Duration::from_millis(1000),
+            "nothing applied"
+        );
+        let e = set(&mut p, json!({"downtime-limit": 50, "nonsense": 2})).unwrap_err();
+        assert!(e.desc.contains("'nonsense'"), "{e}");
+        let e = set(&mut p, json!({"downtime-limit": 3_000_000})).unwrap_err();
+        assert!(e.desc.contains("downtime-limit"), "{e}");
+        assert_eq!(
+            c.downtime_limit_now(),
+            Duration::from_millis(1000),
+            "nothing applied"
+        );
+        p.set_while(json!({"multifd-channels": 2}).as_object().unwrap(), false)
+            .unwrap();
     }
 }
