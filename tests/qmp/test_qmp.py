@@ -354,8 +354,12 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         with self.assertRaises(ExecuteError) as e:
             await src.cmd("migrate", {"uri": uri})
         self.assertIn("in progress", str(e.exception))
-        with self.assertRaises(ExecuteError):
-            await src.cmd("migrate-set-parameters", {"downtime-limit": 10})
+        # Mid-migration only downtime-limit and max-bandwidth are taken (as QEMU takes them).
+        with self.assertRaises(ExecuteError) as e:
+            await src.cmd("migrate-set-parameters", {"multifd-channels": 2})
+        self.assertIn("migration process in progress", str(e.exception))
+        await src.cmd("migrate-set-parameters", {"downtime-limit": 250})
+        self.assertEqual((await src.cmd("query-migrate-parameters"))["downtime-limit"], 250)
         await src.cmd("migrate_cancel")
         self.assertEqual((await src.wait_migration())["status"], "cancelled")
         await self.assert_source_intact(src)
@@ -363,8 +367,9 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(await dst.status(), "inmigrate", "no partial guest runs")
         self.assertEqual(await dst.threads_settle(), [])
 
-        # 2. Switchover: the guest is paused while the device's final state is read.
-        await src.cmd("migrate-set-parameters", {"max-bandwidth": 0})
+        # 2. Switchover: the guest is paused while the device's final state is read (a limit
+        # the device fits: the switchover counts its read time).
+        await src.cmd("migrate-set-parameters", {"max-bandwidth": 0, "downtime-limit": 10000})
         uri = self.uri("c2")
         await dst.cmd("migrate-incoming", {"uri": uri})
         with src.qmp.listener(("STOP", "RESUME")) as ev:

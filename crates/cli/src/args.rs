@@ -55,7 +55,8 @@ pub struct MigrationArgs {
     /// Data channels (1 to 64).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub channels: u16,
-    /// Switch over once the rest would move within this many milliseconds.
+    /// Switch over once the rest would move within this many milliseconds: the RAM left and
+    /// the devices' final state (at their read rates, over the measured channel rate).
     #[arg(long, default_value_t = 300)]
     pub downtime_limit_ms: u64,
     /// Cap on the data channels' rate, bytes per second (e.g. 500M); none by default.
