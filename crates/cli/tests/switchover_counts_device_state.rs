@@ -104,6 +104,45 @@ fn a_limit_the_devices_fit_completes_and_the_report_says_what_was_expected() {
     assert!(dest.wait_exit().success());
 }
 
+#[test]
+fn the_available_switchover_bandwidth_stands_for_the_measured_rate() {
+    let (mut dest, addr) = Proc::incoming(&[]);
+    // Devices read as fast as they are taken: only the bandwidth bounds them, and at the
+    // 1 MiB/s the switchover is told it has, 64 MiB take a minute.
+    let options = [
+        "--memory=64M",
+        "--device=vfio-sim,size=16M",
+        "--device=vfio-sim,size=16M",
+        "--device=vfio-sim,size=16M",
+        "--device=vfio-sim,size=16M",
+        "--avail-switchover-bandwidth=1M",
+        "--downtime-limit-ms=1000",
+        "--on-no-convergence=cancel",
+        "--max-rounds=2",
+    ];
+    let mut src = synthetic_source(&addr, &options, &[]);
+    let seen = events_until(&mut src, &["attempt_failed"]);
+    let round = seen.iter().find(|e| e["event"] == "round_done").unwrap();
+    assert_eq!(round["device_read_ms"], 0.0, "unpaced devices: {round:#}");
+    assert_eq!(
+        round["channel_bytes_per_s"],
+        (1u64 << 20) as f64,
+        "{round:#}"
+    );
+    assert!(
+        round["expected_downtime_ms"].as_f64().unwrap() >= 64e3,
+        "{round:#}"
+    );
+    let failed = seen.last().unwrap();
+    assert!(failed["error"]
+        .as_str()
+        .unwrap()
+        .contains("did not converge"));
+    assert_eq!(failed["devices_intact"], true, "{failed:#}");
+    src.expect_event("failed");
+    let _ = dest.wait_for(&["failed", "received"]);
+}
+
 fn connect(path: &Path) -> Client {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

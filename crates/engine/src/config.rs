@@ -65,10 +65,17 @@ pub struct MigrationConfig {
     /// Cap on the bytes per second of guest RAM the data channels send, if any (device state
     /// is not paced). `Some(0)` is invalid. Default `None`: no cap.
     pub max_bandwidth: Option<u64>,
-    /// Live overrides of [`Self::downtime_limit`] and [`Self::max_bandwidth`], settable
-    /// from any thread while the migration runs (QMP's `migrate-set-parameters`); read at
-    /// the end of every round and before every batch of pages. Clones share it. Default:
-    /// nothing set.
+    /// The bandwidth, bytes per second, the switchover can count on (QEMU's
+    /// `avail-switchover-bandwidth`): when set, the expected downtime takes it in place of
+    /// the rates precopy measured (for the RAM's rest and the devices' bytes alike), e.g.
+    /// when precopy is capped by [`Self::max_bandwidth`] but the switchover is not, or
+    /// shares the link with other traffic. Only the estimate changes, not the pacing.
+    /// `Some(0)` is invalid. Default `None`: the measured rates.
+    pub avail_switchover_bandwidth: Option<u64>,
+    /// Live overrides of [`Self::downtime_limit`], [`Self::max_bandwidth`] and
+    /// [`Self::avail_switchover_bandwidth`], settable from any thread while the migration
+    /// runs (QMP's `migrate-set-parameters`); read at the end of every round and before every
+    /// batch of pages. Clones share it. Default: nothing set.
     pub live: LiveParams,
     /// Switch over after this many precopy rounds (round 0 included) even if not
     /// converged, or fail, as [`Self::on_no_convergence`] says. Default 30.
@@ -168,6 +175,7 @@ impl Default for MigrationConfig {
             channels: 4,
             downtime_limit: Duration::from_millis(300),
             max_bandwidth: None,
+            avail_switchover_bandwidth: None,
             live: LiveParams::new(),
             max_rounds: 30,
             max_precopy_time: Duration::from_secs(120),
@@ -204,6 +212,14 @@ impl MigrationConfig {
     /// The bandwidth cap in force: [`Self::live`]'s if set, else [`Self::max_bandwidth`].
     pub fn max_bandwidth_now(&self) -> Option<u64> {
         self.live.max_bandwidth().unwrap_or(self.max_bandwidth)
+    }
+
+    /// The switchover bandwidth in force: [`Self::live`]'s if set, else
+    /// [`Self::avail_switchover_bandwidth`].
+    pub fn avail_switchover_bandwidth_now(&self) -> Option<u64> {
+        self.live
+            .switchover_bandwidth()
+            .unwrap_or(self.avail_switchover_bandwidth)
     }
 
     /// Checks every field against its range (channels, pages per packet, chunk size, peer
@@ -268,6 +284,11 @@ impl MigrationConfig {
         if self.max_postcopy_bandwidth == Some(0) {
             return Err(MigrationError::Config(
                 "max postcopy bandwidth 0 would never finish; leave it unset for no cap".into(),
+            ));
+        }
+        if self.avail_switchover_bandwidth == Some(0) {
+            return Err(MigrationError::Config(
+                "available switchover bandwidth 0: leave it unset to use the measured rate".into(),
             ));
         }
         if self.max_bandwidth == Some(0) {

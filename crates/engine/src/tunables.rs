@@ -1,5 +1,6 @@
-//! Parameters an operator may change while a migration runs: the downtime limit and the
-//! bandwidth cap (QEMU takes `downtime-limit` and `max-bandwidth` live, and libvirt's
+//! Parameters an operator may change while a migration runs: the downtime limit, the
+//! bandwidth cap and the bandwidth the switchover may count on (QEMU takes `downtime-limit`,
+//! `max-bandwidth` and `avail-switchover-bandwidth` live, and libvirt's
 //! `migrate-setmaxdowntime` and `migrate-setspeed` rely on it when a migration does not
 //! converge).
 //!
@@ -31,6 +32,8 @@ struct Slots {
     downtime_limit_us: AtomicU64,
     /// Bytes per second, [`NO_CAP`], or [`UNSET`].
     max_bandwidth: AtomicU64,
+    /// Bytes per second, [`NO_CAP`] (measure it), or [`UNSET`].
+    switchover_bandwidth: AtomicU64,
 }
 
 impl Default for Slots {
@@ -38,6 +41,7 @@ impl Default for Slots {
         Slots {
             downtime_limit_us: AtomicU64::new(UNSET),
             max_bandwidth: AtomicU64::new(UNSET),
+            switchover_bandwidth: AtomicU64::new(UNSET),
         }
     }
 }
@@ -63,6 +67,22 @@ impl LiveParams {
     pub fn set_max_bandwidth(&self, cap: Option<NonZeroU64>) {
         let v = cap.map_or(NO_CAP, |c| c.get().min(UNSET - 1));
         self.0.max_bandwidth.store(v, Relaxed);
+    }
+
+    /// From now on the expected downtime counts on `bw` bytes per second at the switchover
+    /// in place of the measured rates, or on the measured rates again (`None`).
+    pub fn set_switchover_bandwidth(&self, bw: Option<NonZeroU64>) {
+        let v = bw.map_or(NO_CAP, |c| c.get().min(UNSET - 1));
+        self.0.switchover_bandwidth.store(v, Relaxed);
+    }
+
+    /// The switchover bandwidth set here, if any: `Some(None)` is "set to measure it".
+    pub fn switchover_bandwidth(&self) -> Option<Option<u64>> {
+        match self.0.switchover_bandwidth.load(Relaxed) {
+            UNSET => None,
+            NO_CAP => Some(None),
+            b => Some(Some(b)),
+        }
     }
 
     /// The downtime limit set here, if any.
@@ -98,6 +118,9 @@ mod tests {
         assert_eq!(a.max_bandwidth(), Some(Some(5 << 20)));
         b.set_max_bandwidth(None);
         assert_eq!(a.max_bandwidth(), Some(None), "set to no cap, not unset");
+        assert_eq!(a.switchover_bandwidth(), None);
+        b.set_switchover_bandwidth(NonZeroU64::new(1 << 30));
+        assert_eq!(a.switchover_bandwidth(), Some(Some(1 << 30)));
         b.set_downtime_limit(Duration::MAX);
         assert!(a.downtime_limit().is_some(), "a huge limit stays set");
     }

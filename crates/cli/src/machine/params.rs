@@ -104,6 +104,8 @@ pub struct Parameters {
     pub downtime_limit_ms: u64,
     /// Bytes per second; 0: no cap.
     pub max_bandwidth: u64,
+    /// Bytes per second the switchover may count on; 0: the measured rates.
+    pub avail_switchover_bandwidth: u64,
     pub chunk_size: u32,
     pub credit_window: u32,
     pub buffer_cap: u64,
@@ -130,6 +132,7 @@ impl Default for Parameters {
             multifd_channels: d.channels,
             downtime_limit_ms: d.downtime_limit.as_millis() as u64,
             max_bandwidth: d.max_bandwidth.unwrap_or(0),
+            avail_switchover_bandwidth: d.avail_switchover_bandwidth.unwrap_or(0),
             chunk_size: d.chunk_size,
             credit_window: d.credit_window,
             buffer_cap: d.buffer_cap,
@@ -149,6 +152,7 @@ pub const NAMES: &[&str] = &[
     "multifd-channels",
     "downtime-limit",
     "max-bandwidth",
+    "avail-switchover-bandwidth",
     "x-device-chunk-size",
     "x-credit-window",
     "x-buffer-cap",
@@ -161,9 +165,13 @@ pub const NAMES: &[&str] = &[
 ];
 
 /// The parameters a migration under way takes (QEMU takes them live too; libvirt's
-/// `migrate-setmaxdowntime` and `migrate-setspeed` set them when a migration does not
-/// converge). The rest are refused while a migration runs.
-pub const LIVE: &[&str] = &["downtime-limit", "max-bandwidth"];
+/// `migrate-setmaxdowntime` and `migrate-setspeed` set the first two when a migration does
+/// not converge). The rest are refused while a migration runs.
+pub const LIVE: &[&str] = &[
+    "downtime-limit",
+    "max-bandwidth",
+    "avail-switchover-bandwidth",
+];
 
 /// QEMU's bound on `multifd-zstd-level`.
 const MAX_ZSTD_LEVEL: u64 = 20;
@@ -181,6 +189,7 @@ impl Parameters {
             "multifd-channels": self.multifd_channels,
             "downtime-limit": self.downtime_limit_ms,
             "max-bandwidth": self.max_bandwidth,
+            "avail-switchover-bandwidth": self.avail_switchover_bandwidth,
             "x-device-chunk-size": self.chunk_size,
             "x-credit-window": self.credit_window,
             "x-buffer-cap": self.buffer_cap,
@@ -231,6 +240,8 @@ impl Parameters {
             .set_downtime_limit(Duration::from_millis(self.downtime_limit_ms));
         self.live
             .set_max_bandwidth(std::num::NonZeroU64::new(self.max_bandwidth));
+        self.live
+            .set_switchover_bandwidth(std::num::NonZeroU64::new(self.avail_switchover_bandwidth));
     }
 
     /// The channels, downtime limit and bandwidth of `a`.
@@ -255,6 +266,9 @@ impl Parameters {
         }
         if let Some(b) = a.opt_u64("max-bandwidth")? {
             self.max_bandwidth = b;
+        }
+        if let Some(b) = a.opt_u64("avail-switchover-bandwidth")? {
+            self.avail_switchover_bandwidth = b;
         }
         Ok(())
     }
@@ -351,6 +365,8 @@ impl Parameters {
             },
             downtime_limit: Duration::from_millis(self.downtime_limit_ms),
             max_bandwidth: (self.max_bandwidth > 0).then_some(self.max_bandwidth),
+            avail_switchover_bandwidth: (self.avail_switchover_bandwidth > 0)
+                .then_some(self.avail_switchover_bandwidth),
             live: self.live.clone(),
             chunk_size: self.chunk_size,
             credit_window: self.credit_window,
@@ -519,6 +535,10 @@ mod tests {
         assert_eq!(p.query()["downtime-limit"], 1000);
         set(&mut p, json!({"max-bandwidth": 0})).unwrap();
         assert_eq!(c.max_bandwidth_now(), None, "0 lifts the cap");
+        assert_eq!(c.avail_switchover_bandwidth_now(), None);
+        set(&mut p, json!({"avail-switchover-bandwidth": 1 << 30})).unwrap();
+        assert_eq!(c.avail_switchover_bandwidth_now(), Some(1 << 30));
+        assert_eq!(p.query()["avail-switchover-bandwidth"], 1 << 30);
         let e = set(&mut p, json!({"downtime-limit": 50, "multifd-channels": 2})).unwrap_err();
         assert_eq!(e.desc, "There's a migration process in progress");
         assert_eq!(

@@ -29,6 +29,9 @@
 //! few ms), the destination's loading when it is slower than the reading, and a link that
 //! slows down when the devices' bytes come on top of the RAM's.
 //!
+//! With [`crate::MigrationConfig::avail_switchover_bandwidth`] set (QEMU's
+//! `avail-switchover-bandwidth`), that rate stands for both measured rates.
+//!
 //! Devices that cannot say ([`crate::Device::pending`] is `None`) count for nothing.
 
 use crate::device::{Device, SavePending};
@@ -129,10 +132,20 @@ impl ChannelRate {
 }
 
 /// Fills in `r`'s expected downtime (and its parts) for the RAM left (`r.dirty_after`
-/// pages at `r.bytes_per_s`), the devices' `dev` and the channels' `channel_rate`.
-pub(super) fn estimate(r: &mut RoundReport, dev: DeviceOutlook, channel_rate: f64) {
+/// pages at `r.bytes_per_s`), the devices' `dev` and the channels' `channel_rate`; with
+/// `switchover_bw` (QEMU's `avail-switchover-bandwidth`), at that rate instead of both.
+pub(super) fn estimate(
+    r: &mut RoundReport,
+    dev: DeviceOutlook,
+    channel_rate: f64,
+    switchover_bw: Option<u64>,
+) {
     let ram_bytes = (r.dirty_after * livemig_wire::PAGE_SIZE as u64) as f64;
-    r.ram_expected_ms = 1e3 * ram_bytes / r.bytes_per_s.max(1.0);
+    let (ram_rate, channel_rate) = match switchover_bw {
+        Some(bw) => (bw as f64, bw as f64),
+        None => (r.bytes_per_s, channel_rate),
+    };
+    r.ram_expected_ms = 1e3 * ram_bytes / ram_rate.max(1.0);
     r.device_final_bytes = dev.final_bytes;
     r.device_read_ms = dev.read_ms;
     r.channel_bytes_per_s = channel_rate;
@@ -278,19 +291,23 @@ mod tests {
         // No device reports: the RAM's figure alone, as before devices were counted.
         let mut r = round(1000, 25_000, 0.0);
         r.bytes_per_s = 1e9;
-        estimate(&mut r, DeviceOutlook::default(), gbps);
+        estimate(&mut r, DeviceOutlook::default(), gbps, None);
         assert!((r.expected_downtime_ms - 102.4).abs() < 0.01, "{r:?}");
         assert_eq!(r.ram_expected_ms, r.expected_downtime_ms);
         // Four devices of 256 MiB at 500 MiB/s: their reading, 512 ms.
         let four = DeviceOutlook::from_pending(&[dev(256 * MIB, Some(500 * MIB)); 4], false);
-        estimate(&mut r, four, 4e9);
+        estimate(&mut r, four, 4e9, None);
         assert!((r.expected_downtime_ms - 512.0).abs() < 0.01, "{r:?}");
         assert!(device_bound(&r, 300.0));
         assert!(!device_bound(&r, 600.0));
         // Over a slow link the bytes on the wire are the downtime: 1 GiB + 100 MiB at 1 GB/s.
-        estimate(&mut r, four, gbps);
+        estimate(&mut r, four, gbps, None);
         let wire = 1e3 * (25_000 * 4096 + 1024 * MIB) as f64 / gbps;
         assert!((r.expected_downtime_ms - wire).abs() < 0.01, "{r:?}");
+        // A switchover bandwidth given replaces both measured rates.
+        estimate(&mut r, four, 4e9, Some(1_000_000_000));
+        assert!((r.expected_downtime_ms - wire).abs() < 0.01, "{r:?}");
+        assert!((r.ram_expected_ms - 102.4).abs() < 0.01, "{r:?}");
     }
 
     #[test]

@@ -157,7 +157,8 @@ impl Coordinator<'_> {
         report.dirty_after = p.dirty.count();
         let serial = self.config.device_transfer == DeviceTransfer::Main;
         let devices = DeviceOutlook::of(self.vm.devices, serial);
-        estimate(&mut report, devices, p.channel.now());
+        let switchover_bw = self.config.avail_switchover_bandwidth_now();
+        estimate(&mut report, devices, p.channel.now(), switchover_bw);
         report.downtime_limit_ms = ms(self.config.downtime_limit_now());
         (self.progress)(&Progress::RoundDone(report.clone()));
         self.after_round(report, t0)
