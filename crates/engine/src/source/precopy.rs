@@ -170,9 +170,14 @@ impl Coordinator<'_> {
         let p = &mut self.precopy;
         let limit_ms = report.downtime_limit_ms;
         let converged = switch_now(&report, limit_ms, &mut p.polish);
-        let next_throttle = p.converge.after_round(&report);
-        let expected_downtime_ms = report.expected_downtime_ms;
         let wait_for_devices = device_bound(&report, limit_ms);
+        // Throttling the guest takes nothing off the devices' part: only the RAM's rounds
+        // count for auto-converge.
+        let next_throttle = match wait_for_devices {
+            true => None,
+            false => p.converge.after_round(&report),
+        };
+        let expected_downtime_ms = report.expected_downtime_ms;
         p.rounds.push(report);
         p.round += 1;
         if converged {
