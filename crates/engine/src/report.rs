@@ -51,8 +51,8 @@ pub struct RoundReport {
     #[serde(default)]
     pub device_read_ms: f64,
     /// The rate of the channels the devices' bytes are expected to go at, bytes per second:
-    /// every byte the data channels sent (RAM and device precopy data) over the round's
-    /// time, from the latest round that moved enough to measure a link (16 MiB).
+    /// every byte the data channels sent (RAM and device precopy data) over a round's time,
+    /// the best of the latest 8 rounds that moved at least 4 MiB.
     #[serde(default)]
     pub channel_bytes_per_s: f64,
     /// The downtime limit in force when this round ended, milliseconds (it may be changed
