@@ -25,8 +25,11 @@
 //!
 //! What this leaves out, and the bench measures (`bench --mode devices`, expected against
 //! actual): the fixed costs of a switchover (pause, resume, the handover's round trip, a
-//! few ms), the destination's loading when it is slower than the reading, and a link that
-//! slows down when the devices' bytes come on top of the RAM's.
+//! few ms), the destination's loading when it is slower than the reading, and the CPU the
+//! switchover will get: a device's bytes cost more per byte than RAM pages (read into a
+//! buffer, copied, checked on arrival), so when other work takes the cores the devices'
+//! path slows down while the rate measured on RAM does not say so (the bench saw actual
+//! downtimes up to twice the estimate on a loaded 2-core host, within 20 % on a quiet one).
 //!
 //! With [`crate::MigrationConfig::avail_switchover_bandwidth`] set (QEMU's
 //! `avail-switchover-bandwidth`), that rate stands for both measured rates.
