@@ -4,7 +4,7 @@ use crate::child_args::{self, value_enum, ToArgs};
 use crate::guest::GuestChoice;
 use clap::Args;
 use livemig_engine::config::NoConvergence;
-use livemig_engine::MigrationConfig;
+use livemig_engine::{MigrationConfig, SourceRecovery};
 use livemig_vmm::devices::DeviceSpec;
 use livemig_vmm::memory::Backing;
 use livemig_vmm::synthetic::{SyntheticConfig, Workload};
@@ -96,6 +96,12 @@ pub struct MigrationArgs {
     /// (requested pages are never paced); --max-bandwidth by default.
     #[arg(long, requires = "postcopy", value_parser = parse_size)]
     pub max_postcopy_bandwidth: Option<u64>,
+    /// Milliseconds a postcopy broken by a lost link waits to be resumed: the source
+    /// reconnects to the same address again and again, the destination (whose guest runs on
+    /// what it has) waits on its listener for the source's resume. Past it the source keeps
+    /// its copy paused and fails, the destination drops its half. 0: no recovery.
+    #[arg(long, default_value_t = 60_000)]
+    pub postcopy_recover_timeout_ms: u64,
     /// Give every page sent its CRC32C, checked on arrival, so a page corrupted on the way is
     /// caught. Off by default: the transport is trusted (TCP's checksum, TLS's
     /// authentication), as QEMU does, which saves a pass over every page on each side.
@@ -195,6 +201,12 @@ impl MigrationArgs {
             postcopy: livemig_engine::config::PostcopyPolicy {
                 allowed: self.postcopy,
                 after_rounds: self.postcopy_after_rounds,
+            },
+            postcopy_recovery: match self.postcopy_recover_timeout_ms {
+                0 => SourceRecovery::Off,
+                ms => SourceRecovery::Reconnect {
+                    within: Duration::from_millis(ms),
+                },
             },
             device_transfer: match self.device_state_transfer {
                 TransferMode::Multifd => DeviceTransfer::Multifd,

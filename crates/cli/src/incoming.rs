@@ -8,7 +8,7 @@ use crate::procstat::CpuMark;
 use clap::Args;
 use livemig_engine::{
     migrate, receive_vm, Endpoint, Factories, Guest, Incoming, IncomingConfig, IncomingEvent,
-    Listener, Progress,
+    IncomingRecovery, Listener, Progress,
 };
 use livemig_vmm::devices::DeviceModels;
 use livemig_vmm::{memory, Factory};
@@ -136,6 +136,12 @@ fn incoming_config(a: &IncomingArgs) -> anyhow::Result<IncomingConfig> {
         peer_timeout: Duration::from_millis(a.onward.peer_timeout_ms),
         handshake_timeout: Duration::from_millis(a.handshake_timeout_ms),
         tls: a.onward.tls.config()?,
+        postcopy_recovery: match a.onward.postcopy_recover_timeout_ms {
+            0 => IncomingRecovery::Off,
+            ms => IncomingRecovery::SameListener {
+                within: Duration::from_millis(ms),
+            },
+        },
         test_hooks: crate::test_hooks()?.destination,
         ..IncomingConfig::default()
     };

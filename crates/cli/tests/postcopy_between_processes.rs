@@ -172,13 +172,19 @@ fn a_destination_killed_in_postcopy_leaves_the_source_paused_with_every_page() {
     let to = format!("--to={addr}");
     let mut args = vec!["migrate", "--json", to.as_str(), "--postcopy"];
     args.extend_from_slice(SYNTHETIC);
-    // A push paced to 2 MB/s: the postcopy phase lasts many seconds.
-    args.extend_from_slice(&["--postcopy-after-rounds=1", "--max-postcopy-bandwidth=2M"]);
+    // A push paced to 2 MB/s: the postcopy phase lasts many seconds. The source tries to
+    // resume for a second and a half (nobody listens any more), then gives up.
+    args.extend_from_slice(&[
+        "--postcopy-after-rounds=1",
+        "--max-postcopy-bandwidth=2M",
+        "--postcopy-recover-timeout-ms=1500",
+    ]);
     let mut src = Proc::spawn(&args);
     src.expect_event("switchover");
     std::thread::sleep(std::time::Duration::from_millis(500));
     dest.child.kill().unwrap();
     let _ = dest.child.wait();
+    src.expect_event("postcopy_paused");
     let failed = src.expect_event("failed");
     let e = failed["error"].as_str().unwrap_or_default();
     assert!(e.contains("postcopy broke"), "{e}");

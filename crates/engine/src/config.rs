@@ -97,6 +97,9 @@ pub struct MigrationConfig {
     /// Fired from outside (QMP's `migrate-start-postcopy`), switches a migration that may
     /// switch to postcopy at the end of the round under way.
     pub postcopy_trigger: PostcopyTrigger,
+    /// How a postcopy broken by a lost link is resumed ([`crate::recovery`]). Default:
+    /// reconnect to the same address for up to 60 s.
+    pub postcopy_recovery: crate::recovery::SourceRecovery,
     /// Throttle the guest's vCPUs progressively while rounds stop shrinking (QEMU's
     /// auto-converge): after two rounds in a row that each saw at least half as many pages
     /// dirtied as they sent, the throttle goes to [`THROTTLE_INITIAL`] (20%), and up by
@@ -183,6 +186,7 @@ impl Default for MigrationConfig {
             postcopy: PostcopyPolicy::default(),
             postcopy_trigger: PostcopyTrigger::default(),
             max_postcopy_bandwidth: None,
+            postcopy_recovery: Default::default(),
             auto_converge: true,
             pages_per_packet: DEFAULT_PAGES_PER_PACKET,
             connect_timeout: Duration::from_secs(10),
@@ -524,6 +528,9 @@ pub struct IncomingConfig {
     /// on the source). [`crate::receive_vm`] then fails with
     /// [`crate::IncomingError::Cancelled`].
     pub cancel: CancelToken,
+    /// How this side waits for the source to resume a postcopy broken by a lost link
+    /// ([`crate::recovery`]). Default: on the same listener, for up to 60 s.
+    pub postcopy_recovery: crate::recovery::IncomingRecovery,
     /// Fault injection for tests; empty without the `test-hooks` feature. Leave it at its
     /// default.
     pub test_hooks: TestHooks,
@@ -542,6 +549,7 @@ impl Default for IncomingConfig {
             peer_timeout: DEFAULT_PEER_TIMEOUT,
             tls: None,
             cancel: CancelToken::new(),
+            postcopy_recovery: Default::default(),
             test_hooks: TestHooks::default(),
         }
     }

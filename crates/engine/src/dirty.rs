@@ -73,6 +73,16 @@ impl DirtyBitmap {
         }
     }
 
+    /// Whether the page holding guest address `addr` is marked (false outside every range).
+    pub fn contains(&self, addr: u64) -> bool {
+        self.ranges.iter().zip(&self.words).any(|(r, w)| {
+            addr >= r.guest_addr && addr - r.guest_addr < r.size && {
+                let page = ((addr - r.guest_addr) / PAGE_SIZE as u64) as usize;
+                w[page / 64] & (1 << (page % 64)) != 0
+            }
+        })
+    }
+
     /// ORs another bitmap over the same ranges into this one.
     pub fn merge(&mut self, other: &DirtyBitmap) {
         for (i, w) in other.words.iter().enumerate() {

@@ -167,8 +167,9 @@ pub enum MigrationError {
     #[error("handover outcome unknown: the destination did not confirm it resumed ({0}); the source guest stays paused")]
     HandoverUnknown(#[source] Box<MigrationError>),
     /// Postcopy broke after the switch: the guest's memory is split between the two hosts, so
-    /// the source keeps its copy paused (and its memory) and must not resume it. Recovering
-    /// over a new connection is not built yet.
+    /// the source keeps its copy paused (and its memory) and must not resume it. With
+    /// [`crate::MigrationConfig::postcopy_recovery`] this comes only once no resume
+    /// succeeded within its window.
     #[error("postcopy broke after the switch ({0}); the guest's memory is split between the hosts, the source keeps its copy paused")]
     PostcopyBroken(#[source] Box<MigrationError>),
 }
@@ -217,6 +218,11 @@ pub enum IncomingError {
     /// decides: its guest runs on there unless it had already sent the handover.
     #[error("source did not hand over the guest: {0}")]
     NoHandover(#[source] Box<IncomingError>),
+    /// Postcopy broke ([`crate::recovery`]) and was not resumed within the recovery window
+    /// (or recovery is off, or the wait was cancelled): the guest, whose memory was split
+    /// between the hosts, is dropped here; the source keeps its paused copy.
+    #[error("postcopy broke ({0}) and was not resumed: the guest, half arrived, is dropped here; the source keeps its paused copy")]
+    PostcopyLost(#[source] Box<IncomingError>),
     /// A [`crate::Device`] or [`crate::VmState`] twin failed to load.
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),

@@ -95,6 +95,22 @@ impl PageBitmap {
         })
     }
 
+    /// Every address in the set, lowest first (as it is while the iteration passes).
+    pub fn addrs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.regions.iter().flat_map(|(start, _, words)| {
+            words.iter().enumerate().flat_map(move |(i, w)| {
+                let mut v = w.load(Ordering::Acquire);
+                std::iter::from_fn(move || {
+                    (v != 0).then(|| {
+                        let bit = v.trailing_zeros() as u64;
+                        v &= v - 1;
+                        start + (i as u64 * 64 + bit) * PAGE_SIZE as u64
+                    })
+                })
+            })
+        })
+    }
+
     /// Empties the set. For claims: called only while no channel is receiving (inside the
     /// barrier).
     pub fn clear(&self) {
@@ -441,6 +457,28 @@ pub(crate) unsafe fn write_pages(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bitmap_lists_its_pages_in_order_across_regions() {
+        use vm_memory::GuestAddress;
+        let memory = GuestMemory::from_ranges(&[
+            (GuestAddress(0), 1 << 20),
+            (GuestAddress(1 << 32), 1 << 20),
+        ])
+        .unwrap();
+        let set = PageBitmap::new(&memory);
+        let pages = [0x1000, 0x3f000, 0x40000, (1 << 32) + 0xff000, 0x0];
+        for &a in &pages {
+            assert!(set.insert(a));
+        }
+        assert!(!set.insert(0x2000_0000), "outside guest memory");
+        let mut want = pages.to_vec();
+        want.sort_unstable();
+        assert_eq!(set.addrs().collect::<Vec<_>>(), want);
+        set.remove(0x3f000);
+        want.retain(|&a| a != 0x3f000);
+        assert_eq!(set.addrs().collect::<Vec<_>>(), want);
+    }
 
     /// A page-aligned page of memory owned by the test.
     fn page() -> (Vec<u8>, usize) {

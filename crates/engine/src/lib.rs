@@ -68,6 +68,7 @@ pub mod incoming;
 pub mod local;
 pub mod postcopy;
 pub mod prefault;
+pub mod recovery;
 pub mod report;
 pub mod runtime;
 pub mod source;
@@ -85,6 +86,7 @@ pub use dirty::DirtyBitmap;
 pub use error::{ChannelError, ChannelName, IncomingError, MigrationError};
 pub use guest::{Guest, GuestError, GuestFactory, GuestMemory, VerifyReport};
 pub use incoming::{receive, receive_vm, Factories, Incoming};
+pub use recovery::{IncomingRecovery, Mailbox, SourceRecovery};
 pub use report::{
     DeviceReport, DowntimeBreakdown, IncomingEvent, IncomingReport, MigrationReport, Progress,
     RoundReport,

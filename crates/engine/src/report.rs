@@ -30,6 +30,11 @@ pub struct RoundReport {
     pub bytes_per_s: f64,
     /// Pages dirtied while this round was sent (0 for the switchover round).
     pub dirty_after: u64,
+    /// Of `pages`, those not sent because the guest wrote them again before their turn (seen
+    /// by a dirty-log pass in the middle of the round): they go in the next round instead,
+    /// so a page the guest keeps writing is not sent twice in a row.
+    #[serde(default)]
+    pub skipped_pages: u64,
     /// The downtime expected if the guest were paused after this round, milliseconds: what
     /// the switchover decision compares with the downtime limit. The largest of
     /// [`Self::ram_expected_ms`], [`Self::device_read_ms`] and the RAM's rest and the
@@ -153,6 +158,9 @@ pub struct PostcopyReport {
     pub blocked_ms: f64,
     /// From the switch until the destination had every page, milliseconds.
     pub ms: f64,
+    /// Times a broken postcopy was resumed over a new connection.
+    #[serde(default)]
+    pub recoveries: u32,
 }
 
 /// How long faulting vCPUs waited in postcopy, from the fault read to its page installed
@@ -276,6 +284,17 @@ pub enum Progress {
         #[serde(default)]
         postcopy: bool,
     },
+    /// Postcopy broke (a lost link): this side keeps its paused copy and every page, and
+    /// waits to resume over a new connection ([`crate::recovery`]).
+    PostcopyPaused {
+        /// What broke.
+        error: String,
+    },
+    /// A new session resumed the broken postcopy.
+    PostcopyResumed {
+        /// Pages the destination still missed.
+        missing_pages: u64,
+    },
 }
 
 /// What an incoming migration reports as it goes: sessions accepted, connections refused and
@@ -340,6 +359,19 @@ pub enum IncomingEvent {
         /// Pages the source still sends.
         pages: u64,
     },
+    /// Postcopy broke (a lost link): the guest runs on here, its vCPUs waiting on any page
+    /// not yet arrived, until the source resumes over a new connection ([`crate::recovery`]).
+    PostcopyPaused {
+        /// What broke.
+        error: String,
+    },
+    /// The source resumed the broken postcopy over a new session.
+    PostcopyResumed {
+        /// The resuming session's id (the broken one's).
+        session: String,
+        /// Pages still missing here.
+        missing_pages: u64,
+    },
 }
 
 impl std::fmt::Display for IncomingEvent {
@@ -378,6 +410,17 @@ impl std::fmt::Display for IncomingEvent {
             IncomingEvent::PostcopyStarted { pages } => write!(
                 f,
                 "postcopy: the guest runs here, {pages} pages still to come"
+            ),
+            IncomingEvent::PostcopyPaused { error } => write!(
+                f,
+                "postcopy paused ({error}): the guest runs here on what it has, waiting for the source to resume"
+            ),
+            IncomingEvent::PostcopyResumed {
+                session,
+                missing_pages,
+            } => write!(
+                f,
+                "postcopy of session {session} resumed: {missing_pages} pages still to come"
             ),
         }
     }

@@ -113,6 +113,10 @@ frame_kinds! {
     PageRequest = 43, |_| SMALL;
     /// Main channel, return path: every page is installed; the source may drop its copy.
     PostcopyComplete = 44, |_| SMALL;
+    /// Main channel, destination to source, once, right after the channels of a resuming
+    /// session (postcopy recovery) are accepted: the pages the destination still misses, as
+    /// a `PostcopyStart`'s payload (the postcopy round and one bitmap per range).
+    PostcopyResume = 45, |l: &Limits| crate::postcopy::max_payload_len(l.max_guest_memory);
 }
 
 /// Receiver-side bounds. A frame longer than these is refused before anything is allocated.

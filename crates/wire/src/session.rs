@@ -182,6 +182,11 @@ pub struct SessionHello {
     /// data channel, index `channels`, the urgent ("preempt") channel for requested pages,
     /// and keeps every data channel open after the last precopy round for postcopy pages.
     pub postcopy: bool,
+    /// This hello resumes a postcopy broken by a lost link (postcopy recovery): `session` is
+    /// the broken session's id, the destination (paused in postcopy, the guest running on
+    /// memory still arriving) answers with the pages it still misses (`PostcopyResume`),
+    /// and every channel carries postcopy pages only. Implies `postcopy`.
+    pub resume: bool,
 }
 
 /// Peer timeouts a hello or an accept may state, milliseconds: from 200 ms (pings every 50
@@ -248,7 +253,11 @@ impl SessionHello {
         self.devices.write(&mut w);
         w.u8(self.ram.code())
             .u32(self.peer_timeout_ms)
-            .u8(self.postcopy as u8);
+            .u8(match (self.postcopy, self.resume) {
+                (_, true) => 2,
+                (true, false) => 1,
+                (false, false) => 0,
+            });
         out
     }
 
@@ -278,16 +287,16 @@ impl SessionHello {
         let devices = DeviceSetup::read(&mut r)?;
         let ram = RamTransfer::from_code(r.u8()?)?;
         let peer_timeout_ms = check_peer_timeout(r.u32()?)?;
-        let postcopy = match r.u8()? {
-            0 => false,
-            1 => true,
-            other => {
-                return Err(WireError::OutOfRange {
-                    field: "postcopy",
-                    value: other as u64,
-                    reason: "0 (precopy only) or 1 (may switch to postcopy)",
-                })
-            }
+        let (postcopy, resume) = match r.u8()? {
+            0 => (false, false),
+            1 => (true, false),
+            2 => (true, true),
+            other => return Err(WireError::OutOfRange {
+                field: "postcopy",
+                value: other as u64,
+                reason:
+                    "0 (precopy only), 1 (may switch to postcopy) or 2 (resumes a broken postcopy)",
+            }),
         };
         r.finish()?;
         Ok(SessionHello {
@@ -299,6 +308,7 @@ impl SessionHello {
             ram,
             peer_timeout_ms,
             postcopy,
+            resume,
         })
     }
 }
@@ -545,6 +555,7 @@ mod tests {
             ram: RamTransfer::Copy,
             peer_timeout_ms: 30_000,
             postcopy: false,
+            resume: false,
         }
     }
 
@@ -570,8 +581,14 @@ mod tests {
             ..hello()
         };
         assert_eq!(SessionHello::decode(&postcopy.encode()).unwrap(), postcopy);
+        let resume = SessionHello {
+            postcopy: true,
+            resume: true,
+            ..hello()
+        };
+        assert_eq!(SessionHello::decode(&resume.encode()).unwrap(), resume);
         let mut bad = postcopy.encode();
-        *bad.last_mut().unwrap() = 2;
+        *bad.last_mut().unwrap() = 3;
         assert!(SessionHello::decode(&bad)
             .unwrap_err()
             .to_string()

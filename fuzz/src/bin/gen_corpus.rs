@@ -42,6 +42,7 @@ fn main() {
         ram: RamTransfer::Copy,
         peer_timeout_ms: 30_000,
         postcopy: true,
+        resume: false,
     };
     write("session", "hello", &hello.encode());
     write(

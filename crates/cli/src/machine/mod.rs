@@ -14,8 +14,8 @@ mod state;
 use crossbeam_channel::{Receiver, Sender};
 use livemig_engine::{
     migrate_vm, receive_vm, CancelToken, Device, Endpoint, Factories, Guest, Incoming,
-    IncomingConfig, IncomingError, IncomingEvent, Listener, MigrationError, MigrationReport,
-    Progress, VmState,
+    IncomingConfig, IncomingError, IncomingEvent, IncomingRecovery, Listener, Mailbox,
+    MigrationError, MigrationReport, Progress, SourceRecovery, VmState,
 };
 use livemig_qmp::{Args, Events, Handler, QmpError, Request};
 use livemig_vmm::devices::DeviceModels;
@@ -75,8 +75,10 @@ enum Msg {
     Progress(Progress),
     SourceDone(Box<Result<MigrationReport, MigrationError>>),
     IncomingSession,
-    /// The incoming session switched to postcopy.
+    /// The incoming session switched to postcopy, or resumed it.
     IncomingPostcopy,
+    /// The incoming session's postcopy broke: paused until `migrate-recover`.
+    IncomingPaused,
     IncomingDone(Box<Result<Incoming, IncomingError>>),
 }
 
@@ -99,6 +101,10 @@ struct Machine {
     limits: IncomingLimits,
     events: Events,
     tx: Sender<Msg>,
+    /// Where a broken postcopy's resume comes from: `migrate` with `resume` posts the new
+    /// address (source), `migrate-recover` the new listener (destination).
+    recover_to: Mailbox<Endpoint>,
+    recover_on: Mailbox<Listener>,
     /// Postcopy broke after the switch: the guest's memory is split between this host and
     /// the destination, and this paused copy is kept (never resumed, not replaced).
     split: bool,
@@ -119,6 +125,7 @@ const COMMANDS: &[&str] = &[
     "migrate-incoming",
     "migrate_cancel",
     "migrate-start-postcopy",
+    "migrate-recover",
     "query-migrate",
     "migrate-set-capabilities",
     "query-migrate-capabilities",
@@ -172,6 +179,8 @@ pub fn start(
         events,
         tx: tx.clone(),
         split: false,
+        recover_to: Mailbox::new(),
+        recover_on: Mailbox::new(),
     };
     let h = std::thread::Builder::new()
         .name("lm-vm".into())
@@ -270,6 +279,7 @@ impl Machine {
                 none()?;
                 self.start_postcopy()
             }
+            "migrate-recover" => self.recover(req),
             "query-migrate" => {
                 none()?;
                 Ok(match &self.job {
@@ -376,7 +386,10 @@ impl Machine {
     fn migrate(&mut self, req: &Request) -> Result<Value, QmpError> {
         let a = Args::new(&req.arguments, &["uri", "detach", "blk", "inc", "resume"])?;
         let uri = a.str("uri")?;
-        for flag in ["blk", "inc", "resume"] {
+        if a.opt_bool("resume")? == Some(true) {
+            return self.resume(uri);
+        }
+        for flag in ["blk", "inc"] {
             if a.opt_bool(flag)? == Some(true) {
                 return Err(QmpError::generic(format!(
                     "'{flag}' is not supported by livemig"
@@ -407,6 +420,12 @@ impl Machine {
         let vm = self.vm.as_ref().ok_or_else(no_guest)?;
         let mut config = self.params.migration_config(&self.caps);
         config.tls = self.limits.tls.clone();
+        // A broken postcopy waits, as QEMU's, for `migrate` with `resume` (or `quit`).
+        self.recover_to.clear();
+        config.postcopy_recovery = SourceRecovery::OnRequest {
+            addresses: self.recover_to.clone(),
+            within: None,
+        };
         if config.postcopy.allowed {
             // What postcopy does not go with (compression) is refused now, not as a failed
             // migration.
@@ -466,6 +485,11 @@ impl Machine {
             peer_timeout: self.params.peer_timeout(self.limits.peer_timeout),
             tls: self.limits.tls.clone(),
             cancel: cancel.clone(),
+            // A broken postcopy waits, as QEMU's, for `migrate-recover` (or `quit`).
+            postcopy_recovery: IncomingRecovery::OnRequest {
+                listeners: self.recover_on.clone(),
+                within: None,
+            },
             ..IncomingConfig::default()
         };
         if let Some(m) = self.limits.max_guest_memory {
@@ -506,6 +530,7 @@ impl Machine {
         // VM too): its set-up then waits only for the guest's memory slots and vCPUs.
         livemig_vmm::kvm::prepare_vm();
         let cancel = CancelToken::new();
+        self.recover_on.clear();
         let config = self.incoming_config(&cancel);
         let tx = self.tx.clone();
         let thread = std::thread::Builder::new()
@@ -536,6 +561,11 @@ impl Machine {
             ));
         }
         if let Job::In(_) = self.job {
+            if self.status.in_postcopy() {
+                return Err(QmpError::generic(
+                    "Postcopy migration in progress, cannot cancel.",
+                ));
+            }
             if self.status == MigStatus::Active {
                 return Err(QmpError::generic(
                     "an incoming migration under way is cancelled on its source",
@@ -546,6 +576,42 @@ impl Machine {
             cancel.cancel();
         }
         self.set_status(MigStatus::Cancelling);
+        Ok(json!({}))
+    }
+
+    /// `migrate` with `resume: true`: the paused postcopy's source goes on to `uri` (where
+    /// the destination listens after `migrate-recover`). QEMU's checks and words.
+    fn resume(&mut self, uri: &str) -> Result<Value, QmpError> {
+        if !matches!(self.job, Job::Out(_)) || self.status != MigStatus::PostcopyPaused {
+            return Err(QmpError::generic(
+                "Cannot resume if there is no paused migration",
+            ));
+        }
+        let to: Endpoint = uri
+            .parse()
+            .map_err(|e| QmpError::generic(format!("Invalid migration URI '{uri}': {e}")))?;
+        self.recover_to.post(to);
+        self.set_status(MigStatus::PostcopyRecover);
+        Ok(json!({}))
+    }
+
+    /// `migrate-recover`: the paused postcopy's destination listens on `uri` for the
+    /// source's resume. QEMU's checks and words.
+    fn recover(&mut self, req: &Request) -> Result<Value, QmpError> {
+        let a = Args::new(&req.arguments, &["uri"])?;
+        let uri = a.str("uri")?;
+        if !matches!(self.job, Job::In(_)) || self.status != MigStatus::PostcopyPaused {
+            return Err(QmpError::generic(
+                "Migrate recover can only be run when postcopy is paused.",
+            ));
+        }
+        let at: Endpoint = uri
+            .parse()
+            .map_err(|e| QmpError::generic(format!("Invalid migration URI '{uri}': {e}")))?;
+        let listener = Listener::bind(&at)
+            .map_err(|e| QmpError::generic(format!("cannot listen on {uri}: {e}")))?;
+        self.recover_on.post(listener);
+        self.set_status(MigStatus::PostcopyRecover);
         Ok(json!({}))
     }
 
@@ -593,6 +659,7 @@ impl Machine {
             // The guest runs on this side from the switch; the VM is this machine's once
             // every page is in.
             Msg::IncomingPostcopy => self.set_status(MigStatus::PostcopyActive),
+            Msg::IncomingPaused => self.set_status(MigStatus::PostcopyPaused),
             Msg::IncomingDone(r) => self.incoming_done(*r),
             Msg::Command(..) | Msg::Quit => {}
         }
@@ -625,10 +692,10 @@ impl Machine {
                 o.error = Some(e.to_string());
                 eprintln!("livemig: migration to {} failed: {e}", o.to);
                 if broken {
-                    // QEMU would go to postcopy-paused and wait for a recovery;
-                    // livemig has none yet: the copy stays paused, kept, for good.
+                    // Not resumed (the wait for `migrate` with `resume` ended with
+                    // `quit`): the copy stays paused, kept, for good.
                     self.split = true;
-                    if self.status != MigStatus::PostcopyActive {
+                    if !self.status.in_postcopy() {
                         self.set_status(MigStatus::PostcopyActive);
                     }
                 }
@@ -722,6 +789,14 @@ impl Machine {
                 );
                 postcopy = matches!(o.postcopy.switch, Switch::Postcopy { .. });
             }
+            Progress::PostcopyPaused { .. } => {
+                self.set_status(MigStatus::PostcopyPaused);
+                return;
+            }
+            Progress::PostcopyResumed { .. } => {
+                self.set_status(MigStatus::PostcopyActive);
+                return;
+            }
         }
         if self.status == MigStatus::Setup {
             self.set_status(MigStatus::Active);
@@ -749,8 +824,11 @@ fn receive_on(listener: Listener, config: IncomingConfig, tx: Sender<Msg>) {
             IncomingEvent::SessionAccepted { .. } => {
                 let _ = log_tx.send(Msg::IncomingSession);
             }
-            IncomingEvent::PostcopyStarted { .. } => {
+            IncomingEvent::PostcopyStarted { .. } | IncomingEvent::PostcopyResumed { .. } => {
                 let _ = log_tx.send(Msg::IncomingPostcopy);
+            }
+            IncomingEvent::PostcopyPaused { .. } => {
+                let _ = log_tx.send(Msg::IncomingPaused);
             }
             _ => {}
         }
@@ -766,7 +844,7 @@ fn receive_on(listener: Listener, config: IncomingConfig, tx: Sender<Msg>) {
 }
 
 /// Why a copy left by a broken postcopy neither runs nor gives way.
-const SPLIT: &str = "postcopy broke after the switch: the guest's memory is split between this host and the destination, so this copy stays paused and is kept (recovery, QEMU's postcopy-paused and migrate-recover, is not built yet); 'quit' discards it";
+const SPLIT: &str = "postcopy broke after the switch and was not resumed: the guest's memory is split between this host and the destination, so this copy stays paused and is kept; 'quit' discards it";
 
 fn no_guest() -> QmpError {
     QmpError::generic("no guest here yet: it arrives with 'migrate-incoming'")

@@ -38,6 +38,10 @@ pub enum MigStatus {
     Active,
     /// Switched to postcopy: the guest runs on the destination, its last pages follow.
     PostcopyActive,
+    /// Postcopy broke (a lost link): both sides wait for a resume over a new connection.
+    PostcopyPaused,
+    /// A resume is being set up (`migrate-recover` given, or `migrate` with `resume`).
+    PostcopyRecover,
     Cancelling,
     Cancelled,
     Completed,
@@ -51,11 +55,21 @@ impl MigStatus {
             MigStatus::Setup => "setup",
             MigStatus::Active => "active",
             MigStatus::PostcopyActive => "postcopy-active",
+            MigStatus::PostcopyPaused => "postcopy-paused",
+            MigStatus::PostcopyRecover => "postcopy-recover",
             MigStatus::Cancelling => "cancelling",
             MigStatus::Cancelled => "cancelled",
             MigStatus::Completed => "completed",
             MigStatus::Failed => "failed",
         }
+    }
+
+    /// Postcopy has started and not ended: active, paused or recovering.
+    pub fn in_postcopy(self) -> bool {
+        matches!(
+            self,
+            MigStatus::PostcopyActive | MigStatus::PostcopyPaused | MigStatus::PostcopyRecover
+        )
     }
 
     /// A migration thread runs in this status.
@@ -65,6 +79,8 @@ impl MigStatus {
             MigStatus::Setup
                 | MigStatus::Active
                 | MigStatus::PostcopyActive
+                | MigStatus::PostcopyPaused
+                | MigStatus::PostcopyRecover
                 | MigStatus::Cancelling
         )
     }

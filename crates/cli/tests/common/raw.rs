@@ -98,5 +98,6 @@ pub fn synthetic_hello(session: SessionId, devices: DeviceSetup) -> SessionHello
         ram: RamTransfer::Copy,
         peer_timeout_ms: 30_000,
         postcopy: false,
+        resume: false,
     }
 }

@@ -28,13 +28,22 @@ pub(super) enum Phase {
     Postcopy(super::postcopy::Running),
 }
 
+/// How a session ended, when it did not fail.
+pub(super) enum Ended {
+    /// The guest runs here with all its memory: the report.
+    Done(Box<IncomingReport>),
+    /// Postcopy broke (the link): the guest runs here on memory still arriving, and a
+    /// session resuming it goes on from where this one stood (`recover.rs`).
+    Paused(Box<super::postcopy::Running>, IncomingError),
+}
+
 /// Runs the phases from Receiving to the guest running here, and returns the report.
 pub(super) fn coordinate(
     s: &Session<'_>,
     shared: &Shared,
     main: &mut Stream,
     inbox: &Inbox<'_>,
-) -> Result<IncomingReport, IncomingError> {
+) -> Result<Ended, IncomingError> {
     let mut phase = Phase::Receiving(Receiving::new(
         s.hello.channels as usize,
         s.devices.len(),
@@ -50,22 +59,44 @@ pub(super) fn coordinate(
                 super::postcopy::start(s, shared, main, received)?
             }
             Phase::Loading(received) => loading::load(s, main, received)?,
-            // The guest runs here on memory still arriving: a failure loses it.
-            Phase::Postcopy(run) => {
-                let ev = inbox.next(main, None)?;
-                match run.step(ev, s, shared, main)? {
-                    Ok(run) => Phase::Postcopy(run),
-                    Err(report) => return Ok(report),
-                }
-            }
+            Phase::Postcopy(run) => return postcopy(s, shared, main, inbox, run),
             Phase::AwaitingHandover(a) => {
                 let ev = inbox
                     .next(main, Some(a.deadline()))
                     .map_err(|e| IncomingError::NoHandover(Box::new(e)))?;
                 a.step(ev)?
             }
-            Phase::Running(r) => return r.resume(s, shared, main),
+            Phase::Running(r) => {
+                return r.resume(s, shared, main).map(|r| Ended::Done(Box::new(r)))
+            }
         };
+    }
+}
+
+/// Postcopy, to every page in: the guest runs here on memory still arriving, so a broken
+/// link (any channel's error) pauses the session instead of failing it; anything else
+/// (this side's userfaultfd failing, the guest's check) fails it.
+pub(super) fn postcopy(
+    s: &Session<'_>,
+    shared: &Shared,
+    main: &mut Stream,
+    inbox: &Inbox<'_>,
+    mut run: super::postcopy::Running,
+) -> Result<Ended, IncomingError> {
+    let Some(dest) = shared.postcopy else {
+        return Err(protocol("postcopy without its state"));
+    };
+    let outcome = loop {
+        match inbox.next(main, None).and_then(|ev| run.step(ev, s, main)) {
+            Ok(false) => continue,
+            Ok(true) => break run.finish(s, dest, main),
+            Err(e) => break Err(e),
+        }
+    };
+    match outcome {
+        Ok(()) => Ok(Ended::Done(Box::new(run.report(s, shared, dest)))),
+        Err(e @ IncomingError::Channel(_)) => Ok(Ended::Paused(Box::new(run), e)),
+        Err(e) => Err(e),
     }
 }
 

@@ -44,6 +44,7 @@ mod main_reader;
 mod postcopy;
 mod receiver;
 mod receiving;
+mod recover;
 mod session;
 mod setup;
 mod streams;
@@ -55,6 +56,7 @@ use crate::framed;
 use crate::guest::{Guest, GuestFactory};
 use crate::report::{IncomingEvent, IncomingReport};
 use crate::transport::{Listener, Stream};
+use coordinator::Ended;
 use livemig_wire::{
     Complete, DeviceLoadStats, FrameKind, RamTransfer, Reject, RejectCode, RoundStart,
     SessionAccept, SessionHello,
@@ -264,6 +266,11 @@ pub fn receive_vm(
         )
     })?;
     session::arm_peer_timeouts(&main, &data, &accept)?;
+    // Guest memory's userfaultfd side outlives a session: a broken postcopy resumes in
+    // another.
+    let postcopy = hello
+        .postcopy
+        .then(|| postcopy::PostcopyDest::new(guest.memory()));
     let session = Session {
         guest: &*guest,
         devices: &devices,
@@ -274,7 +281,14 @@ pub fn receive_vm(
         start,
         log,
     };
-    let report = session.run(main, data)?;
+    let report = match session.run(main, data, postcopy.as_ref(), None)? {
+        Ended::Done(report) => *report,
+        Ended::Paused(run, e) => match &postcopy {
+            Some(dest) => recover::run(listener, &session, dest, run, e)?,
+            None => return Err(e),
+        },
+    };
+    drop(postcopy);
     Ok(Incoming {
         guest,
         devices,

@@ -51,6 +51,9 @@ pub(crate) struct PostcopyDest<'m> {
     round: AtomicU32,
     /// Pages the fault thread asked for.
     requested: AtomicU64,
+    /// Listed pages a fault asked for (once each; asked again when a broken postcopy
+    /// resumes, as the vCPUs waiting on them will not fault again).
+    asked: PageBitmap,
     /// Set once armed or aborted; the receivers and the fault thread wait on it.
     gate: Mutex<Gate>,
     cv: Condvar,
@@ -72,6 +75,7 @@ impl<'m> PostcopyDest<'m> {
             total: AtomicU64::new(0),
             round: AtomicU32::new(0),
             requested: AtomicU64::new(0),
+            asked: PageBitmap::new(memory),
             gate: Mutex::new(Gate::default()),
             cv: Condvar::new(),
         }
@@ -123,6 +127,24 @@ impl<'m> PostcopyDest<'m> {
     /// Listed pages not installed yet.
     pub fn remaining(&self) -> u64 {
         self.remaining.load(Relaxed)
+    }
+
+    /// Postcopy recovery: the listed pages still missing, as the resuming session's
+    /// `PostcopyResume` lists them (over the hello's `ranges`).
+    pub fn missing(&self, ranges: &[livemig_wire::MemoryRange]) -> PostcopyStart {
+        let mut start = PostcopyStart::new(self.round.load(Relaxed), ranges);
+        for addr in self.pending.addrs() {
+            start.insert(addr);
+        }
+        start
+    }
+
+    /// Postcopy recovery: the pages vCPUs asked for that have not come.
+    pub fn awaited(&self) -> Vec<u64> {
+        self.asked
+            .addrs()
+            .filter(|&a| self.pending.contains(a))
+            .collect()
     }
 
     fn installed(&self, addr: u64, how: Installed) {
@@ -237,7 +259,6 @@ pub(super) fn serve_faults(dest: &PostcopyDest<'_>, events: Sender<Heard>, cance
     let Some(pm) = dest.wait_armed() else {
         return;
     };
-    let asked = PageBitmap::new(dest.memory);
     while !cancel.is_cancelled() && dest.remaining() > 0 {
         let fault = match pm.next_fault(Duration::from_millis(20)) {
             Ok(Some(f)) => f,
@@ -249,7 +270,7 @@ pub(super) fn serve_faults(dest: &PostcopyDest<'_>, events: Sender<Heard>, cance
         };
         if dest.pending.contains(fault.addr) {
             // A vCPU kicked out of its wait faults again on the same page: asked once.
-            if asked.insert(fault.addr) {
+            if dest.asked.insert(fault.addr) {
                 dest.requested.fetch_add(1, Relaxed);
                 if events.send(Ok(Event::PageWanted(fault.addr))).is_err() {
                     return;
@@ -269,12 +290,15 @@ pub(super) struct Running {
     channels_done: usize,
     started: Instant,
     resume: Duration,
+    /// The guest checked once every page was in (with `verify`), and the time it took.
+    verify: Option<crate::guest::VerifyReport>,
+    verify_time: Duration,
 }
 
 /// Restores the state, arms userfaultfd, resumes the guest and tells the source.
 pub(super) fn start(
     s: &Session<'_>,
-    shared: &Shared<'_>,
+    shared: &Shared<'_, '_>,
     main: &mut Stream,
     mut received: Received,
 ) -> Result<Phase, IncomingError> {
@@ -307,38 +331,43 @@ pub(super) fn start(
         channels_done: 0,
         started,
         resume,
+        verify: None,
+        verify_time: Duration::ZERO,
     }))
 }
 
 impl Running {
-    /// Requests go to the source; the end once every page is in and every channel is done.
+    /// One event: a page wanted is asked of the source, a data channel's end counted. True
+    /// once every data channel has ended (then [`Running::finish`]).
     pub fn step(
-        mut self,
+        &mut self,
         ev: Event,
         s: &Session<'_>,
-        shared: &Shared<'_>,
         main: &mut Stream,
-    ) -> Result<Result<Running, IncomingReport>, IncomingError> {
-        let Some(dest) = &shared.postcopy else {
-            return Err(protocol("postcopy without its state"));
-        };
+    ) -> Result<bool, IncomingError> {
         match ev {
-            Event::PageWanted(addr) => {
-                let req = PageRequest { addrs: vec![addr] };
-                framed::send(
-                    main,
-                    ChannelName::Main,
-                    FrameKind::PageRequest,
-                    &req.encode(),
-                )?;
-            }
+            Event::PageWanted(addr) => request(main, &[addr])?,
             Event::PostcopyChannelDone => self.channels_done += 1,
             Event::Credit(..) | Event::RoundApplied(_) => {}
             _ => return Err(protocol("an unexpected message in postcopy")),
         }
-        if self.channels_done < s.hello.channels as usize {
-            return Ok(Ok(self));
-        }
+        Ok(self.channels_done >= s.hello.channels as usize)
+    }
+
+    /// A session resuming the broken postcopy begins: none of its channels has ended.
+    pub fn resuming(&mut self) {
+        self.channels_done = 0;
+    }
+
+    /// Every data channel ended: every listed page must be in. Guest memory leaves
+    /// userfaultfd, the guest is checked (with `verify`) and the source told it may drop
+    /// its copy. A failure to tell it leaves this to be done again by a resuming session.
+    pub fn finish(
+        &mut self,
+        s: &Session<'_>,
+        dest: &PostcopyDest<'_>,
+        main: &mut Stream,
+    ) -> Result<(), IncomingError> {
         if dest.remaining() > 0 {
             return Err(protocol(&format!(
                 "every data channel ended postcopy with {} listed pages missing",
@@ -348,15 +377,13 @@ impl Running {
         dest.release()?;
         // Checked with every page in, the guest paused meanwhile (a test instrument).
         let t = Instant::now();
-        let verify = if s.config.verify {
+        if s.config.verify && self.verify.is_none() {
             s.guest.pause()?;
             let v = super::loading::verify(s);
             s.guest.resume()?;
-            v?
-        } else {
-            None
-        };
-        let verify_time = t.elapsed();
+            self.verify = v?;
+        }
+        self.verify_time += t.elapsed();
         let (requested, blocked_us) = dest.fault_figures();
         let pages = dest.pending_total();
         let done = PostcopyComplete {
@@ -370,17 +397,43 @@ impl Running {
             FrameKind::PostcopyComplete,
             &done.encode(),
         )?;
+        Ok(())
+    }
+
+    /// The report, once the source was told.
+    pub fn report(
+        self,
+        s: &Session<'_>,
+        shared: &Shared<'_, '_>,
+        dest: &PostcopyDest<'_>,
+    ) -> IncomingReport {
         let postcopy_ms = crate::report::ms(self.started.elapsed());
         let times = LoadTimes {
             restore: self.restore,
-            verify_time,
-            verify,
+            verify_time: self.verify_time,
+            verify: self.verify,
         };
         let mut r = super::handover::report(s, shared, self.received, times, self.resume);
         r.postcopy_ms = postcopy_ms;
         r.postcopy_faults = dest.latency();
-        Ok(Err(r))
+        r
     }
+}
+
+/// Asks the source for `addrs` (at most [`livemig_wire::MAX_PAGE_REQUEST`] a frame).
+pub(super) fn request(main: &mut Stream, addrs: &[u64]) -> Result<(), ChannelError> {
+    for batch in addrs.chunks(livemig_wire::MAX_PAGE_REQUEST) {
+        let req = PageRequest {
+            addrs: batch.to_vec(),
+        };
+        framed::send(
+            main,
+            ChannelName::Main,
+            FrameKind::PageRequest,
+            &req.encode(),
+        )?;
+    }
+    Ok(())
 }
 
 /// A receiver in postcopy: installs pages until the source's `PostcopyDone`.

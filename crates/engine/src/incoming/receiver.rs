@@ -47,6 +47,8 @@ pub(crate) struct ChannelReceiver<'a> {
     pub postcopy: Option<&'a dyn super::postcopy::PostcopyPages>,
     /// The urgent channel: postcopy pages only, no precopy round.
     pub urgent: bool,
+    /// In a session resuming a broken postcopy: postcopy pages only, no precopy round.
+    pub resumed: bool,
 }
 
 /// Scratch for one packet: its pages' host addresses, and their I/O vectors. Lives on the
@@ -66,7 +68,7 @@ struct PageScratch {
 
 impl ChannelReceiver<'_> {
     pub fn run(mut self) {
-        if !self.urgent {
+        if !self.urgent && !self.resumed {
             match self.serve() {
                 Ok(rounds) => {
                     let _ = self.events.send(Ok(Event::ChannelDone(rounds)));

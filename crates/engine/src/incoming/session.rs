@@ -3,9 +3,9 @@
 //! teardown that follows whatever happened.
 
 use super::barrier::RoundBarrier;
-use super::coordinator::{self, Inbox};
+use super::coordinator::{self, Ended, Inbox};
 use super::main_reader::read_main;
-use super::postcopy::{self, PostcopyDest};
+use super::postcopy::{self, PostcopyDest, Running};
 use super::receiver::{ChannelReceiver, Counters};
 use super::streams::{LoadError, Streams};
 use super::{Event, Failure, Heard};
@@ -16,7 +16,7 @@ use crate::error::{ChannelError, ChannelName, IncomingError};
 use crate::framed;
 use crate::guest::Guest;
 use crate::hostmem::{PageClaims, Populated, TornPages};
-use crate::report::{IncomingEvent, IncomingReport};
+use crate::report::IncomingEvent;
 use crate::runtime::{JobCancelled, Runtime};
 use crate::transport::Stream;
 use crossbeam_channel::{Receiver, Sender};
@@ -37,15 +37,16 @@ pub(super) struct Session<'a> {
 
 /// What the session's threads share: the round barrier, page bookkeeping, device streams
 /// and counters.
-pub(super) struct Shared<'m> {
+pub(super) struct Shared<'p, 'm> {
     pub barrier: RoundBarrier,
     pub claims: PageClaims,
     pub populated: Populated,
     pub torn: TornPages,
     pub streams: Streams,
     pub counters: Counters,
-    /// A session that may switch to postcopy: the userfaultfd side of guest memory.
-    pub postcopy: Option<PostcopyDest<'m>>,
+    /// A session that may switch to postcopy: the userfaultfd side of guest memory (which
+    /// outlives a session: a broken postcopy resumes in another).
+    pub postcopy: Option<&'p PostcopyDest<'m>>,
 }
 
 /// Dead-peer detection: every write is bounded, and a data channel hears from the source
@@ -96,7 +97,16 @@ impl Session<'_> {
     /// Runs the session on a runtime of its own and tears it down: on failure the barrier
     /// and the device streams are aborted and the source told why (a Reject on main, within
     /// a second), then every socket is shut and every thread joined, whatever happened.
-    pub fn run(&self, main: Stream, data: Vec<Stream>) -> Result<IncomingReport, IncomingError> {
+    /// `postcopy` is guest memory's userfaultfd side in a session that may switch to
+    /// postcopy; `resume`, where a broken postcopy stood when this session resumes it (then
+    /// every channel carries postcopy pages only, and no device loads).
+    pub fn run(
+        &self,
+        main: Stream,
+        data: Vec<Stream>,
+        postcopy: Option<&PostcopyDest<'_>>,
+        resume: Option<Box<Running>>,
+    ) -> Result<Ended, IncomingError> {
         let main_reader = clone_socket(&main, ChannelName::Main)?;
         let memory = self.guest.memory();
         let shared = Shared {
@@ -110,23 +120,30 @@ impl Session<'_> {
                 self.accept.window,
             ),
             counters: Counters::default(),
-            postcopy: self.hello.postcopy.then(|| PostcopyDest::new(memory)),
+            postcopy,
         };
+        let resuming = resume.is_some();
         let (tx, rx) = crossbeam_channel::unbounded();
         std::thread::scope(|scope| {
             // A session under way is not cancelled from outside (see IncomingConfig::cancel).
             let rt = Runtime::new(scope, "lm-dst", CancelToken::new());
             let mut main = main;
             let outcome = self
-                .start_threads(&rt, &main, main_reader, data, &shared, tx)
+                .start_threads(&rt, &main, main_reader, data, &shared, tx, resuming)
                 .and_then(|()| {
                     let inbox = Inbox::new(&rx, rt.completions(), &self.accept);
                     // A thread that could not be started fails the migration, but never
                     // skips the teardown: every thread already started is woken and joined.
                     match rt.failure().and_then(|e| inbox.thread_failed(e)) {
                         Some(e) => Err(e),
-                        None => coordinator::coordinate(self, &shared, &mut main, &inbox)
-                            .map_err(|e| prefer_peer_reason(e, &rx)),
+                        None => match resume {
+                            None => coordinator::coordinate(self, &shared, &mut main, &inbox),
+                            Some(mut run) => {
+                                run.resuming();
+                                coordinator::postcopy(self, &shared, &mut main, &inbox, *run)
+                            }
+                        }
+                        .map_err(|e| prefer_peer_reason(e, &rx)),
                     }
                 });
             // Threads waiting for a switch to postcopy that did not come (or failed) go.
@@ -143,7 +160,8 @@ impl Session<'_> {
                     &Reject::new(RejectCode::LoadFailed, e.to_string()),
                 );
             }
-            let failed = outcome.is_err();
+            // A paused postcopy stops its threads (the fault thread among them) too.
+            let failed = !matches!(outcome, Ok(Ended::Done(_)));
             // Once the guest runs here (and the source was told), a thread found failed at
             // the join cannot undo the migration: dropping the guest now would lose it.
             let _ = rt.teardown(failed);
@@ -153,7 +171,10 @@ impl Session<'_> {
 
     /// Starts the main channel's reader, every device's loader (now, so precopy device data
     /// loads while the guest still runs on the source) and a receiver per data channel, each
-    /// socket registered with the runtime to be shut at teardown.
+    /// socket registered with the runtime to be shut at teardown. A session resuming a
+    /// broken postcopy has no reader on main (the source sends nothing more there) and no
+    /// loader (every device loaded before the guest ran here).
+    #[allow(clippy::too_many_arguments)]
     fn start_threads<'scope>(
         &'scope self,
         rt: &Runtime<'scope, '_>,
@@ -162,6 +183,7 @@ impl Session<'_> {
         data: Vec<Stream>,
         shared: &'scope Shared,
         tx: Sender<Heard>,
+        resuming: bool,
     ) -> Result<(), IncomingError> {
         add_socket(rt, main, ChannelName::Main)?;
         for (i, s) in data.iter().enumerate() {
@@ -171,21 +193,25 @@ impl Session<'_> {
         let serial = self.hello.devices.transfer == DeviceTransfer::Main;
         let main_tx = tx.clone();
         let ranges = self.hello.postcopy.then_some(&self.hello.guest.ranges[..]);
-        rt.spawn("main", move || {
-            read_main(main_reader, limits, main_tx, streams, serial, ranges)
-        });
-        if let Some(dest) = &shared.postcopy {
+        if !resuming {
+            rt.spawn("main", move || {
+                read_main(main_reader, limits, main_tx, streams, serial, ranges)
+            });
+        }
+        if let Some(dest) = shared.postcopy {
             let (tx, cancel) = (tx.clone(), rt.cancel_token().clone());
             rt.spawn("fault", move || postcopy::serve_faults(dest, tx, &cancel));
         }
-        for i in 0..self.devices.len() {
+        let loaders = if resuming { 0 } else { self.devices.len() };
+        for i in 0..loaders {
             let tx = tx.clone();
             rt.submit(&format!("load{i}"), move || {
                 self.load_device(i, shared, &tx)
             });
         }
         for (i, stream) in data.into_iter().enumerate() {
-            let r = self.receiver(i as u16, stream, shared, tx.clone());
+            let mut r = self.receiver(i as u16, stream, shared, tx.clone());
+            r.resumed = resuming;
             // The urgent channel (postcopy's requested pages) is the last.
             let name = if i == self.hello.channels as usize {
                 "urgent".to_string()
@@ -245,11 +271,9 @@ impl Session<'_> {
             streams: &shared.streams,
             hooks: self.config.test_hooks.clone(),
             local: self.hello.ram == RamTransfer::Local,
-            postcopy: shared
-                .postcopy
-                .as_ref()
-                .map(|p| p as &dyn postcopy::PostcopyPages),
+            postcopy: shared.postcopy.map(|p| p as &dyn postcopy::PostcopyPages),
             urgent: index == self.hello.channels,
+            resumed: false,
         }
     }
 }

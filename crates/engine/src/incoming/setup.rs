@@ -23,18 +23,42 @@ pub(crate) fn accept_session(
     config: &IncomingConfig,
     log: &(dyn Fn(&IncomingEvent) + Sync),
 ) -> Result<(SessionHello, Stream), IncomingError> {
+    accept_hello(listener, config, log, None, None)
+}
+
+/// Waits, until `deadline`, for the session that resumes the broken postcopy of `paused`
+/// (its id, its guest), refusing anything else.
+pub(crate) fn accept_resume(
+    listener: &Listener,
+    config: &IncomingConfig,
+    log: &(dyn Fn(&IncomingEvent) + Sync),
+    paused: &SessionHello,
+    deadline: Option<Instant>,
+) -> Result<(SessionHello, Stream), IncomingError> {
+    accept_hello(listener, config, log, Some(paused), deadline)
+}
+
+fn accept_hello(
+    listener: &Listener,
+    config: &IncomingConfig,
+    log: &(dyn Fn(&IncomingEvent) + Sync),
+    paused: Option<&SessionHello>,
+    deadline: Option<Instant>,
+) -> Result<(SessionHello, Stream), IncomingError> {
     let ch = ChannelName::Incoming;
     let decide = |mut s: Stream, first: Result<Vec<u8>, ChannelError>| {
         let refused = match first {
             Ok(buf) => match SessionHello::decode(&buf) {
-                Ok(hello) => match check_hello(&hello, config) {
-                    Ok(()) => {
-                        let _ = s.set_read_timeout(None);
-                        let _ = s.set_write_timeout(None);
-                        return Some((hello, s));
+                Ok(hello) => {
+                    match check_hello(&hello, config).and_then(|()| check_resume(&hello, paused)) {
+                        Ok(()) => {
+                            let _ = s.set_read_timeout(None);
+                            let _ = s.set_write_timeout(None);
+                            return Some((hello, s));
+                        }
+                        Err(reject) => reject,
                     }
-                    Err(reject) => reject,
-                },
+                }
                 Err(e) => Reject::new(RejectCode::Protocol, format!("bad SessionHello: {e}")),
             },
             Err(ChannelError::Protocol { detail, .. }) => {
@@ -61,7 +85,7 @@ pub(crate) fn accept_session(
     };
     handshakes(
         listener,
-        None,
+        deadline,
         Some(&config.cancel),
         &|| None,
         config,
@@ -69,6 +93,28 @@ pub(crate) fn accept_session(
         opening,
         decide,
     )
+}
+
+/// A hello resumes a broken postcopy if and only if this side waits for that: the paused
+/// session's own resume (same id, same guest).
+fn check_resume(hello: &SessionHello, paused: Option<&SessionHello>) -> Result<(), Reject> {
+    let refused = |why: String| Err(Reject::new(RejectCode::UnknownSession, why));
+    match paused {
+        None if hello.resume => refused(format!(
+            "no broken postcopy here to resume (session {})",
+            hello.session
+        )),
+        None => Ok(()),
+        Some(p) if !hello.resume || hello.session != p.session => refused(format!(
+            "this destination is paused in the postcopy of session {}: only its resume is accepted",
+            p.session
+        )),
+        Some(p) if hello.guest != p.guest => refused(format!(
+            "the resume of session {} describes another guest",
+            p.session
+        )),
+        Some(_) => Ok(()),
+    }
 }
 
 /// Accepts connections and reads each one's first frame on a thread of its own

@@ -1,6 +1,7 @@
 //! Set-up: the main channel and every data channel opened, each with its handshake, under a
 //! watchdog that bounds the whole of it.
 
+use super::recover::ResumePoint;
 use super::watchdog::{Awaited, Watchdog};
 use super::Vm;
 use crate::cancel::CancelToken;
@@ -9,8 +10,8 @@ use crate::error::{ChannelError, ChannelName, MigrationError};
 use crate::framed;
 use crate::transport::{Endpoint, Stream};
 use livemig_wire::{
-    ChannelHello, DeviceSetup, FrameKind, Limits, RamTransfer, SessionAccept, SessionHello,
-    SessionId, WireDevice,
+    ChannelHello, DeviceSetup, FrameKind, Limits, PostcopyStart, RamTransfer, SessionAccept,
+    SessionHello, SessionId, WireDevice,
 };
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -60,8 +61,56 @@ pub(super) fn connect(
     to: &Endpoint,
     config: &MigrationConfig,
 ) -> Result<Connected, MigrationError> {
-    let start = Instant::now();
     let session = SessionId(*uuid::Uuid::new_v4().as_bytes());
+    open_session(vm, to, config, session, false)
+}
+
+/// Opens a session that resumes the broken postcopy `point` (postcopy recovery), and reads
+/// the destination's list of the pages it still misses.
+pub(super) fn resume(
+    vm: Vm<'_>,
+    to: &Endpoint,
+    config: &MigrationConfig,
+    point: &ResumePoint,
+) -> Result<(Connected, PostcopyStart), MigrationError> {
+    let mut c = open_session(vm, to, config, point.parts.session, true)?;
+    let ch = ChannelName::Main;
+    let mut buf = Vec::new();
+    let wire = |source| ChannelError::Wire {
+        channel: ch,
+        source,
+    };
+    framed::recv_expect(
+        &mut c.main,
+        ch,
+        &Limits::default(),
+        &mut buf,
+        FrameKind::PostcopyResume,
+    )?;
+    let missing = PostcopyStart::decode(&buf, &vm.guest.descriptor().ranges).map_err(wire)?;
+    if missing.rounds != point.round {
+        return Err(ChannelError::Protocol {
+            channel: ch,
+            detail: format!(
+                "the destination resumes postcopy round {}, this side's is {}",
+                missing.rounds, point.round
+            ),
+        }
+        .into());
+    }
+    Ok((c, missing))
+}
+
+/// Opens every channel of session `session` (a new one, or, with `resume`, the broken
+/// postcopy it resumes).
+fn open_session(
+    vm: Vm<'_>,
+    to: &Endpoint,
+    config: &MigrationConfig,
+    session: SessionId,
+    resume: bool,
+) -> Result<Connected, MigrationError> {
+    let start = Instant::now();
     let open: Mutex<Vec<Stream>> = Mutex::new(Vec::new());
     let watchdog = Watchdog::new();
     let attempt = CancelToken::new();
@@ -83,6 +132,7 @@ pub(super) fn connect(
             config,
             open,
             attempt,
+            resume,
         };
         let r = opener.session(vm, session, watchdog);
         // Ends the watch (a no-op if it already cancelled).
@@ -123,6 +173,8 @@ struct Opener<'a> {
     config: &'a MigrationConfig,
     open: &'a Mutex<Vec<Stream>>,
     attempt: &'a CancelToken,
+    /// The hello resumes a broken postcopy.
+    resume: bool,
 }
 
 impl Opener<'_> {
@@ -223,7 +275,8 @@ impl Opener<'_> {
             devices: wire_devices(vm, config),
             ram: config.ram,
             peer_timeout_ms: crate::config::wire_ms(config.peer_timeout),
-            postcopy: config.postcopy.allowed(),
+            postcopy: config.postcopy.allowed() || self.resume,
+            resume: self.resume,
         };
         let ch = ChannelName::Main;
         framed::send(main, ch, FrameKind::SessionHello, &hello.encode())?;

@@ -19,7 +19,7 @@ use super::pacer::Pacer;
 use super::postcopy::PostcopyRun;
 use super::precopy::{Precopy, RoundInFlight};
 use super::report::ReportParts;
-use super::session::PostcopyShared;
+use super::session::{PostcopyShared, Start};
 use super::switchover::{SavedState, Saving};
 use super::watchdog::Watchdog;
 use super::{GuestState, Vm};
@@ -96,14 +96,14 @@ pub(super) struct Coordinator<'a> {
     /// Shared with the return path for postcopy's requests.
     pub postcopy: &'a PostcopyShared,
     /// The background push's queue, in a session that may switch to postcopy.
-    pub push: Option<crossbeam_channel::Sender<(u32, Vec<u64>)>>,
+    pub push: Option<crossbeam_channel::Sender<super::postcopy::PushOrder>>,
     pub parts: ReportParts,
 }
 
 impl Coordinator<'_> {
     /// Runs the migration to its end: the guest runs on the destination, or an error.
-    pub fn run(&mut self) -> Result<MigrationReport, MigrationError> {
-        self.run_phases().map_err(|e| match e {
+    pub fn run(&mut self, start: Start) -> Result<MigrationReport, MigrationError> {
+        self.run_phases(start).map_err(|e| match e {
             // Once PostcopyStart went out the guest's memory is split between the hosts,
             // whichever phase the failure came in.
             MigrationError::PostcopyBroken(_) | MigrationError::HandoverUnknown(_) => e,
@@ -114,8 +114,11 @@ impl Coordinator<'_> {
         })
     }
 
-    fn run_phases(&mut self) -> Result<MigrationReport, MigrationError> {
-        let mut phase = self.begin()?;
+    fn run_phases(&mut self, start: Start) -> Result<MigrationReport, MigrationError> {
+        let mut phase = match start {
+            Start::Fresh => self.begin()?,
+            Start::Resume(point, missing) => self.resume_postcopy(*point, missing)?,
+        };
         loop {
             phase = match phase {
                 Phase::Done(report) => return Ok(*report),

@@ -46,6 +46,7 @@ mod handover;
 mod pacer;
 mod postcopy;
 mod precopy;
+mod recover;
 mod report;
 mod return_path;
 mod sender;
@@ -143,7 +144,22 @@ pub fn migrate_vm(
     }
     let connected = connect::connect(vm, to, config)?;
     let mut state = GuestState::Running;
-    let result = session::run(vm, config, connected, progress, &mut state);
+    let mut paused = None;
+    let start = session::Start::Fresh;
+    let result = session::run(
+        vm,
+        config,
+        connected,
+        progress,
+        &mut state,
+        start,
+        &mut paused,
+    );
+    // A postcopy broken by a lost link waits to be resumed over a new connection.
+    let result = match (result, paused) {
+        (Err(e), Some(point)) => recover::run(vm, to, config, progress, point, e),
+        (result, _) => result,
+    };
     // A cancel from outside shuts the sockets down, so threads see broken channels: the
     // cause is still the cancel (unless the guest was already handed over).
     let result = result.map_err(|e| match e {

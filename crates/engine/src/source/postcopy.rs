@@ -9,6 +9,7 @@
 use super::coordinator::{unexpected, Coordinator, Event, Phase};
 use super::devices::SaveStats;
 use super::dispatch::Dispatcher;
+use super::recover::ResumePoint;
 use super::sender::Job;
 use super::switchover::{SavedState, Saving};
 use super::GuestState;
@@ -24,8 +25,7 @@ use std::time::{Duration, Instant};
 
 /// Postcopy under way.
 pub(super) struct PostcopyRun {
-    /// Pages the destination was told it must receive.
-    pending: u64,
+    /// The destination said it runs the guest.
     resumed: bool,
 }
 
@@ -59,7 +59,7 @@ impl Coordinator<'_> {
         for addr in self.precopy.dirty.addrs() {
             start.insert(addr);
         }
-        let pending = start.count();
+        self.parts.postcopy_pages = start.count();
         self.postcopy.round.store(round + 1, Relaxed);
         framed::send(
             &mut self.main,
@@ -70,20 +70,43 @@ impl Coordinator<'_> {
         // From here the destination may run the guest: this copy must never run again.
         *self.state = GuestState::HandedOver;
         self.parts.postcopy_started = Some(Instant::now());
-        // The background push runs on its own thread (`lm-src-push`): the coordinator stays
-        // free for the destination's Resumed and PostcopyComplete.
         let addrs: Vec<u64> = self.precopy.dirty.addrs().collect();
+        self.push_pages(round + 1, addrs)?;
+        Ok(Phase::Postcopy(PostcopyRun { resumed: false }))
+    }
+
+    /// A session resuming a broken postcopy (`recover.rs`): the guest runs on the
+    /// destination already; the pages it still misses are pushed, its requests answered.
+    pub(super) fn resume_postcopy(
+        &mut self,
+        point: ResumePoint,
+        missing: PostcopyStart,
+    ) -> Result<Phase, MigrationError> {
+        self.parts = point.parts;
+        self.parts.postcopy_recoveries += 1;
+        self.precopy.rounds = point.rounds;
+        *self.state = GuestState::HandedOver;
+        self.push_pages(point.round, missing.addrs().collect())?;
+        Ok(Phase::Postcopy(PostcopyRun { resumed: true }))
+    }
+
+    /// Hands the pages to the background push, which runs on its own thread
+    /// (`lm-src-push`): the coordinator stays free for the destination's Resumed and
+    /// PostcopyComplete.
+    fn push_pages(&mut self, round: u32, addrs: Vec<u64>) -> Result<(), MigrationError> {
+        let order = PushOrder {
+            round,
+            addrs,
+            measured: self.precopy.rounds.last().map(|r| r.bytes_per_s),
+        };
         let sent = self
             .push
             .as_ref()
-            .is_some_and(|push| push.send((round + 1, addrs)).is_ok());
+            .is_some_and(|push| push.send(order).is_ok());
         if !sent {
             return Err(self.failure_cause());
         }
-        Ok(Phase::Postcopy(PostcopyRun {
-            pending,
-            resumed: false,
-        }))
+        Ok(())
     }
 
     /// Postcopy's events: the destination runs the guest (`Resumed`), then has every page.
@@ -102,60 +125,88 @@ impl Coordinator<'_> {
                 self.parts.resumed_at = Some(Instant::now());
                 Ok(Phase::Postcopy(run))
             }
-            Event::PostcopyComplete(c) if run.resumed => self.finish_postcopy(&run, c),
+            Event::PostcopyComplete(c) if run.resumed => self.finish_postcopy(c),
             other => Err(unexpected(other)),
         }
     }
 
-    fn finish_postcopy(
-        &mut self,
-        run: &PostcopyRun,
-        c: PostcopyComplete,
-    ) -> Result<Phase, MigrationError> {
-        if c.pages != run.pending {
+    fn finish_postcopy(&mut self, c: PostcopyComplete) -> Result<Phase, MigrationError> {
+        let pending = self.parts.postcopy_pages;
+        if c.pages != pending {
             return Err(MigrationError::Channel(
                 crate::error::ChannelError::Protocol {
                     channel: ChannelName::Main,
                     detail: format!(
                         "the destination installed {} pages of the {} postcopy listed",
-                        c.pages, run.pending
+                        c.pages, pending
                     ),
                 },
             ));
         }
         self.parts.postcopy = Some(crate::report::PostcopyReport {
-            pages: run.pending,
+            pages: pending,
             requested: self.postcopy.requested.load(Relaxed),
             dest_requested: c.requested,
             blocked_ms: c.blocked_us as f64 / 1e3,
             ms: self.parts.postcopy_started.map_or(0.0, |t| ms(t.elapsed())),
+            recoveries: self.parts.postcopy_recoveries,
         });
         let loaded = livemig_wire::Loaded::default();
         Ok(Phase::Done(Box::new(self.report(&loaded))))
     }
 }
 
+/// What the background push is handed at the switch (or at a resume): the round postcopy
+/// pages carry, the pages, and the rate precopy measured end to end (bytes per second), if
+/// a round ran.
+pub(super) struct PushOrder {
+    pub round: u32,
+    pub addrs: Vec<u64>,
+    pub measured: Option<f64>,
+}
+
+/// The share of precopy's measured rate the push keeps to when no bandwidth is configured:
+/// a push at the link's full rate fills the link's queue, and every requested page (on the
+/// urgent channel, through the same link) would wait behind it.
+const PUSH_HEADROOM: f64 = 0.9;
+
+/// Pages per packet of a push paced to the measured rate: what a channel writes at once
+/// queues on the link at once, so a requested page waits behind at most this much (128 KiB,
+/// 1 ms at 1 Gbit/s).
+const PACED_PUSH_PAGES: usize = 32;
+
 /// The background push (`lm-src-push`, started with a postcopy session): waits for the
 /// switch's list of pages, hands them to whichever data channel is free (paced to the
-/// postcopy bandwidth), then ends every data channel with `PostcopyDone`. Ends at once when
-/// the session ends without a switch, or when the channels stop.
+/// postcopy bandwidth, or, with none configured, a little below the rate precopy measured,
+/// in small packets, so requested pages find the link's queue short), then ends every data
+/// channel with `PostcopyDone`. Ends at once when the session ends without a switch, or
+/// when the channels stop.
 pub(super) fn push(
-    pages: Receiver<(u32, Vec<u64>)>,
+    orders: Receiver<PushOrder>,
     dispatch: Dispatcher,
     config: &MigrationConfig,
     cancel: &CancelToken,
 ) {
-    let (round, addrs) = crossbeam_channel::select! {
-        recv(pages) -> m => match m {
+    let order = crossbeam_channel::select! {
+        recv(orders) -> m => match m {
             Ok(m) => m,
             Err(_) => return,
         },
         recv(cancel.waiter()) -> _ => return,
     };
-    let rate = config.max_postcopy_bandwidth.or(config.max_bandwidth_now());
+    let configured = config.max_postcopy_bandwidth.or(config.max_bandwidth_now());
+    let headroom = order
+        .measured
+        .filter(|r| *r > 0.0)
+        .map(|r| (r * PUSH_HEADROOM) as u64);
+    let rate = configured.or(headroom);
+    let per = match (configured, headroom) {
+        (None, Some(_)) => PACED_PUSH_PAGES.min(config.pages_per_packet as usize),
+        _ => config.pages_per_packet as usize,
+    };
     let start = Instant::now();
     let mut sent = 0u64;
-    for batch in addrs.chunks(config.pages_per_packet as usize) {
+    for batch in order.addrs.chunks(per) {
         if let Some(rate) = rate {
             let due = Duration::from_secs_f64(sent as f64 / rate as f64);
             let elapsed = start.elapsed();
@@ -165,7 +216,7 @@ pub(super) fn push(
         }
         sent += (batch.len() * PAGE_SIZE) as u64;
         let job = Job::Pages {
-            round,
+            round: order.round,
             addrs: batch.to_vec(),
         };
         if dispatch.send(job).is_err() {

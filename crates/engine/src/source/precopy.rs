@@ -29,6 +29,10 @@ const DEVICE_BOUND_PAUSE: Duration = Duration::from_millis(100);
 pub(super) struct Precopy {
     /// Pages to send in the next round (every page before round 0).
     pub dirty: DirtyBitmap,
+    /// Pages the guest wrote during the round under way, seen by passes over the dirty log
+    /// in the middle of it: not sent in this round if their turn has not come (they are in
+    /// the next round's set); the round's end starts the next set from them.
+    pub redirtied: DirtyBitmap,
     /// False in local mode: the destination maps the very memory the guest writes, no page
     /// is sent, nothing is tracked, and precopy is one empty round (devices still stream).
     pub copy_ram: bool,
@@ -47,6 +51,7 @@ pub(super) struct Precopy {
 impl Precopy {
     pub fn new(dirty: DirtyBitmap, copy_ram: bool, auto_converge: bool) -> Self {
         Precopy {
+            redirtied: DirtyBitmap::new(dirty.ranges()),
             dirty,
             copy_ram,
             round: 0,
@@ -59,7 +64,11 @@ impl Precopy {
     }
 }
 
-/// Counters at the start of a round.
+/// How often a round that runs while the guest does looks at the dirty log (see
+/// [`Precopy::redirtied`]).
+const MID_ROUND_SYNC: Duration = Duration::from_millis(200);
+
+/// Counters at the start of a round, and the pages it skipped.
 pub(super) struct RoundStartCounters {
     bytes: u64,
     /// Every byte the data channels sent (RAM, device chunks, markers).
@@ -67,6 +76,7 @@ pub(super) struct RoundStartCounters {
     normal: u64,
     zero: u64,
     pages: u64,
+    skipped: u64,
 }
 
 /// A precopy round on its way.
@@ -103,7 +113,7 @@ impl Coordinator<'_> {
     fn start_round(&mut self) -> Result<Phase, MigrationError> {
         let t0 = Instant::now();
         let round = self.precopy.round;
-        let before = self.send_pages(round)?;
+        let before = self.send_pages(round, true)?;
         self.end_marker(round, false)?;
         Ok(Phase::Precopy(RoundInFlight {
             round,
@@ -150,7 +160,9 @@ impl Coordinator<'_> {
     fn end_round(&mut self, mut report: RoundReport, t0: Instant) -> Result<Phase, MigrationError> {
         let p = &mut self.precopy;
         report.throttle_percent = p.converge.throttle;
-        p.dirty.clear();
+        // The next round: what the middle of this one saw written, and the rest of the log.
+        std::mem::swap(&mut p.dirty, &mut p.redirtied);
+        p.redirtied.clear();
         if p.copy_ram {
             self.vm.guest.sync_dirty_log(&mut p.dirty)?;
         }
@@ -222,15 +234,22 @@ impl Coordinator<'_> {
     }
 
     /// Sends every page of the dirty bitmap as round `round`; returns the counters before,
-    /// for the round's report.
-    pub(super) fn send_pages(&mut self, round: u32) -> Result<RoundStartCounters, MigrationError> {
+    /// for the round's report. In a `live` round (the guest running) the dirty log is read
+    /// every [`MID_ROUND_SYNC`] while the round is handed out, and a page written again
+    /// before its turn is left to the next round.
+    pub(super) fn send_pages(
+        &mut self,
+        round: u32,
+        live: bool,
+    ) -> Result<RoundStartCounters, MigrationError> {
         let c = self.counters;
-        let before = RoundStartCounters {
+        let mut before = RoundStartCounters {
             bytes: c.ram_bytes.load(Relaxed),
             all_bytes: c.bytes.load(Relaxed),
             normal: c.normal_pages.load(Relaxed),
             zero: c.zero_pages.load(Relaxed),
             pages: self.precopy.dirty.count(),
+            skipped: 0,
         };
         let start = RoundStart {
             round,
@@ -247,15 +266,31 @@ impl Coordinator<'_> {
             pages: before.pages,
         });
         let per = self.config.pages_per_packet as usize;
+        let live = live && self.precopy.copy_ram;
         let mut batch = Vec::with_capacity(per);
+        let mut synced = Instant::now();
+        let mut stopped = false;
         for addr in self.precopy.dirty.addrs() {
-            batch.push(addr);
-            if batch.len() == per {
-                let full = std::mem::replace(&mut batch, Vec::with_capacity(per));
-                if !hand_out(&mut self.pacer, &self.dispatch, self.config, round, full) {
-                    return Err(self.failure_cause());
-                }
+            if self.precopy.redirtied.contains(addr) {
+                before.skipped += 1;
+                continue;
             }
+            batch.push(addr);
+            if batch.len() < per {
+                continue;
+            }
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(per));
+            if !hand_out(&mut self.pacer, &self.dispatch, self.config, round, full) {
+                stopped = true;
+                break;
+            }
+            if live && synced.elapsed() >= MID_ROUND_SYNC {
+                self.vm.guest.sync_dirty_log(&mut self.precopy.redirtied)?;
+                synced = Instant::now();
+            }
+        }
+        if stopped {
+            return Err(self.failure_cause());
         }
         if !batch.is_empty()
             && !hand_out(&mut self.pacer, &self.dispatch, self.config, round, batch)
@@ -296,6 +331,7 @@ impl Coordinator<'_> {
             bytes,
             ms: ms(elapsed),
             bytes_per_s: bytes as f64 / elapsed.as_secs_f64().max(1e-9),
+            skipped_pages: before.skipped,
             ..Default::default()
         }
     }

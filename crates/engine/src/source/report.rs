@@ -32,6 +32,9 @@ pub(super) struct ReportParts {
     pub postcopy_started: Option<Instant>,
     pub resumed_at: Option<Instant>,
     pub postcopy: Option<PostcopyReport>,
+    /// Pages `PostcopyStart` listed, and the times a broken postcopy was resumed.
+    pub postcopy_pages: u64,
+    pub postcopy_recoveries: u32,
 }
 
 impl ReportParts {
@@ -50,6 +53,8 @@ impl ReportParts {
             postcopy_started: None,
             resumed_at: None,
             postcopy: None,
+            postcopy_pages: 0,
+            postcopy_recoveries: 0,
         }
     }
 }

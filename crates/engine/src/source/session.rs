@@ -13,6 +13,7 @@ use super::devices::{SaveError, SaveJob, Switchover};
 use super::dispatch::Dispatcher;
 use super::pacer::Pacer;
 use super::precopy::Precopy;
+use super::recover::ResumePoint;
 use super::report::ReportParts;
 use super::sender::ChannelSender;
 use super::switchover::save_state;
@@ -28,8 +29,8 @@ use crate::runtime::{JobCancelled, JobError, Runtime};
 use crate::stats::Counters;
 use crate::transport::Stream;
 use crossbeam_channel::Sender;
-use livemig_wire::{DeviceTransfer, Reject, RejectCode};
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use livemig_wire::{DeviceTransfer, PostcopyStart, Reject, RejectCode};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 /// What every thread of the session shares.
@@ -52,16 +53,29 @@ pub(super) struct PostcopyShared {
     pub requested: AtomicU64,
 }
 
-/// Runs a connected session to its end; `state` says where the guest is when it fails.
+/// Where a session starts.
+pub(super) enum Start {
+    /// A new migration: precopy from round 0.
+    Fresh,
+    /// The resumption of a broken postcopy, with the pages the destination still misses.
+    Resume(Box<ResumePoint>, PostcopyStart),
+}
+
+/// Runs a connected session to its end; `state` says where the guest is when it fails. A
+/// postcopy that breaks leaves where it stood in `paused`, for a resuming session.
 pub(super) fn run(
     vm: Vm<'_>,
     config: &MigrationConfig,
     c: Connected,
     progress: &(dyn Fn(&Progress) + Sync),
     state: &mut GuestState,
+    start: Start,
+    paused: &mut Option<Box<ResumePoint>>,
 ) -> Result<MigrationReport, MigrationError> {
     let (sockets, return_stream) = clones(&c)?;
-    config.stats.reset();
+    if let Start::Fresh = start {
+        config.stats.reset();
+    }
     let shared = Shared {
         vm,
         config,
@@ -69,7 +83,13 @@ pub(super) fn run(
         credits: CreditTable::new(vm.devices.len(), c.accept.window.max(1)),
         switchover: Switchover::default(),
         watchdog: Watchdog::new(),
-        postcopy: PostcopyShared::default(),
+        postcopy: match &start {
+            Start::Fresh => PostcopyShared::default(),
+            Start::Resume(point, _) => PostcopyShared {
+                round: AtomicU32::new(point.round),
+                requested: AtomicU64::new(point.requested),
+            },
+        },
     };
     // This attempt's own token: failures cancel it without touching the caller's, which
     // only ever cancels into it (through the watcher), so a retry starts afresh.
@@ -90,7 +110,11 @@ pub(super) fn run(
             return_path::run(return_stream, rp.0, rp.1, urgent)
         });
         let dispatch = start_channels(&rt, &shared, c.data, &c.accept, &events_tx);
-        start_jobs(&rt, &shared, &dispatch, &events_tx);
+        // A resumed postcopy saves nothing: every device and the state went before the
+        // switch.
+        if let Start::Fresh = start {
+            start_jobs(&rt, &shared, &dispatch, &events_tx);
+        }
         let push = config.postcopy.allowed().then(|| {
             let (tx, rx) = crossbeam_channel::bounded(1);
             let (dispatch, cancel) = (dispatch.clone(), rt.cancel_token().clone());
@@ -124,21 +148,23 @@ pub(super) fn run(
         };
         let outcome = match rt.failure() {
             Some(e) => Err(MigrationError::Job(e)),
-            None => co.run(),
+            None => co.run(start),
         };
-        finish(rt, &shared, co, outcome)
+        finish(rt, &shared, co, outcome, paused)
     })
 }
 
 /// The one teardown, whatever the outcome: on failure the destination is told why (the
 /// credit table and the switchover signal aborted first, waking the jobs); then the attempt
 /// is cancelled (ending the watcher), the job queues close (the channel threads' loops end),
-/// and the runtime shuts every socket and joins every thread.
+/// and the runtime shuts every socket and joins every thread. A broken postcopy leaves its
+/// resume point in `paused`, and the destination is told nothing: it pauses too.
 fn finish(
     rt: Runtime<'_, '_>,
     shared: &Shared<'_>,
     co: Coordinator<'_>,
     outcome: Result<MigrationReport, MigrationError>,
+    paused: &mut Option<Box<ResumePoint>>,
 ) -> Result<MigrationReport, MigrationError> {
     // Everything the coordinator holds of the threads goes now: the push's queue (a push
     // still waiting for a switch that did not come ends), the job queues.
@@ -146,19 +172,34 @@ fn finish(
         dispatch,
         mut main,
         push,
+        parts,
+        precopy,
         ..
     } = co;
     drop(push);
-    if let Err(e) = &outcome {
+    if outcome.is_err() {
         shared.credits.abort();
         shared.switchover.abort();
-        let why = Reject::new(
-            RejectCode::Other,
-            format!("source aborted the migration: {e}"),
-        );
-        // Best effort, and never stuck behind a peer that stopped reading.
-        let _ = main.set_write_timeout(Some(Duration::from_secs(1)));
-        framed::send_reject(&mut main, ChannelName::Main, &why);
+    }
+    match &outcome {
+        Err(MigrationError::PostcopyBroken(_)) if parts.postcopy_started.is_some() => {
+            *paused = Some(Box::new(ResumePoint {
+                parts,
+                rounds: precopy.rounds,
+                round: shared.postcopy.round.load(Relaxed),
+                requested: shared.postcopy.requested.load(Relaxed),
+            }));
+        }
+        Err(e) => {
+            let why = Reject::new(
+                RejectCode::Other,
+                format!("source aborted the migration: {e}"),
+            );
+            // Best effort, and never stuck behind a peer that stopped reading.
+            let _ = main.set_write_timeout(Some(Duration::from_secs(1)));
+            framed::send_reject(&mut main, ChannelName::Main, &why);
+        }
+        Ok(_) => {}
     }
     rt.cancel();
     drop(dispatch);

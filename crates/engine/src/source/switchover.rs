@@ -102,7 +102,7 @@ impl Coordinator<'_> {
     /// device and state saves, released by the pause, run meanwhile.
     pub(super) fn enter_switchover(&mut self, forced: bool) -> Result<Phase, MigrationError> {
         self.pause_guest(forced, false)?;
-        let before = self.send_pages(self.precopy.round)?;
+        let before = self.send_pages(self.precopy.round, false)?;
         self.parts.down.ram_final_ms = ms(self.parts.transfer_started.elapsed());
         let mut saving = Saving::new(self, false);
         saving.before = Some(before);

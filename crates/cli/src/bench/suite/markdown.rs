@@ -502,27 +502,30 @@ fn postcopy_rows(md: &mut String, d: &Doc) {
 
 /// The issue's postcopy targets, as this run met them.
 fn postcopy_targets(md: &mut String, d: &Doc) {
-    if let Some(fl) = d
+    // The uncapped loopback row with the most faults: the KVM guest, slow in ring 0 here,
+    // may fault once or not at all in its short postcopy phase.
+    if let Some((mode, fl)) = d
         .res
         .postcopy
         .iter()
-        .find(|k| {
+        .filter(|k| {
             k.row.postcopy.is_some()
                 && k.row.max_postcopy_bandwidth.is_none()
                 && k.row.link == "loopback"
         })
-        .and_then(|k| k.row.postcopy_faults.as_ref())
+        .filter_map(|k| Some((&k.row.mode, k.row.postcopy_faults.as_ref()?)))
+        .max_by_key(|(_, fl)| fl.faults)
     {
         if fl.faults == 0 {
             let _ = writeln!(
                 md,
-                "\nLoopback targets (uncapped row): not measurable, no fault in this run."
+                "\nLoopback targets (uncapped rows): not measurable, no fault in this run."
             );
         } else {
             let _ = writeln!(
                 md,
-                "\nLoopback targets (uncapped row): fault p50 <= 100 us: {} ({} us); p99 <= 1 \
-                 ms: {} ({} us; {} faults).",
+                "\nLoopback targets (uncapped row with the most faults, {mode}): fault p50 <= 100 \
+                 us: {} ({} us); p99 <= 1 ms: {} ({} us; {} faults).",
                 met(fl.p50_us <= 100),
                 fl.p50_us,
                 met(fl.p99_us <= 1000),
