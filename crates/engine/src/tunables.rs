@@ -10,11 +10,12 @@
 //! where it decides: the switchover decision at the end of every precopy round, the pacer
 //! before every batch of pages. So a value set takes effect within one round.
 //!
-//! A value set here overrides the configuration's field ([`crate::MigrationConfig::downtime_limit`],
-//! [`crate::MigrationConfig::max_bandwidth`]) for as long as the handle lives, so the
-//! configuration keeps saying what the migration started with and a handle never set
-//! changes nothing. [`crate::MigrationConfig::downtime_limit_now`] and
-//! [`crate::MigrationConfig::max_bandwidth_now`] give the value in force.
+//! A value set here overrides the configuration's field
+//! ([`crate::MigrationConfig::downtime_limit`], [`crate::MigrationConfig::max_bandwidth`],
+//! [`crate::MigrationConfig::avail_switchover_bandwidth`]) for as long as the handle lives,
+//! so the configuration keeps saying what the migration started with and a handle never set
+//! changes nothing. The configuration's `*_now` methods
+//! ([`crate::MigrationConfig::downtime_limit_now`] and the others) give the value in force.
 
 use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -46,7 +47,8 @@ impl Default for Slots {
     }
 }
 
-/// Live overrides of a migration's downtime limit and bandwidth cap; clones share them.
+/// Live overrides of a migration's downtime limit, bandwidth cap and switchover bandwidth;
+/// clones share them.
 #[derive(Debug, Clone, Default)]
 pub struct LiveParams(Arc<Slots>);
 
