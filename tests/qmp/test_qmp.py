@@ -397,8 +397,12 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         with self.assertRaises(ExecuteError) as e:
             await src.cmd("migrate", {"uri": uri})
         self.assertIn("in progress", str(e.exception))
-        with self.assertRaises(ExecuteError):
-            await src.cmd("migrate-set-parameters", {"downtime-limit": 10})
+        # Mid-migration only downtime-limit and max-bandwidth are taken (as QEMU takes them).
+        with self.assertRaises(ExecuteError) as e:
+            await src.cmd("migrate-set-parameters", {"multifd-channels": 2})
+        self.assertIn("migration process in progress", str(e.exception))
+        await src.cmd("migrate-set-parameters", {"downtime-limit": 250})
+        self.assertEqual((await src.cmd("query-migrate-parameters"))["downtime-limit"], 250)
         await src.cmd("migrate_cancel")
         self.assertEqual((await src.wait_migration())["status"], "cancelled")
         await self.assert_source_intact(src)
@@ -406,8 +410,9 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(await dst.status(), "inmigrate", "no partial guest runs")
         self.assertEqual(await dst.threads_settle(), [])
 
-        # 2. Switchover: the guest is paused while the device's final state is read.
-        await src.cmd("migrate-set-parameters", {"max-bandwidth": 0})
+        # 2. Switchover: the guest is paused while the device's final state is read (a limit
+        # the device fits: the switchover counts its read time).
+        await src.cmd("migrate-set-parameters", {"max-bandwidth": 0, "downtime-limit": 10000})
         uri = self.uri("c2")
         await dst.cmd("migrate-incoming", {"uri": uri})
         with src.qmp.listener(("STOP", "RESUME")) as ev:
@@ -432,6 +437,33 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual((await dst.wait_migration())["status"], "completed")
         self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
         self.assertEqual(await src.threads_settle(), [])
+
+    async def test_raise_the_downtime_limit_mid_migration_like_libvirt(self):
+        """Four devices of 16 MiB read at 32 MiB/s (500 ms, in parallel) cannot fit a 300 ms
+        limit: the migration waits, saying so in expected-downtime. Raising downtime-limit
+        while it runs (libvirt's migrate-setmaxdowntime) lets it complete, not forced."""
+        src = await self.source(*(["--device", "vfio-sim,size=16M,rate=32M"] * 4))
+        dst = await self.destination()
+        await src.cmd("migrate-set-parameters", {"downtime-limit": 300})
+        uri = self.uri("live")
+        await dst.cmd("migrate-incoming", {"uri": uri})
+        await src.cmd("migrate", {"uri": uri})
+        deadline = time.monotonic() + 60
+        while True:
+            q = await src.cmd("query-migrate")
+            self.assertIn(q["status"], ("setup", "active"), q)
+            if q.get("expected-downtime", 0) > 300:
+                break
+            self.assertLess(time.monotonic(), deadline, q)
+            await asyncio.sleep(0.02)
+        self.assertGreaterEqual(q["x-expected-downtime-parts"]["device-read-ms"], 500, q)
+        await src.cmd("migrate-set-parameters", {"downtime-limit": 60000, "max-bandwidth": 0})
+        q = await src.wait_migration()
+        self.assertEqual(q["status"], "completed", q)
+        self.assertFalse(q["x-forced-switchover"], q)
+        self.assertGreaterEqual(q["x-expected-downtime"], 500, q)
+        self.assertEqual((await dst.wait_migration())["status"], "completed")
+        self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
 
     async def test_quit_during_a_migration_cancels_and_joins_it(self):
         """`quit` while pages stream: the process cancels, joins and exits 0 promptly; the

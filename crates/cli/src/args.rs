@@ -55,12 +55,18 @@ pub struct MigrationArgs {
     /// Data channels (1 to 64).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub channels: u16,
-    /// Switch over once the rest would move within this many milliseconds.
+    /// Switch over once the rest would move within this many milliseconds: the RAM left and
+    /// the devices' final state (at their read rates, over the measured channel rate).
     #[arg(long, default_value_t = 300)]
     pub downtime_limit_ms: u64,
     /// Cap on the data channels' rate, bytes per second (e.g. 500M); none by default.
     #[arg(long, value_parser = parse_size)]
     pub max_bandwidth: Option<u64>,
+    /// The bandwidth the switchover can count on, bytes per second (QEMU's
+    /// `avail-switchover-bandwidth`): the expected downtime takes it in place of the rates
+    /// precopy measured; none by default (the measured rates).
+    #[arg(long, value_parser = parse_size)]
+    pub avail_switchover_bandwidth: Option<u64>,
     /// Switch over after this many precopy rounds even if not converged.
     #[arg(long, default_value_t = 30)]
     pub max_rounds: u32,
@@ -179,6 +185,7 @@ impl MigrationArgs {
             channels: self.channels,
             downtime_limit: Duration::from_millis(self.downtime_limit_ms),
             max_bandwidth: self.max_bandwidth,
+            avail_switchover_bandwidth: self.avail_switchover_bandwidth,
             max_postcopy_bandwidth: self.max_postcopy_bandwidth,
             max_rounds: self.max_rounds,
             max_precopy_time: Duration::from_secs(self.max_precopy_secs),

@@ -63,8 +63,11 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
                     }));
                 } else {
                     eprintln!(
-                        "livemig: migrated to {to} in {:.0} ms, downtime {:.1} ms",
-                        report.total_ms, report.downtime_ms
+                        "livemig: migrated to {to} in {:.0} ms, downtime {:.1} ms (expected {:.1} ms{})",
+                        report.total_ms,
+                        report.downtime_ms,
+                        report.expected_downtime_ms,
+                        if report.forced_switchover { ", forced" } else { "" }
                     );
                 }
                 return Ok(ExitCode::SUCCESS);

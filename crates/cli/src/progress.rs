@@ -55,8 +55,17 @@ impl MigrationBar {
                 } else {
                     0.0
                 };
+                // The devices' part, when they hold state to read at switchover.
+                let devices = match n("device_final_bytes") {
+                    0 => String::new(),
+                    b => format!(
+                        " (devices: {:.0} MiB, {:.0} ms to read)",
+                        b as f64 / (1u64 << 20) as f64,
+                        f("device_read_ms")
+                    ),
+                };
                 self.bar.set_message(format!(
-                    "round {} done: {:.0} MB/s, {:.1} MiB left, dirtying {:.0} pages/s, expected downtime {:.1} ms",
+                    "round {} done: {:.0} MB/s, {:.1} MiB left, dirtying {:.0} pages/s, expected downtime {:.1} ms{devices}",
                     n("round"),
                     f("bytes_per_s") / 1e6,
                     (n("dirty_after") * 4096) as f64 / (1u64 << 20) as f64,

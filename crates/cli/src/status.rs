@@ -46,6 +46,15 @@ fn describe(q: &Value) -> String {
     );
     if let Some(d) = q.get("expected-downtime") {
         s += &format!(", expected downtime {} ms", n(d));
+        // The devices' part and the limit it is held against, when devices hold state.
+        let parts = &q["x-expected-downtime-parts"];
+        if n(&parts["device-final-bytes"]) > 0 {
+            s += &format!(
+                " (devices {} ms to read; limit {} ms)",
+                n(&parts["device-read-ms"]),
+                n(&parts["downtime-limit"])
+            );
+        }
     }
     if let Some(d) = q.get("downtime") {
         s += &format!(", downtime {} ms", n(d));
@@ -110,4 +119,26 @@ pub fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+    use serde_json::json;
+
+    #[test]
+    fn the_devices_part_of_the_expected_downtime_is_named() {
+        let q = json!({
+            "status": "active", "expected-downtime": 512,
+            "x-expected-downtime-parts": {"device-final-bytes": 1 << 30, "device-read-ms": 512,
+                "downtime-limit": 300},
+        });
+        let line = describe(&q);
+        assert!(
+            line.contains("expected downtime 512 ms (devices 512 ms to read; limit 300 ms)"),
+            "{line}"
+        );
+        let ram_only = describe(&json!({"status": "active", "expected-downtime": 3}));
+        assert!(ram_only.ends_with("expected downtime 3 ms"), "{ram_only}");
+    }
 }

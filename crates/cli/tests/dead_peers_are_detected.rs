@@ -65,7 +65,14 @@ fn a_stopped_destination_fails_the_precopy_within_the_peer_timeout() {
 fn a_stopped_destination_in_switchover_gives_the_guest_back() {
     let (mut dest, addr) = Proc::incoming(&[]);
     // The device's final state takes ~2 s to read: the guest stays paused that long.
-    let mut src = slow_source(&addr, &["--device=vfio-sim,size=16M,rate=8M"]);
+    // The limit is above that, which the switchover counts: it switches over at once.
+    let mut src = slow_source(
+        &addr,
+        &[
+            "--device=vfio-sim,size=16M,rate=8M",
+            "--downtime-limit-ms=10000",
+        ],
+    );
     src.expect_event("switchover");
     signal(&dest, libc::SIGSTOP);
     let failed = src.expect_event("attempt_failed");

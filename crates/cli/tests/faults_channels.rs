@@ -137,8 +137,11 @@ fn retry_completes(src: &mut QmpVm, devices: usize, device_bytes: u64) {
     assert_eq!(src.run_state(), "postmigrate");
 }
 
-/// A slow device: its final save lasts about 1.6 s, the switchover as long.
+/// A slow device: its final save lasts about 1.6 s, the switchover as long (with a downtime
+/// limit above that, [`SLOW_LIMIT`]: the switchover counts the device's read time).
 const SLOW_DEVICE: &str = "--device=vfio-sim,size=32M,rate=20M";
+/// A downtime limit the slow device fits, milliseconds.
+const SLOW_LIMIT: u64 = 10_000;
 
 #[test]
 fn a_data_channel_reset_in_precopy_fails_the_attempt_and_the_guest_runs_on() {
@@ -163,7 +166,7 @@ fn a_data_channel_reset_in_switchover_resumes_the_guest_with_its_devices() {
     let mut a = start(
         "dc-switchover",
         &[SLOW_DEVICE, "--device=vmstate-sim"],
-        json!({}),
+        json!({ "downtime-limit": SLOW_LIMIT }),
         vec![],
     );
     // The guest pauses; the device's final save takes about 1.6 s: reset data channel 1
@@ -203,7 +206,7 @@ fn a_main_channel_reset_in_switchover_resumes_the_guest_with_its_devices() {
     let mut a = start(
         "main-switchover",
         &[SLOW_DEVICE, "--device=vmstate-sim"],
-        json!({}),
+        json!({ "downtime-limit": SLOW_LIMIT }),
         vec![],
     );
     a.src.wait_run_state("finish-migrate", END);
@@ -611,7 +614,7 @@ fn a_main_channel_that_hangs_in_switchover_fails_within_the_peer_timeout() {
     let mut a = start_with(
         "hang-switchover",
         &[SLOW_DEVICE],
-        json!({"x-peer-timeout": PEER_TIMEOUT_MS}),
+        json!({"x-peer-timeout": PEER_TIMEOUT_MS, "downtime-limit": SLOW_LIMIT}),
         &[&pt],
         vec![],
     );

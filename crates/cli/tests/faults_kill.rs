@@ -144,6 +144,8 @@ fn the_destination_killed_in_switchover_resumes_the_source_guest_whole() {
         &[
             "--device=vfio-sim,size=32M,rate=20M",
             "--device=vmstate-sim",
+            // Above the device's read time, which the switchover counts.
+            "--downtime-limit-ms=10000",
         ],
     );
     src.expect_event("switchover");
@@ -188,6 +190,8 @@ fn the_source_killed_in_switchover_is_never_resumed_at_the_destination() {
         &[
             "--device=vfio-sim,size=32M,rate=20M",
             "--device=vmstate-sim",
+            // Above the device's read time, which the switchover counts.
+            "--downtime-limit-ms=10000",
         ],
         "switchover",
         Duration::from_millis(300),

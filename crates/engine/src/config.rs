@@ -9,6 +9,7 @@ use crate::cancel::CancelToken;
 use crate::error::MigrationError;
 use crate::stats::LiveStats;
 use crate::tls::TlsConfig;
+use crate::tunables::LiveParams;
 use livemig_wire::{
     DeviceTransfer, Limits, RamTransfer, DEFAULT_PAGES_PER_PACKET, MAX_CHANNELS, MAX_CHUNK_SIZE,
     MAX_PAGES_PER_PACKET,
@@ -47,20 +48,35 @@ pub fn ping_interval(t: Duration) -> Duration {
 /// The source's configuration of one outgoing migration ([`crate::migrate_vm`]).
 ///
 /// [`MigrationConfig::validate`] checks it before anything is opened; an invalid one is
-/// [`MigrationError::Config`]. Cloning shares the [`CancelToken`], the [`LiveStats`] and
-/// the TLS configuration.
+/// [`MigrationError::Config`]. Cloning shares the [`CancelToken`], the [`LiveStats`], the
+/// [`LiveParams`] and the TLS configuration.
 #[derive(Debug, Clone)]
 pub struct MigrationConfig {
     /// Data channels (TCP or Unix connections besides the main one), 1 to
     /// [`MAX_CHANNELS`] (64). Default 4.
     pub channels: u16,
-    /// Switch over once the remaining dirty memory would move within this time at the last
-    /// round's rate (more rounds may run while each still halves the rest, at most 8).
-    /// Default 300 ms.
+    /// Switch over once the expected downtime fits within this time: the remaining dirty
+    /// memory at the measured rate, and the devices' final state as they report it
+    /// ([`crate::Device::pending`]: read in parallel, sent over the same channels); more
+    /// rounds may run while each still halves the rest, at most 8. See
+    /// `docs/state-machines.md`. [`Self::live`] may change it mid-migration. Default
+    /// 300 ms.
     pub downtime_limit: Duration,
     /// Cap on the bytes per second of guest RAM the data channels send, if any (device state
     /// is not paced). `Some(0)` is invalid. Default `None`: no cap.
     pub max_bandwidth: Option<u64>,
+    /// The bandwidth, bytes per second, the switchover can count on (QEMU's
+    /// `avail-switchover-bandwidth`): when set, the expected downtime takes it in place of
+    /// the rates precopy measured (for the RAM's rest and the devices' bytes alike), e.g.
+    /// when precopy is capped by [`Self::max_bandwidth`] but the switchover is not, or
+    /// shares the link with other traffic. Only the estimate changes, not the pacing.
+    /// `Some(0)` is invalid. Default `None`: the measured rates.
+    pub avail_switchover_bandwidth: Option<u64>,
+    /// Live overrides of [`Self::downtime_limit`], [`Self::max_bandwidth`] and
+    /// [`Self::avail_switchover_bandwidth`], settable from any thread while the migration
+    /// runs (QMP's `migrate-set-parameters`); read at the end of every round and before every
+    /// batch of pages. Clones share it. Default: nothing set.
+    pub live: LiveParams,
     /// Switch over after this many precopy rounds (round 0 included) even if not
     /// converged, or fail, as [`Self::on_no_convergence`] says. Default 30.
     pub max_rounds: u32,
@@ -162,6 +178,8 @@ impl Default for MigrationConfig {
             channels: 4,
             downtime_limit: Duration::from_millis(300),
             max_bandwidth: None,
+            avail_switchover_bandwidth: None,
+            live: LiveParams::new(),
             max_rounds: 30,
             max_precopy_time: Duration::from_secs(120),
             on_no_convergence: NoConvergence::Force,
@@ -190,6 +208,24 @@ impl Default for MigrationConfig {
 }
 
 impl MigrationConfig {
+    /// The downtime limit in force: [`Self::live`]'s if set, else [`Self::downtime_limit`].
+    pub fn downtime_limit_now(&self) -> Duration {
+        self.live.downtime_limit().unwrap_or(self.downtime_limit)
+    }
+
+    /// The bandwidth cap in force: [`Self::live`]'s if set, else [`Self::max_bandwidth`].
+    pub fn max_bandwidth_now(&self) -> Option<u64> {
+        self.live.max_bandwidth().unwrap_or(self.max_bandwidth)
+    }
+
+    /// The switchover bandwidth in force: [`Self::live`]'s if set, else
+    /// [`Self::avail_switchover_bandwidth`].
+    pub fn avail_switchover_bandwidth_now(&self) -> Option<u64> {
+        self.live
+            .switchover_bandwidth()
+            .unwrap_or(self.avail_switchover_bandwidth)
+    }
+
     /// Checks every field against its range (channels, pages per packet, chunk size, peer
     /// timeout, switchover timeout, zstd level, bandwidth); [`crate::migrate_vm`] calls it
     /// first. An error names the field and its allowed range.
@@ -252,6 +288,11 @@ impl MigrationConfig {
         if self.max_postcopy_bandwidth == Some(0) {
             return Err(MigrationError::Config(
                 "max postcopy bandwidth 0 would never finish; leave it unset for no cap".into(),
+            ));
+        }
+        if self.avail_switchover_bandwidth == Some(0) {
+            return Err(MigrationError::Config(
+                "available switchover bandwidth 0: leave it unset to use the measured rate".into(),
             ));
         }
         if self.max_bandwidth == Some(0) {

@@ -6,9 +6,9 @@
 //! stream into chunks, sends them on any data channel, and on the destination hands them back
 //! to [`Device::load`] in order.
 //!
-//! Every method is required: a device cannot "support" migration by doing nothing (unlike
-//! cloud-hypervisor's all-defaults `Migratable`), and the trait says exactly what the engine
-//! calls when:
+//! Every method that saves or loads is required: a device cannot "support" migration by
+//! doing nothing (unlike cloud-hypervisor's all-defaults `Migratable`), and the trait says
+//! exactly what the engine calls when:
 //!
 //! ```text
 //! source:       begin_save ─► save_precopy* (guest running) ─► save_final* (guest paused) ─► 0
@@ -24,6 +24,19 @@
 //! already paused: `begin_save`, `save_precopy` until it returns 0, `save_final` until it
 //! returns 0. `abort_save` is called on the caller's thread after every migration thread
 //! has been joined.
+//!
+//! # What a device still holds
+//!
+//! [`Device::pending`] is the one optional method: it tells the engine how many bytes the
+//! device still holds to save and how fast it reads them out, as a VFIO device does
+//! (`VFIO_DEVICE_FEATURE_MIG_DATA_SIZE` gives the bytes a stop-copy would read now, the
+//! `VFIO_MIG_GET_PRECOPY_INFO` ioctl the precopy data still to read, its initial and dirty
+//! bytes). The switchover decision counts it (see `source/convergence.rs`): the guest is not
+//! paused while the devices' final state could not be read and sent within the downtime
+//! limit. It has a default, unlike the rest, because it is an estimate, not a part of the
+//! state: a device that does not report (the default, `None`) is migrated exactly as
+//! before and counts for nothing in the expected downtime (QEMU, when the data-size query
+//! fails, assumes 100 MiB; livemig assumes nothing rather than invent a figure).
 //!
 //! Small devices whose whole state is one blob saved while paused implement [`VmState`]
 //! instead; their blobs travel on the main channel and are applied in a defined order (the
@@ -71,11 +84,29 @@ pub struct DeviceDescriptor {
     pub config: Vec<u8>,
 }
 
+/// What a device still holds to save, and how fast it reads it out
+/// ([`Device::pending`]): VFIO's sizes as the model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SavePending {
+    /// Bytes of precopy data the device could still hand out while the guest runs (VFIO's
+    /// precopy `initial_bytes + dirty_bytes`). Reading them does not pause the guest; it
+    /// tells the engine that precopy has more to do for this device.
+    pub precopy_bytes: u64,
+    /// Bytes [`Device::save_final`] would return in all if the guest were paused now (VFIO's
+    /// `stop_copy_length`): what the device adds to the downtime. It includes any precopy
+    /// data a final save must finish first.
+    pub final_bytes: u64,
+    /// Bytes per second the device reads its state out at, when it is bounded by the device
+    /// (a VFIO device's migration fd); `None`: as fast as the channels take it.
+    pub read_rate: Option<u64>,
+}
+
 /// A device with a streamed, strictly ordered migration state (VFIO-like).
 ///
 /// Methods take `&self`: the engine calls the save methods from the device's save job thread
 /// (`lm-src-dev{i}`; in serial mode the caller's thread) and the load methods from the
-/// device's loader thread (`lm-dst-load{i}`), never two at once for the same device. The
+/// device's loader thread (`lm-dst-load{i}`), never two at once for the same device (save
+/// methods, that is: [`Device::pending`] may come at any time, from the coordinator). The
 /// device's vCPU-side work goes on meanwhile: the save job runs concurrently with the guest
 /// until the pause.
 ///
@@ -110,6 +141,16 @@ pub trait Device: Send + Sync {
     /// [`crate::DeviceReport::final_save_ms`], part of the downtime: all devices save in
     /// parallel, and the slowest counts.
     fn save_final(&self, out: &mut Vec<u8>, max: usize) -> Result<usize, DeviceError>;
+
+    /// Source: what the device still holds to save and how fast it reads it out, or `None`
+    /// (the default) if it cannot tell. Called on the coordinator's thread at the end of
+    /// every precopy round, at the same time as the device's save job may be in
+    /// `save_precopy`: it must be cheap (an ioctl, a counter) and must not change the state
+    /// stream. The figures are an estimate: the engine compares the expected downtime they
+    /// give with the downtime limit, and the report with the downtime that followed.
+    fn pending(&self) -> Option<SavePending> {
+        None
+    }
 
     /// The migration failed or was cancelled: the device runs on as before (whatever a
     /// final save froze is thawed), with its state intact. Called before the guest resumes,

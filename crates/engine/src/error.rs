@@ -111,16 +111,18 @@ pub enum MigrationError {
     /// Precopy hit [`crate::MigrationConfig::max_rounds`] or
     /// [`crate::MigrationConfig::max_precopy_time`] without converging, and
     /// [`crate::NoConvergence::Cancel`] was configured. The guest runs on here; retry with a
-    /// larger downtime limit, more bandwidth, or auto-converge.
+    /// larger downtime limit, more bandwidth, or auto-converge (which does nothing for
+    /// devices whose final state alone takes longer than the limit to read).
     #[error(
-        "did not converge: after {rounds} rounds ({throttle_percent}% throttle) the rest would take {expected_downtime_ms:.0} ms against a limit of {limit_ms:.0} ms; cancelled as configured, the guest runs on here"
+        "did not converge: after {rounds} rounds ({throttle_percent}% throttle) the rest (RAM and device state) would take {expected_downtime_ms:.0} ms against a limit of {limit_ms:.0} ms; cancelled as configured, the guest runs on here"
     )]
     NotConverged {
         /// Precopy rounds run.
         rounds: u32,
         /// The downtime the last round predicted, milliseconds.
         expected_downtime_ms: f64,
-        /// [`crate::MigrationConfig::downtime_limit`], milliseconds.
+        /// The downtime limit in force ([`crate::MigrationConfig::downtime_limit_now`]),
+        /// milliseconds.
         limit_ms: f64,
         /// Auto-converge's throttle at the end, percent.
         throttle_percent: u8,

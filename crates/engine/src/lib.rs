@@ -75,12 +75,13 @@ pub mod source;
 pub mod stats;
 pub mod tls;
 pub mod transport;
+pub mod tunables;
 
 pub use cancel::CancelToken;
 pub use config::{
     ChunkOrder, IncomingConfig, MigrationConfig, NoConvergence, SourceTestHooks, TestHooks,
 };
-pub use device::{Device, DeviceDescriptor, DeviceError, DeviceFactory, VmState};
+pub use device::{Device, DeviceDescriptor, DeviceError, DeviceFactory, SavePending, VmState};
 pub use dirty::DirtyBitmap;
 pub use error::{ChannelError, ChannelName, IncomingError, MigrationError};
 pub use guest::{Guest, GuestError, GuestFactory, GuestMemory, VerifyReport};
@@ -94,3 +95,4 @@ pub use source::{migrate, migrate_vm, Vm};
 pub use stats::{LiveStats, StatsSnapshot};
 pub use tls::{TlsConfig, TlsError};
 pub use transport::{Endpoint, Listener, Stream};
+pub use tunables::LiveParams;

@@ -35,11 +35,35 @@ pub struct RoundReport {
     /// so a page the guest keeps writing is not sent twice in a row.
     #[serde(default)]
     pub skipped_pages: u64,
-    /// Time to send `dirty_after` pages at this round's rate, milliseconds: what the
-    /// switchover decision compares with the downtime limit.
+    /// The downtime expected if the guest were paused after this round, milliseconds: what
+    /// the switchover decision compares with the downtime limit. The largest of
+    /// [`Self::ram_expected_ms`], [`Self::device_read_ms`] and the RAM's rest and the
+    /// devices' final bytes together at [`Self::channel_bytes_per_s`] (see
+    /// `docs/state-machines.md`).
     pub expected_downtime_ms: f64,
     /// Auto-converge's throttle on the guest's vCPUs during this round (percent).
     pub throttle_percent: u8,
+    /// Time to send `dirty_after` pages at this round's rate, milliseconds: the RAM's part
+    /// of the expected downtime.
+    #[serde(default)]
+    pub ram_expected_ms: f64,
+    /// Bytes the devices said their final save would read now ([`crate::SavePending`]),
+    /// summed over the devices that report (in serial mode, their precopy data too).
+    #[serde(default)]
+    pub device_final_bytes: u64,
+    /// Time the devices need to read those bytes out at their own rates, milliseconds: the
+    /// slowest device's (they read in parallel; in serial mode, the sum).
+    #[serde(default)]
+    pub device_read_ms: f64,
+    /// The rate of the channels the devices' bytes are expected to go at, bytes per second:
+    /// every byte the data channels sent (RAM and device precopy data) over a round's time,
+    /// the best of the latest 8 rounds that moved at least 4 MiB.
+    #[serde(default)]
+    pub channel_bytes_per_s: f64,
+    /// The downtime limit in force when this round ended, milliseconds (it may be changed
+    /// while the migration runs).
+    #[serde(default)]
+    pub downtime_limit_ms: f64,
 }
 
 /// Where the guest's pause went, source and destination together, in milliseconds. The

@@ -37,6 +37,15 @@ pub struct BenchArgs {
     /// Devices mode: guest memory.
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub device_guest_memory: u64,
+    /// Devices and suite modes: the downtime limit of every device row, milliseconds (the
+    /// switchover counts the devices' read time, so devices that cannot fit it are forced
+    /// over at the round bound, their expected downtime reported).
+    #[arg(long, default_value_t = 300)]
+    pub device_downtime_limit_ms: u64,
+    /// Devices and suite modes: more rows, parallel, for the largest device count, at these
+    /// downtime limits (ms): a limit the devices fit, against the forced row.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1000u64])]
+    pub device_extra_limits_ms: Vec<u64>,
     /// Guest memory size.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     pub memory: u64,

@@ -302,10 +302,9 @@ impl Machine {
                 Ok(self.caps.query())
             }
             "migrate-set-parameters" => {
-                if self.status.in_progress() {
-                    return Err(busy());
-                }
-                self.params.set(&req.arguments)?;
+                // `downtime-limit` and `max-bandwidth` reach a migration under way.
+                self.params
+                    .set_while(&req.arguments, self.status.in_progress())?;
                 Ok(json!({}))
             }
             "query-migrate-parameters" => {

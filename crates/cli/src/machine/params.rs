@@ -2,7 +2,7 @@
 //! (livemig's own parameters carry the `x-` prefix QAPI uses for extensions).
 
 use livemig_engine::config::PostcopyPolicy;
-use livemig_engine::MigrationConfig;
+use livemig_engine::{LiveParams, MigrationConfig};
 use livemig_qmp::{Args, QmpError};
 use livemig_wire::{DeviceTransfer, MAX_CHANNELS, MAX_CHUNK_SIZE};
 use serde_json::{json, Value};
@@ -104,6 +104,8 @@ pub struct Parameters {
     pub downtime_limit_ms: u64,
     /// Bytes per second; 0: no cap.
     pub max_bandwidth: u64,
+    /// Bytes per second the switchover may count on; 0: the measured rates.
+    pub avail_switchover_bandwidth: u64,
     pub chunk_size: u32,
     pub credit_window: u32,
     pub buffer_cap: u64,
@@ -118,6 +120,9 @@ pub struct Parameters {
     pub zstd_level: u64,
     /// Each page carries its CRC32C.
     pub page_checksums: bool,
+    /// The live handle every migration started from these parameters shares: it mirrors
+    /// `downtime-limit` and `max-bandwidth`, so setting them reaches a migration under way.
+    live: LiveParams,
 }
 
 impl Default for Parameters {
@@ -127,6 +132,7 @@ impl Default for Parameters {
             multifd_channels: d.channels,
             downtime_limit_ms: d.downtime_limit.as_millis() as u64,
             max_bandwidth: d.max_bandwidth.unwrap_or(0),
+            avail_switchover_bandwidth: d.avail_switchover_bandwidth.unwrap_or(0),
             chunk_size: d.chunk_size,
             credit_window: d.credit_window,
             buffer_cap: d.buffer_cap,
@@ -136,6 +142,7 @@ impl Default for Parameters {
             zstd: d.compress.is_some(),
             zstd_level: 1,
             page_checksums: d.page_checksums,
+            live: LiveParams::new(),
         }
     }
 }
@@ -145,6 +152,7 @@ pub const NAMES: &[&str] = &[
     "multifd-channels",
     "downtime-limit",
     "max-bandwidth",
+    "avail-switchover-bandwidth",
     "x-device-chunk-size",
     "x-credit-window",
     "x-buffer-cap",
@@ -154,6 +162,15 @@ pub const NAMES: &[&str] = &[
     "multifd-compression",
     "multifd-zstd-level",
     "x-page-checksums",
+];
+
+/// The parameters a migration under way takes (QEMU takes them live too; libvirt's
+/// `migrate-setmaxdowntime` and `migrate-setspeed` set the first two when a migration does
+/// not converge). The rest are refused while a migration runs.
+pub const LIVE: &[&str] = &[
+    "downtime-limit",
+    "max-bandwidth",
+    "avail-switchover-bandwidth",
 ];
 
 /// QEMU's bound on `multifd-zstd-level`.
@@ -172,6 +189,7 @@ impl Parameters {
             "multifd-channels": self.multifd_channels,
             "downtime-limit": self.downtime_limit_ms,
             "max-bandwidth": self.max_bandwidth,
+            "avail-switchover-bandwidth": self.avail_switchover_bandwidth,
             "x-device-chunk-size": self.chunk_size,
             "x-credit-window": self.credit_window,
             "x-buffer-cap": self.buffer_cap,
@@ -196,7 +214,34 @@ impl Parameters {
         next.set_timeouts(&a)?;
         next.set_compression(&a)?;
         *self = next;
+        self.publish();
         Ok(())
+    }
+
+    /// `migrate-set-parameters` while a migration may run (`running`): then only [`LIVE`]
+    /// parameters are taken (with QEMU's refusal for the rest), and they reach the
+    /// migration under way within one round.
+    pub fn set_while(
+        &mut self,
+        args: &serde_json::Map<String, Value>,
+        running: bool,
+    ) -> Result<(), QmpError> {
+        if running && args.keys().any(|k| !LIVE.contains(&k.as_str())) {
+            // Unknown names get their own error first, as when nothing runs.
+            Args::new(args, NAMES)?;
+            return Err(super::busy());
+        }
+        self.set(args)
+    }
+
+    /// The live values into the handle migrations share (only once a set is whole).
+    fn publish(&self) {
+        self.live
+            .set_downtime_limit(Duration::from_millis(self.downtime_limit_ms));
+        self.live
+            .set_max_bandwidth(std::num::NonZeroU64::new(self.max_bandwidth));
+        self.live
+            .set_switchover_bandwidth(std::num::NonZeroU64::new(self.avail_switchover_bandwidth));
     }
 
     /// The channels, downtime limit and bandwidth of `a`.
@@ -221,6 +266,9 @@ impl Parameters {
         }
         if let Some(b) = a.opt_u64("max-bandwidth")? {
             self.max_bandwidth = b;
+        }
+        if let Some(b) = a.opt_u64("avail-switchover-bandwidth")? {
+            self.avail_switchover_bandwidth = b;
         }
         Ok(())
     }
@@ -317,6 +365,9 @@ impl Parameters {
             },
             downtime_limit: Duration::from_millis(self.downtime_limit_ms),
             max_bandwidth: (self.max_bandwidth > 0).then_some(self.max_bandwidth),
+            avail_switchover_bandwidth: (self.avail_switchover_bandwidth > 0)
+                .then_some(self.avail_switchover_bandwidth),
+            live: self.live.clone(),
             chunk_size: self.chunk_size,
             credit_window: self.credit_window,
             buffer_cap: self.buffer_cap,
@@ -468,5 +519,43 @@ mod tests {
                 "postcopy-blocktime"
             ]
         );
+    }
+    #[test]
+    fn downtime_limit_and_bandwidth_reach_a_migration_under_way_and_nothing_else_does() {
+        let mut p = Parameters::default();
+        let c = p.migration_config(&Capabilities::default());
+        let set = |p: &mut Parameters, v: Value| p.set_while(v.as_object().unwrap(), true);
+        set(
+            &mut p,
+            json!({"downtime-limit": 1000, "max-bandwidth": 1 << 20}),
+        )
+        .unwrap();
+        assert_eq!(c.downtime_limit_now(), Duration::from_millis(1000));
+        assert_eq!(c.max_bandwidth_now(), Some(1 << 20));
+        assert_eq!(p.query()["downtime-limit"], 1000);
+        set(&mut p, json!({"max-bandwidth": 0})).unwrap();
+        assert_eq!(c.max_bandwidth_now(), None, "0 lifts the cap");
+        assert_eq!(c.avail_switchover_bandwidth_now(), None);
+        set(&mut p, json!({"avail-switchover-bandwidth": 1 << 30})).unwrap();
+        assert_eq!(c.avail_switchover_bandwidth_now(), Some(1 << 30));
+        assert_eq!(p.query()["avail-switchover-bandwidth"], 1 << 30);
+        let e = set(&mut p, json!({"downtime-limit": 50, "multifd-channels": 2})).unwrap_err();
+        assert_eq!(e.desc, "There's a migration process in progress");
+        assert_eq!(
+            c.downtime_limit_now(),
+            Duration::from_millis(1000),
+            "nothing applied"
+        );
+        let e = set(&mut p, json!({"downtime-limit": 50, "nonsense": 2})).unwrap_err();
+        assert!(e.desc.contains("'nonsense'"), "{e}");
+        let e = set(&mut p, json!({"downtime-limit": 3_000_000})).unwrap_err();
+        assert!(e.desc.contains("downtime-limit"), "{e}");
+        assert_eq!(
+            c.downtime_limit_now(),
+            Duration::from_millis(1000),
+            "nothing applied"
+        );
+        p.set_while(json!({"multifd-channels": 2}).as_object().unwrap(), false)
+            .unwrap();
     }
 }

@@ -206,6 +206,12 @@ impl Outgoing {
             Some(r) => {
                 m.insert("downtime".into(), json!(r.downtime_ms.round() as u64));
                 m.insert("downtime-breakdown".into(), json!(r.downtime));
+                // What was expected when the guest paused, beside what followed.
+                m.insert(
+                    "x-expected-downtime".into(),
+                    json!(r.expected_downtime_ms.round() as u64),
+                );
+                m.insert("x-forced-switchover".into(), json!(r.forced_switchover));
                 m.insert(
                     "device-state".into(),
                     Value::Array(
@@ -229,6 +235,9 @@ impl Outgoing {
                         "expected-downtime".into(),
                         json!(self.expected_downtime_ms.round() as u64),
                     );
+                    if let Some(r) = &self.last_round {
+                        m.insert("x-expected-downtime-parts".into(), expected_parts(r));
+                    }
                 }
                 let state = if status.in_progress() {
                     "active"
@@ -248,6 +257,17 @@ impl Outgoing {
             }
         }
     }
+}
+
+/// The parts of the last round's expected downtime (see `docs/state-machines.md`).
+fn expected_parts(r: &RoundReport) -> Value {
+    json!({
+        "ram-ms": r.ram_expected_ms.round() as u64,
+        "device-read-ms": r.device_read_ms.round() as u64,
+        "device-final-bytes": r.device_final_bytes,
+        "channel-bytes-per-s": r.channel_bytes_per_s as u64,
+        "downtime-limit": r.downtime_limit_ms.round() as u64,
+    })
 }
 
 impl IncomingJob {

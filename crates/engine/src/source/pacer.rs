@@ -1,4 +1,5 @@
-//! Keeps the data channels under `--max-bandwidth` by pacing the dispatch of batches.
+//! Keeps the data channels under the bandwidth cap in force (`--max-bandwidth`, or the value
+//! set live through [`crate::LiveParams`]) by pacing the dispatch of batches.
 
 use std::time::{Duration, Instant};
 
@@ -17,9 +18,13 @@ impl Pacer {
         }
     }
 
-    /// Accounts for `bytes` about to be sent, sleeping first if sending them now would exceed
-    /// the rate.
-    pub fn admit(&mut self, bytes: u64) {
+    /// Accounts for `bytes` about to be sent at `rate` (the cap in force now), sleeping
+    /// first if sending them now would exceed it. A rate that changed starts a new count
+    /// from now: bytes sent under the old cap neither delay nor burst the new one.
+    pub fn admit(&mut self, bytes: u64, rate: Option<u64>) {
+        if rate != self.rate {
+            *self = Pacer::new(rate);
+        }
         let Some(rate) = self.rate else { return };
         let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
         let elapsed = self.start.elapsed();
@@ -27,5 +32,22 @@ impl Pacer {
             std::thread::sleep(due - elapsed);
         }
         self.bytes += bytes;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pacer;
+
+    #[test]
+    fn a_new_rate_starts_a_new_count() {
+        let mut p = Pacer::new(Some(1 << 20));
+        p.admit(1 << 30, Some(1 << 20));
+        assert_eq!(p.bytes, 1 << 30);
+        // Under the old cap the next batch would wait ~1000 s; lifted, it goes at once.
+        p.admit(4096, None);
+        assert_eq!((p.rate, p.bytes), (None, 0), "no cap, nothing counted");
+        p.admit(4096, Some(1 << 30));
+        assert_eq!((p.rate, p.bytes), (Some(1 << 30), 4096));
     }
 }

@@ -194,7 +194,7 @@ pub(super) fn push(
         },
         recv(cancel.waiter()) -> _ => return,
     };
-    let configured = config.max_postcopy_bandwidth.or(config.max_bandwidth);
+    let configured = config.max_postcopy_bandwidth.or(config.max_bandwidth_now());
     let headroom = order
         .measured
         .filter(|r| *r > 0.0)

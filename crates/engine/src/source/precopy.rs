@@ -2,20 +2,28 @@
 //! and the destination's acknowledgement, until the rest fits the downtime limit (or a
 //! bound is hit).
 
-use super::convergence::{switch_now, AutoConverge};
+use super::convergence::DeviceOutlook;
+use super::convergence::{device_bound, estimate, switch_now, AutoConverge, ChannelRate};
 use super::coordinator::{unexpected, Coordinator, Event, Phase};
 use super::dispatch::Dispatcher;
 use super::pacer::Pacer;
 use super::sender::Job;
 use super::watchdog::Awaited;
-use crate::config::NoConvergence;
+use crate::config::{MigrationConfig, NoConvergence};
 use crate::dirty::DirtyBitmap;
 use crate::error::{ChannelName, MigrationError};
 use crate::framed;
 use crate::report::{ms, Progress, RoundReport};
-use livemig_wire::{FrameKind, RamTransfer, RoundEnd, RoundStart, PAGE_SIZE};
+use livemig_wire::{DeviceTransfer, FrameKind, RamTransfer, RoundEnd, RoundStart, PAGE_SIZE};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
+
+/// Rounds whose RAM would fit the limit while the devices keep the expected downtime above
+/// it start this long after the one before, at the soonest: the devices' figures change at
+/// their own pace (precopy data read, a limit raised over QMP), and rounds in a tight loop
+/// would only use up [`crate::MigrationConfig::max_rounds`] in milliseconds. QEMU's
+/// migration thread iterates at a similar pace (its 100 ms rate-limit window).
+const DEVICE_BOUND_PAUSE: Duration = Duration::from_millis(100);
 
 /// Precopy's state across rounds.
 pub(super) struct Precopy {
@@ -35,6 +43,8 @@ pub(super) struct Precopy {
     pub converge: AutoConverge,
     /// Rounds run past the point where the rest fit the limit.
     pub polish: u32,
+    /// The channels' rate the devices' final bytes are expected to go at.
+    pub channel: ChannelRate,
     pub start: Instant,
 }
 
@@ -48,6 +58,7 @@ impl Precopy {
             rounds: Vec::new(),
             converge: AutoConverge::new(auto_converge),
             polish: 0,
+            channel: ChannelRate::default(),
             start: Instant::now(),
         }
     }
@@ -60,6 +71,8 @@ const MID_ROUND_SYNC: Duration = Duration::from_millis(200);
 /// Counters at the start of a round, and the pages it skipped.
 pub(super) struct RoundStartCounters {
     bytes: u64,
+    /// Every byte the data channels sent (RAM, device chunks, markers).
+    all_bytes: u64,
     normal: u64,
     zero: u64,
     pages: u64,
@@ -137,11 +150,14 @@ impl Coordinator<'_> {
         }
         self.watchdog.disarm();
         let report = self.round_report(r.round, &r.before, r.t0);
-        self.end_round(report)
+        let all = self.counters.bytes.load(Relaxed) - r.before.all_bytes;
+        self.precopy.channel.record(all, report.ms);
+        self.end_round(report, r.t0)
     }
 
-    /// After a round: what is dirty now, whether to switch over, the throttle.
-    fn end_round(&mut self, mut report: RoundReport) -> Result<Phase, MigrationError> {
+    /// After a round: what is dirty now, what the devices hold, the expected downtime,
+    /// then the decision.
+    fn end_round(&mut self, mut report: RoundReport, t0: Instant) -> Result<Phase, MigrationError> {
         let p = &mut self.precopy;
         report.throttle_percent = p.converge.throttle;
         // The next round: what the middle of this one saw written, and the rest of the log.
@@ -151,12 +167,28 @@ impl Coordinator<'_> {
             self.vm.guest.sync_dirty_log(&mut p.dirty)?;
         }
         report.dirty_after = p.dirty.count();
-        report.expected_downtime_ms =
-            1e3 * (report.dirty_after * PAGE_SIZE as u64) as f64 / report.bytes_per_s.max(1.0);
+        let serial = self.config.device_transfer == DeviceTransfer::Main;
+        let devices = DeviceOutlook::of(self.vm.devices, serial);
+        let switchover_bw = self.config.avail_switchover_bandwidth_now();
+        estimate(&mut report, devices, p.channel.now(), switchover_bw);
+        report.downtime_limit_ms = ms(self.config.downtime_limit_now());
         (self.progress)(&Progress::RoundDone(report.clone()));
-        let limit_ms = ms(self.config.downtime_limit);
+        self.after_round(report, t0)
+    }
+
+    /// Whether to switch over, to postcopy, give up at a bound, or run another round (after
+    /// a pause when only the devices keep the downtime above the limit).
+    fn after_round(&mut self, report: RoundReport, t0: Instant) -> Result<Phase, MigrationError> {
+        let p = &mut self.precopy;
+        let limit_ms = report.downtime_limit_ms;
         let converged = switch_now(&report, limit_ms, &mut p.polish);
-        let next_throttle = p.converge.after_round(&report);
+        let wait_for_devices = device_bound(&report, limit_ms);
+        // Throttling the guest takes nothing off the devices' part: only the RAM's rounds
+        // count for auto-converge.
+        let next_throttle = match wait_for_devices {
+            true => None,
+            false => p.converge.after_round(&report),
+        };
         let expected_downtime_ms = report.expected_downtime_ms;
         p.rounds.push(report);
         p.round += 1;
@@ -191,6 +223,13 @@ impl Coordinator<'_> {
                 p.converge.throttle = t;
             }
         }
+        if wait_for_devices
+            && !self
+                .cancel
+                .sleep(DEVICE_BOUND_PAUSE.saturating_sub(t0.elapsed()))
+        {
+            return Err(self.failure_cause());
+        }
         self.start_round()
     }
 
@@ -206,6 +245,7 @@ impl Coordinator<'_> {
         let c = self.counters;
         let mut before = RoundStartCounters {
             bytes: c.ram_bytes.load(Relaxed),
+            all_bytes: c.bytes.load(Relaxed),
             normal: c.normal_pages.load(Relaxed),
             zero: c.zero_pages.load(Relaxed),
             pages: self.precopy.dirty.count(),
@@ -240,7 +280,7 @@ impl Coordinator<'_> {
                 continue;
             }
             let full = std::mem::replace(&mut batch, Vec::with_capacity(per));
-            if !hand_out(&mut self.pacer, &self.dispatch, round, full) {
+            if !hand_out(&mut self.pacer, &self.dispatch, self.config, round, full) {
                 stopped = true;
                 break;
             }
@@ -252,7 +292,9 @@ impl Coordinator<'_> {
         if stopped {
             return Err(self.failure_cause());
         }
-        if !batch.is_empty() && !hand_out(&mut self.pacer, &self.dispatch, round, batch) {
+        if !batch.is_empty()
+            && !hand_out(&mut self.pacer, &self.dispatch, self.config, round, batch)
+        {
             return Err(self.failure_cause());
         }
         Ok(before)
@@ -295,9 +337,15 @@ impl Coordinator<'_> {
     }
 }
 
-/// Hands a batch to the first free data channel, within the bandwidth limit. False if the
-/// channels have stopped.
-fn hand_out(pacer: &mut Pacer, dispatch: &Dispatcher, round: u32, addrs: Vec<u64>) -> bool {
-    pacer.admit((addrs.len() * PAGE_SIZE) as u64);
+/// Hands a batch to the first free data channel, within the bandwidth limit in force now.
+/// False if the channels have stopped.
+fn hand_out(
+    pacer: &mut Pacer,
+    dispatch: &Dispatcher,
+    config: &MigrationConfig,
+    round: u32,
+    addrs: Vec<u64>,
+) -> bool {
+    pacer.admit((addrs.len() * PAGE_SIZE) as u64, config.max_bandwidth_now());
     dispatch.send(Job::Pages { round, addrs }).is_ok()
 }

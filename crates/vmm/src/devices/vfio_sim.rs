@@ -33,6 +33,15 @@
 //! Reads sleep so that bytes read / time since the phase began never exceeds `rate`: the
 //! precopy phase starts at `begin_save`, the final phase at the first `save_final`.
 //!
+//! # What it reports
+//!
+//! [`Device::pending`] answers as a VFIO device does (`VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`,
+//! precopy info): the precopy data still to read now (the rest of a section begun, or a
+//! whole section when the generation moved on since the last one was read; it shrinks as
+//! precopy reads it and grows back with the next generation), the bytes a final save would
+//! read now (the rest of a precopy section begun, which the final save finishes first, and
+//! the final section; once the final save has begun, what is left of it), and `rate`.
+//!
 //! # Loading
 //!
 //! The destination's twin ([`VfioSim::from_descriptor`]) checks every byte against the
@@ -44,11 +53,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use livemig_engine::{Device, DeviceDescriptor, DeviceError};
+use livemig_engine::{Device, DeviceDescriptor, DeviceError, SavePending};
 
 pub use super::vfio_config::VfioSimConfig;
 use super::vfio_load::StreamLoader;
-use super::vfio_stream::{SectionHeader, SectionKind, SectionWriter};
+use super::vfio_stream::{section_total, SectionHeader, SectionKind, SectionWriter};
 
 pub const KIND: &str = "vfio-sim";
 
@@ -352,6 +361,27 @@ impl Device for VfioSim {
             std::thread::sleep(d);
         }
         Ok(n)
+    }
+
+    fn pending(&self) -> Option<SavePending> {
+        let s = lock(&self.save);
+        let begun = s.precopy.as_ref().map_or(0, SectionWriter::remaining);
+        let generation = s.gen.current(self.cfg.gen_ms);
+        let next = match (&s.final_, &s.precopy) {
+            (None, None) if self.cfg.precopy > 0 && s.last_precopy_gen != Some(generation) => {
+                section_total(self.cfg.precopy)
+            }
+            _ => 0,
+        };
+        let final_rest = s
+            .final_
+            .as_ref()
+            .map_or(section_total(self.cfg.size), SectionWriter::remaining);
+        Some(SavePending {
+            precopy_bytes: begun + next,
+            final_bytes: begun + final_rest,
+            read_rate: (self.cfg.rate > 0).then_some(self.cfg.rate),
+        })
     }
 
     fn abort_save(&self) -> Result<(), DeviceError> {

@@ -304,3 +304,50 @@ fn unpaced_throughput_256m() {
     let mbs = |d: Duration| 256.0 * 1.048_576 / d.as_secs_f64();
     println!("save {:.0} MB/s, load {:.0} MB/s", mbs(save), mbs(load));
 }
+
+#[test]
+fn pending_shrinks_with_precopy_and_matches_what_the_final_save_reads() {
+    let dev = VfioSim::new("d", cfg("size=3M,precopy=2M,rate=500M,gen_ms=0"));
+    dev.begin_save().expect("begin");
+    let whole = |len: u64| section_total(len);
+    let p = dev.pending().expect("vfio-sim reports");
+    assert_eq!(
+        p.precopy_bytes,
+        whole(2 << 20),
+        "a whole precopy section to read"
+    );
+    assert_eq!(p.final_bytes, whole(3 << 20));
+    assert_eq!(p.read_rate, Some(500 << 20));
+    // Half a precopy section read: both shrink to what a final save must finish first.
+    let mut buf = Vec::new();
+    dev.save_precopy(&mut buf, MIB).expect("precopy");
+    let p = dev.pending().expect("pending");
+    let rest = whole(2 << 20) - MIB as u64;
+    assert_eq!(p.precopy_bytes, rest);
+    assert_eq!(p.final_bytes, rest + whole(3 << 20));
+    let read: usize = drain_final(&dev, 256 << 10).iter().map(Vec::len).sum();
+    assert_eq!(
+        read as u64, p.final_bytes,
+        "the estimate is what the final save read"
+    );
+    let p = dev.pending().expect("pending");
+    assert_eq!((p.precopy_bytes, p.final_bytes), (0, 0), "all read");
+}
+
+#[test]
+fn pending_with_precopy_read_is_the_final_section() {
+    let dev = VfioSim::new("d", cfg("size=1M,precopy=1M,gen_ms=0"));
+    dev.begin_save().expect("begin");
+    drain_precopy(&dev, MIB);
+    let p = dev.pending().expect("pending");
+    assert_eq!(p.precopy_bytes, 0, "this generation's precopy data is read");
+    assert_eq!(p.final_bytes, section_total(1 << 20));
+    assert_eq!(p.read_rate, None, "unpaced");
+    dev.advance_generation();
+    let p = dev.pending().expect("pending");
+    assert_eq!(
+        p.precopy_bytes,
+        section_total(1 << 20),
+        "a new generation to send"
+    );
+}

@@ -408,7 +408,11 @@ fn devices(md: &mut String, d: &Doc) {
          chunks on the data channels with credit, serial = each device in turn on the main \
          channel; the same rows as `livemig bench --mode devices`. Ideal = max(one device's \
          read time, all device bytes / raw TCP) + the last RAM round / raw TCP (without \
-         devices: the last RAM round / raw TCP).",
+         devices: the last RAM round / raw TCP). Limit = the downtime limit; the switchover \
+         counts the devices' read time, so devices that cannot fit it are forced over at \
+         the round bound (30 rounds, 100 ms apart once only the devices hold it). Expected \
+         = what the source expected when it paused the guest (RAM and devices); expected / \
+         actual is how close that came.",
         size_label(a.device_guest_memory),
         d.how.guest,
         a.working_set.min(a.device_guest_memory / 4) >> 20,
