@@ -165,7 +165,8 @@ pub struct PostcopyReport {
 
 /// How long faulting vCPUs waited in postcopy, from the fault read to its page installed
 /// (requested pages, pages the push brought first, and pages that never held data, which
-/// are zero-filled at once). Percentiles are upper bounds of buckets an eighth of a power of two wide (at most 12.5 % high), never above `max`.
+/// are zero-filled at once). Percentiles are upper bounds of buckets an eighth of a power of
+/// two wide (at most 12.5 % high), never above `max`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct FaultLatencyReport {
     /// Faults answered.
@@ -178,6 +179,34 @@ pub struct FaultLatencyReport {
     pub max_us: u64,
     /// Every wait added up, microseconds (QEMU's postcopy blocktime).
     pub total_us: u64,
+    /// The histogram: every non-empty bucket, shortest waits first.
+    #[serde(default)]
+    pub histogram: Vec<LatencyBucket>,
+    /// Each faulting thread's waits (QEMU's per-vCPU blocktime), in the order they first
+    /// faulted.
+    #[serde(default)]
+    pub threads: Vec<ThreadBlocktime>,
+}
+
+/// A bucket of the fault latency histogram.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencyBucket {
+    /// The bucket's exclusive upper bound, microseconds (the one before it is its lower).
+    pub below_us: u64,
+    /// Faults whose wait fell in it.
+    pub faults: u64,
+}
+
+/// One faulting thread's time blocked in postcopy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadBlocktime {
+    /// The thread's name when the report was made (`kvm-vcpu0`, ...), or `tid N` if it had
+    /// ended.
+    pub thread: String,
+    /// Its faults answered.
+    pub faults: u64,
+    /// Its waits added up, microseconds.
+    pub blocked_us: u64,
 }
 
 /// One streamed device in a migration.
