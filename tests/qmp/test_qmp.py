@@ -551,6 +551,9 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
                                                  "max-bandwidth": 32 << 20,
                                                  "downtime-limit": 50})
 
+        # QEMU reports blocktime on the destination, per vCPU too.
+        await dst.cmd("migrate-set-capabilities", {"capabilities": [
+            {"capability": "postcopy-blocktime", "state": True}]})
         uri = self.uri("pc")
         with src.qmp.listener() as src_ev, dst.qmp.listener() as dst_ev, \
                 src.qmp.listener("MIGRATION_PASS") as passes:
@@ -591,7 +594,15 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(ram["postcopy-bytes"] % 4096, 0, q)
         self.assertGreater(ram["postcopy-requests"], 0, q)
         self.assertIn("postcopy-blocktime", q)
-        self.assertNotIn("postcopy-vcpu-blocktime", q, "not counted per vCPU")
+        self.assertNotIn("postcopy-vcpu-blocktime", q, "the destination's figure")
+        # The destination's: the guest's writers faulted (requests > 0), each counted for
+        # the vCPU that waited.
+        self.assertIsInstance(dq["postcopy-blocktime"], int, dq)
+        per_vcpu = dq["postcopy-vcpu-blocktime"]
+        self.assertIsInstance(per_vcpu, list, dq)
+        self.assertGreater(len(per_vcpu), 0, dq)
+        # Each vCPU's milliseconds rounded down: together at most the total.
+        self.assertLessEqual(sum(per_vcpu), dq["postcopy-blocktime"], dq)
         self.assertEqual(ram["remaining"], 0)
 
         # The source keeps its copy paused for good; the guest runs on, exact, there.

@@ -544,6 +544,7 @@ impl Machine {
             end: None,
             report: None,
             error: None,
+            blocktime: self.caps.postcopy_blocktime,
         }));
         self.set_status(MigStatus::Setup);
         Ok(json!({}))

@@ -61,7 +61,8 @@ pub struct ThreadBlocked {
     pub tid: u32,
     /// Its faults answered.
     pub faults: u64,
-    /// Its time blocked on them, added up.
+    /// Its time blocked on them, added up (each wait in whole microseconds, as the
+    /// histogram's total, so the threads' add up to it).
     pub total: Duration,
 }
 
@@ -116,6 +117,7 @@ impl Default for FaultLatency {
 impl FaultLatency {
     /// Records one wait of thread `tid` (0: unknown).
     pub fn record(&self, wait: Duration, tid: u32) {
+        let us = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX);
         let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
         let at = match threads.iter().position(|t| t.tid == tid) {
             Some(i) => i,
@@ -130,9 +132,9 @@ impl FaultLatency {
             None => threads.len() - 1,
         };
         threads[at].faults += 1;
-        threads[at].total += wait;
+        // In whole microseconds, as the total: the threads' times add up to it.
+        threads[at].total += Duration::from_micros(us);
         drop(threads);
-        let us = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX);
         self.buckets[bucket_of(us)].fetch_add(1, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
         self.total_us.fetch_add(us, Ordering::Relaxed);
