@@ -256,3 +256,33 @@ fn a_session_allowed_postcopy_that_converges_ends_as_precopy() {
     );
     assert_eq!(recv["postcopy_ms"].as_f64(), Some(0.0), "{recv:#}");
 }
+
+#[test]
+fn a_destination_that_refuses_the_switch_before_running_the_guest_gives_it_back() {
+    // The destination fails at the switch before the guest runs there (as a host without
+    // userfaultfd would): its Reject comes before any Resumed, so the source's copy, which
+    // has every page, is the guest again and runs on, intact.
+    let (mut dest, addr) = Proc::incoming_hooked(&["--verify"], "postcopy-arm-fails");
+    let to = format!("--to={addr}");
+    let mut args = vec!["migrate", "--json", to.as_str(), "--postcopy"];
+    args.extend_from_slice(SYNTHETIC);
+    args.push("--postcopy-after-rounds=1");
+    let mut src = Proc::spawn(&args);
+    let failed = src.expect_event("attempt_failed");
+    let e = failed["error"].as_str().unwrap_or_default();
+    assert!(e.contains("userfaultfd refused"), "{e}");
+    assert!(!e.contains("postcopy broke"), "{e}");
+    assert_eq!(
+        u64_at(&failed["source_verify"], &["pages_mismatched"]),
+        0,
+        "{failed:#}"
+    );
+    assert!(
+        !src.seen.iter().any(|l| l["event"] == "postcopy_paused"),
+        "{:#?}",
+        src.seen
+    );
+    assert!(!src.wait_exit().success());
+    dest.expect_event("failed");
+    assert!(!dest.wait_exit().success());
+}

@@ -398,6 +398,10 @@ pub mod test_hooks {
         /// pages late, newest first, so older copies of a page land after newer ones.
         #[cfg(feature = "test-hooks")]
         pub break_round_order: bool,
+        /// Fail to put guest memory under userfaultfd at the switch to postcopy, as a host
+        /// without userfaultfd would, before the guest runs here.
+        #[cfg(feature = "test-hooks")]
+        pub postcopy_arm_fails: bool,
     }
 
     impl SourceTestHooks {
@@ -430,6 +434,15 @@ pub mod test_hooks {
         pub fn break_round_order(&self) -> bool {
             #[cfg(feature = "test-hooks")]
             return self.break_round_order;
+            #[cfg(not(feature = "test-hooks"))]
+            false
+        }
+
+        /// Whether the switch to postcopy fails here on purpose before the guest runs.
+        #[inline]
+        pub fn postcopy_arm_fails(&self) -> bool {
+            #[cfg(feature = "test-hooks")]
+            return self.postcopy_arm_fails;
             #[cfg(not(feature = "test-hooks"))]
             false
         }
@@ -470,6 +483,7 @@ pub mod test_hooks {
             for item in spec.split(',').map(str::trim) {
                 match item {
                     "break-round-order" => hooks.destination.break_round_order = true,
+                    "postcopy-arm-fails" => hooks.destination.postcopy_arm_fails = true,
                     "tls-no-client-cert" => hooks.tls_no_client_cert = true,
                     "chunk-order=natural" => hooks.source.chunk_order = ChunkOrder::Natural,
                     "chunk-order=reverse" => hooks.source.chunk_order = ChunkOrder::Reverse,

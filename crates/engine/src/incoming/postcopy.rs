@@ -331,6 +331,11 @@ pub(super) fn start(
     };
     let started = Instant::now();
     let restore = super::loading::restore(s, &received)?;
+    if s.config.test_hooks.postcopy_arm_fails() {
+        return Err(IncomingError::Setup(
+            "userfaultfd refused (the postcopy-arm-fails test hook)".into(),
+        ));
+    }
     dest.arm(&start)?;
     let t = Instant::now();
     s.guest.resume()?;
