@@ -236,7 +236,8 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         caps = {c["capability"]: c["state"] for c in await src.cmd("query-migrate-capabilities")}
         self.assertEqual(caps, {"multifd": True, "events": True, "auto-converge": True,
                                 "x-local": False, "postcopy-ram": False,
-                                "postcopy-preempt": False, "postcopy-blocktime": False})
+                                "postcopy-preempt": False, "postcopy-blocktime": False,
+                                "pause-before-switchover": False})
         self.assertEqual(await src.cmd("query-migrate"), {}, "no migration yet")
 
         uri = self.uri("m1")
@@ -719,6 +720,47 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         self.assertGreaterEqual(v["counter"], at_pause)
         self.assertEqual(await src.threads_settle(), [])
         self.assertEqual(await dst.threads_settle(), [])
+
+    async def test_pause_before_switchover_like_qemu(self):
+        """pause-before-switchover: the guest paused for the switchover, the migration holds
+        in pre-switchover until migrate-continue (its state named, as QEMU checks), then
+        device, completed; a cancel while it holds gives the guest back to the source."""
+        src = await self.source()
+        await self.enable_events(src)
+        await src.cmd("migrate-set-capabilities", {"capabilities": [
+            {"capability": "pause-before-switchover", "state": True}]})
+        with self.assertRaises(ExecuteError) as e:
+            await src.cmd("migrate-continue", {"state": "pre-switchover"})
+        self.assertIn("Migration not in expected state: none", str(e.exception))
+
+        # Held, then cancelled: the guest runs on here, exact.
+        dst = await self.destination()
+        await dst.cmd("migrate-incoming", {"uri": self.uri("held")})
+        await src.cmd("migrate", {"uri": self.uri("held")})
+        await src.wait_status("pre-switchover")
+        self.assertEqual(await src.status(), "finish-migrate", "paused while it holds")
+        await src.cmd("migrate_cancel")
+        self.assertEqual((await src.wait_migration())["status"], "cancelled")
+        self.assertEqual(await src.status(), "running")
+        self.assertEqual((await src.cmd("x-livemig-verify"))["pages-mismatched"], 0)
+
+        dst = await self.destination()
+        uri = self.uri("go")
+        with src.qmp.listener("MIGRATION") as ev:
+            await dst.cmd("migrate-incoming", {"uri": uri})
+            await src.cmd("migrate", {"uri": uri})
+            await src.wait_status("pre-switchover")
+            with self.assertRaises(ExecuteError) as e:
+                await src.cmd("migrate-continue", {"state": "active"})
+            self.assertIn("Migration not in expected state: pre-switchover", str(e.exception))
+            await src.cmd("migrate-continue", {"state": "pre-switchover"})
+            q = await src.wait_migration()
+            statuses = [x["data"]["status"] for x in await drain(ev)]
+        self.assertEqual(q["status"], "completed", q)
+        self.assertEqual(statuses, ["setup", "active", "pre-switchover", "device", "completed"],
+                         statuses)
+        self.assertEqual((await dst.wait_migration())["status"], "completed")
+        self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
 
     async def test_bad_requests_and_wrong_states_keep_the_server_serving(self):
         src = await self.source()

@@ -100,6 +100,13 @@ pub struct MigrationConfig {
     /// How a postcopy broken by a lost link is resumed ([`crate::recovery`]). Default:
     /// reconnect to the same address for up to 60 s.
     pub postcopy_recovery: crate::recovery::SourceRecovery,
+    /// QEMU's `pause-before-switchover`: once the guest is paused for the switchover (or
+    /// the switch to postcopy), wait until the embedder posts to this gate (QMP's
+    /// `migrate-continue`) before its devices' and vCPUs' state are saved, so that it can do
+    /// its own work meanwhile (e.g. release a shared resource). The wait counts in the
+    /// downtime; the switchover bound starts after it. A cancel during it resumes the guest
+    /// here. Default none: no wait.
+    pub pause_before_switchover: Option<crate::recovery::Mailbox<()>>,
     /// Throttle the guest's vCPUs progressively while rounds stop shrinking (QEMU's
     /// auto-converge): after two rounds in a row that each saw at least half as many pages
     /// dirtied as they sent, the throttle goes to [`THROTTLE_INITIAL`] (20%), and up by
@@ -187,6 +194,7 @@ impl Default for MigrationConfig {
             postcopy_trigger: PostcopyTrigger::default(),
             max_postcopy_bandwidth: None,
             postcopy_recovery: Default::default(),
+            pause_before_switchover: None,
             auto_converge: true,
             pages_per_packet: DEFAULT_PAGES_PER_PACKET,
             connect_timeout: Duration::from_secs(10),

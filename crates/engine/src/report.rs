@@ -313,6 +313,12 @@ pub enum Progress {
         #[serde(default)]
         postcopy: bool,
     },
+    /// The guest is paused for the switchover and the migration waits for the embedder to
+    /// let it go on ([`crate::MigrationConfig::pause_before_switchover`]).
+    PreSwitchover,
+    /// The switchover goes on after [`Progress::PreSwitchover`]: devices and state are
+    /// being saved (QEMU's `device` status).
+    SavingDevices,
     /// Postcopy broke (a lost link): this side keeps its paused copy and every page, and
     /// waits to resume over a new connection ([`crate::recovery`]).
     PostcopyPaused {

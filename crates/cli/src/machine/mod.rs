@@ -105,6 +105,8 @@ struct Machine {
     /// address (source), `migrate-recover` the new listener (destination).
     recover_to: Mailbox<Endpoint>,
     recover_on: Mailbox<Listener>,
+    /// `migrate-continue` lets a migration held in `pre-switchover` go on.
+    switchover_gate: Mailbox<()>,
     /// Postcopy broke after the switch: the guest's memory is split between this host and
     /// the destination, and this paused copy is kept (never resumed, not replaced).
     split: bool,
@@ -126,6 +128,7 @@ const COMMANDS: &[&str] = &[
     "migrate_cancel",
     "migrate-start-postcopy",
     "migrate-recover",
+    "migrate-continue",
     "query-migrate",
     "migrate-set-capabilities",
     "query-migrate-capabilities",
@@ -181,6 +184,7 @@ pub fn start(
         split: false,
         recover_to: Mailbox::new(),
         recover_on: Mailbox::new(),
+        switchover_gate: Mailbox::new(),
     };
     let h = std::thread::Builder::new()
         .name("lm-vm".into())
@@ -280,6 +284,7 @@ impl Machine {
                 self.start_postcopy()
             }
             "migrate-recover" => self.recover(req),
+            "migrate-continue" => self.continue_switchover(req),
             "query-migrate" => {
                 none()?;
                 Ok(match &self.job {
@@ -420,6 +425,10 @@ impl Machine {
         let vm = self.vm.as_ref().ok_or_else(no_guest)?;
         let mut config = self.params.migration_config(&self.caps);
         config.tls = self.limits.tls.clone();
+        self.switchover_gate.clear();
+        if self.caps.pause_before_switchover {
+            config.pause_before_switchover = Some(self.switchover_gate.clone());
+        }
         // A broken postcopy waits, as QEMU's, for `migrate` with `resume` (or `quit`).
         self.recover_to.clear();
         config.postcopy_recovery = SourceRecovery::OnRequest {
@@ -593,6 +602,21 @@ impl Machine {
             .map_err(|e| QmpError::generic(format!("Invalid migration URI '{uri}': {e}")))?;
         self.recover_to.post(to);
         self.set_status(MigStatus::PostcopyRecover);
+        Ok(json!({}))
+    }
+
+    /// `migrate-continue`: a migration held in `pre-switchover` goes on. QEMU's check and
+    /// words: `state` must be the status the migration is in.
+    fn continue_switchover(&mut self, req: &Request) -> Result<Value, QmpError> {
+        let a = Args::new(&req.arguments, &["state"])?;
+        let state = a.str("state")?;
+        if state != self.status.name() || self.status != MigStatus::PreSwitchover {
+            return Err(QmpError::generic(format!(
+                "Migration not in expected state: {}",
+                self.status.name()
+            )));
+        }
+        self.switchover_gate.post(());
         Ok(json!({}))
     }
 
@@ -789,6 +813,19 @@ impl Machine {
                     remaining_pages,
                 );
                 postcopy = matches!(o.postcopy.switch, Switch::Postcopy { .. });
+            }
+            Progress::PreSwitchover => {
+                self.set_status(MigStatus::PreSwitchover);
+                return;
+            }
+            // QEMU's `device` status, or back to `postcopy-active` at a switch to postcopy.
+            Progress::SavingDevices => {
+                let next = match o.postcopy.switch {
+                    Switch::Postcopy { .. } => MigStatus::PostcopyActive,
+                    Switch::Precopy => MigStatus::Device,
+                };
+                self.set_status(next);
+                return;
             }
             Progress::PostcopyPaused { .. } => {
                 self.set_status(MigStatus::PostcopyPaused);

@@ -229,7 +229,7 @@ impl Coordinator<'_> {
         }
     }
 
-    fn check(&self, ev: Event) -> Result<Event, MigrationError> {
+    pub(super) fn check(&self, ev: Event) -> Result<Event, MigrationError> {
         match ev {
             Event::Failed(e) => Err(self.peer_reason_or(e)),
             Event::PeerFailed(e) => Err(e.into()),
