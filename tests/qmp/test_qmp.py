@@ -744,11 +744,14 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(await src.status(), "running")
         self.assertEqual((await src.cmd("x-livemig-verify"))["pages-mismatched"], 0)
 
+        # QEMU 9.1's form of the address, on both sides.
         dst = await self.destination()
-        uri = self.uri("go")
+        path = self.uri("go")[len("unix:"):]
+        channels = [{"channel-type": "main",
+                     "addr": {"transport": "socket", "type": "unix", "path": path}}]
         with src.qmp.listener("MIGRATION") as ev:
-            await dst.cmd("migrate-incoming", {"uri": uri})
-            await src.cmd("migrate", {"uri": uri})
+            await dst.cmd("migrate-incoming", {"channels": channels})
+            await src.cmd("migrate", {"channels": channels})
             await src.wait_status("pre-switchover")
             with self.assertRaises(ExecuteError) as e:
                 await src.cmd("migrate-continue", {"state": "active"})
@@ -768,7 +771,9 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         cases = [
             (src, "no-such-command", None, "CommandNotFound", "has not been found"),
             (src, "migrate", {"uri": 5}, "GenericError", "expected: string"),
-            (src, "migrate", {}, "GenericError", "'uri' is missing"),
+            (src, "migrate", {}, "GenericError", "Either 'uri' or 'channels'"),
+            (src, "migrate", {"uri": "tcp:a:1", "channels": []}, "GenericError",
+             "Either 'uri' or 'channels'"),
             (src, "migrate", {"uri": "tcp:a:1", "bogus": 1}, "GenericError", "'bogus' is unexpected"),
             (src, "migrate", {"uri": "ftp://x"}, "GenericError", "URI"),
             (src, "migrate-incoming", {"uri": self.uri("x")}, "GenericError", "has a guest already"),

@@ -7,6 +7,7 @@
 //! cancels and joins it before the process exits. So no migration thread outlives the
 //! migration, and the state machine (`docs/state-machines.md`) lives in one place.
 
+mod channels;
 mod params;
 mod query;
 mod state;
@@ -389,8 +390,12 @@ impl Machine {
     }
 
     fn migrate(&mut self, req: &Request) -> Result<Value, QmpError> {
-        let a = Args::new(&req.arguments, &["uri", "detach", "blk", "inc", "resume"])?;
-        let uri = a.str("uri")?;
+        let a = Args::new(
+            &req.arguments,
+            &["uri", "channels", "detach", "blk", "inc", "resume"],
+        )?;
+        let uri = channels::address(&a)?;
+        let uri = uri.as_str();
         if a.opt_bool("resume")? == Some(true) {
             return self.resume(uri);
         }
@@ -508,8 +513,9 @@ impl Machine {
     }
 
     fn migrate_incoming(&mut self, req: &Request) -> Result<Value, QmpError> {
-        let a = Args::new(&req.arguments, &["uri", "exit-on-error"])?;
-        let uri = a.str("uri")?;
+        let a = Args::new(&req.arguments, &["uri", "channels", "exit-on-error"])?;
+        let uri = channels::address(&a)?;
+        let uri = uri.as_str();
         a.opt_bool("exit-on-error")?;
         if self.status.in_progress() {
             return Err(QmpError::generic(
