@@ -268,6 +268,10 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(ram["normal-bytes"], ram["normal"] * 4096)
         self.assertEqual(ram["normal"] + ram["duplicate"] >= 65536, True, ram)
         self.assertGreaterEqual(ram["transferred"], ram["normal-bytes"])
+        # transferred = before the pause + during it (+ postcopy's, none here).
+        self.assertGreater(ram["precopy-bytes"], 0, ram)
+        self.assertEqual(ram["precopy-bytes"] + ram["downtime-bytes"] + ram["postcopy-bytes"],
+                         ram["transferred"], ram)
         self.assertGreaterEqual(ram["dirty-sync-count"], 1)
         for k in ("mbps", "dirty-pages-rate", "pages-per-second"):
             self.assertIn(k, ram)

@@ -813,6 +813,7 @@ impl Machine {
                 o.expected_downtime_ms = expected_downtime_ms;
                 switchover = true;
                 let s = o.stats.snapshot();
+                o.ram_bytes_at_pause = Some(s.ram_bytes);
                 o.postcopy.switch = o.postcopy.at_pause(
                     to_postcopy,
                     s.normal_pages + s.zero_pages,

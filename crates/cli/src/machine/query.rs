@@ -30,6 +30,9 @@ pub struct Outgoing {
     pub postcopy: PostcopyWatch,
     /// `postcopy-blocktime`: report the destination's time blocked on faults.
     pub blocktime: bool,
+    /// RAM bytes sent when the guest paused: `precopy-bytes`, and what follows is
+    /// `downtime-bytes` (or, at a switch to postcopy, `postcopy-bytes`).
+    pub ram_bytes_at_pause: Option<u64>,
 }
 
 /// Where an outgoing migration stands with respect to postcopy.
@@ -132,6 +135,7 @@ impl Outgoing {
             error: None,
             postcopy,
             blocktime,
+            ram_bytes_at_pause: None,
         }
     }
 
@@ -203,6 +207,13 @@ impl Outgoing {
             ),
         };
         let requests = s.postcopy_requests;
+        // QEMU's split of `transferred`: before the pause, during it (the switchover's last
+        // pages; none at a switch to postcopy, whose pages are postcopy's).
+        let precopy_bytes = self.ram_bytes_at_pause.unwrap_or(s.ram_bytes);
+        let downtime_bytes = match self.postcopy.switch {
+            Switch::Postcopy { .. } => 0,
+            Switch::Precopy => s.ram_bytes.saturating_sub(precopy_bytes),
+        };
         json!({
                 "transferred": s.ram_bytes,
                 "remaining": remaining_pages * page,
@@ -218,6 +229,8 @@ impl Outgoing {
                 "multifd-bytes": s.ram_bytes,
                 "postcopy-requests": requests,
                 "postcopy-bytes": postcopy_pages * page,
+                "precopy-bytes": precopy_bytes,
+                "downtime-bytes": downtime_bytes,
         })
     }
 
