@@ -470,6 +470,45 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual((await dst.wait_migration())["status"], "completed")
         self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
 
+    async def test_throttle_parameters_set_mid_migration_like_qemu(self):
+        """A guest dirtying faster than a capped link: auto-converge's parameters set while
+        the migration runs (cpu-throttle-initial 60, -increment 30, trigger 10 %) are the
+        steps it takes next, seen in cpu-throttle-percentage; other parameters are refused
+        meanwhile with QEMU's words."""
+        src = await self.source("--working-set", "32M", "--dirty-rate", "100k")
+        dst = await self.destination()
+        await src.cmd("migrate-set-parameters", {"max-bandwidth": 32 << 20,
+                                                 "downtime-limit": 10})
+        uri = self.uri("throttle")
+        await dst.cmd("migrate-incoming", {"uri": uri})
+        await src.cmd("migrate", {"uri": uri})
+        await src.wait_status("active")
+        await src.cmd("migrate-set-parameters", {"cpu-throttle-initial": 60,
+                                                 "cpu-throttle-increment": 30,
+                                                 "throttle-trigger-threshold": 10})
+        with self.assertRaises(ExecuteError) as e:
+            await src.cmd("migrate-set-parameters", {"multifd-channels": 2})
+        self.assertIn("migration process in progress", str(e.exception))
+        got = await src.cmd("query-migrate-parameters")
+        self.assertEqual((got["cpu-throttle-initial"], got["cpu-throttle-increment"],
+                          got["max-cpu-throttle"], got["throttle-trigger-threshold"]),
+                         (60, 30, 99, 10), got)
+        seen = []
+        deadline = time.monotonic() + 90
+        while not seen or seen[-1] < 90:
+            q = await src.cmd("query-migrate")
+            self.assertIn(q["status"], ("setup", "active"), q)
+            t = q.get("cpu-throttle-percentage", 0)
+            if t and (not seen or seen[-1] != t):
+                seen.append(t)
+            self.assertLess(time.monotonic(), deadline, (seen, q))
+            await asyncio.sleep(0.02)
+        self.assertEqual(seen[:2], [60, 90], seen)
+        await src.cmd("migrate-set-parameters", {"downtime-limit": 60000, "max-bandwidth": 0})
+        self.assertEqual((await src.wait_migration())["status"], "completed")
+        self.assertEqual((await dst.wait_migration())["status"], "completed")
+        self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
+
     async def test_quit_during_a_migration_cancels_and_joins_it(self):
         """`quit` while pages stream: the process cancels, joins and exits 0 promptly; the
         destination, told nothing, fails cleanly and waits again."""

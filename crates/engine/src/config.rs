@@ -114,6 +114,11 @@ pub struct MigrationConfig {
     /// [`THROTTLE_MAX`] (99%). A guest whose [`crate::Guest::set_throttle`] fails migrates
     /// on unthrottled. Default on.
     pub auto_converge: bool,
+    /// How auto-converge throttles (QEMU's `cpu-throttle-initial`, `cpu-throttle-increment`,
+    /// `max-cpu-throttle`, `throttle-trigger-threshold`); settable live through
+    /// [`Self::live`]. Default QEMU's: 20 %, +10 points, at most 99 %, a round counting as
+    /// not shrinking when it saw at least 50 % as many pages dirtied as it sent.
+    pub throttle: ThrottlePolicy,
     /// Pages (4 KiB) per RamPages packet, 1 to [`MAX_PAGES_PER_PACKET`]; the destination
     /// refuses a session asking for more than its [`Limits`] allow. Default
     /// [`DEFAULT_PAGES_PER_PACKET`].
@@ -196,6 +201,7 @@ impl Default for MigrationConfig {
             postcopy_recovery: Default::default(),
             pause_before_switchover: None,
             auto_converge: true,
+            throttle: ThrottlePolicy::default(),
             pages_per_packet: DEFAULT_PAGES_PER_PACKET,
             connect_timeout: Duration::from_secs(10),
             switchover_timeout: DEFAULT_SWITCHOVER_TIMEOUT,
@@ -222,6 +228,12 @@ impl MigrationConfig {
     }
 
     /// The bandwidth cap in force: [`Self::live`]'s if set, else [`Self::max_bandwidth`].
+    /// The throttle policy in force: [`Self::live`]'s if set, else [`Self::throttle`].
+    pub fn throttle_now(&self) -> ThrottlePolicy {
+        self.live.throttle().unwrap_or(self.throttle)
+    }
+
+    /// The bandwidth cap in force: [`Self::live`]'s if set, else [`Self::max_bandwidth`].
     pub fn max_bandwidth_now(&self) -> Option<u64> {
         self.live.max_bandwidth().unwrap_or(self.max_bandwidth)
     }
@@ -238,6 +250,7 @@ impl MigrationConfig {
     /// timeout, switchover timeout, zstd level, bandwidth); [`crate::migrate_vm`] calls it
     /// first. An error names the field and its allowed range.
     pub fn validate(&self) -> Result<(), MigrationError> {
+        self.throttle.validate().map_err(MigrationError::Config)?;
         if self.channels == 0 || self.channels > MAX_CHANNELS {
             return Err(MigrationError::Config(format!(
                 "channels = {}: must be 1..={MAX_CHANNELS}",
@@ -355,6 +368,48 @@ impl PostcopyPolicy {
     /// Whether postcopy may happen at all.
     pub fn allowed(&self) -> bool {
         self.allowed
+    }
+}
+
+/// How auto-converge throttles the guest's vCPUs (see [`MigrationConfig::throttle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThrottlePolicy {
+    /// The first throttle, percent (1..=99).
+    pub initial: u8,
+    /// Points added after every further two rounds that do not shrink (1..=99).
+    pub increment: u8,
+    /// The most it throttles, percent (1..=99).
+    pub max: u8,
+    /// A round does not shrink when the pages dirtied during it reach this percentage of the
+    /// pages it sent (1..=100).
+    pub trigger_threshold: u8,
+}
+
+impl Default for ThrottlePolicy {
+    fn default() -> Self {
+        ThrottlePolicy {
+            initial: THROTTLE_INITIAL,
+            increment: THROTTLE_STEP,
+            max: THROTTLE_MAX,
+            trigger_threshold: 50,
+        }
+    }
+}
+
+impl ThrottlePolicy {
+    /// Each field within QEMU's ranges, or which is not.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, v, top) in [
+            ("cpu throttle initial", self.initial, 99),
+            ("cpu throttle increment", self.increment, 99),
+            ("max cpu throttle", self.max, 99),
+            ("throttle trigger threshold", self.trigger_threshold, 100),
+        ] {
+            if !(1..=top).contains(&v) {
+                return Err(format!("{name} = {v}: must be 1..={top}"));
+            }
+        }
+        Ok(())
     }
 }
 

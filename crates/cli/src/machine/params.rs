@@ -126,6 +126,9 @@ pub struct Parameters {
     pub zstd_level: u64,
     /// Each page carries its CRC32C.
     pub page_checksums: bool,
+    /// Auto-converge's steps and trigger (`cpu-throttle-*`, `max-cpu-throttle`,
+    /// `throttle-trigger-threshold`).
+    pub throttle: livemig_engine::config::ThrottlePolicy,
     /// The live handle every migration started from these parameters shares: it mirrors
     /// `downtime-limit` and `max-bandwidth`, so setting them reaches a migration under way.
     live: LiveParams,
@@ -148,6 +151,7 @@ impl Default for Parameters {
             zstd: d.compress.is_some(),
             zstd_level: 1,
             page_checksums: d.page_checksums,
+            throttle: d.throttle,
             live: LiveParams::new(),
         }
     }
@@ -168,6 +172,10 @@ pub const NAMES: &[&str] = &[
     "multifd-compression",
     "multifd-zstd-level",
     "x-page-checksums",
+    "cpu-throttle-initial",
+    "cpu-throttle-increment",
+    "max-cpu-throttle",
+    "throttle-trigger-threshold",
 ];
 
 /// The parameters a migration under way takes (QEMU takes them live too; libvirt's
@@ -177,6 +185,10 @@ pub const LIVE: &[&str] = &[
     "downtime-limit",
     "max-bandwidth",
     "avail-switchover-bandwidth",
+    "cpu-throttle-initial",
+    "cpu-throttle-increment",
+    "max-cpu-throttle",
+    "throttle-trigger-threshold",
 ];
 
 /// QEMU's bound on `multifd-zstd-level`.
@@ -208,6 +220,10 @@ impl Parameters {
             "multifd-compression": if self.zstd { "zstd" } else { "none" },
             "multifd-zstd-level": self.zstd_level,
             "x-page-checksums": self.page_checksums,
+            "cpu-throttle-initial": self.throttle.initial,
+            "cpu-throttle-increment": self.throttle.increment,
+            "max-cpu-throttle": self.throttle.max,
+            "throttle-trigger-threshold": self.throttle.trigger_threshold,
         })
     }
 
@@ -219,6 +235,7 @@ impl Parameters {
         next.set_devices(&a)?;
         next.set_timeouts(&a)?;
         next.set_compression(&a)?;
+        next.set_throttle(&a)?;
         *self = next;
         self.publish();
         Ok(())
@@ -248,6 +265,29 @@ impl Parameters {
             .set_max_bandwidth(std::num::NonZeroU64::new(self.max_bandwidth));
         self.live
             .set_switchover_bandwidth(std::num::NonZeroU64::new(self.avail_switchover_bandwidth));
+        self.live.set_throttle(self.throttle);
+    }
+
+    /// Auto-converge's steps and trigger, in QEMU's ranges and words.
+    fn set_throttle(&mut self, a: &Args) -> Result<(), QmpError> {
+        let t = &mut self.throttle;
+        for (name, field, top) in [
+            ("cpu-throttle-initial", &mut t.initial, 99),
+            ("cpu-throttle-increment", &mut t.increment, 99),
+            ("max-cpu-throttle", &mut t.max, 99),
+            ("throttle-trigger-threshold", &mut t.trigger_threshold, 100),
+        ] {
+            if let Some(v) = a.opt_u64(name)? {
+                if !(1..=top).contains(&v) {
+                    return Err(range_err(
+                        name,
+                        &format!("an integer in the range of 1 to {top}"),
+                    ));
+                }
+                *field = v as u8;
+            }
+        }
+        Ok(())
     }
 
     /// The channels, downtime limit and bandwidth of `a`.
@@ -373,6 +413,7 @@ impl Parameters {
             max_bandwidth: (self.max_bandwidth > 0).then_some(self.max_bandwidth),
             avail_switchover_bandwidth: (self.avail_switchover_bandwidth > 0)
                 .then_some(self.avail_switchover_bandwidth),
+            throttle: self.throttle,
             live: self.live.clone(),
             chunk_size: self.chunk_size,
             credit_window: self.credit_window,
