@@ -136,6 +136,37 @@ async def next_event(listener, name, timeout=60):
             return ev
 
 
+def x509_dir(path):
+    """A CA and a certificate for localhost/127.0.0.1 (client and server use) in QEMU's
+    tls-creds-x509 layout, made with the openssl command as an operator would."""
+    os.makedirs(path, exist_ok=True)
+
+    def ssl(*args):
+        subprocess.run(["openssl", *args], cwd=path, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ssl("req", "-x509", *ec, "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "2",
+        "-subj", "/CN=livemig test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    with open(os.path.join(path, "leaf.ext"), "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                "extendedKeyUsage=serverAuth,clientAuth\n"
+                "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n")
+    for side in ("server", "client"):
+        ssl("req", *ec, "-keyout", f"{side}-key.pem", "-out", f"{side}.csr",
+            "-subj", "/CN=localhost")
+        ssl("x509", "-req", "-in", f"{side}.csr", "-CA", "ca-cert.pem", "-CAkey",
+            "ca-key.pem", "-CAcreateserial", "-out", f"{side}-cert.pem", "-days", "2",
+            "-extfile", "leaf.ext")
+    return path
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Link:
     """A Unix-socket forwarder standing for the network between the hosts: every connection
     through it can be cut at once (`cut`), as a lost link; new ones are forwarded again."""
@@ -508,6 +539,46 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual((await src.wait_migration())["status"], "completed")
         self.assertEqual((await dst.wait_migration())["status"], "completed")
         self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
+
+    @unittest.skipIf(shutil.which("openssl") is None, "SKIPPED: no openssl command")
+    async def test_tls_with_object_add_like_qemu(self):
+        """TLS set up as QEMU's scripts and libvirt do: object-add of tls-creds-x509 over a
+        directory in QEMU's layout on each side, the tls-creds and tls-hostname parameters;
+        the migration completes exact over TLS; bad objects are refused by the command."""
+        creds = x509_dir(os.path.join(self.dir, "pki"))
+        src = await self.source()
+        dst = await self.destination()
+        for vm, endpoint in ((src, "client"), (dst, "server")):
+            await vm.cmd("object-add", {"qom-type": "tls-creds-x509", "id": "tls0",
+                                        "dir": creds, "endpoint": endpoint,
+                                        "verify-peer": True})
+        cases = [
+            ({"qom-type": "tls-creds-x509", "id": "tls0", "dir": creds}, "duplicate"),
+            ({"qom-type": "tls-creds-x509", "id": "t1", "dir": creds, "verify-peer": False},
+             "verify-peer"),
+            ({"qom-type": "tls-creds-x509", "id": "t2", "dir": self.dir}, "client-cert.pem"),
+            ({"qom-type": "memory-backend-ram", "id": "m0"}, "tls-creds-x509"),
+        ]
+        for args, words in cases:
+            with self.assertRaises(ExecuteError, msg=args) as e:
+                await src.cmd("object-add", args)
+            self.assertIn(words, str(e.exception), args)
+        await src.cmd("migrate-set-parameters", {"tls-creds": "tls0",
+                                                 "tls-hostname": "localhost"})
+        await dst.cmd("migrate-set-parameters", {"tls-creds": "tls0"})
+        self.assertEqual((await src.cmd("query-migrate-parameters"))["tls-creds"], "tls0")
+        uri = f"tcp:127.0.0.1:{free_port()}"
+        await dst.cmd("migrate-incoming", {"uri": uri})
+        await src.cmd("migrate", {"uri": uri})
+        q = await src.wait_migration()
+        self.assertEqual(q["status"], "completed", q)
+        self.assertEqual((await dst.wait_migration())["status"], "completed")
+        self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
+        with self.assertRaises(ExecuteError) as e:
+            await src.cmd("object-del", {"id": "tls0"})
+        self.assertIn("in use", str(e.exception))
+        await src.cmd("migrate-set-parameters", {"tls-creds": ""})
+        await src.cmd("object-del", {"id": "tls0"})
 
     async def test_quit_during_a_migration_cancels_and_joins_it(self):
         """`quit` while pages stream: the process cancels, joins and exits 0 promptly; the

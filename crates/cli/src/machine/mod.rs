@@ -8,6 +8,7 @@
 //! migration, and the state machine (`docs/state-machines.md`) lives in one place.
 
 mod channels;
+mod objects;
 mod params;
 mod query;
 mod state;
@@ -108,6 +109,8 @@ struct Machine {
     recover_on: Mailbox<Listener>,
     /// `migrate-continue` lets a migration held in `pre-switchover` go on.
     switchover_gate: Mailbox<()>,
+    /// `object-add`ed TLS credentials.
+    objects: objects::Objects,
     /// Postcopy broke after the switch: the guest's memory is split between this host and
     /// the destination, and this paused copy is kept (never resumed, not replaced).
     split: bool,
@@ -130,6 +133,8 @@ const COMMANDS: &[&str] = &[
     "migrate-start-postcopy",
     "migrate-recover",
     "migrate-continue",
+    "object-add",
+    "object-del",
     "query-migrate",
     "migrate-set-capabilities",
     "query-migrate-capabilities",
@@ -186,6 +191,7 @@ pub fn start(
         recover_to: Mailbox::new(),
         recover_on: Mailbox::new(),
         switchover_gate: Mailbox::new(),
+        objects: Default::default(),
     };
     let h = std::thread::Builder::new()
         .name("lm-vm".into())
@@ -286,6 +292,11 @@ impl Machine {
             }
             "migrate-recover" => self.recover(req),
             "migrate-continue" => self.continue_switchover(req),
+            "object-add" => self.objects.add(&req.arguments).map(|()| json!({})),
+            "object-del" => self
+                .objects
+                .del(&req.arguments, &self.params.tls_creds)
+                .map(|()| json!({})),
             "query-migrate" => {
                 none()?;
                 Ok(match &self.job {
@@ -429,7 +440,7 @@ impl Machine {
             .map_err(|e| QmpError::generic(format!("Invalid migration URI '{uri}': {e}")))?;
         let vm = self.vm.as_ref().ok_or_else(no_guest)?;
         let mut config = self.params.migration_config(&self.caps);
-        config.tls = self.limits.tls.clone();
+        config.tls = self.tls(objects::TlsEndpoint::Client)?;
         self.switchover_gate.clear();
         if self.caps.pause_before_switchover {
             config.pause_before_switchover = Some(self.switchover_gate.clone());
@@ -487,7 +498,8 @@ impl Machine {
     }
 
     /// The destination's configuration from the parameters and the process's limits.
-    fn incoming_config(&self, cancel: &CancelToken) -> IncomingConfig {
+    fn incoming_config(&self, cancel: &CancelToken) -> Result<IncomingConfig, QmpError> {
+        let tls = self.tls(objects::TlsEndpoint::Server)?;
         let mut config = IncomingConfig {
             verify: self.limits.verify,
             credit_window: self.params.credit_window,
@@ -497,7 +509,7 @@ impl Machine {
                 cap => cap,
             },
             peer_timeout: self.params.peer_timeout(self.limits.peer_timeout),
-            tls: self.limits.tls.clone(),
+            tls,
             cancel: cancel.clone(),
             // A broken postcopy waits, as QEMU's, for `migrate-recover` (or `quit`).
             postcopy_recovery: IncomingRecovery::OnRequest {
@@ -509,7 +521,7 @@ impl Machine {
         if let Some(m) = self.limits.max_guest_memory {
             config.max_guest_memory = m;
         }
-        config
+        Ok(config)
     }
 
     fn migrate_incoming(&mut self, req: &Request) -> Result<Value, QmpError> {
@@ -534,6 +546,9 @@ impl Machine {
         let at: Endpoint = uri
             .parse()
             .map_err(|e| QmpError::generic(format!("Invalid migration URI '{uri}': {e}")))?;
+        // Every check (the TLS credentials among them) before anything changes.
+        let cancel = CancelToken::new();
+        let config = self.incoming_config(&cancel)?;
         let listener = Listener::bind(&at)
             .map_err(|e| QmpError::generic(format!("cannot listen on {uri}: {e}")))?;
         if self.run == RunState::PostMigrate {
@@ -544,9 +559,7 @@ impl Machine {
         // The VM is built now, before the source is told to come (QEMU's destination has its
         // VM too): its set-up then waits only for the guest's memory slots and vCPUs.
         livemig_vmm::kvm::prepare_vm();
-        let cancel = CancelToken::new();
         self.recover_on.clear();
-        let config = self.incoming_config(&cancel);
         let tx = self.tx.clone();
         let thread = std::thread::Builder::new()
             .name("lm-vm-incoming".into())
@@ -609,6 +622,21 @@ impl Machine {
         self.recover_to.post(to);
         self.set_status(MigStatus::PostcopyRecover);
         Ok(json!({}))
+    }
+
+    /// The TLS a migration on `endpoint`'s side uses: the `tls-creds` object the parameters
+    /// name, or else the process's own `--tls-*` options.
+    fn tls(
+        &self,
+        endpoint: objects::TlsEndpoint,
+    ) -> Result<Option<Arc<livemig_engine::TlsConfig>>, QmpError> {
+        match self
+            .objects
+            .tls(&self.params.tls_creds, &self.params.tls_hostname, endpoint)?
+        {
+            Some(tls) => Ok(Some(tls)),
+            None => Ok(self.limits.tls.clone()),
+        }
     }
 
     /// `migrate-continue`: a migration held in `pre-switchover` goes on. QEMU's check and

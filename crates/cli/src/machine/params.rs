@@ -129,6 +129,12 @@ pub struct Parameters {
     /// Auto-converge's steps and trigger (`cpu-throttle-*`, `max-cpu-throttle`,
     /// `throttle-trigger-threshold`).
     pub throttle: livemig_engine::config::ThrottlePolicy,
+    /// `tls-creds`: the id of the `tls-creds-x509` object migrations use ("" : none, the
+    /// process's own `--tls-*` options hold).
+    pub tls_creds: String,
+    /// `tls-hostname`: the name the destination's certificate must carry ("": the host of
+    /// the migration's address).
+    pub tls_hostname: String,
     /// The live handle every migration started from these parameters shares: it mirrors
     /// `downtime-limit` and `max-bandwidth`, so setting them reaches a migration under way.
     live: LiveParams,
@@ -152,6 +158,8 @@ impl Default for Parameters {
             zstd_level: 1,
             page_checksums: d.page_checksums,
             throttle: d.throttle,
+            tls_creds: String::new(),
+            tls_hostname: String::new(),
             live: LiveParams::new(),
         }
     }
@@ -176,6 +184,8 @@ pub const NAMES: &[&str] = &[
     "cpu-throttle-increment",
     "max-cpu-throttle",
     "throttle-trigger-threshold",
+    "tls-creds",
+    "tls-hostname",
 ];
 
 /// The parameters a migration under way takes (QEMU takes them live too; libvirt's
@@ -224,6 +234,8 @@ impl Parameters {
             "cpu-throttle-increment": self.throttle.increment,
             "max-cpu-throttle": self.throttle.max,
             "throttle-trigger-threshold": self.throttle.trigger_threshold,
+            "tls-creds": self.tls_creds,
+            "tls-hostname": self.tls_hostname,
         })
     }
 
@@ -236,6 +248,12 @@ impl Parameters {
         next.set_timeouts(&a)?;
         next.set_compression(&a)?;
         next.set_throttle(&a)?;
+        if let Some(c) = a.opt_str("tls-creds")? {
+            next.tls_creds = c.to_string();
+        }
+        if let Some(h) = a.opt_str("tls-hostname")? {
+            next.tls_hostname = h.to_string();
+        }
         *self = next;
         self.publish();
         Ok(())
