@@ -580,6 +580,36 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         await src.cmd("migrate-set-parameters", {"tls-creds": ""})
         await src.cmd("object-del", {"id": "tls0"})
 
+    @unittest.skipIf(shutil.which("openssl") is None, "SKIPPED: no openssl command")
+    async def test_a_qemu_script_runs_unchanged(self):
+        """Issue 16's script: TLS from object-add, the address as QEMU 9.1's channels, and
+        parameters changed while the migration runs (libvirt's migrate-setspeed and
+        migrate-setmaxdowntime), the same commands a QEMU user sends, unchanged."""
+        creds = x509_dir(os.path.join(self.dir, "pki"))
+        src = await self.source("--working-set", "32M", "--dirty-rate", "50k")
+        dst = await self.destination()
+        for vm, endpoint in ((src, "client"), (dst, "server")):
+            await vm.cmd("object-add", {"qom-type": "tls-creds-x509", "id": "tls0",
+                                        "dir": creds, "endpoint": endpoint})
+            await vm.cmd("migrate-set-parameters", {"tls-creds": "tls0"})
+        await src.cmd("migrate-set-parameters", {"tls-hostname": "localhost",
+                                                 "max-bandwidth": 16 << 20,
+                                                 "downtime-limit": 1})
+        channels = [{"channel-type": "main",
+                     "addr": {"transport": "socket", "type": "inet",
+                              "host": "127.0.0.1", "port": str(free_port())}}]
+        await dst.cmd("migrate-incoming", {"channels": channels})
+        await src.cmd("migrate", {"channels": channels})
+        await src.wait_status("active")
+        await asyncio.sleep(0.5)
+        await src.cmd("migrate-set-parameters", {"max-bandwidth": 0})
+        await src.cmd("migrate-set-parameters", {"downtime-limit": 2000})
+        q = await src.wait_migration()
+        self.assertEqual(q["status"], "completed", q)
+        self.assertFalse(q.get("x-forced-switchover", False), q)
+        self.assertEqual((await dst.wait_migration())["status"], "completed")
+        self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
+
     async def test_quit_during_a_migration_cancels_and_joins_it(self):
         """`quit` while pages stream: the process cancels, joins and exits 0 promptly; the
         destination, told nothing, fails cleanly and waits again."""
