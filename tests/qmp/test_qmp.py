@@ -610,6 +610,30 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual((await dst.wait_migration())["status"], "completed")
         self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
 
+    async def test_calc_dirty_rate_before_migrating_like_qemu(self):
+        """calc-dirty-rate / query-dirty-rate: a guest writing a 16 MiB working set, measured
+        over a second with its dirty log (each page once), reads at most 16 MiB/s and more
+        than nothing; no migration starts while it measures; QEMU's range check."""
+        src = await self.source("--working-set", "16M", "--dirty-rate", "50k")
+        self.assertEqual((await src.cmd("query-dirty-rate"))["status"], "unstarted")
+        with self.assertRaises(ExecuteError) as e:
+            await src.cmd("calc-dirty-rate", {"calc-time": 0})
+        self.assertIn("out of range", str(e.exception))
+        await src.cmd("calc-dirty-rate", {"calc-time": 1})
+        self.assertEqual((await src.cmd("query-dirty-rate"))["status"], "measuring")
+        with self.assertRaises(ExecuteError) as e:
+            await src.cmd("migrate", {"uri": self.uri("busy")})
+        self.assertIn("calc-dirty-rate", str(e.exception))
+        deadline = time.monotonic() + 30
+        while (q := await src.cmd("query-dirty-rate"))["status"] != "measured":
+            self.assertLess(time.monotonic(), deadline, q)
+            await asyncio.sleep(0.05)
+        self.assertNotIn("x-error", q)
+        self.assertGreater(q["dirty-rate"], 0, q)
+        self.assertLessEqual(q["dirty-rate"], 16, q)
+        self.assertEqual(q["calc-time"], 1)
+        self.assertEqual(await src.status(), "running")
+
     async def test_quit_during_a_migration_cancels_and_joins_it(self):
         """`quit` while pages stream: the process cancels, joins and exits 0 promptly; the
         destination, told nothing, fails cleanly and waits again."""

@@ -8,6 +8,7 @@
 //! migration, and the state machine (`docs/state-machines.md`) lives in one place.
 
 mod channels;
+mod dirty_rate;
 mod objects;
 mod params;
 mod query;
@@ -111,6 +112,8 @@ struct Machine {
     switchover_gate: Mailbox<()>,
     /// `object-add`ed TLS credentials.
     objects: objects::Objects,
+    /// `calc-dirty-rate`'s measurement.
+    dirty_rate: dirty_rate::DirtyRate,
     /// Postcopy broke after the switch: the guest's memory is split between this host and
     /// the destination, and this paused copy is kept (never resumed, not replaced).
     split: bool,
@@ -135,6 +138,8 @@ const COMMANDS: &[&str] = &[
     "migrate-continue",
     "object-add",
     "object-del",
+    "calc-dirty-rate",
+    "query-dirty-rate",
     "query-migrate",
     "migrate-set-capabilities",
     "query-migrate-capabilities",
@@ -192,6 +197,7 @@ pub fn start(
         recover_on: Mailbox::new(),
         switchover_gate: Mailbox::new(),
         objects: Default::default(),
+        dirty_rate: Default::default(),
     };
     let h = std::thread::Builder::new()
         .name("lm-vm".into())
@@ -293,6 +299,17 @@ impl Machine {
             "migrate-recover" => self.recover(req),
             "migrate-continue" => self.continue_switchover(req),
             "object-add" => self.objects.add(&req.arguments).map(|()| json!({})),
+            "calc-dirty-rate" => {
+                if self.status.in_progress() {
+                    return Err(busy());
+                }
+                let vm = self.vm.as_ref().ok_or_else(no_guest)?;
+                self.dirty_rate.start(vm.guest.clone(), &req.arguments)
+            }
+            "query-dirty-rate" => {
+                none()?;
+                Ok(self.dirty_rate.query())
+            }
             "object-del" => self
                 .objects
                 .del(&req.arguments, &self.params.tls_creds)
@@ -438,6 +455,11 @@ impl Machine {
         let to: Endpoint = uri
             .parse()
             .map_err(|e| QmpError::generic(format!("Invalid migration URI '{uri}': {e}")))?;
+        if self.dirty_rate.measuring() {
+            return Err(QmpError::generic(
+                "calc-dirty-rate is measuring this guest's dirty log: migrate once it is done",
+            ));
+        }
         let vm = self.vm.as_ref().ok_or_else(no_guest)?;
         let mut config = self.params.migration_config(&self.caps);
         config.tls = self.tls(objects::TlsEndpoint::Client)?;
