@@ -1,11 +1,15 @@
 //! Accepting a session: the main channel's hello, then each data channel's handshake.
 //!
+//! The hello's frame version says its layout: a version-5 hello offers versions and features
+//! and is answered with the version and features agreed, a version-4 one is taken as version
+//! 4's; either is answered in its own version (see `livemig_wire::version`).
+//!
 //! A connection that is not what we wait for (a foreign session, a duplicate or out-of-range
 //! channel index, garbage) is refused with a Reject naming why, and waiting goes on: a stray
 //! connection must not fail a migration that is under way.
 
 use crate::cancel::CancelToken;
-use crate::config::IncomingConfig;
+use crate::config::{IncomingConfig, Protocol};
 use crate::error::{ChannelError, ChannelName, IncomingError};
 use crate::framed;
 use crate::guest::GuestMemory;
@@ -81,10 +85,11 @@ fn accept_hello(
     deadline: Option<Instant>,
 ) -> Result<Opened, IncomingError> {
     let ch = ChannelName::Incoming;
-    let spoken = config.test_hooks.protocol().versions();
+    let protocol = config.test_hooks.protocol();
+    let spoken = protocol.versions();
     let decide = |mut s: Stream, first: First| {
         let refused = match first.frame {
-            Ok(buf) => match open_session(first.version, &buf, config, paused) {
+            Ok(buf) => match open_session(first.version, &buf, config, protocol, paused) {
                 Ok((hello, agreed)) => {
                     let _ = s.set_read_timeout(None);
                     let _ = s.set_write_timeout(None);
@@ -133,14 +138,14 @@ fn accept_hello(
 /// Reads a hello of layout `layout` and agrees on what the session speaks, or says why
 /// not: a version this side does not speak is refused as a version-4 livemig refuses one
 /// (a protocol error naming it, which tells a newer source to try an older hello), a
-/// feature it lacks by name.
+/// feature it lacks by name. `protocol`: what this side speaks and has.
 fn open_session(
     layout: u16,
     buf: &[u8],
     config: &IncomingConfig,
+    protocol: Protocol,
     paused: Option<&SessionHello>,
 ) -> Result<(SessionHello, Agreed), Reject> {
-    let protocol = config.test_hooks.protocol();
     let spoken = protocol.versions();
     if !spoken.contains(layout) {
         let e = WireError::UnsupportedVersion {
@@ -776,3 +781,6 @@ impl From<ChannelError> for Reject {
         Reject::new(RejectCode::Protocol, e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests;
