@@ -128,3 +128,46 @@ fn a_required_feature_the_destination_lacks_is_refused_by_name() {
     let (recv, _) = received(&mut dest);
     assert_exact(src, dest, &recv);
 }
+
+/// The livemig of version 4 itself, built from the last commit that spoke it (0f43c67):
+/// `LIVEMIG_V4_BIN=/path/to/livemig cargo test -p livemig --test
+/// protocol_versions_between_processes -- --ignored`.
+fn v4_binary() -> String {
+    std::env::var("LIVEMIG_V4_BIN")
+        .expect("LIVEMIG_V4_BIN: a livemig built from the last version-4 commit")
+}
+
+fn v4_proc(args: &[&str]) -> Proc {
+    let mut cmd = std::process::Command::new(v4_binary());
+    cmd.args(args);
+    Proc::start(cmd)
+}
+
+#[test]
+#[ignore = "needs LIVEMIG_V4_BIN, a livemig built from the last version-4 commit"]
+fn a_new_source_migrates_to_the_version_4_build() {
+    let mut dest = v4_proc(&["incoming", "--listen=tcp:127.0.0.1:0", "--json", "--verify"]);
+    let addr = dest.expect_event("listening")["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let src = synthetic_source(&addr, GUEST, &["--page-checksums=true"]);
+    let (recv, logs) = received(&mut dest);
+    // The old build refused the version-5 hello once, by its version, and took the retry.
+    let refused: Vec<&String> = logs.iter().filter(|l| l.starts_with("refused")).collect();
+    assert_eq!(refused.len(), 1, "{logs:#?}");
+    assert!(refused[0].contains("version 5"), "{logs:#?}");
+    assert_exact(src, dest, &recv);
+}
+
+#[test]
+#[ignore = "needs LIVEMIG_V4_BIN, a livemig built from the last version-4 commit"]
+fn the_version_4_build_migrates_to_a_new_destination() {
+    let (mut dest, addr) = Proc::incoming(&["--verify"]);
+    let src = v4_proc(&strs(&synthetic_source_args(&addr, GUEST)));
+    let (recv, logs) = received(&mut dest);
+    let session = session_line(&logs);
+    assert!(session.contains("protocol version 4 ("), "{session}");
+    assert!(!logs.iter().any(|l| l.starts_with("refused")), "{logs:#?}");
+    assert_exact(src, dest, &recv);
+}
