@@ -23,6 +23,18 @@ const GUEST: &[&str] = &[
     "--channels=2",
 ];
 const PAGES: u64 = 64 << 8;
+/// [`GUEST`] dirtying as fast as it can, with a downtime limit it cannot meet: precopy never
+/// converges, and the session switches to postcopy after round 0.
+const POSTCOPY_GUEST: &[&str] = &[
+    "--memory=64M",
+    "--working-set=8M",
+    "--dirty-rate=0",
+    "--warmup-ms=100",
+    "--channels=2",
+    "--downtime-limit-ms=1",
+    "--postcopy",
+    "--postcopy-after-rounds=1",
+];
 
 /// The destination's log lines (`{"event": "log"}`) up to its `received` event, which is
 /// returned with them.
@@ -139,8 +151,7 @@ fn a_new_source_in_local_mode_migrates_to_a_destination_of_version_4() {
 fn postcopy_works_in_a_version_4_session_both_ways() {
     for (src_hooks, dest_hooks) in [("", "protocol=4"), ("protocol=4", "")] {
         let (mut dest, addr) = Proc::incoming_hooked(&["--verify"], dest_hooks);
-        let postcopy = ["--postcopy", "--postcopy-after-rounds=1"];
-        let mut src = synthetic_source_hooked(&addr, GUEST, &postcopy, src_hooks);
+        let mut src = synthetic_source_hooked(&addr, POSTCOPY_GUEST, &[], src_hooks);
         let done = src.expect_event("completed");
         let pc = &done["report"]["postcopy"];
         assert!(u64_at(pc, &["pages"]) > 0, "{done:#}");
@@ -149,6 +160,41 @@ fn postcopy_works_in_a_version_4_session_both_ways() {
         assert!(session.contains("protocol version 4 ("), "{session}");
         assert!(session.contains("postcopy"), "{session}");
         assert_exact(src, dest, &recv);
+    }
+}
+
+/// Sides with no version in common (emulated: one speaks 5 only, the other 4 only) fail at
+/// set-up, each saying which versions the other speaks, in either direction.
+#[test]
+fn sides_with_no_version_in_common_say_why() {
+    let cases = [
+        (
+            "protocol=5",
+            "protocol=4",
+            "the destination speaks protocol version 4, this source version 5",
+        ),
+        (
+            "protocol=4",
+            "protocol=5",
+            "unsupported protocol version 4 (this build speaks version 5)",
+        ),
+    ];
+    for (src_hooks, dest_hooks, said) in cases {
+        let (mut dest, addr) = Proc::incoming_hooked(&["--verify"], dest_hooks);
+        let mut src = synthetic_source_hooked(&addr, GUEST, &[], src_hooks);
+        let failed = src.expect_event("attempt_failed");
+        assert!(
+            failed["error"].as_str().unwrap().contains(said),
+            "{failed:#}"
+        );
+        assert_eq!(u64_at(&failed["source_verify"], &["pages_mismatched"]), 0);
+        assert!(!src.wait_exit().success());
+        let refused = dest.expect_event("log");
+        let msg = refused["msg"].as_str().unwrap();
+        assert!(
+            msg.starts_with("refused a connection: unsupported protocol version"),
+            "{msg}"
+        );
     }
 }
 
@@ -217,8 +263,7 @@ fn a_new_source_switches_to_postcopy_on_the_version_4_build() {
         .as_str()
         .unwrap()
         .to_string();
-    let postcopy = ["--postcopy", "--postcopy-after-rounds=1"];
-    let mut src = synthetic_source(&addr, GUEST, &postcopy);
+    let mut src = synthetic_source(&addr, POSTCOPY_GUEST, &[]);
     let done = src.expect_event("completed");
     assert!(
         u64_at(&done["report"]["postcopy"], &["pages"]) > 0,

@@ -109,9 +109,10 @@ fn accept_hello(
         log(&IncomingEvent::ConnectionRefused {
             reason: refused.reason.clone(),
         });
-        // In the hello's version if spoken here, else the nearest spoken: a source that
-        // cannot be read is told in a version it may read.
-        let answer = first.version.clamp(spoken.min, spoken.max);
+        // In the hello's version, or this side's newest if the hello is newer: an older
+        // source reads the reason (a Reject's layout is the same in every version), a newer
+        // one learns the version to say its hello again in.
+        let answer = first.version.min(spoken.max);
         framed::send_reject_versioned(&mut s, ch, answer, &refused);
         None
     };
