@@ -426,11 +426,15 @@ pub const THROTTLE_MAX: u8 = 99;
 /// cli's tests turn it on through a dev-dependency), so a release build's hot paths carry
 /// none of it; a process takes them from [`test_hooks::TEST_HOOKS_ENV`].
 pub mod test_hooks {
+    use livemig_wire::{Features, Versions};
     use std::time::Duration;
 
     /// The environment variable a process reads its test hooks from: a comma-separated list
-    /// of `chunk-order=natural|reverse|delay-channel`, `break-round-order` and
-    /// `tls-no-client-cert`. A process hands it on to the processes it starts.
+    /// of `chunk-order=natural|reverse|delay-channel`, `break-round-order`,
+    /// `tls-no-client-cert`, `protocol=N` (speak protocol version N only, as a release of
+    /// that version would, both sides) and `lack=FEATURE` (`zstd`, `page-checksums`,
+    /// `local`, `postcopy`, `postcopy-recovery`: neither offer nor accept it). A process
+    /// hands it on to the processes it starts.
     pub const TEST_HOOKS_ENV: &str = "LIVEMIG_TEST_HOOKS";
 
     /// The order in which the source sends a device's chunks.
@@ -452,6 +456,9 @@ pub mod test_hooks {
         /// The order of device chunks.
         #[cfg(feature = "test-hooks")]
         pub chunk_order: ChunkOrder,
+        /// What the source speaks and offers in its hello.
+        #[cfg(feature = "test-hooks")]
+        pub protocol: Protocol,
     }
 
     /// The destination's hooks.
@@ -465,6 +472,32 @@ pub mod test_hooks {
         /// without userfaultfd would, before the guest runs here.
         #[cfg(feature = "test-hooks")]
         pub postcopy_arm_fails: bool,
+        /// What the destination speaks and accepts.
+        #[cfg(feature = "test-hooks")]
+        pub protocol: Protocol,
+    }
+
+    /// The protocol a side speaks, narrowed for tests: one version only (a release of that
+    /// version), features taken away.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct Protocol {
+        /// Speak this version only (`None`: every version this build speaks).
+        pub only: Option<u16>,
+        /// Features this side does without.
+        pub lack: Features,
+    }
+
+    impl Protocol {
+        /// The versions spoken.
+        pub fn versions(&self) -> Versions {
+            self.only
+                .map_or(Versions::THIS, |v| Versions { min: v, max: v })
+        }
+
+        /// The features had.
+        pub fn features(&self) -> Features {
+            Features::ALL.without(self.lack)
+        }
     }
 
     impl SourceTestHooks {
@@ -488,6 +521,14 @@ pub mod test_hooks {
             #[cfg(not(feature = "test-hooks"))]
             false
         }
+
+        /// What the source speaks and offers (everything, without the feature).
+        pub fn protocol(&self) -> Protocol {
+            #[cfg(feature = "test-hooks")]
+            return self.protocol;
+            #[cfg(not(feature = "test-hooks"))]
+            Protocol::default()
+        }
     }
 
     impl TestHooks {
@@ -508,6 +549,14 @@ pub mod test_hooks {
             return self.postcopy_arm_fails;
             #[cfg(not(feature = "test-hooks"))]
             false
+        }
+
+        /// What the destination speaks and accepts (everything, without the feature).
+        pub fn protocol(&self) -> Protocol {
+            #[cfg(feature = "test-hooks")]
+            return self.protocol;
+            #[cfg(not(feature = "test-hooks"))]
+            Protocol::default()
         }
     }
 
@@ -554,14 +603,40 @@ pub mod test_hooks {
                         hooks.source.chunk_order =
                             ChunkOrder::DelayChannel0(Duration::from_millis(5))
                     }
-                    other => return Err(format!("{TEST_HOOKS_ENV}: unknown hook '{other}'")),
+                    other => hooks.protocol(other)?,
                 }
             }
             Ok(hooks)
         }
+
+        /// `protocol=N` and `lack=FEATURE`, for both sides.
+        #[cfg(feature = "test-hooks")]
+        fn protocol(&mut self, item: &str) -> Result<(), String> {
+            let mut p = self.source.protocol;
+            if let Some(v) = item.strip_prefix("protocol=") {
+                match v.parse::<u16>() {
+                    Ok(v) if Versions::THIS.contains(v) => p.only = Some(v),
+                    _ => {
+                        return Err(format!(
+                            "{TEST_HOOKS_ENV}: '{item}': this build speaks {}",
+                            Versions::THIS
+                        ))
+                    }
+                }
+            } else if let Some(name) = item.strip_prefix("lack=") {
+                let f = Features::from_name(name)
+                    .ok_or_else(|| format!("{TEST_HOOKS_ENV}: '{item}': no such feature"))?;
+                p.lack = p.lack.union(f);
+            } else {
+                return Err(format!("{TEST_HOOKS_ENV}: unknown hook '{item}'"));
+            }
+            self.source.protocol = p;
+            self.destination.protocol = p;
+            Ok(())
+        }
     }
 }
-pub use test_hooks::{ChunkOrder, SourceTestHooks, TestHooks};
+pub use test_hooks::{ChunkOrder, Protocol, SourceTestHooks, TestHooks};
 
 /// The destination's configuration ([`crate::receive_vm`]).
 #[derive(Debug, Clone)]

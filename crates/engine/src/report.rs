@@ -349,6 +349,10 @@ pub enum IncomingEvent {
         channels: u16,
         /// Devices, streamed and small together.
         devices: usize,
+        /// The protocol version agreed (see `livemig_wire::version`).
+        protocol: u16,
+        /// The optional features agreed.
+        features: livemig_wire::Features,
     },
     /// A session this side cannot serve was refused; the wait goes on.
     SessionRefused {
@@ -418,9 +422,11 @@ impl std::fmt::Display for IncomingEvent {
                 memory_bytes,
                 channels,
                 devices,
+                protocol,
+                features,
             } => write!(
                 f,
-                "session {session}: {guest_kind} guest, {} MiB, {channels} data channels, {devices} devices",
+                "session {session}: {guest_kind} guest, {} MiB, {channels} data channels, {devices} devices, protocol version {protocol} ({features})",
                 memory_bytes >> 20
             ),
             IncomingEvent::SessionRefused { session, reason } => {
