@@ -216,8 +216,17 @@ fn the_suite_writes_every_section_as_markdown_and_json() {
         want.push((*n, "parallel".into()));
         want.push((*n, "serial".into()));
     }
+    // The largest count once more, in parallel, at the extra downtime limit (1000 ms by
+    // default): the expected downtime against the one that follows when the limit fits.
+    want.push((*DEVICES.last().unwrap(), "parallel".into()));
     want.sort();
     assert_eq!(seen, want, "device rows");
+    let limits: Vec<u64> = dev
+        .iter()
+        .filter(|r| r["devices"].as_u64() == DEVICES.last().copied() && r["mode"] == "parallel")
+        .map(|r| r["limit_ms"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(limits.contains(&1000), "the extra limit's row: {limits:?}");
     for r in dev {
         // Without devices the ideal is the RAM left for the last round over the raw link,
         // which the rounds run below the limit (they go on while they halve it) can make 0.
