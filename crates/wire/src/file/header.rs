@@ -133,7 +133,9 @@ impl FileHeader {
             .u32(PAGE_SIZE as u32)
             .u16(self.regions.len() as u16);
         for r in &self.regions {
-            w.u64(r.range.guest_addr).u64(r.range.size).u64(r.data_offset);
+            w.u64(r.range.guest_addr)
+                .u64(r.range.size)
+                .u64(r.data_offset);
             r.bitmap.write(&mut w);
             r.crcs.write(&mut w);
         }
@@ -264,7 +266,10 @@ fn read_regions(r: &mut Reader<'_>) -> Result<Vec<FileRegion>, WireError> {
             size: r.u64()?,
         };
         let page = PAGE_SIZE as u64;
-        if range.size == 0 || range.size % page != 0 || range.guest_addr % page != 0 {
+        if range.size == 0
+            || !range.size.is_multiple_of(page)
+            || !range.guest_addr.is_multiple_of(page)
+        {
             return Err(out_of_range(
                 "region size",
                 range.size,

@@ -80,7 +80,7 @@ impl FileHeader {
         for (i, r) in self.regions.iter().enumerate() {
             let pages = r.range.size / PAGE_SIZE as u64;
             let end = r.data_offset.checked_add(r.range.size);
-            if r.data_offset % REGION_ALIGN != 0
+            if !r.data_offset.is_multiple_of(REGION_ALIGN)
                 || r.data_offset < data_end
                 || end.is_none_or(|e| e > self.file_len)
             {
@@ -92,14 +92,25 @@ impl FileHeader {
                 return Err(FileFormatError::layout(format!("region {i}"), detail));
             }
             data_end = end.unwrap_or(u64::MAX);
-            inside(format!("region {i} bitmap"), &r.bitmap, bitmap_words(pages) * 8)?;
+            inside(
+                format!("region {i} bitmap"),
+                &r.bitmap,
+                bitmap_words(pages) * 8,
+            )?;
             inside(format!("region {i} page CRCs"), &r.crcs, pages * 4)?;
         }
         for (i, d) in self.devices.iter().enumerate() {
             let len = d.chunks as u64 * CHUNK_REF_LEN as u64;
-            inside(format!("device {i} ({}) chunk index", d.device.name), &d.index, len)?;
+            inside(
+                format!("device {i} ({}) chunk index", d.device.name),
+                &d.index,
+                len,
+            )?;
         }
-        for (what, s) in [("guest state", &self.state), ("small devices' state", &self.vmstate_blobs)] {
+        for (what, s) in [
+            ("guest state", &self.state),
+            ("small devices' state", &self.vmstate_blobs),
+        ] {
             if s.len > max_state {
                 let detail = format!("{} bytes, more than the limit of {max_state}", s.len);
                 return Err(FileFormatError::layout(what, detail));
@@ -122,7 +133,7 @@ pub fn decode_bitmap(buf: &[u8], pages: u64) -> Result<Vec<u64>, FileFormatError
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
         .collect();
-    if pages % 64 != 0 {
+    if !pages.is_multiple_of(64) {
         if let Some(last) = out.last() {
             if last >> (pages % 64) != 0 {
                 return Err(FileFormatError::layout(
@@ -179,7 +190,10 @@ pub fn decode_chunk_index(
             };
             let end = c.offset.checked_add(c.len as u64);
             if c.len == 0 || c.len > MAX_CHUNK_SIZE || end.is_none_or(|e| e > file_len) {
-                let detail = format!("{} bytes at {}, past the file or the limit", c.len, c.offset);
+                let detail = format!(
+                    "{} bytes at {}, past the file or the limit",
+                    c.len, c.offset
+                );
                 return Err(FileFormatError::layout(format!("chunk {i}"), detail));
             }
             Ok(c)

@@ -82,7 +82,8 @@ fn a_header_round_trips_and_its_layout_checks() {
     assert_eq!(&raw[..8], b"LMIGSAVE");
     assert_eq!(FilePrefix::decode(&raw).unwrap(), prefix);
     prefix.check_header(&body).unwrap();
-    h.check_layout(prefix.header_len, h.file_len, 1 << 20).unwrap();
+    h.check_layout(prefix.header_len, h.file_len, 1 << 20)
+        .unwrap();
     assert_eq!(h.regions[0].data_offset % REGION_ALIGN, 0);
     assert_eq!(h.regions[1].data_offset, REGION_ALIGN * 2);
 }
@@ -174,8 +175,14 @@ fn bitmaps_and_chunk_indexes_are_checked() {
     ];
     let raw = encode_chunk_index(&chunks);
     assert_eq!(decode_chunk_index(&raw, 2, (1 << 33) + 1).unwrap(), chunks);
-    assert!(decode_chunk_index(&raw, 2, 1 << 33).is_err(), "past the file");
-    assert!(decode_chunk_index(&raw, 1, u64::MAX).is_err(), "count and bytes disagree");
+    assert!(
+        decode_chunk_index(&raw, 2, 1 << 33).is_err(),
+        "past the file"
+    );
+    assert!(
+        decode_chunk_index(&raw, 1, u64::MAX).is_err(),
+        "count and bytes disagree"
+    );
 }
 
 proptest! {
