@@ -128,6 +128,68 @@ fn after_capture(
     devices.map_or(Ok(()), |e| Err(e.into()))
 }
 
+/// The header of `vm`'s file before the save: every section empty, regions not yet placed.
+fn template(vm: Vm<'_>) -> Result<FileHeader, FileError> {
+    let desc = vm.guest.descriptor();
+    let wire = |d: crate::device::DeviceDescriptor| -> Result<WireDevice, FileError> {
+        if d.kind.len() > 64 || d.name.len() > 64 || d.config.len() > 4096 {
+            return Err(FileError::Config(format!(
+                "device {}: kind and name must be at most 64 bytes, config 4096",
+                d.name
+            )));
+        }
+        Ok(WireDevice {
+            kind: d.kind,
+            name: d.name,
+            config: d.config,
+        })
+    };
+    let too_many = vm.devices.len().max(vm.vmstates.len()) > livemig_wire::MAX_DEVICES;
+    let memory_matches = vm.guest.memory().num_regions() == desc.ranges.len();
+    if too_many || !memory_matches || desc.kind.len() > 64 || desc.ranges.is_empty() {
+        return Err(FileError::Config(
+            "at most 64 devices of each kind, a guest kind of at most 64 bytes, and guest \
+             memory regions as the descriptor's ranges"
+                .into(),
+        ));
+    }
+    Ok(FileHeader {
+        guest_kind: desc.kind.clone(),
+        vcpus: desc.vcpus,
+        regions: desc
+            .ranges
+            .iter()
+            .map(|&range| FileRegion {
+                range,
+                data_offset: 0,
+                bitmap: Section::default(),
+                crcs: Section::default(),
+            })
+            .collect(),
+        devices: vm
+            .devices
+            .iter()
+            .map(|d| {
+                Ok(FileDevice {
+                    device: wire(d.descriptor())?,
+                    index: Section::default(),
+                    chunks: 0,
+                    bytes: 0,
+                })
+            })
+            .collect::<Result<_, FileError>>()?,
+        vmstates: vm
+            .vmstates
+            .iter()
+            .map(|d| wire(d.descriptor()))
+            .collect::<Result<_, _>>()?,
+        state: Section::default(),
+        vmstate_blobs: Section::default(),
+        file_len: 0,
+        rounds: 0,
+    })
+}
+
 fn plan_offsets(h: &FileHeader) -> Vec<u64> {
     h.regions.iter().map(|r| r.data_offset).collect()
 }
@@ -135,71 +197,14 @@ fn plan_offsets(h: &FileHeader) -> Vec<u64> {
 impl Target {
     /// Opens `PATH.partial` and lays the file out for `vm`.
     fn create(vm: Vm<'_>, path: &Path) -> Result<Target, FileError> {
-        let desc = vm.guest.descriptor();
-        let wire = |d: crate::device::DeviceDescriptor| -> Result<WireDevice, FileError> {
-            if d.kind.len() > 64 || d.name.len() > 64 || d.config.len() > 4096 {
-                return Err(FileError::Config(format!(
-                    "device {}: kind and name must be at most 64 bytes, config 4096",
-                    d.name
-                )));
-            }
-            Ok(WireDevice {
-                kind: d.kind,
-                name: d.name,
-                config: d.config,
-            })
-        };
-        let too_many = vm.devices.len().max(vm.vmstates.len()) > livemig_wire::MAX_DEVICES;
-        let memory_matches = vm.guest.memory().num_regions() == desc.ranges.len();
-        if too_many || !memory_matches || desc.kind.len() > 64 || desc.ranges.is_empty() {
-            return Err(FileError::Config(
-                "at most 64 devices of each kind, a guest kind of at most 64 bytes, and guest \
-                 memory regions as the descriptor's ranges"
-                    .into(),
-            ));
-        }
-        let mut header = FileHeader {
-            guest_kind: desc.kind.clone(),
-            vcpus: desc.vcpus,
-            regions: desc
-                .ranges
-                .iter()
-                .map(|&range| FileRegion {
-                    range,
-                    data_offset: 0,
-                    bitmap: Section::default(),
-                    crcs: Section::default(),
-                })
-                .collect(),
-            devices: vm
-                .devices
-                .iter()
-                .map(|d| {
-                    Ok(FileDevice {
-                        device: wire(d.descriptor())?,
-                        index: Section::default(),
-                        chunks: 0,
-                        bytes: 0,
-                    })
-                })
-                .collect::<Result<_, FileError>>()?,
-            vmstates: vm
-                .vmstates
-                .iter()
-                .map(|d| wire(d.descriptor()))
-                .collect::<Result<_, _>>()?,
-            state: Section::default(),
-            vmstate_blobs: Section::default(),
-            file_len: 0,
-            rounds: 0,
-        };
+        let mut header = template(vm)?;
         let header_len = header.encode().len();
         if header_len > MAX_HEADER_LEN as usize {
             return Err(FileError::Config(
                 "the devices' descriptions are too large".into(),
             ));
         }
-        let plan = plan(header_len, &desc.ranges);
+        let plan = plan(header_len, &header.guest().ranges);
         for (r, off) in header.regions.iter_mut().zip(&plan.data_offsets) {
             r.data_offset = *off;
         }
