@@ -8,7 +8,7 @@ mod common;
 use common::*;
 
 use livemig_vmm::kvm::usable_or_skip;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn file(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("livemig-proc-{name}-{}.lmsave", std::process::id()))
@@ -16,7 +16,7 @@ fn file(name: &str) -> PathBuf {
 
 /// Saves a guest started with `guest` to `path` (extra `migrate` flags in `extra`);
 /// returns the save's `completed` line.
-fn save(path: &PathBuf, guest: &[&str], extra: &[&str]) -> serde_json::Value {
+fn save(path: &Path, guest: &[&str], extra: &[&str]) -> serde_json::Value {
     let to = format!("--to=file:{}", path.display());
     let mut args = vec!["migrate", "--json", to.as_str()];
     args.extend_from_slice(guest);
@@ -30,7 +30,7 @@ fn save(path: &PathBuf, guest: &[&str], extra: &[&str]) -> serde_json::Value {
 /// Restores `path` in a new process, checks every page and the counter, lets the guest
 /// run and checks it again (a `dirtying` guest's counter must go on from where it paused,
 /// an idle one's stay there).
-fn restore_exact(path: &PathBuf, paused_at: u64, pages: u64, dirtying: bool) {
+fn restore_exact(path: &Path, paused_at: u64, pages: u64, dirtying: bool) {
     let from = format!("--from=file:{}", path.display());
     let mut dest = Proc::spawn(&[
         "incoming",
@@ -171,7 +171,7 @@ fn synthetic_guest_saved_live_and_idle_restores_exact() {
 }
 
 /// A restore of `path` that must fail, its error containing `says`.
-fn refused(path: &PathBuf, extra: &[&str], says: &str) {
+fn refused(path: &Path, extra: &[&str], says: &str) {
     let from = format!("--from=file:{}", path.display());
     let mut args = vec!["incoming", "--json", from.as_str(), "--verify"];
     args.extend_from_slice(extra);
