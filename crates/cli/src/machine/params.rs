@@ -28,6 +28,9 @@ pub struct Capabilities {
     /// `postcopy-blocktime`: `query-migrate` reports the time the destination's vCPUs
     /// waited on missing pages.
     pub postcopy_blocktime: bool,
+    /// `mapped-ram`: accepted for QEMU's scripts; a `file:` migration always lays pages out
+    /// at fixed offsets (docs/file-format.md), so it changes nothing.
+    pub mapped_ram: bool,
 }
 
 impl Default for Capabilities {
@@ -41,6 +44,7 @@ impl Default for Capabilities {
             postcopy_ram: false,
             postcopy_preempt: false,
             postcopy_blocktime: false,
+            mapped_ram: false,
         }
     }
 }
@@ -55,6 +59,7 @@ impl Capabilities {
             {"capability": "postcopy-ram", "state": self.postcopy_ram},
             {"capability": "postcopy-preempt", "state": self.postcopy_preempt},
             {"capability": "postcopy-blocktime", "state": self.postcopy_blocktime},
+            {"capability": "mapped-ram", "state": self.mapped_ram},
         ])
     }
 
@@ -76,9 +81,10 @@ impl Capabilities {
                 "postcopy-ram" => next.postcopy_ram = state,
                 "postcopy-preempt" => next.postcopy_preempt = state,
                 "postcopy-blocktime" => next.postcopy_blocktime = state,
+                "mapped-ram" => next.mapped_ram = state,
                 other => {
                     return Err(QmpError::generic(format!(
-                        "Capability '{other}' is not supported by livemig (it knows multifd, events, auto-converge, x-local, postcopy-ram, postcopy-preempt and postcopy-blocktime)"
+                        "Capability '{other}' is not supported by livemig (it knows multifd, events, auto-converge, x-local, postcopy-ram, postcopy-preempt, postcopy-blocktime and mapped-ram)"
                     )))
                 }
             }
