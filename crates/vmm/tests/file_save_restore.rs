@@ -253,3 +253,34 @@ fn bad_files_are_refused_saying_what_is_wrong() {
         let _ = std::fs::remove_file(q);
     }
 }
+
+#[test]
+fn an_on_demand_restore_runs_the_guest_before_its_pages_are_read() {
+    let (p, counter, report) = save_live("ondemand");
+    let config = RestoreConfig {
+        on_demand: true,
+        ..verified()
+    };
+    let r = match restore(&p, &config) {
+        Err(FileError::OnDemand(e)) if e.is_unavailable() => {
+            eprintln!("SKIPPED: userfaultfd is not available here: {e}");
+            return;
+        }
+        r => r.unwrap(),
+    };
+    let v = r.report.verify.clone().unwrap();
+    assert_eq!(v.pages_mismatched, 0, "{v:#?}");
+    assert!(
+        v.counter >= counter,
+        "the counter goes on from where it paused"
+    );
+    assert_eq!(r.report.pages_read, report.pages_in_file);
+    assert!(
+        r.report.faults > 0,
+        "the guest ran before its pages were read, faulting them in: {:#?}",
+        r.report
+    );
+    r.guest.pause().unwrap();
+    assert_eq!(r.guest.verify().unwrap().pages_mismatched, 0);
+    let _ = std::fs::remove_file(&p);
+}

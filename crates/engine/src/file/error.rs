@@ -72,6 +72,9 @@ pub enum FileError {
     /// A thread of the save or restore failed or panicked.
     #[error(transparent)]
     Job(#[from] ThreadError),
+    /// On-demand restore: userfaultfd is unavailable or failed.
+    #[error("on-demand restore: {0}")]
+    OnDemand(#[source] crate::postcopy::PostcopyError),
     /// The configuration cannot work.
     #[error("invalid file migration configuration: {0}")]
     Config(String),

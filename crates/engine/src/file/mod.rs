@@ -30,12 +30,14 @@
 //! ```
 //!
 //! Threads are the engine's own (`crate::runtime`): `lm-save-ch{i}`, `lm-save-dev{i}`,
-//! `lm-save-state`, `lm-rst-rd{i}`, `lm-rst-dev{i}`; all are joined before either call
+//! `lm-save-state`, `lm-rst-rd{i}`, `lm-rst-dev{i}`, and on demand `lm-rst-fault` and
+//! `lm-rst-fill`; all are joined before either call
 //! returns.
 
 mod devices;
 mod error;
 mod io;
+mod ondemand;
 mod pages;
 mod restore;
 mod save;
@@ -161,6 +163,11 @@ pub struct RestoreConfig {
     pub verify: bool,
     /// Resume the guest once restored (default); false leaves it paused.
     pub resume: bool,
+    /// On demand: resume the guest as soon as the devices and its state are loaded, before
+    /// any page is read; a page is read when first touched (userfaultfd), while a
+    /// background thread reads the rest. The call returns once every page is in. Needs
+    /// userfaultfd ([`FileError::OnDemand`] where it is not available).
+    pub on_demand: bool,
     /// Cancels the restore from another thread (the guest is then dropped).
     pub cancel: CancelToken,
 }
@@ -173,6 +180,7 @@ impl Default for RestoreConfig {
             max_state_bytes: livemig_wire::Limits::default().max_state_bytes,
             verify: false,
             resume: true,
+            on_demand: false,
             cancel: CancelToken::new(),
         }
     }
@@ -193,6 +201,12 @@ pub struct RestoreReport {
     pub saved_rounds: u32,
     /// The check of every page, if asked for.
     pub verify: Option<crate::guest::VerifyReport>,
-    /// From the call until the guest was resumed (or ready, unresumed), milliseconds.
+    /// Whether the restore was on demand.
+    pub on_demand: bool,
+    /// On demand: page faults served (pages the guest touched before the fill had them).
+    pub faults: u64,
+    /// From the call until the guest was resumed, milliseconds (None: left paused).
+    pub resumed_ms: Option<f64>,
+    /// From the call until every page was in (and checked, if asked), milliseconds.
     pub total_ms: f64,
 }

@@ -36,14 +36,14 @@ pub struct Restored {
 }
 
 /// A file read and checked, nothing built yet.
-struct Checked {
-    file: File,
-    header: FileHeader,
+pub(super) struct Checked {
+    pub file: File,
+    pub header: FileHeader,
     /// Per region: the present bits and the page CRCs.
-    pages: Vec<(Vec<u64>, Vec<u32>)>,
-    chunks: Vec<Vec<ChunkRef>>,
-    state: Vec<u8>,
-    vmstates: VmStates,
+    pub pages: Vec<(Vec<u64>, Vec<u32>)>,
+    pub chunks: Vec<Vec<ChunkRef>>,
+    pub state: Vec<u8>,
+    pub vmstates: VmStates,
 }
 
 /// Restores the VM saved at `path`: builds the guest and devices the file describes with
@@ -103,28 +103,20 @@ pub fn restore_vm(
             a.store(v, Ordering::Relaxed);
         }
     }
-    let (pages_read, device_bytes) = load(path, &c, &regions, &*guest, &devices, config)?;
-    for (d, blob) in vmstates.iter().zip(&c.vmstates.blobs) {
-        d.load(blob)?;
-    }
-    guest.restore_state(&c.state)?;
-    let verify = match config.verify {
-        true => Some(guest.verify()?),
-        false => None,
+    let loaded = match config.on_demand {
+        false => eager(path, &c, &regions, &*guest, &devices, &vmstates, config)?,
+        true => super::ondemand::run(path, &c, &regions, &*guest, &devices, &vmstates, config)?,
     };
-    if let Some(v) = verify.as_ref().filter(|v| v.pages_mismatched > 0) {
-        return Err(FileError::Verify(v.clone()));
-    }
-    if config.resume {
-        guest.resume()?;
-    }
     let report = RestoreReport {
         guest_kind: c.header.guest_kind.clone(),
         memory_bytes: c.header.memory_bytes(),
-        pages_read,
-        device_bytes,
+        pages_read: loaded.pages,
+        device_bytes: loaded.device_bytes,
         saved_rounds: c.header.rounds,
-        verify,
+        verify: loaded.verify,
+        on_demand: config.on_demand,
+        faults: loaded.faults,
+        resumed_ms: loaded.resumed.map(|t| (t - start).as_secs_f64() * 1e3),
         total_ms: start.elapsed().as_secs_f64() * 1e3,
     };
     Ok(Restored {
@@ -133,6 +125,69 @@ pub fn restore_vm(
         vmstates,
         report,
     })
+}
+
+/// What loading did, for the report.
+pub(super) struct Loaded {
+    pub pages: u64,
+    pub device_bytes: u64,
+    pub verify: Option<crate::guest::VerifyReport>,
+    pub faults: u64,
+    /// When the guest was resumed (None: left paused).
+    pub resumed: Option<Instant>,
+}
+
+/// The eager restore: every page and device loaded, then the small devices and the guest's
+/// state, the check (if asked) and the resume.
+fn eager(
+    path: &Path,
+    c: &Checked,
+    regions: &[RegionMap],
+    guest: &dyn Guest,
+    devices: &[Box<dyn Device>],
+    vmstates: &[Box<dyn VmState>],
+    config: &RestoreConfig,
+) -> Result<Loaded, FileError> {
+    let (pages, device_bytes) = load(path, c, regions, guest, devices, config)?;
+    load_state(c, guest, vmstates)?;
+    let verify = match config.verify {
+        true => Some(checked(guest.verify()?)?),
+        false => None,
+    };
+    let resumed = config.resume.then(Instant::now);
+    if config.resume {
+        guest.resume()?;
+    }
+    Ok(Loaded {
+        pages,
+        device_bytes,
+        verify,
+        faults: 0,
+        resumed,
+    })
+}
+
+/// The small devices' blobs in list order, then the guest's state.
+pub(super) fn load_state(
+    c: &Checked,
+    guest: &dyn Guest,
+    vmstates: &[Box<dyn VmState>],
+) -> Result<(), FileError> {
+    for (d, blob) in vmstates.iter().zip(&c.vmstates.blobs) {
+        d.load(blob)?;
+    }
+    guest.restore_state(&c.state)?;
+    Ok(())
+}
+
+/// A check with a wrong page is an error.
+pub(super) fn checked(
+    v: crate::guest::VerifyReport,
+) -> Result<crate::guest::VerifyReport, FileError> {
+    match v.pages_mismatched {
+        0 => Ok(v),
+        _ => Err(FileError::Verify(v)),
+    }
 }
 
 /// Reads the pages with the reader threads while each device loads on a thread of its
