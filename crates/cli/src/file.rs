@@ -145,11 +145,19 @@ pub fn restore(path: &Path, config: &RestoreConfig, json: bool) -> anyhow::Resul
             "cpu": cpu.usage()}),
         );
     } else {
+        let r = &restored.report;
         eprintln!(
-            "livemig: guest restored from {} in {:.0} ms and resumed ({} MiB read)",
+            "livemig: guest restored from {} in {:.0} ms ({} MiB read{}), running since {}",
             path.display(),
-            restored.report.total_ms,
-            (restored.report.pages_read * 4096) >> 20
+            r.total_ms,
+            (r.pages_read * 4096) >> 20,
+            if r.on_demand {
+                format!(", {} pages on demand", r.faults)
+            } else {
+                String::new()
+            },
+            r.resumed_ms
+                .map_or("never (paused)".into(), |ms| format!("{ms:.1} ms")),
         );
     }
     Ok(restored)

@@ -27,6 +27,11 @@ pub struct IncomingArgs {
     /// instead of listening for a source: pages are read by --channels threads.
     #[arg(long, conflicts_with_all = ["listen", "qmp"], value_parser = parse_file_uri)]
     pub from: Option<std::path::PathBuf>,
+    /// With --from: resume the guest as soon as its devices and state are loaded, reading
+    /// each page when the guest first touches it (userfaultfd) while a background thread
+    /// reads the rest.
+    #[arg(long, requires = "from")]
+    pub on_demand: bool,
     /// Serve QMP on this Unix socket path: receive on `migrate-incoming` (or at once on
     /// `--listen`), then hold the guest, which can be migrated on, until `quit`.
     #[arg(long)]
@@ -133,6 +138,7 @@ fn restore_from(a: &IncomingArgs, path: &std::path::Path) -> anyhow::Result<Exit
     let mut config = livemig_engine::file::RestoreConfig {
         readers: a.onward.channels,
         verify: a.verify,
+        on_demand: a.on_demand,
         ..Default::default()
     };
     if let Some(m) = a.max_guest_memory {

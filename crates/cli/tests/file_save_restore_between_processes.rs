@@ -31,23 +31,38 @@ fn save(path: &Path, guest: &[&str], extra: &[&str]) -> serde_json::Value {
 /// run and checks it again (a `dirtying` guest's counter must go on from where it paused,
 /// an idle one's stay there).
 fn restore_exact(path: &Path, paused_at: u64, pages: u64, dirtying: bool) {
-    let from = format!("--from=file:{}", path.display());
-    let mut dest = Proc::spawn(&[
-        "incoming",
-        "--json",
-        from.as_str(),
-        "--verify",
-        "--run-after-ms=300",
-    ]);
-    let recv = dest.expect_event("received");
-    let v = &recv["report"]["verify"];
-    assert_eq!(u64_at(v, &["pages_checked"]), pages, "{v:#}");
-    assert_eq!(u64_at(v, &["pages_mismatched"]), 0, "{v:#}");
+    let got = restore(path, pages, &[]);
+    let v = &got.0["report"]["verify"];
     assert_eq!(
         u64_at(v, &["counter"]),
         paused_at,
         "the counter comes back exactly where it paused"
     );
+    runs_on(got, paused_at, dirtying);
+}
+
+/// Restores `path` in a new process (with `extra` flags); returns its `received` line,
+/// every page checked exact, and the process, to be waited for with [`runs_on`].
+fn restore(path: &Path, pages: u64, extra: &[&str]) -> (serde_json::Value, Proc) {
+    let from = format!("--from=file:{}", path.display());
+    let mut args = vec![
+        "incoming",
+        "--json",
+        from.as_str(),
+        "--verify",
+        "--run-after-ms=300",
+    ];
+    args.extend_from_slice(extra);
+    let mut dest = Proc::spawn(&args);
+    let recv = dest.expect_event("received");
+    let v = &recv["report"]["verify"];
+    assert_eq!(u64_at(v, &["pages_checked"]), pages, "{v:#}");
+    assert_eq!(u64_at(v, &["pages_mismatched"]), 0, "{v:#}");
+    (recv, dest)
+}
+
+/// Lets the restored guest run, then checks it again.
+fn runs_on((_, mut dest): (serde_json::Value, Proc), paused_at: u64, dirtying: bool) {
     let after = dest.expect_event("after_run");
     assert_eq!(u64_at(&after["verify"], &["pages_mismatched"]), 0);
     let counter = u64_at(&after["verify"], &["counter"]);
@@ -93,6 +108,27 @@ fn kvm_guest_saved_live_while_dirtying_restores_exact_twice() {
     for _ in 0..2 {
         restore_exact(&path, paused_at, 65536, true);
     }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// On demand: the KVM guest runs before its pages are read (each page read on its first
+/// touch, the rest by a background thread); once all are in, every page is exact and the
+/// counter has gone on from where it paused.
+#[test]
+fn kvm_guest_restored_on_demand_runs_on_exact() {
+    if !usable_or_skip() {
+        return;
+    }
+    let path = file("kvm-ondemand");
+    let done = save(&path, KVM, &["--downtime-limit-ms=1", "--max-rounds=3"]);
+    let paused_at = u64_at(&done, &["counter_at_pause"]);
+    let got = restore(&path, 65536, &["--on-demand"]);
+    let r = &got.0["report"];
+    assert_eq!(r["on_demand"], true);
+    let resumed = r["resumed_ms"].as_f64().unwrap();
+    assert!(resumed <= r["total_ms"].as_f64().unwrap(), "{r:#}");
+    assert!(u64_at(&r["verify"], &["counter"]) >= paused_at, "{r:#}");
+    runs_on(got, paused_at, true);
     let _ = std::fs::remove_file(&path);
 }
 
