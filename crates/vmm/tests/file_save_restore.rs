@@ -17,6 +17,13 @@ use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
+/// The tests of this file run one at a time: one counts the process's `lm-save` threads.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn guest(rate: u64) -> SyntheticGuest {
     SyntheticGuest::start(&SyntheticConfig {
         memory_bytes: 64 * MIB,
@@ -96,6 +103,7 @@ fn save_live(name: &str) -> (PathBuf, u64, livemig_engine::file::SaveReport) {
 
 #[test]
 fn a_dirtying_guest_saved_live_restores_exact_twice() {
+    let _serial = serial();
     let (p, counter, report) = save_live("live");
     assert!(report.live && report.rounds.len() >= 2, "{report:#?}");
     assert!(counter > 0);
@@ -134,6 +142,7 @@ fn a_dirtying_guest_saved_live_restores_exact_twice() {
 
 #[test]
 fn a_paused_guest_is_saved_in_one_pass_and_stays_paused() {
+    let _serial = serial();
     let g = guest(20_000);
     std::thread::sleep(Duration::from_millis(100));
     g.pause().unwrap();
@@ -162,6 +171,7 @@ fn a_paused_guest_is_saved_in_one_pass_and_stays_paused() {
 
 #[test]
 fn a_live_save_resumes_the_guest() {
+    let _serial = serial();
     let g = guest(20_000);
     std::thread::sleep(Duration::from_millis(50));
     let vm = livemig_engine::Vm {
@@ -206,6 +216,7 @@ fn format_error(r: Result<Restored, FileError>) -> FileFormatError {
 
 #[test]
 fn bad_files_are_refused_saying_what_is_wrong() {
+    let _serial = serial();
     let (p, _, report) = save_live("bad");
     let len = report.file_len;
     let cut = damaged(&p, "cut", |f| f.set_len(len - 100).unwrap());
@@ -256,6 +267,7 @@ fn bad_files_are_refused_saying_what_is_wrong() {
 
 #[test]
 fn an_on_demand_restore_runs_the_guest_before_its_pages_are_read() {
+    let _serial = serial();
     let (p, counter, report) = save_live("ondemand");
     let config = RestoreConfig {
         on_demand: true,
@@ -283,4 +295,36 @@ fn an_on_demand_restore_runs_the_guest_before_its_pages_are_read() {
     r.guest.pause().unwrap();
     assert_eq!(r.guest.verify().unwrap().pages_mismatched, 0);
     let _ = std::fs::remove_file(&p);
+}
+
+/// A live save cancelled from another thread mid-rounds: it fails as cancelled, leaves no
+/// file (nor a partial one), every thread of it is gone, and the guest runs on, exact.
+#[test]
+fn a_cancelled_save_leaves_no_file_and_the_guest_running() {
+    let _serial = serial();
+    let g = guest(0);
+    let vm = livemig_engine::Vm {
+        guest: &g,
+        devices: &[],
+        vmstates: &[],
+    };
+    let p = path("cancel");
+    let config = SaveConfig {
+        downtime_limit: Duration::ZERO,
+        max_rounds: u32::MAX,
+        ..SaveConfig::default()
+    };
+    let cancel = config.cancel.clone();
+    // Cancelled as the save reports its first round (always one with the guest running),
+    // from the progress callback: the save must stop at its next step, whatever it is.
+    let r = save_vm(vm, &p, &config, &|_| cancel.cancel());
+    assert!(matches!(r, Err(FileError::Cancelled)), "{r:?}");
+    assert!(!p.exists());
+    assert!(!PathBuf::from(format!("{}.partial", p.display())).exists());
+    assert_eq!(livemig_engine::runtime::thread_count_named("lm-save"), 0);
+    let before = g.counter();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(g.counter() > before, "the guest runs on");
+    g.pause().unwrap();
+    assert_eq!(g.verify().unwrap().pages_mismatched, 0);
 }

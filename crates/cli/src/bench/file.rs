@@ -80,7 +80,11 @@ fn guest(memory: u64, fill: f64) -> anyhow::Result<SyntheticGuest> {
 }
 
 /// Saves `g` to `path`; returns the save's seconds and report.
-fn save(g: &SyntheticGuest, path: &Path, channels: u16) -> anyhow::Result<(f64, serde_json::Value)> {
+fn save(
+    g: &SyntheticGuest,
+    path: &Path,
+    channels: u16,
+) -> anyhow::Result<(f64, serde_json::Value)> {
     let vm = Vm {
         guest: g,
         devices: &[],
@@ -117,7 +121,10 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     let bytes = a.memory;
     let channels = a.channels.first().copied().unwrap_or(4);
     let dir = std::env::temp_dir();
-    let (raw, saved) = (dir.join("livemig-bench-raw"), dir.join("livemig-bench.lmsave"));
+    let (raw, saved) = (
+        dir.join("livemig-bench-raw"),
+        dir.join("livemig-bench.lmsave"),
+    );
     let mut data = vec![0u8; bytes as usize];
     for (p, page) in data.chunks_exact_mut(4096).enumerate() {
         livemig_vmm::pattern::fill(page.try_into().expect("a page"), p as u64, 1);

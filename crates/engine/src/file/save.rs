@@ -320,6 +320,9 @@ impl<'a> Saver<'a, '_> {
             all.set_all();
             (all, Vec::new())
         };
+        if self.config.cancel.is_cancelled() {
+            return Err(FileError::Cancelled);
+        }
         if live {
             self.vm.guest.pause()?;
             *paused_at = Some(Instant::now());
@@ -463,6 +466,9 @@ impl<'a> Saver<'a, '_> {
         dirty: &DirtyBitmap,
         round: u32,
     ) -> Result<SaveRound, FileError> {
+        if self.config.cancel.is_cancelled() {
+            return Err(FileError::Cancelled);
+        }
         let t = Instant::now();
         let (mut sent, mut got, mut w) = (0u64, 0u64, Written::default());
         for_each_batch(dirty, self.regions, |mut b| loop {
