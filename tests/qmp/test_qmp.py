@@ -236,7 +236,8 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         caps = {c["capability"]: c["state"] for c in await src.cmd("query-migrate-capabilities")}
         self.assertEqual(caps, {"multifd": True, "events": True, "auto-converge": True,
                                 "x-local": False, "postcopy-ram": False,
-                                "postcopy-preempt": False, "postcopy-blocktime": False})
+                                "postcopy-preempt": False, "postcopy-blocktime": False,
+                                "mapped-ram": False})
         self.assertEqual(await src.cmd("query-migrate"), {}, "no migration yet")
 
         uri = self.uri("m1")
