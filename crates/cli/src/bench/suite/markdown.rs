@@ -92,7 +92,7 @@ fn file(md: &mut String, d: &Doc, f: &crate::bench::file::FileBench) {
         f.runs
     );
     md.push_str(
-        "| what | raw MB/s | livemig MB/s | raw time / livemig time |\n|---|---|---|---|\n",
+        "| what | raw MB/s | livemig MB/s | livemig / raw (median of each run's pair) |\n|---|---|---|---|\n",
     );
     let _ = writeln!(
         md,
