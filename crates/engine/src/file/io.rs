@@ -125,6 +125,15 @@ unsafe impl Send for RegionMap {}
 // SAFETY: as above; the shared tables are atomics.
 unsafe impl Sync for RegionMap {}
 
+/// Whether `memory`'s regions are exactly `ranges`, in order.
+pub(crate) fn same_layout(memory: &GuestMemory, ranges: &[livemig_wire::MemoryRange]) -> bool {
+    memory.num_regions() == ranges.len()
+        && memory
+            .iter()
+            .zip(ranges)
+            .all(|(r, m)| r.start_addr().0 == m.guest_addr && r.len() == m.size)
+}
+
 impl RegionMap {
     /// The regions of `memory`, in order, with their pages at `data_offsets` in the file.
     pub fn of(memory: &GuestMemory, data_offsets: &[u64]) -> Vec<RegionMap> {

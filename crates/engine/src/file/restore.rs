@@ -21,7 +21,6 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
-use vm_memory::GuestMemoryBackend;
 
 /// A VM restored from a file: the embedder now owns it.
 pub struct Restored {
@@ -89,7 +88,7 @@ pub fn restore_vm(
         .map(|d| factories.devices.create_vmstate(&descriptor(d)))
         .collect::<Result<Vec<_>, _>>()?;
     let offsets: Vec<u64> = c.header.regions.iter().map(|r| r.data_offset).collect();
-    if guest.memory().num_regions() != offsets.len() {
+    if !super::io::same_layout(guest.memory(), &c.header.guest().ranges) {
         return Err(FileError::Config(
             "the guest built has other memory regions than the file".into(),
         ));

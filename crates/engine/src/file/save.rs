@@ -19,7 +19,6 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use vm_memory::GuestMemoryBackend;
 
 /// The file being written: `PATH.partial` until it is whole.
 struct Target {
@@ -145,7 +144,7 @@ fn template(vm: Vm<'_>) -> Result<FileHeader, FileError> {
         })
     };
     let too_many = vm.devices.len().max(vm.vmstates.len()) > livemig_wire::MAX_DEVICES;
-    let memory_matches = vm.guest.memory().num_regions() == desc.ranges.len();
+    let memory_matches = super::io::same_layout(vm.guest.memory(), &desc.ranges);
     if too_many || !memory_matches || desc.kind.len() > 64 || desc.ranges.is_empty() {
         return Err(FileError::Config(
             "at most 64 devices of each kind, a guest kind of at most 64 bytes, and guest \
