@@ -5,7 +5,7 @@
 use super::devices::load_device;
 use super::io::{read_vec, RegionMap};
 use super::pages::{for_each_batch, read_batch, Batch};
-use super::save::{thread_failure, wait};
+use super::save::wait;
 use super::{FileError, RestoreConfig, RestoreReport};
 use crate::device::{Device, DeviceDescriptor, VmState};
 use crate::dirty::DirtyBitmap;
@@ -251,11 +251,7 @@ fn load(
         let failure = rt.teardown(r.is_err());
         match (r, failure) {
             (Ok(v), None) => Ok(v),
-            (Ok(_), Some(f)) => thread_failure(crate::runtime::ThreadDone {
-                name: String::new(),
-                result: Err(f),
-            })
-            .map(|()| (0, 0)),
+            (Ok(_), Some(f)) => Err(FileError::Job(f)),
             (Err(e), _) => Err(e),
         }
     })

@@ -541,7 +541,7 @@ pub(super) fn wait<T>(
     }
 }
 
-pub(super) fn thread_failure(d: ThreadDone) -> Result<(), FileError> {
+fn thread_failure(d: ThreadDone) -> Result<(), FileError> {
     match d.result {
         Ok(()) => Ok(()),
         Err(ThreadError::Cancelled) => Err(FileError::Cancelled),
