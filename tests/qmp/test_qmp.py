@@ -136,6 +136,37 @@ async def next_event(listener, name, timeout=60):
             return ev
 
 
+def x509_dir(path):
+    """A CA and a certificate for localhost/127.0.0.1 (client and server use) in QEMU's
+    tls-creds-x509 layout, made with the openssl command as an operator would."""
+    os.makedirs(path, exist_ok=True)
+
+    def ssl(*args):
+        subprocess.run(["openssl", *args], cwd=path, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ssl("req", "-x509", *ec, "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "2",
+        "-subj", "/CN=livemig test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    with open(os.path.join(path, "leaf.ext"), "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                "extendedKeyUsage=serverAuth,clientAuth\n"
+                "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n")
+    for side in ("server", "client"):
+        ssl("req", *ec, "-keyout", f"{side}-key.pem", "-out", f"{side}.csr",
+            "-subj", "/CN=localhost")
+        ssl("x509", "-req", "-in", f"{side}.csr", "-CA", "ca-cert.pem", "-CAkey",
+            "ca-key.pem", "-CAcreateserial", "-out", f"{side}-cert.pem", "-days", "2",
+            "-extfile", "leaf.ext")
+    return path
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Link:
     """A Unix-socket forwarder standing for the network between the hosts: every connection
     through it can be cut at once (`cut`), as a lost link; new ones are forwarded again."""
@@ -237,6 +268,7 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(caps, {"multifd": True, "events": True, "auto-converge": True,
                                 "x-local": False, "postcopy-ram": False,
                                 "postcopy-preempt": False, "postcopy-blocktime": False,
+                                "pause-before-switchover": False,
                                 "mapped-ram": False})
         self.assertEqual(await src.cmd("query-migrate"), {}, "no migration yet")
 
@@ -268,6 +300,10 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(ram["normal-bytes"], ram["normal"] * 4096)
         self.assertEqual(ram["normal"] + ram["duplicate"] >= 65536, True, ram)
         self.assertGreaterEqual(ram["transferred"], ram["normal-bytes"])
+        # transferred = before the pause + during it (+ postcopy's, none here).
+        self.assertGreater(ram["precopy-bytes"], 0, ram)
+        self.assertEqual(ram["precopy-bytes"] + ram["downtime-bytes"] + ram["postcopy-bytes"],
+                         ram["transferred"], ram)
         self.assertGreaterEqual(ram["dirty-sync-count"], 1)
         for k in ("mbps", "dirty-pages-rate", "pages-per-second"):
             self.assertIn(k, ram)
@@ -466,6 +502,139 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual((await dst.wait_migration())["status"], "completed")
         self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
 
+    async def test_throttle_parameters_set_mid_migration_like_qemu(self):
+        """A guest dirtying faster than a capped link: auto-converge's parameters set while
+        the migration runs (cpu-throttle-initial 60, -increment 30, trigger 10 %) are the
+        steps it takes next, seen in cpu-throttle-percentage; other parameters are refused
+        meanwhile with QEMU's words."""
+        src = await self.source("--working-set", "32M", "--dirty-rate", "100k")
+        dst = await self.destination()
+        await src.cmd("migrate-set-parameters", {"max-bandwidth": 32 << 20,
+                                                 "downtime-limit": 10})
+        uri = self.uri("throttle")
+        await dst.cmd("migrate-incoming", {"uri": uri})
+        await src.cmd("migrate", {"uri": uri})
+        await src.wait_status("active")
+        await src.cmd("migrate-set-parameters", {"cpu-throttle-initial": 60,
+                                                 "cpu-throttle-increment": 30,
+                                                 "throttle-trigger-threshold": 10})
+        with self.assertRaises(ExecuteError) as e:
+            await src.cmd("migrate-set-parameters", {"multifd-channels": 2})
+        self.assertIn("migration process in progress", str(e.exception))
+        got = await src.cmd("query-migrate-parameters")
+        self.assertEqual((got["cpu-throttle-initial"], got["cpu-throttle-increment"],
+                          got["max-cpu-throttle"], got["throttle-trigger-threshold"]),
+                         (60, 30, 99, 10), got)
+        seen = []
+        deadline = time.monotonic() + 90
+        while not seen or seen[-1] < 90:
+            q = await src.cmd("query-migrate")
+            self.assertIn(q["status"], ("setup", "active"), q)
+            t = q.get("cpu-throttle-percentage", 0)
+            if t and (not seen or seen[-1] != t):
+                seen.append(t)
+            self.assertLess(time.monotonic(), deadline, (seen, q))
+            await asyncio.sleep(0.02)
+        self.assertEqual(seen[:2], [60, 90], seen)
+        await src.cmd("migrate-set-parameters", {"downtime-limit": 60000, "max-bandwidth": 0})
+        self.assertEqual((await src.wait_migration())["status"], "completed")
+        self.assertEqual((await dst.wait_migration())["status"], "completed")
+        self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
+
+    @unittest.skipIf(shutil.which("openssl") is None, "SKIPPED: no openssl command")
+    async def test_tls_with_object_add_like_qemu(self):
+        """TLS set up as QEMU's scripts and libvirt do: object-add of tls-creds-x509 over a
+        directory in QEMU's layout on each side, the tls-creds and tls-hostname parameters;
+        the migration completes exact over TLS; bad objects are refused by the command."""
+        creds = x509_dir(os.path.join(self.dir, "pki"))
+        src = await self.source()
+        dst = await self.destination()
+        for vm, endpoint in ((src, "client"), (dst, "server")):
+            await vm.cmd("object-add", {"qom-type": "tls-creds-x509", "id": "tls0",
+                                        "dir": creds, "endpoint": endpoint,
+                                        "verify-peer": True})
+        cases = [
+            ({"qom-type": "tls-creds-x509", "id": "tls0", "dir": creds}, "duplicate"),
+            ({"qom-type": "tls-creds-x509", "id": "t1", "dir": creds, "verify-peer": False},
+             "verify-peer"),
+            ({"qom-type": "tls-creds-x509", "id": "t2", "dir": self.dir}, "client-cert.pem"),
+            ({"qom-type": "memory-backend-ram", "id": "m0"}, "tls-creds-x509"),
+        ]
+        for args, words in cases:
+            with self.assertRaises(ExecuteError, msg=args) as e:
+                await src.cmd("object-add", args)
+            self.assertIn(words, str(e.exception), args)
+        await src.cmd("migrate-set-parameters", {"tls-creds": "tls0",
+                                                 "tls-hostname": "localhost"})
+        await dst.cmd("migrate-set-parameters", {"tls-creds": "tls0"})
+        self.assertEqual((await src.cmd("query-migrate-parameters"))["tls-creds"], "tls0")
+        uri = f"tcp:127.0.0.1:{free_port()}"
+        await dst.cmd("migrate-incoming", {"uri": uri})
+        await src.cmd("migrate", {"uri": uri})
+        q = await src.wait_migration()
+        self.assertEqual(q["status"], "completed", q)
+        self.assertEqual((await dst.wait_migration())["status"], "completed")
+        self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
+        with self.assertRaises(ExecuteError) as e:
+            await src.cmd("object-del", {"id": "tls0"})
+        self.assertIn("in use", str(e.exception))
+        await src.cmd("migrate-set-parameters", {"tls-creds": ""})
+        await src.cmd("object-del", {"id": "tls0"})
+
+    @unittest.skipIf(shutil.which("openssl") is None, "SKIPPED: no openssl command")
+    async def test_a_qemu_script_runs_unchanged(self):
+        """Issue 16's script: TLS from object-add, the address as QEMU 9.1's channels, and
+        parameters changed while the migration runs (libvirt's migrate-setspeed and
+        migrate-setmaxdowntime), the same commands a QEMU user sends, unchanged."""
+        creds = x509_dir(os.path.join(self.dir, "pki"))
+        src = await self.source("--working-set", "32M", "--dirty-rate", "50k")
+        dst = await self.destination()
+        for vm, endpoint in ((src, "client"), (dst, "server")):
+            await vm.cmd("object-add", {"qom-type": "tls-creds-x509", "id": "tls0",
+                                        "dir": creds, "endpoint": endpoint})
+            await vm.cmd("migrate-set-parameters", {"tls-creds": "tls0"})
+        await src.cmd("migrate-set-parameters", {"tls-hostname": "localhost",
+                                                 "max-bandwidth": 16 << 20,
+                                                 "downtime-limit": 1})
+        channels = [{"channel-type": "main",
+                     "addr": {"transport": "socket", "type": "inet",
+                              "host": "127.0.0.1", "port": str(free_port())}}]
+        await dst.cmd("migrate-incoming", {"channels": channels})
+        await src.cmd("migrate", {"channels": channels})
+        await src.wait_status("active")
+        await asyncio.sleep(0.5)
+        await src.cmd("migrate-set-parameters", {"max-bandwidth": 0})
+        await src.cmd("migrate-set-parameters", {"downtime-limit": 2000})
+        q = await src.wait_migration()
+        self.assertEqual(q["status"], "completed", q)
+        self.assertFalse(q.get("x-forced-switchover", False), q)
+        self.assertEqual((await dst.wait_migration())["status"], "completed")
+        self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
+
+    async def test_calc_dirty_rate_before_migrating_like_qemu(self):
+        """calc-dirty-rate / query-dirty-rate: a guest writing a 16 MiB working set, measured
+        over a second with its dirty log (each page once), reads at most 16 MiB/s and more
+        than nothing; no migration starts while it measures; QEMU's range check."""
+        src = await self.source("--working-set", "16M", "--dirty-rate", "50k")
+        self.assertEqual((await src.cmd("query-dirty-rate"))["status"], "unstarted")
+        with self.assertRaises(ExecuteError) as e:
+            await src.cmd("calc-dirty-rate", {"calc-time": 0})
+        self.assertIn("out of range", str(e.exception))
+        await src.cmd("calc-dirty-rate", {"calc-time": 1})
+        self.assertEqual((await src.cmd("query-dirty-rate"))["status"], "measuring")
+        with self.assertRaises(ExecuteError) as e:
+            await src.cmd("migrate", {"uri": self.uri("busy")})
+        self.assertIn("calc-dirty-rate", str(e.exception))
+        deadline = time.monotonic() + 30
+        while (q := await src.cmd("query-dirty-rate"))["status"] != "measured":
+            self.assertLess(time.monotonic(), deadline, q)
+            await asyncio.sleep(0.05)
+        self.assertNotIn("x-error", q)
+        self.assertGreater(q["dirty-rate"], 0, q)
+        self.assertLessEqual(q["dirty-rate"], 16, q)
+        self.assertEqual(q["calc-time"], 1)
+        self.assertEqual(await src.status(), "running")
+
     async def test_quit_during_a_migration_cancels_and_joins_it(self):
         """`quit` while pages stream: the process cancels, joins and exits 0 promptly; the
         destination, told nothing, fails cleanly and waits again."""
@@ -552,6 +721,9 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
                                                  "max-bandwidth": 32 << 20,
                                                  "downtime-limit": 50})
 
+        # QEMU reports blocktime on the destination, per vCPU too.
+        await dst.cmd("migrate-set-capabilities", {"capabilities": [
+            {"capability": "postcopy-blocktime", "state": True}]})
         uri = self.uri("pc")
         with src.qmp.listener() as src_ev, dst.qmp.listener() as dst_ev, \
                 src.qmp.listener("MIGRATION_PASS") as passes:
@@ -592,7 +764,15 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(ram["postcopy-bytes"] % 4096, 0, q)
         self.assertGreater(ram["postcopy-requests"], 0, q)
         self.assertIn("postcopy-blocktime", q)
-        self.assertNotIn("postcopy-vcpu-blocktime", q, "not counted per vCPU")
+        self.assertNotIn("postcopy-vcpu-blocktime", q, "the destination's figure")
+        # The destination's: the guest's writers faulted (requests > 0), each counted for
+        # the vCPU that waited.
+        self.assertIsInstance(dq["postcopy-blocktime"], int, dq)
+        per_vcpu = dq["postcopy-vcpu-blocktime"]
+        self.assertIsInstance(per_vcpu, list, dq)
+        self.assertGreater(len(per_vcpu), 0, dq)
+        # Each vCPU's milliseconds rounded down: together at most the total.
+        self.assertLessEqual(sum(per_vcpu), dq["postcopy-blocktime"], dq)
         self.assertEqual(ram["remaining"], 0)
 
         # The source keeps its copy paused for good; the guest runs on, exact, there.
@@ -710,13 +890,59 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(await src.threads_settle(), [])
         self.assertEqual(await dst.threads_settle(), [])
 
+    async def test_pause_before_switchover_like_qemu(self):
+        """pause-before-switchover: the guest paused for the switchover, the migration holds
+        in pre-switchover until migrate-continue (its state named, as QEMU checks), then
+        device, completed; a cancel while it holds gives the guest back to the source."""
+        src = await self.source()
+        await self.enable_events(src)
+        await src.cmd("migrate-set-capabilities", {"capabilities": [
+            {"capability": "pause-before-switchover", "state": True}]})
+        with self.assertRaises(ExecuteError) as e:
+            await src.cmd("migrate-continue", {"state": "pre-switchover"})
+        self.assertIn("Migration not in expected state: none", str(e.exception))
+
+        # Held, then cancelled: the guest runs on here, exact.
+        dst = await self.destination()
+        await dst.cmd("migrate-incoming", {"uri": self.uri("held")})
+        await src.cmd("migrate", {"uri": self.uri("held")})
+        await src.wait_status("pre-switchover")
+        self.assertEqual(await src.status(), "finish-migrate", "paused while it holds")
+        await src.cmd("migrate_cancel")
+        self.assertEqual((await src.wait_migration())["status"], "cancelled")
+        self.assertEqual(await src.status(), "running")
+        self.assertEqual((await src.cmd("x-livemig-verify"))["pages-mismatched"], 0)
+
+        # QEMU 9.1's form of the address, on both sides.
+        dst = await self.destination()
+        path = self.uri("go")[len("unix:"):]
+        channels = [{"channel-type": "main",
+                     "addr": {"transport": "socket", "type": "unix", "path": path}}]
+        with src.qmp.listener("MIGRATION") as ev:
+            await dst.cmd("migrate-incoming", {"channels": channels})
+            await src.cmd("migrate", {"channels": channels})
+            await src.wait_status("pre-switchover")
+            with self.assertRaises(ExecuteError) as e:
+                await src.cmd("migrate-continue", {"state": "active"})
+            self.assertIn("Migration not in expected state: pre-switchover", str(e.exception))
+            await src.cmd("migrate-continue", {"state": "pre-switchover"})
+            q = await src.wait_migration()
+            statuses = [x["data"]["status"] for x in await drain(ev)]
+        self.assertEqual(q["status"], "completed", q)
+        self.assertEqual(statuses, ["setup", "active", "pre-switchover", "device", "completed"],
+                         statuses)
+        self.assertEqual((await dst.wait_migration())["status"], "completed")
+        self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
+
     async def test_bad_requests_and_wrong_states_keep_the_server_serving(self):
         src = await self.source()
         dst = await self.destination()
         cases = [
             (src, "no-such-command", None, "CommandNotFound", "has not been found"),
             (src, "migrate", {"uri": 5}, "GenericError", "expected: string"),
-            (src, "migrate", {}, "GenericError", "'uri' is missing"),
+            (src, "migrate", {}, "GenericError", "Either 'uri' or 'channels'"),
+            (src, "migrate", {"uri": "tcp:a:1", "channels": []}, "GenericError",
+             "Either 'uri' or 'channels'"),
             (src, "migrate", {"uri": "tcp:a:1", "bogus": 1}, "GenericError", "'bogus' is unexpected"),
             (src, "migrate", {"uri": "ftp://x"}, "GenericError", "URI"),
             (src, "migrate-incoming", {"uri": self.uri("x")}, "GenericError", "has a guest already"),

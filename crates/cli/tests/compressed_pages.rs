@@ -31,11 +31,19 @@ fn idle_guest() -> SyntheticGuest {
 /// Migrates `g` in-process with `config`; returns the source's report and whether the
 /// destination's memory equals the source's, byte for byte.
 fn migrate_and_compare(g: &SyntheticGuest, config: &MigrationConfig) -> (MigrationReport, bool) {
+    migrate_to(g, config, &IncomingConfig::default())
+}
+
+/// [`migrate_and_compare`] to a destination configured with `in_config`.
+fn migrate_to(
+    g: &SyntheticGuest,
+    config: &MigrationConfig,
+    in_config: &IncomingConfig,
+) -> (MigrationReport, bool) {
     let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
     let to = listener.local_endpoint().unwrap();
-    let in_config = IncomingConfig::default();
     let (report, incoming) = std::thread::scope(|s| {
-        let dest = s.spawn(|| receive(&listener, &Factory, &in_config, &|_| {}));
+        let dest = s.spawn(|| receive(&listener, &Factory, in_config, &|_| {}));
         let src = migrate(g, &to, config, &|_| {});
         (
             src.expect("migration"),
@@ -62,10 +70,9 @@ fn zstd(level: i32) -> MigrationConfig {
     }
 }
 
-#[test]
-fn compressible_pages_arrive_exact_and_cost_far_fewer_bytes() {
+/// A guest whose pages are text-like: a line naming the page, repeated.
+fn compressible_guest() -> SyntheticGuest {
     let g = idle_guest();
-    // Text-like pages: a line naming the page, repeated.
     let mut page = vec![0u8; PAGE_SIZE];
     for p in 0..MEMORY / PAGE_SIZE as u64 {
         let line = format!("page {p:08} of a guest that compresses well; ");
@@ -76,6 +83,12 @@ fn compressible_pages_arrive_exact_and_cost_far_fewer_bytes() {
             .write_slice(&page, GuestAddress(p * PAGE_SIZE as u64))
             .unwrap();
     }
+    g
+}
+
+#[test]
+fn compressible_pages_arrive_exact_and_cost_far_fewer_bytes() {
+    let g = compressible_guest();
     let (report, same) = migrate_and_compare(&g, &zstd(1));
     assert!(same, "the destination's memory must equal the source's");
     assert_eq!(report.normal_pages, MEMORY / PAGE_SIZE as u64, "{report:?}");
@@ -104,4 +117,21 @@ fn a_zstd_level_out_of_range_is_refused_before_connecting() {
     let to = "tcp:127.0.0.1:9".parse().unwrap();
     let e = migrate(&g, &to, &zstd(1000), &|_| {}).unwrap_err();
     assert!(e.to_string().contains("zstd level 1000"), "{e}");
+}
+
+/// A destination without zstd (one that does not offer it in the negotiation): the source
+/// leaves compression off rather than fail, and the pages arrive exact, uncompressed.
+#[test]
+fn a_destination_without_zstd_gets_the_pages_as_they_are() {
+    let g = compressible_guest();
+    let mut in_config = IncomingConfig::default();
+    in_config.test_hooks.protocol.lack = livemig_wire::Features::ZSTD;
+    let (report, same) = migrate_to(&g, &zstd(1), &in_config);
+    assert!(same, "the destination's memory must equal the source's");
+    assert_eq!(report.normal_pages, MEMORY / PAGE_SIZE as u64, "{report:?}");
+    assert!(
+        report.transferred_bytes >= MEMORY,
+        "{} bytes on the wire: compression was used",
+        report.transferred_bytes
+    );
 }

@@ -392,7 +392,7 @@ fn a_wrong_version_in_the_middle_of_a_data_channel_is_refused() {
             Which::Nth(1),
             Dir::Up,
             channel_hello_len() + 4,
-            livemig_wire::PROTOCOL_VERSION as u8,
+            livemig_wire::FRAME_VERSION as u8,
         ),
         &["version 0", "data channel 0"],
         &["version 0", "data channel 0"],
@@ -403,11 +403,12 @@ fn a_wrong_version_in_the_middle_of_a_data_channel_is_refused() {
 #[test]
 fn a_corrupted_answer_of_the_destination_fails_the_attempt() {
     let _s = serial(&SERIAL);
-    // The main channel back to the source: SessionAccept (16 + 16 bytes), then the first
-    // RoundAck, whose payload byte is flipped.
+    // The main channel back to the source: SessionAccept (16 + 10 + 16 bytes in version
+    // 5), then the first RoundAck, whose payload byte is flipped.
+    let accept = HEADER_LEN as u64 + 10 + 16;
     let a = wire_fault(
         "corrupt-answer",
-        Rule::flip_at(Which::Nth(0), Dir::Down, 32 + 16, 0x01),
+        Rule::flip_at(Which::Nth(0), Dir::Down, accept + 16, 0x01),
         &["main channel", "CRC32C mismatch", "RoundAck"],
         &["main channel", "CRC32C mismatch"],
     );

@@ -365,3 +365,64 @@ fn a_link_with_25_ms_each_way_carries_a_migration_exact() {
     assert!(proxy.fired().is_empty());
     drop(proxy);
 }
+
+#[test]
+fn a_guest_outrunning_a_200_mbit_link_completes_with_postcopy() {
+    let _s = serial(&SERIAL);
+    let Some((link, tools)) = link_or_skip(4, &["ip", "tc"]) else {
+        return;
+    };
+    let tc = &tools[1];
+    let bucket = [
+        "qdisc",
+        "add",
+        "dev",
+        &link.dev_a,
+        "root",
+        "tbf",
+        "rate",
+        "200mbit",
+        "burst",
+        "256kb",
+        "latency",
+        "50ms",
+    ];
+    link.exec(&link.a, tc, &bucket).expect("tc tbf");
+    let (mut dest, addr) = destination(&link);
+    // The KVM guest where it runs (else the synthetic one) writing a 32 MiB working set as
+    // fast as it can: far faster than 25 MB/s, so precopy never converges (auto-converge
+    // off), and at the round bound the migration switches to postcopy.
+    let guest = if livemig_vmm::kvm::usable_or_skip() {
+        "--guest=kvm"
+    } else {
+        "--guest=synthetic"
+    };
+    let to = format!("--to={addr}");
+    let args = [
+        "migrate",
+        "--json",
+        &to,
+        guest,
+        "--memory=128M",
+        "--working-set=32M",
+        "--dirty-rate=0",
+        "--warmup-ms=200",
+        "--downtime-limit-ms=50",
+        "--auto-converge=false",
+        "--max-rounds=2",
+        "--postcopy",
+        "--on-no-convergence=postcopy",
+    ];
+    let mut src = spawn_in(Some(&link.a), &args);
+    let report = completes(&mut src, &mut dest, 32768, "postcopy over 200 Mbit/s");
+    let pc = &report["postcopy"];
+    assert!(pc.is_object(), "switched to postcopy: {report:#}");
+    assert!(u64_at(pc, &["pages"]) > 0, "{pc:#}");
+    // Two precopy rounds, no switchover round: the pause sent no RAM.
+    assert_eq!(
+        report["rounds"].as_array().map(Vec::len),
+        Some(2),
+        "{report:#}"
+    );
+    assert_eq!(report["forced_switchover"], false);
+}

@@ -42,13 +42,12 @@ fn fake_destination(listener: TcpListener, how: Misbehaviour) {
     let (mut main, _) = listener.accept().unwrap();
     let (h, p) = read_frame(&mut main).expect("a SessionHello");
     assert_eq!(h.kind, FrameKind::SessionHello);
-    let hello = SessionHello::decode(&p).unwrap();
-    let accept = SessionAccept {
+    let (hello, accept) = common::raw::answer_hello(&h, &p, |hello| SessionAccept {
         window: 2,
         buffer_cap: 64 << 20,
         peer_timeout_ms: hello.peer_timeout_ms,
-    };
-    assert!(send(&mut main, FrameKind::SessionAccept, &accept.encode()));
+    });
+    assert!(main.write_all(&accept).is_ok());
     // Round ends seen on the data channels: (round, last).
     let (ends_tx, ends_rx) = mpsc::channel::<(u32, bool)>();
     let mut drains = Vec::new();
@@ -214,17 +213,13 @@ fn a_session_answer_trickled_a_byte_at_a_time_fails_set_up_after_the_connect_tim
     let addr = format!("tcp:{}", listener.local_addr().unwrap());
     let fake = std::thread::spawn(move || {
         let (mut main, _) = listener.accept().unwrap();
-        let (h, _) = read_frame(&mut main).expect("a SessionHello");
+        let (h, p) = read_frame(&mut main).expect("a SessionHello");
         assert_eq!(h.kind, FrameKind::SessionHello);
-        let answer = encode_frame(
-            FrameKind::SessionAccept,
-            &SessionAccept {
-                window: 2,
-                buffer_cap: 1 << 20,
-                peer_timeout_ms: 30_000,
-            }
-            .encode(),
-        );
+        let (_, answer) = common::raw::answer_hello(&h, &p, |_| SessionAccept {
+            window: 2,
+            buffer_cap: 1 << 20,
+            peer_timeout_ms: 30_000,
+        });
         // One byte every 300 ms: each read of the source gets something well within any
         // per-read timeout, and the whole answer would take longer than the connect timeout.
         for b in answer {

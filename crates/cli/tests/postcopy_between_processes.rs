@@ -43,6 +43,27 @@ fn postcopy(guest: &[&str], extra: &[&str]) -> (Value, Value) {
         recv["postcopy_ms"].as_f64().unwrap_or(0.0) > 0.0,
         "the destination saw no postcopy phase: {recv:#}"
     );
+    // Each fault's wait is counted for the thread that faulted (QEMU's per-vCPU blocktime):
+    // the guest's vCPUs, and the counts add up to the faults.
+    let faults = &recv["postcopy_faults"];
+    if u64_at(faults, &["faults"]) > 0 {
+        let threads = faults["threads"].as_array().expect("per-thread blocktime");
+        let sum: u64 = threads.iter().map(|t| u64_at(t, &["faults"])).sum();
+        assert_eq!(sum, u64_at(faults, &["faults"]), "{faults:#}");
+        assert!(
+            threads
+                .iter()
+                .any(|t| t["thread"].as_str().unwrap_or("").contains("vcpu")),
+            "{faults:#}"
+        );
+        let in_buckets: u64 = faults["histogram"]
+            .as_array()
+            .expect("histogram")
+            .iter()
+            .map(|b| u64_at(b, &["faults"]))
+            .sum();
+        assert_eq!(in_buckets, u64_at(faults, &["faults"]), "{faults:#}");
+    }
     // The guest ran on the destination: its counter went on from where it paused.
     let paused_at = u64_at(&done, &["counter_at_pause"]);
     let counter = u64_at(&recv["verify"], &["counter"]);
@@ -153,7 +174,12 @@ fn a_streamed_device_completes_before_the_guest_runs_on_the_destination() {
         "--device=vfio-sim,size=32M,rate=400M,precopy=8M",
         "--device=vmstate-sim",
     ]);
-    let (done, received) = postcopy(&guest, &["--postcopy-after-rounds=1"]);
+    // A limit the device's final read (tens of ms) cannot fit: precopy does not converge
+    // before the switch.
+    let (done, received) = postcopy(
+        &guest,
+        &["--postcopy-after-rounds=1", "--downtime-limit-ms=1"],
+    );
     let devices = done["report"]["devices"].as_array().unwrap();
     assert_eq!(devices.len(), 1, "{devices:#?}");
     assert!(u64_at(&devices[0], &["precopy_bytes"]) > 0, "{devices:#?}");
@@ -229,4 +255,34 @@ fn a_session_allowed_postcopy_that_converges_ends_as_precopy() {
         "{recv:#}"
     );
     assert_eq!(recv["postcopy_ms"].as_f64(), Some(0.0), "{recv:#}");
+}
+
+#[test]
+fn a_destination_that_refuses_the_switch_before_running_the_guest_gives_it_back() {
+    // The destination fails at the switch before the guest runs there (as a host without
+    // userfaultfd would): its Reject comes before any Resumed, so the source's copy, which
+    // has every page, is the guest again and runs on, intact.
+    let (mut dest, addr) = Proc::incoming_hooked(&["--verify"], "postcopy-arm-fails");
+    let to = format!("--to={addr}");
+    let mut args = vec!["migrate", "--json", to.as_str(), "--postcopy"];
+    args.extend_from_slice(SYNTHETIC);
+    args.push("--postcopy-after-rounds=1");
+    let mut src = Proc::spawn(&args);
+    let failed = src.expect_event("attempt_failed");
+    let e = failed["error"].as_str().unwrap_or_default();
+    assert!(e.contains("userfaultfd refused"), "{e}");
+    assert!(!e.contains("postcopy broke"), "{e}");
+    assert_eq!(
+        u64_at(&failed["source_verify"], &["pages_mismatched"]),
+        0,
+        "{failed:#}"
+    );
+    assert!(
+        !src.seen.iter().any(|l| l["event"] == "postcopy_paused"),
+        "{:#?}",
+        src.seen
+    );
+    assert!(!src.wait_exit().success());
+    dest.expect_event("failed");
+    assert!(!dest.wait_exit().success());
 }

@@ -1,7 +1,8 @@
 //! QMP's `migrate {"uri": "file:PATH"}` and `migrate-incoming {"uri": "file:PATH"}` between
 //! real processes, with QEMU's `mapped-ram` capability set as QEMU's scripts set it: a live
 //! save leaves the guest running, a save after `stop` leaves it paused, and the restored
-//! guest holds every page and the counter where the source stopped.
+//! guest (restored through QEMU 9.1's `channels` form of the address) holds every page and
+//! the counter where the source stopped.
 
 mod common;
 
@@ -83,7 +84,11 @@ fn qmp_saves_to_a_file_and_restores_from_it() {
 
     let _dst = Proc::spawn(&["incoming", "--verify", "--qmp", dst_sock.to_str().unwrap()]);
     let mut dst = connect(&dst_sock);
-    dst.execute("migrate-incoming", json!({ "uri": stopped }))
+    // QEMU 9.1's channels form, with a file address, as QEMU's scripts give it.
+    let file = d.join("stopped.lmsave");
+    let channels = json!([{"channel-type": "main",
+        "addr": {"transport": "file", "filename": file, "offset": 0}}]);
+    dst.execute("migrate-incoming", json!({ "channels": channels }))
         .unwrap();
     let q = finished(&mut dst);
     assert_eq!(q["status"], "completed", "{q:#}");

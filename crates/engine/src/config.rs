@@ -100,6 +100,13 @@ pub struct MigrationConfig {
     /// How a postcopy broken by a lost link is resumed ([`crate::recovery`]). Default:
     /// reconnect to the same address for up to 60 s.
     pub postcopy_recovery: crate::recovery::SourceRecovery,
+    /// QEMU's `pause-before-switchover`: once the guest is paused for the switchover (or
+    /// the switch to postcopy), wait until the embedder posts to this gate (QMP's
+    /// `migrate-continue`) before its devices' and vCPUs' state are saved, so that it can do
+    /// its own work meanwhile (e.g. release a shared resource). The wait counts in the
+    /// downtime; the switchover bound starts after it. A cancel during it resumes the guest
+    /// here. Default none: no wait.
+    pub pause_before_switchover: Option<crate::recovery::Mailbox<()>>,
     /// Throttle the guest's vCPUs progressively while rounds stop shrinking (QEMU's
     /// auto-converge): after two rounds in a row that each saw at least half as many pages
     /// dirtied as they sent, the throttle goes to [`THROTTLE_INITIAL`] (20%), and up by
@@ -107,6 +114,11 @@ pub struct MigrationConfig {
     /// [`THROTTLE_MAX`] (99%). A guest whose [`crate::Guest::set_throttle`] fails migrates
     /// on unthrottled. Default on.
     pub auto_converge: bool,
+    /// How auto-converge throttles (QEMU's `cpu-throttle-initial`, `cpu-throttle-increment`,
+    /// `max-cpu-throttle`, `throttle-trigger-threshold`); settable live through
+    /// [`Self::live`]. Default QEMU's: 20 %, +10 points, at most 99 %, a round counting as
+    /// not shrinking when it saw at least 50 % as many pages dirtied as it sent.
+    pub throttle: ThrottlePolicy,
     /// Pages (4 KiB) per RamPages packet, 1 to [`MAX_PAGES_PER_PACKET`]; the destination
     /// refuses a session asking for more than its [`Limits`] allow. Default
     /// [`DEFAULT_PAGES_PER_PACKET`].
@@ -187,7 +199,9 @@ impl Default for MigrationConfig {
             postcopy_trigger: PostcopyTrigger::default(),
             max_postcopy_bandwidth: None,
             postcopy_recovery: Default::default(),
+            pause_before_switchover: None,
             auto_converge: true,
+            throttle: ThrottlePolicy::default(),
             pages_per_packet: DEFAULT_PAGES_PER_PACKET,
             connect_timeout: Duration::from_secs(10),
             switchover_timeout: DEFAULT_SWITCHOVER_TIMEOUT,
@@ -214,6 +228,12 @@ impl MigrationConfig {
     }
 
     /// The bandwidth cap in force: [`Self::live`]'s if set, else [`Self::max_bandwidth`].
+    /// The throttle policy in force: [`Self::live`]'s if set, else [`Self::throttle`].
+    pub fn throttle_now(&self) -> ThrottlePolicy {
+        self.live.throttle().unwrap_or(self.throttle)
+    }
+
+    /// The bandwidth cap in force: [`Self::live`]'s if set, else [`Self::max_bandwidth`].
     pub fn max_bandwidth_now(&self) -> Option<u64> {
         self.live.max_bandwidth().unwrap_or(self.max_bandwidth)
     }
@@ -230,6 +250,7 @@ impl MigrationConfig {
     /// timeout, switchover timeout, zstd level, bandwidth); [`crate::migrate_vm`] calls it
     /// first. An error names the field and its allowed range.
     pub fn validate(&self) -> Result<(), MigrationError> {
+        self.throttle.validate().map_err(MigrationError::Config)?;
         if self.channels == 0 || self.channels > MAX_CHANNELS {
             return Err(MigrationError::Config(format!(
                 "channels = {}: must be 1..={MAX_CHANNELS}",
@@ -350,6 +371,48 @@ impl PostcopyPolicy {
     }
 }
 
+/// How auto-converge throttles the guest's vCPUs (see [`MigrationConfig::throttle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThrottlePolicy {
+    /// The first throttle, percent (1..=99).
+    pub initial: u8,
+    /// Points added after every further two rounds that do not shrink (1..=99).
+    pub increment: u8,
+    /// The most it throttles, percent (1..=99).
+    pub max: u8,
+    /// A round does not shrink when the pages dirtied during it reach this percentage of the
+    /// pages it sent (1..=100).
+    pub trigger_threshold: u8,
+}
+
+impl Default for ThrottlePolicy {
+    fn default() -> Self {
+        ThrottlePolicy {
+            initial: THROTTLE_INITIAL,
+            increment: THROTTLE_STEP,
+            max: THROTTLE_MAX,
+            trigger_threshold: 50,
+        }
+    }
+}
+
+impl ThrottlePolicy {
+    /// Each field within QEMU's ranges, or which is not.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, v, top) in [
+            ("cpu throttle initial", self.initial, 99),
+            ("cpu throttle increment", self.increment, 99),
+            ("max cpu throttle", self.max, 99),
+            ("throttle trigger threshold", self.trigger_threshold, 100),
+        ] {
+            if !(1..=top).contains(&v) {
+                return Err(format!("{name} = {v}: must be 1..={top}"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Auto-converge's first throttle, percent (QEMU's default).
 pub const THROTTLE_INITIAL: u8 = 20;
 /// Auto-converge's step, percentage points added after every two rounds that do not shrink
@@ -363,11 +426,15 @@ pub const THROTTLE_MAX: u8 = 99;
 /// cli's tests turn it on through a dev-dependency), so a release build's hot paths carry
 /// none of it; a process takes them from [`test_hooks::TEST_HOOKS_ENV`].
 pub mod test_hooks {
+    use livemig_wire::{Features, Versions};
     use std::time::Duration;
 
     /// The environment variable a process reads its test hooks from: a comma-separated list
-    /// of `chunk-order=natural|reverse|delay-channel`, `break-round-order` and
-    /// `tls-no-client-cert`. A process hands it on to the processes it starts.
+    /// of `chunk-order=natural|reverse|delay-channel`, `break-round-order`,
+    /// `tls-no-client-cert`, `protocol=N` (speak protocol version N only, as a release of
+    /// that version would, both sides) and `lack=FEATURE` (`zstd`, `page-checksums`,
+    /// `local`, `postcopy`, `postcopy-recovery`: neither offer nor accept it). A process
+    /// hands it on to the processes it starts.
     pub const TEST_HOOKS_ENV: &str = "LIVEMIG_TEST_HOOKS";
 
     /// The order in which the source sends a device's chunks.
@@ -389,6 +456,9 @@ pub mod test_hooks {
         /// The order of device chunks.
         #[cfg(feature = "test-hooks")]
         pub chunk_order: ChunkOrder,
+        /// What the source speaks and offers in its hello.
+        #[cfg(feature = "test-hooks")]
+        pub protocol: Protocol,
     }
 
     /// The destination's hooks.
@@ -398,6 +468,36 @@ pub mod test_hooks {
         /// pages late, newest first, so older copies of a page land after newer ones.
         #[cfg(feature = "test-hooks")]
         pub break_round_order: bool,
+        /// Fail to put guest memory under userfaultfd at the switch to postcopy, as a host
+        /// without userfaultfd would, before the guest runs here.
+        #[cfg(feature = "test-hooks")]
+        pub postcopy_arm_fails: bool,
+        /// What the destination speaks and accepts.
+        #[cfg(feature = "test-hooks")]
+        pub protocol: Protocol,
+    }
+
+    /// The protocol a side speaks, narrowed for tests: one version only (a release of that
+    /// version), features taken away.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct Protocol {
+        /// Speak this version only (`None`: every version this build speaks).
+        pub only: Option<u16>,
+        /// Features this side does without.
+        pub lack: Features,
+    }
+
+    impl Protocol {
+        /// The versions spoken.
+        pub fn versions(&self) -> Versions {
+            self.only
+                .map_or(Versions::THIS, |v| Versions { min: v, max: v })
+        }
+
+        /// The features had.
+        pub fn features(&self) -> Features {
+            Features::ALL.without(self.lack)
+        }
     }
 
     impl SourceTestHooks {
@@ -421,6 +521,14 @@ pub mod test_hooks {
             #[cfg(not(feature = "test-hooks"))]
             false
         }
+
+        /// What the source speaks and offers (everything, without the feature).
+        pub fn protocol(&self) -> Protocol {
+            #[cfg(feature = "test-hooks")]
+            return self.protocol;
+            #[cfg(not(feature = "test-hooks"))]
+            Protocol::default()
+        }
     }
 
     impl TestHooks {
@@ -432,6 +540,23 @@ pub mod test_hooks {
             return self.break_round_order;
             #[cfg(not(feature = "test-hooks"))]
             false
+        }
+
+        /// Whether the switch to postcopy fails here on purpose before the guest runs.
+        #[inline]
+        pub fn postcopy_arm_fails(&self) -> bool {
+            #[cfg(feature = "test-hooks")]
+            return self.postcopy_arm_fails;
+            #[cfg(not(feature = "test-hooks"))]
+            false
+        }
+
+        /// What the destination speaks and accepts (everything, without the feature).
+        pub fn protocol(&self) -> Protocol {
+            #[cfg(feature = "test-hooks")]
+            return self.protocol;
+            #[cfg(not(feature = "test-hooks"))]
+            Protocol::default()
         }
     }
 
@@ -470,6 +595,7 @@ pub mod test_hooks {
             for item in spec.split(',').map(str::trim) {
                 match item {
                     "break-round-order" => hooks.destination.break_round_order = true,
+                    "postcopy-arm-fails" => hooks.destination.postcopy_arm_fails = true,
                     "tls-no-client-cert" => hooks.tls_no_client_cert = true,
                     "chunk-order=natural" => hooks.source.chunk_order = ChunkOrder::Natural,
                     "chunk-order=reverse" => hooks.source.chunk_order = ChunkOrder::Reverse,
@@ -477,14 +603,40 @@ pub mod test_hooks {
                         hooks.source.chunk_order =
                             ChunkOrder::DelayChannel0(Duration::from_millis(5))
                     }
-                    other => return Err(format!("{TEST_HOOKS_ENV}: unknown hook '{other}'")),
+                    other => hooks.protocol(other)?,
                 }
             }
             Ok(hooks)
         }
+
+        /// `protocol=N` and `lack=FEATURE`, for both sides.
+        #[cfg(feature = "test-hooks")]
+        fn protocol(&mut self, item: &str) -> Result<(), String> {
+            let mut p = self.source.protocol;
+            if let Some(v) = item.strip_prefix("protocol=") {
+                match v.parse::<u16>() {
+                    Ok(v) if Versions::THIS.contains(v) => p.only = Some(v),
+                    _ => {
+                        return Err(format!(
+                            "{TEST_HOOKS_ENV}: '{item}': this build speaks {}",
+                            Versions::THIS
+                        ))
+                    }
+                }
+            } else if let Some(name) = item.strip_prefix("lack=") {
+                let f = Features::from_name(name)
+                    .ok_or_else(|| format!("{TEST_HOOKS_ENV}: '{item}': no such feature"))?;
+                p.lack = p.lack.union(f);
+            } else {
+                return Err(format!("{TEST_HOOKS_ENV}: unknown hook '{item}'"));
+            }
+            self.source.protocol = p;
+            self.destination.protocol = p;
+            Ok(())
+        }
     }
 }
-pub use test_hooks::{ChunkOrder, SourceTestHooks, TestHooks};
+pub use test_hooks::{ChunkOrder, Protocol, SourceTestHooks, TestHooks};
 
 /// The destination's configuration ([`crate::receive_vm`]).
 #[derive(Debug, Clone)]

@@ -10,7 +10,8 @@ use crate::error::{ChannelError, ChannelName};
 use crate::tls::{PlainPeer, TlsConfig, TlsError};
 use crate::transport::{Endpoint, Stream};
 use livemig_wire::{
-    verify_payload, FrameHeader, FrameKind, Limits, Reject, RejectCode, HEADER_LEN, MAGIC,
+    verify_payload, FrameHeader, FrameKind, Limits, Reject, RejectCode, FRAME_VERSION, HEADER_LEN,
+    MAGIC,
 };
 use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -22,6 +23,18 @@ pub fn send_parts(
     kind: FrameKind,
     parts: &[&[u8]],
 ) -> Result<(), ChannelError> {
+    send_parts_versioned(stream, channel, FRAME_VERSION, kind, parts)
+}
+
+/// Sends one frame whose payload, the concatenation of `parts`, has the layout of protocol
+/// `version` (every frame but a version-5 hello and accept: [`FRAME_VERSION`]).
+fn send_parts_versioned(
+    stream: &mut Stream,
+    channel: ChannelName,
+    version: u16,
+    kind: FrameKind,
+    parts: &[&[u8]],
+) -> Result<(), ChannelError> {
     let mut crc = 0u32;
     let mut len = 0usize;
     for p in parts {
@@ -29,6 +42,7 @@ pub fn send_parts(
         len += p.len();
     }
     let header = FrameHeader {
+        version,
         kind,
         len: len as u32,
         crc,
@@ -54,6 +68,18 @@ pub fn send(
     payload: &[u8],
 ) -> Result<(), ChannelError> {
     send_parts(stream, channel, kind, &[payload])
+}
+
+/// Sends one frame whose payload has the layout of protocol `version`: the hello, the accept
+/// and a refusal of the hello are sent in the hello's version (see `livemig_wire::version`).
+pub fn send_versioned(
+    stream: &mut Stream,
+    channel: ChannelName,
+    version: u16,
+    kind: FrameKind,
+    payload: &[u8],
+) -> Result<(), ChannelError> {
+    send_parts_versioned(stream, channel, version, kind, &[payload])
 }
 
 /// Sends one frame with file descriptors attached to its first byte (`unix:` streams only).
@@ -210,7 +236,25 @@ pub fn read_exact(
 
 /// Best effort: tells the peer why we stop. Errors are ignored, the peer may be gone.
 pub fn send_reject(stream: &mut Stream, channel: ChannelName, reject: &Reject) {
-    let _ = send(stream, channel, FrameKind::Reject, &reject.encode());
+    send_reject_versioned(stream, channel, FRAME_VERSION, reject);
+}
+
+/// [`send_reject`] in a frame of protocol `version`: a refusal of a hello goes in the
+/// hello's version, so that the source tells it from an older peer's refusal of the
+/// version itself.
+pub fn send_reject_versioned(
+    stream: &mut Stream,
+    channel: ChannelName,
+    version: u16,
+    reject: &Reject,
+) {
+    let _ = send_versioned(
+        stream,
+        channel,
+        version,
+        FrameKind::Reject,
+        &reject.encode(),
+    );
 }
 
 /// A peer that speaks plain livemig where TLS was expected, told so in livemig frames. The

@@ -165,7 +165,8 @@ pub struct PostcopyReport {
 
 /// How long faulting vCPUs waited in postcopy, from the fault read to its page installed
 /// (requested pages, pages the push brought first, and pages that never held data, which
-/// are zero-filled at once). Percentiles are upper bounds of buckets an eighth of a power of two wide (at most 12.5 % high), never above `max`.
+/// are zero-filled at once). Percentiles are upper bounds of buckets an eighth of a power of
+/// two wide (at most 12.5 % high), never above `max`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct FaultLatencyReport {
     /// Faults answered.
@@ -178,6 +179,34 @@ pub struct FaultLatencyReport {
     pub max_us: u64,
     /// Every wait added up, microseconds (QEMU's postcopy blocktime).
     pub total_us: u64,
+    /// The histogram: every non-empty bucket, shortest waits first.
+    #[serde(default)]
+    pub histogram: Vec<LatencyBucket>,
+    /// Each faulting thread's waits (QEMU's per-vCPU blocktime), in the order they first
+    /// faulted.
+    #[serde(default)]
+    pub threads: Vec<ThreadBlocktime>,
+}
+
+/// A bucket of the fault latency histogram.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencyBucket {
+    /// The bucket's exclusive upper bound, microseconds (the one before it is its lower).
+    pub below_us: u64,
+    /// Faults whose wait fell in it.
+    pub faults: u64,
+}
+
+/// One faulting thread's time blocked in postcopy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadBlocktime {
+    /// The thread's name when the report was made (`kvm-vcpu0`, ...), or `tid N` if it had
+    /// ended.
+    pub thread: String,
+    /// Its faults answered.
+    pub faults: u64,
+    /// Its waits added up, microseconds.
+    pub blocked_us: u64,
 }
 
 /// One streamed device in a migration.
@@ -284,6 +313,12 @@ pub enum Progress {
         #[serde(default)]
         postcopy: bool,
     },
+    /// The guest is paused for the switchover and the migration waits for the embedder to
+    /// let it go on ([`crate::MigrationConfig::pause_before_switchover`]).
+    PreSwitchover,
+    /// The switchover goes on after [`Progress::PreSwitchover`]: devices and state are
+    /// being saved (QEMU's `device` status).
+    SavingDevices,
     /// Postcopy broke (a lost link): this side keeps its paused copy and every page, and
     /// waits to resume over a new connection ([`crate::recovery`]).
     PostcopyPaused {
@@ -314,6 +349,10 @@ pub enum IncomingEvent {
         channels: u16,
         /// Devices, streamed and small together.
         devices: usize,
+        /// The protocol version agreed (see `livemig_wire::version`).
+        protocol: u16,
+        /// The optional features agreed.
+        features: livemig_wire::Features,
     },
     /// A session this side cannot serve was refused; the wait goes on.
     SessionRefused {
@@ -383,9 +422,11 @@ impl std::fmt::Display for IncomingEvent {
                 memory_bytes,
                 channels,
                 devices,
+                protocol,
+                features,
             } => write!(
                 f,
-                "session {session}: {guest_kind} guest, {} MiB, {channels} data channels, {devices} devices",
+                "session {session}: {guest_kind} guest, {} MiB, {channels} data channels, {devices} devices, protocol version {protocol} ({features})",
                 memory_bytes >> 20
             ),
             IncomingEvent::SessionRefused { session, reason } => {

@@ -17,6 +17,7 @@
 //! changes nothing. The configuration's `*_now` methods
 //! ([`crate::MigrationConfig::downtime_limit_now`] and the others) give the value in force.
 
+use crate::config::ThrottlePolicy;
 use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -35,6 +36,8 @@ struct Slots {
     max_bandwidth: AtomicU64,
     /// Bytes per second, [`NO_CAP`] (measure it), or [`UNSET`].
     switchover_bandwidth: AtomicU64,
+    /// A [`ThrottlePolicy`]'s four percentages, one byte each, or [`UNSET`].
+    throttle: AtomicU64,
 }
 
 impl Default for Slots {
@@ -43,6 +46,7 @@ impl Default for Slots {
             downtime_limit_us: AtomicU64::new(UNSET),
             max_bandwidth: AtomicU64::new(UNSET),
             switchover_bandwidth: AtomicU64::new(UNSET),
+            throttle: AtomicU64::new(UNSET),
         }
     }
 }
@@ -76,6 +80,37 @@ impl LiveParams {
     pub fn set_switchover_bandwidth(&self, bw: Option<NonZeroU64>) {
         let v = bw.map_or(NO_CAP, |c| c.get().min(UNSET - 1));
         self.0.switchover_bandwidth.store(v, Relaxed);
+    }
+
+    /// From now on auto-converge throttles by `p` (taken at the end of the round under way).
+    pub fn set_throttle(&self, p: ThrottlePolicy) {
+        let v = u64::from_le_bytes([
+            p.initial,
+            p.increment,
+            p.max,
+            p.trigger_threshold,
+            0,
+            0,
+            0,
+            0,
+        ]);
+        self.0.throttle.store(v, Relaxed);
+    }
+
+    /// The throttle policy set here, if any.
+    pub fn throttle(&self) -> Option<ThrottlePolicy> {
+        match self.0.throttle.load(Relaxed) {
+            UNSET => None,
+            v => {
+                let [initial, increment, max, trigger_threshold, ..] = v.to_le_bytes();
+                Some(ThrottlePolicy {
+                    initial,
+                    increment,
+                    max,
+                    trigger_threshold,
+                })
+            }
+        }
     }
 
     /// The switchover bandwidth set here, if any: `Some(None)` is "set to measure it".
@@ -125,5 +160,14 @@ mod tests {
         assert_eq!(a.switchover_bandwidth(), Some(Some(1 << 30)));
         b.set_downtime_limit(Duration::MAX);
         assert!(a.downtime_limit().is_some(), "a huge limit stays set");
+        assert_eq!(a.throttle(), None);
+        let p = ThrottlePolicy {
+            initial: 30,
+            increment: 5,
+            max: 80,
+            trigger_threshold: 100,
+        };
+        b.set_throttle(p);
+        assert_eq!(a.throttle(), Some(p));
     }
 }

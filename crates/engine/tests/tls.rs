@@ -395,6 +395,7 @@ fn a_tls_source_at_a_plain_destination_fails_clearly_and_fast() {
             assert!(FrameHeader::decode(&head, &Default::default()).is_err());
             let reject = Reject::new(RejectCode::Protocol, "bad magic").encode();
             let h = FrameHeader {
+                version: livemig_wire::FRAME_VERSION,
                 kind: FrameKind::Reject,
                 len: reject.len() as u32,
                 crc: crc32c::crc32c(&reject),

@@ -47,8 +47,11 @@ pub struct Timeline {
     pub paused_until_ms: f64,
     /// The migration's whole duration as the source measured it.
     pub total_ms: f64,
-    /// Every round in the order sent, the switchover round last.
+    /// Every round in the order sent, the switchover round last (none in postcopy).
     pub rounds: Vec<RoundPoint>,
+    /// Postcopy: from the switch until the destination had every page, in ms since the
+    /// migration started (the guest ran on the destination meanwhile).
+    pub postcopy: Option<(f64, f64)>,
 }
 
 impl Timeline {
@@ -60,9 +63,11 @@ impl Timeline {
         let mut points = Vec::with_capacity(rep.rounds.len());
         let mut t = setup;
         let mut paused_from = setup + clean(rep.precopy_ms);
+        // In postcopy every round is a precopy round: the pause sends no RAM.
+        let postcopy = rep.postcopy.is_some();
         for (i, r) in rep.rounds.iter().enumerate() {
             let ms = clean(r.ms);
-            let switchover = i + 1 == rep.rounds.len();
+            let switchover = i + 1 == rep.rounds.len() && !postcopy;
             if switchover {
                 paused_from = paused_from.max(t);
                 t = paused_from + clean(down.pause_ms) + clean(down.last_dirty_pass_ms);
@@ -88,12 +93,18 @@ impl Timeline {
         } else {
             paused_from + clean(rep.downtime_ms) + clean(down.dest_verify_ms)
         };
+        let total = clean(rep.total_ms);
+        let postcopy = rep.postcopy.as_ref().map(|p| {
+            let from = (total - clean(p.ms)).max(paused_from);
+            (from, total.max(from))
+        });
         Timeline {
             setup_ms: setup,
             paused_from_ms: paused_from,
             paused_until_ms: paused_until,
-            total_ms: clean(rep.total_ms),
+            total_ms: total,
             rounds: points,
+            postcopy,
         }
     }
 

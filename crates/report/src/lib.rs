@@ -11,7 +11,10 @@
 //!   and resume), and under it, on the same axis, the device saves, state save and the RAM's
 //!   last pages, which run at the same time inside the send and are therefore not stacked;
 //! - `report.json`: the raw numbers: the source's and the destination's reports as they came,
-//!   and the series and parts exactly as plotted.
+//!   and the series and parts exactly as plotted;
+//! - `faults.svg`, after a postcopy migration whose destination report has fault waits: their
+//!   histogram with the median and 99th percentile marked, and the time blocked per faulting
+//!   thread. The timeline then shows the postcopy phase as a band.
 //!
 //! The SVG is written by hand (the private `svg` module, about 250 lines) rather than with
 //! `plotters`: the pictures are two fixed layouts, the honest downtime picture (sequential
@@ -52,11 +55,13 @@
 
 mod data;
 mod downtime;
+mod faults;
 mod svg;
 mod timeline;
 
 pub use data::{Downtime, Part, RoundPoint, Timeline, PAGE_SIZE};
 pub use downtime::downtime_svg;
+pub use faults::faults_svg;
 pub use livemig_engine::report::{IncomingReport, MigrationReport};
 pub use timeline::timeline_svg;
 
@@ -100,6 +105,9 @@ pub enum ReportError {
 
 /// The file names [`write_report`] writes, in the order it returns them.
 pub const FILES: [&str; 3] = ["timeline.svg", "downtime.svg", "report.json"];
+
+/// The fourth file, after a postcopy migration with fault waits on the destination.
+pub const FAULTS_FILE: &str = "faults.svg";
 
 /// Reads a source report (`MigrationReport` as JSON) and, if there is one, the destination's
 /// (`IncomingReport`) into their types.
@@ -159,8 +167,8 @@ pub fn write_report(
     source_report: &Value,
     dest_report: Option<&Value>,
 ) -> Result<Vec<PathBuf>, ReportError> {
-    let (source, _) = parse(source_report, dest_report)?;
-    write_files(dir, &source, source_report, dest_report)
+    let (source, dest) = parse(source_report, dest_report)?;
+    write_files(dir, &source, dest.as_ref(), source_report, dest_report)
 }
 
 /// [`write_report`] for reports at hand as types.
@@ -173,16 +181,18 @@ pub fn write_report_typed(
     write_files(
         dir,
         source,
+        dest,
         &serde_json::to_value(source)?,
         dest_json.as_ref(),
     )
 }
 
-/// Draws `source` and writes the three files, with `source_json` and `dest_json` as the
-/// reports in `report.json`.
+/// Draws `source` and writes the three files (and `faults.svg` when `dest` has postcopy
+/// fault waits), with `source_json` and `dest_json` as the reports in `report.json`.
 fn write_files(
     dir: &Path,
     source: &MigrationReport,
+    dest: Option<&IncomingReport>,
     source_json: &Value,
     dest_json: Option<&Value>,
 ) -> Result<Vec<PathBuf>, ReportError> {
@@ -195,8 +205,11 @@ fn write_files(
         downtime_svg(&Downtime::from_report(source)),
         serde_json::to_string_pretty(&numbers(source, source_json, dest_json))? + "\n",
     ];
-    let mut written = Vec::with_capacity(FILES.len());
-    for (name, text) in FILES.iter().zip(contents) {
+    let faults = dest
+        .and_then(|d| d.postcopy_faults.as_ref())
+        .map(|f| (FAULTS_FILE, faults_svg(f)));
+    let mut written = Vec::with_capacity(FILES.len() + 1);
+    for (name, text) in FILES.iter().copied().zip(contents).chain(faults) {
         let path = dir.join(name);
         std::fs::write(&path, text).map_err(|source| ReportError::Write {
             path: path.clone(),
@@ -234,6 +247,46 @@ mod tests {
         for f in &files[..2] {
             assert!(std::fs::read_to_string(f).unwrap().starts_with("<svg"));
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_postcopy_migration_gets_its_band_and_the_fault_picture() {
+        use livemig_engine::report::{FaultLatencyReport, LatencyBucket, PostcopyReport};
+        let dir = std::env::temp_dir().join(format!("livemig-report-pc-{}", std::process::id()));
+        let mut src = data::fixture(json!({"rounds": [{"round": 0, "ms": 900.0}]}));
+        src.total_ms = 1500.0;
+        src.postcopy = Some(PostcopyReport {
+            pages: 100,
+            ms: 450.0,
+            ..Default::default()
+        });
+        let dest = IncomingReport {
+            postcopy_faults: Some(FaultLatencyReport {
+                faults: 3,
+                histogram: vec![LatencyBucket {
+                    below_us: 52,
+                    faults: 3,
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let files = write_report_typed(&dir, &src, Some(&dest)).unwrap();
+        assert_eq!(files.len(), 4);
+        assert!(files[3].ends_with(FAULTS_FILE));
+        let timeline = std::fs::read_to_string(&files[0]).unwrap();
+        assert_eq!(
+            timeline.matches("band postcopy").count(),
+            4,
+            "strip and 3 panels"
+        );
+        assert!(
+            !timeline.contains("band switchover"),
+            "no round is sent paused"
+        );
+        let t = Timeline::from_report(&src);
+        assert_eq!(t.postcopy, Some((1050.0, 1500.0)));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

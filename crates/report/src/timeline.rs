@@ -20,6 +20,7 @@ const SETUP_FILL: &str = "#dddddd";
 const ROUND_FILLS: [&str; 2] = ["#e8eef5", "#f7f9fc"];
 const SWITCHOVER_FILL: &str = "#f4b4aa";
 const PAUSED_FILL: &str = "#fbe0dc";
+const POSTCOPY_FILL: &str = "#d9f0e3";
 
 /// One panel: what it plots and how.
 struct Series {
@@ -104,7 +105,7 @@ pub fn timeline_svg(t: &Timeline) -> String {
          also drawn as a line across the round.",
         "fill=\"#444444\"",
     );
-    legend(&mut s);
+    legend(&mut s, t.postcopy.is_some());
 
     let pw = W - LEFT - RIGHT;
     let unit = pick_unit(t.end_ms(), TIME_MS);
@@ -140,15 +141,24 @@ pub fn timeline_svg(t: &Timeline) -> String {
     s.finish()
 }
 
-/// The legend of the bands behind the panels.
-fn legend(s: &mut Svg) {
+/// The legend of the bands behind the panels (postcopy's instead of the switchover round's
+/// when the migration switched to postcopy).
+fn legend(s: &mut Svg, postcopy: bool) {
     let mut x = LEFT;
     let y = 66.0;
+    let last = if postcopy {
+        (
+            POSTCOPY_FILL,
+            "postcopy (guest runs on the destination, pages pushed and requested)",
+        )
+    } else {
+        (SWITCHOVER_FILL, "switchover round (guest paused)")
+    };
     for (fill, label) in [
         (SETUP_FILL, "setup"),
         (ROUND_FILLS[0], "precopy rounds"),
-        (SWITCHOVER_FILL, "switchover round (guest paused)"),
-        (PAUSED_FILL, "paused: restore, page check, resume"),
+        (PAUSED_FILL, "paused"),
+        last,
     ] {
         let w = 19.0 + text_width(label, 12.0);
         if x + w > W - 8.0 {
@@ -190,6 +200,15 @@ fn bands(s: &mut Svg, t: &Timeline, x_of: &dyn Fn(f64) -> f64) {
         PAUSED_FILL,
         "class=\"band paused\"",
     );
+    if let Some((from, until)) = t.postcopy {
+        spans(
+            s,
+            x_of(from),
+            x_of(until),
+            POSTCOPY_FILL,
+            "class=\"band postcopy\"",
+        );
+    }
     for (i, r) in t.rounds.iter().enumerate() {
         let (fill, class) = if r.switchover {
             (SWITCHOVER_FILL, "class=\"band switchover\"")

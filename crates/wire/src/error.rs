@@ -14,13 +14,13 @@ pub enum WireError {
         /// [`crate::MAGIC`].
         expected: u32,
     },
-    /// A frame header carried a protocol version other than this build's.
-    #[error("unsupported protocol version {found} (this build speaks version {supported})")]
+    /// A frame header carried a protocol version this build does not speak.
+    #[error("unsupported protocol version {found} (this build speaks {supported})")]
     UnsupportedVersion {
         /// The peer's version.
         found: u16,
-        /// [`crate::PROTOCOL_VERSION`].
-        supported: u16,
+        /// What this build speaks ([`crate::Versions::THIS`]).
+        supported: crate::Versions,
     },
     /// A frame header's kind is none of [`crate::FrameKind`]'s values.
     #[error("unknown frame kind {0}")]

@@ -8,17 +8,18 @@
 //!    u32     u16     u16       u32             u32          `len` bytes
 //! ```
 //!
-//! All integers are little-endian. [`FrameHeader::decode`] checks the magic, the version, the
-//! kind and the length against the limit of that kind *before* a receiver reads or allocates the
-//! payload; [`verify_payload`] checks the CRC before the payload is interpreted.
+//! All integers are little-endian. [`FrameHeader::decode`] checks the magic, the version (one
+//! this build speaks, [`Versions::THIS`]), the kind and the length against the limit of that
+//! kind *before* a receiver reads or allocates the payload; [`verify_payload`] checks the CRC
+//! before the payload is interpreted. The version is that of the payload's layout (see
+//! [`crate::version`]): [`FRAME_VERSION`] for every frame but a version-5 hello and accept.
 
 use crate::cursor::{Reader, Writer};
+use crate::version::{Versions, FRAME_VERSION};
 use crate::WireError;
 
 /// "LMIG" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"LMIG");
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 4;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 16;
 
@@ -153,6 +154,9 @@ impl Default for Limits {
 /// The fixed header in front of every payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
+    /// The version of the payload's layout: [`FRAME_VERSION`] but for a version-5 hello
+    /// and accept.
+    pub version: u16,
     /// What the payload is.
     pub kind: FrameKind,
     /// The payload's length in bytes, at most its kind's limit.
@@ -163,9 +167,10 @@ pub struct FrameHeader {
 }
 
 impl FrameHeader {
-    /// A header for `payload`, its CRC computed.
+    /// A header for `payload` of [`FRAME_VERSION`], its CRC computed.
     pub fn for_payload(kind: FrameKind, payload: &[u8]) -> Self {
         FrameHeader {
+            version: FRAME_VERSION,
             kind,
             len: payload.len() as u32,
             crc: crc32c::crc32c(crc_covered(kind, payload)),
@@ -177,7 +182,7 @@ impl FrameHeader {
         let mut v = Vec::with_capacity(HEADER_LEN);
         Writer::new(&mut v)
             .u32(MAGIC)
-            .u16(PROTOCOL_VERSION)
+            .u16(self.version)
             .u16(self.kind as u16)
             .u32(self.len)
             .u32(self.crc);
@@ -186,7 +191,8 @@ impl FrameHeader {
         out
     }
 
-    /// Decodes and validates a header: magic, version, kind, and length within `limits`.
+    /// Decodes and validates a header: magic, a version of [`Versions::THIS`], kind, and
+    /// length within `limits`.
     pub fn decode(bytes: &[u8; HEADER_LEN], limits: &Limits) -> Result<Self, WireError> {
         let mut r = Reader::new(bytes, "frame header");
         let magic = r.u32()?;
@@ -197,10 +203,10 @@ impl FrameHeader {
             });
         }
         let version = r.u16()?;
-        if version != PROTOCOL_VERSION {
+        if !Versions::THIS.contains(version) {
             return Err(WireError::UnsupportedVersion {
                 found: version,
-                supported: PROTOCOL_VERSION,
+                supported: Versions::THIS,
             });
         }
         let kind = FrameKind::from_u16(r.u16()?)?;
@@ -214,7 +220,12 @@ impl FrameHeader {
                 limit,
             });
         }
-        Ok(FrameHeader { kind, len, crc })
+        Ok(FrameHeader {
+            version,
+            kind,
+            len,
+            crc,
+        })
     }
 
     /// Fails unless this header is of kind `expected`.
@@ -259,10 +270,19 @@ pub fn crc_covered(kind: FrameKind, payload: &[u8]) -> &[u8] {
     }
 }
 
-/// Encodes a whole frame (header and payload) into one buffer.
+/// Encodes a whole frame (header of [`FRAME_VERSION`] and payload) into one buffer.
 pub fn encode_frame(kind: FrameKind, payload: &[u8]) -> Vec<u8> {
+    encode_frame_versioned(FRAME_VERSION, kind, payload)
+}
+
+/// Encodes a whole frame whose payload has the layout of `version`.
+pub fn encode_frame_versioned(version: u16, kind: FrameKind, payload: &[u8]) -> Vec<u8> {
+    let header = FrameHeader {
+        version,
+        ..FrameHeader::for_payload(kind, payload)
+    };
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(&FrameHeader::for_payload(kind, payload).encode());
+    out.extend_from_slice(&header.encode());
     out.extend_from_slice(payload);
     out
 }
@@ -311,10 +331,22 @@ mod tests {
             err,
             WireError::UnsupportedVersion {
                 found: 9,
-                supported: PROTOCOL_VERSION
+                supported: Versions::THIS
             }
         );
-        assert!(err.to_string().contains("version 9"));
+        assert!(err.to_string().contains("version 9"), "{err}");
+        assert!(err.to_string().contains("versions 4 to 5"), "{err}");
+        for old in [0, 3] {
+            bad[4] = old;
+            assert!(FrameHeader::decode(&bad, &l).is_err());
+        }
+        for spoken in [4, 5] {
+            bad[4] = spoken;
+            assert_eq!(
+                FrameHeader::decode(&bad, &l).unwrap().version,
+                spoken as u16
+            );
+        }
 
         let mut bad = good;
         bad[6] = 0xee;

@@ -7,7 +7,9 @@
 //! Every frame starts with a fixed 16-byte [`FrameHeader`] (magic, version, kind, length,
 //! CRC32C); [`FrameHeader::decode`] bounds the length by the frame kind before any payload is
 //! read, so a peer can never make the receiver allocate more than its [`Limits`] allow.
-//! `docs/protocol.md` in the repository describes the whole protocol.
+//! The header's version is that of the payload's layout; the hello and the accept negotiate
+//! the session's version and optional features ([`version`]). `docs/protocol.md` in the
+//! repository describes the whole protocol, and what a release promises its neighbours.
 
 #![warn(missing_docs)]
 
@@ -20,6 +22,7 @@ mod frame;
 mod postcopy;
 pub mod ram;
 mod session;
+pub mod version;
 
 pub use control::{Complete, Loaded, Resumed, RoundAck, RoundEnd, RoundStart};
 pub use cursor::{Reader, Writer};
@@ -29,15 +32,20 @@ pub use device::{
 };
 pub use error::WireError;
 pub use frame::{
-    decode_frame, encode_frame, verify_payload, FrameHeader, FrameKind, Limits,
-    DEFAULT_MAX_GUEST_MEMORY, DEFAULT_PAGES_PER_PACKET, HEADER_LEN, MAGIC, MAX_PAGES_PER_PACKET,
-    PROTOCOL_VERSION,
+    decode_frame, encode_frame, encode_frame_versioned, verify_payload, FrameHeader, FrameKind,
+    Limits, DEFAULT_MAX_GUEST_MEMORY, DEFAULT_PAGES_PER_PACKET, HEADER_LEN, MAGIC,
+    MAX_PAGES_PER_PACKET,
 };
 pub use postcopy::{PageRequest, PostcopyComplete, PostcopyDone, PostcopyStart, MAX_PAGE_REQUEST};
 pub use ram::{RamFlags, RamPacket, RamPrefix};
 pub use session::{
     ChannelHello, GuestDescriptor, MemoryFiles, MemoryRange, RamTransfer, Reject, RejectCode,
     SessionAccept, SessionHello, SessionId, MAX_CHANNELS, MAX_REGIONS, MAX_VCPUS, PEER_TIMEOUT_MS,
+};
+
+pub use version::{
+    Agreed, Features, NegotiationError, Offer, Versions, FRAME_VERSION, OLDEST_VERSION,
+    PROTOCOL_VERSION,
 };
 
 /// The guest page size livemig migrates in.

@@ -16,6 +16,10 @@ proptest! {
         let _ = Complete::decode(&bytes);
         let _ = RoundAck::decode(&bytes);
         let _ = SessionAccept::decode(&bytes);
+        for v in [4, 5] {
+            let _ = version::decode_hello(v, &bytes);
+            let _ = version::decode_accept(v, &bytes);
+        }
         let _ = Credit::decode(&bytes);
         let _ = VmStates::decode(&bytes, 2);
         if bytes.len() >= CHUNK_PREFIX {

@@ -17,6 +17,39 @@ fn write(target: &str, name: &str, bytes: &[u8]) {
     std::fs::write(dir.join(name), bytes).expect("write seed");
 }
 
+/// The hello and accept of each version, behind the byte that picks the version (low bit: 4
+/// or 5), for the session target; the version-5 hello as a whole frame for the frame target.
+fn versioned_seeds(hello: &SessionHello) {
+    use livemig_wire::version::{encode_accept, encode_hello, Agreed, Features, Offer, Versions};
+    let offer = Offer {
+        versions: Versions::THIS,
+        features: Features::ALL,
+        required: Features::POSTCOPY,
+    };
+    let accept = SessionAccept {
+        window: 8,
+        buffer_cap: 8 << 20,
+        peer_timeout_ms: 30_000,
+    };
+    let agreed = Agreed {
+        version: 5,
+        features: Features::ALL,
+    };
+    for v in [4u16, 5] {
+        let picked = |payload: Vec<u8>| [vec![v as u8 & 1], payload].concat();
+        write(
+            "session",
+            &format!("hello_v{v}"),
+            &picked(encode_hello(v, &offer, hello)),
+        );
+        let agreed = if v == 4 { Agreed::V4 } else { agreed };
+        let payload = encode_accept(v, &agreed, &accept);
+        write("session", &format!("accept_v{v}"), &picked(payload));
+    }
+    let frame = encode_frame_versioned(5, FrameKind::SessionHello, &encode_hello(5, &offer, hello));
+    write("frame", "hello_v5", &frame);
+}
+
 fn main() {
     let hello = SessionHello {
         session: SessionId([7; 16]),
@@ -45,6 +78,7 @@ fn main() {
         resume: false,
     };
     write("session", "hello", &hello.encode());
+    versioned_seeds(&hello);
     write(
         "session",
         "memory_files",

@@ -7,7 +7,10 @@
 //! cancels and joins it before the process exits. So no migration thread outlives the
 //! migration, and the state machine (`docs/state-machines.md`) lives in one place.
 
+mod channels;
+mod dirty_rate;
 mod file;
+mod objects;
 mod params;
 mod query;
 mod state;
@@ -112,6 +115,12 @@ struct Machine {
     /// address (source), `migrate-recover` the new listener (destination).
     recover_to: Mailbox<Endpoint>,
     recover_on: Mailbox<Listener>,
+    /// `migrate-continue` lets a migration held in `pre-switchover` go on.
+    switchover_gate: Mailbox<()>,
+    /// `object-add`ed TLS credentials.
+    objects: objects::Objects,
+    /// `calc-dirty-rate`'s measurement.
+    dirty_rate: dirty_rate::DirtyRate,
     /// Postcopy broke after the switch: the guest's memory is split between this host and
     /// the destination, and this paused copy is kept (never resumed, not replaced).
     split: bool,
@@ -133,6 +142,11 @@ const COMMANDS: &[&str] = &[
     "migrate_cancel",
     "migrate-start-postcopy",
     "migrate-recover",
+    "migrate-continue",
+    "object-add",
+    "object-del",
+    "calc-dirty-rate",
+    "query-dirty-rate",
     "query-migrate",
     "migrate-set-capabilities",
     "query-migrate-capabilities",
@@ -188,6 +202,9 @@ pub fn start(
         split: false,
         recover_to: Mailbox::new(),
         recover_on: Mailbox::new(),
+        switchover_gate: Mailbox::new(),
+        objects: Default::default(),
+        dirty_rate: Default::default(),
     };
     let h = std::thread::Builder::new()
         .name("lm-vm".into())
@@ -287,6 +304,23 @@ impl Machine {
                 self.start_postcopy()
             }
             "migrate-recover" => self.recover(req),
+            "migrate-continue" => self.continue_switchover(req),
+            "object-add" => self.objects.add(&req.arguments).map(|()| json!({})),
+            "calc-dirty-rate" => {
+                if self.status.in_progress() {
+                    return Err(busy());
+                }
+                let vm = self.vm.as_ref().ok_or_else(no_guest)?;
+                self.dirty_rate.start(vm.guest.clone(), &req.arguments)
+            }
+            "query-dirty-rate" => {
+                none()?;
+                Ok(self.dirty_rate.query())
+            }
+            "object-del" => self
+                .objects
+                .del(&req.arguments, &self.params.tls_creds)
+                .map(|()| json!({})),
             "query-migrate" => {
                 none()?;
                 Ok(match &self.job {
@@ -392,8 +426,12 @@ impl Machine {
     }
 
     fn migrate(&mut self, req: &Request) -> Result<Value, QmpError> {
-        let a = Args::new(&req.arguments, &["uri", "detach", "blk", "inc", "resume"])?;
-        let uri = a.str("uri")?;
+        let a = Args::new(
+            &req.arguments,
+            &["uri", "channels", "detach", "blk", "inc", "resume"],
+        )?;
+        let uri = channels::address(&a)?;
+        let uri = uri.as_str();
         if a.opt_bool("resume")? == Some(true) {
             return self.resume(uri);
         }
@@ -428,9 +466,18 @@ impl Machine {
         let to: Endpoint = uri
             .parse()
             .map_err(|e| QmpError::generic(format!("Invalid migration URI '{uri}': {e}")))?;
+        if self.dirty_rate.measuring() {
+            return Err(QmpError::generic(
+                "calc-dirty-rate is measuring this guest's dirty log: migrate once it is done",
+            ));
+        }
         let vm = self.vm.as_ref().ok_or_else(no_guest)?;
         let mut config = self.params.migration_config(&self.caps);
-        config.tls = self.limits.tls.clone();
+        config.tls = self.tls(objects::TlsEndpoint::Client)?;
+        self.switchover_gate.clear();
+        if self.caps.pause_before_switchover {
+            config.pause_before_switchover = Some(self.switchover_gate.clone());
+        }
         // A broken postcopy waits, as QEMU's, for `migrate` with `resume` (or `quit`).
         self.recover_to.clear();
         config.postcopy_recovery = SourceRecovery::OnRequest {
@@ -484,7 +531,8 @@ impl Machine {
     }
 
     /// The destination's configuration from the parameters and the process's limits.
-    fn incoming_config(&self, cancel: &CancelToken) -> IncomingConfig {
+    fn incoming_config(&self, cancel: &CancelToken) -> Result<IncomingConfig, QmpError> {
+        let tls = self.tls(objects::TlsEndpoint::Server)?;
         let mut config = IncomingConfig {
             verify: self.limits.verify,
             credit_window: self.params.credit_window,
@@ -494,7 +542,7 @@ impl Machine {
                 cap => cap,
             },
             peer_timeout: self.params.peer_timeout(self.limits.peer_timeout),
-            tls: self.limits.tls.clone(),
+            tls,
             cancel: cancel.clone(),
             // A broken postcopy waits, as QEMU's, for `migrate-recover` (or `quit`).
             postcopy_recovery: IncomingRecovery::OnRequest {
@@ -506,12 +554,13 @@ impl Machine {
         if let Some(m) = self.limits.max_guest_memory {
             config.max_guest_memory = m;
         }
-        config
+        Ok(config)
     }
 
     fn migrate_incoming(&mut self, req: &Request) -> Result<Value, QmpError> {
-        let a = Args::new(&req.arguments, &["uri", "exit-on-error"])?;
-        let uri = a.str("uri")?;
+        let a = Args::new(&req.arguments, &["uri", "channels", "exit-on-error"])?;
+        let uri = channels::address(&a)?;
+        let uri = uri.as_str();
         a.opt_bool("exit-on-error")?;
         if self.status.in_progress() {
             return Err(QmpError::generic(
@@ -533,6 +582,9 @@ impl Machine {
         let at: Endpoint = uri
             .parse()
             .map_err(|e| QmpError::generic(format!("Invalid migration URI '{uri}': {e}")))?;
+        // Every check (the TLS credentials among them) before anything changes.
+        let cancel = CancelToken::new();
+        let config = self.incoming_config(&cancel)?;
         let listener = Listener::bind(&at)
             .map_err(|e| QmpError::generic(format!("cannot listen on {uri}: {e}")))?;
         if self.run == RunState::PostMigrate {
@@ -543,9 +595,7 @@ impl Machine {
         // The VM is built now, before the source is told to come (QEMU's destination has its
         // VM too): its set-up then waits only for the guest's memory slots and vCPUs.
         livemig_vmm::kvm::prepare_vm();
-        let cancel = CancelToken::new();
         self.recover_on.clear();
-        let config = self.incoming_config(&cancel);
         let tx = self.tx.clone();
         let thread = std::thread::Builder::new()
             .name("lm-vm-incoming".into())
@@ -558,6 +608,7 @@ impl Machine {
             end: None,
             report: None,
             error: None,
+            blocktime: self.caps.postcopy_blocktime,
         }));
         self.set_status(MigStatus::Setup);
         Ok(json!({}))
@@ -606,6 +657,36 @@ impl Machine {
             .map_err(|e| QmpError::generic(format!("Invalid migration URI '{uri}': {e}")))?;
         self.recover_to.post(to);
         self.set_status(MigStatus::PostcopyRecover);
+        Ok(json!({}))
+    }
+
+    /// The TLS a migration on `endpoint`'s side uses: the `tls-creds` object the parameters
+    /// name, or else the process's own `--tls-*` options.
+    fn tls(
+        &self,
+        endpoint: objects::TlsEndpoint,
+    ) -> Result<Option<Arc<livemig_engine::TlsConfig>>, QmpError> {
+        match self
+            .objects
+            .tls(&self.params.tls_creds, &self.params.tls_hostname, endpoint)?
+        {
+            Some(tls) => Ok(Some(tls)),
+            None => Ok(self.limits.tls.clone()),
+        }
+    }
+
+    /// `migrate-continue`: a migration held in `pre-switchover` goes on. QEMU's check and
+    /// words: `state` must be the status the migration is in.
+    fn continue_switchover(&mut self, req: &Request) -> Result<Value, QmpError> {
+        let a = Args::new(&req.arguments, &["state"])?;
+        let state = a.str("state")?;
+        if state != self.status.name() || self.status != MigStatus::PreSwitchover {
+            return Err(QmpError::generic(format!(
+                "Migration not in expected state: {}",
+                self.status.name()
+            )));
+        }
+        self.switchover_gate.post(());
         Ok(json!({}))
     }
 
@@ -798,12 +879,26 @@ impl Machine {
                 o.expected_downtime_ms = expected_downtime_ms;
                 switchover = true;
                 let s = o.stats.snapshot();
+                o.ram_bytes_at_pause = Some(s.ram_bytes);
                 o.postcopy.switch = o.postcopy.at_pause(
                     to_postcopy,
                     s.normal_pages + s.zero_pages,
                     remaining_pages,
                 );
                 postcopy = matches!(o.postcopy.switch, Switch::Postcopy { .. });
+            }
+            Progress::PreSwitchover => {
+                self.set_status(MigStatus::PreSwitchover);
+                return;
+            }
+            // QEMU's `device` status, or back to `postcopy-active` at a switch to postcopy.
+            Progress::SavingDevices => {
+                let next = match o.postcopy.switch {
+                    Switch::Postcopy { .. } => MigStatus::PostcopyActive,
+                    Switch::Precopy => MigStatus::Device,
+                };
+                self.set_status(next);
+                return;
             }
             Progress::PostcopyPaused { .. } => {
                 self.set_status(MigStatus::PostcopyPaused);

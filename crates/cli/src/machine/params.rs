@@ -28,6 +28,9 @@ pub struct Capabilities {
     /// `postcopy-blocktime`: `query-migrate` reports the time the destination's vCPUs
     /// waited on missing pages.
     pub postcopy_blocktime: bool,
+    /// `pause-before-switchover`: with the guest paused for the switchover, wait for
+    /// `migrate-continue` before its state is saved (status `pre-switchover`).
+    pub pause_before_switchover: bool,
     /// `mapped-ram`: accepted for QEMU's scripts; a `file:` migration always lays pages out
     /// at fixed offsets (docs/file-format.md), so it changes nothing.
     pub mapped_ram: bool,
@@ -44,6 +47,7 @@ impl Default for Capabilities {
             postcopy_ram: false,
             postcopy_preempt: false,
             postcopy_blocktime: false,
+            pause_before_switchover: false,
             mapped_ram: false,
         }
     }
@@ -59,6 +63,7 @@ impl Capabilities {
             {"capability": "postcopy-ram", "state": self.postcopy_ram},
             {"capability": "postcopy-preempt", "state": self.postcopy_preempt},
             {"capability": "postcopy-blocktime", "state": self.postcopy_blocktime},
+            {"capability": "pause-before-switchover", "state": self.pause_before_switchover},
             {"capability": "mapped-ram", "state": self.mapped_ram},
         ])
     }
@@ -81,10 +86,11 @@ impl Capabilities {
                 "postcopy-ram" => next.postcopy_ram = state,
                 "postcopy-preempt" => next.postcopy_preempt = state,
                 "postcopy-blocktime" => next.postcopy_blocktime = state,
+                "pause-before-switchover" => next.pause_before_switchover = state,
                 "mapped-ram" => next.mapped_ram = state,
                 other => {
                     return Err(QmpError::generic(format!(
-                        "Capability '{other}' is not supported by livemig (it knows multifd, events, auto-converge, x-local, postcopy-ram, postcopy-preempt, postcopy-blocktime and mapped-ram)"
+                        "Capability '{other}' is not supported by livemig (it knows multifd, events, auto-converge, x-local, postcopy-ram, postcopy-preempt, postcopy-blocktime, pause-before-switchover and mapped-ram)"
                     )))
                 }
             }
@@ -126,6 +132,15 @@ pub struct Parameters {
     pub zstd_level: u64,
     /// Each page carries its CRC32C.
     pub page_checksums: bool,
+    /// Auto-converge's steps and trigger (`cpu-throttle-*`, `max-cpu-throttle`,
+    /// `throttle-trigger-threshold`).
+    pub throttle: livemig_engine::config::ThrottlePolicy,
+    /// `tls-creds`: the id of the `tls-creds-x509` object migrations use ("" : none, the
+    /// process's own `--tls-*` options hold).
+    pub tls_creds: String,
+    /// `tls-hostname`: the name the destination's certificate must carry ("": the host of
+    /// the migration's address).
+    pub tls_hostname: String,
     /// The live handle every migration started from these parameters shares: it mirrors
     /// `downtime-limit` and `max-bandwidth`, so setting them reaches a migration under way.
     live: LiveParams,
@@ -148,6 +163,9 @@ impl Default for Parameters {
             zstd: d.compress.is_some(),
             zstd_level: 1,
             page_checksums: d.page_checksums,
+            throttle: d.throttle,
+            tls_creds: String::new(),
+            tls_hostname: String::new(),
             live: LiveParams::new(),
         }
     }
@@ -168,6 +186,12 @@ pub const NAMES: &[&str] = &[
     "multifd-compression",
     "multifd-zstd-level",
     "x-page-checksums",
+    "cpu-throttle-initial",
+    "cpu-throttle-increment",
+    "max-cpu-throttle",
+    "throttle-trigger-threshold",
+    "tls-creds",
+    "tls-hostname",
 ];
 
 /// The parameters a migration under way takes (QEMU takes them live too; libvirt's
@@ -177,6 +201,10 @@ pub const LIVE: &[&str] = &[
     "downtime-limit",
     "max-bandwidth",
     "avail-switchover-bandwidth",
+    "cpu-throttle-initial",
+    "cpu-throttle-increment",
+    "max-cpu-throttle",
+    "throttle-trigger-threshold",
 ];
 
 /// QEMU's bound on `multifd-zstd-level`.
@@ -208,6 +236,12 @@ impl Parameters {
             "multifd-compression": if self.zstd { "zstd" } else { "none" },
             "multifd-zstd-level": self.zstd_level,
             "x-page-checksums": self.page_checksums,
+            "cpu-throttle-initial": self.throttle.initial,
+            "cpu-throttle-increment": self.throttle.increment,
+            "max-cpu-throttle": self.throttle.max,
+            "throttle-trigger-threshold": self.throttle.trigger_threshold,
+            "tls-creds": self.tls_creds,
+            "tls-hostname": self.tls_hostname,
         })
     }
 
@@ -219,6 +253,13 @@ impl Parameters {
         next.set_devices(&a)?;
         next.set_timeouts(&a)?;
         next.set_compression(&a)?;
+        next.set_throttle(&a)?;
+        if let Some(c) = a.opt_str("tls-creds")? {
+            next.tls_creds = c.to_string();
+        }
+        if let Some(h) = a.opt_str("tls-hostname")? {
+            next.tls_hostname = h.to_string();
+        }
         *self = next;
         self.publish();
         Ok(())
@@ -248,6 +289,29 @@ impl Parameters {
             .set_max_bandwidth(std::num::NonZeroU64::new(self.max_bandwidth));
         self.live
             .set_switchover_bandwidth(std::num::NonZeroU64::new(self.avail_switchover_bandwidth));
+        self.live.set_throttle(self.throttle);
+    }
+
+    /// Auto-converge's steps and trigger, in QEMU's ranges and words.
+    fn set_throttle(&mut self, a: &Args) -> Result<(), QmpError> {
+        let t = &mut self.throttle;
+        for (name, field, top) in [
+            ("cpu-throttle-initial", &mut t.initial, 99),
+            ("cpu-throttle-increment", &mut t.increment, 99),
+            ("max-cpu-throttle", &mut t.max, 99),
+            ("throttle-trigger-threshold", &mut t.trigger_threshold, 100),
+        ] {
+            if let Some(v) = a.opt_u64(name)? {
+                if !(1..=top).contains(&v) {
+                    return Err(range_err(
+                        name,
+                        &format!("an integer in the range of 1 to {top}"),
+                    ));
+                }
+                *field = v as u8;
+            }
+        }
+        Ok(())
     }
 
     /// The channels, downtime limit and bandwidth of `a`.
@@ -373,6 +437,7 @@ impl Parameters {
             max_bandwidth: (self.max_bandwidth > 0).then_some(self.max_bandwidth),
             avail_switchover_bandwidth: (self.avail_switchover_bandwidth > 0)
                 .then_some(self.avail_switchover_bandwidth),
+            throttle: self.throttle,
             live: self.live.clone(),
             chunk_size: self.chunk_size,
             credit_window: self.credit_window,

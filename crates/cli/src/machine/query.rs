@@ -30,6 +30,9 @@ pub struct Outgoing {
     pub postcopy: PostcopyWatch,
     /// `postcopy-blocktime`: report the destination's time blocked on faults.
     pub blocktime: bool,
+    /// RAM bytes sent when the guest paused: `precopy-bytes`, and what follows is
+    /// `downtime-bytes` (or, at a switch to postcopy, `postcopy-bytes`).
+    pub ram_bytes_at_pause: Option<u64>,
 }
 
 /// Where an outgoing migration stands with respect to postcopy.
@@ -77,6 +80,28 @@ pub struct IncomingJob {
     pub end: Option<Instant>,
     pub report: Option<IncomingReport>,
     pub error: Option<String>,
+    /// `postcopy-blocktime` on this side: report the vCPUs' time blocked on faults.
+    pub blocktime: bool,
+}
+
+/// QEMU's `postcopy-vcpu-blocktime`: milliseconds each vCPU was blocked on faults, by vCPU
+/// index, from the threads named `...vcpu<N>` in the destination's report (0 for a vCPU
+/// that never faulted).
+fn vcpu_blocktime(threads: &[livemig_engine::report::ThreadBlocktime]) -> Vec<u64> {
+    let vcpu = |name: &str| -> Option<usize> {
+        let digits = name.rsplit_once("vcpu")?.1;
+        digits.parse().ok().filter(|&n: &usize| n < 4096)
+    };
+    let mut ms = Vec::new();
+    for t in threads {
+        if let Some(n) = vcpu(&t.thread) {
+            if ms.len() <= n {
+                ms.resize(n + 1, 0);
+            }
+            ms[n] += t.blocked_us / 1000;
+        }
+    }
+    ms
 }
 
 fn ms_since(start: Instant, end: Option<Instant>) -> u64 {
@@ -110,6 +135,7 @@ impl Outgoing {
             error: None,
             postcopy,
             blocktime,
+            ram_bytes_at_pause: None,
         }
     }
 
@@ -181,6 +207,13 @@ impl Outgoing {
             ),
         };
         let requests = s.postcopy_requests;
+        // QEMU's split of `transferred`: before the pause, during it (the switchover's last
+        // pages; none at a switch to postcopy, whose pages are postcopy's).
+        let precopy_bytes = self.ram_bytes_at_pause.unwrap_or(s.ram_bytes);
+        let downtime_bytes = match self.postcopy.switch {
+            Switch::Postcopy { .. } => 0,
+            Switch::Precopy => s.ram_bytes.saturating_sub(precopy_bytes),
+        };
         json!({
                 "transferred": s.ram_bytes,
                 "remaining": remaining_pages * page,
@@ -196,6 +229,8 @@ impl Outgoing {
                 "multifd-bytes": s.ram_bytes,
                 "postcopy-requests": requests,
                 "postcopy-bytes": postcopy_pages * page,
+                "precopy-bytes": precopy_bytes,
+                "downtime-bytes": downtime_bytes,
         })
     }
 
@@ -301,6 +336,13 @@ impl IncomingJob {
                             .collect(),
                     ),
                 );
+                if let Some(f) = r.postcopy_faults.as_ref().filter(|_| self.blocktime) {
+                    m.insert("postcopy-blocktime".into(), json!(f.total_us / 1000));
+                    m.insert(
+                        "postcopy-vcpu-blocktime".into(),
+                        json!(vcpu_blocktime(&f.threads)),
+                    );
+                }
             }
             None => {
                 m.insert("total-time".into(), json!(ms_since(self.start, self.end)));
@@ -316,6 +358,25 @@ impl IncomingJob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vcpu_blocktime_is_per_vcpu_index_from_thread_names() {
+        use livemig_engine::report::ThreadBlocktime;
+        let t = |thread: &str, blocked_us| ThreadBlocktime {
+            thread: thread.into(),
+            faults: 1,
+            blocked_us,
+        };
+        let threads = [
+            t("kvm-vcpu2", 5_400),
+            t("lm-dst-ch0", 9_000),
+            t("kvm-vcpu0", 1_200),
+            t("tid 77", 3_000),
+            t("kvm-vcpu99999", 1_000),
+        ];
+        assert_eq!(vcpu_blocktime(&threads), vec![1, 0, 5]);
+        assert!(vcpu_blocktime(&[]).is_empty());
+    }
 
     fn watch(allowed: bool) -> PostcopyWatch {
         PostcopyWatch {

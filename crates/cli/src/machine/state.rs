@@ -38,6 +38,10 @@ pub enum MigStatus {
     Active,
     /// Switched to postcopy: the guest runs on the destination, its last pages follow.
     PostcopyActive,
+    /// Paused for the switchover, waiting for `migrate-continue` (`pause-before-switchover`).
+    PreSwitchover,
+    /// After `migrate-continue`: devices and state are being saved.
+    Device,
     /// Postcopy broke (a lost link): both sides wait for a resume over a new connection.
     PostcopyPaused,
     /// A resume is being set up (`migrate-recover` given, or `migrate` with `resume`).
@@ -55,6 +59,8 @@ impl MigStatus {
             MigStatus::Setup => "setup",
             MigStatus::Active => "active",
             MigStatus::PostcopyActive => "postcopy-active",
+            MigStatus::PreSwitchover => "pre-switchover",
+            MigStatus::Device => "device",
             MigStatus::PostcopyPaused => "postcopy-paused",
             MigStatus::PostcopyRecover => "postcopy-recover",
             MigStatus::Cancelling => "cancelling",
@@ -79,6 +85,8 @@ impl MigStatus {
             MigStatus::Setup
                 | MigStatus::Active
                 | MigStatus::PostcopyActive
+                | MigStatus::PreSwitchover
+                | MigStatus::Device
                 | MigStatus::PostcopyPaused
                 | MigStatus::PostcopyRecover
                 | MigStatus::Cancelling

@@ -25,6 +25,23 @@ pub fn recv(s: &mut TcpStream) -> (FrameHeader, Vec<u8>) {
     (h, p)
 }
 
+/// A destination's answer to a source's hello (its header and payload): the session, and
+/// the SessionAccept frame `accept` makes of it, in the hello's layout, agreeing on the
+/// highest common version and every feature offered, as a destination of this build does.
+#[allow(dead_code)]
+pub fn answer_hello(
+    h: &FrameHeader,
+    payload: &[u8],
+    accept: impl FnOnce(&SessionHello) -> livemig_wire::SessionAccept,
+) -> (SessionHello, Vec<u8>) {
+    use livemig_wire::version;
+    let (offer, hello) = version::decode_hello(h.version, payload).unwrap();
+    let agreed = version::negotiate(&offer, livemig_wire::Versions::THIS, offer.features).unwrap();
+    let payload = version::encode_accept(h.version, &agreed, &accept(&hello));
+    let frame = livemig_wire::encode_frame_versioned(h.version, FrameKind::SessionAccept, &payload);
+    (hello, frame)
+}
+
 /// Sends one whole frame; false if the peer is gone.
 #[allow(dead_code)]
 pub fn try_send(s: &mut TcpStream, kind: FrameKind, payload: &[u8]) -> bool {

@@ -58,8 +58,8 @@ use crate::report::{IncomingEvent, IncomingReport};
 use crate::transport::{Listener, Stream};
 use coordinator::Ended;
 use livemig_wire::{
-    Complete, DeviceLoadStats, FrameKind, RamTransfer, Reject, RejectCode, RoundStart,
-    SessionAccept, SessionHello,
+    Complete, DeviceLoadStats, RamTransfer, Reject, RejectCode, RoundStart, SessionAccept,
+    SessionHello,
 };
 use session::Session;
 use std::time::Instant;
@@ -242,7 +242,7 @@ pub fn receive_vm(
     config: &IncomingConfig,
     log: &(dyn Fn(&IncomingEvent) + Sync),
 ) -> Result<Incoming, IncomingError> {
-    let (hello, mut main, (accept, guest, devices, vmstates)) =
+    let (hello, negotiated, mut main, (accept, guest, devices, vmstates)) =
         accept_buildable(listener, factories, config, log)?;
     let start = Instant::now();
     log(&IncomingEvent::SessionAccepted {
@@ -251,13 +251,10 @@ pub fn receive_vm(
         memory_bytes: hello.guest.memory_bytes(),
         channels: hello.channels,
         devices: hello.devices.devices.len() + hello.devices.vmstates.len(),
+        protocol: negotiated.agreed.version,
+        features: negotiated.agreed.features,
     });
-    framed::send(
-        &mut main,
-        ChannelName::Main,
-        FrameKind::SessionAccept,
-        &accept.encode(),
-    )?;
+    negotiated.accept(&mut main, &accept)?;
     let data = setup::accept_channels(listener, &main, &hello, config, log).inspect_err(|e| {
         framed::send_reject(
             &mut main,
@@ -304,17 +301,17 @@ fn accept_buildable(
     factories: Factories<'_>,
     config: &IncomingConfig,
     log: &(dyn Fn(&IncomingEvent) + Sync),
-) -> Result<(SessionHello, Stream, Built), IncomingError> {
+) -> Result<(SessionHello, setup::Negotiated, Stream, Built), IncomingError> {
     loop {
-        let (hello, mut main) = setup::accept_session(listener, config, log)?;
+        let (hello, negotiated, mut main) = setup::accept_session(listener, config, log)?;
         match build_session(&hello, &mut main, factories, config) {
-            Ok(built) => return Ok((hello, main, built)),
+            Ok(built) => return Ok((hello, negotiated, main, built)),
             Err(reject) => {
                 log(&IncomingEvent::SessionRefused {
                     session: hello.session.to_string(),
                     reason: reject.reason.clone(),
                 });
-                framed::send_reject(&mut main, ChannelName::Main, &reject);
+                negotiated.refuse(&mut main, &reject);
             }
         }
     }

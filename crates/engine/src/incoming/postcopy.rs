@@ -241,6 +241,20 @@ impl PostcopyDest<'_> {
             p99_us: us(l.p99),
             max_us: us(l.max),
             total_us: us(l.total),
+            histogram: l
+                .histogram()
+                .into_iter()
+                .map(|(below_us, faults)| crate::report::LatencyBucket { below_us, faults })
+                .collect(),
+            threads: l
+                .threads
+                .iter()
+                .map(|t| crate::report::ThreadBlocktime {
+                    thread: thread_name(t.tid),
+                    faults: t.faults,
+                    blocked_us: us(t.total),
+                })
+                .collect(),
         })
     }
 
@@ -251,6 +265,14 @@ impl PostcopyDest<'_> {
         }
         Ok(())
     }
+}
+
+/// The name of this process's thread `tid` (`/proc/self/task/<tid>/comm`), or `tid N` once
+/// it has ended (or 0: unknown).
+fn thread_name(tid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+        .map(|c| c.trim_end().to_string())
+        .unwrap_or_else(|_| format!("tid {tid}"))
 }
 
 /// The fault thread: each fault on a listed page becomes one request (the coordinator sends
@@ -309,6 +331,11 @@ pub(super) fn start(
     };
     let started = Instant::now();
     let restore = super::loading::restore(s, &received)?;
+    if s.config.test_hooks.postcopy_arm_fails() {
+        return Err(IncomingError::Setup(
+            "userfaultfd refused (the postcopy-arm-fails test hook)".into(),
+        ));
+    }
     dest.arm(&start)?;
     let t = Instant::now();
     s.guest.resume()?;

@@ -115,15 +115,15 @@ fn resume_setup(
     deadline: Option<Instant>,
 ) -> Result<(SessionHello, SessionAccept, Stream, Vec<Stream>), IncomingError> {
     let (config, ch) = (s.config, ChannelName::Main);
-    let (hello, mut main) = setup::accept_resume(on, config, s.log, s.hello, deadline)?;
+    let (hello, negotiated, mut main) = setup::accept_resume(on, config, s.log, s.hello, deadline)?;
     let accept = match setup::flow_bounds(&hello, config) {
         Ok(a) => a,
         Err(reject) => {
-            framed::send_reject(&mut main, ch, &reject);
+            negotiated.refuse(&mut main, &reject);
             return Err(IncomingError::Setup(reject.reason));
         }
     };
-    framed::send(&mut main, ch, FrameKind::SessionAccept, &accept.encode())?;
+    negotiated.accept(&mut main, &accept)?;
     let data = setup::accept_channels(on, &main, &hello, config, s.log).inspect_err(|e| {
         let why = Reject::new(RejectCode::Other, e.to_string());
         framed::send_reject(&mut main, ch, &why)

@@ -1,28 +1,67 @@
 //! Accepting a session: the main channel's hello, then each data channel's handshake.
 //!
+//! The hello's frame version says its layout: a version-5 hello offers versions and features
+//! and is answered with the version and features agreed, a version-4 one is taken as version
+//! 4's; either is answered in its own version (see `livemig_wire::version`).
+//!
 //! A connection that is not what we wait for (a foreign session, a duplicate or out-of-range
 //! channel index, garbage) is refused with a Reject naming why, and waiting goes on: a stray
 //! connection must not fail a migration that is under way.
 
 use crate::cancel::CancelToken;
-use crate::config::IncomingConfig;
+use crate::config::{IncomingConfig, Protocol};
 use crate::error::{ChannelError, ChannelName, IncomingError};
 use crate::framed;
 use crate::guest::GuestMemory;
 use crate::report::IncomingEvent;
 use crate::transport::{Listener, Stream};
+use livemig_wire::version::{self, Agreed, Versions};
 use livemig_wire::{
-    ChannelHello, FrameKind, MemoryFiles, Reject, RejectCode, SessionAccept, SessionHello,
+    ChannelHello, FrameHeader, FrameKind, MemoryFiles, Reject, RejectCode, SessionAccept,
+    SessionHello, WireError, HEADER_LEN,
 };
 use std::sync::Mutex;
 use std::time::Instant;
+
+/// What a session speaks: the layout of its hello (and so of the answer to it), and the
+/// version and features agreed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Negotiated {
+    /// The hello's layout version: the accept, or a refusal, goes in it.
+    pub layout: u16,
+    /// What the session uses.
+    pub agreed: Agreed,
+}
+
+impl Negotiated {
+    /// Sends the SessionAccept, in the hello's layout.
+    pub fn accept(&self, main: &mut Stream, accept: &SessionAccept) -> Result<(), ChannelError> {
+        let payload = version::encode_accept(self.layout, &self.agreed, accept);
+        framed::send_versioned(
+            main,
+            ChannelName::Main,
+            self.layout,
+            FrameKind::SessionAccept,
+            &payload,
+        )
+    }
+
+    /// Refuses the session (best effort), in the hello's layout: the source then knows the
+    /// refusal is not that of a peer unable to read its hello.
+    pub fn refuse(&self, main: &mut Stream, reject: &Reject) {
+        framed::send_reject_versioned(main, ChannelName::Main, self.layout, reject);
+    }
+}
+
+/// A session's hello, what it speaks, and its main channel.
+pub(crate) type Opened = (SessionHello, Negotiated, Stream);
 
 /// Waits for a connection that opens a session, refusing anything else.
 pub(crate) fn accept_session(
     listener: &Listener,
     config: &IncomingConfig,
     log: &(dyn Fn(&IncomingEvent) + Sync),
-) -> Result<(SessionHello, Stream), IncomingError> {
+) -> Result<Opened, IncomingError> {
     accept_hello(listener, config, log, None, None)
 }
 
@@ -34,7 +73,7 @@ pub(crate) fn accept_resume(
     log: &(dyn Fn(&IncomingEvent) + Sync),
     paused: &SessionHello,
     deadline: Option<Instant>,
-) -> Result<(SessionHello, Stream), IncomingError> {
+) -> Result<Opened, IncomingError> {
     accept_hello(listener, config, log, Some(paused), deadline)
 }
 
@@ -44,22 +83,20 @@ fn accept_hello(
     log: &(dyn Fn(&IncomingEvent) + Sync),
     paused: Option<&SessionHello>,
     deadline: Option<Instant>,
-) -> Result<(SessionHello, Stream), IncomingError> {
+) -> Result<Opened, IncomingError> {
     let ch = ChannelName::Incoming;
-    let decide = |mut s: Stream, first: Result<Vec<u8>, ChannelError>| {
-        let refused = match first {
-            Ok(buf) => match SessionHello::decode(&buf) {
-                Ok(hello) => {
-                    match check_hello(&hello, config).and_then(|()| check_resume(&hello, paused)) {
-                        Ok(()) => {
-                            let _ = s.set_read_timeout(None);
-                            let _ = s.set_write_timeout(None);
-                            return Some((hello, s));
-                        }
-                        Err(reject) => reject,
-                    }
+    let protocol = config.test_hooks.protocol();
+    let spoken = protocol.versions();
+    let decide = |mut s: Stream, first: First| {
+        let refused = match first.frame {
+            Ok(buf) => match open_session(first.version, &buf, config, protocol, paused) {
+                Ok((hello, agreed)) => {
+                    let _ = s.set_read_timeout(None);
+                    let _ = s.set_write_timeout(None);
+                    let layout = first.version;
+                    return Some((hello, Negotiated { layout, agreed }, s));
                 }
-                Err(e) => Reject::new(RejectCode::Protocol, format!("bad SessionHello: {e}")),
+                Err(reject) => reject,
             },
             Err(ChannelError::Protocol { detail, .. }) => {
                 Reject::new(RejectCode::UnknownSession, detail)
@@ -72,7 +109,11 @@ fn accept_hello(
         log(&IncomingEvent::ConnectionRefused {
             reason: refused.reason.clone(),
         });
-        framed::send_reject(&mut s, ch, &refused);
+        // In the hello's version, or this side's newest if the hello is newer: an older
+        // source reads the reason (a Reject's layout is the same in every version), a newer
+        // one learns the version to say its hello again in.
+        let answer = first.version.min(spoken.max);
+        framed::send_reject_versioned(&mut s, ch, answer, &refused);
         None
     };
     let opening = |kind: FrameKind| {
@@ -93,6 +134,34 @@ fn accept_hello(
         opening,
         decide,
     )
+}
+
+/// Reads a hello of layout `layout` and agrees on what the session speaks, or says why
+/// not: a version this side does not speak is refused as a version-4 livemig refuses one
+/// (a protocol error naming it, which tells a newer source to try an older hello), a
+/// feature it lacks by name. `protocol`: what this side speaks and has.
+fn open_session(
+    layout: u16,
+    buf: &[u8],
+    config: &IncomingConfig,
+    protocol: Protocol,
+    paused: Option<&SessionHello>,
+) -> Result<(SessionHello, Agreed), Reject> {
+    let spoken = protocol.versions();
+    if !spoken.contains(layout) {
+        let e = WireError::UnsupportedVersion {
+            found: layout,
+            supported: spoken,
+        };
+        return Err(Reject::new(RejectCode::Protocol, e.to_string()));
+    }
+    let (offer, hello) = version::decode_hello(layout, buf)
+        .map_err(|e| Reject::new(RejectCode::Protocol, format!("bad SessionHello: {e}")))?;
+    let agreed = version::negotiate(&offer, spoken, protocol.features())
+        .map_err(|e| Reject::new(RejectCode::Unsupported, e.to_string()))?;
+    check_hello(&hello, config)?;
+    check_resume(&hello, paused)?;
+    Ok((hello, agreed))
 }
 
 /// A hello resumes a broken postcopy if and only if this side waits for that: the paused
@@ -134,7 +203,7 @@ fn handshakes<R>(
     config: &IncomingConfig,
     log: &(dyn Fn(&IncomingEvent) + Sync),
     unexpected: impl Fn(FrameKind) -> Option<String> + Sync,
-    mut decide: impl FnMut(Stream, Result<Vec<u8>, ChannelError>) -> Option<R>,
+    mut decide: impl FnMut(Stream, First) -> Option<R>,
 ) -> Result<R, IncomingError> {
     let (tx, rx) = crossbeam_channel::unbounded::<Handshaken>();
     let pending = PendingSet::default();
@@ -180,7 +249,16 @@ fn handshakes<R>(
 
 /// A handshake's end: its id, and its connection with its first frame (`None`: nothing
 /// more to say to it).
-type Handshaken = (u64, Option<(Stream, Result<Vec<u8>, ChannelError>)>);
+type Handshaken = (u64, Option<(Stream, First)>);
+
+/// A connection's first frame: its payload, or why there is none; and the version its
+/// header said (the newest this build speaks if none was read).
+pub(crate) struct First {
+    /// The header's version, one [`Versions::THIS`] holds (see `livemig_wire::version`).
+    pub version: u16,
+    /// The payload.
+    pub frame: Result<Vec<u8>, ChannelError>,
+}
 
 /// Waits for the next connection until the poll slice or the deadline; `None` when the
 /// slice passed with none.
@@ -258,17 +336,15 @@ impl PendingSet {
     fn take_finished<R>(
         &self,
         rx: &crossbeam_channel::Receiver<Handshaken>,
-        decide: &mut impl FnMut(Stream, Result<Vec<u8>, ChannelError>) -> Option<R>,
+        decide: &mut impl FnMut(Stream, First) -> Option<R>,
     ) -> Option<R> {
         while let Ok((id, done)) = rx.try_recv() {
             let expired = self.remove(id);
-            if let Some((s, first)) = done {
+            if let Some((s, mut first)) = done {
                 // Cut at its deadline: say so, not what the cut made of the read.
-                let first = if expired {
-                    Err(handshake_expired())
-                } else {
-                    first
-                };
+                if expired {
+                    first.frame = Err(handshake_expired());
+                }
                 if let Some(r) = decide(s, first) {
                     return Some(r);
                 }
@@ -359,21 +435,43 @@ fn first_frame(
     cancel: Option<&CancelToken>,
     log: &(dyn Fn(&IncomingEvent) + Sync),
     unexpected: &(dyn Fn(FrameKind) -> Option<String> + Sync),
-) -> Option<(Stream, Result<Vec<u8>, ChannelError>)> {
+) -> Option<(Stream, First)> {
     let ch = ChannelName::Incoming;
     let mut s = secure(s, config, cancel, log).ok().flatten()?;
     let _ = s.set_read_timeout(Some(config.handshake_timeout));
     let _ = s.set_write_timeout(Some(config.handshake_timeout));
     let mut buf = Vec::new();
-    let first =
-        framed::recv_header(&mut s, ch, &config.limits).and_then(|h| match unexpected(h.kind) {
-            Some(detail) => Err(ChannelError::Protocol {
-                channel: ch,
-                detail,
-            }),
-            None => framed::recv_payload(&mut s, ch, &h, &mut buf).map(|()| buf),
-        });
-    Some((s, first))
+    let mut version = Versions::THIS.max;
+    let frame = first_header(&mut s, config, &mut version).and_then(|h| match unexpected(h.kind) {
+        Some(detail) => Err(ChannelError::Protocol {
+            channel: ch,
+            detail,
+        }),
+        None => framed::recv_payload(&mut s, ch, &h, &mut buf).map(|()| buf),
+    });
+    Some((s, First { version, frame }))
+}
+
+/// The first frame's header (pings skipped), its version noted in `version` as soon as its
+/// bytes are in, even if the header is refused (a version this build does not speak).
+fn first_header(
+    s: &mut Stream,
+    config: &IncomingConfig,
+    version: &mut u16,
+) -> Result<FrameHeader, ChannelError> {
+    let channel = ChannelName::Incoming;
+    loop {
+        let mut raw = [0u8; HEADER_LEN];
+        framed::read_exact(s, channel, &mut raw, true)?;
+        if raw[..4] == livemig_wire::MAGIC.to_le_bytes() {
+            *version = u16::from_le_bytes([raw[4], raw[5]]);
+        }
+        let h = FrameHeader::decode(&raw, &config.limits)
+            .map_err(|source| ChannelError::Wire { channel, source })?;
+        if h.kind != FrameKind::Ping {
+            return Ok(h);
+        }
+    }
 }
 
 /// With TLS, runs the handshake on an accepted connection (within the handshake timeout).
@@ -591,12 +689,12 @@ pub(crate) fn accept_channels(
 
 /// What to answer a data channel's first frame: the index it joins, or why it is refused.
 fn channel_verdict(
-    first: Result<Vec<u8>, ChannelError>,
+    first: First,
     hello: &SessionHello,
     slots: &[Option<Stream>],
     config: &IncomingConfig,
 ) -> Result<u16, Reject> {
-    match first {
+    match first.frame {
         Ok(buf) => match ChannelHello::decode(&buf) {
             Ok(c) => check_channel(&c, hello, slots),
             Err(e) => Err(Reject::new(
@@ -684,3 +782,6 @@ impl From<ChannelError> for Reject {
         Reject::new(RejectCode::Protocol, e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -7,7 +7,8 @@
 //! and records the wait. Neither blocks the fault path: a stamp is one compare-and-swap, a
 //! record three atomic adds and a `fetch_max`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Sub-buckets per power of two.
@@ -40,14 +41,33 @@ fn upper_bound_us(i: usize) -> u64 {
     (mantissa + 1) << (e - 3)
 }
 
-/// A histogram of fault latencies, shared by every thread that installs pages.
+/// A histogram of fault latencies, shared by every thread that installs pages, and each
+/// faulting thread's share (QEMU's per-vCPU blocktime).
 #[derive(Debug)]
 pub struct FaultLatency {
     buckets: [AtomicU64; BUCKETS],
     count: AtomicU64,
     total_us: AtomicU64,
     max_us: AtomicU64,
+    /// Per faulting thread (by thread id): faults and time blocked. A handful of threads
+    /// (the vCPUs, a VMM thread): a short list under a lock, taken once per answered fault.
+    threads: Mutex<Vec<ThreadBlocked>>,
 }
+
+/// One faulting thread's waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadBlocked {
+    /// The thread's id (`gettid`), as the kernel reported it with the fault; 0 if unknown.
+    pub tid: u32,
+    /// Its faults answered.
+    pub faults: u64,
+    /// Its time blocked on them, added up (each wait in whole microseconds, as the
+    /// histogram's total, so the threads' add up to it).
+    pub total: Duration,
+}
+
+/// The most faulting threads told apart; the rest are added to the last entry.
+const MAX_THREADS: usize = 256;
 
 /// The histogram read at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +85,21 @@ pub struct LatencySnapshot {
     pub max: Duration,
     /// The buckets' counts (see [`BUCKETS`]).
     pub buckets: [u64; BUCKETS],
+    /// Each faulting thread's waits, in the order they first faulted.
+    pub threads: Vec<ThreadBlocked>,
+}
+
+impl LatencySnapshot {
+    /// The non-empty buckets as (exclusive upper bound in microseconds, count), shortest
+    /// first: the histogram as a report carries it.
+    pub fn histogram(&self) -> Vec<(u64, u64)> {
+        self.buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| (upper_bound_us(i), *n))
+            .collect()
+    }
 }
 
 impl Default for FaultLatency {
@@ -74,14 +109,32 @@ impl Default for FaultLatency {
             count: AtomicU64::new(0),
             total_us: AtomicU64::new(0),
             max_us: AtomicU64::new(0),
+            threads: Mutex::new(Vec::new()),
         }
     }
 }
 
 impl FaultLatency {
-    /// Records one wait.
-    pub fn record(&self, wait: Duration) {
+    /// Records one wait of thread `tid` (0: unknown).
+    pub fn record(&self, wait: Duration, tid: u32) {
         let us = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX);
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        let at = match threads.iter().position(|t| t.tid == tid) {
+            Some(i) => i,
+            None if threads.len() < MAX_THREADS => {
+                threads.push(ThreadBlocked {
+                    tid,
+                    faults: 0,
+                    total: Duration::ZERO,
+                });
+                threads.len() - 1
+            }
+            None => threads.len() - 1,
+        };
+        threads[at].faults += 1;
+        // In whole microseconds, as the total: the threads' times add up to it.
+        threads[at].total += Duration::from_micros(us);
+        drop(threads);
         self.buckets[bucket_of(us)].fetch_add(1, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
         self.total_us.fetch_add(us, Ordering::Relaxed);
@@ -122,16 +175,23 @@ impl FaultLatency {
             },
             max: Duration::from_micros(max_us),
             buckets,
+            threads: self
+                .threads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 }
 
-/// When each guest page's pending fault was read: one slot per page (8 bytes per 4 KiB, 2 MiB
-/// per GiB of guest), 0 for none, else nanoseconds since `epoch` plus one.
+/// When each guest page's pending fault was read, and by which thread: one slot per page (12
+/// bytes per 4 KiB, 3 MiB per GiB of guest), 0 for none, else nanoseconds since `epoch` plus
+/// one.
 #[derive(Debug)]
 pub(crate) struct FaultStamps {
     epoch: Instant,
     slots: Vec<AtomicU64>,
+    threads: Vec<AtomicU32>,
 }
 
 impl FaultStamps {
@@ -139,23 +199,30 @@ impl FaultStamps {
         FaultStamps {
             epoch: Instant::now(),
             slots: (0..pages).map(|_| AtomicU64::new(0)).collect(),
+            threads: (0..pages).map(|_| AtomicU32::new(0)).collect(),
         }
     }
 
-    /// Stamps page `index` as faulting now, unless a fault of it is already pending (two
-    /// vCPUs faulting on one page wait from the first fault).
-    pub fn stamp(&self, index: usize) {
+    /// Stamps page `index` as faulting now by thread `tid`, unless a fault of it is already
+    /// pending (two vCPUs faulting on one page wait from the first fault, which is counted).
+    pub fn stamp(&self, index: usize, tid: u32) {
         let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1) + 1;
-        let _ = self.slots[index].compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        // The thread first: a taker that sees the stamp sees its thread (Release/Acquire).
+        if self.slots[index].load(Ordering::Relaxed) == 0 {
+            self.threads[index].store(tid, Ordering::Relaxed);
+        }
+        let _ = self.slots[index].compare_exchange(0, now, Ordering::Release, Ordering::Relaxed);
     }
 
-    /// Takes page `index`'s stamp: how long ago its fault was read, if one was pending.
-    pub fn take(&self, index: usize) -> Option<Duration> {
-        match self.slots[index].swap(0, Ordering::Relaxed) {
+    /// Takes page `index`'s stamp: how long ago its fault was read, and by which thread, if
+    /// one was pending.
+    pub fn take(&self, index: usize) -> Option<(Duration, u32)> {
+        match self.slots[index].swap(0, Ordering::Acquire) {
             0 => None,
             stamp => {
                 let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                Some(Duration::from_nanos(now.saturating_sub(stamp - 1)))
+                let tid = self.threads[index].load(Ordering::Relaxed);
+                Some((Duration::from_nanos(now.saturating_sub(stamp - 1)), tid))
             }
         }
     }
@@ -193,10 +260,10 @@ mod tests {
         assert_eq!(h.snapshot().p99, Duration::ZERO);
         // 98 waits of 50 us (bucket [48, 52)), one of 700 us, one of 3 ms.
         for _ in 0..98 {
-            h.record(Duration::from_micros(50));
+            h.record(Duration::from_micros(50), 7);
         }
-        h.record(Duration::from_micros(700));
-        h.record(Duration::from_millis(3));
+        h.record(Duration::from_micros(700), 7);
+        h.record(Duration::from_millis(3), 9);
         let s = h.snapshot();
         assert_eq!(s.count, 100);
         assert_eq!(s.p50, Duration::from_micros(52));
@@ -205,12 +272,18 @@ mod tests {
         assert_eq!(s.max, Duration::from_micros(3000));
         assert_eq!(s.total, Duration::from_micros(98 * 50 + 700 + 3000));
         assert_eq!(s.buckets[bucket_of(50)], 98);
+        // Per thread, in the order they first faulted.
+        assert_eq!(s.threads.len(), 2);
+        assert_eq!((s.threads[0].tid, s.threads[0].faults), (7, 99));
+        assert_eq!(s.threads[0].total, Duration::from_micros(98 * 50 + 700));
+        assert_eq!((s.threads[1].tid, s.threads[1].faults), (9, 1));
+        assert_eq!(s.histogram(), vec![(52, 98), (704, 1), (3072, 1)]);
 
         let one = FaultLatency::default();
-        one.record(Duration::from_micros(5));
+        one.record(Duration::from_micros(5), 0);
         // Bucket [5, 6), capped by the max.
         assert_eq!(one.snapshot().p50, Duration::from_micros(5));
-        one.record(Duration::from_nanos(300));
+        one.record(Duration::from_nanos(300), 0);
         assert_eq!(one.snapshot().buckets[0], 1);
     }
 
@@ -218,11 +291,12 @@ mod tests {
     fn a_stamp_is_taken_once_and_the_first_fault_counts() {
         let s = FaultStamps::new(4);
         assert_eq!(s.take(2), None);
-        s.stamp(2);
+        s.stamp(2, 41);
         std::thread::sleep(Duration::from_millis(2));
-        s.stamp(2);
-        let waited = s.take(2).unwrap();
+        s.stamp(2, 42);
+        let (waited, tid) = s.take(2).unwrap();
         assert!(waited >= Duration::from_millis(2), "{waited:?}");
+        assert_eq!(tid, 41, "the first fault's thread");
         assert_eq!(s.take(2), None);
     }
 }

@@ -15,7 +15,7 @@ use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use userfaultfd::{Event, IoctlFlags, Uffd, UffdBuilder};
+use userfaultfd::{Event, FeatureFlags, IoctlFlags, Uffd, UffdBuilder};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -151,6 +151,8 @@ pub struct Fault {
     pub addr: u64,
     /// Whether the access was a write.
     pub write: bool,
+    /// The faulting thread's id (`gettid`).
+    pub thread: u32,
 }
 
 /// One registered region: where it is in the guest and in this process.
@@ -192,6 +194,7 @@ impl<'m> PostcopyMemory<'m> {
     /// are; every missing page faults from now on.
     pub fn new(memory: &'m GuestMemory) -> Result<Self, PostcopyError> {
         let uffd = UffdBuilder::new()
+            .require_features(FeatureFlags::THREAD_ID)
             .close_on_exec(true)
             .non_blocking(true)
             .user_mode_only(false)
@@ -340,8 +343,8 @@ impl<'m> PostcopyMemory<'m> {
         loop {
             let source = match ioctl() {
                 Ok(_) => {
-                    if let Some(wait) = self.stamps.take(index) {
-                        self.latency.record(wait);
+                    if let Some((wait, tid)) = self.stamps.take(index) {
+                        self.latency.record(wait, tid);
                     }
                     return Ok(Installed::New);
                 }
@@ -383,7 +386,12 @@ impl<'m> PostcopyMemory<'m> {
         let deadline = Instant::now() + timeout;
         loop {
             match self.uffd.read_event().map_err(PostcopyError::Read)? {
-                Some(Event::Pagefault { addr, rw, .. }) => {
+                Some(Event::Pagefault {
+                    addr,
+                    rw,
+                    thread_id,
+                    ..
+                }) => {
                     let host = addr as usize & !(PAGE_SIZE - 1);
                     let Some(r) = self
                         .regions
@@ -393,10 +401,13 @@ impl<'m> PostcopyMemory<'m> {
                         return Err(PostcopyError::FaultOutside { host: host as u64 });
                     };
                     let offset = (host - r.host) as u64;
-                    self.stamps.stamp(r.first_page + (offset / PAGE) as usize);
+                    let tid = u32::try_from(thread_id.as_raw()).unwrap_or(0);
+                    self.stamps
+                        .stamp(r.first_page + (offset / PAGE) as usize, tid);
                     return Ok(Some(Fault {
                         addr: r.guest + offset,
                         write: rw == userfaultfd::ReadWrite::Write,
+                        thread: tid,
                     }));
                 }
                 Some(_) => continue,

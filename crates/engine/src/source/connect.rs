@@ -9,9 +9,10 @@ use crate::config::MigrationConfig;
 use crate::error::{ChannelError, ChannelName, MigrationError};
 use crate::framed;
 use crate::transport::{Endpoint, Stream};
+use livemig_wire::version::{self, Agreed, Features, Offer};
 use livemig_wire::{
-    ChannelHello, DeviceSetup, FrameKind, Limits, PostcopyStart, RamTransfer, SessionAccept,
-    SessionHello, SessionId, WireDevice,
+    ChannelHello, DeviceSetup, FrameKind, Limits, PostcopyStart, RamTransfer, Reject, RejectCode,
+    SessionAccept, SessionHello, SessionId, WireDevice,
 };
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -25,6 +26,8 @@ pub(super) struct Connected {
     /// session may switch to postcopy.
     pub urgent: Option<Stream>,
     pub accept: SessionAccept,
+    /// The protocol version and the features the destination agreed to.
+    pub agreed: Agreed,
     /// When the migration started, and how long set-up took.
     pub start: Instant,
     pub setup: Duration,
@@ -140,7 +143,7 @@ fn open_session(
         let _ = watcher.join();
         r
     });
-    let (main, mut data, accept) = result.map_err(|e| {
+    let (main, mut data, (agreed, accept)) = result.map_err(|e| {
         if config.cancel.is_cancelled() {
             MigrationError::Cancelled
         } else if let Some(x) = watchdog.expired() {
@@ -160,6 +163,7 @@ fn open_session(
         data,
         urgent,
         accept,
+        agreed,
         start,
         setup: start.elapsed(),
     })
@@ -233,14 +237,14 @@ impl Opener<'_> {
         vm: Vm<'_>,
         session: SessionId,
         watchdog: &Watchdog,
-    ) -> Result<(Stream, Vec<Stream>, SessionAccept), MigrationError> {
+    ) -> Result<(Stream, Vec<Stream>, Accepted), MigrationError> {
         if let Some(tls) = &self.config.tls {
             // A unix: address without a server name fails here, before anything is opened.
             tls.server_name(self.to).map_err(|e| self.tls_err(e))?;
         }
-        let mut main = self.stream()?;
+        let main = self.stream()?;
         watchdog.arm(Awaited::SetUp, self.config.connect_timeout);
-        let accept = self.hello(vm, session, &mut main)?;
+        let (main, (agreed, accept)) = self.negotiate(vm, session, main)?;
         let data = self.data_channels(session)?;
         let peer_timeout = accept.peer_timeout();
         for s in data.iter().chain([&main]) {
@@ -255,17 +259,76 @@ impl Opener<'_> {
         }
         // The return path hears from the destination at least every ping interval.
         let _ = main.set_read_timeout(Some(peer_timeout));
-        Ok((main, data, accept))
+        Ok((main, data, (agreed, accept)))
     }
 
-    /// The session's hello on the main channel (and local mode's memory files), and the
-    /// destination's answer.
+    /// The hello in the newest version this side speaks; if the destination refuses it as
+    /// a peer of an older version does (it cannot read it), once more in that version, on a
+    /// new connection. Returns the main channel the session was accepted on.
+    fn negotiate(
+        &self,
+        vm: Vm<'_>,
+        session: SessionId,
+        mut main: Stream,
+    ) -> Result<(Stream, Accepted), MigrationError> {
+        let versions = self.config.test_hooks.protocol().versions();
+        let (speaks, reject) = match self.hello(vm, session, &mut main, versions.max)? {
+            Answer::Accepted(a) => return Ok((main, a)),
+            Answer::Older { speaks, reject } => (speaks, reject),
+        };
+        let refused = |reject: Reject, detail: String| {
+            MigrationError::Channel(ChannelError::Rejected {
+                channel: ChannelName::Main,
+                reject: Reject::new(reject.code, format!("{}; {detail}", reject.reason)),
+            })
+        };
+        if !versions.contains(speaks) {
+            let detail =
+                format!("the destination speaks protocol version {speaks}, this source {versions}");
+            return Err(refused(reject, detail));
+        }
+        main.shutdown();
+        let mut again = self.stream()?;
+        match self.hello(vm, session, &mut again, speaks)? {
+            Answer::Accepted(a) => Ok((again, a)),
+            Answer::Older { reject, .. } => Err(refused(
+                reject,
+                format!("refused again in protocol version {speaks}"),
+            )),
+        }
+    }
+
+    /// What this source offers for `hello`: every version and feature it has, and as
+    /// required the features the migration uses (compression is only offered: without it,
+    /// pages go as they are).
+    fn offer(&self, hello: &SessionHello) -> Result<Offer, MigrationError> {
+        let protocol = self.config.test_hooks.protocol();
+        let mut required = version::hello_needs(hello);
+        if self.config.page_checksums {
+            required = required.union(Features::PAGE_CHECKSUMS);
+        }
+        let missing = required.without(protocol.features());
+        if !missing.is_empty() {
+            return Err(MigrationError::Config(format!(
+                "this source does without {missing}"
+            )));
+        }
+        Ok(Offer {
+            versions: protocol.versions(),
+            features: protocol.features(),
+            required,
+        })
+    }
+
+    /// The session's hello on the main channel in the layout of `version` (and local mode's
+    /// memory files), and the destination's answer.
     fn hello(
         &self,
         vm: Vm<'_>,
         session: SessionId,
         main: &mut Stream,
-    ) -> Result<SessionAccept, MigrationError> {
+        version: u16,
+    ) -> Result<Answer, MigrationError> {
         let config = self.config;
         let hello = SessionHello {
             session,
@@ -278,37 +341,24 @@ impl Opener<'_> {
             postcopy: config.postcopy.allowed() || self.resume,
             resume: self.resume,
         };
+        let offer = self.offer(&hello)?;
         let ch = ChannelName::Main;
-        framed::send(main, ch, FrameKind::SessionHello, &hello.encode())?;
-        if config.ram == RamTransfer::Local {
-            let (fds, layout) = crate::local::memory_files(vm.guest.memory())
-                .map_err(|e| MigrationError::Config(e.to_string()))?;
-            framed::send_with_fds(main, ch, FrameKind::MemoryFiles, &layout.encode(), &fds)?;
-        }
-        let mut buf = Vec::new();
-        framed::recv_expect(
-            main,
-            ch,
-            &Limits::default(),
-            &mut buf,
-            FrameKind::SessionAccept,
-        )?;
-        let accept = SessionAccept::decode(&buf).map_err(|source| ChannelError::Wire {
-            channel: ch,
-            source,
-        })?;
-        if accept.peer_timeout_ms > hello.peer_timeout_ms {
-            // The agreed timeout is the shorter of the two: a longer one is not an agreement.
-            return Err(ChannelError::Protocol {
-                channel: ch,
-                detail: format!(
-                    "the destination answered a peer timeout of {} ms to the source's {} ms",
-                    accept.peer_timeout_ms, hello.peer_timeout_ms
-                ),
+        let payload = version::encode_hello(version, &offer, &hello);
+        framed::send_versioned(main, ch, version, FrameKind::SessionHello, &payload)?;
+        // A destination that cannot read the hello closes the connection after its refusal:
+        // the refusal is still read, and the files' error only reported without one.
+        let sent = match config.ram {
+            RamTransfer::Local => {
+                let (fds, layout) = crate::local::memory_files(vm.guest.memory())
+                    .map_err(|e| MigrationError::Config(e.to_string()))?;
+                framed::send_with_fds(main, ch, FrameKind::MemoryFiles, &layout.encode(), &fds)
             }
-            .into());
+            RamTransfer::Copy => Ok(()),
+        };
+        match (answer(main, version, &offer, hello.peer_timeout_ms), sent) {
+            (Ok(Answer::Accepted(_)), Err(e)) => Err(e.into()),
+            (answer, _) => answer,
         }
-        Ok(accept)
     }
 
     /// Every data channel's hello goes out before any answer is awaited: the destination
@@ -340,6 +390,82 @@ impl Opener<'_> {
         }
         Ok(data)
     }
+}
+
+/// What the destination agreed to, and its accept.
+type Accepted = (Agreed, SessionAccept);
+
+/// The destination's answer to a hello.
+enum Answer {
+    /// The session is accepted, in this version with these features.
+    Accepted(Accepted),
+    /// Refused, as a peer that cannot read the hello refuses it: a protocol error, in a
+    /// frame of an older version, the newest the destination speaks (a version-4 livemig
+    /// answers any other version so).
+    Older { speaks: u16, reject: Reject },
+}
+
+/// Reads the destination's answer to a hello of `version` offering `offer`: its accept in
+/// the hello's layout, checked against the offer and the peer timeout asked for, or its
+/// refusal of a version it cannot read.
+fn answer(
+    main: &mut Stream,
+    version: u16,
+    offer: &Offer,
+    peer_timeout_ms: u32,
+) -> Result<Answer, MigrationError> {
+    let ch = ChannelName::Main;
+    let mut buf = Vec::new();
+    let h = framed::recv_header(main, ch, &Limits::default())?;
+    match framed::recv_payload(main, ch, &h, &mut buf) {
+        Err(ChannelError::Rejected { reject, .. })
+            if h.version < version && reject.code == RejectCode::Protocol =>
+        {
+            return Ok(Answer::Older {
+                speaks: h.version,
+                reject,
+            })
+        }
+        r => r?,
+    }
+    let wire = |source| ChannelError::Wire {
+        channel: ch,
+        source,
+    };
+    h.expect(FrameKind::SessionAccept).map_err(wire)?;
+    let protocol = |detail: String| ChannelError::Protocol {
+        channel: ch,
+        detail,
+    };
+    if h.version != version {
+        return Err(protocol(format!(
+            "the destination answered a hello of protocol version {version} with an accept of version {}",
+            h.version
+        ))
+        .into());
+    }
+    let (agreed, accept) = version::decode_accept(version, &buf).map_err(wire)?;
+    offer.check(&agreed).map_err(wire)?;
+    if accept.peer_timeout_ms > peer_timeout_ms {
+        // The agreed timeout is the shorter of the two: a longer one is not an agreement.
+        return Err(protocol(format!(
+            "the destination answered a peer timeout of {} ms to the source's {peer_timeout_ms} ms",
+            accept.peer_timeout_ms
+        ))
+        .into());
+    }
+    Ok(Answer::Accepted((agreed, accept)))
+}
+
+/// The configuration a session runs with once agreed: compression left off if the
+/// destination lacks it (`None`: as configured).
+pub(super) fn within(config: &MigrationConfig, agreed: &Agreed) -> Option<MigrationConfig> {
+    (config.compress.is_some() && !agreed.features.contains(Features::ZSTD)).then(|| {
+        MigrationConfig {
+            compress: None,
+            ..config.clone()
+        }
+    })
 }
 
 /// The devices as the hello describes them.

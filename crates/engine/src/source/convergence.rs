@@ -36,6 +36,7 @@
 //!
 //! Devices that cannot say ([`crate::Device::pending`] is `None`) count for nothing.
 
+use crate::config::ThrottlePolicy;
 use crate::device::{Device, SavePending};
 use crate::report::RoundReport;
 
@@ -201,25 +202,24 @@ impl AutoConverge {
     }
 
     /// The throttle the next round should run at, if it changes.
-    pub fn after_round(&mut self, r: &RoundReport) -> Option<u8> {
+    pub fn after_round(&mut self, r: &RoundReport, p: &ThrottlePolicy) -> Option<u8> {
         if !self.enabled {
             return None;
         }
-        if r.dirty_after * 2 >= r.pages.max(1) {
+        let threshold = u64::from(p.trigger_threshold);
+        if r.dirty_after * 100 >= threshold * r.pages.max(1) {
             self.high += 1;
         } else {
             self.high = 0;
         }
-        if self.high < 2 || self.throttle >= crate::config::THROTTLE_MAX {
+        if self.high < 2 || self.throttle >= p.max {
             return None;
         }
         self.high = 0;
         Some(if self.throttle == 0 {
-            crate::config::THROTTLE_INITIAL
+            p.initial.min(p.max)
         } else {
-            self.throttle
-                .saturating_add(crate::config::THROTTLE_STEP)
-                .min(crate::config::THROTTLE_MAX)
+            self.throttle.saturating_add(p.increment).min(p.max)
         })
     }
 }
@@ -227,6 +227,52 @@ impl AutoConverge {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_converge_follows_the_throttle_policy() {
+        let round = |pages, dirty_after| RoundReport {
+            pages,
+            dirty_after,
+            ..Default::default()
+        };
+        // QEMU's defaults: two rounds at half or more raise it to 20, then +10.
+        let qemu = ThrottlePolicy::default();
+        let mut a = AutoConverge::new(true);
+        assert_eq!(a.after_round(&round(100, 50), &qemu), None);
+        assert_eq!(a.after_round(&round(100, 50), &qemu), Some(20));
+        a.throttle = 20;
+        a.after_round(&round(100, 60), &qemu);
+        assert_eq!(a.after_round(&round(100, 60), &qemu), Some(30));
+        // A stricter trigger (80 %) ignores rounds at 60 %; its steps and cap apply.
+        let p = ThrottlePolicy {
+            initial: 40,
+            increment: 25,
+            max: 70,
+            trigger_threshold: 80,
+        };
+        let mut b = AutoConverge::new(true);
+        assert_eq!(b.after_round(&round(100, 60), &p), None);
+        assert_eq!(b.after_round(&round(100, 60), &p), None);
+        b.after_round(&round(100, 80), &p);
+        assert_eq!(b.after_round(&round(100, 90), &p), Some(40));
+        b.throttle = 60;
+        b.after_round(&round(100, 90), &p);
+        assert_eq!(
+            b.after_round(&round(100, 90), &p),
+            Some(70),
+            "capped at max"
+        );
+        b.throttle = 70;
+        b.after_round(&round(100, 90), &p);
+        assert_eq!(b.after_round(&round(100, 90), &p), None, "at max");
+        assert!(ThrottlePolicy { max: 0, ..p }.validate().is_err());
+        assert!(ThrottlePolicy {
+            trigger_threshold: 101,
+            ..p
+        }
+        .validate()
+        .is_err());
+    }
 
     fn round(pages: u64, dirty_after: u64, expected_downtime_ms: f64) -> RoundReport {
         RoundReport {

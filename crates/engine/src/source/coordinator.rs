@@ -129,11 +129,23 @@ impl Coordinator<'_> {
                         .and_then(|ev| self.on_resumed(h, ev))
                         .map_err(|e| MigrationError::HandoverUnknown(Box::new(e)))?
                 }
-                // The guest's memory is split between the hosts: neither may give up alone.
-                Phase::Postcopy(run) => self
-                    .next_event()
-                    .and_then(|ev| self.on_postcopy_event(run, ev))
-                    .map_err(|e| MigrationError::PostcopyBroken(Box::new(e)))?,
+                // The guest's memory is split between the hosts: neither may give up alone,
+                // unless the destination refused before it ran the guest.
+                Phase::Postcopy(run) => {
+                    let resumed = run.resumed();
+                    match self
+                        .next_event()
+                        .and_then(|ev| self.on_postcopy_event(run, ev))
+                    {
+                        Ok(phase) => phase,
+                        Err(e @ MigrationError::Channel(ChannelError::Rejected { .. }))
+                            if !resumed =>
+                        {
+                            return Err(self.take_back(e))
+                        }
+                        Err(e) => return Err(MigrationError::PostcopyBroken(Box::new(e))),
+                    }
+                }
                 phase => {
                     let ev = self.next_event()?;
                     self.step(phase, ev)?
@@ -217,7 +229,7 @@ impl Coordinator<'_> {
         }
     }
 
-    fn check(&self, ev: Event) -> Result<Event, MigrationError> {
+    pub(super) fn check(&self, ev: Event) -> Result<Event, MigrationError> {
         match ev {
             Event::Failed(e) => Err(self.peer_reason_or(e)),
             Event::PeerFailed(e) => Err(e.into()),

@@ -143,6 +143,9 @@ pub fn migrate_vm(
         connect::check_local(vm, to, config)?;
     }
     let connected = connect::connect(vm, to, config)?;
+    // A feature the destination lacks and the source can do without is left off.
+    let agreed = connect::within(config, &connected.agreed);
+    let config = agreed.as_ref().unwrap_or(config);
     let mut state = GuestState::Running;
     let mut paused = None;
     let start = session::Start::Fresh;

@@ -3,6 +3,11 @@
 
 use std::time::{Duration, Instant};
 
+/// The most time a pacer that fell behind may catch up on at once: beyond it, a slow spell
+/// (a busy CPU, a slow link, an idle wait for acks) would let the next batches go above the
+/// cap until the average since the start came back down to it.
+const MAX_CREDIT: Duration = Duration::from_millis(20);
+
 pub(crate) struct Pacer {
     rate: Option<u64>,
     start: Instant,
@@ -30,6 +35,11 @@ impl Pacer {
         let elapsed = self.start.elapsed();
         if due > elapsed {
             std::thread::sleep(due - elapsed);
+        } else if elapsed - due > MAX_CREDIT {
+            // Sending fell behind the cap (the link or the CPU was slower, or nothing was
+            // sent for a while): that time is not owed back as a burst above the cap.
+            self.start = Instant::now();
+            self.bytes = 0;
         }
         self.bytes += bytes;
     }
@@ -38,6 +48,16 @@ impl Pacer {
 #[cfg(test)]
 mod tests {
     use super::Pacer;
+
+    #[test]
+    fn time_spent_below_the_cap_is_not_a_burst_above_it() {
+        let mut p = Pacer::new(Some(100 << 20));
+        p.admit(4096, Some(100 << 20));
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        // 60 ms idle: the next batch restarts the count instead of owing 6 MiB of burst.
+        p.admit(4096, Some(100 << 20));
+        assert_eq!(p.bytes, 4096, "the count restarted");
+    }
 
     #[test]
     fn a_new_rate_starts_a_new_count() {

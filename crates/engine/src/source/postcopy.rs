@@ -29,6 +29,13 @@ pub(super) struct PostcopyRun {
     resumed: bool,
 }
 
+impl PostcopyRun {
+    /// Whether the destination said it runs the guest.
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+}
+
 impl Coordinator<'_> {
     /// Pauses the guest for the switch to postcopy: the last dirty pass makes the list of
     /// pages still to send; the device and state saves run as at a switchover.
@@ -107,6 +114,17 @@ impl Coordinator<'_> {
             return Err(self.failure_cause());
         }
         Ok(())
+    }
+
+    /// The destination refused the switch before it ran the guest (its `Reject` came before
+    /// any `Resumed`, on the same ordered channel): its copy never ran, this one has every
+    /// page, so the guest is this side's again and runs on here (as after a failed
+    /// switchover). The push and the urgent channel may have sent pages: to a guest that is
+    /// dropped.
+    pub(super) fn take_back(&mut self, e: MigrationError) -> MigrationError {
+        *self.state = GuestState::Paused;
+        self.parts.postcopy_started = None;
+        e
     }
 
     /// Postcopy's events: the destination runs the guest (`Resumed`), then has every page.

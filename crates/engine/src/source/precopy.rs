@@ -187,7 +187,7 @@ impl Coordinator<'_> {
         // count for auto-converge.
         let next_throttle = match wait_for_devices {
             true => None,
-            false => p.converge.after_round(&report),
+            false => p.converge.after_round(&report, &self.config.throttle_now()),
         };
         let expected_downtime_ms = report.expected_downtime_ms;
         p.rounds.push(report);

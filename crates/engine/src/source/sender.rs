@@ -318,6 +318,7 @@ impl ChannelSender<'_> {
         let trailer_len = ram::trailer_len(s.normal.len() as u32, flags.checked) as usize;
         let len = s.prefix.len() + s.normal.len() * PAGE_SIZE + trailer_len;
         let header = FrameHeader {
+            version: livemig_wire::FRAME_VERSION,
             kind: FrameKind::RamPages,
             len: len as u32,
             crc: crc32c::crc32c(&s.prefix),
@@ -408,6 +409,7 @@ impl ChannelSender<'_> {
         };
         let len = s.prefix.len() + data.len() + s.trailer.len();
         let header = FrameHeader {
+            version: livemig_wire::FRAME_VERSION,
             kind: FrameKind::RamPages,
             len: len as u32,
             crc: crc32c::crc32c(&s.prefix),

@@ -138,6 +138,10 @@ impl Coordinator<'_> {
         parts.paused_at = Instant::now();
         guest.pause()?;
         *self.state = GuestState::Paused;
+        if let Some(gate) = &self.config.pause_before_switchover {
+            self.hold_switchover(gate)?;
+        }
+        let parts = &mut self.parts;
         self.switchover.start();
         parts.down.pause_ms = ms(parts.paused_at.elapsed());
         let t = Instant::now();
@@ -147,6 +151,30 @@ impl Coordinator<'_> {
         }
         parts.down.last_dirty_pass_ms = ms(t.elapsed());
         parts.transfer_started = Instant::now();
+        Ok(())
+    }
+
+    /// `pause_before_switchover`: the guest paused, waits for the gate (the switchover bound
+    /// waits too); a failure or a cancel meanwhile ends the attempt (the guest runs on here).
+    fn hold_switchover(
+        &mut self,
+        gate: &crate::recovery::Mailbox<()>,
+    ) -> Result<(), MigrationError> {
+        self.watchdog.disarm();
+        (self.progress)(&Progress::PreSwitchover);
+        loop {
+            crossbeam_channel::select! {
+                recv(gate.receiver()) -> _ => break,
+                recv(self.cancel.waiter()) -> _ => return Err(self.failure_cause()),
+                recv(self.events) -> ev => {
+                    // Nothing is due now but a failure (a lost destination).
+                    self.check(ev.map_err(|_| MigrationError::ThreadsGone)?)?;
+                }
+            }
+        }
+        (self.progress)(&Progress::SavingDevices);
+        self.watchdog
+            .arm(Awaited::Switchover, self.config.switchover_timeout);
         Ok(())
     }
 
