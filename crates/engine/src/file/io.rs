@@ -137,6 +137,18 @@ pub(crate) fn same_layout(memory: &GuestMemory, ranges: &[livemig_wire::MemoryRa
 impl RegionMap {
     /// The regions of `memory`, in order, with their pages at `data_offsets` in the file.
     pub fn of(memory: &GuestMemory, data_offsets: &[u64]) -> Vec<RegionMap> {
+        let mut maps = Self::of_empty(memory, data_offsets);
+        for m in &mut maps {
+            m.present = (0..m.pages.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect();
+            m.crcs = (0..m.pages).map(|_| AtomicU32::new(0)).collect();
+        }
+        maps
+    }
+
+    /// The regions without their tables.
+    fn of_empty(memory: &GuestMemory, data_offsets: &[u64]) -> Vec<RegionMap> {
         memory
             .iter()
             .zip(data_offsets)
@@ -149,11 +161,27 @@ impl RegionMap {
                         .get_host_address(MemoryRegionAddress(0))
                         .unwrap_or(std::ptr::null_mut()),
                     data_offset,
-                    present: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-                    crcs: (0..pages).map(|_| AtomicU32::new(0)).collect(),
+                    present: Vec::new(),
+                    crcs: Vec::new(),
                 }
             })
             .collect()
+    }
+
+    /// The regions of `memory` with their pages at `data_offsets`, and each one's present
+    /// bits and page CRCs as the file gives them (same lengths as [`RegionMap::of`] makes:
+    /// the layout check saw to it). The tables are taken over, not copied.
+    pub fn with_tables(
+        memory: &GuestMemory,
+        data_offsets: &[u64],
+        tables: Vec<(Vec<u64>, Vec<u32>)>,
+    ) -> Vec<RegionMap> {
+        let mut maps = Self::of_empty(memory, data_offsets);
+        for (m, (present, crcs)) in maps.iter_mut().zip(tables) {
+            m.present = present.into_iter().map(AtomicU64::new).collect();
+            m.crcs = crcs.into_iter().map(AtomicU32::new).collect();
+        }
+        maps
     }
 
     /// Host address of page `i` (i < pages).

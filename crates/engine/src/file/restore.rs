@@ -38,7 +38,7 @@ pub struct Restored {
 pub(super) struct Checked {
     pub file: File,
     pub header: FileHeader,
-    /// Per region: the present bits and the page CRCs.
+    /// Per region: the present bits and the page CRCs (taken by the region tables).
     pub pages: Vec<(Vec<u64>, Vec<u32>)>,
     pub chunks: Vec<Vec<ChunkRef>>,
     pub state: Vec<u8>,
@@ -68,7 +68,7 @@ pub fn restore_vm(
             config.readers
         )));
     }
-    let c = Checked::read(path, config)?;
+    let mut c = Checked::read(path, config)?;
     let guest = factories.guest.create(&c.header.guest())?;
     let descriptor = |w: &WireDevice| DeviceDescriptor {
         kind: w.kind.clone(),
@@ -93,15 +93,8 @@ pub fn restore_vm(
             "the guest built has other memory regions than the file".into(),
         ));
     }
-    let regions = RegionMap::of(guest.memory(), &offsets);
-    for (r, (present, crcs)) in regions.iter().zip(&c.pages) {
-        for (a, &w) in r.present.iter().zip(present) {
-            a.store(w, Ordering::Relaxed);
-        }
-        for (a, &v) in r.crcs.iter().zip(crcs) {
-            a.store(v, Ordering::Relaxed);
-        }
-    }
+    let tables = std::mem::take(&mut c.pages);
+    let regions = RegionMap::with_tables(guest.memory(), &offsets, tables);
     let loaded = match config.on_demand {
         false => eager(path, &c, &regions, &*guest, &devices, &vmstates, config)?,
         true => super::ondemand::run(path, &c, &regions, &*guest, &devices, &vmstates, config)?,
@@ -230,8 +223,13 @@ fn load(
         }
         let r = (|| {
             let mut present = DirtyBitmap::new(&guest.descriptor().ranges);
-            for (i, (words, _)) in c.pages.iter().enumerate() {
-                present.or_range_words(i, words);
+            for (i, r) in regions.iter().enumerate() {
+                let words: Vec<u64> = r
+                    .present
+                    .iter()
+                    .map(|w| w.load(Ordering::Relaxed))
+                    .collect();
+                present.or_range_words(i, &words);
             }
             let (mut sent, mut pages) = (0u64, 0u64);
             for_each_batch(&present, regions, |b| {
