@@ -102,9 +102,8 @@ pub(crate) fn write_batch(
         w.pages += 1;
         let p = r.page(i);
         // SAFETY: page i lies inside the region's mapping (batches come from its bitmap);
-        // both read it volatile, as the guest may write it meanwhile.
-        let (zero, crc) = unsafe { (page_is_zero(p), page_crc(p)) };
-        if zero {
+        // read volatile, as the guest may write it meanwhile.
+        if unsafe { page_is_zero(p) } {
             flush(run.take())?;
             w.zero += 1;
             if r.is_present(i) {
@@ -115,6 +114,8 @@ pub(crate) fn write_batch(
             }
             continue;
         }
+        // SAFETY: as above.
+        let crc = unsafe { page_crc(p) };
         r.crcs[i as usize].store(crc, Ordering::Relaxed);
         r.set_present(i, true);
         w.data += 1;
