@@ -328,3 +328,34 @@ fn a_cancelled_save_leaves_no_file_and_the_guest_running() {
     g.pause().unwrap();
     assert_eq!(g.verify().unwrap().pages_mismatched, 0);
 }
+
+/// On demand, a damaged page is found by whichever thread reads it first (the guest's fault
+/// or the fill): the restore fails naming the page, and returns (no vCPU or thread is left
+/// waiting on a page that never comes).
+#[test]
+fn an_on_demand_restore_of_a_damaged_page_fails_and_returns() {
+    let _serial = serial();
+    let (p, _, _) = save_live("ondemand-bad");
+    let page = damaged(&p, "ondemand-page", |f| {
+        let at = (1 << 20) + 4096 * 3 + 9;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[!b[0]], at).unwrap();
+    });
+    let config = RestoreConfig {
+        on_demand: true,
+        ..verified()
+    };
+    match restore(&page, &config) {
+        Err(FileError::OnDemand(e)) if e.is_unavailable() => {
+            eprintln!("SKIPPED: userfaultfd is not available here: {e}")
+        }
+        Err(FileError::PageCorrupted { addr, .. }) => assert_eq!(addr, 3 * 4096),
+        Err(e) => panic!("expected a corrupted page, got {e}"),
+        Ok(_) => panic!("a damaged page was restored"),
+    }
+    assert_eq!(livemig_engine::runtime::thread_count_named("lm-rst"), 0);
+    for q in [&p, &page] {
+        let _ = std::fs::remove_file(q);
+    }
+}

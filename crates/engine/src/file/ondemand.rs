@@ -67,7 +67,14 @@ pub(super) fn run(
     std::thread::scope(|scope| {
         let rt = Runtime::new(scope, "lm-rst", config.cancel.clone());
         let threads = rt.completions();
-        rt.submit("fault", move || sh.serve_faults().map_err(Into::into));
+        // Raised priority, as postcopy's fault thread: a vCPU waits on every fault it serves.
+        let (fault_tx, fault_rx) = crossbeam_channel::bounded(1);
+        rt.spawn_favoured("fault", move || {
+            if let Err(e) = sh.serve_faults() {
+                let _ = fault_tx.send(e);
+                sh.cancel.cancel();
+            }
+        });
         let (dev_tx, dev_rx) = crossbeam_channel::unbounded();
         for (i, d) in devices.iter().enumerate() {
             let tx = dev_tx.clone();
@@ -112,6 +119,12 @@ pub(super) fn run(
         })();
         sh.stop.store(true, Ordering::Release);
         let failure = rt.teardown(r.is_err());
+        // A failed fault thread cancels the restore: its error (in the channel once the
+        // thread is joined) is the one to tell.
+        let r = match fault_rx.try_recv() {
+            Ok(e) => Err(e),
+            Err(_) => r,
+        };
         match (r, failure) {
             (Ok(v), None) => Ok(v),
             (Ok(_), Some(f)) => Err(FileError::Job(f)),
