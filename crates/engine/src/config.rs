@@ -107,6 +107,11 @@ pub struct MigrationConfig {
     /// downtime; the switchover bound starts after it. A cancel during it resumes the guest
     /// here. Default none: no wait.
     pub pause_before_switchover: Option<crate::recovery::Mailbox<()>>,
+    /// The guest is paused (stopped by its operator) as the migration starts: it is migrated
+    /// as it is, never resumed here (not after a failure either), and stays paused on the
+    /// destination (QEMU migrates a stopped guest so). Needs a destination with the `paused
+    /// guest` feature (protocol version 5). Default false: a running guest.
+    pub guest_paused: bool,
     /// Throttle the guest's vCPUs progressively while rounds stop shrinking (QEMU's
     /// auto-converge): after two rounds in a row that each saw at least half as many pages
     /// dirtied as they sent, the throttle goes to [`THROTTLE_INITIAL`] (20%), and up by
@@ -200,6 +205,7 @@ impl Default for MigrationConfig {
             max_postcopy_bandwidth: None,
             postcopy_recovery: Default::default(),
             pause_before_switchover: None,
+            guest_paused: false,
             auto_converge: true,
             throttle: ThrottlePolicy::default(),
             pages_per_packet: DEFAULT_PAGES_PER_PACKET,

@@ -232,6 +232,10 @@ pub struct DeviceReport {
 pub struct IncomingReport {
     /// The session's id, as a UUID (the source's report names the same).
     pub session: String,
+    /// The guest arrived paused, as it was on the source (stopped by its operator): it was
+    /// not resumed here.
+    #[serde(default)]
+    pub paused: bool,
     /// Data channels used.
     pub channels: u16,
     /// The guest's kind, as the source described it.

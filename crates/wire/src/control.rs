@@ -198,6 +198,46 @@ impl Loaded {
     }
 }
 
+/// Main channel: the source gives the guest up. Version 4's payload is empty (the guest
+/// resumes on the destination); with the `paused guest` feature one byte may follow: 1, the
+/// guest was stopped by its operator on the source and stays paused on arrival (QEMU
+/// migrates a stopped guest so).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Handover {
+    /// The guest stays paused on the destination.
+    pub keep_paused: bool,
+}
+
+impl Handover {
+    /// The payload: empty for a guest that resumes (as version 4's), `[1]` to keep it
+    /// paused.
+    pub fn encode(&self) -> Vec<u8> {
+        if self.keep_paused {
+            vec![1]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Reads a `Handover` payload: empty, 0 or 1.
+    pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
+        match buf {
+            [] | [0] => Ok(Handover { keep_paused: false }),
+            [1] => Ok(Handover { keep_paused: true }),
+            [v] => Err(WireError::OutOfRange {
+                field: "Handover.keep_paused",
+                value: *v as u64,
+                reason: "must be 0 or 1",
+            }),
+            _ => Err(WireError::OutOfRange {
+                field: "Handover length",
+                value: buf.len() as u64,
+                reason: "at most one byte",
+            }),
+        }
+    }
+}
+
 /// Return path: the guest runs on the destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Resumed {
@@ -227,6 +267,23 @@ impl Resumed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handover_is_empty_unless_the_guest_stays_paused() {
+        assert_eq!(
+            Handover::default().encode(),
+            Vec::<u8>::new(),
+            "version 4's"
+        );
+        let keep = Handover { keep_paused: true };
+        assert_eq!(Handover::decode(&keep.encode()).unwrap(), keep);
+        assert_eq!(Handover::decode(&[]).unwrap(), Handover::default());
+        assert!(Handover::decode(&[2])
+            .unwrap_err()
+            .to_string()
+            .contains("keep_paused"));
+        assert!(Handover::decode(&[1, 1]).is_err());
+    }
 
     #[test]
     fn round_trips() {

@@ -24,7 +24,7 @@ pub mod ram;
 mod session;
 pub mod version;
 
-pub use control::{Complete, Loaded, Resumed, RoundAck, RoundEnd, RoundStart};
+pub use control::{Complete, Handover, Loaded, Resumed, RoundAck, RoundEnd, RoundStart};
 pub use cursor::{Reader, Writer};
 pub use device::{
     ChunkHeader, Credit, DeviceLoadStats, DeviceSetup, DeviceTransfer, VmStates, WireDevice,

@@ -96,20 +96,24 @@ impl Features {
     /// A session may resume a broken postcopy (the hello's postcopy byte 2,
     /// `PostcopyResume`).
     pub const POSTCOPY_RECOVERY: Features = Features(1 << 4);
+    /// The guest may arrive paused: `Handover` may carry a byte saying so (a guest its
+    /// operator stopped on the source stays stopped). New in version 5.
+    pub const PAUSED_GUEST: Features = Features(1 << 5);
     /// No feature.
     pub const NONE: Features = Features(0);
     /// What a version-4 peer does: every feature above (version 4 had them all, without
     /// saying so).
     pub const V4: Features = Features(0b1_1111);
     /// Every feature this build knows.
-    pub const ALL: Features = Features(0b1_1111);
+    pub const ALL: Features = Features(0b11_1111);
 
-    const NAMES: [(Features, &'static str); 5] = [
+    const NAMES: [(Features, &'static str); 6] = [
         (Features::ZSTD, "zstd compression"),
         (Features::PAGE_CHECKSUMS, "page checksums"),
         (Features::LOCAL, "local mode"),
         (Features::POSTCOPY, "postcopy"),
         (Features::POSTCOPY_RECOVERY, "postcopy recovery"),
+        (Features::PAUSED_GUEST, "paused guest"),
     ];
 
     /// Whether every bit of `other` is set here.
@@ -146,6 +150,7 @@ impl Features {
             ("local", Features::LOCAL),
             ("postcopy", Features::POSTCOPY),
             ("postcopy-recovery", Features::POSTCOPY_RECOVERY),
+            ("paused-guest", Features::PAUSED_GUEST),
         ];
         short
             .iter()

@@ -449,8 +449,10 @@ impl Machine {
         if self.status.in_progress() {
             return Err(busy());
         }
-        match self.run {
-            RunState::Running => {}
+        // A guest its operator stopped is migrated as it is, and stays stopped (QEMU's way).
+        let guest_paused = match self.run {
+            RunState::Running => false,
+            RunState::Paused => true,
             RunState::InMigrate => return Err(no_guest()),
             RunState::PostMigrate => {
                 return Err(QmpError::generic(
@@ -459,10 +461,10 @@ impl Machine {
             }
             _ => {
                 return Err(QmpError::generic(
-                    "livemig migrates a running guest: 'cont' first",
+                    "the guest is paused for a migration under way",
                 ))
             }
-        }
+        };
         let to: Endpoint = uri
             .parse()
             .map_err(|e| QmpError::generic(format!("Invalid migration URI '{uri}': {e}")))?;
@@ -474,6 +476,7 @@ impl Machine {
         let vm = self.vm.as_ref().ok_or_else(no_guest)?;
         let mut config = self.params.migration_config(&self.caps);
         config.tls = self.tls(objects::TlsEndpoint::Client)?;
+        config.guest_paused = guest_paused;
         self.switchover_gate.clear();
         if self.caps.pause_before_switchover {
             config.pause_before_switchover = Some(self.switchover_gate.clone());
@@ -519,13 +522,15 @@ impl Machine {
             })
             .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;
         self.thread = Some((thread, cancel));
-        self.job = Job::Out(Box::new(Outgoing::new(
+        let mut out = Outgoing::new(
             uri.to_string(),
             stats,
             names,
             watch,
             self.caps.postcopy_blocktime,
-        )));
+        );
+        out.guest_paused = guest_paused;
+        self.job = Job::Out(Box::new(out));
         self.set_status(MigStatus::Setup);
         Ok(json!({}))
     }
@@ -768,6 +773,7 @@ impl Machine {
         let cancelled = self.status == MigStatus::Cancelling;
         let Job::Out(o) = &mut self.job else { return };
         o.end = Some(Instant::now());
+        let guest_paused = o.guest_paused;
         let postcopy = match &r {
             Ok(report) => report.postcopy.is_some(),
             Err(e) => matches!(e, MigrationError::PostcopyBroken(_)),
@@ -799,6 +805,9 @@ impl Machine {
                 if handed_over {
                     // The destination may run the guest: never here again.
                     self.set_run(RunState::PostMigrate);
+                } else if guest_paused {
+                    // Stopped by its operator before the migration: stays stopped.
+                    self.set_run(RunState::Paused);
                 } else {
                     // The engine has resumed the guest if it had paused it.
                     self.set_run(RunState::Running);
@@ -822,8 +831,14 @@ impl Machine {
             Ok(inc) => {
                 let postcopy = inc.report.postcopy_ms > 0.0;
                 j.report = Some(inc.report.clone());
+                let paused = inc.report.paused;
                 self.vm = Some(VmParts::from_incoming(inc));
-                self.set_run(RunState::Running);
+                // A guest stopped on the source arrives stopped.
+                self.set_run(if paused {
+                    RunState::Paused
+                } else {
+                    RunState::Running
+                });
                 if postcopy && self.status != MigStatus::PostcopyActive {
                     self.set_status(MigStatus::PostcopyActive);
                 }

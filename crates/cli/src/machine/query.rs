@@ -33,6 +33,8 @@ pub struct Outgoing {
     /// RAM bytes sent when the guest paused: `precopy-bytes`, and what follows is
     /// `downtime-bytes` (or, at a switch to postcopy, `postcopy-bytes`).
     pub ram_bytes_at_pause: Option<u64>,
+    /// The guest was stopped by its operator before the migration (it stays stopped).
+    pub guest_paused: bool,
 }
 
 /// Where an outgoing migration stands with respect to postcopy.
@@ -136,6 +138,7 @@ impl Outgoing {
             postcopy,
             blocktime,
             ram_bytes_at_pause: None,
+            guest_paused: false,
         }
     }
 

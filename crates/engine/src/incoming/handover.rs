@@ -22,10 +22,12 @@ pub(super) struct AwaitingHandover {
     due: Instant,
 }
 
-/// Handed over: the guest is to run here.
+/// Handed over: the guest is to run here (or, stopped by its operator on the source, to
+/// stay paused here).
 pub(super) struct Running {
     received: Received,
     loaded: LoadTimes,
+    keep_paused: bool,
 }
 
 impl AwaitingHandover {
@@ -45,9 +47,10 @@ impl AwaitingHandover {
     /// anything else is a protocol error.
     pub fn step(self, ev: Event) -> Result<Phase, IncomingError> {
         match ev {
-            Event::Handover => Ok(Phase::Running(Running {
+            Event::Handover(h) => Ok(Phase::Running(Running {
                 received: self.received,
                 loaded: self.loaded,
+                keep_paused: h.keep_paused,
             })),
             Event::Credit(..) | Event::RoundApplied(_) => Ok(Phase::AwaitingHandover(self)),
             Event::ChannelDone(_)
@@ -72,7 +75,9 @@ impl Running {
         main: &mut Stream,
     ) -> Result<IncomingReport, IncomingError> {
         let t = Instant::now();
-        s.guest.resume()?;
+        if !self.keep_paused {
+            s.guest.resume()?;
+        }
         let resume = t.elapsed();
         // The guest runs here now, whatever happens to the connection: it must never be
         // dropped for want of telling the source (which, not told, keeps its copy paused).
@@ -89,7 +94,9 @@ impl Running {
                 error: e.to_string(),
             });
         }
-        Ok(report(s, shared, self.received, self.loaded, resume))
+        let mut r = report(s, shared, self.received, self.loaded, resume);
+        r.paused = self.keep_paused;
+        Ok(r)
     }
 }
 
@@ -105,6 +112,7 @@ pub(super) fn report(
     let counters = &shared.counters;
     IncomingReport {
         session: hello.session.to_string(),
+        paused: false,
         channels: hello.channels,
         guest_kind: hello.guest.kind.clone(),
         memory_bytes: hello.guest.memory_bytes(),

@@ -9,7 +9,7 @@ use crate::framed;
 use crate::transport::Stream;
 use crossbeam_channel::Sender;
 use livemig_wire::{
-    Complete, FrameHeader, FrameKind, Limits, MemoryRange, PostcopyStart, RoundStart,
+    Complete, FrameHeader, FrameKind, Handover, Limits, MemoryRange, PostcopyStart, RoundStart,
 };
 
 const CH: ChannelName = ChannelName::Main;
@@ -40,7 +40,7 @@ pub(super) fn read_main(
         };
         let stop = matches!(
             heard,
-            Err(_) | Ok(Event::Handover) | Ok(Event::PostcopyStart(_))
+            Err(_) | Ok(Event::Handover(_)) | Ok(Event::PostcopyStart(_))
         );
         if events.send(heard).is_err() || stop {
             return;
@@ -118,7 +118,7 @@ fn next_frame(
         FrameKind::VmStates => Event::VmStates(std::mem::take(buf)),
         FrameKind::RoundStart => Event::RoundStart(RoundStart::decode(buf).map_err(wire)?),
         FrameKind::Complete => Event::Complete(Complete::decode(buf).map_err(wire)?),
-        FrameKind::Handover => Event::Handover,
+        FrameKind::Handover => Event::Handover(Handover::decode(buf).map_err(wire)?),
         other => {
             return Err(ChannelError::Protocol {
                 channel: CH,

@@ -75,7 +75,8 @@ pub(crate) enum Event {
     VmStates(Vec<u8>),
     RoundStart(RoundStart),
     Complete(Complete),
-    Handover,
+    /// The source gave the guest up (and says whether it stays paused here).
+    Handover(livemig_wire::Handover),
     /// A device's loader consumed a chunk: the source may send up to `up_to`.
     Credit(u16, u32),
     LoaderDone(u16, DeviceLoadStats),

@@ -139,7 +139,7 @@ impl Receiving {
             }),
             Event::Complete(c) => self.complete = Some((End::Complete(c), Instant::now())),
             Event::PostcopyStart(p) => self.complete = Some((End::Postcopy(p), Instant::now())),
-            Event::Handover => return Err(protocol("Handover before Loaded")),
+            Event::Handover(_) => return Err(protocol("Handover before Loaded")),
             Event::PageWanted(_) | Event::PostcopyChannelDone => {
                 return Err(protocol("postcopy traffic before PostcopyStart"))
             }

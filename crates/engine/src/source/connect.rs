@@ -307,6 +307,9 @@ impl Opener<'_> {
         if self.config.page_checksums {
             required = required.union(Features::PAGE_CHECKSUMS);
         }
+        if self.config.guest_paused {
+            required = required.union(Features::PAUSED_GUEST);
+        }
         let missing = required.without(protocol.features());
         if !missing.is_empty() {
             return Err(MigrationError::Config(format!(

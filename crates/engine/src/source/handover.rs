@@ -33,7 +33,15 @@ impl Coordinator<'_> {
         down.dest_verify_ms = loaded.verify_us as f64 / 1e3;
         down.transfer_ms =
             ms(at - self.parts.transfer_started) - down.dest_restore_ms - down.dest_verify_ms;
-        framed::send(&mut self.main, ChannelName::Main, FrameKind::Handover, &[])?;
+        let handover = livemig_wire::Handover {
+            keep_paused: self.config.guest_paused,
+        };
+        framed::send(
+            &mut self.main,
+            ChannelName::Main,
+            FrameKind::Handover,
+            &handover.encode(),
+        )?;
         *self.state = GuestState::HandedOver;
         Ok(Phase::AwaitResumed(HandedOver { loaded, at }))
     }

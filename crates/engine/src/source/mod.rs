@@ -184,7 +184,8 @@ pub fn migrate_vm(
             .iter()
             .map(|d| d.abort_save())
             .find_map(Result::err);
-        if state == GuestState::Paused {
+        // Only a pause of ours is undone: a guest its operator stopped stays stopped.
+        if state == GuestState::Paused && !config.guest_paused {
             vm.guest.resume()?;
         }
         if let Some(d) = devices {

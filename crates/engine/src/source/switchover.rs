@@ -136,7 +136,10 @@ impl Coordinator<'_> {
         self.watchdog
             .arm(Awaited::Switchover, self.config.switchover_timeout);
         parts.paused_at = Instant::now();
-        guest.pause()?;
+        // A guest its operator stopped is paused already, and stays so.
+        if !self.config.guest_paused {
+            guest.pause()?;
+        }
         *self.state = GuestState::Paused;
         if let Some(gate) = &self.config.pause_before_switchover {
             self.hold_switchover(gate)?;

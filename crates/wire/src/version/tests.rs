@@ -223,7 +223,15 @@ fn features_have_names() {
     assert_eq!(Features::NONE.to_string(), "none");
     assert_eq!(
         Features::ALL.to_string(),
-        "zstd compression, page checksums, local mode, postcopy, postcopy recovery"
+        "zstd compression, page checksums, local mode, postcopy, postcopy recovery, paused guest"
+    );
+    assert_eq!(
+        Features::from_name("paused-guest"),
+        Some(Features::PAUSED_GUEST)
+    );
+    assert!(
+        !Features::V4.contains(Features::PAUSED_GUEST),
+        "new in version 5"
     );
     assert_eq!(Features::from_name("zstd"), Some(Features::ZSTD));
     assert_eq!(
