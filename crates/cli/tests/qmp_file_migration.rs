@@ -98,6 +98,10 @@ fn qmp_saves_to_a_file_and_restores_from_it() {
         v["counter"], saved["counter"],
         "the counter where the source stopped"
     );
+    // Saved stopped, restored stopped, as QEMU does; `cont` runs it.
+    let status = dst.execute("query-status", json!({})).unwrap();
+    assert_eq!(status["status"], "paused", "{q:#}");
+    dst.execute("cont", json!({})).unwrap();
     let status = dst.execute("query-status", json!({})).unwrap();
     assert_eq!(status["status"], "running");
     for c in [&mut src, &mut dst] {

@@ -166,6 +166,20 @@ fn a_paused_guest_is_saved_in_one_pass_and_stays_paused() {
     assert_eq!(g.counter(), counter, "the guest stays paused");
     let r = restore(&p, &verified()).unwrap();
     assert_eq!(r.report.verify.unwrap().counter, counter);
+    assert!(r.report.saved_paused && r.report.resumed_ms.is_some());
+    // Following the saved run state, it comes back stopped.
+    let as_saved = RestoreConfig {
+        as_saved: true,
+        ..verified()
+    };
+    let r = restore(&p, &as_saved).unwrap();
+    assert_eq!(r.report.resumed_ms, None);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        r.guest.verify().unwrap().counter,
+        counter,
+        "it stays stopped"
+    );
     let _ = std::fs::remove_file(&p);
 }
 

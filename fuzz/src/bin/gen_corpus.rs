@@ -271,6 +271,7 @@ fn file_seeds(hello: &SessionHello) {
         vmstate_blobs: Section::default(),
         file_len: 0,
         rounds: 1,
+        paused: false,
     };
     let p = plan(h.encode().len(), &hello.guest.ranges);
     let mut at = p.tail;

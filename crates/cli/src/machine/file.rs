@@ -134,6 +134,8 @@ impl Machine {
         let mut config = RestoreConfig {
             readers: self.params.multifd_channels,
             verify: self.limits.verify,
+            // As QEMU: a guest saved stopped is restored stopped (`cont` runs it).
+            as_saved: true,
             cancel: CancelToken::new(),
             ..RestoreConfig::default()
         };
@@ -200,7 +202,10 @@ impl Machine {
                     devices: restored.devices.into_iter().map(Arc::from).collect(),
                     vmstates: restored.vmstates.into_iter().map(Arc::from).collect(),
                 });
-                self.set_run(RunState::Running);
+                self.set_run(match restored.report.resumed_ms {
+                    Some(_) => RunState::Running,
+                    None => RunState::Paused,
+                });
                 self.set_status(MigStatus::Completed);
             }
             Err(e) => {

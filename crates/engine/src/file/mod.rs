@@ -163,6 +163,10 @@ pub struct RestoreConfig {
     pub verify: bool,
     /// Resume the guest once restored (default); false leaves it paused.
     pub resume: bool,
+    /// Follow the saved run state: a guest that was stopped when saved stays paused (as
+    /// QEMU restores it), whatever `resume` says. Off by default (the CLI runs what it
+    /// restores); QMP turns it on.
+    pub as_saved: bool,
     /// On demand: resume the guest as soon as the devices and its state are loaded, before
     /// any page is read; a page is read when first touched (userfaultfd), while a
     /// background thread reads the rest. The call returns once every page is in. Needs
@@ -180,6 +184,7 @@ impl Default for RestoreConfig {
             max_state_bytes: livemig_wire::Limits::default().max_state_bytes,
             verify: false,
             resume: true,
+            as_saved: false,
             on_demand: false,
             cancel: CancelToken::new(),
         }
@@ -199,6 +204,8 @@ pub struct RestoreReport {
     pub device_bytes: u64,
     /// Rounds the save took.
     pub saved_rounds: u32,
+    /// The guest was stopped when saved.
+    pub saved_paused: bool,
     /// The check of every page, if asked for.
     pub verify: Option<crate::guest::VerifyReport>,
     /// Whether the restore was on demand.

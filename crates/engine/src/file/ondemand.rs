@@ -17,7 +17,7 @@
 use super::devices::load_device;
 use super::io::{pread_exact, RegionMap};
 use super::pages::BATCH_PAGES;
-use super::restore::{checked, load_state, Checked, Loaded};
+use super::restore::{checked, load_state, resumes, Checked, Loaded};
 use super::save::wait;
 use super::FileError;
 use super::RestoreConfig;
@@ -91,8 +91,9 @@ pub(super) fn run(
                 device_bytes += wait(&dev_rx, &threads, sh.cancel)??;
             }
             load_state(c, guest, vmstates)?;
-            let resumed = config.resume.then(Instant::now);
-            if config.resume {
+            let resume = resumes(config, c);
+            let resumed = resume.then(Instant::now);
+            if resume {
                 guest.resume()?;
             }
             // The rest is read once the guest runs: until then it would only compete with
@@ -106,7 +107,7 @@ pub(super) fn run(
             memory.unregister().map_err(FileError::OnDemand)?;
             sh.stop.store(true, Ordering::Release);
             let verify = match config.verify {
-                true => Some(check(guest, config.resume)?),
+                true => Some(check(guest, resume)?),
                 false => None,
             };
             Ok(Loaded {

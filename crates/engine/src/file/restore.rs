@@ -105,6 +105,7 @@ pub fn restore_vm(
         pages_read: loaded.pages,
         device_bytes: loaded.device_bytes,
         saved_rounds: c.header.rounds,
+        saved_paused: c.header.paused,
         verify: loaded.verify,
         on_demand: config.on_demand,
         faults: loaded.faults,
@@ -146,8 +147,9 @@ fn eager(
         true => Some(checked(guest.verify()?)?),
         false => None,
     };
-    let resumed = config.resume.then(Instant::now);
-    if config.resume {
+    let resume = resumes(config, c);
+    let resumed = resume.then(Instant::now);
+    if resume {
         guest.resume()?;
     }
     Ok(Loaded {
@@ -157,6 +159,12 @@ fn eager(
         faults: 0,
         resumed,
     })
+}
+
+/// Whether the restored guest is resumed: as asked, unless it was saved stopped and the
+/// saved run state is followed.
+pub(super) fn resumes(config: &RestoreConfig, c: &Checked) -> bool {
+    config.resume && !(config.as_saved && c.header.paused)
 }
 
 /// The small devices' blobs in list order, then the guest's state.

@@ -57,7 +57,8 @@ pub fn save_vm(
 ) -> Result<SaveReport, FileError> {
     config.validate()?;
     let start = Instant::now();
-    let target = Target::create(vm, path)?;
+    let mut target = Target::create(vm, path)?;
+    target.header.paused = config.paused;
     let regions = RegionMap::of(vm.guest.memory(), &plan_offsets(&target.header));
     let mut paused_at = None;
     let saver = Saver {
@@ -186,6 +187,7 @@ fn template(vm: Vm<'_>) -> Result<FileHeader, FileError> {
         vmstate_blobs: Section::default(),
         file_len: 0,
         rounds: 0,
+        paused: false,
     })
 }
 

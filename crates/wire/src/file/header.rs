@@ -106,6 +106,9 @@ pub struct FileHeader {
     pub file_len: u64,
     /// Rounds the save took (1 for a paused guest), for reports.
     pub rounds: u32,
+    /// The guest was stopped when it was saved (a byte, 0 or 1): a restore that follows the
+    /// saved run state leaves it stopped, as QEMU's does.
+    pub paused: bool,
 }
 
 impl FileHeader {
@@ -151,7 +154,7 @@ impl FileHeader {
         }
         self.state.write(&mut w);
         self.vmstate_blobs.write(&mut w);
-        w.u64(self.file_len).u32(self.rounds);
+        w.u64(self.file_len).u32(self.rounds).u8(self.paused as u8);
         out
     }
 
@@ -209,6 +212,11 @@ impl FileHeader {
             vmstate_blobs: Section::read(&mut r)?,
             file_len: r.u64()?,
             rounds: r.u32()?,
+            paused: match r.u8()? {
+                0 => false,
+                1 => true,
+                v => return Err(out_of_range("paused", v as u64, "0 or 1")),
+            },
         };
         r.finish()?;
         Ok(header)

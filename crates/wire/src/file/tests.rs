@@ -44,6 +44,7 @@ fn header() -> FileHeader {
         vmstate_blobs: Section::default(),
         file_len: 0,
         rounds: 1,
+        paused: true,
     };
     // Lay it out as a save does: regions by the plan, sections after the tail.
     let len = h.encode().len();
