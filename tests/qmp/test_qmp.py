@@ -268,7 +268,8 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(caps, {"multifd": True, "events": True, "auto-converge": True,
                                 "x-local": False, "postcopy-ram": False,
                                 "postcopy-preempt": False, "postcopy-blocktime": False,
-                                "pause-before-switchover": False})
+                                "pause-before-switchover": False,
+                                "mapped-ram": False})
         self.assertEqual(await src.cmd("query-migrate"), {}, "no migration yet")
 
         uri = self.uri("m1")

@@ -21,8 +21,17 @@ use std::time::Duration;
 pub struct IncomingArgs {
     /// Where to listen: tcp:HOST:PORT (port 0 picks a free one) or unix:PATH. With
     /// `--qmp` it may be left out: the source's address then comes with `migrate-incoming`.
-    #[arg(long, required_unless_present = "qmp")]
+    #[arg(long, required_unless_present_any = ["qmp", "from"])]
     pub listen: Option<Endpoint>,
+    /// Restore the guest saved in a file (file:PATH, written by `migrate --to file:PATH`)
+    /// instead of listening for a source: pages are read by --channels threads.
+    #[arg(long, conflicts_with_all = ["listen", "qmp"], value_parser = parse_file_uri)]
+    pub from: Option<std::path::PathBuf>,
+    /// With --from: resume the guest as soon as its devices and state are loaded, reading
+    /// each page when the guest first touches it (userfaultfd) while a background thread
+    /// reads the rest.
+    #[arg(long, requires = "from")]
+    pub on_demand: bool,
     /// Serve QMP on this Unix socket path: receive on `migrate-incoming` (or at once on
     /// `--listen`), then hold the guest, which can be migrated on, until `quit`.
     #[arg(long)]
@@ -76,6 +85,9 @@ pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &a.qmp {
         return serve_qmp(&a, path);
     }
+    if let Some(path) = &a.from {
+        return restore_from(&a, path);
+    }
     let Some(listen) = &a.listen else {
         anyhow::bail!("--listen is needed without --qmp");
     };
@@ -113,6 +125,27 @@ pub fn run(a: IncomingArgs) -> anyhow::Result<ExitCode> {
             Err(e.into())
         }
     }
+}
+
+/// `file:PATH` as a path.
+fn parse_file_uri(s: &str) -> Result<std::path::PathBuf, String> {
+    crate::file::file_uri(s).unwrap_or_else(|| Err(format!("'{s}': expected file:PATH")))
+}
+
+/// `--from file:PATH`: restores the saved guest, then runs and checks it, or migrates it
+/// on, as for a guest received.
+fn restore_from(a: &IncomingArgs, path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let mut config = livemig_engine::file::RestoreConfig {
+        readers: a.onward.channels,
+        verify: a.verify,
+        on_demand: a.on_demand,
+        ..Default::default()
+    };
+    if let Some(m) = a.max_guest_memory {
+        config.max_guest_memory = m;
+    }
+    let restored = crate::file::restore(path, &config, a.json)?;
+    after_arrival(a, &*restored.guest)
 }
 
 /// `--qmp`: serves QMP, receiving on `migrate-incoming` (or at once on `--listen`).
@@ -166,10 +199,17 @@ fn received(a: &IncomingArgs, inc: Incoming, cpu: &CpuMark) -> anyhow::Result<Ex
             inc.report.received_bytes >> 20
         );
     }
+    after_arrival(a, &*inc.guest)
+}
+
+/// A guest arrived and runs: lets it run (`--run-after-ms`) and checks it, and migrates
+/// it on (`--then-migrate-to`).
+fn after_arrival(a: &IncomingArgs, guest: &dyn Guest) -> anyhow::Result<ExitCode> {
+    let json = a.json;
     if a.run_after_ms > 0 {
         std::thread::sleep(Duration::from_millis(a.run_after_ms));
-        inc.guest.pause()?;
-        let v = inc.guest.verify()?;
+        guest.pause()?;
+        let v = guest.verify()?;
         if json {
             emit(&json!({"event": "after_run", "verify": v}));
         } else {
@@ -178,10 +218,10 @@ fn received(a: &IncomingArgs, inc: Incoming, cpu: &CpuMark) -> anyhow::Result<Ex
                 a.run_after_ms, v.pages_checked, v.pages_mismatched
             );
         }
-        inc.guest.resume()?;
+        guest.resume()?;
     }
     if let Some(to) = &a.then_migrate_to {
-        return forward(&*inc.guest, to, &a.onward, json);
+        return forward(guest, to, &a.onward, json);
     }
     Ok(ExitCode::SUCCESS)
 }

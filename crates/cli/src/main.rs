@@ -14,6 +14,7 @@ mod bench;
 mod child_args;
 mod demo;
 mod devices;
+mod file;
 mod guest;
 mod guest_image;
 mod incoming;

@@ -3,9 +3,10 @@
 use crate::args::{GuestArgs, MigrationArgs};
 use crate::devices::SourceDevices;
 use crate::emit;
+use crate::file::Destination;
 use crate::guest::SourceGuest;
 use clap::Args;
-use livemig_engine::{migrate_vm, Endpoint, MigrationError, Progress, Vm};
+use livemig_engine::{migrate_vm, MigrationError, Progress, Vm};
 use livemig_vmm::memory::Backing;
 use serde_json::json;
 use std::process::ExitCode;
@@ -13,10 +14,15 @@ use std::time::Duration;
 
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
-    /// Destination: tcp:HOST:PORT or unix:PATH. Repeat to fall back to the next destination
-    /// when a migration fails (the guest keeps running here in between).
+    /// Destination: tcp:HOST:PORT or unix:PATH, or file:PATH to save the guest to a file
+    /// (restored by `incoming --from file:PATH`). Repeat to fall back to the next
+    /// destination when a migration fails (the guest keeps running here in between).
     #[arg(long = "to", required = true)]
-    pub to: Vec<Endpoint>,
+    pub to: Vec<Destination>,
+    /// With --to file:PATH: pause the guest first and save it in one pass (QMP's `stop`
+    /// then `migrate`), instead of a live save whose rounds re-write dirtied pages.
+    #[arg(long)]
+    pub stop_first: bool,
     #[command(flatten)]
     pub guest: GuestArgs,
     #[command(flatten)]
@@ -51,6 +57,20 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let progress = move |p: &Progress| say_progress(p, json);
     let cpu = crate::procstat::CpuMark::now();
     for (attempt, to) in a.to.iter().enumerate() {
+        let to = match to {
+            Destination::File(path) => {
+                let config = crate::file::save_config(&a.migration, a.stop_first);
+                match crate::file::save(&source, &devices, path, &config, json) {
+                    Ok(()) => return Ok(ExitCode::SUCCESS),
+                    Err(e) => {
+                        let at = format!("file:{}", path.display());
+                        attempt_failed(&source, &devices, attempt, &at, &e, json)?;
+                        continue;
+                    }
+                }
+            }
+            Destination::Net(to) => to,
+        };
         match migrate_vm(vm, to, &config, &progress) {
             Ok(report) => {
                 // The guest stays paused here for good: this is where it stopped.
@@ -116,7 +136,7 @@ fn attempt_failed(
     source: &SourceGuest,
     devices: &SourceDevices,
     attempt: usize,
-    to: &Endpoint,
+    to: &dyn std::fmt::Display,
     e: &dyn std::fmt::Display,
     json: bool,
 ) -> anyhow::Result<()> {

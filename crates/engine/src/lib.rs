@@ -61,6 +61,7 @@ pub mod device;
 pub mod dirty;
 pub mod error;
 mod fdpass;
+pub mod file;
 mod framed;
 pub mod guest;
 mod hostmem;

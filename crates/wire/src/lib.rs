@@ -17,6 +17,7 @@ mod control;
 mod cursor;
 pub mod device;
 mod error;
+pub mod file;
 mod frame;
 mod postcopy;
 pub mod ram;

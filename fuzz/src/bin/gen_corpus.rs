@@ -233,5 +233,66 @@ fn main() {
         "postcopy_start",
         &encode_frame(FrameKind::PostcopyStart, &start.encode()),
     );
+    file_seeds(&hello);
     println!("corpus written under fuzz/corpus/");
+}
+
+/// A save file's prefix and header for the guest and devices of `hello`, laid out as a save
+/// lays them out.
+fn file_seeds(hello: &SessionHello) {
+    use livemig_wire::file::*;
+    let mut h = FileHeader {
+        guest_kind: hello.guest.kind.clone(),
+        vcpus: hello.guest.vcpus,
+        regions: hello
+            .guest
+            .ranges
+            .iter()
+            .map(|&range| FileRegion {
+                range,
+                data_offset: 0,
+                bitmap: Section::default(),
+                crcs: Section::default(),
+            })
+            .collect(),
+        devices: hello
+            .devices
+            .devices
+            .iter()
+            .map(|d| FileDevice {
+                device: d.clone(),
+                index: Section::default(),
+                chunks: 1,
+                bytes: 10,
+            })
+            .collect(),
+        vmstates: vec![],
+        state: Section::default(),
+        vmstate_blobs: Section::default(),
+        file_len: 0,
+        rounds: 1,
+        paused: false,
+    };
+    let p = plan(h.encode().len(), &hello.guest.ranges);
+    let mut at = p.tail;
+    for (r, off) in h.regions.iter_mut().zip(p.data_offsets) {
+        r.data_offset = off;
+        let pages = r.range.size / 4096;
+        r.bitmap = Section { offset: at, len: pages.div_ceil(64) * 8, crc: 0 };
+        at += r.bitmap.len;
+        r.crcs = Section { offset: at, len: pages * 4, crc: 0 };
+        at += r.crcs.len;
+    }
+    for d in &mut h.devices {
+        d.index = Section { offset: at, len: 16, crc: 0 };
+        at += 16;
+    }
+    h.state = Section { offset: at, len: 100, crc: 0 };
+    h.file_len = at + 100;
+    let body = h.encode();
+    let mut file = FilePrefix::for_header(&body).encode().to_vec();
+    file.extend_from_slice(&body);
+    write("file", "header", &file);
+    let index = encode_chunk_index(&[ChunkRef { offset: 1 << 21, len: 4096, crc: 1 }]);
+    write("file", "chunk_index", &index);
 }

@@ -15,6 +15,9 @@ pub enum Mode {
     /// Every benchmark in one run (channels, guest size, dirty rate, devices, resources),
     /// as Markdown tables and JSON: see `--out` and the `Suite:` options.
     Suite,
+    /// Saving to and restoring from a file beside the raw write and read rates of the same
+    /// filesystem, measured in the same run (`--memory` of data, in the temp directory).
+    File,
 }
 
 #[derive(Debug, Args)]

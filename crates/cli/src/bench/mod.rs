@@ -6,6 +6,8 @@
 //!   serial device state;
 //! - [`tls`] (`--tls`): every RAM row over plain TCP and over TLS;
 //! - [`suite`] (`--mode suite`): every benchmark in one run, as Markdown and JSON;
+//! - [`file`] (`--mode file`): save and restore through a file beside the raw write and read
+//!   rates of the same filesystem;
 //! - [`peer`] (`--peer qemu`): livemig beside QEMU on the same guest and work.
 //!
 //! Shared: the options ([`args`]), one measured run and its typed row ([`run`]), and the
@@ -16,6 +18,7 @@
 mod args;
 mod compress;
 mod devices;
+mod file;
 mod netlink;
 mod out;
 mod peer;
@@ -44,5 +47,6 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         Mode::Devices => devices::run(&a),
         Mode::Suite => suite::run(a),
         Mode::Ram => ram::run(&a),
+        Mode::File => file::run(&a),
     }
 }

@@ -9,6 +9,7 @@
 
 mod channels;
 mod dirty_rate;
+mod file;
 mod objects;
 mod params;
 mod query;
@@ -83,6 +84,10 @@ enum Msg {
     /// The incoming session's postcopy broke: paused until `migrate-recover`.
     IncomingPaused,
     IncomingDone(Box<Result<Incoming, IncomingError>>),
+    /// A save to a file ended.
+    FileSaved(Box<Result<livemig_engine::file::SaveReport, livemig_engine::file::FileError>>),
+    /// A restore from a file ended.
+    FileRestored(Box<Result<livemig_engine::file::Restored, livemig_engine::file::FileError>>),
 }
 
 /// The latest migration, this side's role in it.
@@ -90,6 +95,8 @@ enum Job {
     None,
     Out(Box<Outgoing>),
     In(Box<IncomingJob>),
+    /// A save to, or a restore from, a file.
+    File(Box<file::FileJob>),
 }
 
 struct Machine {
@@ -320,6 +327,7 @@ impl Machine {
                     Job::None => json!({}),
                     Job::Out(o) => o.query(self.status),
                     Job::In(i) => i.query(self.status),
+                    Job::File(f) => f.query(self.status),
                 })
             }
             "migrate-set-capabilities" => {
@@ -435,6 +443,9 @@ impl Machine {
             }
         }
         a.opt_bool("detach")?;
+        if let Some(path) = crate::file::file_uri(uri) {
+            return self.migrate_to_file(uri, path.map_err(QmpError::generic)?);
+        }
         if self.status.in_progress() {
             return Err(busy());
         }
@@ -569,6 +580,9 @@ impl Machine {
             return Err(QmpError::generic(
                 "this VM has a guest already: migrate-incoming needs a VM started with --incoming or one whose guest was migrated away",
             ));
+        }
+        if let Some(path) = crate::file::file_uri(uri) {
+            return self.incoming_from_file(uri, path.map_err(QmpError::generic)?);
         }
         let at: Endpoint = uri
             .parse()
@@ -747,6 +761,8 @@ impl Machine {
             Msg::IncomingPostcopy => self.set_status(MigStatus::PostcopyActive),
             Msg::IncomingPaused => self.set_status(MigStatus::PostcopyPaused),
             Msg::IncomingDone(r) => self.incoming_done(*r),
+            Msg::FileSaved(r) => self.file_saved(*r),
+            Msg::FileRestored(r) => self.file_restored(*r),
             Msg::Command(..) | Msg::Quit => {}
         }
     }

@@ -31,6 +31,9 @@ pub struct Capabilities {
     /// `pause-before-switchover`: with the guest paused for the switchover, wait for
     /// `migrate-continue` before its state is saved (status `pre-switchover`).
     pub pause_before_switchover: bool,
+    /// `mapped-ram`: accepted for QEMU's scripts; a `file:` migration always lays pages out
+    /// at fixed offsets (docs/file-format.md), so it changes nothing.
+    pub mapped_ram: bool,
 }
 
 impl Default for Capabilities {
@@ -45,6 +48,7 @@ impl Default for Capabilities {
             postcopy_preempt: false,
             postcopy_blocktime: false,
             pause_before_switchover: false,
+            mapped_ram: false,
         }
     }
 }
@@ -60,6 +64,7 @@ impl Capabilities {
             {"capability": "postcopy-preempt", "state": self.postcopy_preempt},
             {"capability": "postcopy-blocktime", "state": self.postcopy_blocktime},
             {"capability": "pause-before-switchover", "state": self.pause_before_switchover},
+            {"capability": "mapped-ram", "state": self.mapped_ram},
         ])
     }
 
@@ -82,9 +87,10 @@ impl Capabilities {
                 "postcopy-preempt" => next.postcopy_preempt = state,
                 "postcopy-blocktime" => next.postcopy_blocktime = state,
                 "pause-before-switchover" => next.pause_before_switchover = state,
+                "mapped-ram" => next.mapped_ram = state,
                 other => {
                     return Err(QmpError::generic(format!(
-                        "Capability '{other}' is not supported by livemig (it knows multifd, events, auto-converge, x-local, postcopy-ram, postcopy-preempt, postcopy-blocktime and pause-before-switchover)"
+                        "Capability '{other}' is not supported by livemig (it knows multifd, events, auto-converge, x-local, postcopy-ram, postcopy-preempt, postcopy-blocktime, pause-before-switchover and mapped-ram)"
                     )))
                 }
             }

@@ -23,6 +23,10 @@ pub enum Section {
     /// guest writing 256 MiB as fast as it can, over loopback and over a 1 Gbit/s netns
     /// link. Opt-in (not in the default list: about 90 s).
     Postcopy,
+    /// A save to a file and a restore from it (eager and on demand) beside the raw write
+    /// and read rates of the same filesystem, and a sparse guest's file size. Opt-in (it
+    /// writes the guest's size to the temp directory several times).
+    File,
 }
 
 /// The options of `bench --mode suite` (flattened into `bench`'s own).

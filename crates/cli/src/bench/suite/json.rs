@@ -79,6 +79,7 @@ pub(super) fn document(d: &Doc) -> Value {
         "raw_memory_bytes_per_s": d.raw_mem,
         "local": {"channels": CHANNELS, "rows": res.local},
         "compress": {"rates": res.compress_rates, "rows": res.compress},
+        "file": res.file,
         "raw_tcp": {
             "bytes_per_s": raw,
             "start_bytes_per_s": res.raw_start.0,

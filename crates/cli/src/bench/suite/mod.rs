@@ -16,7 +16,10 @@
 //!    capped, beside precopy with auto-converge, a 1 GiB guest writing 256 MiB as fast as it
 //!    can, over loopback and over a 1 Gbit/s link between network namespaces (SKIPPED
 //!    where those cannot be made);
-//! 8. resources, for every migration above: each process's peak RSS (VmHWM), the
+//! 8. file (opt-in: `--sections file`): a save to a file and a restore from it, eager and on
+//!    demand, beside the raw write and read rates of the same filesystem measured in the same
+//!    run, and a sparse guest's file size against its data (`crate::bench::file`);
+//! 9. resources, for every migration above: each process's peak RSS (VmHWM), the
 //!    destination's peak buffered device bytes, and CPU seconds per GiB moved on each side.
 //!
 //! The peak RSS and CPU figures come from the two processes themselves: `livemig migrate` and

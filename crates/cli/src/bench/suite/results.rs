@@ -50,6 +50,8 @@ pub(super) struct Results {
     pub postcopy_netns_skipped: Option<String>,
     /// Every migration: its name and usage.
     pub resources: Vec<(String, Usage)>,
+    /// Through a file, beside the filesystem's raw rates.
+    pub file: Option<crate::bench::file::FileBench>,
 }
 
 impl Results {
@@ -68,6 +70,7 @@ impl Results {
             postcopy: Vec::new(),
             postcopy_netns_skipped: None,
             resources: Vec::new(),
+            file: None,
         }
     }
 

@@ -5,6 +5,7 @@ mod channels;
 mod compress;
 mod devices;
 mod dirty;
+mod file;
 mod local;
 mod postcopy;
 mod size;
@@ -42,6 +43,9 @@ pub(super) fn measure(a: &BenchArgs, plan: &Plan, res: &mut Results) -> anyhow::
     }
     if plan.has(Section::Postcopy) {
         postcopy::measure(a, plan, res)?;
+    }
+    if plan.has(Section::File) {
+        file::measure(a, plan, res)?;
     }
     Ok(())
 }
