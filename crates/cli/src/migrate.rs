@@ -73,23 +73,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         };
         match migrate_vm(vm, to, &config, &progress) {
             Ok(report) => {
-                // The guest stays paused here for good: this is where it stopped.
-                let counter = source.counter_at_pause();
-                if json {
-                    emit(&json!({
-                        "event": "completed", "to": to.to_string(), "guest": kind,
-                        "counter_at_pause": counter, "report": report,
-                        "peak_rss_bytes": crate::procstat::own_peak_rss(), "cpu": cpu.usage(),
-                    }));
-                } else {
-                    eprintln!(
-                        "livemig: migrated to {to} in {:.0} ms, downtime {:.1} ms (expected {:.1} ms{})",
-                        report.total_ms,
-                        report.downtime_ms,
-                        report.expected_downtime_ms,
-                        if report.forced_switchover { ", forced" } else { "" }
-                    );
-                }
+                completed(to, kind, source.counter_at_pause(), &report, &cpu, json);
                 return Ok(ExitCode::SUCCESS);
             }
             // The destination may run the guest (or, in postcopy, holds part of its
@@ -112,6 +96,37 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         emit(&json!({"event": "failed", "error": "every destination failed"}));
     }
     Ok(ExitCode::FAILURE)
+}
+
+/// Says the migration completed (the guest stays paused here for good: `counter` is where
+/// it stopped).
+fn completed(
+    to: &livemig_engine::Endpoint,
+    kind: &str,
+    counter: u64,
+    report: &livemig_engine::MigrationReport,
+    cpu: &crate::procstat::CpuMark,
+    json: bool,
+) {
+    if json {
+        emit(&json!({
+            "event": "completed", "to": to.to_string(), "guest": kind,
+            "counter_at_pause": counter, "report": report,
+            "peak_rss_bytes": crate::procstat::own_peak_rss(), "cpu": cpu.usage(),
+        }));
+    } else {
+        eprintln!(
+            "livemig: migrated to {to} in {:.0} ms, downtime {:.1} ms (expected {:.1} ms{})",
+            report.total_ms,
+            report.downtime_ms,
+            report.expected_downtime_ms,
+            if report.forced_switchover {
+                ", forced"
+            } else {
+                ""
+            }
+        );
+    }
 }
 
 /// A progress line with `--json`, else a line a round.

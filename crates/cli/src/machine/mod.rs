@@ -19,7 +19,7 @@ use crossbeam_channel::{Receiver, Sender};
 use livemig_engine::{
     migrate_vm, receive_vm, CancelToken, Device, Endpoint, Factories, Guest, Incoming,
     IncomingConfig, IncomingError, IncomingEvent, IncomingRecovery, Listener, Mailbox,
-    MigrationError, MigrationReport, Progress, SourceRecovery, VmState,
+    MigrationConfig, MigrationError, MigrationReport, Progress, SourceRecovery, VmState,
 };
 use livemig_qmp::{Args, Events, Handler, QmpError, Request};
 use livemig_vmm::devices::DeviceModels;
@@ -305,22 +305,9 @@ impl Machine {
             }
             "migrate-recover" => self.recover(req),
             "migrate-continue" => self.continue_switchover(req),
-            "object-add" => self.objects.add(&req.arguments).map(|()| json!({})),
-            "calc-dirty-rate" => {
-                if self.status.in_progress() {
-                    return Err(busy());
-                }
-                let vm = self.vm.as_ref().ok_or_else(no_guest)?;
-                self.dirty_rate.start(vm.guest.clone(), &req.arguments)
+            "object-add" | "object-del" | "calc-dirty-rate" | "query-dirty-rate" => {
+                self.tool_command(req)
             }
-            "query-dirty-rate" => {
-                none()?;
-                Ok(self.dirty_rate.query())
-            }
-            "object-del" => self
-                .objects
-                .del(&req.arguments, &self.params.tls_creds)
-                .map(|()| json!({})),
             "query-migrate" => {
                 none()?;
                 Ok(match &self.job {
@@ -356,6 +343,29 @@ impl Machine {
             "x-livemig-verify" => {
                 none()?;
                 self.verify()
+            }
+            other => Err(QmpError::not_found(other)),
+        }
+    }
+
+    /// The commands around a migration rather than of it: TLS objects and the dirty rate.
+    fn tool_command(&mut self, req: &Request) -> Result<Value, QmpError> {
+        match req.execute.as_str() {
+            "object-add" => self.objects.add(&req.arguments).map(|()| json!({})),
+            "object-del" => self
+                .objects
+                .del(&req.arguments, &self.params.tls_creds)
+                .map(|()| json!({})),
+            "calc-dirty-rate" => {
+                if self.status.in_progress() {
+                    return Err(busy());
+                }
+                let vm = self.vm.as_ref().ok_or_else(no_guest)?;
+                self.dirty_rate.start(vm.guest.clone(), &req.arguments)
+            }
+            "query-dirty-rate" => {
+                Args::new(&req.arguments, &[])?;
+                Ok(self.dirty_rate.query())
             }
             other => Err(QmpError::not_found(other)),
         }
@@ -425,6 +435,58 @@ impl Machine {
         }))
     }
 
+    /// Whether the guest can be migrated now, and whether it is stopped (a guest its
+    /// operator stopped is migrated as it is, and stays stopped: QEMU's way).
+    fn migratable(&mut self) -> Result<bool, QmpError> {
+        let paused = match self.run {
+            RunState::Running => false,
+            RunState::Paused => true,
+            RunState::InMigrate => return Err(no_guest()),
+            RunState::PostMigrate => {
+                return Err(QmpError::generic(
+                    "the guest was migrated already and runs on the destination",
+                ))
+            }
+            _ => {
+                return Err(QmpError::generic(
+                    "the guest is paused for a migration under way",
+                ))
+            }
+        };
+        if self.dirty_rate.measuring() {
+            return Err(QmpError::generic(
+                "calc-dirty-rate is measuring this guest's dirty log: migrate once it is done",
+            ));
+        }
+        Ok(paused)
+    }
+
+    /// The outgoing migration's configuration: the parameters and capabilities, TLS, the
+    /// gates QMP commands open (`migrate-continue`, `migrate` with `resume`).
+    fn outgoing_config(&mut self, guest_paused: bool) -> Result<MigrationConfig, QmpError> {
+        let mut config = self.params.migration_config(&self.caps);
+        config.tls = self.tls(objects::TlsEndpoint::Client)?;
+        config.guest_paused = guest_paused;
+        self.switchover_gate.clear();
+        if self.caps.pause_before_switchover {
+            config.pause_before_switchover = Some(self.switchover_gate.clone());
+        }
+        // A broken postcopy waits, as QEMU's, for `migrate` with `resume` (or `quit`).
+        self.recover_to.clear();
+        config.postcopy_recovery = SourceRecovery::OnRequest {
+            addresses: self.recover_to.clone(),
+            within: None,
+        };
+        if config.postcopy.allowed {
+            // What postcopy does not go with (compression) is refused now, not as a failed
+            // migration.
+            config
+                .validate()
+                .map_err(|e| QmpError::generic(e.to_string()))?;
+        }
+        Ok(config)
+    }
+
     fn migrate(&mut self, req: &Request) -> Result<Value, QmpError> {
         let a = Args::new(
             &req.arguments,
@@ -449,51 +511,12 @@ impl Machine {
         if self.status.in_progress() {
             return Err(busy());
         }
-        // A guest its operator stopped is migrated as it is, and stays stopped (QEMU's way).
-        let guest_paused = match self.run {
-            RunState::Running => false,
-            RunState::Paused => true,
-            RunState::InMigrate => return Err(no_guest()),
-            RunState::PostMigrate => {
-                return Err(QmpError::generic(
-                    "the guest was migrated already and runs on the destination",
-                ))
-            }
-            _ => {
-                return Err(QmpError::generic(
-                    "the guest is paused for a migration under way",
-                ))
-            }
-        };
+        let guest_paused = self.migratable()?;
         let to: Endpoint = uri
             .parse()
             .map_err(|e| QmpError::generic(format!("Invalid migration URI '{uri}': {e}")))?;
-        if self.dirty_rate.measuring() {
-            return Err(QmpError::generic(
-                "calc-dirty-rate is measuring this guest's dirty log: migrate once it is done",
-            ));
-        }
+        let config = self.outgoing_config(guest_paused)?;
         let vm = self.vm.as_ref().ok_or_else(no_guest)?;
-        let mut config = self.params.migration_config(&self.caps);
-        config.tls = self.tls(objects::TlsEndpoint::Client)?;
-        config.guest_paused = guest_paused;
-        self.switchover_gate.clear();
-        if self.caps.pause_before_switchover {
-            config.pause_before_switchover = Some(self.switchover_gate.clone());
-        }
-        // A broken postcopy waits, as QEMU's, for `migrate` with `resume` (or `quit`).
-        self.recover_to.clear();
-        config.postcopy_recovery = SourceRecovery::OnRequest {
-            addresses: self.recover_to.clone(),
-            within: None,
-        };
-        if config.postcopy.allowed {
-            // What postcopy does not go with (compression) is refused now, not as a failed
-            // migration.
-            config
-                .validate()
-                .map_err(|e| QmpError::generic(e.to_string()))?;
-        }
         let watch = PostcopyWatch {
             allowed: config.postcopy.allowed,
             trigger: config.postcopy_trigger.clone(),

@@ -75,16 +75,7 @@ pub(super) fn run(
                 sh.cancel.cancel();
             }
         });
-        let (dev_tx, dev_rx) = crossbeam_channel::unbounded();
-        for (i, d) in devices.iter().enumerate() {
-            let tx = dev_tx.clone();
-            let name = &c.header.devices[i].device.name;
-            rt.submit(&format!("dev{i}"), move || {
-                let r = load_device(&c.file, path, name, &**d, &c.chunks[i], sh.cancel);
-                let _ = tx.send(r);
-                Ok(())
-            });
-        }
+        let dev_rx = start_device_loads(&rt, sh, devices);
         let r = (|| {
             let mut device_bytes = 0;
             for _ in devices {
@@ -132,6 +123,27 @@ pub(super) fn run(
             (Err(e), _) => Err(e),
         }
     })
+}
+
+/// Every device's stream loaded in order, each on a job of its own (`lm-rst-dev{i}`); their
+/// results come on the channel returned.
+fn start_device_loads<'scope>(
+    rt: &Runtime<'scope, '_>,
+    sh: &'scope Shared<'scope>,
+    devices: &'scope [Box<dyn Device>],
+) -> crossbeam_channel::Receiver<Result<u64, FileError>> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for (i, d) in devices.iter().enumerate() {
+        let tx = tx.clone();
+        let c = sh.c;
+        let name = &c.header.devices[i].device.name;
+        rt.submit(&format!("dev{i}"), move || {
+            let r = load_device(&c.file, sh.path, name, &**d, &c.chunks[i], sh.cancel);
+            let _ = tx.send(r);
+            Ok(())
+        });
+    }
+    rx
 }
 
 /// Checks every page of a guest that may be running (paused for the check).

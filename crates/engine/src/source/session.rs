@@ -59,6 +59,46 @@ pub(super) enum Start {
     Resume(Box<ResumePoint>, PostcopyStart),
 }
 
+impl<'a> Shared<'a> {
+    /// What the session's threads share, for a session that starts at `start`.
+    fn new(
+        vm: Vm<'a>,
+        config: &'a MigrationConfig,
+        accept: &livemig_wire::SessionAccept,
+        start: &Start,
+    ) -> Self {
+        Shared {
+            vm,
+            config,
+            counters: config.stats.counters(),
+            credits: CreditTable::new(vm.devices.len(), accept.window.max(1)),
+            switchover: Switchover::default(),
+            watchdog: Watchdog::new(),
+            postcopy: match start {
+                Start::Fresh => PostcopyShared::default(),
+                Start::Resume(point, _) => PostcopyShared {
+                    round: AtomicU32::new(point.round),
+                },
+            },
+        }
+    }
+}
+
+/// The background push (`lm-src-push`), waiting for the switch's pages on the queue
+/// returned.
+fn start_push<'scope>(
+    rt: &Runtime<'scope, '_>,
+    dispatch: &Dispatcher,
+    config: &'scope MigrationConfig,
+) -> Sender<super::postcopy::PushOrder> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let (dispatch, cancel) = (dispatch.clone(), rt.cancel_token().clone());
+    rt.spawn("push", move || {
+        super::postcopy::push(rx, dispatch, config, &cancel)
+    });
+    tx
+}
+
 /// Runs a connected session to its end; `state` says where the guest is when it fails. A
 /// postcopy that breaks leaves where it stood in `paused`, for a resuming session.
 pub(super) fn run(
@@ -74,20 +114,7 @@ pub(super) fn run(
     if let Start::Fresh = start {
         config.stats.reset();
     }
-    let shared = Shared {
-        vm,
-        config,
-        counters: config.stats.counters(),
-        credits: CreditTable::new(vm.devices.len(), c.accept.window.max(1)),
-        switchover: Switchover::default(),
-        watchdog: Watchdog::new(),
-        postcopy: match &start {
-            Start::Fresh => PostcopyShared::default(),
-            Start::Resume(point, _) => PostcopyShared {
-                round: AtomicU32::new(point.round),
-            },
-        },
-    };
+    let shared = Shared::new(vm, config, &c.accept, &start);
     // This attempt's own token: failures cancel it without touching the caller's, which
     // only ever cancels into it (through the watcher), so a retry starts afresh.
     let cancel = CancelToken::new();
@@ -112,14 +139,10 @@ pub(super) fn run(
         if let Start::Fresh = start {
             start_jobs(&rt, &shared, &dispatch, &events_tx);
         }
-        let push = config.postcopy.allowed().then(|| {
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            let (dispatch, cancel) = (dispatch.clone(), rt.cancel_token().clone());
-            rt.spawn("push", move || {
-                super::postcopy::push(rx, dispatch, config, &cancel)
-            });
-            tx
-        });
+        let push = config
+            .postcopy
+            .allowed()
+            .then(|| start_push(&rt, &dispatch, config));
         drop(events_tx);
 
         let dirty = DirtyBitmap::new(&vm.guest.descriptor().ranges);
