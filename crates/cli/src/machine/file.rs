@@ -11,7 +11,7 @@ use super::{busy, no_guest, Job, Machine, Msg, VmParts};
 use livemig_engine::file::{
     restore_vm, save_vm, FileError, RestoreConfig, RestoreReport, Restored, SaveConfig, SaveReport,
 };
-use livemig_engine::{CancelToken, Device, Factories, VmState};
+use livemig_engine::{CancelToken, Factories};
 use livemig_qmp::QmpError;
 use livemig_vmm::devices::DeviceModels;
 use livemig_vmm::Factory;
@@ -102,20 +102,12 @@ impl Machine {
             paused,
             ..SaveConfig::default()
         };
-        let (guest, devices, vmstates) =
-            (vm.guest.clone(), vm.devices.clone(), vm.vmstates.clone());
+        let shared = vm.shared();
         let (cancel, tx) = (config.cancel.clone(), self.tx.clone());
         let thread = std::thread::Builder::new()
             .name("lm-vm-save".into())
             .spawn(move || {
-                let devs: Vec<&dyn Device> = devices.iter().map(|d| &**d).collect();
-                let vms: Vec<&dyn VmState> = vmstates.iter().map(|d| &**d).collect();
-                let vm = livemig_engine::Vm {
-                    guest: &*guest,
-                    devices: &devs,
-                    vmstates: &vms,
-                };
-                let r = save_vm(vm, &path, &config, &|_| {});
+                let r = shared.with(|vm| save_vm(vm, &path, &config, &|_| {}));
                 let _ = tx.send(Msg::FileSaved(Box::new(r)));
             })
             .map_err(|e| QmpError::generic(format!("cannot start the save thread: {e}")))?;

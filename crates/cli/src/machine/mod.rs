@@ -40,7 +40,38 @@ pub struct VmParts {
     pub vmstates: Vec<Arc<dyn VmState>>,
 }
 
+/// A VM's parts as a thread takes them along: it lends them to the engine as a [`Vm`].
+///
+/// [`Vm`]: livemig_engine::Vm
+pub struct SharedVm {
+    guest: Arc<dyn Guest>,
+    devices: Vec<Arc<dyn Device>>,
+    vmstates: Vec<Arc<dyn VmState>>,
+}
+
+impl SharedVm {
+    /// Runs `f` on the VM as the engine borrows it.
+    pub fn with<R>(&self, f: impl FnOnce(livemig_engine::Vm<'_>) -> R) -> R {
+        let devs: Vec<&dyn Device> = self.devices.iter().map(|d| &**d).collect();
+        let vms: Vec<&dyn VmState> = self.vmstates.iter().map(|d| &**d).collect();
+        f(livemig_engine::Vm {
+            guest: &*self.guest,
+            devices: &devs,
+            vmstates: &vms,
+        })
+    }
+}
+
 impl VmParts {
+    /// Clones of the parts, for a migration's thread.
+    pub fn shared(&self) -> SharedVm {
+        SharedVm {
+            guest: self.guest.clone(),
+            devices: self.devices.clone(),
+            vmstates: self.vmstates.clone(),
+        }
+    }
+
     fn from_incoming(inc: Incoming) -> VmParts {
         VmParts {
             kind: inc.report.guest_kind.clone(),
@@ -522,25 +553,17 @@ impl Machine {
             trigger: config.postcopy_trigger.clone(),
             switch: Switch::Precopy,
         };
-        let (guest, devices, vmstates) =
-            (vm.guest.clone(), vm.devices.clone(), vm.vmstates.clone());
-        let names = devices.iter().map(|d| d.descriptor().name).collect();
+        let shared = vm.shared();
+        let names = vm.devices.iter().map(|d| d.descriptor().name).collect();
         let (stats, cancel, tx) = (config.stats.clone(), config.cancel.clone(), self.tx.clone());
         let thread = std::thread::Builder::new()
             .name("lm-vm-migrate".into())
             .spawn(move || {
-                let devs: Vec<&dyn Device> = devices.iter().map(|d| &**d).collect();
-                let vms: Vec<&dyn VmState> = vmstates.iter().map(|d| &**d).collect();
-                let vm = livemig_engine::Vm {
-                    guest: &*guest,
-                    devices: &devs,
-                    vmstates: &vms,
-                };
                 let progress_tx = tx.clone();
                 let progress = move |p: &Progress| {
                     let _ = progress_tx.send(Msg::Progress(p.clone()));
                 };
-                let r = migrate_vm(vm, &to, &config, &progress);
+                let r = shared.with(|vm| migrate_vm(vm, &to, &config, &progress));
                 let _ = tx.send(Msg::SourceDone(Box::new(r)));
             })
             .map_err(|e| QmpError::generic(format!("cannot start the migration thread: {e}")))?;
