@@ -142,6 +142,16 @@ pub struct MigrationArgs {
     /// guest runs on here, whatever the destination does.
     #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub switchover_timeout_ms: u64,
+    /// A hard bound on the switchover's pause, milliseconds (source; 0: none). A switchover
+    /// the destination has not loaded this long after the pause (a stalled device read, a
+    /// slow link) is abandoned: the guest runs on here and precopy goes on, then the
+    /// switchover is tried again (see --switchover-attempts).
+    #[arg(long, default_value_t = 0)]
+    pub downtime_hard_limit_ms: u64,
+    /// Switchovers abandoned at most past --downtime-hard-limit-ms before
+    /// --on-no-convergence decides (force: one more without the bound; cancel: fail).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub switchover_attempts: u32,
     /// Milliseconds to keep retrying a refused connection while the destination starts, and
     /// then the most the rest of set-up may take once the main channel is open (source).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -217,6 +227,9 @@ impl MigrationArgs {
             buffer_cap: self.buffer_cap,
             peer_timeout: Duration::from_millis(self.peer_timeout_ms),
             switchover_timeout: Duration::from_millis(self.switchover_timeout_ms),
+            downtime_hard_limit: (self.downtime_hard_limit_ms > 0)
+                .then(|| Duration::from_millis(self.downtime_hard_limit_ms)),
+            switchover_attempts: self.switchover_attempts,
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             ram: if self.local {
                 RamTransfer::Local

@@ -142,6 +142,11 @@ fn say_progress(p: &Progress, json: bool) {
             r.bytes_per_s / 1e6,
             r.dirty_after
         );
+    } else if let Progress::SwitchoverAbandoned(a) = p {
+        eprintln!(
+            "livemig: switchover (round {}) abandoned after {:.0} ms waiting for {}; the guest ran again after {:.0} ms paused, precopy goes on",
+            a.round, a.cut_ms, a.waiting_for, a.paused_ms
+        );
     }
 }
 

@@ -148,6 +148,21 @@ pub struct MigrationConfig {
     /// the guest runs on here. The destination's `Resumed` after the handover is then awaited
     /// for the peer timeout. Must not be 0. Default [`DEFAULT_SWITCHOVER_TIMEOUT`] (30 s).
     pub switchover_timeout: Duration,
+    /// A hard bound on the switchover's pause (QMP's `x-downtime-hard-limit`; `None`, the
+    /// default: only [`Self::switchover_timeout`]). A switchover the destination has not
+    /// loaded this long after the guest paused (a device's final read stalling, a link
+    /// slowing down) is abandoned, not waited for: the devices are told to stop
+    /// ([`crate::Device::interrupt_save`]), the guest runs on here with its dirty log
+    /// running, and the same session goes on in a new connection from the pages the last
+    /// switchover did not confirm, its expected downtime floored at what the abandoned one
+    /// had taken. After [`Self::switchover_attempts`] abandoned switchovers,
+    /// [`Self::on_no_convergence`] decides. Needs the destination's `switchover retry`
+    /// feature; not with local mode or postcopy (yet).
+    pub downtime_hard_limit: Option<Duration>,
+    /// How many switchovers may be abandoned past [`Self::downtime_hard_limit`] before
+    /// [`Self::on_no_convergence`] decides: `Force` runs the next one without the bound,
+    /// `Cancel` fails the migration (the guest running here). At least 1; default 3.
+    pub switchover_attempts: u32,
     /// Device state on the data channels with credit (the default), or each device in turn
     /// on the main channel at switchover (the baseline livemig is compared with). See
     /// [`crate::device`] for the calls each makes.
@@ -211,6 +226,8 @@ impl Default for MigrationConfig {
             pages_per_packet: DEFAULT_PAGES_PER_PACKET,
             connect_timeout: Duration::from_secs(10),
             switchover_timeout: DEFAULT_SWITCHOVER_TIMEOUT,
+            downtime_hard_limit: None,
+            switchover_attempts: 3,
             device_transfer: DeviceTransfer::Multifd,
             ram: RamTransfer::Copy,
             page_checksums: false,
@@ -233,7 +250,6 @@ impl MigrationConfig {
         self.live.downtime_limit().unwrap_or(self.downtime_limit)
     }
 
-    /// The bandwidth cap in force: [`Self::live`]'s if set, else [`Self::max_bandwidth`].
     /// The throttle policy in force: [`Self::live`]'s if set, else [`Self::throttle`].
     pub fn throttle_now(&self) -> ThrottlePolicy {
         self.live.throttle().unwrap_or(self.throttle)
@@ -317,6 +333,7 @@ impl MigrationConfig {
                 "max postcopy bandwidth 0 would never finish; leave it unset for no cap".into(),
             ));
         }
+        self.validate_hard_limit()?;
         if self.avail_switchover_bandwidth == Some(0) {
             return Err(MigrationError::Config(
                 "available switchover bandwidth 0: leave it unset to use the measured rate".into(),
@@ -326,6 +343,34 @@ impl MigrationConfig {
             return Err(MigrationError::Config(
                 "max bandwidth 0 would never finish; leave it unset for no cap".into(),
             ));
+        }
+        Ok(())
+    }
+}
+
+impl MigrationConfig {
+    /// The hard bound on the pause: not 0, not where a switchover cannot be abandoned and
+    /// taken up again in a new connection.
+    fn validate_hard_limit(&self) -> Result<(), MigrationError> {
+        let Some(limit) = self.downtime_hard_limit else {
+            return Ok(());
+        };
+        let refuse = |why: &str| {
+            Err(MigrationError::Config(format!(
+                "downtime hard limit: {why}"
+            )))
+        };
+        if limit.is_zero() {
+            return refuse("0 would abandon every switchover; leave it unset for no bound");
+        }
+        if self.switchover_attempts == 0 {
+            return refuse("switchover attempts must be at least 1");
+        }
+        if self.ram == RamTransfer::Local {
+            return refuse("not with local mode (its memory files are handed over once)");
+        }
+        if self.postcopy.allowed {
+            return refuse("not with postcopy yet");
         }
         Ok(())
     }

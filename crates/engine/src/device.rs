@@ -13,6 +13,8 @@
 //! ```text
 //! source:       begin_save ─► save_precopy* (guest running) ─► save_final* (guest paused) ─► 0
 //!                    └──────── on failure or cancel, at any point: abort_save (device runs on)
+//!               a switchover past its hard bound: interrupt_save, then abort_save; the
+//!               next attempt starts again at begin_save
 //! destination:  load* (precopy bytes, then final bytes, in saved order) ─► load_complete
 //! ```
 //!
@@ -151,6 +153,16 @@ pub trait Device: Send + Sync {
     fn pending(&self) -> Option<SavePending> {
         None
     }
+
+    /// A switchover past its hard bound ([`crate::MigrationConfig::downtime_hard_limit`]) is
+    /// being abandoned while the device's save job may be blocked in
+    /// [`Device::save_final`]: make that call return soon (an error or 0; whatever it
+    /// returns is discarded). Called on the coordinator's thread, concurrently with the
+    /// save job (as a VMM would move a VFIO device back to RUNNING while a read of its
+    /// migration fd blocks); [`Device::abort_save`] follows once the job has ended, then
+    /// the guest resumes. The default does nothing: a device whose final read can block
+    /// for long keeps the guest paused until the read returns.
+    fn interrupt_save(&self) {}
 
     /// The migration failed or was cancelled: the device runs on as before (whatever a
     /// final save froze is thawed), with its state intact. Called before the guest resumes,

@@ -127,6 +127,22 @@ pub enum MigrationError {
         /// Auto-converge's throttle at the end, percent.
         throttle_percent: u8,
     },
+    /// A switchover ran past [`crate::MigrationConfig::downtime_hard_limit`] and was
+    /// abandoned. Within a migration the engine takes this up itself (the guest resumes
+    /// here, the session goes on in a new connection); it ends one only once
+    /// [`crate::MigrationConfig::switchover_attempts`] switchovers were abandoned and
+    /// [`crate::NoConvergence::Cancel`] is configured. The guest runs on here.
+    #[error(
+        "switchover abandoned {attempts} times past the hard downtime limit of {limit_ms:.0} ms (the last waited for {waiting_for}); cancelled as configured, the guest runs on here"
+    )]
+    SwitchoverAbandoned {
+        /// Switchovers abandoned.
+        attempts: u32,
+        /// The bound, milliseconds.
+        limit_ms: f64,
+        /// What the last one still waited for when it was cut.
+        waiting_for: String,
+    },
     /// A connection failed, or the destination refused ([`ChannelError::Rejected`] carries
     /// its reason, e.g. a device it could not load).
     #[error(transparent)]

@@ -89,8 +89,8 @@ pub use guest::{Guest, GuestError, GuestFactory, GuestMemory, VerifyReport};
 pub use incoming::{receive, receive_vm, Factories, Incoming};
 pub use recovery::{IncomingRecovery, Mailbox, SourceRecovery};
 pub use report::{
-    DeviceReport, DowntimeBreakdown, IncomingEvent, IncomingReport, MigrationReport, Progress,
-    RoundReport,
+    AbandonedSwitchover, DeviceReport, DowntimeBreakdown, IncomingEvent, IncomingReport,
+    MigrationReport, Progress, RoundReport,
 };
 pub use source::{migrate, migrate_vm, Vm};
 pub use stats::{LiveStats, StatsSnapshot};

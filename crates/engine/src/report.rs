@@ -143,6 +143,29 @@ pub struct MigrationReport {
     /// The postcopy phase, when the migration switched to it.
     #[serde(default)]
     pub postcopy: Option<PostcopyReport>,
+    /// Switchovers abandoned past [`crate::MigrationConfig::downtime_hard_limit`], in order;
+    /// the migration went on after each (empty without the bound).
+    #[serde(default)]
+    pub abandoned_switchovers: Vec<AbandonedSwitchover>,
+}
+
+/// A switchover abandoned past the hard bound on the pause
+/// ([`crate::MigrationConfig::downtime_hard_limit`]): the guest ran on at the source, and the
+/// migration went on in a new connection.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AbandonedSwitchover {
+    /// The switchover's round (the report's numbering).
+    pub round: u32,
+    /// The downtime expected when the guest paused, milliseconds.
+    pub expected_downtime_ms: f64,
+    /// From the pause until the switchover was cut, milliseconds (the bound, or a little
+    /// more).
+    pub cut_ms: f64,
+    /// From the pause until the guest ran here again, milliseconds: the pause the guest
+    /// saw.
+    pub paused_ms: f64,
+    /// What the switchover still waited for when it was cut, for a person.
+    pub waiting_for: String,
 }
 
 /// What the postcopy phase of a migration moved and cost.
@@ -334,6 +357,10 @@ pub enum Progress {
         /// Pages the destination still missed.
         missing_pages: u64,
     },
+    /// A switchover ran past the hard bound on the pause and was abandoned: the guest runs
+    /// here again, and the migration goes on (or, out of attempts, ends as
+    /// [`crate::MigrationConfig::on_no_convergence`] says).
+    SwitchoverAbandoned(AbandonedSwitchover),
 }
 
 /// What an incoming migration reports as it goes: sessions accepted, connections refused and
@@ -415,6 +442,14 @@ pub enum IncomingEvent {
         /// Pages still missing here.
         missing_pages: u64,
     },
+    /// The source abandoned a switchover past its hard bound on the pause: the guest runs
+    /// there again, this side keeps guest memory and waits for the same session to go on.
+    SwitchoverAbandoned {
+        /// The session's id.
+        session: String,
+        /// The source's reason.
+        reason: String,
+    },
 }
 
 impl std::fmt::Display for IncomingEvent {
@@ -466,6 +501,10 @@ impl std::fmt::Display for IncomingEvent {
             } => write!(
                 f,
                 "postcopy of session {session} resumed: {missing_pages} pages still to come"
+            ),
+            IncomingEvent::SwitchoverAbandoned { session, reason } => write!(
+                f,
+                "session {session}: the source abandoned the switchover ({reason}); waiting for it to go on"
             ),
         }
     }

@@ -460,6 +460,10 @@ pub enum RejectCode {
     LoadFailed = 8,
     /// The peer's user or VMM cancelled the migration.
     Cancelled = 9,
+    /// The source abandoned a switchover that ran past its hard bound on the pause: the
+    /// guest runs on the source again, and the same session goes on in a new connection
+    /// (feature `switchover retry`). A peer without the feature reads it as `Other`.
+    SwitchoverAbandoned = 10,
 }
 
 impl RejectCode {
@@ -473,6 +477,7 @@ impl RejectCode {
             7 => RejectCode::Protocol,
             8 => RejectCode::LoadFailed,
             9 => RejectCode::Cancelled,
+            10 => RejectCode::SwitchoverAbandoned,
             _ => RejectCode::Other,
         }
     }

@@ -99,21 +99,27 @@ impl Features {
     /// The guest may arrive paused: `Handover` may carry a byte saying so (a guest its
     /// operator stopped on the source stays stopped). New in version 5.
     pub const PAUSED_GUEST: Features = Features(1 << 5);
+    /// A switchover may be abandoned (a `Reject` with code `SwitchoverAbandoned`, past the
+    /// source's hard bound on the pause): the destination keeps the guest's memory and waits
+    /// for the same session to go on in a new connection (a hello with the same id). New in
+    /// version 5.
+    pub const SWITCHOVER_RETRY: Features = Features(1 << 6);
     /// No feature.
     pub const NONE: Features = Features(0);
     /// What a version-4 peer does: every feature above (version 4 had them all, without
     /// saying so).
     pub const V4: Features = Features(0b1_1111);
     /// Every feature this build knows.
-    pub const ALL: Features = Features(0b11_1111);
+    pub const ALL: Features = Features(0b111_1111);
 
-    const NAMES: [(Features, &'static str); 6] = [
+    const NAMES: [(Features, &'static str); 7] = [
         (Features::ZSTD, "zstd compression"),
         (Features::PAGE_CHECKSUMS, "page checksums"),
         (Features::LOCAL, "local mode"),
         (Features::POSTCOPY, "postcopy"),
         (Features::POSTCOPY_RECOVERY, "postcopy recovery"),
         (Features::PAUSED_GUEST, "paused guest"),
+        (Features::SWITCHOVER_RETRY, "switchover retry"),
     ];
 
     /// Whether every bit of `other` is set here.
@@ -151,6 +157,7 @@ impl Features {
             ("postcopy", Features::POSTCOPY),
             ("postcopy-recovery", Features::POSTCOPY_RECOVERY),
             ("paused-guest", Features::PAUSED_GUEST),
+            ("switchover-retry", Features::SWITCHOVER_RETRY),
         ];
         short
             .iter()

@@ -969,6 +969,21 @@ impl Machine {
                 self.set_status(MigStatus::PostcopyActive);
                 return;
             }
+            // The guest runs here again and precopy goes on.
+            Progress::SwitchoverAbandoned(a) => {
+                if self.caps.events {
+                    let data = json!({"round": a.round, "cut-ms": a.cut_ms,
+                        "paused-ms": a.paused_ms, "waiting-for": a.waiting_for});
+                    self.events.emit("SWITCHOVER_ABANDONED", Some(data));
+                }
+                o.abandoned.push(a);
+                o.ram_bytes_at_pause = None;
+                if self.run == RunState::FinishMigrate {
+                    self.set_run(RunState::Running);
+                }
+                self.set_status(MigStatus::Active);
+                return;
+            }
         }
         if self.status == MigStatus::Setup {
             self.set_status(MigStatus::Active);

@@ -126,6 +126,11 @@ pub struct Parameters {
     pub peer_timeout_ms: u64,
     /// Milliseconds the guest may stay paused for the switchover at most.
     pub switchover_timeout_ms: u64,
+    /// `x-downtime-hard-limit`: a switchover unfinished this many milliseconds after the
+    /// pause is abandoned and tried again later; 0: no bound.
+    pub downtime_hard_limit_ms: u64,
+    /// `x-switchover-attempts`: switchovers abandoned at most before the policy decides.
+    pub switchover_attempts: u32,
     /// `multifd-compression`: pages compressed with zstd.
     pub zstd: bool,
     /// `multifd-zstd-level`.
@@ -160,6 +165,8 @@ impl Default for Parameters {
             device_state_transfer: d.device_transfer,
             peer_timeout_ms: 0,
             switchover_timeout_ms: d.switchover_timeout.as_millis() as u64,
+            downtime_hard_limit_ms: 0,
+            switchover_attempts: d.switchover_attempts,
             zstd: d.compress.is_some(),
             zstd_level: 1,
             page_checksums: d.page_checksums,
@@ -183,6 +190,8 @@ pub const NAMES: &[&str] = &[
     "x-device-state-transfer",
     "x-peer-timeout",
     "x-switchover-timeout",
+    "x-downtime-hard-limit",
+    "x-switchover-attempts",
     "multifd-compression",
     "multifd-zstd-level",
     "x-page-checksums",
@@ -233,6 +242,8 @@ impl Parameters {
             },
             "x-peer-timeout": self.peer_timeout_ms,
             "x-switchover-timeout": self.switchover_timeout_ms,
+            "x-downtime-hard-limit": self.downtime_hard_limit_ms,
+            "x-switchover-attempts": self.switchover_attempts,
             "multifd-compression": if self.zstd { "zstd" } else { "none" },
             "multifd-zstd-level": self.zstd_level,
             "x-page-checksums": self.page_checksums,
@@ -389,6 +400,21 @@ impl Parameters {
             }
             self.switchover_timeout_ms = ms;
         }
+        if let Some(ms) = a.opt_u64("x-downtime-hard-limit")? {
+            if ms > MAX_DOWNTIME_MS {
+                return Err(range_err(
+                    "x-downtime-hard-limit",
+                    &format!("0 (no bound) or up to {MAX_DOWNTIME_MS} ms"),
+                ));
+            }
+            self.downtime_hard_limit_ms = ms;
+        }
+        if let Some(n) = a.opt_u64("x-switchover-attempts")? {
+            if !(1..=1000).contains(&n) {
+                return Err(range_err("x-switchover-attempts", "1 to 1000"));
+            }
+            self.switchover_attempts = n as u32;
+        }
         Ok(())
     }
 
@@ -445,6 +471,9 @@ impl Parameters {
             device_transfer: self.device_state_transfer,
             peer_timeout: self.peer_timeout(livemig_engine::config::DEFAULT_PEER_TIMEOUT),
             switchover_timeout: Duration::from_millis(self.switchover_timeout_ms),
+            downtime_hard_limit: (self.downtime_hard_limit_ms > 0)
+                .then(|| Duration::from_millis(self.downtime_hard_limit_ms)),
+            switchover_attempts: self.switchover_attempts,
             auto_converge: caps.auto_converge,
             compress: self.zstd.then_some(self.zstd_level as i32),
             page_checksums: self.page_checksums,

@@ -35,6 +35,8 @@ pub struct Outgoing {
     pub ram_bytes_at_pause: Option<u64>,
     /// The guest was stopped by its operator before the migration (it stays stopped).
     pub guest_paused: bool,
+    /// Switchovers abandoned past `x-downtime-hard-limit` so far.
+    pub abandoned: Vec<livemig_engine::AbandonedSwitchover>,
 }
 
 /// Where an outgoing migration stands with respect to postcopy.
@@ -139,6 +141,7 @@ impl Outgoing {
             blocktime,
             ram_bytes_at_pause: None,
             guest_paused: false,
+            abandoned: Vec::new(),
         }
     }
 
@@ -162,6 +165,7 @@ impl Outgoing {
             m.insert("cpu-throttle-percentage".into(), json!(r.throttle_percent));
         }
         self.insert_devices(&mut m, status, &s);
+        m.insert("x-abandoned-switchovers".into(), self.abandoned_json());
         if self.blocktime {
             if let Some(pc) = self.report.as_ref().and_then(|r| r.postcopy.as_ref()) {
                 // The total only: livemig does not count per vCPU (no
@@ -235,6 +239,25 @@ impl Outgoing {
                 "precopy-bytes": precopy_bytes,
                 "downtime-bytes": downtime_bytes,
         })
+    }
+
+    /// Switchovers abandoned past the hard bound, each with the pause the guest saw.
+    fn abandoned_json(&self) -> Value {
+        let list = match &self.report {
+            Some(r) => &r.abandoned_switchovers,
+            None => &self.abandoned,
+        };
+        list.iter()
+            .map(|a| {
+                json!({
+                    "round": a.round,
+                    "expected-downtime": a.expected_downtime_ms.round() as u64,
+                    "cut-ms": a.cut_ms,
+                    "paused-ms": a.paused_ms,
+                    "waiting-for": a.waiting_for,
+                })
+            })
+            .collect()
     }
 
     /// The downtime and device state once done, the expected downtime and device names

@@ -54,12 +54,13 @@ use crate::device::{Device, DeviceError, DeviceFactory, VmState};
 use crate::error::{ChannelError, ChannelName, IncomingError};
 use crate::framed;
 use crate::guest::{Guest, GuestFactory};
+use crate::hostmem::Populated;
 use crate::report::{IncomingEvent, IncomingReport};
 use crate::transport::{Listener, Stream};
 use coordinator::Ended;
 use livemig_wire::{
-    Complete, DeviceLoadStats, RamTransfer, Reject, RejectCode, RoundStart, SessionAccept,
-    SessionHello,
+    Complete, DeviceLoadStats, Features, RamTransfer, Reject, RejectCode, RoundStart,
+    SessionAccept, SessionHello,
 };
 use session::Session;
 use std::time::Instant;
@@ -185,6 +186,9 @@ type Built = (
     Vec<Box<dyn VmState>>,
 );
 
+/// The streamed devices' and the small devices' twins.
+type Twins = (Vec<Box<dyn Device>>, Vec<Box<dyn VmState>>);
+
 /// Builds what `hello` describes, or the Reject that says why this side cannot.
 fn build_session(
     hello: &SessionHello,
@@ -193,8 +197,6 @@ fn build_session(
     config: &IncomingConfig,
 ) -> Result<Built, Reject> {
     let accept = setup::flow_bounds(hello, config)?;
-    let unsupported =
-        |e: &dyn std::fmt::Display| Reject::new(RejectCode::Unsupported, e.to_string());
     let guest = match hello.ram {
         RamTransfer::Copy => factories.guest.create(&hello.guest),
         RamTransfer::Local => {
@@ -203,6 +205,16 @@ fn build_session(
         }
     }
     .map_err(|e| unsupported(&e))?;
+    let (devices, vmstates) = build_twins(hello, factories)?;
+    Ok((accept, guest, devices, vmstates))
+}
+
+fn unsupported(e: &dyn std::fmt::Display) -> Reject {
+    Reject::new(RejectCode::Unsupported, e.to_string())
+}
+
+/// The twins of the devices `hello` describes, in its order.
+fn build_twins(hello: &SessionHello, factories: Factories<'_>) -> Result<Twins, Reject> {
     let descriptor = |w: &livemig_wire::WireDevice| crate::device::DeviceDescriptor {
         kind: w.kind.clone(),
         name: w.name.clone(),
@@ -222,7 +234,15 @@ fn build_session(
         .map(|w| factories.devices.create_vmstate(&descriptor(w)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| unsupported(&e))?;
-    Ok((accept, guest, devices, vmstates))
+    Ok((devices, vmstates))
+}
+
+/// A session's hello taken, its bounds and twins built, its channels not yet joined.
+struct Taken {
+    hello: SessionHello,
+    negotiated: setup::Negotiated,
+    accept: SessionAccept,
+    twins: Twins,
 }
 
 /// Waits for one incoming migration on `listener` and runs it to the end.
@@ -233,6 +253,11 @@ fn build_session(
 /// and the wait goes on. Once a session is accepted it runs to its end; every thread it
 /// starts (`lm-dst-*`) is joined before this returns. `log` is called on the caller's
 /// thread with what happens ([`IncomingEvent`]); it should return quickly.
+///
+/// A source that abandons a switchover past its hard bound
+/// ([`crate::MigrationConfig::downtime_hard_limit`]) goes on in a new connection of the same
+/// session: this side keeps guest memory, drops the device twins, and waits (for the peer
+/// timeout, at least [`CONTINUATION_WAIT`]) for that session only.
 ///
 /// On `Ok` the guest has been resumed here, after the source handed it over. On `Err`
 /// nothing runs here (see [`IncomingError`]) and `listener` can be passed again for the
@@ -255,44 +280,130 @@ pub fn receive_vm(
         protocol: negotiated.agreed.version,
         features: negotiated.agreed.features,
     });
-    negotiated.accept(&mut main, &accept)?;
-    let data = setup::accept_channels(listener, &main, &hello, config, log).inspect_err(|e| {
-        framed::send_reject(
-            &mut main,
-            ChannelName::Main,
-            &Reject::new(RejectCode::Other, e.to_string()),
-        )
-    })?;
-    session::arm_peer_timeouts(&main, &data, &accept)?;
+    let retry = negotiated
+        .agreed
+        .features
+        .contains(Features::SWITCHOVER_RETRY);
     // Guest memory's userfaultfd side outlives a session: a broken postcopy resumes in
     // another.
     let postcopy = hello
         .postcopy
         .then(|| postcopy::PostcopyDest::new(guest.memory()));
-    let session = Session {
-        guest: &*guest,
-        devices: &devices,
-        vmstates: &vmstates,
-        hello: &hello,
+    let populated = Populated::new(guest.memory());
+    let mut taken = Taken {
+        hello,
+        negotiated,
         accept,
-        config,
-        start,
-        log,
+        twins: (devices, vmstates),
     };
-    let report = match session.run(main, data, postcopy.as_ref(), None)? {
-        Ended::Done(report) => *report,
-        Ended::Paused(run, e) => match &postcopy {
-            Some(dest) => recover::run(listener, &session, dest, run, e)?,
-            None => return Err(e),
-        },
-    };
-    drop(postcopy);
-    Ok(Incoming {
-        guest,
-        devices,
-        vmstates,
-        report,
-    })
+    loop {
+        let data = join_channels(listener, config, log, &mut main, &taken)?;
+        let session = Session {
+            guest: &*guest,
+            devices: &taken.twins.0,
+            vmstates: &taken.twins.1,
+            hello: &taken.hello,
+            populated: &populated,
+            accept: taken.accept,
+            config,
+            start,
+            log,
+        };
+        let report = match session.run(main, data, postcopy.as_ref(), None) {
+            Ok(Ended::Done(report)) => *report,
+            Ok(Ended::Paused(run, e)) => match &postcopy {
+                Some(dest) => recover::run(listener, &session, dest, run, e)?,
+                None => return Err(e),
+            },
+            Err(e) if retry && abandoned(&e) => {
+                log(&IncomingEvent::SwitchoverAbandoned {
+                    session: taken.hello.session.to_string(),
+                    reason: e.to_string(),
+                });
+                (taken, main) = await_continuation(listener, factories, config, log, &taken.hello)?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        drop(postcopy);
+        let (devices, vmstates) = taken.twins;
+        return Ok(Incoming {
+            guest,
+            devices,
+            vmstates,
+            report,
+        });
+    }
+}
+
+/// The session is accepted (on `main`) and its data channels joined.
+fn join_channels(
+    listener: &Listener,
+    config: &IncomingConfig,
+    log: &(dyn Fn(&IncomingEvent) + Sync),
+    main: &mut Stream,
+    taken: &Taken,
+) -> Result<Vec<Stream>, IncomingError> {
+    taken.negotiated.accept(main, &taken.accept)?;
+    let data =
+        setup::accept_channels(listener, main, &taken.hello, config, log).inspect_err(|e| {
+            framed::send_reject(
+                main,
+                ChannelName::Main,
+                &Reject::new(RejectCode::Other, e.to_string()),
+            )
+        })?;
+    session::arm_peer_timeouts(main, &data, &taken.accept)?;
+    Ok(data)
+}
+
+/// The least a destination waits for a session to go on after its abandoned switchover
+/// (the source reconnects as soon as its guest runs again).
+pub const CONTINUATION_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether the source abandoned a switchover past its bound (and goes on).
+fn abandoned(e: &IncomingError) -> bool {
+    matches!(
+        e,
+        IncomingError::Channel(ChannelError::Rejected { reject, .. })
+            if reject.code == RejectCode::SwitchoverAbandoned
+    )
+}
+
+/// Waits for session `abandoned` to go on, and builds its device twins afresh; a hello
+/// this side cannot build is refused and the wait goes on, until the deadline.
+fn await_continuation(
+    listener: &Listener,
+    factories: Factories<'_>,
+    config: &IncomingConfig,
+    log: &(dyn Fn(&IncomingEvent) + Sync),
+    abandoned: &SessionHello,
+) -> Result<(Taken, Stream), IncomingError> {
+    let deadline = Instant::now() + config.peer_timeout.max(CONTINUATION_WAIT);
+    loop {
+        let (hello, negotiated, mut main) =
+            setup::accept_continuation(listener, config, log, abandoned, deadline)?;
+        let built = setup::flow_bounds(&hello, config)
+            .and_then(|accept| Ok((accept, build_twins(&hello, factories)?)));
+        match built {
+            Ok((accept, twins)) => {
+                let taken = Taken {
+                    hello,
+                    negotiated,
+                    accept,
+                    twins,
+                };
+                return Ok((taken, main));
+            }
+            Err(reject) => {
+                log(&IncomingEvent::SessionRefused {
+                    session: hello.session.to_string(),
+                    reason: reject.reason.clone(),
+                });
+                negotiated.refuse(&mut main, &reject);
+            }
+        }
+    }
 }
 
 /// Waits for a session this side can build: one it cannot (too much buffering asked, an

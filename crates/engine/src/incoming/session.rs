@@ -29,6 +29,9 @@ pub(super) struct Session<'a> {
     pub devices: &'a [Box<dyn Device>],
     pub vmstates: &'a [Box<dyn VmState>],
     pub hello: &'a SessionHello,
+    /// Pages written here, over every session of the migration (a session that goes on
+    /// after an abandoned switchover sends only what changed).
+    pub populated: &'a Populated,
     pub accept: SessionAccept,
     pub config: &'a IncomingConfig,
     pub start: Instant,
@@ -40,7 +43,7 @@ pub(super) struct Session<'a> {
 pub(super) struct Shared<'p, 'm> {
     pub barrier: RoundBarrier,
     pub claims: PageClaims,
-    pub populated: Populated,
+    pub populated: &'p Populated,
     pub torn: TornPages,
     pub streams: Streams,
     pub counters: Counters,
@@ -112,7 +115,7 @@ impl Session<'_> {
         let shared = Shared {
             barrier: RoundBarrier::new(self.hello.channels as usize),
             claims: PageClaims::new(memory),
-            populated: Populated::new(memory),
+            populated: self.populated,
             torn: TornPages::new(memory),
             streams: Streams::new(
                 self.devices.len(),
@@ -265,7 +268,7 @@ impl Session<'_> {
             events,
             counters: &shared.counters,
             claims: &shared.claims,
-            populated: &shared.populated,
+            populated: shared.populated,
             torn: &shared.torn,
             streams: &shared.streams,
             hooks: self.config.test_hooks.clone(),

@@ -56,13 +56,24 @@ impl Negotiated {
 /// A session's hello, what it speaks, and its main channel.
 pub(crate) type Opened = (SessionHello, Negotiated, Stream);
 
+/// Which hello a destination waits for.
+#[derive(Clone, Copy)]
+pub(crate) enum Awaiting<'a> {
+    /// A new session's.
+    New,
+    /// The resume of this session's broken postcopy (its id, its guest).
+    Resume(&'a SessionHello),
+    /// This session going on after its source abandoned a switchover (its id, its guest).
+    Continuation(&'a SessionHello),
+}
+
 /// Waits for a connection that opens a session, refusing anything else.
 pub(crate) fn accept_session(
     listener: &Listener,
     config: &IncomingConfig,
     log: &(dyn Fn(&IncomingEvent) + Sync),
 ) -> Result<Opened, IncomingError> {
-    accept_hello(listener, config, log, None, None)
+    accept_hello(listener, config, log, Awaiting::New, None)
 }
 
 /// Waits, until `deadline`, for the session that resumes the broken postcopy of `paused`
@@ -74,14 +85,27 @@ pub(crate) fn accept_resume(
     paused: &SessionHello,
     deadline: Option<Instant>,
 ) -> Result<Opened, IncomingError> {
-    accept_hello(listener, config, log, Some(paused), deadline)
+    accept_hello(listener, config, log, Awaiting::Resume(paused), deadline)
+}
+
+/// Waits, until `deadline`, for session `abandoned` to go on after its abandoned
+/// switchover (its id, its guest, no resume), refusing anything else.
+pub(crate) fn accept_continuation(
+    listener: &Listener,
+    config: &IncomingConfig,
+    log: &(dyn Fn(&IncomingEvent) + Sync),
+    abandoned: &SessionHello,
+    deadline: Instant,
+) -> Result<Opened, IncomingError> {
+    let awaiting = Awaiting::Continuation(abandoned);
+    accept_hello(listener, config, log, awaiting, Some(deadline))
 }
 
 fn accept_hello(
     listener: &Listener,
     config: &IncomingConfig,
     log: &(dyn Fn(&IncomingEvent) + Sync),
-    paused: Option<&SessionHello>,
+    awaiting: Awaiting<'_>,
     deadline: Option<Instant>,
 ) -> Result<Opened, IncomingError> {
     let ch = ChannelName::Incoming;
@@ -89,7 +113,7 @@ fn accept_hello(
     let spoken = protocol.versions();
     let decide = |mut s: Stream, first: First| {
         let refused = match first.frame {
-            Ok(buf) => match open_session(first.version, &buf, config, protocol, paused) {
+            Ok(buf) => match open_session(first.version, &buf, config, protocol, awaiting) {
                 Ok((hello, agreed)) => {
                     let _ = s.set_read_timeout(None);
                     let _ = s.set_write_timeout(None);
@@ -145,7 +169,7 @@ fn open_session(
     buf: &[u8],
     config: &IncomingConfig,
     protocol: Protocol,
-    paused: Option<&SessionHello>,
+    awaiting: Awaiting<'_>,
 ) -> Result<(SessionHello, Agreed), Reject> {
     let spoken = protocol.versions();
     if !spoken.contains(layout) {
@@ -160,29 +184,35 @@ fn open_session(
     let agreed = version::negotiate(&offer, spoken, protocol.features())
         .map_err(|e| Reject::new(RejectCode::Unsupported, e.to_string()))?;
     check_hello(&hello, config)?;
-    check_resume(&hello, paused)?;
+    check_awaited(&hello, awaiting)?;
     Ok((hello, agreed))
 }
 
 /// A hello resumes a broken postcopy if and only if this side waits for that: the paused
-/// session's own resume (same id, same guest).
-fn check_resume(hello: &SessionHello, paused: Option<&SessionHello>) -> Result<(), Reject> {
+/// session's own resume (same id, same guest); while a session waits to go on after an
+/// abandoned switchover, only its own hello (same id, same guest, no resume) is taken.
+fn check_awaited(hello: &SessionHello, awaiting: Awaiting<'_>) -> Result<(), Reject> {
     let refused = |why: String| Err(Reject::new(RejectCode::UnknownSession, why));
-    match paused {
-        None if hello.resume => refused(format!(
+    match awaiting {
+        Awaiting::New if hello.resume => refused(format!(
             "no broken postcopy here to resume (session {})",
             hello.session
         )),
-        None => Ok(()),
-        Some(p) if !hello.resume || hello.session != p.session => refused(format!(
+        Awaiting::New => Ok(()),
+        Awaiting::Resume(p) if !hello.resume || hello.session != p.session => refused(format!(
             "this destination is paused in the postcopy of session {}: only its resume is accepted",
             p.session
         )),
-        Some(p) if hello.guest != p.guest => refused(format!(
-            "the resume of session {} describes another guest",
-            p.session
-        )),
-        Some(_) => Ok(()),
+        Awaiting::Continuation(p) if hello.resume || hello.session != p.session => {
+            refused(format!(
+                "this destination waits for session {} to go on after its abandoned switchover",
+                p.session
+            ))
+        }
+        Awaiting::Resume(p) | Awaiting::Continuation(p) if hello.guest != p.guest => refused(
+            format!("the hello of session {} describes another guest", p.session),
+        ),
+        Awaiting::Resume(_) | Awaiting::Continuation(_) => Ok(()),
     }
 }
 

@@ -68,6 +68,17 @@ pub(super) fn connect(
     open_session(vm, to, config, session, false)
 }
 
+/// Opens a new connection of session `session`, which goes on after an abandoned
+/// switchover (the destination waits for its id).
+pub(super) fn continuing(
+    vm: Vm<'_>,
+    to: &Endpoint,
+    config: &MigrationConfig,
+    session: SessionId,
+) -> Result<Connected, MigrationError> {
+    open_session(vm, to, config, session, false)
+}
+
 /// Opens a session that resumes the broken postcopy `point` (postcopy recovery), and reads
 /// the destination's list of the pages it still misses.
 pub(super) fn resume(
@@ -309,6 +320,9 @@ impl Opener<'_> {
         }
         if self.config.guest_paused {
             required = required.union(Features::PAUSED_GUEST);
+        }
+        if self.config.downtime_hard_limit.is_some() {
+            required = required.union(Features::SWITCHOVER_RETRY);
         }
         let missing = required.without(protocol.features());
         if !missing.is_empty() {

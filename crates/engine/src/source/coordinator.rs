@@ -98,6 +98,10 @@ pub(super) struct Coordinator<'a> {
     /// The background push's queue, in a session that may switch to postcopy.
     pub push: Option<crossbeam_channel::Sender<super::postcopy::PushOrder>>,
     pub parts: ReportParts,
+    /// While a switchover may be abandoned: when (see `abandon.rs`).
+    pub hard_deadline: Option<Instant>,
+    /// What the switchover waits for now, for the report of an abandoned one.
+    pub awaiting: &'static str,
 }
 
 impl Coordinator<'_> {
@@ -118,6 +122,7 @@ impl Coordinator<'_> {
         let mut phase = match start {
             Start::Fresh => self.begin()?,
             Start::Resume(point, missing) => self.resume_postcopy(*point, missing)?,
+            Start::Continue(point) => self.continue_from(*point)?,
         };
         loop {
             phase = match phase {
@@ -219,6 +224,7 @@ impl Coordinator<'_> {
         loop {
             let ev = select! {
                 recv(self.events) -> ev => ev.map_err(|_| MigrationError::ThreadsGone)?,
+                recv(self.hard_timer()) -> _ => return Err(self.abandon()),
                 recv(self.threads) -> done => {
                     thread_failure(done)?;
                     continue;

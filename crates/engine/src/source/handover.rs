@@ -25,6 +25,8 @@ impl Coordinator<'_> {
             other => return Err(out_of_order(other, "Loaded")),
         };
         let at = Instant::now();
+        // From the handover on the switchover cannot be taken back.
+        self.hard_deadline = None;
         // Told to run the guest, a live destination says so at once.
         self.watchdog
             .arm(Awaited::Resumed, self.accept.peer_timeout());

@@ -36,6 +36,7 @@
 //! destination makes all channels meet at each marker before applying the next round, so an
 //! older copy of a page can never land after a newer one.
 
+mod abandon;
 mod connect;
 mod convergence;
 mod coordinator;
@@ -147,20 +148,21 @@ pub fn migrate_vm(
     let agreed = connect::within(config, &connected.agreed);
     let config = agreed.as_ref().unwrap_or(config);
     let mut state = GuestState::Running;
-    let mut paused = None;
+    let mut left = None;
     let start = session::Start::Fresh;
     let result = session::run(
-        vm,
-        config,
-        connected,
-        progress,
-        &mut state,
-        start,
-        &mut paused,
+        vm, config, connected, progress, &mut state, start, &mut left,
     );
-    // A postcopy broken by a lost link waits to be resumed over a new connection.
-    let result = match (result, paused) {
-        (Err(e), Some(point)) => recover::run(vm, to, config, progress, point, e),
+    let result = match (result, left) {
+        // A postcopy broken by a lost link waits to be resumed over a new connection.
+        (Err(e), Some(session::Leftover::Postcopy(point))) => {
+            recover::run(vm, to, config, progress, point, e)
+        }
+        // A switchover abandoned past its bound: the guest runs here again, and the
+        // migration goes on.
+        (Err(e), Some(session::Leftover::Switchover(point))) => {
+            abandon::run(vm, to, config, progress, &mut state, point, e)
+        }
         (result, _) => result,
     };
     // A cancel from outside shuts the sockets down, so threads see broken channels: the

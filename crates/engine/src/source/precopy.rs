@@ -46,6 +46,15 @@ pub(super) struct Precopy {
     /// The channels' rate the devices' final bytes are expected to go at.
     pub channel: ChannelRate,
     pub start: Instant,
+    /// Rounds run in earlier sessions of this migration: after an abandoned switchover the
+    /// session that goes on numbers its rounds from 0 on the wire, the report goes on.
+    pub round_base: u32,
+    /// What the last abandoned switchover had taken when it was cut, milliseconds: the
+    /// expected downtime is not taken for less (what was learnt).
+    pub floor_ms: f64,
+    /// The final round's pages, kept while a hard bound may abandon the switchover: they
+    /// go again in the session that goes on.
+    pub final_set: Option<DirtyBitmap>,
 }
 
 impl Precopy {
@@ -60,6 +69,9 @@ impl Precopy {
             polish: 0,
             channel: ChannelRate::default(),
             start: Instant::now(),
+            round_base: 0,
+            floor_ms: 0.0,
+            final_set: None,
         }
     }
 }
@@ -110,7 +122,7 @@ impl Coordinator<'_> {
     }
 
     /// Sends every dirty page as the next round, then a RoundEnd on every channel.
-    fn start_round(&mut self) -> Result<Phase, MigrationError> {
+    pub(super) fn start_round(&mut self) -> Result<Phase, MigrationError> {
         let t0 = Instant::now();
         let round = self.precopy.round;
         let before = self.send_pages(round, true)?;
@@ -171,6 +183,7 @@ impl Coordinator<'_> {
         let devices = DeviceOutlook::of(self.vm.devices, serial);
         let switchover_bw = self.config.avail_switchover_bandwidth_now();
         estimate(&mut report, devices, p.channel.now(), switchover_bw);
+        report.expected_downtime_ms = report.expected_downtime_ms.max(p.floor_ms);
         report.downtime_limit_ms = ms(self.config.downtime_limit_now());
         (self.progress)(&Progress::RoundDone(report.clone()));
         self.after_round(report, t0)
@@ -201,11 +214,12 @@ impl Coordinator<'_> {
         if policy.allowed && asked {
             return self.enter_postcopy();
         }
-        if p.round >= self.config.max_rounds || p.start.elapsed() >= self.config.max_precopy_time {
+        let rounds = p.round_base + p.round;
+        if rounds >= self.config.max_rounds || p.start.elapsed() >= self.config.max_precopy_time {
             match self.config.on_no_convergence {
                 NoConvergence::Cancel => {
                     return Err(MigrationError::NotConverged {
-                        rounds: p.round,
+                        rounds,
                         expected_downtime_ms,
                         limit_ms,
                         throttle_percent: p.converge.throttle,
@@ -269,7 +283,7 @@ impl Coordinator<'_> {
         let live = live && self.precopy.copy_ram;
         let mut batch = Vec::with_capacity(per);
         let mut synced = Instant::now();
-        let mut stopped = false;
+        let (mut stopped, mut cut) = (false, false);
         for addr in self.precopy.dirty.addrs() {
             if self.precopy.redirtied.contains(addr) {
                 before.skipped += 1;
@@ -278,6 +292,10 @@ impl Coordinator<'_> {
             batch.push(addr);
             if batch.len() < per {
                 continue;
+            }
+            if !live && self.past_hard_limit() {
+                cut = true;
+                break;
             }
             let full = std::mem::replace(&mut batch, Vec::with_capacity(per));
             if !hand_out(&mut self.pacer, &self.dispatch, self.config, round, full) {
@@ -288,6 +306,9 @@ impl Coordinator<'_> {
                 self.vm.guest.sync_dirty_log(&mut self.precopy.redirtied)?;
                 synced = Instant::now();
             }
+        }
+        if cut {
+            return Err(self.abandon());
         }
         if stopped {
             return Err(self.failure_cause());
@@ -324,7 +345,7 @@ impl Coordinator<'_> {
         let elapsed = t0.elapsed();
         let bytes = c.ram_bytes.load(Relaxed) - before.bytes;
         RoundReport {
-            round,
+            round: self.precopy.round_base + round,
             pages: before.pages,
             normal_pages: c.normal_pages.load(Relaxed) - before.normal,
             zero_pages: c.zero_pages.load(Relaxed) - before.zero,

@@ -14,7 +14,7 @@
 
 use super::connect;
 use super::report::ReportParts;
-use super::session::{self, Start};
+use super::session::{self, Leftover, Start};
 use super::{GuestState, Vm};
 use crate::config::MigrationConfig;
 use crate::error::MigrationError;
@@ -89,12 +89,12 @@ pub(super) fn run(
         ) {
             Ok(report) => return Ok(report),
             Err(e) => match broke {
-                Some(p) => {
+                Some(Leftover::Postcopy(p)) => {
                     point = p;
                     error = unwrap_broken(e);
                     pause(&error);
                 }
-                None => return Err(e),
+                _ => return Err(e),
             },
         }
     }

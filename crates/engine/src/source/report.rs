@@ -35,6 +35,8 @@ pub(super) struct ReportParts {
     /// Pages `PostcopyStart` listed, and the times a broken postcopy was resumed.
     pub postcopy_pages: u64,
     pub postcopy_recoveries: u32,
+    /// Switchovers abandoned past the hard bound, in order.
+    pub abandoned: Vec<crate::report::AbandonedSwitchover>,
 }
 
 impl ReportParts {
@@ -55,6 +57,7 @@ impl ReportParts {
             postcopy: None,
             postcopy_pages: 0,
             postcopy_recoveries: 0,
+            abandoned: Vec::new(),
         }
     }
 }
@@ -95,6 +98,7 @@ impl Coordinator<'_> {
             buffer_cap_bytes: self.accept.buffer_cap,
             devices: self.device_reports(loaded),
             postcopy: p.postcopy.clone(),
+            abandoned_switchovers: p.abandoned.clone(),
         }
     }
 

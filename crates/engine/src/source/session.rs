@@ -6,6 +6,7 @@
 //! channel, and the jobs `state` (the guest's and small devices' state at switchover) and
 //! `dev{i}` per streamed device.
 
+use super::abandon::ContinuePoint;
 use super::connect::Connected;
 use super::coordinator::{Coordinator, Event};
 use super::credit::CreditTable;
@@ -57,6 +58,16 @@ pub(super) enum Start {
     Fresh,
     /// The resumption of a broken postcopy, with the pages the destination still misses.
     Resume(Box<ResumePoint>, PostcopyStart),
+    /// The same migration going on after an abandoned switchover.
+    Continue(Box<ContinuePoint>),
+}
+
+/// What a session that ended without completing leaves for the next one.
+pub(super) enum Leftover {
+    /// A postcopy broken by a lost link, to be resumed.
+    Postcopy(Box<ResumePoint>),
+    /// A switchover abandoned past its hard bound, to go on from.
+    Switchover(Box<ContinuePoint>),
 }
 
 impl<'a> Shared<'a> {
@@ -75,7 +86,7 @@ impl<'a> Shared<'a> {
             switchover: Switchover::default(),
             watchdog: Watchdog::new(),
             postcopy: match start {
-                Start::Fresh => PostcopyShared::default(),
+                Start::Fresh | Start::Continue(_) => PostcopyShared::default(),
                 Start::Resume(point, _) => PostcopyShared {
                     round: AtomicU32::new(point.round),
                 },
@@ -100,7 +111,8 @@ fn start_push<'scope>(
 }
 
 /// Runs a connected session to its end; `state` says where the guest is when it fails. A
-/// postcopy that breaks leaves where it stood in `paused`, for a resuming session.
+/// postcopy that breaks, or a switchover abandoned past its bound, leaves where it stood in
+/// `left`, for the session that goes on.
 pub(super) fn run(
     vm: Vm<'_>,
     config: &MigrationConfig,
@@ -108,7 +120,7 @@ pub(super) fn run(
     progress: &(dyn Fn(&Progress) + Sync),
     state: &mut GuestState,
     start: Start,
-    paused: &mut Option<Box<ResumePoint>>,
+    left: &mut Option<Leftover>,
 ) -> Result<MigrationReport, MigrationError> {
     let (sockets, return_stream) = clones(&c)?;
     if let Start::Fresh = start {
@@ -136,7 +148,7 @@ pub(super) fn run(
         let dispatch = start_channels(&rt, &shared, c.data, &c.accept, &events_tx);
         // A resumed postcopy saves nothing: every device and the state went before the
         // switch.
-        if let Start::Fresh = start {
+        if !matches!(start, Start::Resume(..)) {
             start_jobs(&rt, &shared, &dispatch, &events_tx);
         }
         let push = config
@@ -165,12 +177,14 @@ pub(super) fn run(
             postcopy: &shared.postcopy,
             push,
             parts: ReportParts::new(c.session, c.start, c.setup),
+            hard_deadline: None,
+            awaiting: "",
         };
         let outcome = match rt.failure() {
             Some(e) => Err(MigrationError::Job(e)),
             None => co.run(start),
         };
-        finish(rt, &shared, co, outcome, paused)
+        finish(rt, &shared, co, outcome, left)
     })
 }
 
@@ -178,13 +192,15 @@ pub(super) fn run(
 /// credit table and the switchover signal aborted first, waking the jobs); then the attempt
 /// is cancelled (ending the watcher), the job queues close (the channel threads' loops end),
 /// and the runtime shuts every socket and joins every thread. A broken postcopy leaves its
-/// resume point in `paused`, and the destination is told nothing: it pauses too.
+/// resume point in `left`, and the destination is told nothing: it pauses too. An abandoned
+/// switchover interrupts the devices' saves first (so the joins are quick), tells the
+/// destination to wait for the same session again, and leaves where it stood in `left`.
 fn finish(
     rt: Runtime<'_, '_>,
     shared: &Shared<'_>,
     co: Coordinator<'_>,
     outcome: Result<MigrationReport, MigrationError>,
-    paused: &mut Option<Box<ResumePoint>>,
+    left: &mut Option<Leftover>,
 ) -> Result<MigrationReport, MigrationError> {
     // Everything the coordinator holds of the threads goes now: the push's queue (a push
     // still waiting for a switch that did not come ends), the job queues.
@@ -203,11 +219,20 @@ fn finish(
     }
     match &outcome {
         Err(MigrationError::PostcopyBroken(_)) if parts.postcopy_started.is_some() => {
-            *paused = Some(Box::new(ResumePoint {
+            *left = Some(Leftover::Postcopy(Box::new(ResumePoint {
                 parts,
                 rounds: precopy.rounds,
                 round: shared.postcopy.round.load(Relaxed),
-            }));
+            })));
+        }
+        Err(e @ MigrationError::SwitchoverAbandoned { .. }) => {
+            shared.vm.devices.iter().for_each(|d| d.interrupt_save());
+            let why = abandon_reject(shared.config, e, parts.abandoned.len());
+            let _ = main.set_write_timeout(Some(Duration::from_secs(1)));
+            framed::send_reject(&mut main, ChannelName::Main, &why);
+            *left = Some(Leftover::Switchover(Box::new(ContinuePoint::new(
+                parts, precopy,
+            ))));
         }
         Err(e) => {
             let why = Reject::new(
@@ -227,6 +252,23 @@ fn finish(
     // failure would only hide where the guest runs.
     let _ = rt.teardown(false);
     outcome
+}
+
+/// What the destination is told of an abandoned switchover: to wait for the session to go
+/// on, or, the last one allowed under `NoConvergence::Cancel`, that the migration ends.
+fn abandon_reject(config: &MigrationConfig, e: &MigrationError, abandoned: usize) -> Reject {
+    let MigrationError::SwitchoverAbandoned { waiting_for, .. } = e else {
+        return Reject::new(RejectCode::Other, e.to_string());
+    };
+    let last = abandoned as u32 >= config.switchover_attempts
+        && config.on_no_convergence == crate::config::NoConvergence::Cancel;
+    match last {
+        true => Reject::new(RejectCode::Cancelled, format!("source aborted the migration: {e}")),
+        false => Reject::new(
+            RejectCode::SwitchoverAbandoned,
+            format!("switchover abandoned past the hard downtime limit (it waited for {waiting_for}); the session goes on in a new connection"),
+        ),
+    }
 }
 
 /// Clones of every socket, kept to shut them down (which wakes any thread blocked on one),

@@ -102,7 +102,9 @@ impl Coordinator<'_> {
     /// device and state saves, released by the pause, run meanwhile.
     pub(super) fn enter_switchover(&mut self, forced: bool) -> Result<Phase, MigrationError> {
         self.pause_guest(forced, false)?;
+        self.arm_hard_limit();
         let before = self.send_pages(self.precopy.round, false)?;
+        self.awaiting = "the device and state saves";
         self.parts.down.ram_final_ms = ms(self.parts.transfer_started.elapsed());
         let mut saving = Saving::new(self, false);
         saving.before = Some(before);
@@ -233,6 +235,7 @@ impl Coordinator<'_> {
         down.device_save_ms = devices.iter().map(|s| s.final_ms).fold(0.0, f64::max);
         self.parts.device_stats = devices;
         let round = self.precopy.round;
+        self.awaiting = "the destination to load the state";
         // The destination's Loaded says when the last round is in: no wait for its markers.
         self.end_marker(round, true)?;
         let mut last = self.round_report(round, &before, self.parts.transfer_started);

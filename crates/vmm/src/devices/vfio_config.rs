@@ -37,6 +37,10 @@ pub struct VfioSimConfig {
     /// Test hook: the destination's `load` fails at this byte of the final section (every
     /// time: a twin is built per attempt; [`super::VfioSim::disarm`] stops carrying it).
     pub fail_load_at: Option<u64>,
+    /// Test hook, source only (not in the descriptor): the first final save stalls this
+    /// many milliseconds before its first byte (once), as a device whose migration fd
+    /// blocks; `interrupt_save` ends the stall.
+    pub stall_final_ms: Option<u64>,
 }
 
 impl Default for VfioSimConfig {
@@ -50,6 +54,7 @@ impl Default for VfioSimConfig {
             fail_save_at: None,
             panic_save_at: None,
             fail_load_at: None,
+            stall_final_ms: None,
         }
     }
 }
@@ -95,10 +100,11 @@ impl VfioSimConfig {
                 "fail_save_at" => cfg.fail_save_at = Some(parse_size(key, value)?),
                 "panic_save_at" => cfg.panic_save_at = Some(parse_size(key, value)?),
                 "fail_load_at" => cfg.fail_load_at = Some(parse_size(key, value)?),
+                "stall_final_ms" => cfg.stall_final_ms = Some(parse_number(key, value)?),
                 other => {
                     return Err(format!(
                         "vfio-sim: unknown key '{other}' (known: size, rate, precopy, seed, \
-                         gen_ms, fail_save_at, panic_save_at, fail_load_at)"
+                         gen_ms, fail_save_at, panic_save_at, fail_load_at, stall_final_ms)"
                     ))
                 }
             }
@@ -164,6 +170,7 @@ impl VfioSimConfig {
             fail_save_at: hooks[0],
             panic_save_at: hooks[1],
             fail_load_at: hooks[2],
+            stall_final_ms: None,
         })
     }
 
@@ -173,6 +180,7 @@ impl VfioSimConfig {
             fail_save_at: None,
             panic_save_at: None,
             fail_load_at: None,
+            stall_final_ms: None,
             ..self.clone()
         }
     }
@@ -221,6 +229,7 @@ mod tests {
             fail_save_at: Some(0),
             panic_save_at: None,
             fail_load_at: Some(77),
+            stall_final_ms: None,
         };
         let enc = cfg.encode();
         assert_eq!(enc.len(), CONFIG_LEN);

@@ -116,6 +116,8 @@ pub struct VfioSim {
     load: Mutex<StreamLoader>,
     bytes_saved: AtomicU64,
     bytes_loaded: AtomicU64,
+    /// Set by `interrupt_save` (cleared by `begin_save`): a stalled final save ends.
+    interrupted: (Mutex<bool>, std::sync::Condvar),
 }
 
 impl VfioSim {
@@ -133,6 +135,7 @@ impl VfioSim {
                 hooks: cfg.clone(),
             }),
             load: Mutex::new(StreamLoader::new(&cfg)),
+            interrupted: Default::default(),
             cfg,
             bytes_saved: AtomicU64::new(0),
             bytes_loaded: AtomicU64::new(0),
@@ -227,6 +230,20 @@ impl VfioSim {
             .map_err(|e| DeviceError::new(&self.name, "verify_intact", e.detail))
     }
 
+    /// The stall hook: waits `d`, or less if the save is interrupted (then fails).
+    fn stall(&self, d: Duration) -> Result<(), DeviceError> {
+        let flag = lock(&self.interrupted.0);
+        let (flag, _) = self
+            .interrupted
+            .1
+            .wait_timeout_while(flag, d, |interrupted| !*interrupted)
+            .unwrap_or_else(|p| p.into_inner());
+        match *flag {
+            true => Err(self.err("save_final", "interrupted during the injected stall")),
+            false => Ok(()),
+        }
+    }
+
     fn err(&self, op: &'static str, detail: impl std::fmt::Display) -> DeviceError {
         DeviceError::new(&self.name, op, detail)
     }
@@ -254,6 +271,7 @@ impl Device for VfioSim {
 
     fn begin_save(&self) -> Result<(), DeviceError> {
         self.resume();
+        *lock(&self.interrupted.0) = false;
         let mut s = lock(&self.save);
         s.precopy = None;
         s.last_precopy_gen = None;
@@ -306,6 +324,10 @@ impl Device for VfioSim {
 
     fn save_final(&self, out: &mut Vec<u8>, max: usize) -> Result<usize, DeviceError> {
         let start_len = out.len();
+        let stall = lock(&self.save).hooks.stall_final_ms.take();
+        if let Some(ms) = stall {
+            self.stall(Duration::from_millis(ms))?;
+        }
         let mut s = lock(&self.save);
         if s.final_.is_none() {
             let generation = s.gen.current(self.cfg.gen_ms);
@@ -382,6 +404,11 @@ impl Device for VfioSim {
             final_bytes: begun + final_rest,
             read_rate: (self.cfg.rate > 0).then_some(self.cfg.rate),
         })
+    }
+
+    fn interrupt_save(&self) {
+        *lock(&self.interrupted.0) = true;
+        self.interrupted.1.notify_all();
     }
 
     fn abort_save(&self) -> Result<(), DeviceError> {

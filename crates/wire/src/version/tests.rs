@@ -223,8 +223,13 @@ fn features_have_names() {
     assert_eq!(Features::NONE.to_string(), "none");
     assert_eq!(
         Features::ALL.to_string(),
-        "zstd compression, page checksums, local mode, postcopy, postcopy recovery, paused guest"
+        "zstd compression, page checksums, local mode, postcopy, postcopy recovery, paused guest, switchover retry"
     );
+    assert_eq!(
+        Features::from_name("switchover-retry"),
+        Some(Features::SWITCHOVER_RETRY)
+    );
+    assert!(!Features::V4.contains(Features::SWITCHOVER_RETRY));
     assert_eq!(
         Features::from_name("paused-guest"),
         Some(Features::PAUSED_GUEST)

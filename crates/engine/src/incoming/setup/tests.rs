@@ -33,7 +33,13 @@ fn offer(required: Features) -> Offer {
 }
 
 fn open(layout: u16, buf: &[u8], protocol: Protocol) -> Result<(SessionHello, Agreed), Reject> {
-    open_session(layout, buf, &IncomingConfig::default(), protocol, None)
+    open_session(
+        layout,
+        buf,
+        &IncomingConfig::default(),
+        protocol,
+        Awaiting::New,
+    )
 }
 
 const V4_ONLY: Protocol = Protocol {
