@@ -152,6 +152,10 @@ pub struct MigrationArgs {
     /// --on-no-convergence decides (force: one more without the bound; cancel: fail).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub switchover_attempts: u32,
+    /// Switch over only once the destination says every device has loaded its initial
+    /// precopy data (QEMU's switchover-ack): precopy goes on meanwhile.
+    #[arg(long)]
+    pub switchover_ack: bool,
     /// Milliseconds to keep retrying a refused connection while the destination starts, and
     /// then the most the rest of set-up may take once the main channel is open (source).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -230,6 +234,7 @@ impl MigrationArgs {
             downtime_hard_limit: (self.downtime_hard_limit_ms > 0)
                 .then(|| Duration::from_millis(self.downtime_hard_limit_ms)),
             switchover_attempts: self.switchover_attempts,
+            switchover_ack: self.switchover_ack,
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             ram: if self.local {
                 RamTransfer::Local

@@ -159,6 +159,12 @@ pub struct MigrationConfig {
     /// [`Self::on_no_convergence`] decides. Needs the destination's `switchover retry`
     /// feature; not with local mode or postcopy (yet).
     pub downtime_hard_limit: Option<Duration>,
+    /// Wait for the destination's word that every device twin has loaded what its source
+    /// must send before a switchover ([`crate::Device::switchover_ready`], QEMU's
+    /// `switchover-ack`): precopy goes on, however well it converged, until it comes. A
+    /// switchover forced by a round or time bound does not wait. Needs the destination's
+    /// `switchover ack` feature. Off by default.
+    pub switchover_ack: bool,
     /// How many switchovers may be abandoned past [`Self::downtime_hard_limit`] before
     /// [`Self::on_no_convergence`] decides: `Force` runs the next one without the bound,
     /// `Cancel` fails the migration (the guest running here). At least 1; default 3.
@@ -228,6 +234,7 @@ impl Default for MigrationConfig {
             switchover_timeout: DEFAULT_SWITCHOVER_TIMEOUT,
             downtime_hard_limit: None,
             switchover_attempts: 3,
+            switchover_ack: false,
             device_transfer: DeviceTransfer::Multifd,
             ram: RamTransfer::Copy,
             page_checksums: false,

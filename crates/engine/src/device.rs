@@ -179,6 +179,17 @@ pub trait Device: Send + Sync {
     /// credit for another chunk.
     fn load(&self, data: &[u8]) -> Result<(), DeviceError>;
 
+    /// Destination, in a session with `switchover ack` ([`crate::MigrationConfig::switchover_ack`]):
+    /// whether this twin has loaded what its source must send before a switchover (VFIO's
+    /// initial precopy bytes: QEMU's `switchover-ack`, which the VFIO driver approves once
+    /// its `INIT_DATA_SENT` marker is loaded). The destination tells the source once every
+    /// twin says so. Called on the coordinator's thread after each chunk any device loads,
+    /// concurrently with this device's loader: it must be cheap. The default, `true`:
+    /// nothing is awaited.
+    fn switchover_ready(&self) -> bool {
+        true
+    }
+
     /// Destination: the stream has ended; check it is whole and apply it. Called once, on
     /// the loader thread, after the last `load`; the small devices' blobs and the guest's
     /// state are loaded only after every device's `load_complete` has returned.

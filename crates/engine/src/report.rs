@@ -35,6 +35,10 @@ pub struct RoundReport {
     /// so a page the guest keeps writing is not sent twice in a row.
     #[serde(default)]
     pub skipped_pages: u64,
+    /// The rest fit the downtime limit, but the destination had not yet said its devices'
+    /// twins were ready (`switchover-ack`): precopy went on.
+    #[serde(default)]
+    pub switchover_ack_awaited: bool,
     /// The downtime expected if the guest were paused after this round, milliseconds: what
     /// the switchover decision compares with the downtime limit. The largest of
     /// [`Self::ram_expected_ms`], [`Self::device_read_ms`] and the RAM's rest and the

@@ -118,6 +118,10 @@ frame_kinds! {
     /// session (postcopy recovery) are accepted: the pages the destination still misses, as
     /// a `PostcopyStart`'s payload (the postcopy round and one bitmap per range).
     PostcopyResume = 45, |l: &Limits| crate::postcopy::max_payload_len(l.max_guest_memory);
+    /// Main channel, return path, at most once a session, with the `switchover ack` feature:
+    /// every device twin has loaded what its source must send before a switchover (QEMU's
+    /// `switchover-ack`). Empty.
+    SwitchoverAck = 46, |_| 0;
 }
 
 /// Receiver-side bounds. A frame longer than these is refused before anything is allocated.

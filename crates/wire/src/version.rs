@@ -104,15 +104,18 @@ impl Features {
     /// for the same session to go on in a new connection (a hello with the same id). New in
     /// version 5.
     pub const SWITCHOVER_RETRY: Features = Features(1 << 6);
+    /// The destination says when every device twin has loaded what its source must send
+    /// before a switchover (`SwitchoverAck`, QEMU's `switchover-ack`). New in version 5.
+    pub const SWITCHOVER_ACK: Features = Features(1 << 7);
     /// No feature.
     pub const NONE: Features = Features(0);
     /// What a version-4 peer does: every feature above (version 4 had them all, without
     /// saying so).
     pub const V4: Features = Features(0b1_1111);
     /// Every feature this build knows.
-    pub const ALL: Features = Features(0b111_1111);
+    pub const ALL: Features = Features(0b1111_1111);
 
-    const NAMES: [(Features, &'static str); 7] = [
+    const NAMES: [(Features, &'static str); 8] = [
         (Features::ZSTD, "zstd compression"),
         (Features::PAGE_CHECKSUMS, "page checksums"),
         (Features::LOCAL, "local mode"),
@@ -120,6 +123,7 @@ impl Features {
         (Features::POSTCOPY_RECOVERY, "postcopy recovery"),
         (Features::PAUSED_GUEST, "paused guest"),
         (Features::SWITCHOVER_RETRY, "switchover retry"),
+        (Features::SWITCHOVER_ACK, "switchover ack"),
     ];
 
     /// Whether every bit of `other` is set here.
@@ -158,6 +162,7 @@ impl Features {
             ("postcopy-recovery", Features::POSTCOPY_RECOVERY),
             ("paused-guest", Features::PAUSED_GUEST),
             ("switchover-retry", Features::SWITCHOVER_RETRY),
+            ("switchover-ack", Features::SWITCHOVER_ACK),
         ];
         short
             .iter()

@@ -34,6 +34,12 @@ pub struct Capabilities {
     /// `mapped-ram`: accepted for QEMU's scripts; a `file:` migration always lays pages out
     /// at fixed offsets (docs/file-format.md), so it changes nothing.
     pub mapped_ram: bool,
+    /// `return-path`: accepted for QEMU's scripts; livemig's destination always answers on
+    /// the main channel. QEMU requires it for `switchover-ack`, and so does livemig.
+    pub return_path: bool,
+    /// `switchover-ack`: switch over only once the destination says every device twin has
+    /// loaded its initial precopy data.
+    pub switchover_ack: bool,
 }
 
 impl Default for Capabilities {
@@ -49,6 +55,8 @@ impl Default for Capabilities {
             postcopy_blocktime: false,
             pause_before_switchover: false,
             mapped_ram: false,
+            return_path: false,
+            switchover_ack: false,
         }
     }
 }
@@ -65,6 +73,8 @@ impl Capabilities {
             {"capability": "postcopy-blocktime", "state": self.postcopy_blocktime},
             {"capability": "pause-before-switchover", "state": self.pause_before_switchover},
             {"capability": "mapped-ram", "state": self.mapped_ram},
+            {"capability": "return-path", "state": self.return_path},
+            {"capability": "switchover-ack", "state": self.switchover_ack},
         ])
     }
 
@@ -88,12 +98,19 @@ impl Capabilities {
                 "postcopy-blocktime" => next.postcopy_blocktime = state,
                 "pause-before-switchover" => next.pause_before_switchover = state,
                 "mapped-ram" => next.mapped_ram = state,
+                "return-path" => next.return_path = state,
+                "switchover-ack" => next.switchover_ack = state,
                 other => {
                     return Err(QmpError::generic(format!(
-                        "Capability '{other}' is not supported by livemig (it knows multifd, events, auto-converge, x-local, postcopy-ram, postcopy-preempt, postcopy-blocktime, pause-before-switchover and mapped-ram)"
+                        "Capability '{other}' is not supported by livemig (it knows multifd, events, auto-converge, x-local, postcopy-ram, postcopy-preempt, postcopy-blocktime, pause-before-switchover, mapped-ram, return-path and switchover-ack)"
                     )))
                 }
             }
+        }
+        if next.switchover_ack && !next.return_path {
+            return Err(QmpError::generic(
+                "Switchover ack capability requires return path",
+            ));
         }
         // QEMU's checks (migrate_caps_check), with QEMU's wording.
         if next.postcopy_preempt && !next.postcopy_ram {
@@ -474,6 +491,7 @@ impl Parameters {
             downtime_hard_limit: (self.downtime_hard_limit_ms > 0)
                 .then(|| Duration::from_millis(self.downtime_hard_limit_ms)),
             switchover_attempts: self.switchover_attempts,
+            switchover_ack: caps.switchover_ack,
             auto_converge: caps.auto_converge,
             compress: self.zstd.then_some(self.zstd_level as i32),
             page_checksums: self.page_checksums,
@@ -577,6 +595,35 @@ mod tests {
             .unwrap();
         let config = Parameters::default().migration_config(&c);
         assert_eq!(config.ram, livemig_wire::RamTransfer::Local);
+    }
+
+    #[test]
+    fn switchover_ack_needs_the_return_path_and_the_hard_limit_is_a_parameter() {
+        let mut c = Capabilities::default();
+        let ack = json!({"capability": "switchover-ack", "state": true});
+        let e = c.set(std::slice::from_ref(&ack)).unwrap_err();
+        assert_eq!(e.desc, "Switchover ack capability requires return path");
+        assert!(!c.switchover_ack, "nothing applied");
+        c.set(&[json!({"capability": "return-path", "state": true}), ack])
+            .unwrap();
+        let set = |p: &mut Parameters, v: Value| p.set(v.as_object().unwrap());
+        let mut p = Parameters::default();
+        assert_eq!(p.migration_config(&c).downtime_hard_limit, None);
+        set(
+            &mut p,
+            json!({"x-downtime-hard-limit": 100, "x-switchover-attempts": 2}),
+        )
+        .unwrap();
+        let config = p.migration_config(&c);
+        assert!(config.switchover_ack);
+        assert_eq!(config.downtime_hard_limit, Some(Duration::from_millis(100)));
+        assert_eq!(config.switchover_attempts, 2);
+        assert_eq!(p.query()["x-downtime-hard-limit"], 100);
+        let e = set(&mut p, json!({"x-switchover-attempts": 0})).unwrap_err();
+        assert!(e.desc.contains("x-switchover-attempts"), "{e}");
+        let live = json!({"x-downtime-hard-limit": 5});
+        let e = p.set_while(live.as_object().unwrap(), true).unwrap_err();
+        assert!(!e.desc.is_empty(), "refused mid-migration");
     }
 
     #[test]

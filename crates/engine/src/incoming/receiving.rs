@@ -27,6 +27,8 @@ pub(super) struct Receiving {
     device_stats: Vec<Option<DeviceLoadStats>>,
     /// Set once every data channel has seen its last round: Complete is then due.
     complete_due: Option<Instant>,
+    /// `SwitchoverAck` sent (at most once a session).
+    acked: bool,
 }
 
 /// How the source ended the stream: every page sent (Complete), or a switch to postcopy
@@ -82,6 +84,7 @@ impl Receiving {
             rounds: 0,
             device_stats: vec![None; devices],
             complete_due: None,
+            acked: false,
         }
     }
 
@@ -102,10 +105,21 @@ impl Receiving {
         main: &mut Stream,
     ) -> Result<Phase, IncomingError> {
         self.take(ev, s, main)?;
+        self.ack_when_ready(s, main)?;
         match self.finish() {
             Some(all) => all.check(&shared.torn).map(Phase::Loading),
             None => Ok(Phase::Receiving(self)),
         }
+    }
+
+    /// `switchover-ack`: once every device twin is ready, the source is told, once.
+    fn ack_when_ready(&mut self, s: &Session<'_>, main: &mut Stream) -> Result<(), IncomingError> {
+        if !s.switchover_ack || self.acked || !s.devices.iter().all(|d| d.switchover_ready()) {
+            return Ok(());
+        }
+        self.acked = true;
+        framed::send(main, ChannelName::Main, FrameKind::SwitchoverAck, &[])?;
+        Ok(())
     }
 
     fn take(&mut self, ev: Event, s: &Session<'_>, main: &mut Stream) -> Result<(), IncomingError> {

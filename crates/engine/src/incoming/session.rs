@@ -33,6 +33,8 @@ pub(super) struct Session<'a> {
     /// after an abandoned switchover sends only what changed).
     pub populated: &'a Populated,
     pub accept: SessionAccept,
+    /// The session agreed on `switchover ack`: tell the source once every twin is ready.
+    pub switchover_ack: bool,
     pub config: &'a IncomingConfig,
     pub start: Instant,
     pub log: &'a (dyn Fn(&IncomingEvent) + Sync),

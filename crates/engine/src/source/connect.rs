@@ -324,6 +324,9 @@ impl Opener<'_> {
         if self.config.downtime_hard_limit.is_some() {
             required = required.union(Features::SWITCHOVER_RETRY);
         }
+        if self.config.switchover_ack {
+            required = required.union(Features::SWITCHOVER_ACK);
+        }
         let missing = required.without(protocol.features());
         if !missing.is_empty() {
             return Err(MigrationError::Config(format!(

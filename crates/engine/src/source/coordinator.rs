@@ -102,6 +102,8 @@ pub(super) struct Coordinator<'a> {
     pub hard_deadline: Option<Instant>,
     /// What the switchover waits for now, for the report of an abandoned one.
     pub awaiting: &'static str,
+    /// The destination's `SwitchoverAck` came (set by the return path).
+    pub acked: &'a std::sync::atomic::AtomicBool,
 }
 
 impl Coordinator<'_> {

@@ -194,8 +194,12 @@ impl Coordinator<'_> {
     fn after_round(&mut self, report: RoundReport, t0: Instant) -> Result<Phase, MigrationError> {
         let p = &mut self.precopy;
         let limit_ms = report.downtime_limit_ms;
-        let converged = switch_now(&report, limit_ms, &mut p.polish);
-        let wait_for_devices = device_bound(&report, limit_ms);
+        let fits = switch_now(&report, limit_ms, &mut p.polish);
+        // With switchover-ack, a precopy that converged goes on until the devices' twins
+        // have loaded what must come first.
+        let unacked = self.config.switchover_ack && !self.acked.load(Relaxed);
+        let converged = fits && !unacked;
+        let wait_for_devices = device_bound(&report, limit_ms) || (fits && unacked);
         // Throttling the guest takes nothing off the devices' part: only the RAM's rounds
         // count for auto-converge.
         let next_throttle = match wait_for_devices {
@@ -203,6 +207,8 @@ impl Coordinator<'_> {
             false => p.converge.after_round(&report, &self.config.throttle_now()),
         };
         let expected_downtime_ms = report.expected_downtime_ms;
+        let mut report = report;
+        report.switchover_ack_awaited = fits && unacked;
         p.rounds.push(report);
         p.round += 1;
         if converged {

@@ -12,7 +12,7 @@ use livemig_wire::{
     Credit, FrameKind, Limits, Loaded, PageRequest, PostcopyComplete, Resumed, RoundAck,
 };
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 
 /// Where the destination's page requests go in postcopy: the urgent channel's queue, with
 /// the round number postcopy pages carry (set at the switch).
@@ -23,10 +23,11 @@ pub(crate) struct Urgent<'a> {
     pub requested: &'a AtomicU64,
 }
 
+/// Reads the destination until it fails or is done; `acked` is set by its `SwitchoverAck`.
 pub(crate) fn run(
     mut stream: Stream,
     events: Sender<Event>,
-    credits: &CreditTable,
+    (credits, acked): (&CreditTable, &AtomicBool),
     urgent: Option<Urgent<'_>>,
 ) {
     let limits = Limits::default();
@@ -39,6 +40,10 @@ pub(crate) fn run(
                 Ok(false) => return,
                 Err(e) => Event::PeerFailed(e),
             },
+            Ok(h) if h.kind == FrameKind::SwitchoverAck => {
+                acked.store(true, Relaxed);
+                continue;
+            }
             Ok(h) => match answer(h.kind, &buf, credits, urgent.is_some()) {
                 Ok(Some(ev)) => ev,
                 Ok(None) => continue,

@@ -31,7 +31,7 @@ use crate::stats::Counters;
 use crate::transport::Stream;
 use crossbeam_channel::Sender;
 use livemig_wire::{DeviceTransfer, PostcopyStart, Reject, RejectCode};
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::time::Duration;
 
 /// What every thread of the session shares.
@@ -43,6 +43,8 @@ struct Shared<'a> {
     switchover: Switchover,
     watchdog: Watchdog,
     postcopy: PostcopyShared,
+    /// The destination's `SwitchoverAck` came.
+    acked: AtomicBool,
 }
 
 /// What the return path and the coordinator share in a postcopy session.
@@ -85,6 +87,7 @@ impl<'a> Shared<'a> {
             credits: CreditTable::new(vm.devices.len(), accept.window.max(1)),
             switchover: Switchover::default(),
             watchdog: Watchdog::new(),
+            acked: AtomicBool::new(false),
             postcopy: match start {
                 Start::Fresh | Start::Continue(_) => PostcopyShared::default(),
                 Start::Resume(point, _) => PostcopyShared {
@@ -141,7 +144,7 @@ pub(super) fn run(
         let urgent = c
             .urgent
             .map(|stream| start_urgent(&rt, &shared, stream, urgent_ready, &c.accept, &events_tx));
-        let rp = (events_tx.clone(), &shared.credits);
+        let rp = (events_tx.clone(), (&shared.credits, &shared.acked));
         rt.spawn_favoured("return", move || {
             return_path::run(return_stream, rp.0, rp.1, urgent)
         });
@@ -179,6 +182,7 @@ pub(super) fn run(
             parts: ReportParts::new(c.session, c.start, c.setup),
             hard_deadline: None,
             awaiting: "",
+            acked: &shared.acked,
         };
         let outcome = match rt.failure() {
             Some(e) => Err(MigrationError::Job(e)),

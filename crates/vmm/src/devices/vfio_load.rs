@@ -39,6 +39,8 @@ pub struct StreamLoader {
     /// Stream offset of the current section's first byte.
     section_start: u64,
     last_gen: Option<u64>,
+    /// A whole section (the first precopy section: VFIO's initial bytes) has loaded.
+    initial_loaded: bool,
 }
 
 impl StreamLoader {
@@ -51,12 +53,19 @@ impl StreamLoader {
             },
             section_start: 0,
             last_gen: None,
+            initial_loaded: false,
         }
     }
 
     /// True once the final section has arrived whole, in order, digest matching.
     pub fn is_done(&self) -> bool {
         matches!(self.phase, LoadPhase::Done)
+    }
+
+    /// True once the device's initial data has loaded: a whole section (or, without
+    /// precopy data, at once).
+    pub fn initial_loaded(&self) -> bool {
+        self.cfg.precopy == 0 || self.initial_loaded
     }
 
     /// Takes the next bytes of the stream. The first error breaks the loader for good.
@@ -185,6 +194,7 @@ impl StreamLoader {
             ));
         }
         self.section_start += section_total(hdr.len);
+        self.initial_loaded = true;
         self.phase = match hdr.kind {
             SectionKind::Precopy => LoadPhase::Header {
                 buf: [0; HEADER_LEN],

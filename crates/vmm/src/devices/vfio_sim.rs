@@ -425,6 +425,10 @@ impl Device for VfioSim {
         Ok(())
     }
 
+    fn switchover_ready(&self) -> bool {
+        lock(&self.load).initial_loaded()
+    }
+
     fn load_complete(&self) -> Result<(), DeviceError> {
         let generation = lock(&self.load)
             .complete()

@@ -223,7 +223,7 @@ fn features_have_names() {
     assert_eq!(Features::NONE.to_string(), "none");
     assert_eq!(
         Features::ALL.to_string(),
-        "zstd compression, page checksums, local mode, postcopy, postcopy recovery, paused guest, switchover retry"
+        "zstd compression, page checksums, local mode, postcopy, postcopy recovery, paused guest, switchover retry, switchover ack"
     );
     assert_eq!(
         Features::from_name("switchover-retry"),
