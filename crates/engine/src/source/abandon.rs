@@ -70,7 +70,12 @@ impl Coordinator<'_> {
         if abandoned >= self.config.switchover_attempts {
             return;
         }
-        self.hard_deadline = Some(self.parts.paused_at + limit);
+        // As the switchover timeout, the bound starts after a `pause_before_switchover` hold.
+        let from = match self.config.pause_before_switchover {
+            Some(_) => Instant::now(),
+            None => self.parts.paused_at,
+        };
+        self.hard_deadline = Some(from + limit);
         self.awaiting = "the final round's pages to go out";
         self.precopy.final_set = Some(self.precopy.dirty.clone());
     }
