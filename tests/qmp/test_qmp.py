@@ -959,6 +959,35 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual((await dst.wait_migration())["status"], "completed")
         self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
 
+    async def test_a_switchover_past_the_hard_limit_is_abandoned_and_tried_again(self):
+        """x-downtime-hard-limit, livemig's own: a device whose first final read stalls for 10 s
+        has its switchover abandoned at 100 ms; SWITCHOVER_ABANDONED says so, the status goes
+        back to active (the guest runs here), and the next switchover completes, every page
+        exact; query-migrate lists the abandoned switchover with the pause the guest saw."""
+        src = await self.source("--device", "vfio-sim,size=4M,precopy=1M,stall_final_ms=10000")
+        dst = await self.destination()
+        await self.enable_events(src)
+        await src.cmd("migrate-set-parameters", {"x-downtime-hard-limit": 100})
+        await dst.cmd("migrate-incoming", {"uri": self.uri("hard")})
+        with src.qmp.listener(("MIGRATION", "SWITCHOVER_ABANDONED", "STOP", "RESUME")) as ev:
+            await src.cmd("migrate", {"uri": self.uri("hard")})
+            q = await src.wait_migration()
+            events = await drain(ev)
+        self.assertEqual(q["status"], "completed", q)
+        abandoned = [e["data"] for e in events if e["event"] == "SWITCHOVER_ABANDONED"]
+        self.assertEqual(len(abandoned), 1, events)
+        self.assertLess(abandoned[0]["paused-ms"], 5000, "not held for the stalled read")
+        # Paused, abandoned, running again, paused for the switchover that completed.
+        order = [e["event"] for e in events if e["event"] != "MIGRATION"]
+        self.assertEqual(order, ["STOP", "SWITCHOVER_ABANDONED", "RESUME", "STOP"], events)
+        statuses = [e["data"]["status"] for e in events if e["event"] == "MIGRATION"]
+        self.assertEqual(statuses, ["setup", "active", "completed"], statuses)
+        listed = q["x-abandoned-switchovers"]
+        self.assertEqual(len(listed), 1, q)
+        self.assertGreaterEqual(listed[0]["cut-ms"], 100)
+        self.assertEqual((await dst.wait_migration())["status"], "completed")
+        self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)
+
     async def test_bad_requests_and_wrong_states_keep_the_server_serving(self):
         src = await self.source()
         dst = await self.destination()

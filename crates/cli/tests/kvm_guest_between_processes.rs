@@ -49,25 +49,7 @@ fn kvm_guest_migrates_exact_under_dirtying() {
     assert!(paused_at > 0);
     assert!(src.wait_exit().success());
 
-    let recv = dest.expect_event("received");
-    let v = &recv["report"]["verify"];
-    assert_eq!(u64_at(v, &["pages_checked"]), 65536);
-    assert_eq!(u64_at(v, &["pages_mismatched"]), 0, "{v:#}");
-    assert_eq!(
-        u64_at(v, &["counter"]),
-        paused_at,
-        "the counter arrives exactly where it paused"
-    );
-    let after = dest.expect_event("after_run");
-    assert_eq!(
-        u64_at(&after["verify"], &["pages_mismatched"]),
-        0,
-        "{after:#}"
-    );
-    assert!(
-        u64_at(&after["verify"], &["counter"]) > paused_at,
-        "the guest runs on at the destination"
-    );
+    expect_exact_arrival(&mut dest, 65536, paused_at);
     assert!(dest.wait_exit().success());
 }
 

@@ -906,6 +906,23 @@ impl Machine {
         livemig_vmm::kvm::forget_prepared_vm();
     }
 
+    /// A switchover past `x-downtime-hard-limit` was abandoned: the guest runs here again
+    /// and precopy goes on.
+    fn switchover_abandoned(&mut self, a: livemig_engine::AbandonedSwitchover) {
+        let Job::Out(o) = &mut self.job else { return };
+        o.ram_bytes_at_pause = None;
+        let data = json!({"round": a.round, "cut-ms": a.cut_ms,
+            "paused-ms": a.paused_ms, "waiting-for": a.waiting_for});
+        o.abandoned.push(a);
+        if self.caps.events {
+            self.events.emit("SWITCHOVER_ABANDONED", Some(data));
+        }
+        if self.run == RunState::FinishMigrate {
+            self.set_run(RunState::Running);
+        }
+        self.set_status(MigStatus::Active);
+    }
+
     fn progress(&mut self, p: Progress) {
         let Job::Out(o) = &mut self.job else { return };
         let mut pass = None;
@@ -969,21 +986,7 @@ impl Machine {
                 self.set_status(MigStatus::PostcopyActive);
                 return;
             }
-            // The guest runs here again and precopy goes on.
-            Progress::SwitchoverAbandoned(a) => {
-                if self.caps.events {
-                    let data = json!({"round": a.round, "cut-ms": a.cut_ms,
-                        "paused-ms": a.paused_ms, "waiting-for": a.waiting_for});
-                    self.events.emit("SWITCHOVER_ABANDONED", Some(data));
-                }
-                o.abandoned.push(a);
-                o.ram_bytes_at_pause = None;
-                if self.run == RunState::FinishMigrate {
-                    self.set_run(RunState::Running);
-                }
-                self.set_status(MigStatus::Active);
-                return;
-            }
+            Progress::SwitchoverAbandoned(a) => return self.switchover_abandoned(a),
         }
         if self.status == MigStatus::Setup {
             self.set_status(MigStatus::Active);

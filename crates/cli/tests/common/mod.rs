@@ -132,3 +132,28 @@ pub fn u64_at(v: &Value, path: &[&str]) -> u64 {
     cur.as_u64()
         .unwrap_or_else(|| panic!("{path:?} missing in {v:#}"))
 }
+
+/// The destination's `received` report: `pages` pages checked, none wrong, and the guest's
+/// counter exactly where the source paused it (`paused_at`); then, after it ran there
+/// (`--run-after-ms`), nothing wrong and the counter gone on.
+pub fn expect_exact_arrival(dest: &mut Proc, pages: u64, paused_at: u64) {
+    let recv = dest.expect_event("received");
+    let v = &recv["report"]["verify"];
+    assert_eq!(u64_at(v, &["pages_checked"]), pages);
+    assert_eq!(u64_at(v, &["pages_mismatched"]), 0, "{v:#}");
+    assert_eq!(
+        u64_at(v, &["counter"]),
+        paused_at,
+        "the counter arrives exactly where it paused"
+    );
+    let after = dest.expect_event("after_run");
+    assert_eq!(
+        u64_at(&after["verify"], &["pages_mismatched"]),
+        0,
+        "{after:#}"
+    );
+    assert!(
+        u64_at(&after["verify"], &["counter"]) > paused_at,
+        "the guest runs on at the destination"
+    );
+}
