@@ -380,10 +380,20 @@ fn await_continuation(
     log: &(dyn Fn(&IncomingEvent) + Sync),
     abandoned: &SessionHello,
 ) -> Result<(Taken, Stream), IncomingError> {
-    let deadline = Instant::now() + config.peer_timeout.max(CONTINUATION_WAIT);
+    let wait = config.peer_timeout.max(CONTINUATION_WAIT);
+    let deadline = Instant::now() + wait;
+    let gone = |e| match e {
+        IncomingError::Accept(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            IncomingError::Setup(format!(
+                "session {}: the source abandoned a switchover and did not go on within {wait:?}",
+                abandoned.session
+            ))
+        }
+        e => e,
+    };
     loop {
         let (hello, negotiated, mut main) =
-            setup::accept_continuation(listener, config, log, abandoned, deadline)?;
+            setup::accept_continuation(listener, config, log, abandoned, deadline).map_err(gone)?;
         let built = setup::flow_bounds(&hello, config)
             .and_then(|accept| Ok((accept, build_twins(&hello, factories)?)));
         match built {
