@@ -232,7 +232,10 @@ fn finish(
         Err(e @ MigrationError::SwitchoverAbandoned { .. }) => {
             shared.vm.devices.iter().for_each(|d| d.interrupt_save());
             let why = abandon_reject(shared.config, e, parts.abandoned.len());
-            let _ = main.set_write_timeout(Some(Duration::from_secs(1)));
+            // The guest waits for this: a link too slow to take a Reject at once loses it
+            // (the destination then fails on the broken channels, and so does the session
+            // that would go on; the guest runs on here either way).
+            let _ = main.set_write_timeout(Some(Duration::from_millis(50)));
             framed::send_reject(&mut main, ChannelName::Main, &why);
             *left = Some(Leftover::Switchover(Box::new(ContinuePoint::new(
                 parts, precopy,
