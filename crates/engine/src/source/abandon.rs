@@ -80,11 +80,6 @@ impl Coordinator<'_> {
         self.precopy.final_set = Some(self.precopy.dirty.clone());
     }
 
-    /// Whether the switchover under way has run past its bound.
-    pub(super) fn past_hard_limit(&self) -> bool {
-        self.hard_deadline.is_some_and(|d| Instant::now() >= d)
-    }
-
     /// Fires when the switchover under way runs past its bound (never without one).
     pub(super) fn hard_timer(&self) -> crossbeam_channel::Receiver<Instant> {
         match self.hard_deadline {

@@ -8,6 +8,7 @@
 use super::sender::Job;
 use crate::cancel::CancelToken;
 use crossbeam_channel::{select, Receiver, Sender};
+use std::time::Instant;
 
 /// The free-channel queue and every channel's job queue.
 #[derive(Clone)]
@@ -21,6 +22,15 @@ pub(crate) struct Dispatcher {
 #[derive(Debug)]
 pub(crate) struct Stopped;
 
+/// Why [`Dispatcher::send_until`] did not send a job.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum NotSent {
+    /// The migration is being torn down.
+    Stopped,
+    /// No channel was free by the deadline.
+    Late,
+}
+
 impl Dispatcher {
     pub fn new(ready: Receiver<u16>, jobs: Vec<Sender<Job>>, cancel: CancelToken) -> Self {
         Dispatcher {
@@ -32,14 +42,27 @@ impl Dispatcher {
 
     /// Gives `job` to the next free data channel, waiting for one.
     pub fn send(&self, job: Job) -> Result<(), Stopped> {
+        self.send_until(job, None).map_err(|_| Stopped)
+    }
+
+    /// [`Self::send`], waiting for a free channel until `deadline` at most (`Late`: the job
+    /// was not sent).
+    pub fn send_until(&self, job: Job, deadline: Option<Instant>) -> Result<(), NotSent> {
         if self.cancel.is_cancelled() {
-            return Err(Stopped);
+            return Err(NotSent::Stopped);
         }
-        let index = select! {
-            recv(self.ready) -> i => i.map_err(|_| Stopped)?,
-            recv(self.cancel.waiter()) -> _ => return Err(Stopped),
+        let late = match deadline {
+            Some(d) => crossbeam_channel::at(d),
+            None => crossbeam_channel::never(),
         };
-        self.jobs[index as usize].send(job).map_err(|_| Stopped)
+        let index = select! {
+            recv(self.ready) -> i => i.map_err(|_| NotSent::Stopped)?,
+            recv(self.cancel.waiter()) -> _ => return Err(NotSent::Stopped),
+            recv(late) -> _ => return Err(NotSent::Late),
+        };
+        self.jobs[index as usize]
+            .send(job)
+            .map_err(|_| NotSent::Stopped)
     }
 
     /// Puts a job made by `make` on every channel's queue, after what is already queued.

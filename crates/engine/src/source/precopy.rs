@@ -5,7 +5,7 @@
 use super::convergence::DeviceOutlook;
 use super::convergence::{device_bound, estimate, switch_now, AutoConverge, ChannelRate};
 use super::coordinator::{unexpected, Coordinator, Event, Phase};
-use super::dispatch::Dispatcher;
+use super::dispatch::{Dispatcher, NotSent};
 use super::pacer::Pacer;
 use super::sender::Job;
 use super::watchdog::Awaited;
@@ -287,6 +287,8 @@ impl Coordinator<'_> {
         });
         let per = self.config.pages_per_packet as usize;
         let live = live && self.precopy.copy_ram;
+        // The final pass of a switchover with a hard bound gives up at the bound.
+        let deadline = if live { None } else { self.hard_deadline };
         let mut batch = Vec::with_capacity(per);
         let mut synced = Instant::now();
         let (mut stopped, mut cut) = (false, false);
@@ -299,14 +301,18 @@ impl Coordinator<'_> {
             if batch.len() < per {
                 continue;
             }
-            if !live && self.past_hard_limit() {
-                cut = true;
-                break;
-            }
             let full = std::mem::replace(&mut batch, Vec::with_capacity(per));
-            if !hand_out(&mut self.pacer, &self.dispatch, self.config, round, full) {
-                stopped = true;
-                break;
+            let (pacer, dispatch) = (&mut self.pacer, &self.dispatch);
+            match hand_out(pacer, dispatch, self.config, deadline, (round, full)) {
+                Ok(()) => {}
+                Err(NotSent::Late) => {
+                    cut = true;
+                    break;
+                }
+                Err(NotSent::Stopped) => {
+                    stopped = true;
+                    break;
+                }
             }
             if live && synced.elapsed() >= MID_ROUND_SYNC {
                 self.vm.guest.sync_dirty_log(&mut self.precopy.redirtied)?;
@@ -319,10 +325,11 @@ impl Coordinator<'_> {
         if stopped {
             return Err(self.failure_cause());
         }
-        if !batch.is_empty()
-            && !hand_out(&mut self.pacer, &self.dispatch, self.config, round, batch)
-        {
-            return Err(self.failure_cause());
+        let (pacer, dispatch) = (&mut self.pacer, &self.dispatch);
+        match hand_out(pacer, dispatch, self.config, deadline, (round, batch)) {
+            Ok(()) => {}
+            Err(NotSent::Late) => return Err(self.abandon()),
+            Err(NotSent::Stopped) => return Err(self.failure_cause()),
         }
         Ok(before)
     }
@@ -364,15 +371,21 @@ impl Coordinator<'_> {
     }
 }
 
-/// Hands a batch to the first free data channel, within the bandwidth limit in force now.
-/// False if the channels have stopped.
+/// Hands a batch (none if empty) to the first free data channel, within the bandwidth limit
+/// in force now; `Late` once `deadline` (a switchover's hard bound) has passed.
 fn hand_out(
     pacer: &mut Pacer,
     dispatch: &Dispatcher,
     config: &MigrationConfig,
-    round: u32,
-    addrs: Vec<u64>,
-) -> bool {
+    deadline: Option<Instant>,
+    (round, addrs): (u32, Vec<u64>),
+) -> Result<(), NotSent> {
+    if addrs.is_empty() {
+        return Ok(());
+    }
+    if deadline.is_some_and(|d| Instant::now() >= d) {
+        return Err(NotSent::Late);
+    }
     pacer.admit((addrs.len() * PAGE_SIZE) as u64, config.max_bandwidth_now());
-    dispatch.send(Job::Pages { round, addrs }).is_ok()
+    dispatch.send_until(Job::Pages { round, addrs }, deadline)
 }
