@@ -305,7 +305,7 @@ pub fn receive_vm(
             hello: &taken.hello,
             populated: &populated,
             accept: taken.accept,
-            switchover_ack: (taken.negotiated.agreed.features).contains(Features::SWITCHOVER_ACK),
+            switchover_ack: taken.negotiated.ack_wanted,
             config,
             start,
             log,

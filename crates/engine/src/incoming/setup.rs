@@ -15,7 +15,7 @@ use crate::framed;
 use crate::guest::GuestMemory;
 use crate::report::IncomingEvent;
 use crate::transport::{Listener, Stream};
-use livemig_wire::version::{self, Agreed, Versions};
+use livemig_wire::version::{self, Agreed, Features, Versions};
 use livemig_wire::{
     ChannelHello, FrameHeader, FrameKind, MemoryFiles, Reject, RejectCode, SessionAccept,
     SessionHello, WireError, HEADER_LEN,
@@ -31,6 +31,8 @@ pub(crate) struct Negotiated {
     pub layout: u16,
     /// What the session uses.
     pub agreed: Agreed,
+    /// The source waits for `SwitchoverAck` (it required the feature): only then is it sent.
+    pub ack_wanted: bool,
 }
 
 impl Negotiated {
@@ -114,11 +116,19 @@ fn accept_hello(
     let decide = |mut s: Stream, first: First| {
         let refused = match first.frame {
             Ok(buf) => match open_session(first.version, &buf, config, protocol, awaiting) {
-                Ok((hello, agreed)) => {
+                Ok((hello, agreed, ack_wanted)) => {
                     let _ = s.set_read_timeout(None);
                     let _ = s.set_write_timeout(None);
                     let layout = first.version;
-                    return Some((hello, Negotiated { layout, agreed }, s));
+                    return Some((
+                        hello,
+                        Negotiated {
+                            layout,
+                            agreed,
+                            ack_wanted,
+                        },
+                        s,
+                    ));
                 }
                 Err(reject) => reject,
             },
@@ -170,7 +180,7 @@ fn open_session(
     config: &IncomingConfig,
     protocol: Protocol,
     awaiting: Awaiting<'_>,
-) -> Result<(SessionHello, Agreed), Reject> {
+) -> Result<(SessionHello, Agreed, bool), Reject> {
     let spoken = protocol.versions();
     if !spoken.contains(layout) {
         let e = WireError::UnsupportedVersion {
@@ -185,7 +195,8 @@ fn open_session(
         .map_err(|e| Reject::new(RejectCode::Unsupported, e.to_string()))?;
     check_hello(&hello, config)?;
     check_awaited(&hello, awaiting)?;
-    Ok((hello, agreed))
+    let ack_wanted = offer.required.contains(Features::SWITCHOVER_ACK);
+    Ok((hello, agreed, ack_wanted))
 }
 
 /// A hello resumes a broken postcopy if and only if this side waits for that: the paused

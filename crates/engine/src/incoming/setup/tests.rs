@@ -33,13 +33,14 @@ fn offer(required: Features) -> Offer {
 }
 
 fn open(layout: u16, buf: &[u8], protocol: Protocol) -> Result<(SessionHello, Agreed), Reject> {
-    open_session(
+    let opened = open_session(
         layout,
         buf,
         &IncomingConfig::default(),
         protocol,
         Awaiting::New,
-    )
+    );
+    opened.map(|(hello, agreed, _)| (hello, agreed))
 }
 
 const V4_ONLY: Protocol = Protocol {
