@@ -137,7 +137,7 @@ pub(crate) fn same_layout(memory: &GuestMemory, ranges: &[livemig_wire::MemoryRa
 impl RegionMap {
     /// The regions of `memory`, in order, with their pages at `data_offsets` in the file.
     pub fn of(memory: &GuestMemory, data_offsets: &[u64]) -> Vec<RegionMap> {
-        let mut maps = Self::of_empty(memory, data_offsets);
+        let mut maps = Self::bare(memory, data_offsets);
         for m in &mut maps {
             m.present = (0..m.pages.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
@@ -147,8 +147,9 @@ impl RegionMap {
         maps
     }
 
-    /// The regions without their tables.
-    fn of_empty(memory: &GuestMemory, data_offsets: &[u64]) -> Vec<RegionMap> {
+    /// The regions without their tables (an on-demand restore keeps them apart,
+    /// [`super::tables::RegionTables`]).
+    pub fn bare(memory: &GuestMemory, data_offsets: &[u64]) -> Vec<RegionMap> {
         memory
             .iter()
             .zip(data_offsets)
@@ -176,7 +177,7 @@ impl RegionMap {
         data_offsets: &[u64],
         tables: Vec<(Vec<u64>, Vec<u32>)>,
     ) -> Vec<RegionMap> {
-        let mut maps = Self::of_empty(memory, data_offsets);
+        let mut maps = Self::bare(memory, data_offsets);
         for (m, (present, crcs)) in maps.iter_mut().zip(tables) {
             m.present = present.into_iter().map(AtomicU64::new).collect();
             m.crcs = crcs.into_iter().map(AtomicU32::new).collect();

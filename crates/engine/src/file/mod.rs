@@ -41,6 +41,7 @@ mod ondemand;
 mod pages;
 mod restore;
 mod save;
+mod tables;
 
 pub use error::FileError;
 pub use restore::{restore_vm, Restored};

@@ -6,6 +6,7 @@ use super::devices::load_device;
 use super::io::{read_vec, RegionMap};
 use super::pages::{for_each_batch, read_batch, Batch};
 use super::save::wait;
+use super::tables::RegionTables;
 use super::{FileError, RestoreConfig, RestoreReport};
 use crate::device::{Device, DeviceDescriptor, VmState};
 use crate::dirty::DirtyBitmap;
@@ -13,8 +14,8 @@ use crate::guest::Guest;
 use crate::incoming::Factories;
 use crate::runtime::Runtime;
 use livemig_wire::file::{
-    decode_bitmap, decode_chunk_index, ChunkRef, FileFormatError, FileHeader, FilePrefix, Section,
-    PREFIX_LEN,
+    decode_bitmap, decode_chunk_index, decode_group_sums, ChunkRef, FileFormatError, FileHeader,
+    FilePrefix, GroupSums, Section, PREFIX_LEN,
 };
 use livemig_wire::{VmStates, WireDevice, PAGE_SIZE};
 use std::fs::File;
@@ -34,12 +35,27 @@ pub struct Restored {
     pub report: RestoreReport,
 }
 
+/// The regions' tables as a restore reads them before anything is built.
+pub(super) enum Tables {
+    /// Eager: per region, the present bits and the page CRCs, read whole (taken by the
+    /// region maps).
+    Whole(Vec<(Vec<u64>, Vec<u32>)>),
+    /// On demand: per region, the groups section; the tables are read a group at a time
+    /// once the guest runs ([`RegionTables`]).
+    Groups(Vec<Vec<GroupSums>>),
+}
+
+impl Default for Tables {
+    fn default() -> Self {
+        Tables::Groups(Vec::new())
+    }
+}
+
 /// A file read and checked, nothing built yet.
 pub(super) struct Checked {
     pub file: File,
     pub header: FileHeader,
-    /// Per region: the present bits and the page CRCs (taken by the region tables).
-    pub pages: Vec<(Vec<u64>, Vec<u32>)>,
+    pub tables: Tables,
     pub chunks: Vec<Vec<ChunkRef>>,
     pub state: Vec<u8>,
     pub vmstates: VmStates,
@@ -93,11 +109,25 @@ pub fn restore_vm(
             "the guest built has other memory regions than the file".into(),
         ));
     }
-    let tables = std::mem::take(&mut c.pages);
-    let regions = RegionMap::with_tables(guest.memory(), &offsets, tables);
-    let loaded = match config.on_demand {
-        false => eager(path, &c, &regions, &*guest, &devices, &vmstates, config)?,
-        true => super::ondemand::run(path, &c, &regions, &*guest, &devices, &vmstates, config)?,
+    let loaded = match std::mem::take(&mut c.tables) {
+        Tables::Whole(tables) => {
+            let regions = RegionMap::with_tables(guest.memory(), &offsets, tables);
+            eager(path, &c, &regions, &*guest, &devices, &vmstates, config)?
+        }
+        Tables::Groups(sums) => {
+            let regions = RegionMap::bare(guest.memory(), &offsets);
+            let tables: Vec<RegionTables> = (c.header.regions.iter().zip(sums).enumerate())
+                .map(|(i, (r, sums))| RegionTables::new(i, r, sums))
+                .collect();
+            let parts = super::ondemand::Parts {
+                regions: &regions,
+                tables: &tables,
+                guest: &*guest,
+                devices: &devices,
+                vmstates: &vmstates,
+            };
+            super::ondemand::run(path, &c, parts, config)?
+        }
     };
     let report = RestoreReport {
         guest_kind: c.header.guest_kind.clone(),
@@ -301,12 +331,7 @@ impl Checked {
             .check_layout(prefix.header_len, len, config.max_state_bytes)
             .map_err(format)?;
         let sections = Sections { file: &file, path };
-        let pages = header
-            .regions
-            .iter()
-            .enumerate()
-            .map(|(i, r)| sections.region(i, r.range.size / PAGE_SIZE as u64, &r.bitmap, &r.crcs))
-            .collect::<Result<_, _>>()?;
+        let tables = sections.tables(&header, config.on_demand)?;
         let chunks = header
             .devices
             .iter()
@@ -327,7 +352,7 @@ impl Checked {
         Ok(Checked {
             file,
             header,
-            pages,
+            tables,
             chunks,
             state,
             vmstates,
@@ -348,6 +373,28 @@ impl Sections<'_> {
         s.check(what, &raw)
             .map_err(|e| FileError::format(self.path, e))?;
         Ok(raw)
+    }
+
+    /// The regions' tables: whole (eager), or only their groups sections (on demand).
+    fn tables(&self, header: &FileHeader, on_demand: bool) -> Result<Tables, FileError> {
+        let pages = |r: &livemig_wire::file::FileRegion| r.range.size / PAGE_SIZE as u64;
+        let regions = header.regions.iter().enumerate();
+        Ok(match on_demand {
+            false => Tables::Whole(
+                regions
+                    .map(|(i, r)| self.region(i, pages(r), &r.bitmap, &r.crcs))
+                    .collect::<Result<_, _>>()?,
+            ),
+            true => Tables::Groups(
+                regions
+                    .map(|(i, r)| {
+                        let raw = self.read(&format!("region {i} groups"), &r.groups)?;
+                        decode_group_sums(&raw, pages(r))
+                            .map_err(|e| FileError::format(self.path, e))
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+        })
     }
 
     /// Region `i`'s present bits and page CRCs.

@@ -11,8 +11,8 @@ use crate::runtime::{Runtime, ThreadDone, ThreadError};
 use crate::source::Vm;
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
 use livemig_wire::file::{
-    encode_chunk_index, plan, ChunkRef, FileDevice, FileHeader, FilePrefix, FileRegion, Section,
-    MAX_HEADER_LEN,
+    encode_chunk_index, encode_group_sums, plan, ChunkRef, FileDevice, FileHeader, FilePrefix,
+    FileRegion, Section, MAX_HEADER_LEN,
 };
 use livemig_wire::{VmStates, WireDevice};
 use std::fs::File;
@@ -164,6 +164,7 @@ fn template(vm: Vm<'_>) -> Result<FileHeader, FileError> {
                 data_offset: 0,
                 bitmap: Section::default(),
                 crcs: Section::default(),
+                groups: Section::default(),
             })
             .collect(),
         devices: vm
@@ -252,8 +253,10 @@ impl Target {
         let mut h = self.header.clone();
         let mut at = tail;
         for (r, m) in h.regions.iter_mut().zip(regions) {
-            r.bitmap = self.section(&mut at, &m.bitmap_bytes())?;
-            r.crcs = self.section(&mut at, &m.crc_bytes())?;
+            let (bitmap, crcs) = (m.bitmap_bytes(), m.crc_bytes());
+            r.bitmap = self.section(&mut at, &bitmap)?;
+            r.crcs = self.section(&mut at, &crcs)?;
+            r.groups = self.section(&mut at, &encode_group_sums(&bitmap, &crcs, m.pages))?;
         }
         for (d, chunks) in h.devices.iter_mut().zip(&c.chunks) {
             d.index = self.section(&mut at, &encode_chunk_index(chunks))?;
