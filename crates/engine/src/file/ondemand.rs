@@ -18,7 +18,7 @@
 //! ```
 
 use super::devices::load_device;
-use super::io::{pread_exact, RegionMap};
+use super::io::{pread_exact, Page, RegionMap};
 use super::pages::BATCH_PAGES;
 use super::restore::{checked, load_state, resumes, Checked, Loaded};
 use super::save::wait;
@@ -211,7 +211,7 @@ impl Shared<'_> {
     /// The fault thread: each missing page touched is read from the file and installed (a
     /// hole as a zero page), until the memory is unregistered.
     fn serve_faults(&self) -> Result<(), FileError> {
-        let mut page = Box::new([0u8; PAGE_SIZE]);
+        let mut page = Page::buffer(1);
         while !self.stop.load(Ordering::Acquire) && !self.cancel.is_cancelled() {
             let fault = self.memory.next_fault(Duration::from_millis(20));
             let Some(f) = fault.map_err(FileError::OnDemand)? else {
@@ -225,11 +225,11 @@ impl Shared<'_> {
             let installed = match self.tables[k].page(&self.c.file, self.path, i)? {
                 Some(crc) => {
                     let at = r.data_offset + i * PAGE_SIZE as u64;
-                    // SAFETY: `page` is our own buffer of PAGE_SIZE bytes.
-                    unsafe { pread_exact(&self.c.file, page.as_mut_ptr(), PAGE_SIZE, at) }
+                    // SAFETY: `page` is our own buffer of one page.
+                    unsafe { pread_exact(&self.c.pages, page.as_mut_ptr().cast(), PAGE_SIZE, at) }
                         .map_err(|e| FileError::io("read a faulting page", self.path, e))?;
-                    self.check_page(r, i, crc, &page[..])?;
-                    self.memory.install(f.addr, &page)
+                    self.check_page(r, i, crc, &page[0].0)?;
+                    self.memory.install(f.addr, &page[0].0)
                 }
                 None => self.memory.install_zero(f.addr),
             };
@@ -241,7 +241,7 @@ impl Shared<'_> {
     /// The background thread: every present page, in file order, group by group, read in
     /// runs and installed unless the guest faulted it in first. Returns the pages read.
     fn fill(&self) -> Result<u64, FileError> {
-        let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
+        let mut buf = Page::buffer(BATCH_PAGES);
         let mut pages = 0;
         for (r, tables) in self.regions.iter().zip(self.tables) {
             for g in 0..tables.len() {
@@ -272,18 +272,17 @@ impl Shared<'_> {
         group: &Group,
         from: u64,
         run: u64,
-        buf: &mut [u8],
+        buf: &mut [Page],
     ) -> Result<(), FileError> {
         let at = r.data_offset + from * PAGE_SIZE as u64;
-        let len = run as usize * PAGE_SIZE;
-        // SAFETY: `buf` is our own buffer of BATCH_PAGES pages, run <= BATCH_PAGES.
-        unsafe { pread_exact(&self.c.file, buf.as_mut_ptr(), len, at) }
+        let run = (run as usize).min(buf.len());
+        // SAFETY: `buf` is our own buffer of at least `run` pages.
+        unsafe { pread_exact(&self.c.pages, buf.as_mut_ptr().cast(), run * PAGE_SIZE, at) }
             .map_err(|e| FileError::io("read guest pages", self.path, e))?;
-        for (j, data) in buf[..len].chunks_exact(PAGE_SIZE).enumerate() {
+        for (j, Page(data)) in buf[..run].iter().enumerate() {
             let i = from + j as u64;
             let expected = group.page(i % GROUP_PAGES).unwrap_or(0);
             self.check_page(r, i, expected, data)?;
-            let data: &[u8; PAGE_SIZE] = data.try_into().unwrap_or(&[0; PAGE_SIZE]);
             let addr = r.guest_addr + i * PAGE_SIZE as u64;
             self.memory
                 .install(addr, data)

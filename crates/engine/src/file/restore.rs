@@ -54,6 +54,8 @@ impl Default for Tables {
 /// A file read and checked, nothing built yet.
 pub(super) struct Checked {
     pub file: File,
+    /// Where pages are read: `file` again, or a direct-I/O descriptor of it.
+    pub pages: File,
     pub header: FileHeader,
     pub tables: Tables,
     pub chunks: Vec<Vec<ChunkRef>>,
@@ -138,6 +140,7 @@ pub fn restore_vm(
         saved_paused: c.header.paused,
         verify: loaded.verify,
         on_demand: config.on_demand,
+        direct_io: config.direct_io,
         faults: loaded.faults,
         resumed_ms: loaded.resumed.map(|t| (t - start).as_secs_f64() * 1e3),
         total_ms: start.elapsed().as_secs_f64() * 1e3,
@@ -242,7 +245,7 @@ fn load(
                 for b in rx.iter() {
                     let r = match cancel.is_cancelled() {
                         true => Err(FileError::Cancelled),
-                        false => read_batch(&c.file, path, regions, &b),
+                        false => read_batch(&c.pages, path, regions, &b),
                     };
                     if tx.send(r).is_err() {
                         break;
@@ -349,8 +352,10 @@ impl Checked {
                 source,
             })
         })?;
+        let pages = super::io::pages_fd(&file, path, config.direct_io, false)?;
         Ok(Checked {
             file,
+            pages,
             header,
             tables,
             chunks,
