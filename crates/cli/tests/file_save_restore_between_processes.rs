@@ -265,3 +265,35 @@ fn bad_files_are_refused_by_the_restoring_process() {
         let _ = std::fs::remove_file(q);
     }
 }
+
+/// An eager restore of a sparse file (a twentieth of the pages, some in every 2 MiB) into
+/// memory advised for huge pages: the process's memory follows the data, not the guest (a
+/// page read into an untouched block would otherwise fault the whole 2 MiB in).
+#[test]
+fn a_sparse_guest_restores_eagerly_to_about_its_data() {
+    let path = file("sparse");
+    let guest = [
+        "--guest=synthetic",
+        "--memory=512M",
+        "--fill=0.05",
+        "--working-set=0",
+        "--dirty-rate=0",
+        "--warmup-ms=0",
+    ];
+    let done = save(&path, &guest, &["--stop-first"]);
+    let data = u64_at(&done["report"], &["pages_in_file"]) * 4096;
+    assert!(data < 32 << 20, "{done:#}");
+    let from = format!("--from=file:{}", path.display());
+    let mut dest = Proc::spawn(&["incoming", "--json", from.as_str()]);
+    let recv = dest.expect_event("received");
+    assert!(dest.wait_exit().success());
+    assert_eq!(u64_at(&recv["report"], &["pages_read"]) * 4096, data);
+    let rss = u64_at(&recv, &["peak_rss_bytes"]);
+    assert!(
+        rss < data + (64 << 20),
+        "peak RSS {} MiB for {} MiB of data in a 512 MiB guest",
+        rss >> 20,
+        data >> 20
+    );
+    let _ = std::fs::remove_file(&path);
+}

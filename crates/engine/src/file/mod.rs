@@ -42,6 +42,7 @@ mod pages;
 mod restore;
 mod save;
 mod tables;
+mod thp;
 
 pub use error::FileError;
 pub use restore::{restore_vm, Restored};
