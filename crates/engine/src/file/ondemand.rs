@@ -66,12 +66,7 @@ pub(super) fn run(
     parts: Parts<'_>,
     config: &RestoreConfig,
 ) -> Result<Loaded, FileError> {
-    let Parts {
-        guest,
-        devices,
-        vmstates,
-        ..
-    } = parts;
+    let (guest, devices, vmstates) = (parts.guest, parts.devices, parts.vmstates);
     let memory = PostcopyMemory::new(guest.memory()).map_err(FileError::OnDemand)?;
     let sh = Shared {
         path,
