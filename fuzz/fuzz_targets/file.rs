@@ -1,9 +1,9 @@
 //! The save file's decoders: the prefix, the header (and its layout check against a file
-//! length), a region's bitmap, a device's chunk index.
+//! length), a region's bitmap and groups, a device's chunk index.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use livemig_wire::file::{
-    decode_bitmap, decode_chunk_index, FileHeader, FilePrefix, PREFIX_LEN,
+    decode_bitmap, decode_chunk_index, decode_group_sums, FileHeader, FilePrefix, PREFIX_LEN,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -21,4 +21,5 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = decode_bitmap(data, (data.len() as u64 * 8).saturating_sub(3));
     let _ = decode_chunk_index(data, (data.len() / 16) as u32, 1 << 40);
+    let _ = decode_group_sums(data, (data.len() as u64 / 8) * 1024);
 });

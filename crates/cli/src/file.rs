@@ -56,14 +56,16 @@ pub fn file_uri(s: &str) -> Option<Result<PathBuf, String>> {
 }
 
 /// The save's configuration from the migration options: the data channels write pages,
-/// the downtime limit and round bound end the rounds, the chunk size cuts device state.
-pub fn save_config(m: &MigrationArgs, stop_first: bool) -> SaveConfig {
+/// the downtime limit and round bound end the rounds, the chunk size cuts device state;
+/// `direct_io` writes the pages with `O_DIRECT`.
+pub fn save_config(m: &MigrationArgs, stop_first: bool, direct_io: bool) -> SaveConfig {
     SaveConfig {
         channels: m.channels,
         downtime_limit: Duration::from_millis(m.downtime_limit_ms),
         max_rounds: m.max_rounds,
         chunk_size: m.chunk_size.min(u32::MAX as u64) as u32,
         paused: stop_first,
+        direct_io,
         // The process ends after the save; the guest stays where it paused (as QEMU's does
         // after `migrate file:`), so its counter there is the file's.
         resume: false,

@@ -32,6 +32,10 @@ pub struct IncomingArgs {
     /// reads the rest.
     #[arg(long, requires = "from")]
     pub on_demand: bool,
+    /// With --from: read the pages with direct I/O (O_DIRECT, QEMU's `direct-io`), bypassing
+    /// the page cache; refused with an error where the filesystem does not allow it.
+    #[arg(long, requires = "from")]
+    pub direct_io: bool,
     /// Serve QMP on this Unix socket path: receive on `migrate-incoming` (or at once on
     /// `--listen`), then hold the guest, which can be migrated on, until `quit`.
     #[arg(long)]
@@ -139,6 +143,7 @@ fn restore_from(a: &IncomingArgs, path: &std::path::Path) -> anyhow::Result<Exit
         readers: a.onward.channels,
         verify: a.verify,
         on_demand: a.on_demand,
+        direct_io: a.direct_io,
         ..Default::default()
     };
     if let Some(m) = a.max_guest_memory {

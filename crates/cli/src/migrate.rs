@@ -23,6 +23,10 @@ pub struct MigrateArgs {
     /// then `migrate`), instead of a live save whose rounds re-write dirtied pages.
     #[arg(long)]
     pub stop_first: bool,
+    /// With --to file:PATH: write the pages with direct I/O (O_DIRECT, QEMU's `direct-io`),
+    /// bypassing the page cache; refused with an error where the filesystem does not allow it.
+    #[arg(long)]
+    pub direct_io: bool,
     #[command(flatten)]
     pub guest: GuestArgs,
     #[command(flatten)]
@@ -34,6 +38,9 @@ pub struct MigrateArgs {
 
 pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let json = a.json;
+    if a.direct_io && !a.to.iter().any(|d| matches!(d, Destination::File(_))) {
+        anyhow::bail!("--direct-io applies to a save, --to file:PATH");
+    }
     let backing = if a.migration.local {
         Backing::Shared
     } else {
@@ -59,7 +66,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     for (attempt, to) in a.to.iter().enumerate() {
         let to = match to {
             Destination::File(path) => {
-                let config = crate::file::save_config(&a.migration, a.stop_first);
+                let config = crate::file::save_config(&a.migration, a.stop_first, a.direct_io);
                 match crate::file::save(&source, &devices, path, &config, json) {
                     Ok(()) => return Ok(ExitCode::SUCCESS),
                     Err(e) => {

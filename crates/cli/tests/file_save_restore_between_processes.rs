@@ -206,6 +206,19 @@ fn synthetic_guest_saved_live_and_idle_restores_exact() {
     let _ = std::fs::remove_file(&path);
 }
 
+/// The header of the save file at `path`.
+fn header_of(path: &Path) -> livemig_wire::file::FileHeader {
+    use livemig_wire::file::{FileHeader, FilePrefix, PREFIX_LEN};
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).unwrap();
+    let mut raw = [0u8; PREFIX_LEN];
+    f.read_exact_at(&mut raw, 0).unwrap();
+    let prefix = FilePrefix::decode(&raw).unwrap();
+    let mut body = vec![0u8; prefix.header_len as usize];
+    f.read_exact_at(&mut body, PREFIX_LEN as u64).unwrap();
+    FileHeader::decode(&body).unwrap()
+}
+
 /// A restore of `path` that must fail, its error containing `says`.
 fn refused(path: &Path, extra: &[&str], says: &str) {
     let from = format!("--from=file:{}", path.display());
@@ -255,13 +268,61 @@ fn bad_files_are_refused_by_the_restoring_process() {
         f.write_all_at(&[!b[0]], (1 << 20) + 7).unwrap();
     });
     refused(&page, &[], "corrupted");
+    refused(&page, &["--on-demand"], "is corrupted");
+    // A page CRC entry damaged: an eager restore refuses the table before building
+    // anything; an on-demand one reads the table a group at a time once the guest runs,
+    // and fails naming the group.
+    let crcs = header_of(&path).regions[0].crcs.offset;
+    let table = copy("table", &|f| {
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, crcs + 4).unwrap();
+        f.write_all_at(&[!b[0]], crcs + 4).unwrap();
+    });
+    refused(&table, &[], "region 0 page CRCs is corrupted");
+    refused(
+        &table,
+        &["--on-demand"],
+        "region 0 page CRCs (pages 0 to 1023) is corrupted",
+    );
     refused(
         &path,
         &["--max-guest-memory=16M"],
         "more than this side accepts",
     );
     restore_exact(&path, u64_at(&done, &["counter_at_pause"]), 8192, true);
-    for q in [&path, &cut, &version, &header, &page] {
+    for q in [&path, &cut, &version, &header, &page, &table] {
         let _ = std::fs::remove_file(q);
     }
+}
+
+/// An eager restore of a sparse file (a twentieth of the pages, some in every 2 MiB) into
+/// memory advised for huge pages: the process's memory follows the data, not the guest (a
+/// page read into an untouched block would otherwise fault the whole 2 MiB in).
+#[test]
+fn a_sparse_guest_restores_eagerly_to_about_its_data() {
+    let path = file("sparse");
+    let guest = [
+        "--guest=synthetic",
+        "--memory=512M",
+        "--fill=0.05",
+        "--working-set=0",
+        "--dirty-rate=0",
+        "--warmup-ms=0",
+    ];
+    let done = save(&path, &guest, &["--stop-first"]);
+    let data = u64_at(&done["report"], &["pages_in_file"]) * 4096;
+    assert!(data < 32 << 20, "{done:#}");
+    let from = format!("--from=file:{}", path.display());
+    let mut dest = Proc::spawn(&["incoming", "--json", from.as_str()]);
+    let recv = dest.expect_event("received");
+    assert!(dest.wait_exit().success());
+    assert_eq!(u64_at(&recv["report"], &["pages_read"]) * 4096, data);
+    let rss = u64_at(&recv, &["peak_rss_bytes"]);
+    assert!(
+        rss < data + (64 << 20),
+        "peak RSS {} MiB for {} MiB of data in a 512 MiB guest",
+        rss >> 20,
+        data >> 20
+    );
+    let _ = std::fs::remove_file(&path);
 }

@@ -2,7 +2,8 @@
 //! real processes, with QEMU's `mapped-ram` capability set as QEMU's scripts set it: a live
 //! save leaves the guest running, a save after `stop` leaves it paused, and the restored
 //! guest (restored through QEMU 9.1's `channels` form of the address) holds every page and
-//! the counter where the source stopped.
+//! the counter where the source stopped; with the `direct-io` parameter (and `mapped-ram`)
+//! the save and the restore move pages with `O_DIRECT`.
 
 mod common;
 
@@ -66,6 +67,7 @@ fn qmp_saves_to_a_file_and_restores_from_it() {
     let q = finished(&mut src);
     assert_eq!(q["status"], "completed", "{q:#}");
     assert!(q["x-livemig-file"]["live"].as_bool().unwrap(), "{q:#}");
+    assert_eq!(q["x-livemig-file"]["direct_io"], false, "{q:#}");
     let status = src.execute("query-status", json!({})).unwrap();
     assert_eq!(
         status["status"], "running",
@@ -73,17 +75,26 @@ fn qmp_saves_to_a_file_and_restores_from_it() {
     );
 
     src.execute("stop", json!({})).unwrap();
+    let direct = json!({"direct-io": true});
+    src.execute("migrate-set-parameters", direct.clone())
+        .unwrap();
+    let p = src.execute("query-migrate-parameters", json!({})).unwrap();
+    assert_eq!(p["direct-io"], true, "{p:#}");
     let stopped = format!("file:{}", d.join("stopped.lmsave").display());
     src.execute("migrate", json!({ "uri": stopped })).unwrap();
     let q = finished(&mut src);
     assert_eq!(q["status"], "completed", "{q:#}");
     assert_eq!(q["x-livemig-file"]["rounds"].as_array().unwrap().len(), 1);
+    assert_eq!(q["x-livemig-file"]["direct_io"], true, "{q:#}");
     let status = src.execute("query-status", json!({})).unwrap();
     assert_eq!(status["status"], "paused", "a stopped guest stays paused");
     let saved = src.execute("x-livemig-verify", json!({})).unwrap();
 
     let _dst = Proc::spawn(&["incoming", "--verify", "--qmp", dst_sock.to_str().unwrap()]);
     let mut dst = connect(&dst_sock);
+    let mapped = json!({"capabilities": [{"capability": "mapped-ram", "state": true}]});
+    dst.execute("migrate-set-capabilities", mapped).unwrap();
+    dst.execute("migrate-set-parameters", direct).unwrap();
     // QEMU 9.1's channels form, with a file address, as QEMU's scripts give it.
     let file = d.join("stopped.lmsave");
     let channels = json!([{"channel-type": "main",
@@ -94,6 +105,7 @@ fn qmp_saves_to_a_file_and_restores_from_it() {
     assert_eq!(q["status"], "completed", "{q:#}");
     let v = &q["x-livemig-file"]["verify"];
     assert_eq!(v["pages_mismatched"], 0, "{q:#}");
+    assert_eq!(q["x-livemig-file"]["direct_io"], true, "{q:#}");
     assert_eq!(
         v["counter"], saved["counter"],
         "the counter where the source stopped"

@@ -242,7 +242,7 @@ fn bad_files_are_refused_saying_what_is_wrong() {
         e,
         FileFormatError::UnsupportedVersion {
             found: 9,
-            supported: 1
+            supported: 2
         }
     );
     let header = damaged(&p, "header", |f| f.write_all_at(b"Z", 40).unwrap());
@@ -370,6 +370,76 @@ fn an_on_demand_restore_of_a_damaged_page_fails_and_returns() {
     }
     assert_eq!(livemig_engine::runtime::thread_count_named("lm-rst"), 0);
     for q in [&p, &page] {
+        let _ = std::fs::remove_file(q);
+    }
+}
+
+/// The header of the save file at `p`.
+fn header_of(p: &std::path::Path) -> livemig_wire::file::FileHeader {
+    use livemig_wire::file::{FileHeader, FilePrefix, PREFIX_LEN};
+    let f = std::fs::File::open(p).unwrap();
+    let mut raw = [0u8; PREFIX_LEN];
+    f.read_exact_at(&mut raw, 0).unwrap();
+    let prefix = FilePrefix::decode(&raw).unwrap();
+    let mut body = vec![0u8; prefix.header_len as usize];
+    f.read_exact_at(&mut body, PREFIX_LEN as u64).unwrap();
+    FileHeader::decode(&body).unwrap()
+}
+
+/// Flips one bit of the byte at `at` in `f`.
+fn flip(f: &std::fs::File, at: u64) {
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x10], at).unwrap();
+}
+
+/// On demand, the regions' tables are read a group of 1024 pages at a time, once the guest
+/// runs, each group checked against the groups section (checked whole before anything is
+/// built). A damaged page CRC entry or bitmap word fails the restore naming the table and
+/// its pages, whichever thread reads the group first; a damaged groups section is refused
+/// before anything is built; an eager restore refuses the damaged tables up front.
+#[test]
+fn an_on_demand_restore_checks_the_tables_group_by_group() {
+    let _serial = serial();
+    let (p, _, _) = save_live("tables");
+    let h = header_of(&p);
+    let r = &h.regions[0];
+    assert_eq!(r.groups.len, 16 * 8, "64 MiB: 16 groups of 1024 pages");
+    // A config each time: a failed restore cancels its config's token.
+    let on_demand = || RestoreConfig {
+        on_demand: true,
+        ..verified()
+    };
+    // Group 5's first page CRC entry; group 9's first bitmap word.
+    let crc = damaged(&p, "tables-crc", |f| flip(f, r.crcs.offset + 5 * 4096));
+    let bitmap = damaged(&p, "tables-bitmap", |f| flip(f, r.bitmap.offset + 9 * 128));
+    let sums = damaged(&p, "tables-sums", |f| flip(f, r.groups.offset + 3));
+    for (q, says) in [
+        (&crc, "region 0 page CRCs (pages 5120 to 6143)"),
+        (&bitmap, "region 0 bitmap (pages 9216 to 10239)"),
+    ] {
+        match restore(q, &on_demand()) {
+            Err(FileError::OnDemand(e)) if e.is_unavailable() => {
+                eprintln!("SKIPPED: userfaultfd is not available here: {e}");
+                return;
+            }
+            Err(e @ FileError::Format { .. }) => {
+                assert!(e.to_string().contains(says), "{e}");
+                assert!(e.to_string().contains("is corrupted"), "{e}");
+            }
+            Err(e) => panic!("expected a damaged table, got {e}"),
+            Ok(_) => panic!("a damaged table was restored"),
+        }
+        assert_eq!(livemig_engine::runtime::thread_count_named("lm-rst"), 0);
+        let e = format_error(restore(q, &verified()));
+        assert!(matches!(e, FileFormatError::BadCrc { .. }), "eager: {e}");
+    }
+    let e = format_error(restore(&sums, &on_demand()));
+    assert!(
+        e.to_string().contains("region 0 groups is corrupted"),
+        "{e}"
+    );
+    for q in [&p, &crc, &bitmap, &sums] {
         let _ = std::fs::remove_file(q);
     }
 }

@@ -253,6 +253,7 @@ fn file_seeds(hello: &SessionHello) {
                 data_offset: 0,
                 bitmap: Section::default(),
                 crcs: Section::default(),
+                groups: Section::default(),
             })
             .collect(),
         devices: hello
@@ -282,6 +283,8 @@ fn file_seeds(hello: &SessionHello) {
         at += r.bitmap.len;
         r.crcs = Section { offset: at, len: pages * 4, crc: 0 };
         at += r.crcs.len;
+        r.groups = Section { offset: at, len: groups(pages) * 8, crc: 0 };
+        at += r.groups.len;
     }
     for d in &mut h.devices {
         d.index = Section { offset: at, len: 16, crc: 0 };

@@ -52,6 +52,14 @@ pub struct BenchArgs {
     /// Guest memory size.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     pub memory: u64,
+    /// File mode (and the suite's file section): both the raw passes and livemig's with
+    /// direct I/O (`O_DIRECT`).
+    #[arg(long)]
+    pub file_direct_io: bool,
+    /// File mode (and the suite's file section): the on-demand restore's guest memory (a
+    /// twentieth of it holding data).
+    #[arg(long, default_value = "4G", value_parser = parse_size)]
+    pub file_on_demand_memory: u64,
     /// Channel counts to measure.
     #[arg(long, value_delimiter = ',', default_values_t = vec![1u16, 2, 4, 8])]
     pub channels: Vec<u16>,

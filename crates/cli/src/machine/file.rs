@@ -76,6 +76,12 @@ impl FileJob {
 }
 
 impl Machine {
+    /// Whether pages move with `O_DIRECT`: the `direct-io` parameter, with the `mapped-ram`
+    /// and `multifd` capabilities (QEMU's `migrate_direct_io`).
+    fn direct_io(&self) -> bool {
+        self.params.direct_io && self.caps.mapped_ram && self.caps.multifd
+    }
+
     /// `migrate` to `file:PATH`: saves the guest, live if it runs, in one pass if stopped.
     pub(super) fn migrate_to_file(&mut self, uri: &str, path: PathBuf) -> Result<Value, QmpError> {
         if self.status.in_progress() {
@@ -100,6 +106,7 @@ impl Machine {
             downtime_limit: std::time::Duration::from_millis(self.params.downtime_limit_ms),
             chunk_size: self.params.chunk_size,
             paused,
+            direct_io: self.direct_io(),
             ..SaveConfig::default()
         };
         let shared = vm.shared();
@@ -128,6 +135,7 @@ impl Machine {
             verify: self.limits.verify,
             // As QEMU: a guest saved stopped is restored stopped (`cont` runs it).
             as_saved: true,
+            direct_io: self.direct_io(),
             cancel: CancelToken::new(),
             ..RestoreConfig::default()
         };

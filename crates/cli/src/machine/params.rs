@@ -163,6 +163,9 @@ pub struct Parameters {
     /// `tls-hostname`: the name the destination's certificate must carry ("": the host of
     /// the migration's address).
     pub tls_hostname: String,
+    /// `direct-io`: a `file:` save or restore moves pages with `O_DIRECT` (with `mapped-ram`
+    /// and `multifd`, as QEMU).
+    pub direct_io: bool,
     /// The live handle every migration started from these parameters shares: it mirrors
     /// `downtime-limit` and `max-bandwidth`, so setting them reaches a migration under way.
     live: LiveParams,
@@ -190,6 +193,7 @@ impl Default for Parameters {
             throttle: d.throttle,
             tls_creds: String::new(),
             tls_hostname: String::new(),
+            direct_io: false,
             live: LiveParams::new(),
         }
     }
@@ -218,6 +222,7 @@ pub const NAMES: &[&str] = &[
     "throttle-trigger-threshold",
     "tls-creds",
     "tls-hostname",
+    "direct-io",
 ];
 
 /// The parameters a migration under way takes (QEMU takes them live too; libvirt's
@@ -270,6 +275,7 @@ impl Parameters {
             "throttle-trigger-threshold": self.throttle.trigger_threshold,
             "tls-creds": self.tls_creds,
             "tls-hostname": self.tls_hostname,
+            "direct-io": self.direct_io,
         })
     }
 
@@ -284,6 +290,9 @@ impl Parameters {
         next.set_throttle(&a)?;
         if let Some(c) = a.opt_str("tls-creds")? {
             next.tls_creds = c.to_string();
+        }
+        if let Some(d) = a.opt_bool("direct-io")? {
+            next.direct_io = d;
         }
         if let Some(h) = a.opt_str("tls-hostname")? {
             next.tls_hostname = h.to_string();

@@ -21,6 +21,16 @@ pub enum FileError {
         #[source]
         source: std::io::Error,
     },
+    /// Direct I/O was asked for and the file cannot be opened with `O_DIRECT` (`EINVAL`:
+    /// the filesystem does not support it, e.g. ramfs or some FUSE filesystems).
+    #[error("{path}: direct I/O (O_DIRECT) refused: {source}; this filesystem does not allow it, save or restore without direct-io")]
+    DirectIo {
+        /// The file.
+        path: PathBuf,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The file is not a save file this build can read (magic, version, CRC, truncation,
     /// layout): found before anything was built.
     #[error("{path}: {source}")]

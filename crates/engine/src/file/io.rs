@@ -13,36 +13,66 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
+/// Which way a positioned transfer goes.
+#[derive(Clone, Copy)]
+enum Dir {
+    Read,
+    Write,
+}
+
+/// Transfers `len` bytes between `ptr` and the file at `offset`, whatever the short
+/// transfers and interruptions; a read past the file's end is `UnexpectedEof`.
+///
+/// # Safety
+/// `ptr..ptr + len` must be mapped for the whole call: readable to write it out; to read
+/// into it, writable and not read or written by anything else meanwhile.
+unsafe fn transfer(file: &File, ptr: *mut u8, len: usize, offset: u64, dir: Dir) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    let mut done = 0usize;
+    while done < len {
+        let (p, left, at) = (
+            ptr.wrapping_add(done),
+            len - done,
+            (offset + done as u64) as i64,
+        );
+        let n = match dir {
+            // SAFETY: `p..p + left` lies in the caller's range (done < len), readable; the
+            // kernel only reads it.
+            Dir::Write => unsafe { libc::pwrite(fd, p.cast(), left, at) },
+            // SAFETY: as above, writable and the caller's alone.
+            Dir::Read => unsafe { libc::pread(fd, p.cast(), left, at) },
+        };
+        match n {
+            n if n > 0 => done += n as usize,
+            0 => {
+                return Err(match dir {
+                    Dir::Write => io::ErrorKind::WriteZero.into(),
+                    Dir::Read => io::ErrorKind::UnexpectedEof.into(),
+                })
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes `len` bytes from `ptr` at `offset`, whatever the short writes.
 ///
 /// # Safety
 /// `ptr..ptr + len` must be mapped and readable for the whole call.
 pub(crate) unsafe fn pwrite_all(
     file: &File,
-    mut ptr: *const u8,
-    mut len: usize,
-    mut offset: u64,
+    ptr: *const u8,
+    len: usize,
+    offset: u64,
 ) -> io::Result<()> {
-    while len > 0 {
-        // SAFETY: the caller guarantees the range is mapped and readable; the kernel only
-        // reads it.
-        let n = unsafe { libc::pwrite(file.as_raw_fd(), ptr.cast(), len, offset as i64) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        // SAFETY: n <= len, so the pointer stays within the caller's range.
-        ptr = unsafe { ptr.add(n as usize) };
-        len -= n as usize;
-        offset += n as u64;
-    }
-    Ok(())
+    // SAFETY: the caller's guarantee; a write only reads the range.
+    unsafe { transfer(file, ptr.cast_mut(), len, offset, Dir::Write) }
 }
 
 /// Reads exactly `len` bytes at `offset` into `ptr`; a file that ends first is an
@@ -53,29 +83,55 @@ pub(crate) unsafe fn pwrite_all(
 /// else during the call.
 pub(crate) unsafe fn pread_exact(
     file: &File,
-    mut ptr: *mut u8,
-    mut len: usize,
-    mut offset: u64,
+    ptr: *mut u8,
+    len: usize,
+    offset: u64,
 ) -> io::Result<()> {
-    while len > 0 {
-        // SAFETY: the caller guarantees the range is mapped, writable and ours.
-        let n = unsafe { libc::pread(file.as_raw_fd(), ptr.cast(), len, offset as i64) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        // SAFETY: n <= len, so the pointer stays within the caller's range.
-        ptr = unsafe { ptr.add(n as usize) };
-        len -= n as usize;
-        offset += n as u64;
+    // SAFETY: the caller's guarantee.
+    unsafe { transfer(file, ptr, len, offset, Dir::Read) }
+}
+
+/// One page of a buffer aligned as a page, as direct I/O needs (page reads of an
+/// on-demand restore go through these).
+#[derive(Clone, Copy)]
+#[repr(C, align(4096))]
+pub(crate) struct Page(pub [u8; PAGE_SIZE]);
+
+impl Page {
+    /// `n` zeroed pages.
+    pub fn buffer(n: usize) -> Vec<Page> {
+        vec![Page([0; PAGE_SIZE]); n]
     }
-    Ok(())
+}
+
+/// The descriptor pages are written or read through: with `direct`, a second descriptor
+/// of `path` opened with `O_DIRECT` (the page cache bypassed, as QEMU's `direct-io`; the
+/// pages lie at page-aligned offsets and move from and to page-aligned memory); else a
+/// duplicate of `file`. Headers, sections and device state always go through `file`.
+pub(crate) fn pages_fd(
+    file: &File,
+    path: &std::path::Path,
+    direct: bool,
+    write: bool,
+) -> Result<File, super::FileError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if !direct {
+        return file
+            .try_clone()
+            .map_err(|e| super::FileError::io("duplicate the descriptor", path, e));
+    }
+    File::options()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::EINVAL) => super::FileError::DirectIo {
+                path: path.to_path_buf(),
+                source,
+            },
+            _ => super::FileError::io("open with O_DIRECT", path, source),
+        })
 }
 
 /// Reads `len` bytes at `offset` into a new buffer (`len` bounded by the caller's checked
@@ -102,8 +158,10 @@ pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     if r == 0 {
         return Ok(());
     }
-    let zeros = vec![0u8; len as usize];
-    write_buf(file, &zeros, offset)
+    // Aligned, in case `file` is the direct-I/O descriptor (`len` is whole pages).
+    let zeros = Page::buffer((len as usize).div_ceil(PAGE_SIZE));
+    // SAFETY: the buffer is ours, at least `len` bytes.
+    unsafe { pwrite_all(file, zeros.as_ptr().cast(), len as usize, offset) }
 }
 
 /// One guest memory region: where its pages are in host memory and in the file, which of
@@ -137,7 +195,7 @@ pub(crate) fn same_layout(memory: &GuestMemory, ranges: &[livemig_wire::MemoryRa
 impl RegionMap {
     /// The regions of `memory`, in order, with their pages at `data_offsets` in the file.
     pub fn of(memory: &GuestMemory, data_offsets: &[u64]) -> Vec<RegionMap> {
-        let mut maps = Self::of_empty(memory, data_offsets);
+        let mut maps = Self::bare(memory, data_offsets);
         for m in &mut maps {
             m.present = (0..m.pages.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
@@ -147,8 +205,9 @@ impl RegionMap {
         maps
     }
 
-    /// The regions without their tables.
-    fn of_empty(memory: &GuestMemory, data_offsets: &[u64]) -> Vec<RegionMap> {
+    /// The regions without their tables (an on-demand restore keeps them apart,
+    /// [`super::tables::RegionTables`]).
+    pub fn bare(memory: &GuestMemory, data_offsets: &[u64]) -> Vec<RegionMap> {
         memory
             .iter()
             .zip(data_offsets)
@@ -176,7 +235,7 @@ impl RegionMap {
         data_offsets: &[u64],
         tables: Vec<(Vec<u64>, Vec<u32>)>,
     ) -> Vec<RegionMap> {
-        let mut maps = Self::of_empty(memory, data_offsets);
+        let mut maps = Self::bare(memory, data_offsets);
         for (m, (present, crcs)) in maps.iter_mut().zip(tables) {
             m.present = present.into_iter().map(AtomicU64::new).collect();
             m.crcs = crcs.into_iter().map(AtomicU32::new).collect();

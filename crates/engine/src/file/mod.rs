@@ -41,6 +41,8 @@ mod ondemand;
 mod pages;
 mod restore;
 mod save;
+mod tables;
+mod thp;
 
 pub use error::FileError;
 pub use restore::{restore_vm, Restored};
@@ -67,6 +69,11 @@ pub struct SaveConfig {
     /// A live save resumes the guest after the save (default); false leaves it paused, as
     /// QEMU leaves a VM after `migrate file:`.
     pub resume: bool,
+    /// Write pages with direct I/O (`O_DIRECT`, QEMU's `direct-io`): through a second
+    /// descriptor, bypassing the page cache; headers, sections and device state go through
+    /// the ordinary one. A filesystem that refuses `O_DIRECT` fails the save
+    /// ([`FileError::DirectIo`]) before any page is written.
+    pub direct_io: bool,
     /// Cancels the save from another thread (the guest then runs on, no file is left).
     pub cancel: CancelToken,
 }
@@ -80,6 +87,7 @@ impl Default for SaveConfig {
             chunk_size: 1 << 20,
             paused: false,
             resume: true,
+            direct_io: false,
             cancel: CancelToken::new(),
         }
     }
@@ -147,6 +155,9 @@ pub struct SaveReport {
     pub fsync_ms: f64,
     /// From the call to the file's rename, milliseconds.
     pub total_ms: f64,
+    /// Pages were written with direct I/O.
+    #[serde(default)]
+    pub direct_io: bool,
 }
 
 /// How a restore goes ([`restore_vm`]).
@@ -172,6 +183,8 @@ pub struct RestoreConfig {
     /// background thread reads the rest. The call returns once every page is in. Needs
     /// userfaultfd ([`FileError::OnDemand`] where it is not available).
     pub on_demand: bool,
+    /// Read pages with direct I/O (`O_DIRECT`, QEMU's `direct-io`), as [`SaveConfig`]'s.
+    pub direct_io: bool,
     /// Cancels the restore from another thread (the guest is then dropped).
     pub cancel: CancelToken,
 }
@@ -186,6 +199,7 @@ impl Default for RestoreConfig {
             resume: true,
             as_saved: false,
             on_demand: false,
+            direct_io: false,
             cancel: CancelToken::new(),
         }
     }
@@ -210,6 +224,9 @@ pub struct RestoreReport {
     pub verify: Option<crate::guest::VerifyReport>,
     /// Whether the restore was on demand.
     pub on_demand: bool,
+    /// Pages were read with direct I/O.
+    #[serde(default)]
+    pub direct_io: bool,
     /// On demand: page faults served (pages the guest touched before the fill had them).
     pub faults: u64,
     /// From the call until the guest was resumed, milliseconds (None: left paused).

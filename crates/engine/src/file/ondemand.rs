@@ -1,9 +1,12 @@
 //! The on-demand restore (Firecracker's way, on the postcopy fault path): guest memory is
 //! put under userfaultfd ([`crate::postcopy::PostcopyMemory`]) before anything runs, the
 //! devices and the guest's state are loaded, and the guest resumes at once, before any page
-//! is read. A page the guest (or the VMM) touches first faults: the fault thread reads it
-//! from the file (or installs a zero page for a hole) and installs it with `UFFDIO_COPY`.
-//! From the resume one background thread reads every present page in file order and installs it;
+//! is read, and before the regions' tables are: only their groups sections are read and
+//! checked before ([`super::tables`]). A page the guest (or the VMM) touches first faults:
+//! the fault thread reads its group's tables if not read yet (checking them), then the page
+//! (checking its CRC32C), or installs a zero page for a hole, with `UFFDIO_COPY`. From the
+//! resume one background thread reads every present page in file order, group by group, and
+//! installs it;
 //! whichever copy comes first is the page (the kernel refuses the second, so a page the
 //! guest wrote since is never overwritten). Once every present page is in, the memory is
 //! unregistered: the holes left are zero pages, as the file says.
@@ -15,10 +18,11 @@
 //! ```
 
 use super::devices::load_device;
-use super::io::{pread_exact, RegionMap};
+use super::io::{pread_exact, Page, RegionMap};
 use super::pages::BATCH_PAGES;
 use super::restore::{checked, load_state, resumes, Checked, Loaded};
 use super::save::wait;
+use super::tables::{Group, RegionTables};
 use super::FileError;
 use super::RestoreConfig;
 use crate::cancel::CancelToken;
@@ -26,16 +30,28 @@ use crate::device::{Device, VmState};
 use crate::guest::Guest;
 use crate::postcopy::PostcopyMemory;
 use crate::runtime::Runtime;
+use livemig_wire::file::GROUP_PAGES;
 use livemig_wire::PAGE_SIZE;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// What an on-demand restore works on: the guest and devices built, the regions' places
+/// and their tables (read on first use).
+pub(super) struct Parts<'a> {
+    pub regions: &'a [RegionMap],
+    pub tables: &'a [RegionTables],
+    pub guest: &'a dyn Guest,
+    pub devices: &'a [Box<dyn Device>],
+    pub vmstates: &'a [Box<dyn VmState>],
+}
 
 /// What the threads share.
 struct Shared<'a> {
     path: &'a Path,
     c: &'a Checked,
     regions: &'a [RegionMap],
+    tables: &'a [RegionTables],
     memory: &'a PostcopyMemory<'a>,
     cancel: &'a CancelToken,
     /// Set once the memory is unregistered: the fault thread ends.
@@ -47,17 +63,16 @@ struct Shared<'a> {
 pub(super) fn run(
     path: &Path,
     c: &Checked,
-    regions: &[RegionMap],
-    guest: &dyn Guest,
-    devices: &[Box<dyn Device>],
-    vmstates: &[Box<dyn VmState>],
+    parts: Parts<'_>,
     config: &RestoreConfig,
 ) -> Result<Loaded, FileError> {
+    let (guest, devices, vmstates) = (parts.guest, parts.devices, parts.vmstates);
     let memory = PostcopyMemory::new(guest.memory()).map_err(FileError::OnDemand)?;
     let sh = Shared {
         path,
         c,
-        regions,
+        regions: parts.regions,
+        tables: parts.tables,
         memory: &memory,
         cancel: &config.cancel,
         stop: AtomicBool::new(false),
@@ -159,17 +174,23 @@ fn check(guest: &dyn Guest, running: bool) -> Result<crate::guest::VerifyReport,
 }
 
 impl Shared<'_> {
-    /// The region and page index of guest address `addr`.
-    fn locate(&self, addr: u64) -> Option<(&RegionMap, u64)> {
-        self.regions.iter().find_map(|r| {
+    /// The region index and page index of guest address `addr`.
+    fn locate(&self, addr: u64) -> Option<(usize, u64)> {
+        self.regions.iter().enumerate().find_map(|(k, r)| {
             let off = addr.checked_sub(r.guest_addr)?;
-            (off < r.pages * PAGE_SIZE as u64).then_some((r, off / PAGE_SIZE as u64))
+            (off < r.pages * PAGE_SIZE as u64).then_some((k, off / PAGE_SIZE as u64))
         })
     }
 
-    /// Checks `data`, page `i` of `r` as read from the file, against its CRC32C.
-    fn check_page(&self, r: &RegionMap, i: u64, data: &[u8]) -> Result<(), FileError> {
-        let expected = r.crcs[i as usize].load(Ordering::Relaxed);
+    /// Checks `data`, page `i` of `r` as read from the file, against `expected`, its
+    /// CRC32C in the (checked) tables.
+    fn check_page(
+        &self,
+        r: &RegionMap,
+        i: u64,
+        expected: u32,
+        data: &[u8],
+    ) -> Result<(), FileError> {
         let found = crc32c::crc32c(data);
         match found == expected {
             true => Ok(()),
@@ -185,69 +206,93 @@ impl Shared<'_> {
     /// The fault thread: each missing page touched is read from the file and installed (a
     /// hole as a zero page), until the memory is unregistered.
     fn serve_faults(&self) -> Result<(), FileError> {
-        let mut page = Box::new([0u8; PAGE_SIZE]);
+        let mut page = Page::buffer(1);
         while !self.stop.load(Ordering::Acquire) && !self.cancel.is_cancelled() {
             let fault = self.memory.next_fault(Duration::from_millis(20));
             let Some(f) = fault.map_err(FileError::OnDemand)? else {
                 continue;
             };
             self.faults.fetch_add(1, Ordering::Relaxed);
-            let Some((r, i)) = self.locate(f.addr) else {
+            let Some((k, i)) = self.locate(f.addr) else {
                 continue;
             };
-            let installed = match r.is_present(i) {
-                true => {
+            let r = &self.regions[k];
+            let installed = match self.tables[k].page(&self.c.file, self.path, i)? {
+                Some(crc) => {
                     let at = r.data_offset + i * PAGE_SIZE as u64;
-                    // SAFETY: `page` is our own buffer of PAGE_SIZE bytes.
-                    unsafe { pread_exact(&self.c.file, page.as_mut_ptr(), PAGE_SIZE, at) }
+                    // SAFETY: `page` is our own buffer of one page.
+                    unsafe { pread_exact(&self.c.pages, page.as_mut_ptr().cast(), PAGE_SIZE, at) }
                         .map_err(|e| FileError::io("read a faulting page", self.path, e))?;
-                    self.check_page(r, i, &page[..])?;
-                    self.memory.install(f.addr, &page)
+                    self.check_page(r, i, crc, &page[0].0)?;
+                    self.memory.install(f.addr, &page[0].0)
                 }
-                false => self.memory.install_zero(f.addr),
+                None => self.memory.install_zero(f.addr),
             };
             installed.map_err(FileError::OnDemand)?;
         }
         Ok(())
     }
 
-    /// The background thread: every present page, in file order, read in runs and
-    /// installed unless the guest faulted it in first. Returns the pages read.
+    /// The background thread: every present page, in file order, group by group, read in
+    /// runs and installed unless the guest faulted it in first. Returns the pages read.
     fn fill(&self) -> Result<u64, FileError> {
-        let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
+        let mut buf = Page::buffer(BATCH_PAGES);
         let mut pages = 0;
-        for r in self.regions {
-            let mut i = 0;
-            while i < r.pages {
+        for (r, tables) in self.regions.iter().zip(self.tables) {
+            for g in 0..tables.len() {
                 if self.cancel.is_cancelled() {
                     return Err(FileError::Cancelled);
                 }
-                if !r.is_present(i) {
-                    i += 1;
-                    continue;
+                let group = tables.group(&self.c.file, self.path, g)?;
+                let (first, n) = tables.span(g);
+                let mut k = 0;
+                while k < n {
+                    let run = present_run(group, k, n);
+                    if run > 0 {
+                        self.fill_run(r, group, first + k, run, &mut buf)?;
+                        pages += run;
+                    }
+                    k += run.max(1);
                 }
-                let mut n = 1;
-                while i + n < r.pages && n < BATCH_PAGES as u64 && r.is_present(i + n) {
-                    n += 1;
-                }
-                let at = r.data_offset + i * PAGE_SIZE as u64;
-                let len = n as usize * PAGE_SIZE;
-                // SAFETY: `buf` is our own buffer of BATCH_PAGES pages, n <= BATCH_PAGES.
-                unsafe { pread_exact(&self.c.file, buf.as_mut_ptr(), len, at) }
-                    .map_err(|e| FileError::io("read guest pages", self.path, e))?;
-                for (k, data) in buf[..len].chunks_exact(PAGE_SIZE).enumerate() {
-                    let page = i + k as u64;
-                    self.check_page(r, page, data)?;
-                    let data: &[u8; PAGE_SIZE] = data.try_into().unwrap_or(&[0; PAGE_SIZE]);
-                    let addr = r.guest_addr + page * PAGE_SIZE as u64;
-                    self.memory
-                        .install(addr, data)
-                        .map_err(FileError::OnDemand)?;
-                }
-                pages += n;
-                i += n;
             }
         }
         Ok(pages)
     }
+
+    /// Reads `run` pages of `r` from page `from` on (all present, all in `group`, at most
+    /// [`BATCH_PAGES`]) into `buf`, checks each against `group`'s CRC32Cs and installs it.
+    fn fill_run(
+        &self,
+        r: &RegionMap,
+        group: &Group,
+        from: u64,
+        run: u64,
+        buf: &mut [Page],
+    ) -> Result<(), FileError> {
+        let at = r.data_offset + from * PAGE_SIZE as u64;
+        let run = (run as usize).min(buf.len());
+        // SAFETY: `buf` is our own buffer of at least `run` pages.
+        unsafe { pread_exact(&self.c.pages, buf.as_mut_ptr().cast(), run * PAGE_SIZE, at) }
+            .map_err(|e| FileError::io("read guest pages", self.path, e))?;
+        for (j, Page(data)) in buf[..run].iter().enumerate() {
+            let i = from + j as u64;
+            let expected = group.page(i % GROUP_PAGES).unwrap_or(0);
+            self.check_page(r, i, expected, data)?;
+            let addr = r.guest_addr + i * PAGE_SIZE as u64;
+            self.memory
+                .install(addr, data)
+                .map_err(FileError::OnDemand)?;
+        }
+        Ok(())
+    }
+}
+
+/// Present pages of `group` from its page `k` on (at most [`BATCH_PAGES`], and not past
+/// its `n` pages): 0 if page `k` is a hole.
+fn present_run(group: &Group, k: u64, n: u64) -> u64 {
+    let mut run = 0;
+    while k + run < n && run < BATCH_PAGES as u64 && group.page(k + run).is_some() {
+        run += 1;
+    }
+    run
 }

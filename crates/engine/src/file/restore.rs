@@ -6,6 +6,7 @@ use super::devices::load_device;
 use super::io::{read_vec, RegionMap};
 use super::pages::{for_each_batch, read_batch, Batch};
 use super::save::wait;
+use super::tables::RegionTables;
 use super::{FileError, RestoreConfig, RestoreReport};
 use crate::device::{Device, DeviceDescriptor, VmState};
 use crate::dirty::DirtyBitmap;
@@ -13,8 +14,8 @@ use crate::guest::Guest;
 use crate::incoming::Factories;
 use crate::runtime::Runtime;
 use livemig_wire::file::{
-    decode_bitmap, decode_chunk_index, ChunkRef, FileFormatError, FileHeader, FilePrefix, Section,
-    PREFIX_LEN,
+    decode_bitmap, decode_chunk_index, decode_group_sums, ChunkRef, FileFormatError, FileHeader,
+    FilePrefix, GroupSums, Section, PREFIX_LEN,
 };
 use livemig_wire::{VmStates, WireDevice, PAGE_SIZE};
 use std::fs::File;
@@ -34,12 +35,29 @@ pub struct Restored {
     pub report: RestoreReport,
 }
 
+/// The regions' tables as a restore reads them before anything is built.
+pub(super) enum Tables {
+    /// Eager: per region, the present bits and the page CRCs, read whole (taken by the
+    /// region maps).
+    Whole(Vec<(Vec<u64>, Vec<u32>)>),
+    /// On demand: per region, the groups section; the tables are read a group at a time
+    /// once the guest runs ([`RegionTables`]).
+    Groups(Vec<Vec<GroupSums>>),
+}
+
+impl Default for Tables {
+    fn default() -> Self {
+        Tables::Groups(Vec::new())
+    }
+}
+
 /// A file read and checked, nothing built yet.
 pub(super) struct Checked {
     pub file: File,
+    /// Where pages are read: `file` again, or a direct-I/O descriptor of it.
+    pub pages: File,
     pub header: FileHeader,
-    /// Per region: the present bits and the page CRCs (taken by the region tables).
-    pub pages: Vec<(Vec<u64>, Vec<u32>)>,
+    pub tables: Tables,
     pub chunks: Vec<Vec<ChunkRef>>,
     pub state: Vec<u8>,
     pub vmstates: VmStates,
@@ -93,11 +111,25 @@ pub fn restore_vm(
             "the guest built has other memory regions than the file".into(),
         ));
     }
-    let tables = std::mem::take(&mut c.pages);
-    let regions = RegionMap::with_tables(guest.memory(), &offsets, tables);
-    let loaded = match config.on_demand {
-        false => eager(path, &c, &regions, &*guest, &devices, &vmstates, config)?,
-        true => super::ondemand::run(path, &c, &regions, &*guest, &devices, &vmstates, config)?,
+    let loaded = match std::mem::take(&mut c.tables) {
+        Tables::Whole(tables) => {
+            let regions = RegionMap::with_tables(guest.memory(), &offsets, tables);
+            eager(path, &c, &regions, &*guest, &devices, &vmstates, config)?
+        }
+        Tables::Groups(sums) => {
+            let regions = RegionMap::bare(guest.memory(), &offsets);
+            let tables: Vec<RegionTables> = (c.header.regions.iter().zip(sums).enumerate())
+                .map(|(i, (r, sums))| RegionTables::new(i, r, sums))
+                .collect();
+            let parts = super::ondemand::Parts {
+                regions: &regions,
+                tables: &tables,
+                guest: &*guest,
+                devices: &devices,
+                vmstates: &vmstates,
+            };
+            super::ondemand::run(path, &c, parts, config)?
+        }
     };
     let report = RestoreReport {
         guest_kind: c.header.guest_kind.clone(),
@@ -108,6 +140,7 @@ pub fn restore_vm(
         saved_paused: c.header.paused,
         verify: loaded.verify,
         on_demand: config.on_demand,
+        direct_io: config.direct_io,
         faults: loaded.faults,
         resumed_ms: loaded.resumed.map(|t| (t - start).as_secs_f64() * 1e3),
         total_ms: start.elapsed().as_secs_f64() * 1e3,
@@ -141,7 +174,9 @@ fn eager(
     vmstates: &[Box<dyn VmState>],
     config: &RestoreConfig,
 ) -> Result<Loaded, FileError> {
+    let small = super::thp::SmallPages::for_read(regions);
     let (pages, device_bytes) = load(path, c, regions, guest, devices, config)?;
+    small.give_back();
     load_state(c, guest, vmstates)?;
     let verify = match config.verify {
         true => Some(checked(guest.verify()?)?),
@@ -212,7 +247,7 @@ fn load(
                 for b in rx.iter() {
                     let r = match cancel.is_cancelled() {
                         true => Err(FileError::Cancelled),
-                        false => read_batch(&c.file, path, regions, &b),
+                        false => read_batch(&c.pages, path, regions, &b),
                     };
                     if tx.send(r).is_err() {
                         break;
@@ -301,12 +336,7 @@ impl Checked {
             .check_layout(prefix.header_len, len, config.max_state_bytes)
             .map_err(format)?;
         let sections = Sections { file: &file, path };
-        let pages = header
-            .regions
-            .iter()
-            .enumerate()
-            .map(|(i, r)| sections.region(i, r.range.size / PAGE_SIZE as u64, &r.bitmap, &r.crcs))
-            .collect::<Result<_, _>>()?;
+        let tables = sections.tables(&header, config.on_demand)?;
         let chunks = header
             .devices
             .iter()
@@ -324,10 +354,12 @@ impl Checked {
                 source,
             })
         })?;
+        let pages = super::io::pages_fd(&file, path, config.direct_io, false)?;
         Ok(Checked {
             file,
-            header,
             pages,
+            header,
+            tables,
             chunks,
             state,
             vmstates,
@@ -348,6 +380,28 @@ impl Sections<'_> {
         s.check(what, &raw)
             .map_err(|e| FileError::format(self.path, e))?;
         Ok(raw)
+    }
+
+    /// The regions' tables: whole (eager), or only their groups sections (on demand).
+    fn tables(&self, header: &FileHeader, on_demand: bool) -> Result<Tables, FileError> {
+        let pages = |r: &livemig_wire::file::FileRegion| r.range.size / PAGE_SIZE as u64;
+        let regions = header.regions.iter().enumerate();
+        Ok(match on_demand {
+            false => Tables::Whole(
+                regions
+                    .map(|(i, r)| self.region(i, pages(r), &r.bitmap, &r.crcs))
+                    .collect::<Result<_, _>>()?,
+            ),
+            true => Tables::Groups(
+                regions
+                    .map(|(i, r)| {
+                        let raw = self.read(&format!("region {i} groups"), &r.groups)?;
+                        decode_group_sums(&raw, pages(r))
+                            .map_err(|e| FileError::format(self.path, e))
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+        })
     }
 
     /// Region `i`'s present bits and page CRCs.

@@ -11,8 +11,8 @@ use crate::runtime::{Runtime, ThreadDone, ThreadError};
 use crate::source::Vm;
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
 use livemig_wire::file::{
-    encode_chunk_index, plan, ChunkRef, FileDevice, FileHeader, FilePrefix, FileRegion, Section,
-    MAX_HEADER_LEN,
+    encode_chunk_index, encode_group_sums, plan, ChunkRef, FileDevice, FileHeader, FilePrefix,
+    FileRegion, Section, MAX_HEADER_LEN,
 };
 use livemig_wire::{VmStates, WireDevice};
 use std::fs::File;
@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 /// The file being written: `PATH.partial` until it is whole.
 struct Target {
     file: File,
+    /// Where pages are written: `file` again, or a direct-I/O descriptor of it.
+    pages: File,
     path: PathBuf,
     partial: PathBuf,
     /// The header with the regions laid out and every section still empty.
@@ -57,7 +59,7 @@ pub fn save_vm(
 ) -> Result<SaveReport, FileError> {
     config.validate()?;
     let start = Instant::now();
-    let mut target = Target::create(vm, path)?;
+    let mut target = Target::create(vm, path, config.direct_io)?;
     target.header.paused = config.paused;
     let regions = RegionMap::of(vm.guest.memory(), &plan_offsets(&target.header));
     let mut paused_at = None;
@@ -102,6 +104,7 @@ pub fn save_vm(
         downtime_ms: downtime.map_or(0.0, |d| d.as_secs_f64() * 1e3),
         fsync_ms,
         total_ms: start.elapsed().as_secs_f64() * 1e3,
+        direct_io: config.direct_io,
     })
 }
 
@@ -164,6 +167,7 @@ fn template(vm: Vm<'_>) -> Result<FileHeader, FileError> {
                 data_offset: 0,
                 bitmap: Section::default(),
                 crcs: Section::default(),
+                groups: Section::default(),
             })
             .collect(),
         devices: vm
@@ -196,8 +200,9 @@ fn plan_offsets(h: &FileHeader) -> Vec<u64> {
 }
 
 impl Target {
-    /// Opens `PATH.partial` and lays the file out for `vm`.
-    fn create(vm: Vm<'_>, path: &Path) -> Result<Target, FileError> {
+    /// Opens `PATH.partial` (and its direct-I/O descriptor if `direct`) and lays the file
+    /// out for `vm`.
+    fn create(vm: Vm<'_>, path: &Path, direct: bool) -> Result<Target, FileError> {
         let mut header = template(vm)?;
         let header_len = header.encode().len();
         if header_len > MAX_HEADER_LEN as usize {
@@ -219,10 +224,16 @@ impl Target {
             .truncate(true)
             .open(&partial)
             .map_err(|e| FileError::io("create", &partial, e))?;
-        file.set_len(plan.tail)
-            .map_err(|e| FileError::io("size the file", &partial, e))?;
+        let pages = file
+            .set_len(plan.tail)
+            .map_err(|e| FileError::io("size the file", &partial, e))
+            .and_then(|()| super::io::pages_fd(&file, &partial, direct, true))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&partial);
+            })?;
         Ok(Target {
             file,
+            pages,
             path: path.to_path_buf(),
             partial,
             header,
@@ -252,8 +263,10 @@ impl Target {
         let mut h = self.header.clone();
         let mut at = tail;
         for (r, m) in h.regions.iter_mut().zip(regions) {
-            r.bitmap = self.section(&mut at, &m.bitmap_bytes())?;
-            r.crcs = self.section(&mut at, &m.crc_bytes())?;
+            let (bitmap, crcs) = (m.bitmap_bytes(), m.crc_bytes());
+            r.bitmap = self.section(&mut at, &bitmap)?;
+            r.crcs = self.section(&mut at, &crcs)?;
+            r.groups = self.section(&mut at, &encode_group_sums(&bitmap, &crcs, m.pages))?;
         }
         for (d, chunks) in h.devices.iter_mut().zip(&c.chunks) {
             d.index = self.section(&mut at, &encode_chunk_index(chunks))?;
@@ -393,7 +406,7 @@ impl<'a> Saver<'a, '_> {
                     let r = match cancel.is_cancelled() {
                         true => Err(FileError::Cancelled),
                         false => {
-                            write_batch(&self.target.file, &self.target.partial, self.regions, &b)
+                            write_batch(&self.target.pages, &self.target.partial, self.regions, &b)
                         }
                     };
                     if tx.send(r).is_err() {

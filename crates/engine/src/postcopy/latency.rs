@@ -194,12 +194,39 @@ pub(crate) struct FaultStamps {
     threads: Vec<AtomicU32>,
 }
 
+/// # Safety
+/// Every byte zero is a valid value of the type.
+unsafe trait ZeroValid {}
+// SAFETY: AtomicU64 has the bit validity of u64, of which zero is a value.
+unsafe impl ZeroValid for AtomicU64 {}
+// SAFETY: AtomicU32 has the bit validity of u32, of which zero is a value.
+unsafe impl ZeroValid for AtomicU32 {}
+
+/// `n` zeros, from memory the allocator hands out zeroed (fresh pages of a large table are
+/// not touched until used): a large guest's table costs nothing before its first fault,
+/// where writing each slot would take milliseconds per GiB before the guest may run.
+fn zeroed<T: ZeroValid>(n: usize) -> Vec<T> {
+    let layout = match std::alloc::Layout::array::<T>(n) {
+        Ok(l) if l.size() > 0 => l,
+        Ok(_) => return Vec::new(),
+        Err(_) => std::alloc::handle_alloc_error(std::alloc::Layout::new::<T>()),
+    };
+    // SAFETY: the layout's size is not zero.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
+    if ptr.is_null() {
+        std::alloc::handle_alloc_error(layout);
+    }
+    // SAFETY: `ptr` comes from the global allocator with the layout of `n` T (so capacity
+    // `n`), and its `n` elements are initialized: all-zero bytes are a T (ZeroValid).
+    unsafe { Vec::from_raw_parts(ptr, n, n) }
+}
+
 impl FaultStamps {
     pub fn new(pages: usize) -> Self {
         FaultStamps {
             epoch: Instant::now(),
-            slots: (0..pages).map(|_| AtomicU64::new(0)).collect(),
-            threads: (0..pages).map(|_| AtomicU32::new(0)).collect(),
+            slots: zeroed(pages),
+            threads: zeroed(pages),
         }
     }
 

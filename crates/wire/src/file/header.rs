@@ -70,6 +70,10 @@ pub struct FileRegion {
     pub bitmap: Section,
     /// A CRC32C per page (u32, little-endian), 0 for absent pages.
     pub crcs: Section,
+    /// Per group of [`super::GROUP_PAGES`] pages, the CRC32C of its words of `bitmap` and
+    /// of its entries of `crcs` ([`super::GroupSums`]): the tables checked a group at a
+    /// time, as an on-demand restore reads them.
+    pub groups: Section,
 }
 
 /// A streamed device in the file.
@@ -141,6 +145,7 @@ impl FileHeader {
                 .u64(r.data_offset);
             r.bitmap.write(&mut w);
             r.crcs.write(&mut w);
+            r.groups.write(&mut w);
         }
         w.u16(self.devices.len() as u16);
         for d in &self.devices {
@@ -298,6 +303,7 @@ fn read_regions(r: &mut Reader<'_>) -> Result<Vec<FileRegion>, WireError> {
             data_offset: r.u64()?,
             bitmap: Section::read(r)?,
             crcs: Section::read(r)?,
+            groups: Section::read(r)?,
         });
     }
     Ok(regions)

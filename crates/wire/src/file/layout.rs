@@ -2,8 +2,8 @@
 //! before it reads anything a header points at, and the per-region and per-device sections.
 
 use super::{
-    FileFormatError, FileHeader, Section, CHUNK_REF_LEN, MAX_DEVICE_CHUNKS, PREFIX_LEN,
-    REGION_ALIGN,
+    FileFormatError, FileHeader, Section, CHUNK_REF_LEN, GROUP_PAGES, GROUP_SUMS_LEN,
+    MAX_DEVICE_CHUNKS, PREFIX_LEN, REGION_ALIGN,
 };
 use crate::{MemoryRange, MAX_CHUNK_SIZE, PAGE_SIZE};
 
@@ -98,6 +98,8 @@ impl FileHeader {
                 bitmap_words(pages) * 8,
             )?;
             inside(format!("region {i} page CRCs"), &r.crcs, pages * 4)?;
+            let len = groups(pages) * GROUP_SUMS_LEN as u64;
+            inside(format!("region {i} groups"), &r.groups, len)?;
         }
         for (i, d) in self.devices.iter().enumerate() {
             let len = d.chunks as u64 * CHUNK_REF_LEN as u64;
@@ -144,6 +146,79 @@ pub fn decode_bitmap(buf: &[u8], pages: u64) -> Result<Vec<u64>, FileFormatError
         }
     }
     Ok(out)
+}
+
+/// Groups of [`GROUP_PAGES`] pages in a region of `pages` pages (the last may be short).
+pub fn groups(pages: u64) -> u64 {
+    pages.div_ceil(GROUP_PAGES)
+}
+
+/// Where group `g` of a region of `pages` pages lies in the region's tables: its pages,
+/// and its bytes of the bitmap and page CRC sections (offsets from each section's start).
+/// Groups start on a bitmap word (64 divides [`GROUP_PAGES`]), so a group's words hold
+/// its pages' bits only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupSlices {
+    /// The group's first page.
+    pub first_page: u64,
+    /// Its pages (1 to [`GROUP_PAGES`]).
+    pub pages: u64,
+    /// Its words of the bitmap section: offset and length in bytes.
+    pub bitmap: (u64, u64),
+    /// Its entries of the page CRC section: offset and length in bytes.
+    pub crcs: (u64, u64),
+}
+
+/// Group `g`'s place (`g` < [`groups`]`(pages)`).
+pub fn group_slices(pages: u64, g: u64) -> GroupSlices {
+    let first_page = g.saturating_mul(GROUP_PAGES);
+    let n = GROUP_PAGES.min(pages.saturating_sub(first_page));
+    GroupSlices {
+        first_page,
+        pages: n,
+        bitmap: (first_page / 8, bitmap_words(n) * 8),
+        crcs: (first_page * 4, n * 4),
+    }
+}
+
+/// The CRC32Cs of one group's slices of a region's tables.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupSums {
+    /// CRC32C of the group's bitmap words.
+    pub bitmap: u32,
+    /// CRC32C of the group's page CRCs.
+    pub crcs: u32,
+}
+
+/// A region's groups section, from its bitmap and page CRC sections' bytes (`pages`
+/// pages; the sections as [`FileHeader::check_layout`] sizes them).
+pub fn encode_group_sums(bitmap: &[u8], crcs: &[u8], pages: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(groups(pages) as usize * GROUP_SUMS_LEN);
+    for g in 0..groups(pages) {
+        let s = group_slices(pages, g);
+        let part = |b: &[u8], (at, len): (u64, u64)| {
+            let at = (at as usize).min(b.len());
+            crc32c::crc32c(&b[at..(at + len as usize).min(b.len())])
+        };
+        out.extend_from_slice(&part(bitmap, s.bitmap).to_le_bytes());
+        out.extend_from_slice(&part(crcs, s.crcs).to_le_bytes());
+    }
+    out
+}
+
+/// Decodes a region's groups section (`pages` pages).
+pub fn decode_group_sums(buf: &[u8], pages: u64) -> Result<Vec<GroupSums>, FileFormatError> {
+    if buf.len() as u64 != groups(pages).saturating_mul(GROUP_SUMS_LEN as u64) {
+        let detail = format!("{} bytes for {pages} pages", buf.len());
+        return Err(FileFormatError::layout("groups", detail));
+    }
+    Ok(buf
+        .chunks_exact(GROUP_SUMS_LEN)
+        .map(|e| GroupSums {
+            bitmap: u32::from_le_bytes([e[0], e[1], e[2], e[3]]),
+            crcs: u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
+        })
+        .collect())
 }
 
 /// Where one chunk of a device's stream lies.

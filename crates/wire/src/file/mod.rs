@@ -8,8 +8,10 @@
 //! aligned  region 0's pages: page i at data_offset + i * 4096 (absent pages are holes)
 //! aligned  region 1's pages ...
 //! tail     device chunks (any order, found through each device's chunk index), then the
-//!          sections: per region a bitmap of pages present and a CRC32C per page, per
-//!          device its chunk index, the guest state, the small devices' blobs
+//!          sections: per region a bitmap of pages present, a CRC32C per page and a pair of
+//!          CRC32Cs per group of 1024 pages (so an on-demand restore reads and checks the
+//!          tables a group at a time), per device its chunk index, the guest state, the
+//!          small devices' blobs
 //! ```
 //!
 //! Everything here is pure: encoders write into buffers, decoders read from slices and
@@ -20,15 +22,19 @@ mod header;
 mod layout;
 
 pub use header::{FileDevice, FileHeader, FileRegion, Section};
-pub use layout::{decode_bitmap, decode_chunk_index, encode_chunk_index, plan, ChunkRef, Plan};
+pub use layout::{
+    decode_bitmap, decode_chunk_index, decode_group_sums, encode_chunk_index, encode_group_sums,
+    group_slices, groups, plan, ChunkRef, GroupSlices, GroupSums, Plan,
+};
 
 use crate::cursor::{Reader, Writer};
 use thiserror::Error;
 
 /// The first 8 bytes of every save file.
 pub const FILE_MAGIC: [u8; 8] = *b"LMIGSAVE";
-/// The version of the file format this build writes and reads.
-pub const FILE_VERSION: u16 = 1;
+/// The version of the file format this build writes and reads (2: the regions' tables are
+/// checked per group of [`GROUP_PAGES`] pages too; version 1 files are refused).
+pub const FILE_VERSION: u16 = 2;
 /// Bytes of the fixed prefix before the header.
 pub const PREFIX_LEN: usize = 32;
 /// The largest header (64 devices of each kind with the largest configurations fit).
@@ -40,6 +46,12 @@ pub const REGION_ALIGN: u64 = 1 << 20;
 pub const MAX_DEVICE_CHUNKS: u32 = 1 << 20;
 /// Bytes of one chunk index entry: offset u64, length u32, CRC32C u32.
 pub const CHUNK_REF_LEN: usize = 16;
+/// Pages per group of a region's tables: a group's present bits (16 u64 words) and page
+/// CRCs (4 KiB) have a CRC32C each in the region's groups section.
+pub const GROUP_PAGES: u64 = 1024;
+/// Bytes of one groups section entry: CRC32C of the group's bitmap words, CRC32C of its
+/// page CRCs.
+pub const GROUP_SUMS_LEN: usize = 8;
 
 /// What is wrong with a save file, found before anything was sized by it.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -180,7 +192,7 @@ impl FilePrefix {
         if flags != 0 || r.u64().map_err(malformed)? != 0 {
             return Err(FileFormatError::layout(
                 "file prefix",
-                "flags and reserved bytes must be zero in version 1",
+                "flags and reserved bytes must be zero in version 2",
             ));
         }
         if header_len == 0 || header_len > MAX_HEADER_LEN {

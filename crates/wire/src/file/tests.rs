@@ -23,6 +23,7 @@ fn header() -> FileHeader {
                 data_offset: 0,
                 bitmap: Section::default(),
                 crcs: Section::default(),
+                groups: Section::default(),
             })
             .collect(),
         devices: vec![FileDevice {
@@ -64,6 +65,7 @@ fn header() -> FileHeader {
         let pages = r.range.size / 4096;
         r.bitmap = place(pages.div_ceil(64) * 8);
         r.crcs = place(pages * 4);
+        r.groups = place(pages.div_ceil(1024) * 8);
     }
     h.devices[0].index = place(32);
     h.state = place(10);
@@ -92,15 +94,17 @@ fn a_header_round_trips_and_its_layout_checks() {
 #[test]
 fn another_version_is_named_before_its_crc_is_checked() {
     let mut raw = FilePrefix::for_header(b"x").encode();
+    for old_or_new in [1, 3] {
+        raw[8] = old_or_new;
+        assert_eq!(
+            FilePrefix::decode(&raw),
+            Err(FileFormatError::UnsupportedVersion {
+                found: old_or_new as u16,
+                supported: 2
+            })
+        );
+    }
     raw[8] = 2;
-    assert_eq!(
-        FilePrefix::decode(&raw),
-        Err(FileFormatError::UnsupportedVersion {
-            found: 2,
-            supported: 1
-        })
-    );
-    raw[8] = 1;
     raw[12] ^= 1;
     assert!(matches!(
         FilePrefix::decode(&raw),
@@ -147,6 +151,9 @@ fn a_truncated_file_and_sections_outside_it_are_refused() {
     bad.regions[1].data_offset = bad.regions[0].data_offset;
     assert!(bad.check_layout(len, h.file_len, 1 << 20).is_err());
     let mut bad = h.clone();
+    bad.regions[0].groups.len += 8;
+    assert!(bad.check_layout(len, h.file_len, 1 << 20).is_err());
+    let mut bad = h.clone();
     bad.devices[0].chunks = 3;
     assert!(bad.check_layout(len, h.file_len, 1 << 20).is_err());
     assert!(
@@ -186,6 +193,32 @@ fn bitmaps_and_chunk_indexes_are_checked() {
     );
 }
 
+#[test]
+fn group_sums_cover_each_group_of_the_tables() {
+    // 2500 pages: groups of 1024, 1024 and 452 pages.
+    let pages = 2500u64;
+    let bitmap: Vec<u8> = (0..pages.div_ceil(64) * 8).map(|i| i as u8).collect();
+    let crcs: Vec<u8> = (0..pages * 4).map(|i| (i * 7) as u8).collect();
+    let raw = encode_group_sums(&bitmap, &crcs, pages);
+    let sums = decode_group_sums(&raw, pages).unwrap();
+    assert_eq!(sums.len(), 3);
+    let last = group_slices(pages, 2);
+    assert_eq!(last.first_page, 2048);
+    assert_eq!(last.pages, 452);
+    assert_eq!(last.bitmap, (256, 8 * 8));
+    assert_eq!(last.crcs, (2048 * 4, 452 * 4));
+    let (at, len) = (last.crcs.0 as usize, last.crcs.1 as usize);
+    assert_eq!(sums[2].crcs, crc32c::crc32c(&crcs[at..at + len]));
+    let (at, len) = (last.bitmap.0 as usize, last.bitmap.1 as usize);
+    assert_eq!(
+        at + len,
+        bitmap.len(),
+        "the last group ends with the bitmap"
+    );
+    assert_eq!(sums[2].bitmap, crc32c::crc32c(&bitmap[at..]));
+    assert!(decode_group_sums(&raw[..16], pages).is_err());
+}
+
 proptest! {
     #[test]
     fn decoders_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
@@ -195,6 +228,7 @@ proptest! {
         }
         let _ = decode_bitmap(&data, 1000);
         let _ = decode_chunk_index(&data, (data.len() / 16) as u32, u64::MAX);
+        let _ = decode_group_sums(&data, data.len() as u64 * 128);
     }
 
     #[test]

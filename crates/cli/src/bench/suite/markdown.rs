@@ -81,35 +81,51 @@ fn file(md: &mut String, d: &Doc, f: &crate::bench::file::FileBench) {
     let _ = writeln!(md, "## Through a file\n\n{}\n", d.run_line);
     let _ = writeln!(
         md,
-        "How: {} MiB of data, {} threads, in {}; medians of {}. The raw write is a buffered \
+        "How: {} MiB of data, {} threads, in {}; medians of {}{}. The raw write is a \
          sequential write of the same bytes from memory, then `fsync`; the save a live save of \
          an idle guest holding them, `fsync` included. Reads are cold (the file dropped from \
          the page cache) into fresh memory on both sides. Targets: save and eager restore at \
-         least 0.8 x the raw rate.\n",
+         least 0.8 x the raw rate; on demand, the guest running within 50 ms.\n",
         f.bytes >> 20,
         f.channels,
         f.dir.display(),
-        f.runs
+        f.runs,
+        if f.direct_io {
+            ", both sides with O_DIRECT"
+        } else {
+            ""
+        }
     );
     md.push_str(
-        "| what | raw MB/s | livemig MB/s | livemig / raw (median of each run's pair) |\n|---|---|---|---|\n",
+        "| what | raw MB/s | livemig MB/s | livemig / raw (median of each run's pair) | each run |\n|---|---|---|---|---|\n",
     );
+    let runs = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let _ = writeln!(
         md,
-        "| save | {:.0} | {:.0} | {:.2} |\n| eager restore | {:.0} | {:.0} | {:.2} |\n",
+        "| save | {:.0} | {:.0} | {:.2} | {} |\n| eager restore | {:.0} | {:.0} | {:.2} | {} |\n",
         f.raw_write_bytes_per_s / 1e6,
         f.save_bytes_per_s / 1e6,
         f.save_vs_raw_write,
+        runs(&f.save_vs_raw_write_runs),
         f.raw_read_bytes_per_s / 1e6,
         f.restore_bytes_per_s / 1e6,
-        f.restore_vs_raw_read
+        f.restore_vs_raw_read,
+        runs(&f.restore_vs_raw_read_runs),
     );
     let _ = writeln!(
         md,
-        "On demand: the guest ran again {:.1} ms after the call, every page was in after \
-         {:.0} ms. A guest with a tenth of its pages holding data ({} MiB): a file of {} MiB \
-         whose allocated size is {} MiB.\n",
+        "On demand, a {} MiB guest with {} MiB of data: running again {:.1} ms after the call \
+         (each run: {} ms), every page in after {:.0} ms. A guest with a tenth of its pages \
+         holding data ({} MiB): a file of {} MiB whose allocated size is {} MiB.\n",
+        f.on_demand_memory >> 20,
+        f.on_demand_data_bytes >> 20,
         f.on_demand_resumed_ms,
+        runs(&f.on_demand_resumed_ms_runs),
         f.on_demand_total_ms,
         f.sparse_data_bytes >> 20,
         f.sparse_file_len >> 20,
