@@ -269,7 +269,8 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
                                 "x-local": False, "postcopy-ram": False,
                                 "postcopy-preempt": False, "postcopy-blocktime": False,
                                 "pause-before-switchover": False,
-                                "mapped-ram": False})
+                                "mapped-ram": False, "return-path": False,
+                                "switchover-ack": False})
         self.assertEqual(await src.cmd("query-migrate"), {}, "no migration yet")
 
         uri = self.uri("m1")
