@@ -75,6 +75,7 @@ pub mod runtime;
 pub mod source;
 pub mod stats;
 pub mod tls;
+mod thp;
 pub mod transport;
 pub mod tunables;
 

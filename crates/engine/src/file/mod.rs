@@ -36,13 +36,12 @@
 
 mod devices;
 mod error;
-mod io;
+pub(crate) mod io;
 mod ondemand;
 mod pages;
 mod restore;
 mod save;
 mod tables;
-mod thp;
 
 pub use error::FileError;
 pub use restore::{restore_vm, Restored};

@@ -174,7 +174,7 @@ fn eager(
     vmstates: &[Box<dyn VmState>],
     config: &RestoreConfig,
 ) -> Result<Loaded, FileError> {
-    let small = super::thp::SmallPages::for_read(regions);
+    let small = crate::thp::SmallPages::for_read(regions);
     let (pages, device_bytes) = load(path, c, regions, guest, devices, config)?;
     small.give_back();
     load_state(c, guest, vmstates)?;

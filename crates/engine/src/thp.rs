@@ -1,5 +1,7 @@
-//! An eager restore into memory the VMM advised for transparent huge pages (`MADV_HUGEPAGE`,
-//! as livemig's is). The first page read into an untouched 2 MiB block would fault in the
+//! Guest memory filled from outside (an eager restore, a migration received) while the VMM
+//! advised it for transparent huge pages (`MADV_HUGEPAGE`, as livemig's is).
+//!
+//! **An eager restore.** The first page read into an untouched 2 MiB block would fault in the
 //! whole block as a huge page: a sparse guest, a few pages of data per block, would end up
 //! resident whole. And where the file holds a block whole, its huge page costs more to
 //! fault in than its 512 small pages on the hosts measured (a cold restore of 1 GiB of data:
@@ -10,8 +12,16 @@
 //! holes are left alone. After the read the VMM's advice is given back (as QEMU's
 //! `postcopy_ram_incoming_cleanup` does), so `khugepaged` may collapse the blocks again
 //! and the memory the guest touches later is huge-page backed.
+//!
+//! **A migration received.** The same holds for pages arriving from a source: a cold
+//! destination spent 15-16 CPU-s per GiB received faulting in huge pages on the host measured
+//! (`bench --peer qemu`, README), most of it zeroing them. So while a precopy session
+//! receives, its guest memory is advised `MADV_NOHUGEPAGE` whole ([`SmallPages::receiving`]),
+//! and the VMM's advice is given back when the session ends, whatever its outcome.
 
-use super::io::RegionMap;
+use crate::file::io::RegionMap;
+use crate::guest::GuestMemory;
+use vm_memory::GuestMemoryBackend;
 use livemig_wire::PAGE_SIZE;
 
 const HUGE: usize = 2 << 20;
@@ -33,6 +43,24 @@ impl SmallPages {
                 continue;
             }
             ranges.extend(blocks_read(r));
+        }
+        for &(at, len) in &ranges {
+            advise(at, len, libc::MADV_NOHUGEPAGE);
+        }
+        SmallPages { ranges }
+    }
+
+    /// Advises every region of `memory` advised `MADV_HUGEPAGE` (its 2 MiB-aligned inside)
+    /// for small pages while a migration's pages arrive.
+    pub fn receiving(memory: &GuestMemory) -> SmallPages {
+        let mut ranges = Vec::new();
+        for region in memory.iter() {
+            let mmap = region.get_mmap();
+            let (start, len) = (mmap.as_ptr() as usize, mmap.size());
+            let (from, to) = (start.div_ceil(HUGE) * HUGE, (start + len) / HUGE * HUGE);
+            if to > from && advised_huge(start, len) {
+                ranges.push((from, to - from));
+            }
         }
         for &(at, len) in &ranges {
             advise(at, len, libc::MADV_NOHUGEPAGE);
