@@ -74,8 +74,8 @@ pub mod report;
 pub mod runtime;
 pub mod source;
 pub mod stats;
-pub mod tls;
 mod thp;
+pub mod tls;
 pub mod transport;
 pub mod tunables;
 

@@ -21,8 +21,8 @@
 
 use crate::file::io::RegionMap;
 use crate::guest::GuestMemory;
-use vm_memory::GuestMemoryBackend;
 use livemig_wire::PAGE_SIZE;
+use vm_memory::GuestMemoryBackend;
 
 const HUGE: usize = 2 << 20;
 
@@ -187,5 +187,33 @@ mod tests {
         small.give_back();
         assert!(!nh(aligned + 2 * HUGE), "the advice is given back");
         assert!(advised_huge(aligned + 2 * HUGE, PAGE_SIZE));
+    }
+
+    /// A received guest's memory advised for huge pages is kept small while pages arrive,
+    /// its 2 MiB-aligned inside whole; memory not advised is left alone; the advice comes
+    /// back after.
+    #[test]
+    fn a_receiving_guest_is_kept_from_huge_pages_until_the_end() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let host = mem.iter().next().unwrap().get_mmap().as_ptr() as usize;
+        let nh = |addr| mapping_has_flag(addr, PAGE_SIZE, "nh");
+        let plain = SmallPages::receiving(&mem);
+        assert_eq!(
+            plain.bytes(),
+            0,
+            "memory the VMM did not advise is left alone"
+        );
+        drop(plain);
+        advise(host, 16 << 20, libc::MADV_HUGEPAGE);
+        let small = SmallPages::receiving(&mem);
+        let aligned = host.div_ceil(HUGE) * HUGE;
+        assert_eq!(small.bytes(), (host + (16 << 20)) / HUGE * HUGE - aligned);
+        assert!(
+            nh(aligned) && nh(aligned + 4 * HUGE),
+            "kept small while pages arrive"
+        );
+        drop(small);
+        assert!(!nh(aligned), "the advice is given back");
+        assert!(advised_huge(aligned, HUGE));
     }
 }

@@ -292,8 +292,8 @@ pub fn receive_vm(
     let populated = Populated::new(guest.memory());
     // Pages arrive into small pages, the VMM's huge-page advice given back at the end (see
     // `thp.rs`: a cold host's huge pages cost more to fault in than the pages they hold).
-    let _small = (hello.ram == RamTransfer::Copy)
-        .then(|| crate::thp::SmallPages::receiving(guest.memory()));
+    let _small =
+        (hello.ram == RamTransfer::Copy).then(|| crate::thp::SmallPages::receiving(guest.memory()));
     let mut taken = Taken {
         hello,
         negotiated,
