@@ -280,10 +280,6 @@ pub fn receive_vm(
         protocol: negotiated.agreed.version,
         features: negotiated.agreed.features,
     });
-    let retry = negotiated
-        .agreed
-        .features
-        .contains(Features::SWITCHOVER_RETRY);
     // Guest memory's userfaultfd side outlives a session: a broken postcopy resumes in
     // another.
     let postcopy = hello
@@ -320,7 +316,7 @@ pub fn receive_vm(
                 Some(dest) => recover::run(listener, &session, dest, run, e)?,
                 None => return Err(e),
             },
-            Err(e) if retry && abandoned(&e) => {
+            Err(e) if abandoned(&e, &taken.negotiated) => {
                 log(&IncomingEvent::SwitchoverAbandoned {
                     session: taken.hello.session.to_string(),
                     reason: e.to_string(),
@@ -366,13 +362,16 @@ fn join_channels(
 /// (the source reconnects as soon as its guest runs again).
 pub const CONTINUATION_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Whether the source abandoned a switchover past its bound (and goes on).
-fn abandoned(e: &IncomingError) -> bool {
-    matches!(
-        e,
-        IncomingError::Channel(ChannelError::Rejected { reject, .. })
-            if reject.code == RejectCode::SwitchoverAbandoned
-    )
+/// Whether the source abandoned a switchover past its bound and goes on (the session
+/// agreed on `switchover retry`).
+fn abandoned(e: &IncomingError, session: &setup::Negotiated) -> bool {
+    let retry = session.agreed.features.contains(Features::SWITCHOVER_RETRY);
+    retry
+        && matches!(
+            e,
+            IncomingError::Channel(ChannelError::Rejected { reject, .. })
+                if reject.code == RejectCode::SwitchoverAbandoned
+        )
 }
 
 /// Waits for session `abandoned` to go on, and builds its device twins afresh; a hello

@@ -166,19 +166,8 @@ fn resume_here(
     if point.precopy.copy_ram {
         vm.guest.start_dirty_log()?;
     }
-    let devices = vm
-        .devices
-        .iter()
-        .map(|d| d.abort_save())
-        .find_map(Result::err);
-    if *state == GuestState::Paused && !config.guest_paused {
-        vm.guest.resume()?;
-    }
-    *state = GuestState::Running;
+    super::thaw_and_resume(vm, config, state)?;
     let paused_ms = ms(point.parts.paused_at.elapsed());
-    if let Some(d) = devices {
-        return Err(d.into());
-    }
     if let Some(last) = point.parts.abandoned.last_mut() {
         last.paused_ms = paused_ms;
         progress(&Progress::SwitchoverAbandoned(last.clone()));

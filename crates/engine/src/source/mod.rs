@@ -181,19 +181,31 @@ pub fn migrate_vm(
         // only if the migration's own error is not more telling.
         let _ = vm.guest.set_throttle(0);
         let _ = vm.guest.stop_dirty_log();
-        let devices = vm
-            .devices
-            .iter()
-            .map(|d| d.abort_save())
-            .find_map(Result::err);
-        // Only a pause of ours is undone: a guest its operator stopped stays stopped.
-        if state == GuestState::Paused && !config.guest_paused {
-            vm.guest.resume()?;
-        }
-        if let Some(d) = devices {
-            return Err(MigrationError::Device(d));
-        }
+        thaw_and_resume(vm, config, &mut state)?;
         return Err(e);
     }
     result
+}
+
+/// The devices' saves undone (every one tried, the first error returned after the guest
+/// resumed), then the guest resumed if the migration paused it (a guest its operator
+/// stopped stays stopped); `state` is `Running` once nothing of the migration holds it.
+fn thaw_and_resume(
+    vm: Vm<'_>,
+    config: &MigrationConfig,
+    state: &mut GuestState,
+) -> Result<(), MigrationError> {
+    let devices = vm
+        .devices
+        .iter()
+        .map(|d| d.abort_save())
+        .find_map(Result::err);
+    if *state == GuestState::Paused && !config.guest_paused {
+        vm.guest.resume()?;
+    }
+    *state = GuestState::Running;
+    match devices {
+        Some(d) => Err(MigrationError::Device(d)),
+        None => Ok(()),
+    }
 }

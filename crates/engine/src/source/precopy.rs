@@ -191,7 +191,11 @@ impl Coordinator<'_> {
 
     /// Whether to switch over, to postcopy, give up at a bound, or run another round (after
     /// a pause when only the devices keep the downtime above the limit).
-    fn after_round(&mut self, report: RoundReport, t0: Instant) -> Result<Phase, MigrationError> {
+    fn after_round(
+        &mut self,
+        mut report: RoundReport,
+        t0: Instant,
+    ) -> Result<Phase, MigrationError> {
         let p = &mut self.precopy;
         let limit_ms = report.downtime_limit_ms;
         let fits = switch_now(&report, limit_ms, &mut p.polish);
@@ -207,7 +211,6 @@ impl Coordinator<'_> {
             false => p.converge.after_round(&report, &self.config.throttle_now()),
         };
         let expected_downtime_ms = report.expected_downtime_ms;
-        let mut report = report;
         report.switchover_ack_awaited = fits && unacked;
         p.rounds.push(report);
         p.round += 1;

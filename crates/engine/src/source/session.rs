@@ -229,9 +229,9 @@ fn finish(
                 round: shared.postcopy.round.load(Relaxed),
             })));
         }
-        Err(e @ MigrationError::SwitchoverAbandoned { .. }) => {
+        Err(e @ MigrationError::SwitchoverAbandoned { waiting_for, .. }) => {
             shared.vm.devices.iter().for_each(|d| d.interrupt_save());
-            let why = abandon_reject(shared.config, e, parts.abandoned.len());
+            let why = abandon_reject(shared.config, e, waiting_for, parts.abandoned.len());
             // The guest waits for this: a link too slow to take a Reject at once loses it
             // (the destination then fails on the broken channels, and so does the session
             // that would go on; the guest runs on here either way).
@@ -263,10 +263,12 @@ fn finish(
 
 /// What the destination is told of an abandoned switchover: to wait for the session to go
 /// on, or, the last one allowed under `NoConvergence::Cancel`, that the migration ends.
-fn abandon_reject(config: &MigrationConfig, e: &MigrationError, abandoned: usize) -> Reject {
-    let MigrationError::SwitchoverAbandoned { waiting_for, .. } = e else {
-        return Reject::new(RejectCode::Other, e.to_string());
-    };
+fn abandon_reject(
+    config: &MigrationConfig,
+    e: &MigrationError,
+    waiting_for: &str,
+    abandoned: usize,
+) -> Reject {
     let last = abandoned as u32 >= config.switchover_attempts
         && config.on_no_convergence == crate::config::NoConvergence::Cancel;
     match last {
