@@ -78,6 +78,15 @@ fn evict(path: &Path) {
 
 /// Restores `path` in a new process with `extra` flags; returns its report, every page
 /// checked exact.
+/// A source saving the paused guest to `path`, with `extra` options (`--direct-io`).
+fn save(path: &Path, extra: &[&str]) -> Proc {
+    let to = format!("--to=file:{}", path.display());
+    let mut args = vec!["migrate", "--json", to.as_str(), "--stop-first"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(GUEST);
+    Proc::spawn(&args)
+}
+
 fn restore(path: &Path, extra: &[&str]) -> serde_json::Value {
     let from = format!("--from=file:{}", path.display());
     let mut args = vec!["incoming", "--json", from.as_str(), "--verify"];
@@ -101,16 +110,7 @@ fn direct_io_saves_and_restores_past_the_page_cache() {
         );
         return;
     }
-    let to = format!("--to=file:{}", path.display());
-    let mut args = vec![
-        "migrate",
-        "--json",
-        to.as_str(),
-        "--stop-first",
-        "--direct-io",
-    ];
-    args.extend_from_slice(GUEST);
-    let mut src = Proc::spawn(&args);
+    let mut src = save(&path, &["--direct-io"]);
     let done = src.expect_event("completed");
     assert!(src.wait_exit().success());
     let r = &done["report"];
@@ -175,16 +175,7 @@ fn a_filesystem_refusing_direct_io_fails_the_save_and_the_restore_saying_so() {
         }
     };
     let path = ram.0.join("vm.lmsave");
-    let to = format!("--to=file:{}", path.display());
-    let mut args = vec![
-        "migrate",
-        "--json",
-        to.as_str(),
-        "--stop-first",
-        "--direct-io",
-    ];
-    args.extend_from_slice(GUEST);
-    let mut src = Proc::spawn(&args);
+    let mut src = save(&path, &["--direct-io"]);
     let failed = src.expect_event("attempt_failed");
     let error = failed["error"].as_str().unwrap();
     assert!(error.contains("direct I/O (O_DIRECT) refused"), "{error}");
@@ -194,8 +185,7 @@ fn a_filesystem_refusing_direct_io_fails_the_save_and_the_restore_saying_so() {
 
     // The same save without direct I/O works there; its restore with direct I/O is refused
     // before anything is built, and works without.
-    args.retain(|a| *a != "--direct-io");
-    let mut src = Proc::spawn(&args);
+    let mut src = save(&path, &[]);
     src.expect_event("completed");
     assert!(src.wait_exit().success());
     let from = format!("--from=file:{}", path.display());

@@ -7,14 +7,7 @@ use common::*;
 
 use livemig_vmm::kvm::usable_or_skip;
 
-const GUEST: &[&str] = &[
-    "--guest=kvm",
-    "--memory=256M",
-    "--fill=1",
-    "--working-set=16M",
-    "--dirty-rate=0",
-    "--warmup-ms=200",
-];
+const GUEST: &[&str] = KVM_GUEST;
 
 #[test]
 fn kvm_guest_migrates_exact_under_dirtying() {

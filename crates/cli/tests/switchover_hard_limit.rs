@@ -16,14 +16,7 @@ use common::*;
 use livemig_vmm::kvm::usable_or_skip;
 use serde_json::Value;
 
-const GUEST: &[&str] = &[
-    "--guest=kvm",
-    "--memory=256M",
-    "--fill=1",
-    "--working-set=16M",
-    "--dirty-rate=0",
-    "--warmup-ms=200",
-];
+const GUEST: &[&str] = KVM_GUEST;
 
 /// The stall of the device's first final read, milliseconds.
 const STALL_MS: f64 = 10_000.0;

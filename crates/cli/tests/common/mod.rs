@@ -124,6 +124,17 @@ impl Drop for Proc {
     }
 }
 
+/// The KVM micro-VM of the end-to-end tests: 256 MiB, filled, a 16 MiB working set written
+/// as fast as it can, after 200 ms of warm-up.
+pub const KVM_GUEST: &[&str] = &[
+    "--guest=kvm",
+    "--memory=256M",
+    "--fill=1",
+    "--working-set=16M",
+    "--dirty-rate=0",
+    "--warmup-ms=200",
+];
+
 pub fn u64_at(v: &Value, path: &[&str]) -> u64 {
     let mut cur = v;
     for k in path {
