@@ -975,16 +975,19 @@ class QmpTest(unittest.IsolatedAsyncioTestCase):
             q = await src.wait_migration()
             events = await drain(ev)
         self.assertEqual(q["status"], "completed", q)
+        # The stalled one; a loaded host may cut a later one at the bound too.
         abandoned = [e["data"] for e in events if e["event"] == "SWITCHOVER_ABANDONED"]
-        self.assertEqual(len(abandoned), 1, events)
+        self.assertGreaterEqual(len(abandoned), 1, events)
         self.assertLess(abandoned[0]["paused-ms"], 5000, "not held for the stalled read")
-        # Paused, abandoned, running again, paused for the switchover that completed.
+        # Paused, abandoned, running again (each time), paused for the switchover that
+        # completed.
         order = [e["event"] for e in events if e["event"] != "MIGRATION"]
-        self.assertEqual(order, ["STOP", "SWITCHOVER_ABANDONED", "RESUME", "STOP"], events)
+        cut = ["SWITCHOVER_ABANDONED", "RESUME", "STOP"] * len(abandoned)
+        self.assertEqual(order, ["STOP"] + cut, events)
         statuses = [e["data"]["status"] for e in events if e["event"] == "MIGRATION"]
         self.assertEqual(statuses, ["setup", "active", "completed"], statuses)
         listed = q["x-abandoned-switchovers"]
-        self.assertEqual(len(listed), 1, q)
+        self.assertEqual(len(listed), len(abandoned), q)
         self.assertGreaterEqual(listed[0]["cut-ms"], 100)
         self.assertEqual((await dst.wait_migration())["status"], "completed")
         self.assertEqual((await dst.cmd("x-livemig-verify"))["pages-mismatched"], 0)

@@ -489,7 +489,8 @@ pub mod test_hooks {
 
     /// The environment variable a process reads its test hooks from: a comma-separated list
     /// of `chunk-order=natural|reverse|delay-channel`, `break-round-order`,
-    /// `tls-no-client-cert`, `protocol=N` (speak protocol version N only, as a release of
+    /// `tls-no-client-cert`, `late-first-loaded=MS` (the destination's first `Loaded` is
+    /// sent MS late), `protocol=N` (speak protocol version N only, as a release of
     /// that version would, both sides) and `lack=FEATURE` (`zstd`, `page-checksums`,
     /// `local`, `postcopy`, `postcopy-recovery`: neither offer nor accept it). A process
     /// hands it on to the processes it starts.
@@ -533,6 +534,35 @@ pub mod test_hooks {
         /// What the destination speaks and accepts.
         #[cfg(feature = "test-hooks")]
         pub protocol: Protocol,
+        /// The first session to load everything waits this long before it sends `Loaded`,
+        /// as a destination whose load is slow (later sessions, e.g. the continuation of
+        /// an abandoned switchover, do not).
+        #[cfg(feature = "test-hooks")]
+        pub late_first_loaded: Option<LateOnce>,
+    }
+
+    /// A delay taken once per process, by whichever session comes to it first.
+    #[derive(Debug, Clone)]
+    pub struct LateOnce {
+        /// How late.
+        pub delay: Duration,
+        taken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl LateOnce {
+        /// A delay not yet taken.
+        pub fn new(delay: Duration) -> Self {
+            LateOnce {
+                delay,
+                taken: Default::default(),
+            }
+        }
+
+        /// The delay the first time it is asked for, then none.
+        pub fn take(&self) -> Option<Duration> {
+            use std::sync::atomic::Ordering::SeqCst;
+            (!self.taken.swap(true, SeqCst)).then_some(self.delay)
+        }
     }
 
     /// The protocol a side speaks, narrowed for tests: one version only (a release of that
@@ -661,6 +691,13 @@ pub mod test_hooks {
                         hooks.source.chunk_order =
                             ChunkOrder::DelayChannel0(Duration::from_millis(5))
                     }
+                    other if other.starts_with("late-first-loaded=") => {
+                        let ms = other["late-first-loaded=".len()..]
+                            .parse::<u64>()
+                            .map_err(|_| format!("{TEST_HOOKS_ENV}: '{other}': milliseconds"))?;
+                        hooks.destination.late_first_loaded =
+                            Some(LateOnce::new(Duration::from_millis(ms)));
+                    }
                     other => hooks.protocol(other)?,
                 }
             }
@@ -694,7 +731,7 @@ pub mod test_hooks {
         }
     }
 }
-pub use test_hooks::{ChunkOrder, Protocol, SourceTestHooks, TestHooks};
+pub use test_hooks::{ChunkOrder, LateOnce, Protocol, SourceTestHooks, TestHooks};
 
 /// The destination's configuration ([`crate::receive_vm`]).
 #[derive(Debug, Clone)]

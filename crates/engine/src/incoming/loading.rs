@@ -44,6 +44,16 @@ pub(super) fn load(
         pages_mismatched: times.verify.as_ref().map_or(0, |v| v.pages_mismatched),
         devices: received.device_stats.clone(),
     };
+    #[cfg(feature = "test-hooks")]
+    if let Some(d) = s
+        .config
+        .test_hooks
+        .late_first_loaded
+        .as_ref()
+        .and_then(|l| l.take())
+    {
+        std::thread::sleep(d);
+    }
     framed::send(main, ChannelName::Main, FrameKind::Loaded, &loaded.encode())?;
     Ok(Phase::AwaitingHandover(AwaitingHandover::new(
         received,

@@ -363,15 +363,19 @@ fn join_channels(
 pub const CONTINUATION_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Whether the source abandoned a switchover past its bound and goes on (the session
-/// agreed on `switchover retry`).
+/// agreed on `switchover retry`). The abandonment may come after `Loaded` was sent (the
+/// source's bound ran out before it read it): nothing has run here yet, so that session
+/// goes on as well.
 fn abandoned(e: &IncomingError, session: &setup::Negotiated) -> bool {
     let retry = session.agreed.features.contains(Features::SWITCHOVER_RETRY);
     retry
-        && matches!(
-            e,
-            IncomingError::Channel(ChannelError::Rejected { reject, .. })
-                if reject.code == RejectCode::SwitchoverAbandoned
-        )
+        && match e {
+            IncomingError::NoHandover(e) => abandoned(e, session),
+            IncomingError::Channel(ChannelError::Rejected { reject, .. }) => {
+                reject.code == RejectCode::SwitchoverAbandoned
+            }
+            _ => false,
+        }
 }
 
 /// Waits for session `abandoned` to go on, and builds its device twins afresh; a hello
