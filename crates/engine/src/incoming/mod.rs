@@ -454,3 +454,46 @@ fn protocol(detail: &str) -> IncomingError {
         detail: detail.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use livemig_wire::Agreed;
+
+    fn session(features: Features) -> setup::Negotiated {
+        setup::Negotiated {
+            layout: livemig_wire::Versions::THIS.max,
+            agreed: Agreed {
+                version: livemig_wire::Versions::THIS.max,
+                features,
+            },
+            ack_wanted: false,
+        }
+    }
+
+    fn refused(code: RejectCode) -> IncomingError {
+        IncomingError::Channel(ChannelError::Rejected {
+            channel: ChannelName::Main,
+            reject: Reject::new(code, "why"),
+        })
+    }
+
+    #[test]
+    fn an_abandonment_goes_on_in_any_phase_before_the_handover() {
+        let retry = session(Features::SWITCHOVER_RETRY);
+        let cut = || refused(RejectCode::SwitchoverAbandoned);
+        assert!(abandoned(&cut(), &retry));
+        // Loaded sent, the handover awaited: the same.
+        assert!(abandoned(
+            &IncomingError::NoHandover(Box::new(cut())),
+            &retry
+        ));
+        // Any other refusal, or a session without the feature, ends the session.
+        assert!(!abandoned(&refused(RejectCode::Other), &retry));
+        assert!(!abandoned(
+            &IncomingError::NoHandover(Box::new(refused(RejectCode::Cancelled))),
+            &retry
+        ));
+        assert!(!abandoned(&cut(), &session(Features::NONE)));
+    }
+}
