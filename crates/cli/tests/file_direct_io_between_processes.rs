@@ -76,8 +76,6 @@ fn evict(path: &Path) {
     assert_eq!(r, 0);
 }
 
-/// Restores `path` in a new process with `extra` flags; returns its report, every page
-/// checked exact.
 /// A source saving the paused guest to `path`, with `extra` options (`--direct-io`).
 fn save(path: &Path, extra: &[&str]) -> Proc {
     let to = format!("--to=file:{}", path.display());
@@ -87,6 +85,8 @@ fn save(path: &Path, extra: &[&str]) -> Proc {
     Proc::spawn(&args)
 }
 
+/// Restores `path` in a new process with `extra` flags; returns its report, every page
+/// checked exact.
 fn restore(path: &Path, extra: &[&str]) -> serde_json::Value {
     let from = format!("--from=file:{}", path.display());
     let mut args = vec!["incoming", "--json", from.as_str(), "--verify"];
