@@ -76,15 +76,10 @@ fn runs_on((_, mut dest): (serde_json::Value, Proc), paused_at: u64, dirtying: b
     assert!(dest.wait_exit().success());
 }
 
-const KVM: &[&str] = &[
-    "--guest=kvm",
-    "--memory=256M",
-    "--fill=1",
-    "--working-set=16M",
-    "--dirty-rate=0",
-    "--warmup-ms=200",
-    "--device=vfio-sim,size=8M,precopy=2M",
-];
+/// The end-to-end tests' KVM micro-VM, with a vfio-sim device.
+fn kvm() -> Vec<&'static str> {
+    [KVM_GUEST, &["--device=vfio-sim,size=8M,precopy=2M"]].concat()
+}
 
 #[test]
 fn kvm_guest_saved_live_while_dirtying_restores_exact_twice() {
@@ -92,7 +87,7 @@ fn kvm_guest_saved_live_while_dirtying_restores_exact_twice() {
         return;
     }
     let path = file("kvm-live");
-    let done = save(&path, KVM, &["--downtime-limit-ms=1", "--max-rounds=4"]);
+    let done = save(&path, &kvm(), &["--downtime-limit-ms=1", "--max-rounds=4"]);
     assert_eq!(done["guest"], "kvm");
     let r = &done["report"];
     let rounds = r["rounds"].as_array().unwrap();
@@ -120,7 +115,7 @@ fn kvm_guest_restored_on_demand_runs_on_exact() {
         return;
     }
     let path = file("kvm-ondemand");
-    let done = save(&path, KVM, &["--downtime-limit-ms=1", "--max-rounds=3"]);
+    let done = save(&path, &kvm(), &["--downtime-limit-ms=1", "--max-rounds=3"]);
     let paused_at = u64_at(&done, &["counter_at_pause"]);
     let got = restore(&path, 65536, &["--on-demand"]);
     let r = &got.0["report"];
@@ -138,11 +133,8 @@ fn kvm_guest_idle_and_stopped_first_is_saved_in_one_pass() {
         return;
     }
     let path = file("kvm-idle");
-    let mut guest: Vec<&str> = KVM
-        .iter()
-        .copied()
-        .filter(|a| !a.starts_with("--working"))
-        .collect();
+    let mut guest = kvm();
+    guest.retain(|a| !a.starts_with("--working"));
     guest.push("--working-set=0");
     let done = save(&path, &guest, &["--stop-first"]);
     let r = &done["report"];
